@@ -1,0 +1,72 @@
+# drguard.sandbox — the two commands: `make drill` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.drguard-installed
+EMULATOR := $(PY) tools/emulator.py
+COLLECTION_LINK := .collections/ansible_collections/drguard/sandbox
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.collections
+export ANSIBLE_LOCAL_TEMP := $(CURDIR)/.ansible/tmp
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help venv drill drill-tampered test lint unit integration molecule e2e bench clean
+
+help:
+	@echo "make drill   - run a complete drill on the embedded AWS emulator"
+	@echo "make test    - run the whole test suite (lint, pytest, molecule, end-to-end)"
+	@echo "make bench   - benchmarks (figures, not pass/fail)"
+
+venv: $(STAMP) $(COLLECTION_LINK)
+
+$(STAMP): requirements.txt requirements-test.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required"; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "installing python3-venv (Debian)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+$(COLLECTION_LINK):
+	mkdir -p $(dir $@)
+	ln -sfn ../../.. $@
+
+drill: venv
+	$(EMULATOR) run -- bash tools/demo.sh passing
+
+drill-tampered: venv
+	$(EMULATOR) run -- bash tools/demo.sh tampered
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ansible-lint --offline -q
+	$(PY) tools/check_docs.py
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+integration: venv
+	$(BIN)/pytest -q -n 2 tests/integration
+
+molecule: venv
+	$(PY) tools/run_molecule.py
+
+e2e: venv
+	$(BIN)/pytest -q tests/e2e
+
+test: venv
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest -q -n 2 tests/unit tests/integration
+	$(MAKE) --no-print-directory molecule
+	$(BIN)/pytest -q tests/e2e
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .collections .pytest_cache .ruff_cache drill-runs bench/results .ansible

@@ -1,0 +1,350 @@
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""The drill boundary policy, declared once as data (DESIGN §2).
+
+``parse_boundary(raw)`` validates a user's ``drill_boundary`` and returns a
+:class:`Boundary`. Builders (``sandbox_network``) translate it into AWS resources;
+verifiers (``boundary_verify``) read live state and compare it with the same
+:class:`Boundary`. This file holds only the policy, never a translation, so build
+and verify cannot share a shortcut.
+
+Schema (every key not listed is an error)::
+
+    sandbox_cidr: 10.213.0.0/16        # optional: picked per drill when absent
+    production_cidrs: [10.0.0.0/16]    # required, always denied
+    ingress:                           # who may reach the sandbox (control plane)
+      - {cidr: 192.0.2.0/28, protocol: tcp, ports: [22, "8000-8100"], description: ...}
+    egress:                            # where the sandbox may go (control plane, telemetry)
+      - {cidr: 198.51.100.0/28, protocol: tcp, ports: [443], description: ...}
+    control_plane_route:               # optional: the one route allowed to leave the VPC
+      {cidr: 192.0.2.0/28, target: tgw-0123...}
+    tiers: [app, db]                   # micro-segmentation tiers (default: [app, db])
+    tier_rules:                        # tier-to-tier traffic inside the sandbox
+      - {from: app, to: db, protocol: tcp, ports: [5432]}
+    s3_read:  [{bucket: backups, prefix: orders/}]   # via the S3 gateway endpoint
+    s3_write: [{bucket: telemetry, prefix: dr-.../}]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass
+from dataclasses import field
+
+PROTOCOLS = ("tcp", "udp")
+GATEWAY_PREFIXES = ("tgw-", "pcx-", "vgw-")
+TIER_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+DEFAULT_TIERS = ("app", "db")
+SANDBOX_PREFIX_MIN = 16
+SANDBOX_PREFIX_MAX = 24
+
+_TOP_KEYS = {"sandbox_cidr", "production_cidrs", "ingress", "egress", "control_plane_route",
+             "tiers", "tier_rules", "s3_read", "s3_write"}
+_RULE_KEYS = {"cidr", "protocol", "ports", "description"}
+_TIER_RULE_KEYS = {"from", "to", "protocol", "ports", "description"}
+_S3_KEYS = {"bucket", "prefix"}
+
+
+class BoundaryError(ValueError):
+    """The declared boundary is invalid; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class PortRange:
+    start: int
+    end: int
+
+    def covers(self, start: int, end: int) -> bool:
+        return self.start <= start and end <= self.end
+
+    def __str__(self) -> str:
+        return str(self.start) if self.start == self.end else "%d-%d" % (self.start, self.end)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Traffic allowed between the sandbox and ``cidr`` (direction given by the list)."""
+    cidr: ipaddress.IPv4Network
+    protocol: str
+    ports: tuple
+    description: str = ""
+
+    def allows(self, cidr, protocol: str, start: int, end: int) -> bool:
+        """True when this rule covers traffic to/from all of ``cidr`` on ``start..end``."""
+        net = ipaddress.ip_network(cidr, strict=False)
+        return (net.version == 4 and net.subnet_of(self.cidr) and protocol == self.protocol
+                and any(p.covers(start, end) for p in self.ports))
+
+
+@dataclass(frozen=True)
+class TierRule:
+    source: str
+    dest: str
+    protocol: str
+    ports: tuple
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class S3Grant:
+    bucket: str
+    prefix: str
+
+    @property
+    def object_arn(self) -> str:
+        return "arn:aws:s3:::%s/%s*" % (self.bucket, self.prefix)
+
+    @property
+    def bucket_arn(self) -> str:
+        return "arn:aws:s3:::%s" % self.bucket
+
+
+@dataclass(frozen=True)
+class Boundary:
+    sandbox_cidr: ipaddress.IPv4Network | None
+    production_cidrs: tuple
+    ingress: tuple = ()
+    egress: tuple = ()
+    control_plane_route: dict | None = None
+    tiers: tuple = DEFAULT_TIERS
+    tier_rules: tuple = ()
+    s3_read: tuple = ()
+    s3_write: tuple = ()
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def overlaps_production(self, cidr) -> list:
+        """The production CIDRs that ``cidr`` overlaps (empty list: none)."""
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version != 4:
+            return []
+        return [p for p in self.production_cidrs if net.overlaps(p)]
+
+    def with_sandbox_cidr(self, cidr) -> Boundary:
+        net = _cidr(cidr, "sandbox_cidr")
+        _check_sandbox(net, self.production_cidrs)
+        raw = dict(self.raw, sandbox_cidr=str(net))
+        return Boundary(net, self.production_cidrs, self.ingress, self.egress,
+                        self.control_plane_route, self.tiers, self.tier_rules,
+                        self.s3_read, self.s3_write, raw)
+
+    def to_dict(self) -> dict:
+        """The normalized policy as plain data (for reports and returns)."""
+        def rule(r):
+            return {"cidr": str(r.cidr), "protocol": r.protocol,
+                    "ports": [str(p) for p in r.ports], "description": r.description}
+        return {
+            "sandbox_cidr": str(self.sandbox_cidr) if self.sandbox_cidr else None,
+            "production_cidrs": [str(p) for p in self.production_cidrs],
+            "ingress": [rule(r) for r in self.ingress],
+            "egress": [rule(r) for r in self.egress],
+            "control_plane_route": dict(self.control_plane_route) if self.control_plane_route else None,
+            "tiers": list(self.tiers),
+            "tier_rules": [{"from": t.source, "to": t.dest, "protocol": t.protocol,
+                            "ports": [str(p) for p in t.ports], "description": t.description}
+                           for t in self.tier_rules],
+            "s3_read": [{"bucket": g.bucket, "prefix": g.prefix} for g in self.s3_read],
+            "s3_write": [{"bucket": g.bucket, "prefix": g.prefix} for g in self.s3_write],
+        }
+
+
+def _cidr(value, where: str) -> ipaddress.IPv4Network:
+    if not isinstance(value, str) or not value.strip():
+        raise BoundaryError("%s: expected an IPv4 CIDR such as 10.0.0.0/16, got %r" % (where, value))
+    text = value.strip()
+    if "/" not in text:
+        raise BoundaryError("%s: %r has no prefix length; write it as a CIDR such as %s/32"
+                            % (where, text, text))
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise BoundaryError("%s: %r is not a valid CIDR" % (where, text)) from None
+    if net.version != 4:
+        raise BoundaryError("%s: %r is IPv6; the boundary is IPv4-only (IPv6 is denied outright)"
+                            % (where, text))
+    if str(net) != text:
+        raise BoundaryError("%s: %r has host bits set; did you mean %s?" % (where, text, net))
+    return net
+
+
+def _ports(value, where: str) -> tuple:
+    if not isinstance(value, list) or not value:
+        raise BoundaryError("%s.ports: give a non-empty list of ports or 'from-to' ranges" % where)
+    out = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            start = end = item
+        elif isinstance(item, str) and re.match(r"^\d+(-\d+)?$", item.strip()):
+            parts = item.strip().split("-")
+            start, end = int(parts[0]), int(parts[-1])
+        else:
+            raise BoundaryError("%s.ports: %r is not a port or a 'from-to' range" % (where, item))
+        if not (1 <= start <= end <= 65535):
+            raise BoundaryError("%s.ports: %r is outside 1-65535 or reversed" % (where, item))
+        out.append(PortRange(start, end))
+    return tuple(out)
+
+
+def _protocol(value, where: str) -> str:
+    proto = "tcp" if value is None else value
+    if proto not in PROTOCOLS:
+        raise BoundaryError("%s.protocol: %r is not one of %s (all-protocol rules are not allowed)"
+                            % (where, value, ", ".join(PROTOCOLS)))
+    return proto
+
+
+def _keys(item, allowed: set, where: str) -> None:
+    if not isinstance(item, dict):
+        raise BoundaryError("%s: expected a mapping, got %r" % (where, type(item).__name__))
+    unknown = sorted(set(item) - allowed)
+    if unknown:
+        raise BoundaryError("%s: unknown key(s) %s; allowed: %s"
+                            % (where, ", ".join(unknown), ", ".join(sorted(allowed))))
+
+
+def _list(raw: dict, key: str) -> list:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BoundaryError("drill_boundary.%s: expected a list" % key)
+    return value
+
+
+def _rules(raw: dict, key: str, production: tuple) -> tuple:
+    out = []
+    for i, item in enumerate(_list(raw, key)):
+        where = "drill_boundary.%s[%d]" % (key, i)
+        _keys(item, _RULE_KEYS, where)
+        if "cidr" not in item:
+            raise BoundaryError("%s: 'cidr' is required" % where)
+        net = _cidr(item["cidr"], where + ".cidr")
+        hits = [str(p) for p in production if net.overlaps(p)]
+        if hits:
+            raise BoundaryError("%s: %s overlaps production CIDR(s) %s; traffic to or from "
+                                "production is never allowed" % (where, net, ", ".join(hits)))
+        out.append(Rule(net, _protocol(item.get("protocol"), where),
+                        _ports(item.get("ports"), where), str(item.get("description", ""))))
+    return tuple(out)
+
+
+def _s3(raw: dict, key: str) -> tuple:
+    out = []
+    for i, item in enumerate(_list(raw, key)):
+        where = "drill_boundary.%s[%d]" % (key, i)
+        _keys(item, _S3_KEYS, where)
+        bucket = item.get("bucket")
+        if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
+            raise BoundaryError("%s.bucket: %r is not a valid S3 bucket name" % (where, bucket))
+        prefix = item.get("prefix", "") or ""
+        if not isinstance(prefix, str) or "*" in prefix or "?" in prefix:
+            raise BoundaryError("%s.prefix: %r must be a plain key prefix without wildcards"
+                                % (where, prefix))
+        out.append(S3Grant(bucket, prefix))
+    return tuple(out)
+
+
+def _check_sandbox(net: ipaddress.IPv4Network, production: tuple) -> None:
+    if not (SANDBOX_PREFIX_MIN <= net.prefixlen <= SANDBOX_PREFIX_MAX):
+        raise BoundaryError("drill_boundary.sandbox_cidr: %s must be between /%d and /%d"
+                            % (net, SANDBOX_PREFIX_MIN, SANDBOX_PREFIX_MAX))
+    hits = [str(p) for p in production if net.overlaps(p)]
+    if hits:
+        raise BoundaryError("drill_boundary.sandbox_cidr: %s overlaps production CIDR(s) %s; "
+                            "choose a sandbox CIDR outside production, or omit it to have one "
+                            "picked" % (net, ", ".join(hits)))
+
+
+def parse_boundary(raw) -> Boundary:
+    """Validate ``raw`` (the user's ``drill_boundary``) and return a :class:`Boundary`.
+
+    Raises :class:`BoundaryError` with one sentence naming the offending key.
+    """
+    if not isinstance(raw, dict):
+        raise BoundaryError("drill_boundary must be a mapping, got %s" % type(raw).__name__)
+    _keys(raw, _TOP_KEYS, "drill_boundary")
+
+    prod_raw = raw.get("production_cidrs")
+    if not isinstance(prod_raw, list) or not prod_raw:
+        raise BoundaryError("drill_boundary.production_cidrs: list every production CIDR "
+                            "(at least one); they are denied explicitly")
+    production = tuple(_cidr(c, "drill_boundary.production_cidrs[%d]" % i)
+                       for i, c in enumerate(prod_raw))
+
+    sandbox = None
+    if raw.get("sandbox_cidr"):
+        sandbox = _cidr(raw["sandbox_cidr"], "drill_boundary.sandbox_cidr")
+        _check_sandbox(sandbox, production)
+
+    ingress = _rules(raw, "ingress", production)
+    egress = _rules(raw, "egress", production)
+
+    route = raw.get("control_plane_route")
+    if route is not None:
+        where = "drill_boundary.control_plane_route"
+        _keys(route, {"cidr", "target"}, where)
+        rnet = _cidr(route.get("cidr"), where + ".cidr")
+        hits = [str(p) for p in production if rnet.overlaps(p)]
+        if hits:
+            raise BoundaryError("%s.cidr: %s overlaps production CIDR(s) %s" % (where, rnet, ", ".join(hits)))
+        if sandbox is not None and rnet.overlaps(sandbox):
+            raise BoundaryError("%s.cidr: %s overlaps the sandbox CIDR %s" % (where, rnet, sandbox))
+        target = route.get("target")
+        if not isinstance(target, str) or not target.startswith(GATEWAY_PREFIXES):
+            raise BoundaryError("%s.target: %r must be a transit gateway (tgw-), peering "
+                                "connection (pcx-) or virtual private gateway (vgw-) id"
+                                % (where, target))
+        route = {"cidr": str(rnet), "target": target}
+
+    tiers_raw = raw.get("tiers")
+    tiers = tuple(DEFAULT_TIERS if tiers_raw is None else tiers_raw)
+    if not tiers:
+        raise BoundaryError("drill_boundary.tiers: give at least one tier name")
+    for t in tiers:
+        if not isinstance(t, str) or not TIER_RE.match(t):
+            raise BoundaryError("drill_boundary.tiers: %r is not a valid tier name "
+                                "(lowercase letters, digits, hyphens)" % (t,))
+    if len(set(tiers)) != len(tiers):
+        raise BoundaryError("drill_boundary.tiers: tier names must be unique")
+
+    tier_rules = []
+    for i, item in enumerate(_list(raw, "tier_rules")):
+        where = "drill_boundary.tier_rules[%d]" % i
+        _keys(item, _TIER_RULE_KEYS, where)
+        for end in ("from", "to"):
+            if item.get(end) not in tiers:
+                raise BoundaryError("%s.%s: %r is not a declared tier (%s)"
+                                    % (where, end, item.get(end), ", ".join(tiers)))
+        tier_rules.append(TierRule(item["from"], item["to"], _protocol(item.get("protocol"), where),
+                                   _ports(item.get("ports"), where), str(item.get("description", ""))))
+
+    return Boundary(sandbox, production, ingress, egress, route, tiers, tuple(tier_rules),
+                    _s3(raw, "s3_read"), _s3(raw, "s3_write"), dict(raw))
+
+
+# Where a sandbox CIDR is picked from when none is declared: /16s of RFC 1918 space.
+def _candidates():
+    for second in range(64, 256):
+        yield ipaddress.ip_network("10.%d.0.0/16" % second)
+    for second in range(16, 32):
+        yield ipaddress.ip_network("172.%d.0.0/16" % second)
+
+
+def pick_sandbox_cidr(boundary: Boundary, drill_id: str, avoid=()) -> ipaddress.IPv4Network:
+    """A /16 for the drill that overlaps no production CIDR and nothing in ``avoid``.
+
+    The choice is derived from ``drill_id``, so re-running a drill picks the same
+    CIDR (idempotence) while different drills spread out.
+    """
+    if boundary.sandbox_cidr is not None:
+        return boundary.sandbox_cidr
+    avoid_nets = [ipaddress.ip_network(a, strict=False) for a in avoid]
+    free = [c for c in _candidates()
+            if not any(c.overlaps(p) for p in boundary.production_cidrs)
+            and not any(c.overlaps(a) for a in avoid_nets if a.version == 4)]
+    if not free:
+        raise BoundaryError("no free /16 left for the sandbox; declare drill_boundary.sandbox_cidr")
+    digest = int.from_bytes(hashlib.sha256(drill_id.encode()).digest()[:4], "big")
+    return free[digest % len(free)]

@@ -1,0 +1,121 @@
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""Drill identity and the tag contract (DESIGN §3).
+
+Every resource a drill creates carries three tags::
+
+    drguard:managed    = "true"
+    drguard:drill-id   = <drill id>
+    drguard:expires-at = <RFC 3339 UTC>
+
+Teardown finds a drill's resources by ``drguard:drill-id``; the reaper finds every
+``drguard:managed`` resource whose ``drguard:expires-at`` is in the past.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime
+from datetime import timedelta
+from datetime import UTC
+
+TAG_MANAGED = "drguard:managed"
+TAG_DRILL_ID = "drguard:drill-id"
+TAG_EXPIRES_AT = "drguard:expires-at"
+
+# Lowercase letters, digits and hyphens, so the id fits S3, IAM, KMS alias and
+# log group names alike. Generated ids look like ``dr-20261129044000-a1b2c3``.
+DRILL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,38}[a-z0-9]$")
+
+
+class DrillError(ValueError):
+    """Bad drill input; the message says what was wrong and what to do."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_drill_id(now: datetime | None = None) -> str:
+    """A fresh, unique drill id: ``dr-<UTC yyyymmddhhmmss>-<6 hex>``."""
+    now = now or utcnow()
+    return "dr-%s-%s" % (now.strftime("%Y%m%d%H%M%S"), secrets.token_hex(3))
+
+
+def validate_drill_id(drill_id: str) -> str:
+    """Return ``drill_id`` if it is usable in every resource name, else raise DrillError."""
+    if not isinstance(drill_id, str) or not DRILL_ID_RE.match(drill_id):
+        raise DrillError(
+            "drill_id %r is not valid: use 4-40 lowercase letters, digits and hyphens, "
+            "starting and ending with a letter or digit" % (drill_id,))
+    return drill_id
+
+
+def format_time(when: datetime) -> str:
+    """RFC 3339 UTC with a ``Z`` suffix and whole seconds."""
+    if when.tzinfo is None:
+        raise DrillError("timestamps must be timezone-aware")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str) -> datetime:
+    """Parse an RFC 3339 timestamp; a value without a zone is an error (fail closed)."""
+    if not isinstance(value, str):
+        raise DrillError("timestamp %r is not a string" % (value,))
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise DrillError("timestamp %r is not RFC 3339" % (value,)) from None
+    if parsed.tzinfo is None:
+        raise DrillError("timestamp %r has no time zone; use RFC 3339 with Z or an offset" % (value,))
+    return parsed.astimezone(UTC)
+
+
+def expires_at(ttl_seconds: int, now: datetime | None = None) -> str:
+    if int(ttl_seconds) <= 0:
+        raise DrillError("ttl must be a positive number of seconds, got %r" % (ttl_seconds,))
+    return format_time((now or utcnow()) + timedelta(seconds=int(ttl_seconds)))
+
+
+def drill_tags(drill_id: str, expires: str, extra: dict | None = None) -> dict:
+    """The contract tags for ``drill_id`` (plus ``extra``, which cannot override them)."""
+    validate_drill_id(drill_id)
+    parse_time(expires)
+    tags = dict(extra or {})
+    tags.update({TAG_MANAGED: "true", TAG_DRILL_ID: drill_id, TAG_EXPIRES_AT: expires})
+    return tags
+
+
+def is_expired(tags: dict, now: datetime | None = None) -> bool:
+    """True when a managed resource's ``drguard:expires-at`` is in the past.
+
+    A managed resource whose expiry is missing or unreadable counts as expired:
+    the reaper fails closed rather than keeping an orphan forever.
+    """
+    if tags.get(TAG_MANAGED) != "true":
+        return False
+    try:
+        return parse_time(tags.get(TAG_EXPIRES_AT, "")) <= (now or utcnow())
+    except DrillError:
+        return True
+
+
+def tag_list(tags: dict, key: str = "Key", value: str = "Value") -> list:
+    """``{"a": "b"}`` -> ``[{"Key": "a", "Value": "b"}]`` (IAM, KMS and others vary the keys)."""
+    return [{key: k, value: str(v)} for k, v in sorted(tags.items())]
+
+
+def tag_dict(items: list | None, key: str = "Key", value: str = "Value") -> dict:
+    return {t[key]: t[value] for t in items or []}
+
+
+def ec2_tag_specs(resource_type: str, tags: dict, name: str | None = None) -> list:
+    """EC2 ``TagSpecifications`` so a resource is tagged in the call that creates it."""
+    all_tags = dict(tags)
+    if name:
+        all_tags["Name"] = name
+    return [{"ResourceType": resource_type, "Tags": tag_list(all_tags)}]
