@@ -1,0 +1,133 @@
+# -*- coding: utf-8 -*-
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""The drill report (DESIGN §6): build it from what the phases returned, render it.
+
+RTO and RPO as measured here:
+
+* RTO measured = seconds from the drill's start (the simulated disaster) until the
+  restore was validated. Not measured when the drill never got there.
+* RPO measured = seconds between the backup set's ``created_at`` and the drill's
+  start: the data a real disaster at that moment would have lost.
+"""
+
+from __future__ import annotations
+
+OUTCOMES = ("passed", "failed", "halted")
+
+
+def _seconds(start, end):
+    if start is None or end is None:
+        return None
+    return round(max(0.0, float(end) - float(start)), 3)
+
+
+def build_phases(marks: list, finished: float, failed_phase: str | None) -> list:
+    """``marks`` = [{name, started}] in order -> [{name, status, seconds}].
+
+    A phase ends where the next one starts (or at ``finished``). The failed phase is
+    ``failed``; phases after it never ran.
+    """
+    phases = []
+    failed_seen = False
+    for i, mark in enumerate(marks):
+        end = marks[i + 1]["started"] if i + 1 < len(marks) else finished
+        if mark.get("finished") is not None:
+            end = mark["finished"]
+        status = mark.get("status")
+        if status is None:
+            if failed_phase and mark["name"] == failed_phase:
+                status, failed_seen = "failed", True
+            else:
+                status = "skipped" if failed_seen else "passed"
+        phases.append({"name": mark["name"], "status": status,
+                       "seconds": _seconds(mark.get("started"), end)})
+    return phases
+
+
+def measure(targets: dict, drill_started: float, recovered_at: float | None,
+            backup_created_epoch: float | None) -> dict:
+    """RTO/RPO measured vs targets. A target not met, or not measurable, is not met."""
+    rto = _seconds(drill_started, recovered_at) if recovered_at else None
+    rpo = _seconds(backup_created_epoch, drill_started) if backup_created_epoch else None
+    out = {}
+    for key, value in (("rto", rto), ("rpo", rpo)):
+        target = (targets or {}).get("%s_seconds" % key)
+        out[key] = {
+            "measured_seconds": value,
+            "target_seconds": target,
+            "met": None if target is None else (value is not None and value <= float(target)),
+        }
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    """A human-readable rendering of the report for auditors."""
+    lines = ["# Drill report: %s" % report["drill_id"], ""]
+    lines += ["| | |", "|---|---|",
+              "| Outcome | **%s** |" % report["outcome"],
+              "| Started | %s |" % report["started_at"],
+              "| Finished | %s |" % report["finished_at"],
+              "| Duration | %s s |" % report["seconds"],
+              "| Region | %s |" % report.get("region", ""),
+              ]
+    if report.get("failed_phase"):
+        lines.append("| Failed phase | %s |" % report["failed_phase"])
+    if report.get("error"):
+        lines.append("| Error | %s |" % str(report["error"]).replace("|", "\\|").replace("\n", " "))
+    lines += ["", "## Phases", "", "| phase | status | seconds |", "|---|---|---|"]
+    lines += ["| %s | %s | %s |" % (p["name"], p["status"], p["seconds"]) for p in report["phases"]]
+
+    b = report.get("boundary") or {}
+    lines += ["", "## Boundary proof", ""]
+    if b:
+        lines.append("Isolated: **%s** (VPC %s)" % (b.get("isolated"), b.get("vpc_id")))
+        findings = b.get("findings") or []
+        if findings:
+            lines += ["", "| code | resource | detail |", "|---|---|---|"]
+            lines += ["| %s | %s | %s |" % (f.get("code"), f.get("resource"), f.get("detail")) for f in findings]
+    else:
+        lines.append("Not reached.")
+
+    a = report.get("artifacts") or {}
+    lines += ["", "## Backup artifacts", ""]
+    if a:
+        m = a.get("manifest") or {}
+        lines.append("Verified: **%s**; backup set %s, sequence %s, created %s; %s bytes hashed."
+                     % (a.get("verified"), m.get("backup_set"), m.get("sequence"),
+                        m.get("created_at"), a.get("bytes_hashed")))
+        items = a.get("artifacts") or []
+        if items:
+            lines += ["", "| artifact | verified | reason | size | sha256 |", "|---|---|---|---|---|"]
+            lines += ["| %s | %s | %s | %s | %s |" % (i.get("name"), i.get("verified"), i.get("reason") or "",
+                                                      i.get("size"), i.get("sha256") or "")
+                      for i in items]
+        failures = [f for f in a.get("failures") or [] if f.get("name") is None]
+        for f in failures:
+            lines.append("- manifest: **%s**: %s" % (f.get("reason"), f.get("detail")))
+    else:
+        lines.append("Not reached.")
+
+    q = report.get("quarantine") or []
+    if q:
+        lines += ["", "## Quarantine", "", "| artifact | reason | location |", "|---|---|---|"]
+        lines += ["| %s | %s | %s |" % (r.get("name"), r.get("reason"),
+                                        r.get("quarantine_location") or r.get("location"))
+                  for r in q]
+
+    r = report.get("recovery") or {}
+    lines += ["", "## RTO / RPO", "", "| | measured (s) | target (s) | met |", "|---|---|---|---|"]
+    for key in ("rto", "rpo"):
+        v = r.get(key) or {}
+        lines.append("| %s | %s | %s | %s |"
+                     % (key.upper(), v.get("measured_seconds"), v.get("target_seconds"), v.get("met")))
+
+    t = report.get("teardown") or {}
+    lines += ["", "## Teardown", ""]
+    if t:
+        lines.append("Deleted: %s; remaining: **%s**." % (t.get("deleted"), t.get("remaining")))
+        for item in t.get("remaining_resources") or []:
+            lines.append("- remaining: %s %s" % (item.get("type"), item.get("id")))
+    else:
+        lines.append("Not run.")
+    return "\n".join(lines) + "\n"

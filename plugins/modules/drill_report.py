@@ -1,0 +1,237 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drguard maintainers
+# Apache License 2.0
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: drill_report
+short_description: Write the drill report (drill-report.json and a human-readable drill-report.md)
+version_added: 0.1.0
+description:
+  - Assembles the report of one drill from what its phases returned (DESIGN section 6)
+    and writes C(drill-report.json) and C(drill-report.md) atomically into the drill's
+    output directory. Every run writes one, also a failed or halted one.
+  - RTO measured is the time from the drill's start to the validated restore; RPO
+    measured is the time from the backup set's C(created_at) to the drill's start.
+  - Makes no AWS call. Inputs are results of other modules, which never carry secrets.
+options:
+  output_dir:
+    description: The drill's output directory.
+    type: path
+    required: true
+  drill_id:
+    description: The drill's id.
+    type: str
+    required: true
+  region:
+    description: The AWS region of the drill.
+    type: str
+  started_at:
+    description: RFC 3339 UTC start of the drill.
+    type: str
+    required: true
+  started_epoch:
+    description: Start of the drill in seconds since the epoch.
+    type: float
+    required: true
+  outcome:
+    description:
+      - C(passed), C(failed) (an error) or C(halted) (a safety gate stopped the drill on purpose).
+    type: str
+    required: true
+    choices: [passed, failed, halted]
+  failed_phase:
+    description: The phase that failed or halted the drill.
+    type: str
+  error:
+    description: The error message of the failed phase.
+    type: str
+  phases:
+    description:
+      - Phase marks in order, each C({name, started}) with C(started) in epoch seconds,
+        optionally C(finished) and C(status).
+    type: list
+    elements: dict
+    required: true
+  boundary:
+    description: The result of M(drguard.sandbox.boundary_verify).
+    type: dict
+  artifacts:
+    description: The result of M(drguard.sandbox.verify_artifacts).
+    type: dict
+  quarantine:
+    description: Quarantine records returned by M(drguard.sandbox.quarantine_artifact).
+    type: list
+    elements: dict
+    default: []
+  targets:
+    description: RTO/RPO targets, C({rto_seconds, rpo_seconds}).
+    type: dict
+    default: {}
+  recovered_epoch:
+    description: When the restore was validated (epoch seconds); absent when it never was.
+    type: float
+  backup_created_at:
+    description: The backup set's C(created_at) (RFC 3339), for the RPO.
+    type: str
+  teardown:
+    description: Teardown summary, C({deleted, remaining, remaining_resources}).
+    type: dict
+  extra:
+    description: Further sections to include as they are (for example identity or validation summaries).
+    type: dict
+    default: {}
+author:
+  - drguard maintainers
+"""
+
+EXAMPLES = r"""
+- name: Write the drill report
+  drguard.sandbox.drill_report:
+    output_dir: "{{ drill_ctx.output_dir }}"
+    drill_id: "{{ drill_ctx.drill_id }}"
+    started_at: "{{ drill_ctx.started_at }}"
+    started_epoch: "{{ drill_ctx.started_epoch }}"
+    outcome: passed
+    phases: "{{ _drill_marks }}"
+    targets: {rto_seconds: 3600, rpo_seconds: 86400}
+    teardown: "{{ teardown }}"
+  register: drill_report
+"""
+
+RETURN = r"""
+report_path:
+  description: Path of C(drill-report.json).
+  returned: always
+  type: str
+summary_path:
+  description: Path of the human-readable C(drill-report.md).
+  returned: always
+  type: str
+report:
+  description: The report as written.
+  returned: always
+  type: dict
+headline:
+  description: Headline figures for C(set_stats) (AWX).
+  returned: always
+  type: dict
+  sample: {drill_id: dr-20261129044000-a1b2c3, outcome: passed, rto_seconds: 41.2, teardown_remaining: 0}
+"""
+
+import os
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import build_phases
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import measure
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import render_markdown
+
+ARGUMENT_SPEC = dict(
+    output_dir=dict(type="path", required=True),
+    drill_id=dict(type="str", required=True),
+    region=dict(type="str"),
+    started_at=dict(type="str", required=True),
+    started_epoch=dict(type="float", required=True),
+    outcome=dict(type="str", required=True, choices=["passed", "failed", "halted"]),
+    failed_phase=dict(type="str"),
+    error=dict(type="str"),
+    phases=dict(type="list", elements="dict", required=True),
+    boundary=dict(type="dict"),
+    artifacts=dict(type="dict"),
+    quarantine=dict(type="list", elements="dict", default=[]),
+    targets=dict(type="dict", default={}),
+    recovered_epoch=dict(type="float"),
+    backup_created_at=dict(type="str"),
+    teardown=dict(type="dict"),
+    extra=dict(type="dict", default={}),
+)
+
+_BOUNDARY_KEYS = ("isolated", "vpc_id", "vpc_cidrs", "findings", "checked")
+_ARTIFACT_KEYS = ("verified", "failures", "artifacts", "manifest", "bytes_hashed", "trusted_state_updated")
+
+
+def _pick(result, keys):
+    if not result:
+        return None
+    return {k: result.get(k) for k in keys if k in result}
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    p = module.params
+    finished = time.time()
+    outcome = p["outcome"]
+    teardown = p["teardown"]
+    # Fail closed: a teardown that did not run or left something behind fails the drill.
+    if (teardown is None or teardown.get("remaining") != 0) and outcome == "passed":
+        outcome = "failed"
+        p["failed_phase"] = p["failed_phase"] or "teardown"
+        p["error"] = p["error"] or "teardown did not prove that zero resources remain"
+    backup_created_epoch = None
+    if p["backup_created_at"]:
+        try:
+            backup_created_epoch = parse_time(p["backup_created_at"]).timestamp()
+        except DrillError as exc:
+            module.fail_json(msg="backup_created_at: %s" % exc)
+
+    phases = build_phases(p["phases"], finished, p["failed_phase"] if outcome != "passed" else None)
+    recovery = measure(p["targets"], p["started_epoch"], p["recovered_epoch"], backup_created_epoch)
+    if outcome == "passed" and any(v["met"] is False for v in recovery.values()):
+        outcome = "failed"
+        missed = [k.upper() for k, v in recovery.items() if v["met"] is False]
+        p["failed_phase"] = p["failed_phase"] or "recovery"
+        p["error"] = p["error"] or "%s target not met" % " and ".join(missed)
+
+    report = {
+        "report_version": 1,
+        "drill_id": p["drill_id"],
+        "region": p["region"],
+        "started_at": p["started_at"],
+        "finished_at": format_time(utcnow()),
+        "seconds": round(finished - p["started_epoch"], 3),
+        "outcome": outcome,
+        "failed_phase": p["failed_phase"] if outcome != "passed" else None,
+        "error": p["error"] if outcome != "passed" else None,
+        "phases": phases,
+        "boundary": _pick(p["boundary"], _BOUNDARY_KEYS),
+        "artifacts": _pick(p["artifacts"], _ARTIFACT_KEYS),
+        "quarantine": p["quarantine"],
+        "recovery": recovery,
+        "teardown": teardown,
+    }
+    report.update({k: v for k, v in p["extra"].items() if k not in report})
+
+    report_path = os.path.join(p["output_dir"], "drill-report.json")
+    summary_path = os.path.join(p["output_dir"], "drill-report.md")
+    if not module.check_mode:
+        atomic_write_json(report_path, report, mode=0o640)
+        atomic_write(summary_path, render_markdown(report).encode(), mode=0o640)
+    headline = {
+        "drill_id": p["drill_id"],
+        "outcome": outcome,
+        "failed_phase": report["failed_phase"],
+        "seconds": report["seconds"],
+        "rto_seconds": recovery["rto"]["measured_seconds"],
+        "rpo_seconds": recovery["rpo"]["measured_seconds"],
+        "artifacts_verified": (report["artifacts"] or {}).get("verified"),
+        "boundary_isolated": (report["boundary"] or {}).get("isolated"),
+        "teardown_remaining": (teardown or {}).get("remaining"),
+        "report_path": report_path,
+    }
+    module.exit_json(changed=not module.check_mode, report_path=report_path, summary_path=summary_path,
+                     report=report, headline=headline)
+
+
+if __name__ == "__main__":
+    main()

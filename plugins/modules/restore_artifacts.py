@@ -1,0 +1,201 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drguard maintainers
+# Apache License 2.0
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: restore_artifacts
+short_description: Restore verified backup artifacts into the sandbox, re-checking every byte
+version_added: 0.1.0
+description:
+  - Copies the artifacts that M(drguard.sandbox.verify_artifacts) verified into a
+    private restore directory, reading S3 objects by their pinned version id and local
+    files from the read-only mount.
+  - Every byte is hashed again while it is written; a file whose SHA-256 or size differs
+    from what was verified is discarded and the task fails. Nothing half-written survives
+    (temporary file, then rename).
+  - Run it with the drill's minted credentials, which can only read the backups.
+options:
+  artifacts:
+    description:
+      - The C(artifacts) list returned by M(drguard.sandbox.verify_artifacts); each entry
+        needs C(name), C(verified), C(sha256), C(size), C(source) and C(version_id).
+      - An entry that is not verified is refused.
+    type: list
+    elements: dict
+    required: true
+  dest:
+    description: Restore directory (created 0700).
+    type: path
+    required: true
+  workers:
+    description: Parallel downloads.
+    type: int
+    default: 4
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+author:
+  - drguard maintainers
+"""
+
+EXAMPLES = r"""
+- name: Restore the verified backup set with the drill's credentials
+  drguard.sandbox.restore_artifacts:
+    artifacts: "{{ verify.artifacts }}"
+    dest: "{{ drill_output_dir }}/restore"
+    access_key: "{{ drill_aws_session.access_key_id }}"
+    secret_key: "{{ drill_aws_session.secret_access_key }}"
+    session_token: "{{ drill_aws_session.session_token }}"
+  register: restored
+"""
+
+RETURN = r"""
+restored:
+  description: One entry per artifact written.
+  returned: success
+  type: list
+  elements: dict
+  sample: [{name: orders.sqlite, path: /drill-runs/dr-1/restore/orders.sqlite, sha256: "9f8...", size: 20480}]
+bytes_restored:
+  description: Bytes written.
+  returned: success
+  type: int
+"""
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs
+from urllib.parse import urlparse
+
+try:
+    import botocore
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+
+ARGUMENT_SPEC = dict(
+    artifacts=dict(type="list", elements="dict", required=True),
+    dest=dict(type="path", required=True),
+    workers=dict(type="int", default=4),
+)
+
+CHUNK = 1024 * 1024
+
+
+class RestoreError(Exception):
+    pass
+
+
+def safe_relative(name: str) -> str:
+    """The artifact name as a relative path that cannot leave the restore directory."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or name.startswith("/"):
+        raise RestoreError("artifact name %r is unsafe" % (name,))
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise RestoreError("artifact name %r is unsafe" % (name,))
+    return os.path.join(*parts)
+
+
+def _chunks_s3(s3, source, version_id, size):
+    url = urlparse(source)
+    key = url.path.lstrip("/")
+    version_id = version_id or parse_qs(url.query).get("versionId", [None])[0]
+    kwargs = {"Bucket": url.netloc, "Key": key}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    # One byte past the verified size, so a longer object is caught, never fully read.
+    kwargs["Range"] = "bytes=0-%d" % size if size > 0 else "bytes=0-0"
+    try:
+        body = s3.get_object(**kwargs)["Body"]
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "InvalidRange" and size == 0:
+            return
+        raise RestoreError("%s: %s" % (source, code or exc)) from None
+    while True:
+        chunk = body.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _chunks_local(path, size):
+    with open(path, "rb") as handle:
+        remaining = size + 1
+        while remaining > 0:
+            chunk = handle.read(min(CHUNK, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
+
+def restore_one(s3, entry, dest):
+    name = entry.get("name")
+    if not entry.get("verified"):
+        raise RestoreError("artifact %r was not verified; refusing to restore it" % (name,))
+    rel = safe_relative(name)
+    want_sha, want_size = entry.get("sha256"), entry.get("size")
+    source = entry.get("source")
+    if not want_sha or want_size is None or not source:
+        raise RestoreError("artifact %r lacks sha256, size or source" % (name,))
+    target = os.path.join(dest, rel)
+    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+    chunks = (_chunks_s3(s3, source, entry.get("version_id"), int(want_size)) if source.startswith("s3://")
+              else _chunks_local(source, int(want_size)))
+    digest, written = hashlib.sha256(), 0
+    fd, tmp = tempfile.mkstemp(prefix=".restore-", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                written += len(chunk)
+                if written > int(want_size):
+                    raise RestoreError("%s: longer than the verified %d bytes" % (name, want_size))
+                out.write(chunk)
+        if written != int(want_size) or digest.hexdigest() != want_sha:
+            raise RestoreError("%s: restored bytes differ from what was verified (size %d, sha256 %s)"
+                               % (name, written, digest.hexdigest()))
+        os.chmod(tmp, 0o400)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"name": name, "path": target, "sha256": want_sha, "size": written}
+
+
+def main():
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    p = module.params
+    if p["workers"] < 1:
+        module.fail_json(msg="workers must be at least 1")
+    if not p["artifacts"]:
+        module.fail_json(msg="artifacts is empty: nothing was verified, so nothing can be restored")
+    if module.check_mode:
+        module.exit_json(changed=True, restored=[], bytes_restored=0)
+    need_s3 = any(str(a.get("source", "")).startswith("s3://") for a in p["artifacts"])
+    s3 = module.client("s3", retry_decorator=AWSRetry.jittered_backoff()) if need_s3 else None
+    os.makedirs(p["dest"], mode=0o700, exist_ok=True)
+    os.chmod(p["dest"], 0o700)
+    try:
+        with ThreadPoolExecutor(max_workers=p["workers"]) as pool:
+            restored = list(pool.map(lambda e: restore_one(s3, e, p["dest"]), p["artifacts"]))
+    except RestoreError as exc:
+        module.fail_json(msg="Restore failed: %s" % exc)
+    except botocore.exceptions.BotoCoreError as exc:
+        module.fail_json_aws(exc, msg="Restore failed")
+    module.exit_json(changed=True, restored=restored, bytes_restored=sum(r["size"] for r in restored))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""restore_artifacts and validate_restore against the emulator and local files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sqlite3
+import tarfile
+import uuid
+
+import pytest
+from conftest import run_module
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sqlite_bytes(tmp_path, rows=3) -> bytes:
+    path = tmp_path / ("db-%s.sqlite" % uuid.uuid4().hex)
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t (v) VALUES (?)", [("x%d" % i,) for i in range(rows)])
+    con.commit()
+    con.close()
+    return path.read_bytes()
+
+
+def _tar_bytes(members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, body, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bucket(aws):
+    s3 = aws("s3")
+    name = "restore-%s" % uuid.uuid4().hex[:12]
+    s3.create_bucket(Bucket=name)
+    s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return s3, name
+
+
+def test_restore_from_s3_by_pinned_version_ignores_newer_version(bucket, tmp_path, module_runner):
+    s3, name = bucket
+    good = _sqlite_bytes(tmp_path)
+    v1 = s3.put_object(Bucket=name, Key="set/db.sqlite", Body=good)["VersionId"]
+    s3.put_object(Bucket=name, Key="set/db.sqlite", Body=b"shadowing newer version")
+    entry = {"name": "db.sqlite", "verified": True, "sha256": _sha(good), "size": len(good),
+             "source": "s3://%s/set/db.sqlite?versionId=%s" % (name, v1), "version_id": v1}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert not res.failed, res
+    restored = res["restored"][0]
+    assert open(restored["path"], "rb").read() == good
+    assert res["bytes_restored"] == len(good)
+    val = run_module("validate_restore", {"restored": res["restored"]})
+    assert not val.failed and val["results"][0]["kind"] == "sqlite" and val["results"][0]["tables"] == {"t": 3}
+
+
+def test_restore_refuses_bytes_that_differ_from_what_was_verified(bucket, tmp_path, module_runner):
+    s3, name = bucket
+    v = s3.put_object(Bucket=name, Key="k", Body=b"hello world")["VersionId"]
+    entry = {"name": "k", "verified": True, "sha256": _sha(b"hello worle"), "size": 11,
+             "source": "s3://%s/k" % name, "version_id": v}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert res.failed and "differ" in res["msg"]
+    assert os.listdir(tmp_path / "r") == []
+
+
+def test_restore_stops_one_byte_past_the_verified_size(bucket, tmp_path, module_runner):
+    s3, name = bucket
+    v = s3.put_object(Bucket=name, Key="k", Body=b"x" * 4096)["VersionId"]
+    entry = {"name": "k", "verified": True, "sha256": _sha(b"x" * 10), "size": 10,
+             "source": "s3://%s/k" % name, "version_id": v}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert res.failed and "longer than" in res["msg"]
+
+
+def test_restore_refuses_unverified_and_unsafe_entries(tmp_path, module_runner):
+    src = tmp_path / "a"
+    src.write_bytes(b"abc")
+    base = {"verified": True, "sha256": _sha(b"abc"), "size": 3, "source": str(src), "version_id": None}
+    res = module_runner("restore_artifacts", {"artifacts": [dict(base, name="a", verified=False)],
+                                              "dest": str(tmp_path / "r")})
+    assert res.failed and "not verified" in res["msg"]
+    res = module_runner("restore_artifacts", {"artifacts": [dict(base, name="../escape")],
+                                              "dest": str(tmp_path / "r2")})
+    assert res.failed and "unsafe" in res["msg"]
+    assert not (tmp_path / "escape").exists()
+
+
+def test_restore_local_and_validate_tar(tmp_path, module_runner):
+    body = _tar_bytes([("config/app.yml", b"a: 1\n", "file")])
+    src = tmp_path / "files.tar"
+    src.write_bytes(body)
+    entry = {"name": "nested/files.tar", "verified": True, "sha256": _sha(body), "size": len(body),
+             "source": str(src), "version_id": None}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert not res.failed, res
+    val = run_module("validate_restore", {"restored": res["restored"]})
+    assert not val.failed and val["results"][0]["members"] == 1
+
+
+@pytest.mark.parametrize("members,detail", [
+    ([("../../etc/cron.d/x", b"x", "file")], "unsafe member path"),
+    ([("/abs", b"x", "file")], "unsafe member path"),
+    ([("link", b"", "sym")], "link or device"),
+])
+def test_validate_rejects_dangerous_tar(tmp_path, members, detail):
+    path = tmp_path / "bad.tar"
+    path.write_bytes(_tar_bytes(members))
+    val = run_module("validate_restore", {"restored": [{"name": "bad.tar", "path": str(path)}]})
+    assert val.failed and detail in val["msg"]
+
+
+def test_validate_rejects_corrupt_and_empty_sqlite(tmp_path):
+    good = _sqlite_bytes(tmp_path, rows=50)
+    corrupt = bytearray(good)
+    for i in range(len(good) // 2, len(good) // 2 + 64):
+        corrupt[i] ^= 0xFF
+    path = tmp_path / "corrupt.sqlite"
+    path.write_bytes(bytes(corrupt))
+    val = run_module("validate_restore", {"restored": [{"name": "c", "path": str(path)}]})
+    assert val.failed and not val["valid"]
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(_sqlite_bytes(tmp_path, rows=0))
+    val = run_module("validate_restore", {"restored": [{"name": "e", "path": str(empty)}]})
+    assert val.failed and "fewer than min_rows" in val["msg"]
+
+
+def test_validate_nothing_restored_is_a_failure():
+    assert run_module("validate_restore", {"restored": []}).failed

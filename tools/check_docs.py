@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Quality gate: module docs match the argument spec.
+
+For every module in plugins/modules/: DOCUMENTATION, EXAMPLES and RETURN are valid
+YAML; the options documented equal the module-level ``ARGUMENT_SPEC`` (names, type,
+required, default, choices, elements, aliases, suboptions), AWS modules extend the
+amazon.aws doc fragments, and every role has meta/argument_specs.yml.
+Exit status 1 with one line per problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / ".collections"))
+
+AWS_FRAGMENTS = {"amazon.aws.common.modules", "amazon.aws.region.modules", "amazon.aws.boto3"}
+
+
+def _norm_default(value):
+    return value
+
+
+def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
+    spec_names, doc_names = set(spec), set(doc or {})
+    for name in sorted(spec_names - doc_names):
+        problems.append("%s: option %r is in ARGUMENT_SPEC but not documented" % (where, name))
+    for name in sorted(doc_names - spec_names):
+        problems.append("%s: option %r is documented but not in ARGUMENT_SPEC" % (where, name))
+    for name in sorted(spec_names & doc_names):
+        s, d = spec[name] or {}, doc[name] or {}
+        here = "%s.%s" % (where, name)
+        if "description" not in d:
+            problems.append("%s: no description" % here)
+        checks = {
+            "type": (s.get("type", "str"), d.get("type", "str")),
+            "required": (bool(s.get("required", False)), bool(d.get("required", False))),
+            "default": (_norm_default(s.get("default")), _norm_default(d.get("default"))),
+            "choices": (s.get("choices"), d.get("choices")),
+            "elements": (s.get("elements"), d.get("elements")),
+            "aliases": (sorted(s.get("aliases") or []), sorted(d.get("aliases") or [])),
+        }
+        for key, (want, got) in checks.items():
+            if want != got:
+                problems.append("%s: %s is %r in ARGUMENT_SPEC but %r in DOCUMENTATION" % (here, key, want, got))
+        if s.get("options") or d.get("suboptions"):
+            compare(s.get("options") or {}, d.get("suboptions") or {}, here, problems)
+
+
+def check_module(path: Path, problems: list) -> None:
+    name = path.stem
+    where = "plugins/modules/%s.py" % name
+    try:
+        mod = importlib.import_module("ansible_collections.drguard.sandbox.plugins.modules." + name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a finding
+        problems.append("%s: cannot import: %s" % (where, exc))
+        return
+    docs = {}
+    for attr in ("DOCUMENTATION", "EXAMPLES", "RETURN"):
+        text = getattr(mod, attr, None)
+        if not text or not str(text).strip():
+            problems.append("%s: %s is missing" % (where, attr))
+            continue
+        try:
+            docs[attr] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problems.append("%s: %s is not valid YAML: %s" % (where, attr, exc))
+    doc = docs.get("DOCUMENTATION") or {}
+    if doc and doc.get("module") != name:
+        problems.append("%s: DOCUMENTATION.module is %r" % (where, doc.get("module")))
+    spec = getattr(mod, "ARGUMENT_SPEC", None)
+    if not isinstance(spec, dict):
+        problems.append("%s: no module-level ARGUMENT_SPEC dict" % where)
+        return
+    if doc:
+        compare(spec, doc.get("options") or {}, where, problems)
+        source = path.read_text()
+        if "AnsibleAWSModule" in source:
+            fragments = set(doc.get("extends_documentation_fragment") or [])
+            missing = AWS_FRAGMENTS - fragments
+            if missing:
+                problems.append("%s: AWS module does not extend %s" % (where, ", ".join(sorted(missing))))
+
+
+def main() -> int:
+    problems: list[str] = []
+    modules = sorted(p for p in (ROOT / "plugins" / "modules").glob("*.py") if p.name != "__init__.py")
+    for path in modules:
+        check_module(path, problems)
+    for role in sorted((ROOT / "roles").iterdir()) if (ROOT / "roles").exists() else []:
+        if role.is_dir() and not (role / "meta" / "argument_specs.yml").exists():
+            problems.append("roles/%s: no meta/argument_specs.yml" % role.name)
+    for line in problems:
+        print(line)
+    print("check_docs: %d module(s), %d problem(s)" % (len(modules), len(problems)))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
