@@ -158,6 +158,12 @@ class Emulator:
         """Turn IAM enforcement back off (for all practical purposes)."""
         self.enforce_iam(10**9)
 
+    def calls(self, reset: bool = False) -> dict:
+        """AWS API calls the emulator has served: ``{"total": N, "by_service": {...}}``."""
+        req = urllib.request.Request(self.url + "/__drguard/calls", method="DELETE" if reset else "GET")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -177,12 +183,50 @@ class Emulator:
         self.stop()
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from moto.server import ThreadedMotoServer
+class _CallCounter:
+    """WSGI middleware: counts AWS API calls per service (for bench/, not for tests).
 
-    server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
-    server.start()
-    port = server.get_host_and_port()[1]
+    ``GET /__drguard/calls`` returns ``{"total": N, "by_service": {...}}``;
+    ``DELETE`` resets the counters. The service is read from the SigV4 credential scope.
+    """
+
+    def __init__(self, app):
+        import collections
+        import threading
+
+        self.app = app
+        self.calls = collections.Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/__drguard/calls":
+            with self.lock:
+                if environ.get("REQUEST_METHOD") == "DELETE":
+                    self.calls.clear()
+                body = json.dumps({"total": sum(self.calls.values()), "by_service": dict(self.calls)}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        if not path.startswith("/moto-api"):
+            auth = environ.get("HTTP_AUTHORIZATION", "")
+            scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/") if "Credential=" in auth else []
+            service = scope[3] if len(scope) > 3 else "unsigned"
+            with self.lock:
+                self.calls[service] += 1
+        return self.app(environ, start_response)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = _CallCounter(DomainDispatcherApplication(create_backend_app))
+    server = make_server(HOST, 0, app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
     tmp = args.port_file + ".tmp"
     Path(tmp).write_text(str(port))
     os.replace(tmp, args.port_file)
@@ -197,7 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
         if deadline and time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    server.stop()
+    server.shutdown()
     return 0
 
 
