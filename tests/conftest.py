@@ -113,3 +113,19 @@ def ansible_env(emu: Emulator | None = None, extra: dict | None = None) -> dict:
     })
     env.update(extra or {})
     return env
+
+
+@pytest.fixture(scope="session")
+def e2e_emulator():
+    """An emulator for end-to-end drills (one per xdist worker)."""
+    with Emulator() as emu:
+        yield emu
+
+
+@pytest.fixture(scope="session")
+def world(e2e_emulator, tmp_path_factory):
+    """A seeded demo world (production VPC, signed backup set) in ``e2e_emulator``."""
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    from drillkit import seed_world
+
+    return seed_world(e2e_emulator, tmp_path_factory.mktemp("world"))

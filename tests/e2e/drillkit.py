@@ -1,0 +1,76 @@
+"""End-to-end helpers: seed a demo world in an emulator, run a drill against it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from conftest import ROOT, ansible_env
+
+from emulator import Emulator, child_env
+
+ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
+
+
+@dataclass
+class World:
+    emu: Emulator
+    dir: Path
+    drill_vars: dict
+    info: dict
+
+
+def new_drill_id() -> str:
+    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import new_drill_id as _new
+    return _new()
+
+
+def seed_world(emu: Emulator, out: Path, mode: str = "passing") -> World:
+    """Seed production + a signed backup set in ``emu`` (tools/seed_demo.py + sign_backup.yml)."""
+    env = child_env(emu.url)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "seed_demo.py"), "--out", str(out), "--mode", mode,
+                    "--drill-id", "dr-placeholder"], env=env, check=True, capture_output=True, cwd=ROOT)
+    info = json.loads((out / "world.json").read_text())
+    try:
+        proc = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/sign_backup.yml", "-e", "@%s" % (out / "sign-vars.yml")],
+                              env=ansible_env(emu), cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    finally:
+        subprocess.run(["rm", "-rf", info["key_dir"]], check=False)
+    drill_vars = yaml.safe_load((out / "drill-vars.yml").read_text())
+    drill_vars.pop("drill_id")
+    return World(emu, out, drill_vars, info)
+
+
+@dataclass
+class DrillRun:
+    rc: int
+    stdout: str
+    stderr: str
+    drill_id: str
+    output_dir: Path
+
+    @property
+    def report(self) -> dict:
+        return json.loads((self.output_dir / "drill-report.json").read_text())
+
+
+def run_drill(world: World, out_root: Path, extra: dict | None = None, env_extra: dict | None = None,
+              drop: tuple = (), args: tuple = ()) -> DrillRun:
+    """Run playbooks/drill.yml against the world's emulator; return its exit code and report."""
+    drill_id = new_drill_id()
+    variables = dict(world.drill_vars, drill_id=drill_id, drill_output_root=str(out_root))
+    for key in drop:
+        variables.pop(key, None)
+    variables.update(extra or {})
+    vars_file = out_root / ("vars-%s.yml" % drill_id)
+    out_root.mkdir(parents=True, exist_ok=True)
+    vars_file.write_text(yaml.safe_dump(variables))
+    proc = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/drill.yml", "-e", "@%s" % vars_file, *args],
+                          env=ansible_env(world.emu, env_extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    return DrillRun(proc.returncode, proc.stdout, proc.stderr, drill_id, out_root / drill_id)
