@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Benchmark: a whole drill on the emulator, split by phase, with its AWS API call count,
+beside the floor (the same provision / prove / teardown work from one plain boto3 script).
+
+Figures, not assertions: prints a table and writes bench/results/drill-<time>.json.
+Usage: .venv/bin/python bench/drill_bench.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / ".collections"), str(ROOT / "tools"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e"),
+                str(ROOT / "bench")]
+
+from drillkit import run_drill, seed_world  # noqa: E402
+from emulator import Emulator, child_env  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    results = []
+    with Emulator() as emu, tempfile.TemporaryDirectory() as tmp:
+        world = seed_world(emu, Path(tmp) / "world")
+        for i in range(args.runs):
+            emu.calls(reset=True)
+            t0 = time.perf_counter()
+            run = run_drill(world, Path(tmp) / ("run%d" % i))
+            wall = time.perf_counter() - t0
+            calls = emu.calls()
+            report = run.report
+            phases = {p["name"]: p["seconds"] for p in report["phases"]}
+            results.append({"outcome": report["outcome"], "wall_seconds": round(wall, 2),
+                            "drill_seconds": report["seconds"], "phases": phases, "api_calls": calls})
+        env_backup = dict(os.environ)
+        os.environ.update(child_env(emu.url))
+        try:
+            import boto3_floor
+            floor = boto3_floor.run()
+        finally:
+            os.environ.clear()
+            os.environ.update(env_backup)
+    last = results[-1]
+    ppt = sum(last["phases"].get(k, 0) or 0 for k in ("network", "prove", "teardown"))
+    floor_ppt = floor["total"]
+    print("drill outcome: %s; wall %.1f s (ansible-playbook process), drill %.1f s" % (
+        last["outcome"], last["wall_seconds"], last["drill_seconds"]))
+    print("%-14s %10s" % ("phase", "seconds"))
+    for name, sec in last["phases"].items():
+        print("%-14s %10.2f" % (name, sec or 0))
+    print("provision+prove+teardown: %.2f s (target <= 60 s)" % ppt)
+    print("AWS API calls served by the emulator during the drill: %d %s" % (
+        last["api_calls"]["total"], json.dumps(last["api_calls"]["by_service"], sort_keys=True)))
+    print("floor (one boto3 script, same network work): %.2f s, %d calls; drill/floor ratio for "
+          "provision+prove+teardown: %.1fx" % (floor_ppt, floor["api_calls"], ppt / floor_ppt if floor_ppt else 0))
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("drill-%s.json" % time.strftime("%Y%m%dT%H%M%S"))
+    path.write_text(json.dumps({"runs": results, "floor": floor,
+                                "provision_prove_teardown_seconds": ppt}, indent=2))
+    print("written:", path.relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
