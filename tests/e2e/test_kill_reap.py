@@ -1,0 +1,65 @@
+"""A drill killed with SIGKILL mid-provisioning leaves tagged resources; reap.yml removes them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+
+import boto3
+import yaml
+from conftest import ROOT, ansible_env
+from drillkit import ANSIBLE_PLAYBOOK, new_drill_id
+
+from leftovers import leftovers
+
+
+def _session(emu):
+    # AWS_ENDPOINT_URL (set by the test through monkeypatch) points boto3 at the emulator.
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                 region_name="us-east-1")
+
+
+def test_sigkill_mid_provisioning_then_reap(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", world.emu.url)
+    drill_id = new_drill_id()
+    variables = dict(world.drill_vars, drill_id=drill_id, drill_output_root=str(tmp_path), drill_ttl_minutes=5)
+    vars_file = tmp_path / "vars.yml"
+    vars_file.write_text(yaml.safe_dump(variables))
+    proc = subprocess.Popen([ANSIBLE_PLAYBOOK, "playbooks/drill.yml", "-e", "@%s" % vars_file],
+                            env=ansible_env(world.emu), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=world.emu.url,
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:drguard:drill-id", "Values": [drill_id]}])["Vpcs"]
+            if vpcs:
+                break
+            assert proc.poll() is None, "drill ended before provisioning started"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the drill never started provisioning")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    left = leftovers(drill_id, _session(world.emu))
+    assert left, "SIGKILL should have left tagged resources behind"
+    assert not (tmp_path / drill_id / "drill-report.json").exists()
+
+    as_of = (datetime.now(timezone.utc) + timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    dry = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/reap.yml", "-e", "reap_region=us-east-1",
+                          "-e", "reap_dry_run=true", "-e", "reap_as_of=%s" % as_of],
+                         env=ansible_env(world.emu), cwd=ROOT, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert len(leftovers(drill_id, _session(world.emu))) == len(left), "dry run deleted something"
+
+    reap = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/reap.yml", "-e", "reap_region=us-east-1",
+                           "-e", "reap_as_of=%s" % as_of],
+                          env=ansible_env(world.emu), cwd=ROOT, capture_output=True, text=True)
+    assert reap.returncode == 0, reap.stdout[-3000:]
+    assert leftovers(drill_id, _session(world.emu)) == []
