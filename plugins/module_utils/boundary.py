@@ -35,6 +35,7 @@ from dataclasses import field
 
 PROTOCOLS = ("tcp", "udp")
 GATEWAY_PREFIXES = ("tgw-", "pcx-", "vgw-")
+GATEWAY_RE = re.compile(r"^(tgw|pcx|vgw)-[0-9a-f]{8,17}$")
 TIER_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DEFAULT_TIERS = ("app", "db")
@@ -125,6 +126,9 @@ class Boundary:
     def with_sandbox_cidr(self, cidr) -> Boundary:
         net = _cidr(cidr, "sandbox_cidr")
         _check_sandbox(net, self.production_cidrs)
+        if self.control_plane_route and net.overlaps(ipaddress.ip_network(self.control_plane_route["cidr"])):
+            raise BoundaryError("drill_boundary.sandbox_cidr: %s overlaps the control_plane_route CIDR %s"
+                                % (net, self.control_plane_route["cidr"]))
         raw = dict(self.raw, sandbox_cidr=str(net))
         return Boundary(net, self.production_cidrs, self.ingress, self.egress,
                         self.control_plane_route, self.tiers, self.tier_rules,
@@ -236,7 +240,7 @@ def _s3(raw: dict, key: str) -> tuple:
         where = "drill_boundary.%s[%d]" % (key, i)
         _keys(item, _S3_KEYS, where)
         bucket = item.get("bucket")
-        if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
+        if not isinstance(bucket, str) or not BUCKET_RE.fullmatch(bucket):
             raise BoundaryError("%s.bucket: %r is not a valid S3 bucket name" % (where, bucket))
         prefix = item.get("prefix", "") or ""
         if not isinstance(prefix, str) or "*" in prefix or "?" in prefix:
@@ -292,18 +296,20 @@ def parse_boundary(raw) -> Boundary:
         if sandbox is not None and rnet.overlaps(sandbox):
             raise BoundaryError("%s.cidr: %s overlaps the sandbox CIDR %s" % (where, rnet, sandbox))
         target = route.get("target")
-        if not isinstance(target, str) or not target.startswith(GATEWAY_PREFIXES):
+        if not isinstance(target, str) or not GATEWAY_RE.fullmatch(target):
             raise BoundaryError("%s.target: %r must be a transit gateway (tgw-), peering "
                                 "connection (pcx-) or virtual private gateway (vgw-) id"
                                 % (where, target))
         route = {"cidr": str(rnet), "target": target}
 
     tiers_raw = raw.get("tiers")
+    if tiers_raw is not None and not isinstance(tiers_raw, list):
+        raise BoundaryError("drill_boundary.tiers: expected a list of tier names")
     tiers = tuple(DEFAULT_TIERS if tiers_raw is None else tiers_raw)
     if not tiers:
         raise BoundaryError("drill_boundary.tiers: give at least one tier name")
     for t in tiers:
-        if not isinstance(t, str) or not TIER_RE.match(t):
+        if not isinstance(t, str) or not TIER_RE.fullmatch(t):
             raise BoundaryError("drill_boundary.tiers: %r is not a valid tier name "
                                 "(lowercase letters, digits, hyphens)" % (t,))
     if len(set(tiers)) != len(tiers):
@@ -340,7 +346,14 @@ def pick_sandbox_cidr(boundary: Boundary, drill_id: str, avoid=()) -> ipaddress.
     """
     if boundary.sandbox_cidr is not None:
         return boundary.sandbox_cidr
-    avoid_nets = [ipaddress.ip_network(a, strict=False) for a in avoid]
+    try:
+        avoid_nets = [ipaddress.ip_network(a, strict=False) for a in avoid]
+    except ValueError as exc:
+        raise BoundaryError("pick_sandbox_cidr: invalid CIDR to avoid: %s" % exc) from None
+    # Never swallow the control plane or any declared peer.
+    avoid_nets += [r.cidr for r in boundary.ingress + boundary.egress]
+    if boundary.control_plane_route:
+        avoid_nets.append(ipaddress.ip_network(boundary.control_plane_route["cidr"]))
     free = [c for c in _candidates()
             if not any(c.overlaps(p) for p in boundary.production_cidrs)
             and not any(c.overlaps(a) for a in avoid_nets if a.version == 4)]

@@ -45,7 +45,7 @@ def new_drill_id(now: datetime | None = None) -> str:
 
 def validate_drill_id(drill_id: str) -> str:
     """Return ``drill_id`` if it is usable in every resource name, else raise DrillError."""
-    if not isinstance(drill_id, str) or not DRILL_ID_RE.match(drill_id):
+    if not isinstance(drill_id, str) or not DRILL_ID_RE.fullmatch(drill_id):
         raise DrillError(
             "drill_id %r is not valid: use 4-40 lowercase letters, digits and hyphens, "
             "starting and ending with a letter or digit" % (drill_id,))

@@ -1,0 +1,668 @@
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""Read a VPC's live network configuration and judge it against a Boundary.
+
+Private helpers of ``boundary_verify``. Two halves that never meet halfway:
+
+* :func:`read_vpc` issues the describe calls (filtered by VPC id, paginated, in
+  parallel) and returns a *snapshot*: for each resource type either the list AWS
+  returned or an :class:`Unreadable` naming the failed call and its error code.
+* :func:`evaluate` is pure: snapshot + :class:`Boundary` -> findings and counts.
+
+Nothing here knows how the sandbox was built; it only sees what exists. Anything
+it cannot read, recognise or prove safe is a finding (fail closed).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - AnsibleAWSModule reports the missing SDK
+    BotoCoreError = ClientError = Exception
+
+# Every code evaluate() can emit. docs/boundary-policy.md explains each one.
+FINDING_CODES = (
+    "vpc_not_found", "unreadable", "vpc_overlaps_production", "vpc_cidr_undeclared", "ipv6_present",
+    "route_igw", "route_nat", "route_peering", "route_tgw", "route_vgw", "route_egress_only_igw",
+    "route_unknown_target", "route_to_production",
+    "igw_attached", "nat_gateway_present", "vgw_attached", "peering_active", "tgw_attachment",
+    "subnet_public_ip", "subnet_ipv6_autoassign",
+    "default_sg_has_rules", "sg_egress_open", "sg_ingress_open", "sg_egress_undeclared", "sg_ingress_undeclared",
+    "nacl_missing_production_deny", "nacl_allow_any", "nacl_allow_undeclared", "subnet_default_nacl",
+    "endpoint_policy_open", "endpoint_policy_undeclared", "endpoint_unsupported",
+    "flow_logs_missing",
+)
+
+S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
+S3_ARN_RE = re.compile(r"^arn:aws[a-z-]*:s3:::(.+)$")
+
+# Actions an S3 endpoint policy may allow on s3_read grants / s3_write grants
+# (lowercase: IAM action names are case-insensitive). Anything else, including
+# any wildcard, is not provably within the grants.
+S3_READ_ACTIONS = frozenset({
+    "s3:getobject", "s3:getobjectversion", "s3:getobjectattributes", "s3:getobjectversionattributes",
+    "s3:getobjecttagging", "s3:getobjectversiontagging", "s3:getobjectretention",
+    "s3:getobjectlegalhold", "s3:listbucket", "s3:listbucketversions", "s3:getbucketlocation",
+    "s3:getbucketversioning", "s3:getbucketobjectlockconfiguration",
+})
+S3_WRITE_ACTIONS = frozenset({
+    "s3:putobject", "s3:abortmultipartupload", "s3:listmultipartuploadparts",
+    "s3:listbucketmultipartuploads", "s3:putobjecttagging", "s3:getbucketlocation",
+})
+
+# Route keys that describe the destination or the route itself, not where it goes.
+_ROUTE_META_KEYS = frozenset({"DestinationCidrBlock", "DestinationIpv6CidrBlock", "DestinationPrefixListId",
+                              "Origin", "State", "InstanceOwnerId"})
+_ROUTE_TARGET_CODES = {
+    "NatGatewayId": "route_nat",
+    "TransitGatewayId": "route_tgw",
+    "VpcPeeringConnectionId": "route_peering",
+    "EgressOnlyInternetGatewayId": "route_egress_only_igw",
+}
+# The key that carries a declared control-plane target, by id prefix.
+_CONTROL_PLANE_KEY = {"tgw-": "TransitGatewayId", "pcx-": "VpcPeeringConnectionId", "vgw-": "GatewayId"}
+
+_PROTOCOL_NAMES = {"-1": "all", "6": "tcp", "17": "udp", "1": "icmp", "58": "icmpv6"}
+_NACL_DEFAULT_RULE = 32767
+_ANY4 = ipaddress.ip_network("0.0.0.0/0")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A describe call that failed: the resource type is not verified."""
+    operation: str
+    error_code: str
+    message: str
+
+
+# name -> (operation, result key, kwargs builder). Filters keep every call to this VPC.
+def _calls(vpc_id: str, require_flow_logs: bool) -> dict:
+    def vpc_filter(name):
+        return {"Filters": [{"Name": name, "Values": [vpc_id]}]}
+    calls = {
+        "vpcs": ("describe_vpcs", "Vpcs", {"VpcIds": [vpc_id]}),
+        "route_tables": ("describe_route_tables", "RouteTables", vpc_filter("vpc-id")),
+        "internet_gateways": ("describe_internet_gateways", "InternetGateways", vpc_filter("attachment.vpc-id")),
+        "nat_gateways": ("describe_nat_gateways", "NatGateways",
+                         {"Filter": [{"Name": "vpc-id", "Values": [vpc_id]}]}),
+        "vpn_gateways": ("describe_vpn_gateways", "VpnGateways", vpc_filter("attachment.vpc-id")),
+        "peering_requester": ("describe_vpc_peering_connections", "VpcPeeringConnections",
+                              vpc_filter("requester-vpc-info.vpc-id")),
+        "peering_accepter": ("describe_vpc_peering_connections", "VpcPeeringConnections",
+                             vpc_filter("accepter-vpc-info.vpc-id")),
+        "tgw_attachments": ("describe_transit_gateway_vpc_attachments", "TransitGatewayVpcAttachments",
+                            vpc_filter("vpc-id")),
+        "subnets": ("describe_subnets", "Subnets", vpc_filter("vpc-id")),
+        "security_groups": ("describe_security_groups", "SecurityGroups", vpc_filter("vpc-id")),
+        "network_acls": ("describe_network_acls", "NetworkAcls", vpc_filter("vpc-id")),
+        "vpc_endpoints": ("describe_vpc_endpoints", "VpcEndpoints", vpc_filter("vpc-id")),
+        # AWS-managed prefix lists (a handful): tells which pl- id is S3 in this region.
+        "prefix_lists": ("describe_prefix_lists", "PrefixLists", {}),
+    }
+    if require_flow_logs:
+        calls["flow_logs"] = ("describe_flow_logs", "FlowLogs", vpc_filter("resource-id"))
+    return calls
+
+
+def _describe(client, operation: str, key: str, kwargs: dict, retry) -> list:
+    @retry
+    def _run():
+        if client.can_paginate(operation):
+            return client.get_paginator(operation).paginate(**kwargs).build_full_result().get(key, [])
+        return getattr(client, operation)(**kwargs).get(key, [])
+    return _run()
+
+
+def _error_code(exc: Exception) -> tuple:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return err.get("Code") or "ClientError", err.get("Message") or str(exc)
+    return type(exc).__name__, str(exc)
+
+
+def read_vpc(client, vpc_id: str, require_flow_logs: bool, retry, workers: int = 8) -> dict:
+    """Describe everything that shapes the VPC's boundary, in parallel.
+
+    Returns ``{name: list | Unreadable}``. Every failure (AccessDenied, throttling
+    beyond retries, an API the endpoint does not implement) becomes an
+    :class:`Unreadable`, never an empty list.
+    """
+    calls = _calls(vpc_id, require_flow_logs)
+
+    def one(item):
+        name, (operation, key, kwargs) = item
+        try:
+            return name, _describe(client, operation, key, kwargs, retry)
+        except (ClientError, BotoCoreError) as exc:
+            code, message = _error_code(exc)
+            return name, Unreadable(operation, code, message)
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(calls))) as pool:
+        return dict(pool.map(one, calls.items()))
+
+
+# ---------------------------------------------------------------- evaluation
+
+class _Findings:
+    def __init__(self):
+        self.items = []
+        self._seen = set()
+
+    def add(self, code: str, resource: str, detail: str) -> None:
+        key = (code, resource, detail)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.items.append({"code": code, "resource": resource, "detail": detail})
+
+
+def _net(text):
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _within_any(net, nets) -> bool:
+    return net is not None and net.version == 4 and any(net.subnet_of(n) for n in nets if n.version == 4)
+
+
+def _overlapping(net, nets) -> list:
+    if net is None or net.version != 4:
+        return []
+    return [n for n in nets if n.version == 4 and net.overlaps(n)]
+
+
+def _proto(value) -> str:
+    text = str(value).lower()
+    return _PROTOCOL_NAMES.get(text, text)
+
+
+def _ports_covered(want_start: int, want_end: int, ranges) -> bool:
+    """True when the union of ``ranges`` (PortRange objects) covers want_start..want_end."""
+    pos = want_start
+    for r in sorted(ranges, key=lambda r: r.start):
+        if r.start > pos:
+            break
+        pos = max(pos, r.end + 1)
+        if pos > want_end:
+            return True
+    return pos > want_end
+
+
+def _declared_covers(rules, net, proto: str, start: int, end: int) -> bool:
+    if net is None or net.version != 4 or proto not in ("tcp", "udp"):
+        return False
+    ranges = [p for r in rules if r.protocol == proto and net.subnet_of(r.cidr) for p in r.ports]
+    return _ports_covered(start, end, ranges)
+
+
+def _readable(snapshot: dict, name: str, findings: _Findings, vpc_id: str):
+    value = snapshot.get(name)
+    if isinstance(value, Unreadable):
+        action = "ec2:" + "".join(w.capitalize() for w in value.operation.split("_"))
+        findings.add("unreadable", action,
+                     "%s failed with %s (%s); %s of %s were not verified"
+                     % (action, value.error_code, value.message, name.replace("_", " "), vpc_id))
+        return None
+    # Results are re-filtered here: a describe filter that an endpoint ignored must not
+    # pull another VPC's resources into this verdict (items without VpcId are kept).
+    return [item for item in value or [] if item.get("VpcId", vpc_id) == vpc_id]
+
+
+def _live_cidrs(vpc: dict) -> tuple:
+    v4 = [a["CidrBlock"] for a in vpc.get("CidrBlockAssociationSet") or []
+          if (a.get("CidrBlockState") or {}).get("State") in ("associated", "associating")]
+    if not v4 and vpc.get("CidrBlock"):
+        v4 = [vpc["CidrBlock"]]
+    v6 = [a.get("Ipv6CidrBlock") or a.get("Ipv6Pool") or "?" for a in vpc.get("Ipv6CidrBlockAssociationSet") or []
+          if (a.get("Ipv6CidrBlockState") or {}).get("State") in ("associated", "associating")]
+    return v4, v6
+
+
+def _check_vpc(boundary, vpc: dict, vpc_id: str, f: _Findings) -> list:
+    v4, v6 = _live_cidrs(vpc)
+    for cidr in v4:
+        hits = boundary.overlaps_production(cidr)
+        if hits:
+            f.add("vpc_overlaps_production", vpc_id, "VPC CIDR %s overlaps production CIDR(s) %s"
+                  % (cidr, ", ".join(str(h) for h in hits)))
+        net = _net(cidr)
+        if boundary.sandbox_cidr is not None and not (net and net.subnet_of(boundary.sandbox_cidr)):
+            f.add("vpc_cidr_undeclared", vpc_id, "VPC CIDR %s is outside the declared sandbox_cidr %s"
+                  % (cidr, boundary.sandbox_cidr))
+    for cidr in v6:
+        f.add("ipv6_present", vpc_id, "IPv6 CIDR %s is associated with the VPC; the boundary is IPv4-only" % cidr)
+    return v4
+
+
+def _route_dest(route: dict) -> str:
+    return (route.get("DestinationCidrBlock") or route.get("DestinationIpv6CidrBlock")
+            or route.get("DestinationPrefixListId") or "?")
+
+
+def _is_declared_route(boundary, route: dict, targets: list) -> bool:
+    cp = boundary.control_plane_route
+    if not cp or len(targets) != 1 or route.get("DestinationCidrBlock") != cp["cidr"]:
+        return False
+    key, value = targets[0]
+    return value == cp["target"] and _CONTROL_PLANE_KEY.get(cp["target"][:4]) == key
+
+
+def _route_target_code(key: str, value: str, route: dict, s3_endpoints: set) -> str | None:
+    """None when the target is allowed; otherwise the finding code."""
+    if key == "GatewayId":
+        if value == "local":
+            return None
+        if value.startswith("igw-"):
+            return "route_igw"
+        if value.startswith("vgw-"):
+            return "route_vgw"
+        if value.startswith("vpce-") and route.get("DestinationPrefixListId") and value in s3_endpoints:
+            return None
+        return "route_unknown_target"
+    return _ROUTE_TARGET_CODES.get(key, "route_unknown_target")
+
+
+def _check_routes(boundary, tables: list, s3_endpoints: set, f: _Findings) -> int:
+    count = 0
+    for table in tables:
+        rtb = table.get("RouteTableId", "?")
+        main = any(a.get("Main") for a in table.get("Associations") or [])
+        for route in table.get("Routes") or []:
+            count += 1
+            dest = _route_dest(route)
+            targets = [(k, str(v)) for k, v in sorted(route.items()) if k not in _ROUTE_META_KEYS and v]
+            where = "%s%s" % (rtb, " (main)" if main else "")
+            state = " (blackhole)" if route.get("State") == "blackhole" else ""
+            if not targets:
+                f.add("route_unknown_target", rtb, "%s: route to %s has no recognisable target%s"
+                      % (where, dest, state))
+                continue
+            local = targets == [("GatewayId", "local")]
+            if not local and not _is_declared_route(boundary, route, targets):
+                for key, value in targets:
+                    code = _route_target_code(key, value, route, s3_endpoints)
+                    if code:
+                        f.add(code, rtb, "%s: route to %s via %s %s%s" % (where, dest, key, value, state))
+            if not local:
+                hits = boundary.overlaps_production(dest) if _net(dest) else []
+                if hits:
+                    f.add("route_to_production", rtb, "%s: route to %s overlaps production CIDR(s) %s%s"
+                          % (where, dest, ", ".join(str(h) for h in hits), state))
+    return count
+
+
+def _declared_target(boundary) -> str | None:
+    return boundary.control_plane_route["target"] if boundary.control_plane_route else None
+
+
+def _check_gateways(boundary, vpc_id: str, snap: dict, f: _Findings, checked: dict) -> None:
+    declared = _declared_target(boundary)
+    igws = _readable(snap, "internet_gateways", f, vpc_id)
+    if igws is not None:
+        checked["internet_gateways"] = len(igws)
+        for igw in igws:
+            for att in igw.get("Attachments") or []:
+                if att.get("VpcId") == vpc_id and att.get("State") != "detached":
+                    f.add("igw_attached", igw.get("InternetGatewayId", "?"),
+                          "internet gateway attached to %s (state %s)" % (vpc_id, att.get("State")))
+    nats = _readable(snap, "nat_gateways", f, vpc_id)
+    if nats is not None:
+        checked["nat_gateways"] = len(nats)
+        for nat in nats:
+            if nat.get("State") not in ("deleted", "failed"):
+                f.add("nat_gateway_present", nat.get("NatGatewayId", "?"),
+                      "NAT gateway in subnet %s (state %s)" % (nat.get("SubnetId"), nat.get("State")))
+    vgws = _readable(snap, "vpn_gateways", f, vpc_id)
+    if vgws is not None:
+        checked["vpn_gateways"] = len(vgws)
+        for vgw in vgws:
+            gid = vgw.get("VpnGatewayId", "?")
+            for att in vgw.get("VpcAttachments") or []:
+                if (att.get("VpcId") == vpc_id and att.get("State") != "detached" and vgw.get("State") != "deleted"
+                        and gid != declared):
+                    f.add("vgw_attached", gid, "virtual private gateway attached to %s (state %s)"
+                          % (vpc_id, att.get("State")))
+    peerings, readable = {}, False
+    for name in ("peering_requester", "peering_accepter"):
+        items = _readable(snap, name, f, vpc_id)
+        readable = readable or items is not None
+        for pcx in items or []:
+            ends = {(pcx.get(side) or {}).get("VpcId") for side in ("RequesterVpcInfo", "AccepterVpcInfo")}
+            if vpc_id in ends:  # the API filter is not trusted to have been applied
+                peerings[pcx.get("VpcPeeringConnectionId", "?")] = pcx
+    if readable:
+        checked["peering_connections"] = len(peerings)
+    for pid, pcx in sorted(peerings.items()):
+        status = (pcx.get("Status") or {}).get("Code")
+        if status in ("initiating-request", "pending-acceptance", "provisioning", "active") and pid != declared:
+            req, acc = pcx.get("RequesterVpcInfo") or {}, pcx.get("AccepterVpcInfo") or {}
+            f.add("peering_active", pid, "peering %s between %s (%s) and %s (%s)"
+                  % (status, req.get("VpcId"), req.get("CidrBlock"), acc.get("VpcId"), acc.get("CidrBlock")))
+    atts = _readable(snap, "tgw_attachments", f, vpc_id)
+    if atts is not None:
+        checked["transit_gateway_attachments"] = len(atts)
+        for att in atts:
+            if (att.get("State") not in ("deleted", "failed", "rejected")
+                    and att.get("TransitGatewayId") != declared):
+                f.add("tgw_attachment", att.get("TransitGatewayAttachmentId", "?"),
+                      "VPC attached to transit gateway %s (state %s), which is not the declared "
+                      "control-plane target" % (att.get("TransitGatewayId"), att.get("State")))
+
+
+def _check_subnets(subnets: list, f: _Findings) -> None:
+    for sn in subnets:
+        sid = sn.get("SubnetId", "?")
+        if sn.get("MapPublicIpOnLaunch"):
+            f.add("subnet_public_ip", sid, "subnet %s assigns public IPv4 addresses on launch" % sn.get("CidrBlock"))
+        if sn.get("AssignIpv6AddressOnCreation"):
+            f.add("subnet_ipv6_autoassign", sid, "subnet assigns IPv6 addresses on creation")
+        for a in sn.get("Ipv6CidrBlockAssociationSet") or []:
+            if (a.get("Ipv6CidrBlockState") or {}).get("State") in ("associated", "associating"):
+                f.add("ipv6_present", sid, "IPv6 CIDR %s is associated with the subnet" % a.get("Ipv6CidrBlock"))
+
+
+def _sg_rule_text(direction: str, proto: str, start: int, end: int, peer: str) -> str:
+    ports = "all ports" if proto == "all" else ("port %d" % start if start == end else "ports %d-%d" % (start, end))
+    return "%s %s %s %s %s" % (direction, proto, ports, "to" if direction == "egress" else "from", peer)
+
+
+@dataclass(frozen=True)
+class _SgContext:
+    boundary: object
+    vpc_nets: tuple
+    group_ids: frozenset
+    s3_pl: str | None
+    owner: str | None
+
+
+def _check_security_groups(boundary, groups: list, vpc_cidrs: list, s3_pl: str | None,
+                           f: _Findings) -> int:
+    vpc_nets = tuple(n for n in (_net(c) for c in vpc_cidrs) if n is not None)
+    group_ids = frozenset(g.get("GroupId") for g in groups)
+    rules_seen = 0
+    for sg in groups:
+        gid = sg.get("GroupId", "?")
+        ctx = _SgContext(boundary, vpc_nets, group_ids, s3_pl, sg.get("OwnerId"))
+        perms = {"ingress": sg.get("IpPermissions") or [], "egress": sg.get("IpPermissionsEgress") or []}
+        if sg.get("GroupName") == "default":
+            n = sum(len(p.get("IpRanges") or []) + len(p.get("Ipv6Ranges") or []) + len(p.get("PrefixListIds") or [])
+                    + len(p.get("UserIdGroupPairs") or []) or 1 for p in perms["ingress"] + perms["egress"])
+            if n:
+                f.add("default_sg_has_rules", gid, "the default security group has %d rule(s); remove them all "
+                      "so that nothing relies on it" % n)
+        for direction, plist in perms.items():
+            for perm in plist:
+                proto = _proto(perm.get("IpProtocol", "-1"))
+                start, end = 0, 65535
+                if proto in ("tcp", "udp") and int(perm.get("FromPort", -1)) != -1:
+                    start, end = int(perm["FromPort"]), int(perm.get("ToPort", perm["FromPort"]))
+                rule = (direction, proto, start, end)
+                for peer_kind, items in (("cidr", perm.get("IpRanges") or []), ("cidr6", perm.get("Ipv6Ranges") or []),
+                                         ("pl", perm.get("PrefixListIds") or []),
+                                         ("sg", perm.get("UserIdGroupPairs") or [])):
+                    for item in items:
+                        rules_seen += 1
+                        code = _judge_sg_peer(ctx, rule, peer_kind, item)
+                        if code:
+                            peer = (item.get("CidrIp") or item.get("CidrIpv6") or item.get("PrefixListId")
+                                    or item.get("GroupId") or "?")
+                            detail = _sg_rule_text(direction, proto, start, end, peer)
+                            hits = boundary.overlaps_production(peer) if peer_kind == "cidr" and _net(peer) else []
+                            if hits:
+                                detail += " (overlaps production CIDR(s) %s)" % ", ".join(str(h) for h in hits)
+                            f.add(code, gid, detail)
+    return rules_seen
+
+
+def _judge_sg_peer(ctx: _SgContext, rule: tuple, kind: str, item: dict) -> str | None:
+    """None when one peer of a security group rule is within the boundary, else the finding code."""
+    direction, proto, start, end = rule
+    boundary = ctx.boundary
+    open_code, undeclared_code = "sg_%s_open" % direction, "sg_%s_undeclared" % direction
+    if kind == "cidr":
+        net = _net(item.get("CidrIp"))
+        if net is None:
+            return undeclared_code
+        if _within_any(net, ctx.vpc_nets) and not boundary.overlaps_production(net):
+            return None  # intra-sandbox
+        if net.prefixlen == 0 or proto == "all":
+            return open_code
+        declared = boundary.egress if direction == "egress" else boundary.ingress
+        return None if _declared_covers(declared, net, proto, start, end) else undeclared_code
+    if kind == "cidr6":
+        net = _net(item.get("CidrIpv6"))
+        return open_code if net is None or net.prefixlen == 0 else undeclared_code
+    if kind == "pl":
+        ok = (direction == "egress" and ctx.s3_pl is not None and item.get("PrefixListId") == ctx.s3_pl
+              and proto == "tcp" and start == end == 443 and bool(boundary.s3_read or boundary.s3_write))
+        return None if ok else undeclared_code
+    # SG reference: allowed only to groups of this VPC, same account, not across a peering.
+    ok = (item.get("GroupId") in ctx.group_ids and not item.get("VpcPeeringConnectionId")
+          and (not item.get("UserId") or not ctx.owner or item.get("UserId") == ctx.owner))
+    return None if ok else undeclared_code
+
+
+def _nacl_entry_text(e: dict) -> str:
+    direction = "egress" if e.get("Egress") else "ingress"
+    proto = _proto(e.get("Protocol", "-1"))
+    pr = e.get("PortRange") or {}
+    ports = " ports %s-%s" % (pr.get("From"), pr.get("To")) if pr and proto in ("tcp", "udp") else ""
+    peer = e.get("CidrBlock") or e.get("Ipv6CidrBlock") or "?"
+    return "%s rule %s %s %s%s %s %s" % (direction, e.get("RuleNumber"), e.get("RuleAction"), proto, ports,
+                                         "to" if e.get("Egress") else "from", peer)
+
+
+def _check_nacls(boundary, nacls: list, subnets: list | None, allowed: dict, f: _Findings) -> int:
+    """``allowed``: {"vpc": [cidr], "s3": [cidr]} - the live VPC CIDRs and the S3 prefix list's CIDRs."""
+    vpc_nets = [n for n in (_net(c) for c in allowed["vpc"]) if n is not None]
+    declared_nets = [r.cidr for r in boundary.ingress + boundary.egress]
+    s3_nets = []
+    if boundary.s3_read or boundary.s3_write:
+        s3_nets = [n for n in (_net(c) for c in allowed["s3"]) if n is not None]
+    entries_seen = 0
+    subnet_acl = {}
+    for acl in nacls:
+        for assoc in acl.get("Associations") or []:
+            subnet_acl[assoc.get("SubnetId")] = acl
+    for sn in subnets or []:
+        sid = sn.get("SubnetId")
+        acl = subnet_acl.get(sid)
+        if acl is None:
+            f.add("nacl_missing_production_deny", sid or "?",
+                  "no network ACL association was found for the subnet, so no production deny is proven")
+        elif acl.get("IsDefault") and any(e.get("RuleAction") == "allow" and e.get("CidrBlock") == "0.0.0.0/0"
+                                          for e in acl.get("Entries") or []):
+            f.add("subnet_default_nacl", sid, "subnet uses the VPC's allow-all default network ACL %s"
+                  % acl.get("NetworkAclId"))
+    for acl in nacls:
+        if not acl.get("Associations"):
+            continue  # associated with no subnet: filters no traffic
+        aid = acl.get("NetworkAclId", "?")
+        entries = acl.get("Entries") or []
+        entries_seen += len(entries)
+        for egress in (False, True):
+            direction = "egress" if egress else "ingress"
+            mine = [e for e in entries if bool(e.get("Egress")) == egress]
+            allows = [e for e in mine if e.get("RuleAction") == "allow"]
+            denies = [e for e in mine if e.get("RuleAction") == "deny" and _proto(e.get("Protocol")) == "all"
+                      and e.get("RuleNumber") != _NACL_DEFAULT_RULE and _net(e.get("CidrBlock"))]
+            for prod in boundary.production_cidrs:
+                covering = [e["RuleNumber"] for e in denies if prod.subnet_of(_net(e["CidrBlock"]))]
+                first = min(covering) if covering else None
+                if first is None:
+                    f.add("nacl_missing_production_deny", aid, "%s: no explicit DENY of all protocols covering "
+                          "production CIDR %s" % (direction, prod))
+                    continue
+                early = sorted(e["RuleNumber"] for e in allows
+                               if _overlapping(_net(e.get("CidrBlock")), [prod]) and e["RuleNumber"] < first)
+                if early:
+                    f.add("nacl_missing_production_deny", aid, "%s: ALLOW rule(s) %s overlapping production CIDR %s "
+                          "come before the DENY rule %d" % (direction, ", ".join(map(str, early)), prod, first))
+            for e in allows:
+                net = _net(e.get("CidrBlock") or e.get("Ipv6CidrBlock"))
+                if net is None or net.prefixlen == 0:
+                    f.add("nacl_allow_any", aid, _nacl_entry_text(e))
+                    continue
+                if net.version == 4 and not boundary.overlaps_production(net) and (
+                        _within_any(net, vpc_nets) or _within_any(net, declared_nets)
+                        or (_within_any(net, s3_nets) and _proto(e.get("Protocol")) == "tcp")):
+                    continue
+                f.add("nacl_allow_undeclared", aid, _nacl_entry_text(e))
+    return entries_seen
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _grant_covers(resource: str, grants) -> bool:
+    m = S3_ARN_RE.match(resource)
+    if not m:
+        return False
+    rest = m.group(1)
+    return any(rest == g.bucket or rest.startswith("%s/%s" % (g.bucket, g.prefix)) for g in grants)
+
+
+def _check_endpoint_policy(boundary, ep: dict, f: _Findings) -> None:
+    eid = ep.get("VpcEndpointId", "?")
+    text = ep.get("PolicyDocument")
+    if not text:
+        f.add("endpoint_policy_open", eid, "S3 gateway endpoint has no policy, so AWS allows full access")
+        return
+    try:
+        doc = json.loads(text) if isinstance(text, str) else text
+        statements = _as_list(doc.get("Statement"))
+    except (ValueError, AttributeError):
+        f.add("endpoint_policy_open", eid, "S3 gateway endpoint policy cannot be parsed; treated as open")
+        return
+    for i, st in enumerate(statements):
+        if not isinstance(st, dict):
+            f.add("endpoint_policy_open", eid, "statement %d is not an object; treated as open" % i)
+            continue
+        effect = st.get("Effect")
+        if effect == "Deny":
+            continue  # a Deny only narrows access
+        sid = "statement %s" % (st.get("Sid") or i)
+        if effect != "Allow":
+            f.add("endpoint_policy_undeclared", eid, "%s has effect %r" % (sid, effect))
+            continue
+        for key in ("NotAction", "NotResource", "NotPrincipal"):
+            if key in st:
+                f.add("endpoint_policy_open", eid, "%s allows with %s, which grants everything not listed"
+                      % (sid, key))
+        actions = [str(a) for a in _as_list(st.get("Action"))]
+        resources = [str(r) for r in _as_list(st.get("Resource"))]
+        if any(a in ("*", "s3:*") or a.lower() == "s3:*" for a in actions):
+            f.add("endpoint_policy_open", eid, "%s allows Action %s" % (sid, ", ".join(actions)))
+            continue
+        if "*" in resources:
+            f.add("endpoint_policy_open", eid, "%s allows Resource *" % sid)
+            continue
+        for action in actions:
+            low = action.lower()
+            if low in S3_READ_ACTIONS and all(_grant_covers(r, boundary.s3_read) for r in resources):
+                continue
+            if low in S3_WRITE_ACTIONS and all(_grant_covers(r, boundary.s3_write) for r in resources):
+                continue
+            f.add("endpoint_policy_undeclared", eid, "%s allows %s on %s, which is not within the declared "
+                  "s3_read/s3_write grants" % (sid, action, ", ".join(resources) or "no resource"))
+
+
+def _check_endpoints(boundary, endpoints: list, f: _Findings) -> set:
+    s3_gateways = set()
+    for ep in endpoints:
+        if ep.get("State", "").lower() in ("deleted", "rejected", "failed", "expired"):
+            continue
+        eid = ep.get("VpcEndpointId", "?")
+        service, etype = ep.get("ServiceName", ""), ep.get("VpcEndpointType", "")
+        if etype == "Gateway" and S3_SERVICE_RE.match(service):
+            s3_gateways.add(eid)
+            _check_endpoint_policy(boundary, ep, f)
+        else:
+            f.add("endpoint_unsupported", eid, "%s endpoint for %s: only S3 gateway endpoints are verifiable"
+                  % (etype or "unknown", service or "unknown service"))
+    return s3_gateways
+
+
+def _check_flow_logs(logs: list, vpc_id: str, f: _Findings) -> None:
+    good = [fl for fl in logs if fl.get("ResourceId") == vpc_id and fl.get("FlowLogStatus") == "ACTIVE"
+            and fl.get("TrafficType") == "ALL" and fl.get("DeliverLogsStatus") != "FAILED"]
+    if not good:
+        seen = ", ".join("%s (%s, %s, delivery %s)" % (fl.get("FlowLogId"), fl.get("FlowLogStatus"),
+                                                        fl.get("TrafficType"), fl.get("DeliverLogsStatus"))
+                         for fl in logs) or "none"
+        f.add("flow_logs_missing", vpc_id, "no ACTIVE flow log of ALL traffic covers the VPC (found: %s)" % seen)
+
+
+def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = True) -> dict:
+    """Judge a :func:`read_vpc` snapshot against ``boundary``.
+
+    Returns ``{"isolated", "findings", "checked", "vpc_cidrs"}``; ``isolated`` is
+    true only when there is no finding at all.
+    """
+    f = _Findings()
+    checked = {}
+    vpcs = snapshot.get("vpcs")
+    if isinstance(vpcs, Unreadable) and vpcs.error_code.startswith(("InvalidVpcID.NotFound", "InvalidVpcID.Malformed")):
+        vpcs = []
+    if isinstance(vpcs, list) and not any(v.get("VpcId") == vpc_id for v in vpcs):
+        f.add("vpc_not_found", vpc_id, "no VPC %s exists in this account and region" % vpc_id)
+        return {"isolated": False, "findings": f.items, "checked": {"vpcs": 0}, "vpc_cidrs": []}
+
+    vpc_cidrs = []
+    vpcs = _readable(snapshot, "vpcs", f, vpc_id)
+    if vpcs is not None:
+        checked["vpcs"] = 1
+        vpc_cidrs = _check_vpc(boundary, next(v for v in vpcs if v.get("VpcId") == vpc_id), vpc_id, f)
+
+    prefix_lists = _readable(snapshot, "prefix_lists", f, vpc_id)
+    s3_pl = next((p for p in prefix_lists or [] if S3_SERVICE_RE.match(p.get("PrefixListName", ""))), None)
+
+    endpoints = _readable(snapshot, "vpc_endpoints", f, vpc_id)
+    s3_gateways = set()
+    if endpoints is not None:
+        checked["vpc_endpoints"] = len(endpoints)
+        s3_gateways = _check_endpoints(boundary, endpoints, f)
+
+    tables = _readable(snapshot, "route_tables", f, vpc_id)
+    if tables is not None:
+        checked["route_tables"] = len(tables)
+        checked["routes"] = _check_routes(boundary, tables, s3_gateways, f)
+
+    _check_gateways(boundary, vpc_id, snapshot, f, checked)
+
+    subnets = _readable(snapshot, "subnets", f, vpc_id)
+    if subnets is not None:
+        checked["subnets"] = len(subnets)
+        _check_subnets(subnets, f)
+
+    groups = _readable(snapshot, "security_groups", f, vpc_id)
+    if groups is not None:
+        checked["security_groups"] = len(groups)
+        checked["security_group_rules"] = _check_security_groups(
+            boundary, groups, vpc_cidrs, s3_pl.get("PrefixListId") if s3_pl else None, f)
+
+    nacls = _readable(snapshot, "network_acls", f, vpc_id)
+    if nacls is not None:
+        checked["network_acls"] = len(nacls)
+        allowed = {"vpc": vpc_cidrs, "s3": (s3_pl or {}).get("Cidrs") or []}
+        checked["network_acl_entries"] = _check_nacls(boundary, nacls, subnets, allowed, f)
+
+    if require_flow_logs:
+        logs = _readable(snapshot, "flow_logs", f, vpc_id)
+        if logs is not None:
+            checked["flow_logs"] = len(logs)
+            _check_flow_logs(logs, vpc_id, f)
+
+    findings = sorted(f.items, key=lambda x: (x["code"], x["resource"], x["detail"]))
+    return {"isolated": not findings, "findings": findings, "checked": checked, "vpc_cidrs": vpc_cidrs}

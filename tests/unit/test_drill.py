@@ -1,0 +1,188 @@
+"""Drill identity and the tag contract (plugins/module_utils/drill.py)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import (
+    DRILL_ID_RE,
+    TAG_DRILL_ID,
+    TAG_EXPIRES_AT,
+    TAG_MANAGED,
+    DrillError,
+    drill_tags,
+    ec2_tag_specs,
+    expires_at,
+    format_time,
+    is_expired,
+    new_drill_id,
+    parse_time,
+    tag_dict,
+    tag_list,
+    validate_drill_id,
+)
+
+NOW = datetime(2026, 11, 29, 4, 40, 0, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------- ids
+
+def test_new_drill_id_format_and_uniqueness():
+    # 24 random bits per second: a same-second collision among 200 draws has p ~ 0.1 %,
+    # so demand near-uniqueness rather than perfection (no flaky test).
+    ids = {new_drill_id(NOW) for _ in range(200)}
+    assert len(ids) >= 195
+    for drill_id in ids:
+        assert drill_id.startswith("dr-20261129044000-")
+        assert re.fullmatch(r"[0-9a-f]{6}", drill_id.rsplit("-", 1)[1])
+        assert DRILL_ID_RE.match(drill_id)
+        assert validate_drill_id(drill_id) == drill_id
+
+
+def test_new_drill_id_defaults_to_now():
+    assert new_drill_id().startswith("dr-%s" % datetime.now(UTC).strftime("%Y%m%d"))
+
+
+@pytest.mark.parametrize("good", ["dr-1", "abcd", "a" * 40, "dr-20261129044000-a1b2c3", "0drill9"])
+def test_valid_drill_ids(good):
+    assert validate_drill_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "a" * 41, "Dr-1234", "dr_1234", "-dr-123", "dr-123-", "dr 1234",
+                                 "dr-12.4", None, 1234])
+def test_invalid_drill_ids(bad):
+    with pytest.raises(DrillError, match="is not valid: use 4-40 lowercase letters"):
+        validate_drill_id(bad)
+
+
+def test_drill_id_with_trailing_newline_is_invalid():
+    with pytest.raises(DrillError):
+        validate_drill_id("dr-1234\n")
+
+
+# ---------------------------------------------------------------------- times
+
+def test_format_time_is_utc_z_whole_seconds():
+    when = datetime(2026, 11, 29, 6, 40, 5, 987654, tzinfo=timezone(timedelta(hours=2)))
+    assert format_time(when) == "2026-11-29T04:40:05Z"
+
+
+def test_format_time_rejects_naive():
+    with pytest.raises(DrillError, match="timezone-aware"):
+        format_time(datetime(2026, 11, 29, 4, 40))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-29T04:40:00Z", NOW),
+    ("2026-11-29T04:40:00z", NOW),
+    ("2026-11-29T06:40:00+02:00", NOW),
+    ("2026-11-28T23:40:00-05:00", NOW),
+    (" 2026-11-29T04:40:00.5Z ", NOW + timedelta(microseconds=500000)),
+])
+def test_parse_time(text, expected):
+    parsed = parse_time(text)
+    assert parsed == expected
+    assert parsed.tzinfo == UTC
+
+
+@pytest.mark.parametrize("text", ["2026-11-29T04:40:00", "2026-11-29", "2026-11-29 04:40:00"])
+def test_parse_time_without_zone_fails_closed(text):
+    with pytest.raises(DrillError, match="has no time zone"):
+        parse_time(text)
+
+
+@pytest.mark.parametrize("text", ["", "tomorrow", "2026-13-01T00:00:00Z", "Z"])
+def test_parse_time_rejects_garbage(text):
+    with pytest.raises(DrillError, match="is not RFC 3339"):
+        parse_time(text)
+
+
+@pytest.mark.parametrize("value", [None, 1700000000, NOW])
+def test_parse_time_rejects_non_strings(value):
+    with pytest.raises(DrillError, match="is not a string"):
+        parse_time(value)
+
+
+def test_expires_at():
+    assert expires_at(7200, NOW) == "2026-11-29T06:40:00Z"
+    assert parse_time(expires_at(60)) > datetime.now(UTC)
+
+
+@pytest.mark.parametrize("ttl", [0, -5])
+def test_expires_at_rejects_non_positive_ttl(ttl):
+    with pytest.raises(DrillError, match="positive number of seconds"):
+        expires_at(ttl, NOW)
+
+
+# ----------------------------------------------------------------------- tags
+
+def test_drill_tags_contract_wins_over_extra():
+    tags = drill_tags("dr-abc1", "2026-11-29T06:40:00Z",
+                      {"Name": "x", TAG_MANAGED: "false", TAG_DRILL_ID: "other", "team": "dr"})
+    assert tags == {TAG_MANAGED: "true", TAG_DRILL_ID: "dr-abc1", TAG_EXPIRES_AT: "2026-11-29T06:40:00Z",
+                    "Name": "x", "team": "dr"}
+    assert (TAG_MANAGED, TAG_DRILL_ID, TAG_EXPIRES_AT) == ("drguard:managed", "drguard:drill-id",
+                                                           "drguard:expires-at")
+
+
+def test_drill_tags_validate_inputs():
+    with pytest.raises(DrillError):
+        drill_tags("BAD ID", "2026-11-29T06:40:00Z")
+    with pytest.raises(DrillError, match="no time zone"):
+        drill_tags("dr-abc1", "2026-11-29T06:40:00")
+
+
+def test_tag_list_and_dict_round_trip():
+    tags = {"b": 2, "a": "1"}
+    items = tag_list(tags)
+    assert items == [{"Key": "a", "Value": "1"}, {"Key": "b", "Value": "2"}]
+    assert tag_dict(items) == {"a": "1", "b": "2"}
+    assert tag_list(tags, "TagKey", "TagValue")[0] == {"TagKey": "a", "TagValue": "1"}
+    assert tag_dict(None) == {}
+
+
+def test_ec2_tag_specs():
+    tags = drill_tags("dr-abc1", "2026-11-29T06:40:00Z")
+    specs = ec2_tag_specs("vpc", tags, name="dr-abc1-vpc")
+    assert specs[0]["ResourceType"] == "vpc"
+    assert tag_dict(specs[0]["Tags"]) == dict(tags, Name="dr-abc1-vpc")
+    assert "Name" not in tags  # the caller's dict is not modified
+    assert "Name" not in tag_dict(ec2_tag_specs("subnet", tags)[0]["Tags"])
+
+
+# ------------------------------------------------------------------ is_expired
+
+def managed(expires):
+    tags = {TAG_MANAGED: "true", TAG_DRILL_ID: "dr-abc1"}
+    if expires is not None:
+        tags[TAG_EXPIRES_AT] = expires
+    return tags
+
+
+def test_is_expired_past_now_and_future():
+    assert is_expired(managed("2026-11-29T04:39:59Z"), NOW) is True
+    assert is_expired(managed("2026-11-29T04:40:00Z"), NOW) is True   # at the instant: expired
+    assert is_expired(managed("2026-11-29T04:40:01Z"), NOW) is False
+    assert is_expired(managed("2026-11-29T06:40:00+02:00"), NOW) is True
+
+
+@pytest.mark.parametrize("expires", [None, "", "soon", "2026-11-29T05:00:00"])
+def test_managed_resource_with_missing_or_unreadable_expiry_counts_as_expired(expires):
+    assert is_expired(managed(expires), NOW) is True
+
+
+@pytest.mark.parametrize("tags", [{}, {TAG_MANAGED: "false", TAG_EXPIRES_AT: "2000-01-01T00:00:00Z"},
+                                  {TAG_MANAGED: "True", TAG_EXPIRES_AT: "2000-01-01T00:00:00Z"},
+                                  {TAG_EXPIRES_AT: "2000-01-01T00:00:00Z"}])
+def test_unmanaged_resources_never_expire(tags):
+    assert is_expired(tags, NOW) is False
+
+
+def test_is_expired_defaults_to_now():
+    past = format_time(datetime.now(UTC) - timedelta(minutes=1))
+    future = format_time(datetime.now(UTC) + timedelta(hours=1))
+    assert is_expired(managed(past)) is True
+    assert is_expired(managed(future)) is False
