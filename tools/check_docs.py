@@ -3,7 +3,8 @@
 
 For every module in plugins/modules/: DOCUMENTATION, EXAMPLES and RETURN are valid
 YAML; the options documented equal the module-level ``ARGUMENT_SPEC`` (names, type,
-required, default, choices, elements, aliases, suboptions), AWS modules extend the
+required, default, choices, elements, aliases, suboptions; secret-looking options
+must be no_log), AWS modules extend the
 amazon.aws doc fragments, and every role has meta/argument_specs.yml.
 Exit status 1 with one line per problem.
 """
@@ -11,6 +12,7 @@ Exit status 1 with one line per problem.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +20,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / ".collections"))
+
+# Option names that carry secrets must be no_log in the spec (DOCUMENTATION has no such field).
+SECRET_NAME = re.compile(r"(passphrase|password|secret|token|masking_key|private_key$|credentials|^value$)")
+NOT_SECRET = {"secret_store", "file_secrets", "env_secrets", "secrets_prefix", "secret_names"}
 
 AWS_FRAGMENTS = {"amazon.aws.common.modules", "amazon.aws.region.modules", "amazon.aws.boto3"}
 
@@ -48,6 +54,9 @@ def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
         for key, (want, got) in checks.items():
             if want != got:
                 problems.append("%s: %s is %r in ARGUMENT_SPEC but %r in DOCUMENTATION" % (here, key, want, got))
+        if SECRET_NAME.search(name) and name not in NOT_SECRET and s.get("type", "str") == "str" \
+                and not s.get("no_log"):
+            problems.append("%s: looks like a secret but is not no_log in ARGUMENT_SPEC" % here)
         if s.get("options") or d.get("suboptions"):
             compare(s.get("options") or {}, d.get("suboptions") or {}, here, problems)
 
