@@ -1,0 +1,147 @@
+"""CloudEvents 1.0 alerts: shape, validation, secrets, the alerts.jsonl sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import uuid
+from datetime import datetime
+
+import pytest
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import alerts
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
+
+DRILL = "dr-20261129050000-a1b2c3"
+REQUIRED = {"specversion", "id", "source", "type"}
+
+
+def test_event_has_cloudevents_1_0_attributes():
+    ev = alerts.build_event(DRILL, "drguard.artifact.quarantined", "orders.sqlite", {"reason": "digest_mismatch"})
+    assert set(ev) >= REQUIRED
+    assert ev["specversion"] == "1.0"
+    assert uuid.UUID(ev["id"]).version == 4
+    assert ev["source"] == "drguard.sandbox/" + DRILL
+    assert ev["type"] == "drguard.artifact.quarantined"
+    assert ev["subject"] == "orders.sqlite"
+    assert ev["datacontenttype"] == "application/json"
+    assert ev["data"] == {"reason": "digest_mismatch"}
+    # RFC 3339 UTC, Z suffix, parseable.
+    assert ev["time"].endswith("Z")
+    assert abs((parse_time(ev["time"]) - datetime.now(parse_time(ev["time"]).tzinfo)).total_seconds()) < 3600
+    # Extension attribute names: lowercase letters and digits only (CloudEvents 1.0).
+    for name in set(ev) - REQUIRED - {"time", "subject", "datacontenttype", "data"}:
+        assert name.isalnum() and name.islower() and len(name) <= 20, name
+    assert json.loads(alerts.encode_event(ev)) == ev
+
+
+def test_ids_are_unique_and_subject_optional():
+    a = alerts.build_event(DRILL, "drguard.drill.halted", None, {})
+    b = alerts.build_event(DRILL, "drguard.drill.halted", None, {})
+    assert a["id"] != b["id"] and "subject" not in a
+
+
+@pytest.mark.parametrize("bad", ["artifact.quarantined", "drguard.", "drguard.Upper", "prod.drguard.x", "", None,
+                                 "drguard.x y"])
+def test_type_must_be_a_drguard_type(bad):
+    with pytest.raises(alerts.AlertError, match="drguard"):
+        alerts.build_event(DRILL, bad, None, {})
+
+
+def test_bad_drill_id_and_data_are_refused():
+    with pytest.raises(ValueError, match="drill_id"):
+        alerts.build_event("../prod", "drguard.x", None, {})
+    with pytest.raises(alerts.AlertError, match="mapping"):
+        alerts.build_event(DRILL, "drguard.x", None, ["list"])
+    with pytest.raises(alerts.AlertError, match="JSON"):
+        alerts.build_event(DRILL, "drguard.x", None, {"n": float("nan")})
+
+
+@pytest.mark.parametrize("data,path", [
+    ({"password": "x"}, "data.password"),
+    ({"nested": {"DB_Secret": "x"}}, "data.nested.DB_Secret"),
+    ({"items": [{"session_token": "x"}]}, "data.items[0].session_token"),
+    ({"api-key": "x"}, "data.api-key"),
+    ({"note": "-----BEGIN RSA PRIVATE KEY-----\nabc"}, "data.note"),
+    ({"note": "key AKIAABCDEFGHIJKLMNOP leaked"}, "data.note"),
+])
+def test_secrets_are_refused_naming_the_key_never_the_value(data, path):
+    with pytest.raises(alerts.AlertError) as err:
+        alerts.build_event(DRILL, "drguard.x", None, data)
+    assert path in str(err.value)
+    assert "abc" not in str(err.value) and "AKIAABCDEFGHIJKLMNOP" not in str(err.value)
+
+
+def test_ordinary_drill_data_passes():
+    alerts.check_no_secrets({"findings": [{"code": "egress_open", "detail": "0.0.0.0/0 on 443"}],
+                             "observed_sha256": "ab" * 32, "keyid": "cd" * 32})
+
+
+def test_append_jsonl_creates_0600_file_in_0700_dir_and_appends(tmp_path):
+    path = tmp_path / "run" / "alerts.jsonl"
+    events = [alerts.build_event(DRILL, "drguard.drill.phase", None, {"i": i}) for i in range(3)]
+    for ev in events:
+        alerts.append_jsonl(str(path), ev)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == events
+    assert alerts.read_jsonl(str(path)) == events
+
+
+def test_append_jsonl_tightens_an_existing_file_and_keeps_its_lines(tmp_path):
+    path = tmp_path / "alerts.jsonl"
+    path.write_text('{"old": true}\n')
+    os.chmod(path, 0o644)
+    alerts.append_jsonl(str(path), alerts.build_event(DRILL, "drguard.x", None, {}))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert alerts.read_jsonl(str(path))[0] == {"old": True}
+    assert len(alerts.read_jsonl(str(path))) == 2
+
+
+def test_append_jsonl_refuses_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere.log"
+    target.write_text("")
+    link = tmp_path / "alerts.jsonl"
+    os.symlink(target, link)
+    with pytest.raises(alerts.AlertError, match="symlink"):
+        alerts.append_jsonl(str(link), alerts.build_event(DRILL, "drguard.x", None, {}))
+    assert target.read_text() == ""
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    path = str(tmp_path / "alerts.jsonl")
+    big = "x" * 70000  # larger than a pipe buffer: one write per line still
+
+    def writer(n):
+        for i in range(20):
+            alerts.append_jsonl(path, alerts.build_event(DRILL, "drguard.x", None, {"w": n, "i": i, "pad": big}))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = alerts.read_jsonl(path)
+    assert len(events) == 80
+    assert sorted((e["data"]["w"], e["data"]["i"]) for e in events) == [(w, i) for w in range(4) for i in range(20)]
+
+
+def test_parse_sink():
+    assert alerts.parse_sink({"path": "/x/alerts.jsonl"})["sns_topic_arn"] is None
+    with pytest.raises(alerts.AlertError, match="path"):
+        alerts.parse_sink({})
+    with pytest.raises(alerts.AlertError, match="unknown"):
+        alerts.parse_sink({"path": "/x", "webhook": "https://prod"})
+    with pytest.raises(alerts.AlertError, match="ARN"):
+        alerts.parse_sink({"path": "/x", "sns_topic_arn": "prod-topic"})
+
+
+def test_sink_with_aws_destination_needs_a_client(tmp_path):
+    with pytest.raises(alerts.AlertError, match="client"):
+        alerts.AlertSink(DRILL, {"path": str(tmp_path / "a.jsonl"), "log_group_name": "/g"})
+    sink = alerts.AlertSink(DRILL, {"path": str(tmp_path / "a.jsonl")})
+    ev = sink.emit("drguard.drill.halted", "verify", {"phase": "verify"})
+    assert alerts.read_jsonl(str(tmp_path / "a.jsonl")) == [ev]
