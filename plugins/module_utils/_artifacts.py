@@ -1,0 +1,487 @@
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""Backup artifact sources (local directory, ``s3://bucket/prefix/``) and streaming checks.
+
+* :func:`parse_location` - ``/path``, ``s3://bucket/key`` or ``s3://bucket/key?versionId=...``.
+* :func:`collect_local` / :func:`collect_s3` - hash every artifact of a backup set (producer side).
+* :func:`verify_one` - reconcile one manifest entry with the store and stream its bytes
+  (consumer side): bounded memory (1 MiB chunks), never more than ``size + 1`` bytes, S3
+  objects read by the pinned version id.
+* :func:`unlisted_local` / :func:`unlisted_s3` - strict mode: objects the manifest does not list.
+
+Failure entries have exactly the DESIGN §5 shape consumed by ``quarantine_artifact``:
+``{name, reason, detail, source, version_id, observed_sha256, observed_size}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import parse_qs
+from urllib.parse import urlparse
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
+    BotoCoreError = ClientError = Exception
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import Artifact
+from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import unsafe_name_problem
+
+CHUNK = 1024 * 1024
+SNIFF = 512
+LOCK_CHOICES = ("compliance", "governance", "none")
+
+# When one artifact has several problems, the entry carries the most serious one
+# (the others are named in its detail).
+_PRIORITY = ("artifact_missing", "unsafe_name", "size_mismatch", "digest_mismatch",
+             "metadata_mismatch", "not_immutable")
+_MISSING_CODES = {"404", "NoSuchKey", "NoSuchVersion", "NotFound", "405", "MethodNotAllowed"}
+_COMPOSITE_RE = re.compile(r"-\d+$")
+
+
+class SourceError(ValueError):
+    """A source or destination that cannot be used; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------- locations
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+    version_id: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return s3_uri(self.bucket, self.key, self.version_id)
+
+
+def s3_uri(bucket: str, key: str, version_id: str | None = None) -> str:
+    """``s3://bucket/key`` plus ``?versionId=...`` when a version is pinned."""
+    base = "s3://%s/%s" % (bucket, key)
+    return base + ("?versionId=%s" % version_id if version_id else "")
+
+
+def is_s3(text) -> bool:
+    return isinstance(text, str) and text.startswith("s3://")
+
+
+def parse_s3(text: str, what: str = "location") -> S3Location:
+    """Parse ``s3://bucket/key[?versionId=...]``."""
+    url = urlparse(text)
+    if url.scheme != "s3" or not url.netloc:
+        raise SourceError("%s %r is not an s3://bucket/key URI" % (what, text))
+    query = parse_qs(url.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"versionId"})
+    if unknown or url.fragment:
+        raise SourceError("%s %r: only a ?versionId= query is understood" % (what, text))
+    version = query.get("versionId", [None])[-1] or None
+    return S3Location(url.netloc, url.path[1:] if url.path.startswith("/") else url.path, version)
+
+
+def parse_prefix(text: str, what: str = "source") -> S3Location:
+    """``s3://bucket/prefix/`` (or ``s3://bucket`` for the whole bucket)."""
+    loc = parse_s3(text, what)
+    if loc.version_id:
+        raise SourceError("%s %r: a prefix cannot carry a versionId" % (what, text))
+    if loc.key and not loc.key.endswith("/"):
+        raise SourceError("%s %r: end the prefix with '/' so that %r does not also match %r"
+                          % (what, text, loc.key, loc.key + "0/"))
+    return loc
+
+
+# --------------------------------------------------------------------------- kinds and hashing
+
+def detect_kind(head: bytes) -> str:
+    """``sqlite``, ``tar`` (POSIX/GNU ustar) or ``raw``, from the first bytes."""
+    if head.startswith(b"SQLite format 3\x00"):
+        return "sqlite"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return "raw"
+
+
+@dataclass
+class Hashed:
+    sha256: str | None  # None when reading stopped at the limit (a partial digest means nothing)
+    size: int
+    head: bytes
+    over_limit: bool
+
+
+def hash_chunks(chunks, limit: int | None = None) -> Hashed:
+    """Stream ``chunks`` through SHA-256, stopping once more than ``limit`` bytes were seen."""
+    digest, size, head = hashlib.sha256(), 0, b""
+    for piece in chunks:
+        chunk = piece[:limit + 1 - size] if limit is not None and size + len(piece) > limit + 1 else piece
+        digest.update(chunk)
+        if len(head) < SNIFF:
+            head += chunk[:SNIFF - len(head)]
+        size += len(chunk)
+        if limit is not None and size > limit:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # release the connection / file now, not at garbage collection
+            return Hashed(None, size, head, True)
+    return Hashed(digest.hexdigest(), size, head, False)
+
+
+def _file_chunks(handle, limit: int | None):
+    remaining = None if limit is None else limit + 1
+    while remaining is None or remaining > 0:
+        chunk = handle.read(CHUNK if remaining is None else min(CHUNK, remaining))
+        if not chunk:
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        yield chunk
+
+
+def _body_chunks(body):
+    try:
+        while True:
+            chunk = body.read(CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        body.close()
+
+
+def _error_code(exc) -> tuple:
+    err = getattr(exc, "response", {}) or {}
+    code = str(err.get("Error", {}).get("Code", ""))
+    status = err.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code, status
+
+
+def _s3_get_chunks(s3, bucket: str, key: str, version_id: str | None, limit: int | None):
+    """Chunks of one S3 object version; with ``limit``, a Range of ``limit + 1`` bytes at most."""
+    kwargs = {"Bucket": bucket, "Key": key}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    if limit is not None:
+        # bytes=0-N is N+1 bytes: one past the signed size, so a longer object shows
+        # as too long without being downloaded. An empty object answers 416.
+        kwargs["Range"] = "bytes=0-%d" % limit
+    try:
+        resp = s3.get_object(**kwargs)
+    except ClientError as exc:
+        code, status = _error_code(exc)
+        if limit is not None and (code == "InvalidRange" or status == 416):
+            return None, iter(())
+        raise
+    return resp, _body_chunks(resp["Body"])
+
+
+# --------------------------------------------------------------------------- producer side
+
+def local_names(root: str, exclude=()) -> list:
+    """Relative ``/``-separated names of the regular files under ``root`` (sorted).
+
+    Symlinks are followed only when they stay inside ``root``; anything else raises.
+    """
+    if not os.path.isdir(root):
+        raise SourceError("source %r is not a directory" % root)
+    real_root = os.path.realpath(root)
+    excluded = {os.path.realpath(p) for p in exclude if p}
+    names = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in list(dirnames):
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                raise SourceError("%s is a symlinked directory; artifacts must be regular files" % full)
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            real = os.path.realpath(full)
+            if real in excluded or os.path.abspath(full) in excluded:
+                continue
+            if not (real == real_root or real.startswith(real_root + os.sep)):
+                raise SourceError("%s resolves outside the source directory" % full)
+            if not stat.S_ISREG(os.stat(real).st_mode):
+                raise SourceError("%s is not a regular file" % full)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            names.append(rel)
+    names.sort()
+    for name in names:
+        problem = unsafe_name_problem(name)
+        if problem:
+            raise SourceError("file %r cannot be signed: %s" % (name, problem))
+    return names
+
+
+def hash_local(root: str, name: str) -> Artifact:
+    path = os.path.join(root, *name.split("/"))
+    with open(path, "rb") as handle:
+        hashed = hash_chunks(_file_chunks(handle, None))
+    return Artifact(name, hashed.sha256, hashed.size, detect_kind(hashed.head), None)
+
+
+def s3_keys(s3, bucket: str, prefix: str) -> list:
+    """``(key, size)`` of every current object under ``prefix`` (list_objects_v2).
+
+    Empty "folder" markers (a key ending in ``/`` with no content, as the S3 console
+    creates them) hold nothing and are skipped, when signing and in strict mode alike.
+    """
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.extend((o["Key"], o.get("Size")) for o in page.get("Contents") or []
+                   if not (o["Key"].endswith("/") and o.get("Size") == 0))
+    return out
+
+
+def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = None) -> Artifact:
+    """Hash one object (``version_id``, or the current version) and pin the version read."""
+    key = prefix + name
+    kwargs = {"Bucket": bucket, "Key": key}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    try:
+        head = s3.head_object(**kwargs)
+    except ClientError as exc:
+        code, status = _error_code(exc)
+        if code in _MISSING_CODES or status in (404, 405):
+            raise SourceError("%s does not exist" % s3_uri(bucket, key, version_id)) from None
+        raise
+    version = head.get("VersionId")
+    version = None if version in (None, "null") else version
+    _resp, chunks = _s3_get_chunks(s3, bucket, key, version, None)
+    hashed = hash_chunks(chunks)
+    if hashed.size != head["ContentLength"]:
+        raise SourceError("s3://%s/%s changed while it was read (%d bytes read, %d expected); sign again"
+                          % (bucket, key, hashed.size, head["ContentLength"]))
+    return Artifact(name, hashed.sha256, hashed.size, detect_kind(hashed.head), version)
+
+
+# --------------------------------------------------------------------------- consumer side
+
+def failure(name, reason: str, detail: str, source, *, version_id=None, observed_sha256=None,  # noqa: PLR0917
+            observed_size=None):
+    """One failure entry in the exact shape ``quarantine_artifact`` consumes."""
+    return {"name": name, "reason": reason, "detail": detail, "source": source, "version_id": version_id,
+            "observed_sha256": observed_sha256, "observed_size": observed_size}
+
+
+@dataclass
+class Check:
+    """How to verify: ``mode`` full|metadata, ``lock`` compliance|governance|none, ``now``."""
+    mode: str
+    lock: str
+    now: datetime
+
+
+def whole_object_sha256(head: dict) -> str | None:
+    """The store's SHA-256 of the whole object as hex, or None when there is none.
+
+    A composite checksum (multipart upload: ChecksumType COMPOSITE, a ``-N`` suffix,
+    or a multipart ETag without ChecksumType FULL_OBJECT) is a checksum of part
+    checksums, not a SHA-256 of the file, and is never returned.
+    """
+    value = head.get("ChecksumSHA256")
+    if not value:
+        return None
+    ctype = head.get("ChecksumType")
+    if ctype is not None and ctype != "FULL_OBJECT":
+        return None
+    if _COMPOSITE_RE.search(value):
+        return None
+    if ctype is None and _COMPOSITE_RE.search(str(head.get("ETag", "")).strip('"')):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return "unparseable:" + value
+    return raw.hex() if len(raw) == 32 else "unparseable:" + value
+
+
+def _lock_problem(head: dict, lock: str, now: datetime) -> str | None:
+    if lock == "none":
+        return None
+    mode = head.get("ObjectLockMode")
+    until = head.get("ObjectLockRetainUntilDate")
+    accepted = ("COMPLIANCE",) if lock == "compliance" else ("GOVERNANCE", "COMPLIANCE")
+    if mode not in accepted:
+        return "object lock mode is %s; %s requires %s" % (mode or "absent", lock, " or ".join(accepted))
+    if until is None:
+        return "object lock has no retain-until date"
+    if until <= now:
+        return "object lock retention expired at %s" % until.isoformat()
+    return None
+
+
+def _result(art: Artifact, source, version_id, findings: list, started: float, observed=None):  # noqa: PLR0917
+    """(artifact entry, failure entry or None) from a list of (reason, detail) findings."""
+    observed = observed or {}
+    entry = {"name": art.name, "verified": not findings, "sha256": art.sha256, "size": art.size,
+             "seconds": round(time.monotonic() - started, 3), "reason": None, "source": source,
+             "version_id": version_id}
+    if not findings:
+        return entry, None
+    findings.sort(key=lambda f: _PRIORITY.index(f[0]))
+    reason = findings[0][0]
+    entry["reason"] = reason
+    detail = "; ".join(d for _r, d in findings)
+    return entry, failure(art.name, reason, detail, source, version_id=version_id,
+                          observed_sha256=observed.get("sha256"), observed_size=observed.get("size"))
+
+
+def _compare_stream(art: Artifact, hashed: Hashed, findings: list, observed: dict) -> None:
+    observed["size"] = hashed.size if not hashed.over_limit else None
+    observed["sha256"] = hashed.sha256
+    if hashed.over_limit:
+        findings.append(("size_mismatch", "the object is longer than the signed %d bytes "
+                         "(reading stopped after %d)" % (art.size, hashed.size)))
+    elif hashed.size != art.size:
+        findings.append(("size_mismatch", "%d bytes read, %d signed" % (hashed.size, art.size)))
+    elif hashed.sha256 != art.sha256:
+        findings.append(("digest_mismatch", "SHA-256 %s, signed %s" % (hashed.sha256, art.sha256)))
+
+
+def verify_s3(s3, bucket: str, prefix: str, art: Artifact, check: Check, bytes_counter: list):  # noqa: PLR0917
+    """Reconcile one artifact with S3 (HeadObject by pinned version) and, in full mode, stream it."""
+    started = time.monotonic()
+    key = prefix + art.name
+    findings, observed = [], {}
+    kwargs = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
+    if art.version_id:
+        kwargs["VersionId"] = art.version_id
+    try:
+        head = s3.head_object(**kwargs)
+    except ClientError as exc:
+        code, status = _error_code(exc)
+        where = "version %s of s3://%s/%s" % (art.version_id, bucket, key) if art.version_id \
+            else "s3://%s/%s" % (bucket, key)
+        if code in _MISSING_CODES or status in (404, 405) or (art.version_id and code in ("400", "InvalidArgument")):
+            detail = "%s does not exist (or is a delete marker)" % where
+        elif code in ("403", "AccessDenied") or status == 403:
+            detail = "%s cannot be read (access denied), so it cannot be verified" % where
+        else:
+            detail = "%s cannot be read (%s), so it cannot be verified" % (where, code or status)
+        return _result(art, s3_uri(bucket, key, art.version_id), art.version_id,
+                       [("artifact_missing", detail)], started)
+    except BotoCoreError as exc:
+        return _result(art, s3_uri(bucket, key, art.version_id), art.version_id,
+                       [("artifact_missing", "s3://%s/%s cannot be read (%s)" % (bucket, key, exc))], started)
+
+    got_version = head.get("VersionId")
+    got_version = None if got_version in (None, "null") else got_version
+    # The version actually verified: the pinned one, or the current one for an unpinned
+    # (null) entry, so that the source handed on (restore, quarantine) is this exact version.
+    version = art.version_id or got_version
+    source = s3_uri(bucket, key, version)
+    if head.get("DeleteMarker"):
+        return _result(art, source, version, [("artifact_missing", "%s is a delete marker" % source)], started)
+    if art.version_id and got_version != art.version_id:
+        findings.append(("metadata_mismatch", "S3 answered version %s for pinned version %s"
+                         % (got_version, art.version_id)))
+    length = head.get("ContentLength")
+    if length != art.size:
+        observed["size"] = length
+        findings.append(("size_mismatch", "S3 ContentLength is %s, signed size %d" % (length, art.size)))
+    store_sha = whole_object_sha256(head)
+    if store_sha is not None and store_sha != art.sha256:
+        findings.append(("metadata_mismatch", "S3 ChecksumSHA256 of the whole object is %s, signed %s"
+                         % (store_sha, art.sha256)))
+    lock = _lock_problem(head, check.lock, check.now)
+    if lock:
+        findings.append(("not_immutable", lock))
+
+    if check.mode == "full" and not any(r == "size_mismatch" for r, _d in findings):
+        try:
+            resp, chunks = _s3_get_chunks(s3, bucket, key, version, art.size)
+            if resp is not None:
+                answered = resp.get("VersionId")
+                answered = None if answered in (None, "null") else answered
+                if version and answered != version:
+                    findings.append(("metadata_mismatch", "S3 served version %s for version %s" % (answered, version)))
+            hashed = hash_chunks(chunks, art.size)
+        except ClientError as exc:
+            code, status = _error_code(exc)
+            findings.append(("artifact_missing", "%s could not be read (%s)" % (source, code or status)))
+        except (BotoCoreError, OSError) as exc:
+            findings.append(("artifact_missing", "%s could not be read completely (%s)" % (source, exc)))
+        else:
+            bytes_counter.append(hashed.size)
+            _compare_stream(art, hashed, findings, observed)
+    return _result(art, source, version, findings, started, observed)
+
+
+def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
+    """Check one artifact under a local directory; never reads more than ``size + 1`` bytes."""
+    started = time.monotonic()
+    path = os.path.join(root, *art.name.split("/"))
+    real_root = os.path.realpath(root)
+    if not os.path.lexists(path):
+        return _result(art, path, None, [("artifact_missing", "%s does not exist" % path)], started)
+    real = os.path.realpath(path)
+    if not real.startswith(real_root + os.sep):
+        return _result(art, path, None, [("unsafe_name", "%s resolves outside the source directory %s "
+                                          "through a symlink" % (path, root))], started)
+    findings, observed = [], {}
+    try:
+        # O_NONBLOCK: a FIFO planted under the name must not hang the verification.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return _result(art, path, None, [("artifact_missing", "%s cannot be opened: %s" % (path, exc.strerror))],
+                       started)
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return _result(art, path, None, [("artifact_missing", "%s is not a regular file" % path)], started)
+        if st.st_size != art.size:
+            observed["size"] = st.st_size
+            findings.append(("size_mismatch", "%s is %d bytes, signed size %d" % (path, st.st_size, art.size)))
+        elif check.mode == "full":
+            try:
+                hashed = hash_chunks(_file_chunks(handle, art.size), art.size)
+            except OSError as exc:
+                findings.append(("artifact_missing", "%s could not be read completely: %s" % (path, exc.strerror)))
+            else:
+                bytes_counter.append(hashed.size)
+                _compare_stream(art, hashed, findings, observed)
+    return _result(art, path, None, findings, started, observed)
+
+
+def unlisted_local(root: str, names: set, exclude=()) -> list:
+    """Failure entries for everything under ``root`` that is not a listed artifact."""
+    excluded = {os.path.realpath(p) for p in exclude if p} | {os.path.abspath(p) for p in exclude if p}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        entries = list(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for f in sorted(entries):
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if rel in names or os.path.abspath(full) in excluded or os.path.realpath(full) in excluded:
+                continue
+            size = os.lstat(full).st_size
+            out.append(failure(rel, "unlisted_artifact", "%s is in the backup location but not in the manifest"
+                               % full, full, observed_size=size))
+    return out
+
+
+def unlisted_s3(s3, bucket: str, prefix: str, names: set, exclude_keys=()) -> list:
+    """Failure entries for current objects under the prefix that the manifest does not list."""
+    out = []
+    for key, size in s3_keys(s3, bucket, prefix):
+        name = key[len(prefix):]
+        if name in names or key in exclude_keys:
+            continue
+        version = None
+        try:
+            version = s3.head_object(Bucket=bucket, Key=key).get("VersionId")
+        except (ClientError, BotoCoreError):
+            pass
+        version = None if version in (None, "null") else version
+        out.append(failure(name, "unlisted_artifact", "s3://%s/%s is in the backup location but not in the manifest"
+                           % (bucket, key), s3_uri(bucket, key, version), version_id=version,
+                           observed_size=size))
+    return out

@@ -1,0 +1,536 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drguard maintainers
+# Apache License 2.0
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: verify_artifacts
+short_description: Gate a backup set - verify its signed manifest and every artifact byte by byte
+version_added: 0.1.0
+description:
+  - Verifies a backup set against its signed manifest (a DSSE envelope carrying an in-toto
+    Statement v1, see C(docs/manifest.md)) before anything is restored.
+  - "Manifest checks come first and stop before any artifact byte is read: envelope and
+    Statement schema (strict JSON, duplicate keys and unknown predicate fields refused),
+    signatures against the O(trust_policy) (each distinct key counts once toward the
+    threshold), expiry, rollback against the O(trusted_state), and staleness (O(max_age))."
+  - Then artifact names (absolute, C(..), backslash, NUL and other unsafe names are refused),
+    then every artifact in parallel (O(workers)). S3 objects are read by the version id
+    pinned in the manifest; a newer version or a delete marker on top of it changes nothing.
+    Each object is reconciled with HeadObject (size, version, whole-object ChecksumSHA256,
+    Object Lock mode and retention) and, in O(mode=full), its bytes are streamed through
+    SHA-256 in 1 MiB chunks, never reading more than one byte past the signed size.
+  - In O(strict) mode every object under O(source) that the manifest does not list is a failure.
+  - The task fails when anything fails; the result (also of a failed task) lists every failure
+    with one reason from the closed vocabulary of C(docs/manifest.md), ready to be handed
+    as-is to M(drguard.sandbox.quarantine_artifact).
+  - The trusted state is updated only after a fully successful verification, atomically,
+    and never in check mode. Check mode otherwise verifies fully.
+options:
+  manifest:
+    description:
+      - The signed manifest (DSSE envelope) - a local path or C(s3://bucket/key),
+        optionally with C(?versionId=) to pin the manifest's own version.
+    type: str
+    required: true
+  source:
+    description:
+      - Where the backup set's artifacts are - a local directory or C(s3://bucket/prefix/)
+        (the prefix ends with C(/)). An artifact named C(n) is C(<source>/n) or the key C(<prefix>n).
+    type: str
+    required: true
+  trust_policy:
+    description:
+      - 'Path to the trust policy JSON:
+        C({"threshold": N, "keys": [{"public_key": "<PEM>"} | {"kms_key_id": "<arn or id>"}]}).'
+      - KMS public keys are fetched once each with GetPublicKey.
+    type: path
+    required: true
+  trusted_state:
+    description:
+      - Rollback protection state - a local path or C(s3://bucket/key). Missing means nothing was
+        accepted yet. Per backup set, the highest sequence accepted and the SHA-256 of that manifest.
+      - Without it, rollback and equivocation are not detected.
+    type: str
+  max_age:
+    description:
+      - Maximum age in seconds of the backup (the manifest's C(created_at)); older is C(stale_backup).
+      - Unset, the age is not checked.
+    type: int
+  require_object_lock:
+    description:
+      - Object Lock required on S3 artifacts. C(compliance) requires mode COMPLIANCE, C(governance)
+        accepts GOVERNANCE or COMPLIANCE, C(none) does not check. Retention must not have expired.
+      - Ignored for a local O(source).
+    type: str
+    choices: [compliance, governance, none]
+    default: compliance
+  strict:
+    description:
+      - Objects in O(source) that the manifest does not list are failures (C(unlisted_artifact)).
+        The manifest and the trusted state themselves are exempt when they live there.
+    type: bool
+    default: true
+  mode:
+    description:
+      - C(full) streams every byte through SHA-256. C(metadata) checks signatures, sizes, store
+        checksums and locks without downloading any object body; it proves content only where the
+        store has a whole-object SHA-256 checksum.
+    type: str
+    choices: [full, metadata]
+    default: full
+  workers:
+    description:
+      - Artifacts verified in parallel. Default is the number of CPUs.
+    type: int
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+notes:
+  - Failure entries have exactly the keys C(name), C(reason), C(detail), C(source), C(version_id),
+    C(observed_sha256), C(observed_size). Local sources are absolute, normalized paths.
+  - C(name) is null for manifest-level failures, whose C(source) is the manifest's location.
+    An C(unsafe_name) failure names the artifact and gives the manifest's location as C(source),
+    since the name itself is what is wrong.
+  - An artifact whose manifest entry has C(version_id=null) (signed from a local copy) is read at its
+    current version; the version actually read is returned in C(source) and C(version_id).
+author:
+  - drguard maintainers
+"""
+
+EXAMPLES = r"""
+- name: Verify the backup set before restoring it (fails the task on any failure)
+  drguard.sandbox.verify_artifacts:
+    manifest: s3://backups-prod/manifests/orders-db-42.dsse.json
+    source: s3://backups-prod/orders-db/42/
+    trust_policy: /etc/drguard/trust-policy.json
+    trusted_state: s3://drguard-state/trusted-state.json
+    max_age: 86400
+    require_object_lock: compliance
+  register: verify
+
+- name: Verify, keep going on failure, and quarantine what failed
+  drguard.sandbox.verify_artifacts:
+    manifest: "{{ drill_backup.manifest }}"
+    source: "{{ drill_backup.source }}"
+    trust_policy: "{{ drill_backup.trust_policy }}"
+    trusted_state: "{{ drill_backup.trusted_state }}"
+    workers: 8
+  register: verify
+  failed_when: false
+
+- name: Quarantine every failing artifact
+  drguard.sandbox.quarantine_artifact:
+    failures: "{{ verify.failures }}"
+    drill_id: "{{ drill_ctx.drill_id }}"
+    quarantine: "{{ drill_quarantine }}"
+  when: not verify.verified
+
+- name: Cheap pre-check of a local backup set (no object body read)
+  drguard.sandbox.verify_artifacts:
+    manifest: /mnt/backups/orders-db/42/manifest.dsse.json
+    source: /mnt/backups/orders-db/42
+    trust_policy: /etc/drguard/trust-policy.json
+    mode: metadata
+"""
+
+RETURN = r"""
+verified:
+  description: True only when the manifest and every artifact verified.
+  returned: always
+  type: bool
+failures:
+  description:
+    - One entry per failure, with C(reason) from the closed vocabulary (manifest_malformed,
+      signature_invalid, untrusted_key, threshold_not_met, manifest_expired, rollback,
+      stale_backup, unsafe_name, artifact_missing, unlisted_artifact, size_mismatch,
+      digest_mismatch, metadata_mismatch, not_immutable).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - name: files.tar
+      reason: digest_mismatch
+      detail: SHA-256 1f2e..., signed 9a8b...
+      source: s3://backups-prod/orders-db/42/files.tar?versionId=3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY
+      version_id: 3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY
+      observed_sha256: 1f2e...
+      observed_size: 10240
+artifacts:
+  description:
+    - One entry per artifact of the manifest - C(name), C(verified), C(sha256) and C(size) as signed,
+      C(seconds), C(reason) (null when verified), C(source) (exact location, with C(?versionId=)
+      on S3) and C(version_id). Empty when a manifest-level check failed.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - name: orders.sqlite
+      verified: true
+      sha256: 9a8b...
+      size: 20480
+      seconds: 0.012
+      reason: null
+      source: s3://backups-prod/orders-db/42/orders.sqlite?versionId=Lk0p...
+      version_id: Lk0p...
+manifest:
+  description:
+    - The manifest - C(location) (exact, with C(?versionId=) on S3), C(sha256) of the envelope bytes,
+      C(payload_sha256), C(backup_set), C(sequence), C(created_at), C(expires_at), C(tier) and the
+      C(keyids) whose signatures verified. Fields not established before a failure are null.
+  returned: always
+  type: dict
+  sample:
+    location: s3://backups-prod/manifests/orders-db-42.dsse.json?versionId=abc
+    sha256: 5e1c...
+    payload_sha256: 77aa...
+    backup_set: orders-db
+    sequence: 42
+    created_at: "2026-11-28T01:00:00Z"
+    expires_at: "2026-12-05T01:00:00Z"
+    tier: tier-1
+    keyids: [b1c2...]
+bytes_hashed:
+  description: Artifact bytes streamed through SHA-256.
+  returned: always
+  type: int
+trusted_state_updated:
+  description: Whether the trusted state was written (only after full success, never in check mode).
+  returned: always
+  type: bool
+"""
+
+import os
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    import botocore
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
+from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+
+ARGUMENT_SPEC = dict(
+    manifest=dict(type="str", required=True),
+    source=dict(type="str", required=True),
+    trust_policy=dict(type="path", required=True),
+    trusted_state=dict(type="str"),
+    max_age=dict(type="int"),
+    require_object_lock=dict(type="str", choices=["compliance", "governance", "none"], default="compliance"),
+    strict=dict(type="bool", default=True),
+    mode=dict(type="str", choices=["full", "metadata"], default="full"),
+    workers=dict(type="int"),
+)
+
+MAX_DOCUMENT = 64 * 1024 * 1024
+STATE_RETRIES = 3
+
+
+class InputError(Exception):
+    """An input that cannot be read or used (not a verification finding)."""
+
+
+class Verifier:
+    def __init__(self, module):
+        self.module = module
+        self.p = module.params
+        # Local locations are made absolute and normalized: failure sources are handed
+        # as-is to quarantine_artifact, which acts only on absolute normalized paths.
+        for key in ("manifest", "source", "trusted_state"):
+            if self.p[key] and not art.is_s3(self.p[key]):
+                self.p[key] = os.path.abspath(os.path.expanduser(self.p[key]))
+        self.workers = self.p["workers"] or os.cpu_count() or 1
+        self._s3 = None
+        self.result = {"changed": False, "verified": False, "failures": [], "artifacts": [],
+                       "manifest": {"location": self.p["manifest"], "sha256": None, "payload_sha256": None,
+                                    "backup_set": None, "sequence": None, "created_at": None,
+                                    "expires_at": None, "tier": None, "keyids": []},
+                       "bytes_hashed": 0, "trusted_state_updated": False}
+
+    # ------------------------------------------------------------------ clients and reads
+    @property
+    def s3(self):
+        if self._s3 is None:
+            self._s3 = self.module.client("s3", retry_decorator=AWSRetry.jittered_backoff(),
+                                          config={"max_pool_connections": max(10, self.workers + 2)})
+        return self._s3
+
+    def _kms(self, region=None):
+        extra = {"region": region} if region else {}
+        return self.module.client("kms", retry_decorator=AWSRetry.jittered_backoff(), **extra)
+
+    def read_local(self, path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_DOCUMENT + 1)
+        except OSError as exc:
+            raise InputError("cannot read the %s %s: %s" % (what, path, exc.strerror)) from None
+        if len(data) > MAX_DOCUMENT:
+            raise InputError("the %s %s is larger than %d bytes" % (what, path, MAX_DOCUMENT))
+        return data
+
+    def read_s3(self, loc: art.S3Location, what: str, missing_ok: bool = False):
+        """(bytes or None, version id, ETag) of an S3 document."""
+        kwargs = {"Bucket": loc.bucket, "Key": loc.key}
+        if loc.version_id:
+            kwargs["VersionId"] = loc.version_id
+        try:
+            resp = self.s3.get_object(**kwargs)
+            if resp.get("ContentLength", 0) > MAX_DOCUMENT:
+                raise InputError("the %s %s is larger than %d bytes" % (what, loc.uri, MAX_DOCUMENT))
+            data = resp["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if missing_ok and code in ("NoSuchKey", "404") and not loc.version_id:
+                return None, None, None
+            raise InputError("cannot read the %s %s: %s" % (what, loc.uri, code or exc)) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise InputError("cannot read the %s %s: %s" % (what, loc.uri, exc)) from None
+        version = resp.get("VersionId")
+        return data, (None if version in (None, "null") else version), resp.get("ETag")
+
+    def fail(self, msg: str):
+        self.module.fail_json(msg=msg, **self.result)
+
+    # ------------------------------------------------------------------ steps
+    def run(self):
+        p = self.p
+        if self.workers < 1:
+            self.fail("workers must be at least 1")
+        if p["max_age"] is not None and p["max_age"] < 0:
+            self.fail("max_age must be a non-negative number of seconds")
+        try:
+            if art.is_s3(p["source"]):
+                source_loc = art.parse_prefix(p["source"], "source")
+            elif not os.path.isdir(p["source"]):
+                raise InputError("source %s is not a directory; give a local directory or s3://bucket/prefix/"
+                                 % p["source"])
+            else:
+                source_loc = None
+            manifest_loc = art.parse_s3(p["manifest"], "manifest") if art.is_s3(p["manifest"]) else None
+            state_loc = art.parse_s3(p["trusted_state"], "trusted_state") if art.is_s3(p["trusted_state"]) else None
+            if state_loc and state_loc.version_id:
+                raise InputError("trusted_state must not pin a versionId: it is read and written at its latest version")
+            policy = mf.load_trust_policy(self.read_local(p["trust_policy"], "trust policy"), self._kms)
+            if policy.threshold > len(policy.keys):
+                self.module.warn("The trust policy can never be met: threshold %d but only %d distinct key(s) "
+                                 "(%d listed); every manifest will be threshold_not_met"
+                                 % (policy.threshold, len(policy.keys), policy.entries))
+            if manifest_loc:
+                envelope_bytes, version, _etag = self.read_s3(manifest_loc, "manifest")
+                manifest_source = art.s3_uri(manifest_loc.bucket, manifest_loc.key, version)
+            else:
+                envelope_bytes = self.read_local(p["manifest"], "manifest")
+                manifest_source = p["manifest"]
+            state, state_etag = self.read_state(state_loc)
+        except (InputError, art.SourceError, mf.PolicyError) as exc:
+            self.fail(str(exc)[:1].upper() + str(exc)[1:])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.module.fail_json_aws(exc, msg="Could not fetch a KMS public key of the trust policy", **self.result)
+
+        m = self.result["manifest"]
+        m.update(location=manifest_source, sha256=mf.sha256_hex(envelope_bytes))
+        now = utcnow()
+        try:
+            envelope = mf.parse_envelope(envelope_bytes)
+            m["payload_sha256"] = mf.sha256_hex(envelope.payload)
+            keyids = mf.verify_signatures(envelope, policy)
+            statement = mf.parse_statement(envelope.payload)
+        except mf.ManifestError as exc:
+            self.manifest_failures([exc], manifest_source)
+        m.update(backup_set=statement.backup_set, sequence=statement.sequence, created_at=statement.created_at,
+                 expires_at=statement.expires_at, tier=statement.tier, keyids=keyids)
+        problems = mf.check_times(statement, now, self.p["max_age"])
+        rollback = mf.check_rollback(state, statement, m["sha256"], m["payload_sha256"])
+        if rollback:
+            problems.insert(1 if problems and problems[0].reason == "manifest_expired" else 0, rollback)
+        if problems:
+            self.manifest_failures(problems, manifest_source)
+
+        entries, failures, safe = self.check_names(statement, manifest_source)
+        results = self.check_artifacts(safe, source_loc)
+        for entry, fail in results:
+            entries[entry["name"]] = entry
+            if fail:
+                failures.append(fail)
+        if p["strict"]:
+            failures.extend(self.unlisted(statement, source_loc, manifest_loc, state_loc))
+        self.result["artifacts"] = [entries[n] for n in statement.artifacts]
+        self.result["failures"] = failures
+        if failures:
+            reasons = sorted({f["reason"] for f in failures})
+            self.fail("Backup set %s sequence %d failed verification: %d failure(s) (%s); quarantine the failing "
+                      "objects and do not restore them" % (statement.backup_set, statement.sequence,
+                                                         len(failures), ", ".join(reasons)))
+        self.result["verified"] = True
+        if p["trusted_state"] and self.module.check_mode:
+            current = state.get(statement.backup_set)
+            self.result["changed"] = not (current and current["sequence"] == statement.sequence
+                                          and current["manifest_sha256"] == m["sha256"])
+        elif p["trusted_state"]:
+            self.update_state(state_loc, statement, state, state_etag, now)
+            self.result["changed"] = self.result["trusted_state_updated"]
+        self.module.exit_json(msg="Backup set %s sequence %d verified: %d artifact(s), %d byte(s) hashed"
+                              % (statement.backup_set, statement.sequence, len(entries),
+                                 self.result["bytes_hashed"]), **self.result)
+
+    def manifest_failures(self, errors: list, manifest_source: str):
+        self.result["failures"] = [art.failure(None, e.reason, e.detail, manifest_source) for e in errors]
+        self.fail("The manifest %s failed verification (%s): %s; no artifact was read"
+                  % (manifest_source, ", ".join(e.reason for e in errors), "; ".join(e.detail for e in errors)))
+
+    def check_names(self, statement, manifest_source):
+        entries, failures, safe = {}, [], []
+        for name, item in statement.artifacts.items():
+            problem = mf.unsafe_name_problem(name)
+            if problem is None:
+                safe.append(item)
+                continue
+            entries[name] = {"name": name, "verified": False, "sha256": item.sha256, "size": item.size,
+                             "seconds": 0.0, "reason": "unsafe_name", "source": None, "version_id": None}
+            failures.append(art.failure(name, "unsafe_name", "artifact name %r is unsafe: %s; the manifest that "
+                                        "lists it is the source" % (name, problem), manifest_source))
+        return entries, failures, safe
+
+    def check_artifacts(self, items: list, source_loc):
+        check = art.Check(self.p["mode"], self.p["require_object_lock"] if source_loc else "none", utcnow())
+        counter = []
+        if source_loc:
+            def one(item):
+                return art.verify_s3(self.s3, source_loc.bucket, source_loc.key, item, check, counter)
+        else:
+            def one(item):
+                return art.verify_local(self.p["source"], item, check, counter)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            results = list(pool.map(one, items))
+        self.result["bytes_hashed"] = sum(counter)
+        return results
+
+    def unlisted(self, statement, source_loc, manifest_loc, state_loc):
+        names = set(statement.artifacts)
+        if source_loc:
+            exclude = [loc.key for loc in (manifest_loc, state_loc) if loc and loc.bucket == source_loc.bucket]
+            try:
+                return art.unlisted_s3(self.s3, source_loc.bucket, source_loc.key, names, exclude)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                self.module.fail_json_aws(exc, msg="Could not list %s for strict mode; grant s3:ListBucket "
+                                          "or set strict=false" % self.p["source"], **self.result)
+        exclude = [self.p["manifest"]] + ([self.p["trusted_state"]] if self.p["trusted_state"] else [])
+        return art.unlisted_local(self.p["source"], names, [e for e in exclude if not art.is_s3(e)])
+
+    # ------------------------------------------------------------------ trusted state
+    def read_state(self, state_loc):
+        path = self.p["trusted_state"]
+        if not path:
+            return {}, None
+        if state_loc:
+            data, _version, etag = self.read_s3(state_loc, "trusted state", missing_ok=True)
+            return mf.parse_trusted_state(data), etag
+        if not os.path.exists(path):
+            return {}, None
+        return mf.parse_trusted_state(self.read_local(path, "trusted state")), None
+
+    def update_state(self, state_loc, statement, state, etag, now):
+        m = self.result["manifest"]
+        entry = mf.state_entry(statement, m["sha256"], m["payload_sha256"], now)
+        current = state.get(statement.backup_set)
+        if current and current["sequence"] == statement.sequence and \
+                current["manifest_sha256"] == m["sha256"]:
+            return  # already the trusted manifest: nothing to write
+        if state_loc:
+            self._update_s3_state(state_loc, statement, state, etag, entry)
+        else:
+            self._update_local_state(statement, entry)
+
+    def _recheck(self, fresh: dict, statement):
+        """Re-check against state written meanwhile by someone else; True if a write is needed."""
+        m = self.result["manifest"]
+        problem = mf.check_rollback(fresh, statement, m["sha256"], m["payload_sha256"])
+        if problem:
+            self.result["verified"] = False
+            self.result["failures"] = [art.failure(None, problem.reason, problem.detail, m["location"])]
+            self.fail("The trusted state changed during verification: %s" % problem.detail)
+        current = fresh.get(statement.backup_set)
+        return not (current and current["sequence"] == statement.sequence)
+
+    def _update_local_state(self, statement, entry):
+        import fcntl
+
+        path = self.p["trusted_state"]
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            # Serialize writers in this directory: re-read, re-check, replace atomically.
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            try:
+                fresh = mf.parse_trusted_state(self.read_local(path, "trusted state")) if os.path.exists(path) else {}
+            except (InputError, mf.PolicyError) as exc:
+                self.fail(str(exc))
+            if self._recheck(fresh, statement):
+                fresh[statement.backup_set] = entry
+                atomic_write_json(path, fresh)
+                self.result["trusted_state_updated"] = True
+        finally:
+            os.close(dir_fd)
+
+    def _update_s3_state(self, loc, statement, state, etag, entry):
+        import json
+
+        fresh = state
+        for _attempt in range(STATE_RETRIES):
+            if not self._recheck(fresh, statement):
+                return
+            doc = dict(fresh)
+            doc[statement.backup_set] = entry
+            kwargs = {"Bucket": loc.bucket, "Key": loc.key, "ContentType": "application/json",
+                      "Body": (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),
+                      "ChecksumAlgorithm": "SHA256"}
+            # Conditional write: a concurrent drill's update is re-read, never overwritten.
+            if etag:
+                kwargs["IfMatch"] = etag
+            else:
+                kwargs["IfNoneMatch"] = "*"
+            try:
+                self.s3.put_object(**kwargs)
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                    self.module.fail_json_aws(exc, msg="Could not write the trusted state %s" % loc.uri,
+                                              **self.result)
+                try:
+                    fresh, etag = self.read_state(loc)
+                except (InputError, mf.PolicyError) as err:
+                    self.fail(str(err))
+                continue
+            self.result["trusted_state_updated"] = True
+            return
+        self.fail("The trusted state %s kept changing during the update; run the verification again" % loc.uri)
+
+
+def main():
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    if not mf.HAS_CRYPTOGRAPHY:
+        module.fail_json(msg="verify_artifacts needs the Python library cryptography: %s"
+                         % mf.CRYPTOGRAPHY_IMPORT_ERROR)
+    verifier = Verifier(module)
+    try:
+        verifier.run()
+    except Exception as exc:  # noqa: BLE001 - fail closed with the structured result, never a bare traceback
+        verifier.result["verified"] = False
+        module.fail_json(msg="Verification could not be completed (%s: %s); nothing was accepted"
+                         % (type(exc).__name__, exc), exception=traceback.format_exc(), **verifier.result)
+
+
+if __name__ == "__main__":
+    main()

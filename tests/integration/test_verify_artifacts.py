@@ -1,0 +1,817 @@
+"""verify_artifacts against real files and the emulator's S3/KMS: every failure reason, exactly.
+
+Each hostile case asserts the exact ``reason`` and that the trusted state is unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from datetime import datetime
+from datetime import timedelta
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
+from helpers_artifacts import artifacts_for
+from helpers_artifacts import create_kms_key
+from helpers_artifacts import create_locked_bucket
+from helpers_artifacts import create_versioned_bucket
+from helpers_artifacts import generate_key
+from helpers_artifacts import KmsKey
+from helpers_artifacts import make_statement
+from helpers_artifacts import sample_files
+from helpers_artifacts import sign_payload
+from helpers_artifacts import sign_statement
+from helpers_artifacts import unique
+from helpers_artifacts import upload_set
+from helpers_artifacts import write_local_set
+from helpers_artifacts import write_trust_policy
+
+FAILURE_KEYS = {"name", "reason", "detail", "source", "version_id", "observed_sha256", "observed_size"}
+ARTIFACT_KEYS = {"name", "verified", "sha256", "size", "seconds", "reason", "source", "version_id"}
+SEEDED_STATE = {"some-other-set": {"sequence": 7, "manifest_sha256": "ab" * 32, "accepted_at": "2026-01-01T00:00:00Z"}}
+
+
+@pytest.fixture(scope="module")
+def key():
+    return generate_key("ed25519")
+
+
+class Case:
+    """A signed local backup set in a temp dir, with a trust policy and a seeded trusted state."""
+
+    def __init__(self, tmp_path, key, files=None, sequence=10):
+        self.tmp = tmp_path
+        self.key = key
+        self.files = files or sample_files(unique())
+        self.root = write_local_set(str(tmp_path / "set"), self.files)
+        self.backup_set = unique("set")
+        self.sequence = sequence
+        self.policy = write_trust_policy(str(tmp_path / "trust.json"), [key])
+        self.state = str(tmp_path / "state" / "trusted-state.json")
+        os.makedirs(os.path.dirname(self.state))
+        with open(self.state, "w") as handle:
+            json.dump(SEEDED_STATE, handle)
+        self.manifest = str(tmp_path / "manifest.dsse.json")
+        self.sign()
+
+    def statement(self, **kwargs):
+        return make_statement(kwargs.pop("backup_set", self.backup_set), kwargs.pop("sequence", self.sequence),
+                              kwargs.pop("artifacts", artifacts_for(self.files)), **kwargs)
+
+    def sign(self, statement=None, keys=None, path=None, **kwargs):
+        data = sign_statement(statement or self.statement(), keys or [self.key], **kwargs)
+        return self.write_manifest(data, path)
+
+    def write_manifest(self, data: bytes, path=None):
+        with open(path or self.manifest, "wb") as handle:
+            handle.write(data)
+        return path or self.manifest
+
+    def args(self, **kwargs):
+        args = {"manifest": self.manifest, "source": self.root, "trust_policy": self.policy,
+                "trusted_state": self.state, "workers": 2}
+        args.update(kwargs)
+        return args
+
+    def state_bytes(self):
+        with open(self.state, "rb") as handle:
+            return handle.read()
+
+    def path(self, name):
+        return os.path.join(self.root, *name.split("/"))
+
+
+@pytest.fixture
+def case(tmp_path, key):
+    return Case(tmp_path, key)
+
+
+def assert_shape(result):
+    for key in ("verified", "failures", "artifacts", "manifest", "bytes_hashed", "trusted_state_updated"):
+        assert key in result, key
+    for f in result["failures"]:
+        assert set(f) == FAILURE_KEYS
+        assert f["reason"] in mf.REASONS
+    for a in result["artifacts"]:
+        assert set(a) == ARTIFACT_KEYS
+
+
+def assert_fails(result, reason, name=None, case=None, before=None):
+    """The task failed with exactly ``reason`` (for ``name``) and the trusted state is unchanged."""
+    assert_shape(result)
+    assert result.failed, result
+    assert result["verified"] is False
+    assert result["trusted_state_updated"] is False
+    reasons = [(f["name"], f["reason"]) for f in result["failures"]]
+    assert (name, reason) in reasons, reasons
+    assert {r for _n, r in reasons} == {reason}, reasons
+    if name is None:  # manifest-level: stopped before reading any artifact byte
+        assert result["bytes_hashed"] == 0 and result["artifacts"] == []
+    if case is not None:
+        assert case.state_bytes() == before
+    return [f for f in result["failures"] if f["name"] == name and f["reason"] == reason][0]
+
+
+# ----------------------------------------------------------------------------- success
+
+def test_local_success_updates_trusted_state_once(module_runner, case):
+    result = module_runner("verify_artifacts", case.args())
+    assert_shape(result)
+    assert not result.failed, result
+    assert result["verified"] is True and result["failures"] == []
+    assert result["changed"] is True and result["trusted_state_updated"] is True
+    assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())
+    by_name = {a["name"]: a for a in result["artifacts"]}
+    assert set(by_name) == set(case.files)
+    for name, body in case.files.items():
+        a = by_name[name]
+        assert a["verified"] is True and a["reason"] is None
+        assert a["sha256"] == hashlib.sha256(body).hexdigest() and a["size"] == len(body)
+        assert a["source"] == case.path(name) and a["version_id"] is None
+    m = result["manifest"]
+    with open(case.manifest, "rb") as handle:
+        envelope = handle.read()
+    assert m["sha256"] == hashlib.sha256(envelope).hexdigest()
+    assert m["keyids"] == [case.key.keyid]
+    assert (m["backup_set"], m["sequence"]) == (case.backup_set, case.sequence)
+    state = json.loads(case.state_bytes())
+    assert state["some-other-set"] == SEEDED_STATE["some-other-set"]
+    assert state[case.backup_set]["sequence"] == case.sequence
+    assert state[case.backup_set]["manifest_sha256"] == m["sha256"]
+    assert state[case.backup_set]["accepted_at"].endswith("Z")
+
+    again = module_runner("verify_artifacts", case.args())
+    assert again["verified"] is True and again["trusted_state_updated"] is False and again["changed"] is False
+
+
+def test_check_mode_verifies_fully_but_never_updates_state(module_runner, case):
+    before = case.state_bytes()
+    result = module_runner("verify_artifacts", case.args(), check_mode=True)
+    assert result["verified"] is True and result["trusted_state_updated"] is False
+    assert result["changed"] is True  # it would have recorded the manifest
+    assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())
+    assert case.state_bytes() == before
+    # and a failure in check mode is still a failure
+    with open(case.path("files.tar"), "r+b") as handle:
+        handle.seek(3)
+        byte = handle.read(1)
+        handle.seek(3)
+        handle.write(bytes([byte[0] ^ 1]))
+    failed = module_runner("verify_artifacts", case.args(), check_mode=True)
+    assert_fails(failed, "digest_mismatch", "files.tar", case, before)
+
+
+def test_no_trusted_state_is_optional(module_runner, case):
+    result = module_runner("verify_artifacts", case.args(trusted_state=None))
+    assert result["verified"] is True and result["trusted_state_updated"] is False
+
+
+def test_first_verification_creates_the_state_file(module_runner, case, tmp_path):
+    state = str(tmp_path / "new" / "state.json")
+    result = module_runner("verify_artifacts", case.args(trusted_state=state))
+    assert result["trusted_state_updated"] is True
+    assert json.loads(Path(state).read_text())[case.backup_set]["sequence"] == case.sequence
+
+
+# ----------------------------------------------------------------------------- artifact tampering (local)
+
+def _flip(path, offset=10):
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_flipped_byte_is_digest_mismatch(module_runner, case):
+    before = case.state_bytes()
+    _flip(case.path("orders.sqlite"), 100)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "digest_mismatch", "orders.sqlite", case, before)
+    with open(case.path("orders.sqlite"), "rb") as handle:
+        assert f["observed_sha256"] == hashlib.sha256(handle.read()).hexdigest()
+    assert f["observed_size"] == len(case.files["orders.sqlite"])
+    assert f["source"] == case.path("orders.sqlite") and f["version_id"] is None
+    ok = {a["name"]: a["verified"] for a in result["artifacts"]}
+    assert ok == {"orders.sqlite": False, "files.tar": True, "logs/app.log": True}
+
+
+def test_truncated_is_size_mismatch(module_runner, case):
+    before = case.state_bytes()
+    with open(case.path("files.tar"), "r+b") as handle:
+        handle.truncate(100)
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "size_mismatch", "files.tar", case, before)
+    assert f["observed_size"] == 100
+
+
+def test_extended_past_signed_size_is_size_mismatch(module_runner, case):
+    before = case.state_bytes()
+    with open(case.path("logs/app.log"), "ab") as handle:
+        handle.write(b"appended\n")
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "size_mismatch", "logs/app.log", case, before)
+    assert f["observed_size"] == len(case.files["logs/app.log"]) + 9
+
+
+def test_missing_is_artifact_missing(module_runner, case):
+    before = case.state_bytes()
+    os.unlink(case.path("files.tar"))
+    assert_fails(module_runner("verify_artifacts", case.args()), "artifact_missing", "files.tar", case, before)
+
+
+def test_unlisted_extra_object_strict_and_not_strict(module_runner, case):
+    before = case.state_bytes()
+    write_local_set(case.root, {"extra/evil.bin": b"not in the manifest"})
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "unlisted_artifact", "extra/evil.bin",
+                     case, before)
+    assert f["source"] == case.path("extra/evil.bin") and f["observed_size"] == 19
+    assert module_runner("verify_artifacts", case.args(strict=False))["verified"] is True
+
+
+def test_manifest_inside_the_source_is_not_unlisted(module_runner, case):
+    inside = os.path.join(case.root, "manifest.dsse.json")
+    case.sign(path=inside)
+    assert module_runner("verify_artifacts", case.args(manifest=inside))["verified"] is True
+
+
+def test_symlink_escaping_the_source_is_refused(module_runner, case, tmp_path):
+    before = case.state_bytes()
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(case.files["files.tar"])
+    os.unlink(case.path("files.tar"))
+    os.symlink(str(outside), case.path("files.tar"))
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "unsafe_name", "files.tar", case, before)
+    assert "outside" in f["detail"]
+
+
+def test_metadata_mode_reads_no_object_body(module_runner, case):
+    # Same size, different bytes: only reading the body could notice.
+    _flip(case.path("orders.sqlite"), 200)
+    result = module_runner("verify_artifacts", case.args(mode="metadata", trusted_state=None))
+    assert result["verified"] is True and result["bytes_hashed"] == 0
+    # ...while sizes are still checked
+    with open(case.path("files.tar"), "ab") as handle:
+        handle.write(b"x")
+    bad = module_runner("verify_artifacts", case.args(mode="metadata", trusted_state=None))
+    assert_fails(bad, "size_mismatch", "files.tar")
+    assert bad["bytes_hashed"] == 0
+
+
+def test_workers_give_the_same_results(module_runner, tmp_path, key):
+    files = {"f%03d.bin" % i: os.urandom(1000 + i) for i in range(40)}
+    case = Case(tmp_path, key, files=files)
+    _flip(case.path("f007.bin"))
+    os.unlink(case.path("f020.bin"))
+    with open(case.path("f033.bin"), "ab") as handle:
+        handle.write(b"!")
+
+    def strip(result):
+        return ([{k: v for k, v in a.items() if k != "seconds"} for a in result["artifacts"]],
+                sorted(result["failures"], key=lambda f: f["name"]), result["bytes_hashed"])
+
+    one = module_runner("verify_artifacts", case.args(workers=1))
+    many = module_runner("verify_artifacts", case.args(workers=8))
+    assert strip(one) == strip(many)
+    assert {f["name"]: f["reason"] for f in one["failures"]} == {
+        "f007.bin": "digest_mismatch", "f020.bin": "artifact_missing", "f033.bin": "size_mismatch"}
+
+
+# ----------------------------------------------------------------------------- signatures and trust
+
+def test_untrusted_key(module_runner, case):
+    before = case.state_bytes()
+    case.sign(keys=[generate_key("ed25519")])
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "untrusted_key", None, case, before)
+    assert f["source"] == case.manifest
+    assert module_runner("verify_artifacts", case.args())["artifacts"] == []
+
+
+def test_threshold_two_not_met_by_one_key_listed_twice(module_runner, case):
+    before = case.state_bytes()
+    write_trust_policy(case.policy, [case.key, case.key], threshold=2)
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "threshold_not_met", None, case, before)
+    assert "can never be met" in json.dumps(result.get("warnings", []))
+
+
+def test_threshold_two_not_met_by_one_key_signing_twice(module_runner, case):
+    before = case.state_bytes()
+    other = generate_key("ecdsa")
+    write_trust_policy(case.policy, [case.key, other], threshold=2)
+    case.sign(keys=[case.key, case.key])
+    assert_fails(module_runner("verify_artifacts", case.args()), "threshold_not_met", None, case, before)
+    case.sign(keys=[case.key, other])
+    result = module_runner("verify_artifacts", case.args())
+    assert result["verified"] is True
+    assert sorted(result["manifest"]["keyids"]) == sorted([case.key.keyid, other.keyid])
+
+
+def test_rsa_pkcs1v15_signature_for_a_pss_key(module_runner, case):
+    rsa_key = generate_key("rsa")
+    write_trust_policy(case.policy, [rsa_key])
+    payload = mf.encode_statement(case.statement())
+    message = mf.pae(mf.PAYLOAD_TYPE, payload)
+    case.write_manifest(sign_payload(payload, [rsa_key], signatures=[rsa_key.sign_pkcs1v15(message)]))
+    before = case.state_bytes()
+    assert_fails(module_runner("verify_artifacts", case.args()), "signature_invalid", None, case, before)
+    case.write_manifest(sign_payload(payload, [rsa_key]))
+    assert module_runner("verify_artifacts", case.args())["verified"] is True
+
+
+def test_ed25519_signature_offered_for_an_ecdsa_key(module_runner, case):
+    ecdsa_key = generate_key("ecdsa")
+    write_trust_policy(case.policy, [ecdsa_key])
+    payload = mf.encode_statement(case.statement())
+    message = mf.pae(mf.PAYLOAD_TYPE, payload)
+    case.write_manifest(sign_payload(payload, [ecdsa_key], signatures=[case.key.sign(message)]))
+    before = case.state_bytes()
+    assert_fails(module_runner("verify_artifacts", case.args()), "signature_invalid", None, case, before)
+
+
+def test_subject_copied_from_another_backup_sets_manifest(module_runner, case, tmp_path):
+    """Decision (docs/manifest.md): an edited signed payload is signature_invalid; a manifest
+    *signed* with another set's digests is digest_mismatch on every artifact it misdescribes."""
+    before = case.state_bytes()
+    other_files = sample_files(unique("other"))
+    other = case.statement(artifacts=artifacts_for(other_files))
+    mine = case.statement()
+    signed = json.loads(sign_statement(mine, [case.key]))
+    forged = dict(mine, subject=other["subject"])
+    forged["predicate"] = dict(mine["predicate"], artifacts=other["predicate"]["artifacts"])
+    signed["payload"] = base64.b64encode(mf.encode_statement(forged)).decode()
+    case.write_manifest(json.dumps(signed).encode())
+    assert_fails(module_runner("verify_artifacts", case.args()), "signature_invalid", None, case, before)
+
+    # A trusted producer that signs the wrong subject: caught by the digests.
+    wrong = case.statement(artifacts=[mf.Artifact(a.name, b.sha256, a.size, a.kind, None) for a, b in
+                                      zip(artifacts_for(case.files), artifacts_for(other_files), strict=True)])
+    case.sign(wrong)
+    result = module_runner("verify_artifacts", case.args())
+    assert {f["reason"] for f in result["failures"]} == {"digest_mismatch"}
+    assert case.state_bytes() == before
+
+
+# ----------------------------------------------------------------------------- freshness and rollback
+
+def test_expired_manifest(module_runner, case):
+    before = case.state_bytes()
+    now = datetime.now(UTC)
+    case.sign(case.statement(created_at=now - timedelta(days=3), expires_at=now - timedelta(seconds=5)))
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "manifest_expired", None, case, before)
+    assert f["source"] == case.manifest and f["observed_sha256"] is None
+
+
+def test_stale_backup(module_runner, case):
+    before = case.state_bytes()
+    case.sign(case.statement(created_at=datetime.now(UTC) - timedelta(hours=2)))
+    assert_fails(module_runner("verify_artifacts", case.args(max_age=3600)), "stale_backup", None, case, before)
+    assert module_runner("verify_artifacts", case.args(max_age=3 * 3600))["verified"] is True
+
+
+def test_rollback_lower_sequence(module_runner, case):
+    assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
+    before = case.state_bytes()
+    case.sign(case.statement(sequence=case.sequence - 1))
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "rollback", None, case, before)
+    assert "lower" in f["detail"]
+
+
+def test_equivocation_same_sequence_different_manifest(module_runner, case):
+    assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
+    before = case.state_bytes()
+    case.sign(case.statement(tier="tier-2"))
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "rollback", None, case, before)
+    assert "equivocation" in f["detail"]
+
+
+def test_higher_sequence_is_accepted_and_recorded(module_runner, case):
+    assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
+    case.sign(case.statement(sequence=case.sequence + 5))
+    result = module_runner("verify_artifacts", case.args())
+    assert result["trusted_state_updated"] is True
+    assert json.loads(case.state_bytes())[case.backup_set]["sequence"] == case.sequence + 5
+
+
+def test_cosignature_added_later_is_not_equivocation(module_runner, case):
+    payload = mf.encode_statement(case.statement())
+    case.write_manifest(sign_payload(payload, [case.key]))
+    assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
+    second = generate_key("ecdsa")
+    write_trust_policy(case.policy, [case.key, second], threshold=1)
+    case.write_manifest(sign_payload(payload, [case.key, second]))
+    assert module_runner("verify_artifacts", case.args())["verified"] is True
+
+
+def test_corrupt_trusted_state_fails_closed(module_runner, case):
+    with open(case.state, "w") as handle:
+        handle.write("{not json")
+    result = module_runner("verify_artifacts", case.args())
+    assert result.failed and result["verified"] is False and "trusted state" in result["msg"]
+
+
+# ----------------------------------------------------------------------------- names and schema
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a\\b", "a\x00b", "dir/../../x", "./x"])
+def test_unsafe_names(module_runner, case, bad):
+    before = case.state_bytes()
+    arts = artifacts_for(case.files) + [mf.Artifact(bad, "0" * 64, 1, "raw", None)]
+    case.sign(case.statement(artifacts=arts))
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "unsafe_name", bad, case, before)
+    assert f["source"] == case.manifest
+    entry = [a for a in result["artifacts"] if a["name"] == bad][0]
+    assert entry["verified"] is False and entry["reason"] == "unsafe_name"
+    # the safe artifacts were verified; nothing was read for the unsafe one
+    assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())
+
+
+def test_unknown_predicate_field(module_runner, case):
+    before = case.state_bytes()
+    statement = case.statement()
+    statement["predicate"]["retention"] = "forever"
+    case.sign(statement)
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+    assert "retention" in f["detail"]
+
+
+def test_duplicate_json_key_in_statement(module_runner, case):
+    before = case.state_bytes()
+    payload = mf.encode_statement(case.statement())
+    dup = payload.replace(b'"sequence":%d' % case.sequence, b'"sequence":%d,"sequence":99' % case.sequence)
+    assert dup != payload
+    case.write_manifest(sign_payload(dup, [case.key]))
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+    assert "duplicate" in f["detail"]
+
+
+def test_duplicate_json_key_in_envelope(module_runner, case):
+    before = case.state_bytes()
+    good = case.sign()
+    text = Path(good).read_text()
+    text = text.replace('"payloadType": "%s",' % mf.PAYLOAD_TYPE,
+                        '"payloadType": "%s", "payloadType": "text/plain",' % mf.PAYLOAD_TYPE, 1)
+    case.write_manifest(text.encode())
+    assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+
+
+def test_subject_without_artifacts_entry(module_runner, case):
+    before = case.state_bytes()
+    statement = case.statement()
+    del statement["predicate"]["artifacts"]["files.tar"]
+    case.sign(statement)
+    assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+
+
+def test_not_an_envelope(module_runner, case):
+    case.write_manifest(b"just some text")
+    assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed")
+
+
+def test_bad_inputs_fail_with_a_message(module_runner, case, tmp_path):
+    missing = module_runner("verify_artifacts", case.args(manifest=str(tmp_path / "nope.json")))
+    assert missing.failed and "cannot read the manifest" in missing["msg"].lower() and missing["verified"] is False
+    bad_policy = tmp_path / "bad-policy.json"
+    bad_policy.write_text('{"threshold": 0, "keys": []}')
+    assert "threshold" in module_runner("verify_artifacts", case.args(trust_policy=str(bad_policy)))["msg"]
+    assert "prefix" in module_runner("verify_artifacts", case.args(source="s3://bucket/no-slash"))["msg"]
+
+
+# ----------------------------------------------------------------------------- S3 (moto)
+
+class S3Case(Case):
+    """A backup set in a versioned Object Lock bucket, manifest in S3, trusted state in S3."""
+
+    def __init__(self, tmp_path, key, s3, lock_mode="COMPLIANCE", files=None, bucket=None):
+        self.s3 = s3
+        self.bucket = bucket or (create_locked_bucket(s3, mode=lock_mode) if lock_mode is not False
+                                 else create_versioned_bucket(s3))
+        self.prefix = unique("set") + "/"
+        self.versions = {}
+        super().__init__(tmp_path, key, files=files)
+        self.state_key = "state/%s.json" % unique("trusted")
+        s3.put_object(Bucket=self.bucket, Key=self.state_key, Body=json.dumps(SEEDED_STATE).encode(),
+                      ChecksumAlgorithm="SHA256")
+
+    def sign(self, statement=None, keys=None, path=None, **kwargs):
+        if not self.versions:
+            self.versions = upload_set(self.s3, self.bucket, self.prefix, self.files)
+        data = sign_statement(statement or self.statement(), keys or [self.key], **kwargs)
+        return self.write_manifest(data)
+
+    def statement(self, **kwargs):
+        kwargs.setdefault("artifacts", artifacts_for(self.files, self.versions))
+        return super().statement(**kwargs)
+
+    def write_manifest(self, data: bytes, path=None):
+        resp = self.s3.put_object(Bucket=self.bucket, Key="manifests/%s.dsse.json" % self.prefix.strip("/"),
+                                  Body=data, ChecksumAlgorithm="SHA256")
+        self.manifest = "s3://%s/manifests/%s.dsse.json" % (self.bucket, self.prefix.strip("/"))
+        self.manifest_version = resp.get("VersionId")
+        return self.manifest
+
+    def args(self, **kwargs):
+        args = {"manifest": self.manifest, "source": "s3://%s/%s" % (self.bucket, self.prefix),
+                "trust_policy": self.policy, "trusted_state": "s3://%s/%s" % (self.bucket, self.state_key),
+                "workers": 4}
+        args.update(kwargs)
+        return args
+
+    def state_bytes(self):
+        return self.s3.get_object(Bucket=self.bucket, Key=self.state_key)["Body"].read()
+
+    def uri(self, name, version=None):
+        version = version or self.versions[name]
+        return "s3://%s/%s%s?versionId=%s" % (self.bucket, self.prefix, name, version)
+
+
+@pytest.fixture
+def s3(aws):
+    return aws("s3")
+
+
+@pytest.fixture
+def s3case(tmp_path, key, s3):
+    return S3Case(tmp_path, key, s3)
+
+
+def test_s3_success_pins_versions_and_updates_state(module_runner, s3case):
+    result = module_runner("verify_artifacts", s3case.args())
+    assert_shape(result)
+    assert result["verified"] is True, result
+    for a in result["artifacts"]:
+        assert a["version_id"] == s3case.versions[a["name"]]
+        assert a["source"] == s3case.uri(a["name"])
+    assert result["manifest"]["location"] == s3case.manifest + "?versionId=" + s3case.manifest_version
+    assert result["trusted_state_updated"] is True
+    state = json.loads(s3case.state_bytes())
+    assert state[s3case.backup_set]["manifest_sha256"] == result["manifest"]["sha256"]
+    assert state["some-other-set"] == SEEDED_STATE["some-other-set"]
+
+
+def test_s3_check_mode_leaves_state_unchanged(module_runner, s3case):
+    before = s3case.state_bytes()
+    result = module_runner("verify_artifacts", s3case.args(), check_mode=True)
+    assert result["verified"] is True and result["trusted_state_updated"] is False
+    assert s3case.state_bytes() == before
+
+
+def test_s3_trusted_state_created_when_missing(module_runner, s3case):
+    key = "state/%s.json" % unique("fresh")
+    result = module_runner("verify_artifacts", s3case.args(trusted_state="s3://%s/%s" % (s3case.bucket, key)))
+    assert result["trusted_state_updated"] is True
+    body = json.loads(s3case.s3.get_object(Bucket=s3case.bucket, Key=key)["Body"].read())
+    assert body[s3case.backup_set]["sequence"] == s3case.sequence
+
+
+def test_s3_newer_version_shadowing_the_pinned_one_is_ignored(module_runner, s3case):
+    s3case.s3.put_object(Bucket=s3case.bucket, Key=s3case.prefix + "files.tar", Body=b"evil newer version",
+                         ChecksumAlgorithm="SHA256")
+    result = module_runner("verify_artifacts", s3case.args())
+    assert result["verified"] is True, result["failures"]
+    tar = [a for a in result["artifacts"] if a["name"] == "files.tar"][0]
+    assert tar["source"] == s3case.uri("files.tar")
+
+
+def test_s3_delete_marker_on_top_is_fine(module_runner, s3case):
+    s3case.s3.delete_object(Bucket=s3case.bucket, Key=s3case.prefix + "orders.sqlite")
+    result = module_runner("verify_artifacts", s3case.args())
+    assert result["verified"] is True, result["failures"]
+
+
+def test_s3_pinned_version_that_does_not_exist(module_runner, tmp_path, key, s3):
+    case = S3Case(tmp_path, key, s3, lock_mode=False)
+    before = case.state_bytes()
+    s3.delete_object(Bucket=case.bucket, Key=case.prefix + "files.tar", VersionId=case.versions["files.tar"])
+    result = module_runner("verify_artifacts", case.args(require_object_lock="none"))
+    f = assert_fails(result, "artifact_missing", "files.tar", case, before)
+    assert f["source"] == case.uri("files.tar") and f["version_id"] == case.versions["files.tar"]
+
+
+def test_s3_flipped_byte_is_digest_mismatch(module_runner, s3case):
+    body = bytearray(s3case.files["files.tar"])
+    body[50] ^= 1
+    tampered = s3case.s3.put_object(Bucket=s3case.bucket, Key=s3case.prefix + "files.tar", Body=bytes(body),
+                                    ChecksumAlgorithm="SHA256")["VersionId"]
+    s3case.versions["files.tar"] = tampered
+    s3case.sign()
+    before = s3case.state_bytes()
+    result = module_runner("verify_artifacts", s3case.args())
+    # the store's whole-object SHA-256 also disagrees: one failure, the most serious reason
+    f = assert_fails(result, "digest_mismatch", "files.tar", s3case, before)
+    assert f["source"] == s3case.uri("files.tar", tampered)
+    assert f["observed_sha256"] == hashlib.sha256(bytes(body)).hexdigest()
+    assert "ChecksumSHA256" in f["detail"]
+
+
+def test_s3_extended_object_is_size_mismatch(module_runner, s3case):
+    longer = s3case.files["logs/app.log"] + b"x" * 5000
+    s3case.versions["logs/app.log"] = s3case.s3.put_object(
+        Bucket=s3case.bucket, Key=s3case.prefix + "logs/app.log", Body=longer, ChecksumAlgorithm="SHA256")["VersionId"]
+    s3case.sign()
+    before = s3case.state_bytes()
+    result = module_runner("verify_artifacts", s3case.args())
+    f = assert_fails(result, "size_mismatch", "logs/app.log", s3case, before)
+    assert f["observed_size"] == len(longer)
+
+
+def test_s3_unlisted_object(module_runner, s3case):
+    before = s3case.state_bytes()
+    extra = s3case.s3.put_object(Bucket=s3case.bucket, Key=s3case.prefix + "extra.bin", Body=b"x",
+                                 ChecksumAlgorithm="SHA256")["VersionId"]
+    f = assert_fails(module_runner("verify_artifacts", s3case.args()), "unlisted_artifact", "extra.bin",
+                     s3case, before)
+    assert f["source"] == "s3://%s/%sextra.bin?versionId=%s" % (s3case.bucket, s3case.prefix, extra)
+    assert f["version_id"] == extra
+
+
+def _multipart(s3, bucket, key, body, checksum_type=None):
+    kwargs = {"ChecksumType": checksum_type} if checksum_type else {}
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256", **kwargs)
+    parts, size = [], 5 * 1024 * 1024
+    for number, start in enumerate(range(0, len(body), size), 1):
+        part = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number,
+                              Body=body[start:start + size], ChecksumAlgorithm="SHA256")
+        parts.append({"PartNumber": number, "ETag": part["ETag"], "ChecksumSHA256": part["ChecksumSHA256"]})
+    done = s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                        MultipartUpload={"Parts": parts})
+    # moto applies neither the bucket's default retention nor the upload's lock headers to a
+    # multipart object (AWS does); set the retention explicitly, as AWS also allows.
+    s3.put_object_retention(Bucket=bucket, Key=key, VersionId=done["VersionId"], Retention={
+        "Mode": "COMPLIANCE", "RetainUntilDate": datetime.now(UTC) + timedelta(days=1)})
+    return done["VersionId"]
+
+
+@pytest.mark.parametrize("checksum_type", [None, "COMPOSITE"])
+def test_s3_composite_multipart_checksum_is_not_compared(module_runner, tmp_path, key, s3, checksum_type):
+    big = os.urandom(5 * 1024 * 1024 + 1000)
+    case = S3Case(tmp_path, key, s3, files={"big.bin": big})
+    case.versions["big.bin"] = _multipart(s3, case.bucket, case.prefix + "big.bin", big, checksum_type)
+    head = s3.head_object(Bucket=case.bucket, Key=case.prefix + "big.bin", ChecksumMode="ENABLED")
+    stored = base64.b64decode(head["ChecksumSHA256"].split("-")[0]).hex()
+    assert stored != hashlib.sha256(big).hexdigest()  # it really is not the file's SHA-256
+    case.sign()
+    result = module_runner("verify_artifacts", case.args(trusted_state=None))
+    assert result["verified"] is True, result["failures"]
+    assert result["bytes_hashed"] == len(big)
+
+    # A tampered body behind a composite checksum is still caught by the streamed digest.
+    evil = bytearray(big)
+    evil[-10] ^= 1
+    case.versions["big.bin"] = _multipart(s3, case.bucket, case.prefix + "big.bin", bytes(evil), checksum_type)
+    case.sign(case.statement(artifacts=[mf.Artifact("big.bin", hashlib.sha256(big).hexdigest(), len(big), "raw",
+                                                    case.versions["big.bin"])]))
+    before = case.state_bytes()
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "digest_mismatch", "big.bin", case, before)
+    assert f["observed_sha256"] == hashlib.sha256(bytes(evil)).hexdigest()
+
+
+def test_s3_governance_lock_when_compliance_is_required(module_runner, tmp_path, key, s3):
+    case = S3Case(tmp_path, key, s3, lock_mode="GOVERNANCE")
+    before = case.state_bytes()
+    result = module_runner("verify_artifacts", case.args())
+    assert {f["reason"] for f in result["failures"]} == {"not_immutable"}
+    assert {f["name"] for f in result["failures"]} == set(case.files)
+    assert case.state_bytes() == before
+    ok = module_runner("verify_artifacts", case.args(require_object_lock="governance"))
+    assert ok["verified"] is True, ok["failures"]
+
+
+def test_s3_expired_retention(module_runner, tmp_path, key, s3):
+    case = S3Case(tmp_path, key, s3, lock_mode=None)
+    past = datetime.now(UTC) - timedelta(days=1)
+    name = "files.tar"
+    case.versions[name] = s3.put_object(Bucket=case.bucket, Key=case.prefix + name, Body=case.files[name],
+                                        ChecksumAlgorithm="SHA256", ObjectLockMode="COMPLIANCE",
+                                        ObjectLockRetainUntilDate=past)["VersionId"]
+    for other in ("orders.sqlite", "logs/app.log"):
+        case.versions[other] = s3.put_object(
+            Bucket=case.bucket, Key=case.prefix + other, Body=case.files[other], ChecksumAlgorithm="SHA256",
+            ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))["VersionId"]
+    case.sign()
+    before = case.state_bytes()
+    f = assert_fails(module_runner("verify_artifacts", case.args()), "not_immutable", name, case, before)
+    assert "expired" in f["detail"]
+
+
+def test_s3_no_lock_at_all(module_runner, tmp_path, key, s3):
+    case = S3Case(tmp_path, key, s3, lock_mode=False)
+    before = case.state_bytes()
+    result = module_runner("verify_artifacts", case.args())
+    assert {f["reason"] for f in result["failures"]} == {"not_immutable"}
+    assert case.state_bytes() == before
+    assert module_runner("verify_artifacts", case.args(require_object_lock="none"))["verified"] is True
+
+
+def test_s3_metadata_mode_reads_no_body_but_compares_store_checksums(module_runner, s3case):
+    result = module_runner("verify_artifacts", s3case.args(mode="metadata", trusted_state=None))
+    assert result["verified"] is True and result["bytes_hashed"] == 0
+    wrong = [mf.Artifact(a.name, "0" * 64 if a.name == "files.tar" else a.sha256, a.size, a.kind, a.version_id)
+             for a in artifacts_for(s3case.files, s3case.versions)]
+    s3case.sign(s3case.statement(artifacts=wrong))
+    bad = module_runner("verify_artifacts", s3case.args(mode="metadata", trusted_state=None))
+    assert_fails(bad, "metadata_mismatch", "files.tar")
+    assert bad["bytes_hashed"] == 0
+
+
+def test_s3_manifest_pinned_by_version(module_runner, s3case):
+    pinned = s3case.manifest + "?versionId=" + s3case.manifest_version
+    s3case.write_manifest(b"overwritten by an attacker")
+    result = module_runner("verify_artifacts", s3case.args(manifest=pinned, trusted_state=None))
+    assert result["verified"] is True, result
+
+
+@pytest.mark.parametrize("spec", ["RSA_2048", "ECC_NIST_P256"])
+def test_kms_trust_policy(module_runner, tmp_path, key, s3, aws, spec):
+    kms = aws("kms")
+    kms_key = KmsKey(kms, create_kms_key(kms, spec)["Arn"])
+    case = S3Case(tmp_path, key, s3)
+    write_trust_policy(case.policy, [kms_key])
+    case.sign(keys=[kms_key])
+    result = module_runner("verify_artifacts", case.args())
+    assert result["verified"] is True, result
+    assert result["manifest"]["keyids"] == [kms_key.keyid]
+    case.sign(keys=[key])
+    assert_fails(module_runner("verify_artifacts", case.args()), "untrusted_key")
+
+
+def test_empty_artifacts_local_and_s3(module_runner, tmp_path, key, s3):
+    files = {"empty.bin": b"", "one.bin": b"1"}
+    (tmp_path / "l").mkdir()
+    local = Case(tmp_path / "l", key, files=files)
+    assert module_runner("verify_artifacts", local.args())["verified"] is True
+    with open(local.path("empty.bin"), "wb") as handle:
+        handle.write(b"grown")
+    assert_fails(module_runner("verify_artifacts", local.args()), "size_mismatch", "empty.bin")
+    (tmp_path / "s").mkdir()
+    remote = S3Case(tmp_path / "s", key, s3, files=files)
+    result = module_runner("verify_artifacts", remote.args())
+    assert result["verified"] is True, result["failures"]
+    assert result["bytes_hashed"] == 1
+
+
+def test_s3_metadata_mode_does_not_download(module_runner, s3case):
+    """Same size, different bytes, no SHA-256 in the store: only a download could notice."""
+    body = bytearray(s3case.files["orders.sqlite"])
+    body[500] ^= 0xFF
+    s3case.versions["orders.sqlite"] = s3case.s3.put_object(
+        Bucket=s3case.bucket, Key=s3case.prefix + "orders.sqlite", Body=bytes(body),
+        ChecksumAlgorithm="CRC32")["VersionId"]
+    s3case.sign()  # genuine digests, pinned to the tampered version
+    meta = module_runner("verify_artifacts", s3case.args(mode="metadata", trusted_state=None))
+    assert meta["verified"] is True and meta["bytes_hashed"] == 0
+    full = module_runner("verify_artifacts", s3case.args(trusted_state=None))
+    assert_fails(full, "digest_mismatch", "orders.sqlite")
+
+
+def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(case.root))
+    _flip(case.path("files.tar"))
+    rel = case.args(source=os.path.basename(case.root) + "/./", manifest=os.path.relpath(case.manifest))
+    f = assert_fails(module_runner("verify_artifacts", rel), "digest_mismatch", "files.tar")
+    assert f["source"] == case.path("files.tar") and os.path.isabs(f["source"])
+
+
+def _race(monkeypatch, write_other):
+    """Make another writer update the trusted state right before this run writes it."""
+    original = mf.state_entry
+
+    def racing(*args, **kwargs):
+        write_other()
+        return original(*args, **kwargs)
+    monkeypatch.setattr(mf, "state_entry", racing)
+
+
+CONCURRENT = {"sequence": 3, "manifest_sha256": "cd" * 32, "accepted_at": "2026-11-29T00:00:00Z"}
+
+
+def test_s3_concurrent_state_update_is_merged_not_overwritten(module_runner, s3case, monkeypatch):
+    def other():
+        doc = json.loads(s3case.state_bytes())
+        doc["concurrent-set"] = CONCURRENT
+        s3case.s3.put_object(Bucket=s3case.bucket, Key=s3case.state_key, Body=json.dumps(doc).encode(),
+                             ChecksumAlgorithm="SHA256")
+    _race(monkeypatch, other)
+    result = module_runner("verify_artifacts", s3case.args())
+    assert result["trusted_state_updated"] is True, result
+    state = json.loads(s3case.state_bytes())
+    assert state["concurrent-set"] == CONCURRENT  # the conditional write noticed and re-read
+    assert state[s3case.backup_set]["sequence"] == s3case.sequence
+    assert state["some-other-set"] == SEEDED_STATE["some-other-set"]
+
+
+def test_local_concurrent_equivocation_is_caught_at_write_time(module_runner, case, monkeypatch):
+    def other():
+        doc = json.loads(case.state_bytes())
+        doc[case.backup_set] = dict(CONCURRENT, sequence=case.sequence)
+        with open(case.state, "w") as handle:
+            json.dump(doc, handle)
+    _race(monkeypatch, other)
+    result = module_runner("verify_artifacts", case.args())
+    assert_shape(result)
+    assert result.failed and result["verified"] is False and result["trusted_state_updated"] is False
+    assert [(f["name"], f["reason"]) for f in result["failures"]] == [(None, "rollback")]
+    assert json.loads(case.state_bytes())[case.backup_set]["manifest_sha256"] == CONCURRENT["manifest_sha256"]

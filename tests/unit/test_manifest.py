@@ -1,0 +1,414 @@
+"""Unit tests of the manifest core (no emulator): PAE, keyids, strict JSON, schema, names,
+signature schemes, threshold counting, trust policy, rollback, freshness, store checksums."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import sys
+from datetime import datetime
+from datetime import timedelta
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art  # noqa: E402
+from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf  # noqa: E402
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import padding  # noqa: E402
+from helpers_artifacts import artifacts_for  # noqa: E402
+from helpers_artifacts import generate_key  # noqa: E402
+from helpers_artifacts import make_statement  # noqa: E402
+from helpers_artifacts import sample_files  # noqa: E402
+from helpers_artifacts import sign_payload  # noqa: E402
+from helpers_artifacts import sign_statement  # noqa: E402
+
+NOW = datetime(2026, 11, 29, 5, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {k: generate_key(k) for k in ("ed25519", "ecdsa", "rsa")}
+
+
+def policy(keys_, threshold=1):
+    pems = [{"public_key": k.public_pem} for k in keys_]
+    return mf.load_trust_policy(json.dumps({"threshold": threshold, "keys": pems}).encode())
+
+
+def statement_bytes(**kwargs):
+    files = {"a.bin": b"alpha", "dir/b.bin": b"bravo"}
+    st = make_statement(kwargs.pop("backup_set", "orders-db"), kwargs.pop("sequence", 5), artifacts_for(files),
+                        **kwargs)
+    return mf.encode_statement(st)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def test_pae_matches_the_dsse_spec_vector():
+    assert mf.pae("http://example.com/HelloWorld", b"hello world") == \
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+def test_pae_counts_bytes_not_characters():
+    assert mf.pae("t", "é".encode()) == b"DSSEv1 1 t 2 \xc3\xa9"
+
+
+def test_keyid_is_sha256_of_der_spki(keys):
+    for key in keys.values():
+        der = key.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert mf.keyid_for(key.public_key) == hashlib.sha256(der).hexdigest()
+        assert mf.keyid_for(key.public_key) == key.keyid and len(key.keyid) == 64
+
+
+@pytest.mark.parametrize("text, words", [
+    (b'{"a": 1, "a": 2}', "duplicate"),
+    (b'{"a": {"b": 1, "b": 1}}', "duplicate"),
+    (b'{"a": NaN}', "NaN"),
+    (b'{"a": Infinity}', "Infinity"),
+    (b"\xff\xfe{}", "UTF-8"),
+    ("\ufeff{}".encode(), "byte order mark"),
+    (b"{", "not valid JSON"),
+])
+def test_loads_strict_refuses(text, words):
+    with pytest.raises(ValueError, match=words):
+        mf.loads_strict(text)
+
+
+def test_statement_encoding_is_canonical():
+    assert statement_bytes(created_at="2026-01-01T00:00:00Z", expires_at="2026-02-01T00:00:00Z") == \
+        statement_bytes(created_at="2026-01-01T00:00:00Z", expires_at="2026-02-01T00:00:00Z")
+    assert b" " not in statement_bytes()
+
+
+# ----------------------------------------------------------------------------- envelope
+
+@pytest.mark.parametrize("doc", [
+    [],
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "e30="},
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "e30=", "signatures": []},
+    {"payloadType": "text/plain", "payload": "e30=", "signatures": [{"keyid": "", "sig": "AA=="}]},
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "not base64!", "signatures": [{"keyid": "", "sig": "AA=="}]},
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "e30=", "signatures": [{"keyid": 1, "sig": "AA=="}]},
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "e30=", "signatures": [{"keyid": "", "sig": "AA==", "x": 1}]},
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "e30=", "signatures": [{"keyid": ""}]},
+    {"payloadType": mf.PAYLOAD_TYPE, "payload": "e30=", "signatures": [{"sig": "AA=="}], "extra": 1},
+])
+def test_parse_envelope_malformed(doc):
+    with pytest.raises(mf.ManifestError) as err:
+        mf.parse_envelope(json.dumps(doc).encode())
+    assert err.value.reason == "manifest_malformed"
+
+
+def test_envelope_round_trip_and_urlsafe_base64(keys):
+    payload = b"\xfb\xff payload"
+    env = mf.parse_envelope(sign_payload(payload, [keys["ed25519"]]))
+    assert env.payload == payload and env.keyids == [keys["ed25519"].keyid]
+    doc = json.loads(env.to_bytes())
+    doc["payload"] = base64.urlsafe_b64encode(payload).decode()
+    assert mf.parse_envelope(json.dumps(doc).encode()).payload == payload
+
+
+# ----------------------------------------------------------------------------- statement schema
+
+def _mutate(fn):
+    st = json.loads(statement_bytes())
+    fn(st)
+    return mf.encode_statement(st)
+
+
+def test_parse_statement_valid():
+    st = mf.parse_statement(statement_bytes(tier="tier-9"))
+    assert st.backup_set == "orders-db" and st.sequence == 5 and st.tier == "tier-9"
+    assert list(st.artifacts) == ["a.bin", "dir/b.bin"]
+    assert st.artifacts["a.bin"].sha256 == hashlib.sha256(b"alpha").hexdigest()
+    assert mf.parse_statement(statement_bytes(tier=None)).tier is None
+
+
+@pytest.mark.parametrize("mutation, words", [
+    (lambda s: s["predicate"].update(extra=1), "unknown predicate field"),
+    (lambda s: s.update(extra=1), "exactly the keys"),
+    (lambda s: s["predicate"].pop("expires_at"), "missing"),
+    (lambda s: s.update(_type="https://in-toto.io/Statement/v0.1"), "_type"),
+    (lambda s: s.update(predicateType="https://slsa.dev/provenance/v1"), "predicateType"),
+    (lambda s: s["predicate"]["artifacts"].pop("a.bin"), "disagree"),
+    (lambda s: s["subject"].pop(0), "disagree"),
+    (lambda s: s["subject"].append(dict(s["subject"][0])), "twice"),
+    (lambda s: s["subject"][0]["digest"].update(sha512="00"), "digest"),
+    (lambda s: s["subject"][0]["digest"].update(sha256="ABC"), "digest"),
+    (lambda s: s["predicate"].update(sequence=True), "sequence"),
+    (lambda s: s["predicate"].update(sequence=-1), "sequence"),
+    (lambda s: s["predicate"].update(sequence="5"), "sequence"),
+    (lambda s: s["predicate"].update(created_at="2026-01-01T00:00:00"), "created_at"),
+    (lambda s: s["predicate"].update(expires_at="2000-01-01T00:00:00Z"), "not after"),
+    (lambda s: s["predicate"].update(backup_set=""), "backup_set"),
+    (lambda s: s["predicate"]["artifacts"]["a.bin"].update(kind="zip"), "kind"),
+    (lambda s: s["predicate"]["artifacts"]["a.bin"].update(size=-1), "size"),
+    (lambda s: s["predicate"]["artifacts"]["a.bin"].update(version_id=""), "version_id"),
+    (lambda s: s["predicate"]["artifacts"]["a.bin"].update(mode="0644"), "exactly"),
+    (lambda s: s.update(subject=[]), "subject"),
+])
+def test_parse_statement_malformed(mutation, words):
+    with pytest.raises(mf.ManifestError, match=words) as err:
+        mf.parse_statement(_mutate(mutation))
+    assert err.value.reason == "manifest_malformed"
+
+
+def test_parse_statement_duplicate_key():
+    payload = statement_bytes().replace(b'"sequence":5', b'"sequence":5,"sequence":6')
+    with pytest.raises(mf.ManifestError, match="duplicate"):
+        mf.parse_statement(payload)
+
+
+# ----------------------------------------------------------------------------- names
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a\\b", "a\x00b", "a/../b", "./a", "a//b", "a/", "", "a\nb",
+                                  "C:x", "x" * 1025, "a\u200bb"])
+def test_unsafe_names(name):
+    assert mf.unsafe_name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["a", "dir/sub/file.tar", "name with spaces.db", "ünïcode.txt", "a..b", ".hidden"])
+def test_safe_names(name):
+    assert mf.unsafe_name_problem(name) is None
+
+
+# ----------------------------------------------------------------------------- schemes
+
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa", "rsa"])
+def test_each_scheme_signs_and_verifies(keys, kind):
+    key = keys[kind]
+    signer = mf.LocalSigner(key.private_pem())
+    sig = signer.sign(b"message")
+    assert mf.verify_raw(key.public_key, b"message", sig)
+    assert not mf.verify_raw(key.public_key, b"messagf", sig)
+    assert not mf.verify_raw(key.public_key, b"message", sig[:-1] + bytes([sig[-1] ^ 1]))
+
+
+def test_rsa_pss_salt_length_is_digest_length_and_any_salt_verifies(keys):
+    key = keys["rsa"]
+    sig = mf.LocalSigner(key.private_pem()).sign(b"m")
+    strict = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    key.public_key.verify(sig, b"m", strict, hashes.SHA256())  # raises if the salt were not 32 bytes
+    max_salt = key.private_key.sign(b"m", padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                      salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+    assert mf.verify_raw(key.public_key, b"m", max_salt)  # as moto's KMS signs
+
+
+def test_wrong_schemes_do_not_verify(keys):
+    assert not mf.verify_raw(keys["rsa"].public_key, b"m", keys["rsa"].sign_pkcs1v15(b"m"))
+    assert not mf.verify_raw(keys["ecdsa"].public_key, b"m", keys["ed25519"].sign(b"m"))
+    assert not mf.verify_raw(keys["ed25519"].public_key, b"m", keys["ecdsa"].sign(b"m"))
+
+
+@pytest.mark.parametrize("kind, words", [("ecdsa-p384", "P-256"), ("rsa-1024", "2048")])
+def test_unsupported_keys(kind, words):
+    key = generate_key(kind)
+    with pytest.raises(mf.PolicyError, match=words):
+        mf.load_trust_policy(json.dumps({"threshold": 1, "keys": [{"public_key": key.public_pem}]}).encode())
+    with pytest.raises(mf.PolicyError, match=words):
+        mf.LocalSigner(key.private_pem())
+
+
+def test_local_signer_errors_do_not_leak_the_key(keys):
+    pem = keys["ecdsa"].private_pem("pw")
+    for passphrase in (None, "Zq9-not-the-passphrase"):
+        with pytest.raises(mf.PolicyError) as err:
+            mf.LocalSigner(pem, passphrase)
+        assert "BEGIN" not in str(err.value) and "Zq9" not in str(err.value)
+    with pytest.raises(mf.PolicyError):
+        mf.LocalSigner(b"garbage")
+
+
+# ----------------------------------------------------------------------------- trust policy and threshold
+
+@pytest.mark.parametrize("doc", [
+    {"threshold": 0, "keys": [{"kms_key_id": "k"}]},
+    {"threshold": True, "keys": [{"kms_key_id": "k"}]},
+    {"threshold": 1, "keys": []},
+    {"threshold": 1, "keys": [{"public_key": "nope"}]},
+    {"threshold": 1, "keys": [{"public_key": "x", "kms_key_id": "k"}]},
+    {"threshold": 1, "keys": [{"kms_key_id": ""}]},
+    {"threshold": 1, "keys": [{"kms_key_id": "k"}], "extra": 1},
+])
+def test_trust_policy_errors(doc):
+    with pytest.raises(mf.PolicyError):
+        mf.load_trust_policy(json.dumps(doc).encode(), kms_factory=lambda region: None)
+
+
+def test_trust_policy_counts_a_key_listed_twice_once(keys):
+    pol = policy([keys["ed25519"], keys["ed25519"]], threshold=2)
+    assert pol.entries == 2 and len(pol.keys) == 1
+
+
+def _envelope(payload, signers, **kwargs):
+    return mf.parse_envelope(sign_payload(payload, signers, **kwargs))
+
+
+def test_threshold_counts_distinct_keyids(keys):
+    payload = statement_bytes()
+    both = policy([keys["ed25519"], keys["rsa"]], threshold=2)
+    assert sorted(mf.verify_signatures(_envelope(payload, [keys["ed25519"], keys["rsa"]]), both)) == \
+        sorted([keys["ed25519"].keyid, keys["rsa"].keyid])
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(_envelope(payload, [keys["ed25519"], keys["ed25519"]]), both)
+    assert err.value.reason == "threshold_not_met"
+
+
+def test_untrusted_and_invalid(keys):
+    payload = statement_bytes()
+    pol = policy([keys["ed25519"]])
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(_envelope(payload, [keys["ecdsa"]]), pol)
+    assert err.value.reason == "untrusted_key"
+    # an untrusted extra signature is ignored
+    assert mf.verify_signatures(_envelope(payload, [keys["ecdsa"], keys["ed25519"]]), pol) == [keys["ed25519"].keyid]
+    # a trusted keyid whose signature does not verify fails, even alongside a good one
+    bad = _envelope(payload, [keys["ed25519"], keys["ed25519"]],
+                    signatures=[keys["ed25519"].sign(mf.pae(mf.PAYLOAD_TYPE, payload)), b"\x00" * 64])
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(bad, pol)
+    assert err.value.reason == "signature_invalid"
+
+
+def test_signature_without_keyid_is_matched_against_trusted_keys(keys):
+    payload = statement_bytes()
+    env = _envelope(payload, [keys["ecdsa"]], keyids=[""])
+    assert mf.verify_signatures(env, policy([keys["ed25519"], keys["ecdsa"]])) == [keys["ecdsa"].keyid]
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(env, policy([keys["ed25519"]]))
+    assert err.value.reason == "untrusted_key"
+
+
+def test_signature_covers_the_payload_type(keys):
+    payload = statement_bytes()
+    sig = keys["ed25519"].sign(mf.pae("text/plain", payload))
+    env = _envelope(payload, [keys["ed25519"]], signatures=[sig])
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(env, policy([keys["ed25519"]]))
+    assert err.value.reason == "signature_invalid"
+
+
+# ----------------------------------------------------------------------------- rollback and time
+
+def _statement(sequence=5, created=None, expires=None):
+    return mf.parse_statement(statement_bytes(sequence=sequence, created_at=created or NOW - timedelta(hours=1),
+                                              expires_at=expires or NOW + timedelta(days=1)))
+
+
+def test_rollback_rules():
+    st = _statement(5)
+    state = {"orders-db": {"sequence": 5, "manifest_sha256": "a" * 64, "payload_sha256": "b" * 64}}
+    assert mf.check_rollback({}, st, "c" * 64, "d" * 64) is None
+    assert mf.check_rollback(state, st, "a" * 64, "x" * 64) is None          # same manifest
+    assert mf.check_rollback(state, st, "c" * 64, "b" * 64) is None          # same statement, more signatures
+    assert mf.check_rollback(state, st, "c" * 64, "d" * 64).reason == "rollback"  # equivocation
+    assert mf.check_rollback(state, _statement(4), "a" * 64, "b" * 64).reason == "rollback"
+    assert mf.check_rollback(state, _statement(6), "c" * 64, "d" * 64) is None
+    legacy = {"orders-db": {"sequence": 5, "manifest_sha256": "a" * 64}}
+    assert mf.check_rollback(legacy, st, "c" * 64, "b" * 64).reason == "rollback"
+
+
+@pytest.mark.parametrize("data", [b"[]", b'{"x": {"sequence": "1", "manifest_sha256": "' + b"a" * 64 + b'"}}',
+                                  b'{"x": {"sequence": 1, "manifest_sha256": "short"}}', b"{"])
+def test_trusted_state_validation(data):
+    with pytest.raises(mf.PolicyError):
+        mf.parse_trusted_state(data)
+
+
+def test_times():
+    assert mf.check_times(_statement(), NOW, None) == []
+    expired = _statement(created=NOW - timedelta(days=2), expires=NOW - timedelta(seconds=1))
+    assert [e.reason for e in mf.check_times(expired, NOW, None)] == ["manifest_expired"]
+    assert [e.reason for e in mf.check_times(expired, NOW, 3600)] == ["manifest_expired", "stale_backup"]
+    assert mf.check_times(_statement(), NOW, 3601) == []
+    assert [e.reason for e in mf.check_times(_statement(), NOW, 3599)] == ["stale_backup"]
+
+
+def test_a_signed_statement_round_trips_through_the_helpers(keys):
+    files = sample_files("u")
+    data = sign_statement(make_statement("s", 1, artifacts_for(files)), [keys["ecdsa"]])
+    env = mf.parse_envelope(data)
+    assert mf.verify_signatures(env, policy([keys["ecdsa"]])) == [keys["ecdsa"].keyid]
+    kinds = {n: a.kind for n, a in mf.parse_statement(env.payload).artifacts.items()}
+    assert kinds == {"orders.sqlite": "sqlite", "files.tar": "tar", "logs/app.log": "raw"}
+
+
+# ----------------------------------------------------------------------------- store checksums and streaming
+
+def _b64(hexdigest):
+    return base64.b64encode(bytes.fromhex(hexdigest)).decode()
+
+
+def test_whole_object_sha256_rules():
+    digest = hashlib.sha256(b"x").hexdigest()
+    assert art.whole_object_sha256({"ChecksumSHA256": _b64(digest)}) == digest
+    assert art.whole_object_sha256({"ChecksumSHA256": _b64(digest), "ChecksumType": "FULL_OBJECT",
+                                    "ETag": '"abc-3"'}) == digest
+    assert art.whole_object_sha256({"ChecksumSHA256": _b64(digest) + "-3"}) is None
+    assert art.whole_object_sha256({"ChecksumSHA256": _b64(digest), "ChecksumType": "COMPOSITE"}) is None
+    assert art.whole_object_sha256({"ChecksumSHA256": _b64(digest), "ETag": '"abc-2"'}) is None
+    assert art.whole_object_sha256({}) is None
+    assert art.whole_object_sha256({"ChecksumSHA256": "!!"}).startswith("unparseable")
+
+
+def test_hash_chunks_stops_one_byte_past_the_limit():
+    chunks = iter([b"a" * 10] * 1000)
+    hashed = art.hash_chunks(chunks, limit=25)
+    assert hashed.over_limit and hashed.size == 26 and hashed.sha256 is None
+    assert next(chunks) == b"a" * 10  # the rest was never consumed
+    exact = art.hash_chunks(iter([b"abc", b"de"]), limit=5)
+    assert not exact.over_limit and exact.size == 5 and exact.sha256 == hashlib.sha256(b"abcde").hexdigest()
+
+
+def test_file_chunks_reads_at_most_size_plus_one():
+    class Counting(io.BytesIO):
+        read_total = 0
+
+        def read(self, n=-1):
+            out = super().read(n)
+            Counting.read_total += len(out)
+            return out
+
+    handle = Counting(b"z" * (5 * 1024 * 1024))
+    hashed = art.hash_chunks(art._file_chunks(handle, 100), 100)
+    assert hashed.over_limit and Counting.read_total == 101
+
+
+@pytest.mark.parametrize("head, kind", [(b"SQLite format 3\x00rest", "sqlite"),
+                                        (b"\x00" * 257 + b"ustar\x0000", "tar"),
+                                        (b"\x1f\x8b\x08", "raw"), (b"", "raw")])
+def test_detect_kind(head, kind):
+    assert art.detect_kind(head) == kind
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("s3://b/k", ("b", "k", None)),
+    ("s3://b/dir/k.json?versionId=abc.123", ("b", "dir/k.json", "abc.123")),
+])
+def test_parse_s3(uri, expected):
+    loc = art.parse_s3(uri)
+    assert (loc.bucket, loc.key, loc.version_id) == expected
+    assert loc.uri == uri
+
+
+@pytest.mark.parametrize("uri", ["s3://b/prefix", "s3://b/p/?versionId=1", "s3:///x/", "s3://b/k?foo=1"])
+def test_bad_prefixes(uri):
+    with pytest.raises(art.SourceError):
+        art.parse_prefix(uri)
+
+
+@pytest.mark.parametrize("key_id, region", [
+    ("arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab", "eu-west-3"),
+    ("arn:aws:kms:us-east-1:111122223333:alias/signer", "us-east-1"),
+    ("1234abcd-12ab-34cd-56ef-1234567890ab", None),
+    ("alias/signer", None),
+])
+def test_kms_region(key_id, region):
+    assert mf.kms_region(key_id) == region
