@@ -145,7 +145,30 @@ def read_vpc(client, vpc_id: str, require_flow_logs: bool, retry, workers: int =
             return name, Unreadable(operation, code, message)
 
     with ThreadPoolExecutor(max_workers=min(workers, len(calls))) as pool:
-        return dict(pool.map(one, calls.items()))
+        result = dict(pool.map(one, calls.items()))
+    _fill_prefix_list_cidrs(client, result, retry)
+    return result
+
+
+def _fill_prefix_list_cidrs(client, result: dict, retry) -> None:
+    """DescribePrefixLists may leave ``Cidrs`` out; read them from the managed prefix list."""
+    lists = result.get("prefix_lists")
+    if not isinstance(lists, list):
+        return
+    for pl in lists:
+        if not S3_SERVICE_RE.match(pl.get("PrefixListName", "")) or pl.get("Cidrs"):
+            continue
+        try:
+            managed = _describe(client, "describe_managed_prefix_lists", "PrefixLists",
+                                {"Filters": [{"Name": "prefix-list-name", "Values": [pl["PrefixListName"]]}]},
+                                retry)
+            pl["Cidrs"] = [e["Cidr"] for m in managed
+                           for e in _describe(client, "get_managed_prefix_list_entries", "Entries",
+                                              {"PrefixListId": m["PrefixListId"]}, retry)]
+        except (ClientError, BotoCoreError) as exc:
+            code, message = _error_code(exc)
+            result["prefix_lists"] = Unreadable("get_managed_prefix_list_entries", code, message)
+            return
 
 
 # ---------------------------------------------------------------- evaluation
