@@ -61,7 +61,12 @@ def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
             compare(s.get("options") or {}, d.get("suboptions") or {}, here, problems)
 
 
-def check_module(path: Path, problems: list) -> None:
+def aws_group() -> set:
+    runtime = yaml.safe_load((ROOT / "meta" / "runtime.yml").read_text()) or {}
+    return {m for m in (runtime.get("action_groups") or {}).get("aws", []) if isinstance(m, str)}
+
+
+def check_module(path: Path, problems: list, group: set) -> None:
     name = path.stem
     where = "plugins/modules/%s.py" % name
     try:
@@ -94,13 +99,17 @@ def check_module(path: Path, problems: list) -> None:
             missing = AWS_FRAGMENTS - fragments
             if missing:
                 problems.append("%s: AWS module does not extend %s" % (where, ", ".join(sorted(missing))))
+            if name not in group:
+                problems.append("%s: AWS module is not in meta/runtime.yml action_groups.aws, so "
+                                "module_defaults group/drguard.sandbox.aws misses it" % where)
 
 
 def main() -> int:
     problems: list[str] = []
     modules = sorted(p for p in (ROOT / "plugins" / "modules").glob("*.py") if p.name != "__init__.py")
+    group = aws_group()
     for path in modules:
-        check_module(path, problems)
+        check_module(path, problems, group)
     for role in sorted((ROOT / "roles").iterdir()) if (ROOT / "roles").exists() else []:
         if role.is_dir() and not (role / "meta" / "argument_specs.yml").exists():
             problems.append("roles/%s: no meta/argument_specs.yml" % role.name)

@@ -593,9 +593,10 @@ def _check_endpoint_policy(boundary, ep: dict, f: _Findings) -> None:
             continue
         for action in actions:
             low = action.lower()
-            if low in S3_READ_ACTIONS and all(_grant_covers(r, boundary.s3_read) for r in resources):
-                continue
-            if low in S3_WRITE_ACTIONS and all(_grant_covers(r, boundary.s3_write) for r in resources):
+            # Each resource must be covered by a grant that allows this action.
+            if resources and all((low in S3_READ_ACTIONS and _grant_covers(r, boundary.s3_read))
+                                 or (low in S3_WRITE_ACTIONS and _grant_covers(r, boundary.s3_write))
+                                 for r in resources):
                 continue
             f.add("endpoint_policy_undeclared", eid, "%s allows %s on %s, which is not within the declared "
                   "s3_read/s3_write grants" % (sid, action, ", ".join(resources) or "no resource"))

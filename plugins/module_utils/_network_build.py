@@ -265,10 +265,15 @@ def endpoint_policy(boundary) -> dict:
             "Action": list(S3_WRITE_OBJECT_ACTIONS),
             "Resource": sorted({g.object_arn for g in boundary.s3_write}),
         })
-    buckets = sorted({g.bucket_arn for g in boundary.s3_read + boundary.s3_write})
-    if buckets:
+    read_buckets = sorted({g.bucket_arn for g in boundary.s3_read})
+    if read_buckets:
         statements.append({"Sid": "DeclaredBucketMetadata", "Effect": "Allow", "Principal": "*",
-                           "Action": list(S3_BUCKET_READ_ACTIONS), "Resource": buckets})
+                           "Action": list(S3_BUCKET_READ_ACTIONS), "Resource": read_buckets})
+    write_buckets = sorted({g.bucket_arn for g in boundary.s3_write} - set(read_buckets))
+    if write_buckets:
+        # Writers only need to locate their bucket, not read its configuration.
+        statements.append({"Sid": "DeclaredWriteBucketLocation", "Effect": "Allow", "Principal": "*",
+                           "Action": ["s3:GetBucketLocation"], "Resource": write_buckets})
     return {"Version": "2012-10-17", "Statement": statements}
 
 
