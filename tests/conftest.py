@@ -75,7 +75,14 @@ def run_module(name: str, args: dict, check_mode: bool = False) -> ModuleResult:
     Uses ansible-core's own test hook for module arguments, so argument-spec
     validation, no_log handling and exit_json/fail_json behave exactly as in a play.
     """
+    from ansible.module_utils.common import warnings as module_warnings
     from ansible.module_utils.testing import patch_module_args
+
+    # Warnings are process-global in ansible-core; start each run with none.
+    for attr in ("_global_warnings", "_global_deprecations"):
+        store = getattr(module_warnings, attr, None)
+        if hasattr(store, "clear"):
+            store.clear()
 
     mod = importlib.import_module("ansible_collections.drguard.sandbox.plugins.modules." + name)
     mod = importlib.reload(mod)

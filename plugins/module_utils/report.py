@@ -98,7 +98,7 @@ def render_markdown(report: dict) -> str:
                         m.get("created_at"), a.get("bytes_hashed")))
         items = a.get("artifacts") or []
         if items:
-            lines += ["", "| artifact | verified | reason | size | sha256 |", "|---|---|---|---|---|"]
+            lines += ["", "| artifact | verified | reason | signed size | signed sha256 |", "|---|---|---|---|---|"]
             lines += ["| %s | %s | %s | %s | %s |" % (i.get("name"), i.get("verified"), i.get("reason") or "",
                                                       i.get("size"), i.get("sha256") or "")
                       for i in items]
