@@ -1,0 +1,960 @@
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""Discovery and deletion engine behind ``drguard.sandbox.sweep`` (guaranteed teardown).
+
+Resources are found through each service's own describe/list calls (never the
+resource-groups tagging API, which misses NACLs, transit gateway attachments, VPC
+endpoints and IAM roles). A server-side tag filter only narrows the listing; the
+authority is always the client-side check of the resource's own tags, so a service
+that ignores a filter can never make us delete a foreign resource.
+
+Deletion runs in dependency order, in parallel inside each step::
+
+    instances, NAT gateways, VPC endpoints, flow logs, peerings, TGW attachments
+      -> elastic IPs, internet gateways, VPN gateways (detached first)
+      -> network interfaces
+      -> subnets, route tables, network ACLs, security groups
+      -> VPCs
+    IAM roles/policies, log groups, secrets, KMS keys, S3 buckets, SNS topics: alongside
+
+Dependency errors are retried with jittered backoff until the deadline; "not found"
+means already gone. Afterwards everything is discovered again: what is still there
+is what remains.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from dataclasses import field
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:  # handled by AnsibleAWSModule
+    BotoCoreError = ClientError = Exception
+
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import is_expired
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
+
+WORKERS = 16
+
+# Error codes that mean "the thing is already gone".
+_GONE_CODES = {
+    "NoSuchEntity", "NoSuchBucket", "NotFoundException", "ResourceNotFoundException", "NotFound",
+    "NatGatewayNotFound", "InvalidGroup.NotFound", "InvalidAssociationID.NotFound",
+    "Gateway.NotAttached", "InvalidAttachmentID.NotFound", "InvalidAttachment.NotFound",
+}
+# Error codes that mean "something still depends on it / it is busy: try again later".
+_RETRY_CODES = {
+    "DependencyViolation", "IncorrectState", "InvalidNetworkInterface.InUse", "ResourceInUse",
+    "InvalidIPAddress.InUse", "DeleteConflict", "ConcurrentModification", "ConcurrentModificationException",
+    "OperationAbortedException", "OperationAborted", "InvalidState", "IncorrectInstanceState",
+    "InvalidTransitGatewayAttachment.InvalidState", "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+}
+
+
+class SweepError(Exception):
+    """A deletion that cannot succeed (not retryable); ``str()`` is the reason."""
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "") or ""
+    return ""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a boto or sweep error: ``Code: message``."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return "%s: %s" % (err.get("Code", "Error"), err.get("Message", "") or str(exc))
+    return str(exc) or exc.__class__.__name__
+
+
+def is_gone(exc: BaseException) -> bool:
+    code = error_code(exc)
+    return bool(code) and (code in _GONE_CODES or code.endswith(".NotFound") or code.endswith("NotFoundException")
+                           or code.endswith("NotFound"))
+
+
+def is_retryable(exc: BaseException) -> bool:
+    code = error_code(exc)
+    if code in _RETRY_CODES:
+        return True
+    if code == "InvalidParameterValue":
+        text = describe_error(exc).lower()
+        return "in use" in text or "in-use" in text or "dependenc" in text
+    return False
+
+
+@dataclass
+class Resource:
+    type: str
+    id: str
+    tags: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    reason: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.type, self.id)
+
+    def as_dict(self, with_reason: bool = False) -> dict:
+        out = {"type": self.type, "id": self.id, "drill_id": self.tags.get(TAG_DRILL_ID),
+               "expires_at": self.tags.get(TAG_EXPIRES_AT)}
+        if with_reason:
+            out["reason"] = self.reason
+        return out
+
+
+class Selector:
+    """Which tagged resources a sweep takes: one drill's, or every expired managed one."""
+
+    def __init__(self, drill_id: str | None = None, as_of=None):
+        self.drill_id = drill_id
+        self.as_of = as_of
+
+    def matches(self, tags: dict) -> bool:
+        if self.drill_id is not None:
+            return tags.get(TAG_DRILL_ID) == self.drill_id
+        return is_expired(tags, self.as_of)
+
+    @property
+    def tag_key(self) -> str:
+        return TAG_DRILL_ID if self.drill_id is not None else TAG_MANAGED
+
+    @property
+    def tag_value(self) -> str:
+        return self.drill_id if self.drill_id is not None else "true"
+
+    def ec2_filters(self) -> list:
+        return [{"Name": "tag:%s" % self.tag_key, "Values": [self.tag_value]}]
+
+
+def parallel(fn: Callable, items: list, workers: int = WORKERS) -> list:
+    """``[fn(x) for x in items]`` in threads; exceptions are returned, not raised."""
+    def safe(item):
+        try:
+            return fn(item)
+        except Exception as exc:  # noqa: BLE001 - the caller turns it into a record
+            return exc
+    items = list(items)
+    if len(items) <= 1:
+        return [safe(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(safe, items))
+
+
+class Context:
+    """Clients, selector and deadline shared by every kind during one sweep."""
+
+    def __init__(self, client_factory: Callable, selector: Selector, deadline: float):
+        self._factory = client_factory
+        self._clients: dict = {}
+        self._lock = threading.Lock()
+        self.selector = selector
+        self.deadline = deadline
+        self.mutated = False  # any mutating call succeeded (objects deleted from a bucket that stays, ...)
+
+    def client(self, service: str):
+        with self._lock:
+            if service not in self._clients:
+                self._clients[service] = self._factory(service)
+            return self._clients[service]
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def retry(self, fn: Callable, *args, _mutates: bool = True, **kwargs):
+        """Call the mutating ``fn``; retry dependency errors with jittered backoff until the deadline.
+
+        Returns ``None`` when the target turned out to be gone already.
+        """
+        delay = 0.5
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+                if _mutates:
+                    self.mutated = True  # only ever set, never cleared: safe across threads
+                return result
+            except ClientError as exc:
+                if is_gone(exc):
+                    return None
+                if not is_retryable(exc) or self.time_left() <= 0:
+                    raise
+                time.sleep(min(random.uniform(delay / 2, delay), max(self.time_left(), 0.05)))  # noqa: S311
+                delay = min(delay * 2, 10.0)
+
+
+def _paginate(client, op: str, key: str, **kwargs) -> list:
+    if client.can_paginate(op):
+        out = []
+        for page in client.get_paginator(op).paginate(**kwargs):
+            out.extend(page.get(key) or [])
+        return out
+    return getattr(client, op)(**kwargs).get(key) or []
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+class Kind:
+    """One resource type: how to find it (by tag, by id) and how to delete it."""
+
+    name = ""
+    service = ""
+    wait_gone = False          # wait until it is gone before the next EC2 step
+
+    def discover(self, ctx: Context) -> list:
+        raise NotImplementedError
+
+    def lookup(self, ctx: Context, rid: str) -> Resource | None:
+        raise NotImplementedError
+
+    def delete(self, ctx: Context, res: Resource) -> None:
+        raise NotImplementedError
+
+    def remaining_reason(self, res: Resource) -> str | None:
+        """Why ``res`` may legitimately still exist after its deletion (None: no known reason)."""
+        return None
+
+
+class Ec2Kind(Kind):
+    service = "ec2"
+    op = ""
+    key = ""
+    id_field = ""
+    ids_param = ""
+    filter_param = "Filters"
+    server_filter = True
+    gone_states: tuple = ()
+
+    def items(self, response_items: list) -> list:
+        return response_items
+
+    def state(self, item: dict) -> str | None:
+        return item.get("State")
+
+    def to_resource(self, item: dict) -> Resource | None:
+        state = self.state(item)
+        if isinstance(state, dict):
+            state = state.get("Code") or state.get("Name")
+        if state in self.gone_states:
+            return None
+        return Resource(self.name, item[self.id_field], tag_dict(item.get("Tags") or item.get("TagSet")), item)
+
+    def _describe(self, ctx: Context, **kwargs) -> list:
+        items = self.items(_paginate(ctx.client("ec2"), self.op, self.key, **kwargs))
+        return [r for r in (self.to_resource(i) for i in items) if r is not None]
+
+    def discover(self, ctx: Context) -> list:
+        kwargs = {self.filter_param: ctx.selector.ec2_filters()} if self.server_filter else {}
+        return [r for r in self._describe(ctx, **kwargs) if ctx.selector.matches(r.tags)]
+
+    def lookup(self, ctx: Context, rid: str) -> Resource | None:
+        try:
+            found = self._describe(ctx, **{self.ids_param: [rid]})
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+        return next((r for r in found if r.id == rid), None)
+
+
+class Instance(Ec2Kind):
+    name, op, key, id_field, ids_param = "ec2_instance", "describe_instances", "Reservations", "InstanceId", \
+        "InstanceIds"
+    gone_states = ("terminated",)
+    wait_gone = True
+
+    def items(self, response_items):
+        return [i for r in response_items for i in r.get("Instances", [])]
+
+    def state(self, item):
+        return (item.get("State") or {}).get("Name")
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        try:
+            ctx.retry(ec2.terminate_instances, InstanceIds=[res.id])
+        except ClientError as exc:
+            if error_code(exc) != "OperationNotPermitted":
+                raise
+            # Termination protection on a drill instance must not make it outlive the drill.
+            ctx.retry(ec2.modify_instance_attribute, InstanceId=res.id, DisableApiTermination={"Value": False})
+            ctx.retry(ec2.terminate_instances, InstanceIds=[res.id])
+
+
+class NatGateway(Ec2Kind):
+    name, op, key, id_field, ids_param = "nat_gateway", "describe_nat_gateways", "NatGateways", "NatGatewayId", \
+        "NatGatewayIds"
+    filter_param = "Filter"
+    gone_states = ("deleted",)
+    wait_gone = True
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("ec2").delete_nat_gateway, NatGatewayId=res.id)
+
+
+def _raise_unsuccessful(response: dict) -> None:
+    for item in response.get("Unsuccessful") or []:
+        err = item.get("Error") or {}
+        code = err.get("Code", "")
+        if code.endswith("NotFound") or code.endswith(".NotFound"):
+            continue
+        raise ClientError({"Error": {"Code": code or "Unsuccessful", "Message": err.get("Message", "")}}, "Delete")
+
+
+class VpcEndpoint(Ec2Kind):
+    name, op, key, id_field, ids_param = "vpc_endpoint", "describe_vpc_endpoints", "VpcEndpoints", "VpcEndpointId", \
+        "VpcEndpointIds"
+    gone_states = ("deleted", "Deleted")
+    wait_gone = True
+
+    def delete(self, ctx, res):
+        _raise_unsuccessful(ctx.retry(ctx.client("ec2").delete_vpc_endpoints, VpcEndpointIds=[res.id]) or {})
+
+
+class FlowLog(Ec2Kind):
+    name, op, key, id_field, ids_param = "flow_log", "describe_flow_logs", "FlowLogs", "FlowLogId", "FlowLogIds"
+    filter_param = "Filter"
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        _raise_unsuccessful(ctx.retry(ctx.client("ec2").delete_flow_logs, FlowLogIds=[res.id]) or {})
+
+
+class VpcPeering(Ec2Kind):
+    name, op, key, id_field, ids_param = "vpc_peering_connection", "describe_vpc_peering_connections", \
+        "VpcPeeringConnections", "VpcPeeringConnectionId", "VpcPeeringConnectionIds"
+    gone_states = ("deleted", "rejected", "failed", "expired")
+    wait_gone = True
+
+    def state(self, item):
+        return (item.get("Status") or {}).get("Code")
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("ec2").delete_vpc_peering_connection, VpcPeeringConnectionId=res.id)
+
+
+class TgwAttachment(Ec2Kind):
+    name, op, key, id_field, ids_param = "transit_gateway_attachment", "describe_transit_gateway_vpc_attachments", \
+        "TransitGatewayVpcAttachments", "TransitGatewayAttachmentId", "TransitGatewayAttachmentIds"
+    gone_states = ("deleted",)
+    wait_gone = True
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("ec2").delete_transit_gateway_vpc_attachment, TransitGatewayAttachmentId=res.id)
+
+
+class ElasticIp(Ec2Kind):
+    name, op, key, id_field, ids_param = "elastic_ip", "describe_addresses", "Addresses", "AllocationId", \
+        "AllocationIds"
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        current = self.lookup(ctx, res.id)
+        if current is None:
+            return
+        if current.meta.get("AssociationId"):
+            ctx.retry(ec2.disassociate_address, AssociationId=current.meta["AssociationId"])
+        ctx.retry(ec2.release_address, AllocationId=res.id)
+
+
+class VpnGateway(Ec2Kind):
+    name, op, key, id_field, ids_param = "vpn_gateway", "describe_vpn_gateways", "VpnGateways", "VpnGatewayId", \
+        "VpnGatewayIds"
+    gone_states = ("deleted",)
+    wait_gone = True
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        current = self.lookup(ctx, res.id)
+        if current is None:
+            return
+        for att in current.meta.get("VpcAttachments") or []:
+            if att.get("State") in ("attached", "attaching"):
+                ctx.retry(ec2.detach_vpn_gateway, VpcId=att["VpcId"], VpnGatewayId=res.id)
+        ctx.retry(ec2.delete_vpn_gateway, VpnGatewayId=res.id)
+
+
+class InternetGateway(Ec2Kind):
+    name, op, key, id_field, ids_param = "internet_gateway", "describe_internet_gateways", "InternetGateways", \
+        "InternetGatewayId", "InternetGatewayIds"
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        current = self.lookup(ctx, res.id)
+        if current is None:
+            return
+        for att in current.meta.get("Attachments") or []:
+            ctx.retry(ec2.detach_internet_gateway, InternetGatewayId=res.id, VpcId=att["VpcId"])
+        ctx.retry(ec2.delete_internet_gateway, InternetGatewayId=res.id)
+
+
+class NetworkInterface(Ec2Kind):
+    name, op, key, id_field, ids_param = "network_interface", "describe_network_interfaces", "NetworkInterfaces", \
+        "NetworkInterfaceId", "NetworkInterfaceIds"
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        current = self.lookup(ctx, res.id)
+        if current is None:
+            return
+        att = current.meta.get("Attachment") or {}
+        if att.get("AttachmentId") and att.get("Status") in ("attached", "attaching"):
+            ctx.retry(ec2.detach_network_interface, AttachmentId=att["AttachmentId"], Force=True)
+        ctx.retry(ec2.delete_network_interface, NetworkInterfaceId=res.id)
+
+
+class Subnet(Ec2Kind):
+    name, op, key, id_field, ids_param = "subnet", "describe_subnets", "Subnets", "SubnetId", "SubnetIds"
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("ec2").delete_subnet, SubnetId=res.id)
+
+
+def _with_vpc(what: str, res: Resource) -> str:
+    return "%s goes only with its VPC %s, which still exists" % (what, res.meta.get("VpcId"))
+
+
+class RouteTable(Ec2Kind):
+    name, op, key, id_field, ids_param = "route_table", "describe_route_tables", "RouteTables", "RouteTableId", \
+        "RouteTableIds"
+
+    def state(self, item):
+        return None
+
+    def remaining_reason(self, res):
+        return _with_vpc("the main route table", res) if self.is_main(res) else None
+
+    def is_main(self, res: Resource) -> bool:
+        return any(a.get("Main") for a in res.meta.get("Associations") or [])
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        current = self.lookup(ctx, res.id)
+        if current is None:
+            return
+        if self.is_main(current):
+            return  # deleted with its VPC; the final discovery tells whether it went
+        for assoc in current.meta.get("Associations") or []:
+            if assoc.get("RouteTableAssociationId") and not assoc.get("Main"):
+                ctx.retry(ec2.disassociate_route_table, AssociationId=assoc["RouteTableAssociationId"])
+        ctx.retry(ec2.delete_route_table, RouteTableId=res.id)
+
+
+class NetworkAcl(Ec2Kind):
+    name, op, key, id_field, ids_param = "network_acl", "describe_network_acls", "NetworkAcls", "NetworkAclId", \
+        "NetworkAclIds"
+
+    def remaining_reason(self, res):
+        return _with_vpc("the default network ACL", res) if res.meta.get("IsDefault") else None
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        ec2 = ctx.client("ec2")
+        current = self.lookup(ctx, res.id)
+        if current is None or current.meta.get("IsDefault"):
+            return  # the default ACL goes with its VPC
+        if current.meta.get("Associations"):
+            default = _paginate(ec2, "describe_network_acls", "NetworkAcls", Filters=[
+                {"Name": "vpc-id", "Values": [current.meta["VpcId"]]}, {"Name": "default", "Values": ["true"]}])
+            if not default:
+                raise SweepError("network ACL %s is associated with subnets and its VPC has no default ACL to "
+                                 "move them to" % res.id)
+            for assoc in current.meta["Associations"]:
+                ctx.retry(ec2.replace_network_acl_association, AssociationId=assoc["NetworkAclAssociationId"],
+                          NetworkAclId=default[0]["NetworkAclId"])
+        ctx.retry(ec2.delete_network_acl, NetworkAclId=res.id)
+
+
+class SecurityGroup(Ec2Kind):
+    name, op, key, id_field, ids_param = "security_group", "describe_security_groups", "SecurityGroups", "GroupId", \
+        "GroupIds"
+
+    def state(self, item):
+        return None
+
+    def remaining_reason(self, res):
+        return _with_vpc("the default security group", res) if res.meta.get("GroupName") == "default" else None
+
+    def revoke_group_references(self, ctx: Context, res: Resource) -> None:
+        """Revoke the rules that reference other security groups (they block those groups' deletion)."""
+        ec2 = ctx.client("ec2")
+        for field_name, revoke in (("IpPermissions", ec2.revoke_security_group_ingress),
+                                   ("IpPermissionsEgress", ec2.revoke_security_group_egress)):
+            perms = []
+            for perm in res.meta.get(field_name) or []:
+                pairs = perm.get("UserIdGroupPairs") or []
+                if pairs:
+                    keep = {k: v for k, v in perm.items()
+                            if k in ("IpProtocol", "FromPort", "ToPort")}
+                    keep["UserIdGroupPairs"] = [{k: v for k, v in p.items() if k in ("GroupId", "UserId")}
+                                                for p in pairs]
+                    perms.append(keep)
+            if perms:
+                ctx.retry(revoke, GroupId=res.id, IpPermissions=perms)
+
+    def delete(self, ctx, res):
+        if res.meta.get("GroupName") == "default":
+            return  # goes with its VPC
+        ctx.retry(ctx.client("ec2").delete_security_group, GroupId=res.id)
+
+
+class Vpc(Ec2Kind):
+    name, op, key, id_field, ids_param = "vpc", "describe_vpcs", "Vpcs", "VpcId", "VpcIds"
+
+    def state(self, item):
+        return None
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("ec2").delete_vpc, VpcId=res.id)
+
+
+# ---- services outside EC2
+
+
+class LogGroup(Kind):
+    name, service = "log_group", "logs"
+
+    def _tags(self, ctx, group: dict) -> dict:
+        logs = ctx.client("logs")
+        arn = group.get("logGroupArn") or (group.get("arn") or "").removesuffix(":*")
+        try:
+            return logs.list_tags_for_resource(resourceArn=arn).get("tags") or {}
+        except ClientError as exc:
+            if is_gone(exc):
+                raise
+            # Older partitions only know the log-group-name form.
+            return logs.list_tags_log_group(logGroupName=group["logGroupName"]).get("tags") or {}
+
+    def _resources(self, ctx, groups: list) -> list:
+        out = []
+        for group, tags in zip(groups, parallel(lambda g: self._tags(ctx, g), groups), strict=True):
+            if isinstance(tags, Exception):
+                if is_gone(tags):
+                    continue
+                raise tags
+            out.append(Resource(self.name, group["logGroupName"], tags, group))
+        return out
+
+    def discover(self, ctx):
+        groups = _paginate(ctx.client("logs"), "describe_log_groups", "logGroups")
+        return [r for r in self._resources(ctx, groups) if ctx.selector.matches(r.tags)]
+
+    def lookup(self, ctx, rid):
+        groups = _paginate(ctx.client("logs"), "describe_log_groups", "logGroups", logGroupNamePrefix=rid)
+        found = self._resources(ctx, [g for g in groups if g["logGroupName"] == rid])
+        return found[0] if found else None
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("logs").delete_log_group, logGroupName=res.id)
+
+
+def _tagged(kind: str, items: list, id_of: Callable, tags_of: Callable) -> list:
+    """Fetch each item's tags in parallel and return Resources (items that vanished meanwhile are skipped)."""
+    out = []
+    for item, tags in zip(items, parallel(tags_of, items), strict=True):
+        if isinstance(tags, Exception):
+            if is_gone(tags):
+                continue
+            raise tags
+        out.append(Resource(kind, id_of(item), tags, item))
+    return out
+
+
+class IamRole(Kind):
+    name, service = "iam_role", "iam"
+
+    def _tags(self, ctx, role):
+        return tag_dict(_paginate(ctx.client("iam"), "list_role_tags", "Tags", RoleName=role["RoleName"]))
+
+    def discover(self, ctx):
+        roles = [r for r in _paginate(ctx.client("iam"), "list_roles", "Roles")
+                 if not r.get("Path", "/").startswith("/aws-service-role/")]
+        found = _tagged(self.name, roles, lambda r: r["RoleName"], lambda r: self._tags(ctx, r))
+        return [r for r in found if ctx.selector.matches(r.tags)]
+
+    def lookup(self, ctx, rid):
+        try:
+            role = ctx.client("iam").get_role(RoleName=rid)["Role"]
+            return Resource(self.name, rid, self._tags(ctx, role), role)
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+
+    def delete(self, ctx, res):
+        iam = ctx.client("iam")
+        for name in _paginate(iam, "list_role_policies", "PolicyNames", RoleName=res.id):
+            ctx.retry(iam.delete_role_policy, RoleName=res.id, PolicyName=name)
+        for pol in _paginate(iam, "list_attached_role_policies", "AttachedPolicies", RoleName=res.id):
+            ctx.retry(iam.detach_role_policy, RoleName=res.id, PolicyArn=pol["PolicyArn"])
+        for prof in _paginate(iam, "list_instance_profiles_for_role", "InstanceProfiles", RoleName=res.id):
+            ctx.retry(iam.remove_role_from_instance_profile, InstanceProfileName=prof["InstanceProfileName"],
+                      RoleName=res.id)
+            ctx.retry(iam.delete_instance_profile, InstanceProfileName=prof["InstanceProfileName"])
+        ctx.retry(iam.delete_role, RoleName=res.id)
+
+
+class IamInstanceProfile(Kind):
+    """Only through ``extra_resources`` (profiles of a drill role go with the role)."""
+
+    name, service = "iam_instance_profile", "iam"
+
+    def discover(self, ctx):
+        return []
+
+    def lookup(self, ctx, rid):
+        try:
+            prof = ctx.client("iam").get_instance_profile(InstanceProfileName=rid)["InstanceProfile"]
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+        return Resource(self.name, rid, tag_dict(prof.get("Tags")), prof)
+
+    def delete(self, ctx, res):
+        iam = ctx.client("iam")
+        current = self.lookup(ctx, res.id)
+        if current is None:
+            return
+        for role in current.meta.get("Roles") or []:
+            ctx.retry(iam.remove_role_from_instance_profile, InstanceProfileName=res.id, RoleName=role["RoleName"])
+        ctx.retry(iam.delete_instance_profile, InstanceProfileName=res.id)
+
+
+class IamPolicy(Kind):
+    name, service = "iam_policy", "iam"
+
+    def _tags(self, ctx, arn):
+        return tag_dict(_paginate(ctx.client("iam"), "list_policy_tags", "Tags", PolicyArn=arn))
+
+    def discover(self, ctx):
+        policies = _paginate(ctx.client("iam"), "list_policies", "Policies", Scope="Local")
+        found = _tagged(self.name, policies, lambda p: p["Arn"], lambda p: self._tags(ctx, p["Arn"]))
+        return [r for r in found if ctx.selector.matches(r.tags)]
+
+    def lookup(self, ctx, rid):
+        try:
+            pol = ctx.client("iam").get_policy(PolicyArn=rid)["Policy"]
+            return Resource(self.name, rid, self._tags(ctx, rid), pol)
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+
+    def delete(self, ctx, res):
+        iam = ctx.client("iam")
+        arn = res.id
+        for role in _paginate(iam, "list_entities_for_policy", "PolicyRoles", PolicyArn=arn, EntityFilter="Role"):
+            ctx.retry(iam.detach_role_policy, RoleName=role["RoleName"], PolicyArn=arn)
+        for user in _paginate(iam, "list_entities_for_policy", "PolicyUsers", PolicyArn=arn, EntityFilter="User"):
+            ctx.retry(iam.detach_user_policy, UserName=user["UserName"], PolicyArn=arn)
+        for group in _paginate(iam, "list_entities_for_policy", "PolicyGroups", PolicyArn=arn, EntityFilter="Group"):
+            ctx.retry(iam.detach_group_policy, GroupName=group["GroupName"], PolicyArn=arn)
+        for version in _paginate(iam, "list_policy_versions", "Versions", PolicyArn=arn):
+            if not version.get("IsDefaultVersion"):
+                ctx.retry(iam.delete_policy_version, PolicyArn=arn, VersionId=version["VersionId"])
+        ctx.retry(iam.delete_policy, PolicyArn=arn)
+
+
+class Secret(Kind):
+    name, service = "secret", "secretsmanager"
+
+    def _resource(self, item):
+        return Resource(self.name, item["ARN"], tag_dict(item.get("Tags")), {"Name": item.get("Name")})
+
+    def discover(self, ctx):
+        sel = ctx.selector
+        items = _paginate(ctx.client("secretsmanager"), "list_secrets", "SecretList",
+                          Filters=[{"Key": "tag-key", "Values": [sel.tag_key]}])
+        return [r for r in (self._resource(i) for i in items) if sel.matches(r.tags)]
+
+    def lookup(self, ctx, rid):
+        try:
+            item = ctx.client("secretsmanager").describe_secret(SecretId=rid)
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+        if item.get("DeletedDate"):
+            return None  # scheduled for deletion: no longer readable, gone at the end of its window
+        return self._resource(item)
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("secretsmanager").delete_secret, SecretId=res.id, ForceDeleteWithoutRecovery=True)
+
+
+class KmsKey(Kind):
+    name, service = "kms_key", "kms"
+    _gone_states = ("PendingDeletion", "PendingReplicaDeletion")
+
+    def _key(self, ctx, key_id):
+        kms = ctx.client("kms")
+        meta = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+        if meta.get("KeyManager") != "CUSTOMER" or meta.get("KeyState") in self._gone_states:
+            return None
+        tags = tag_dict(_paginate(kms, "list_resource_tags", "Tags", KeyId=key_id), "TagKey", "TagValue")
+        return Resource(self.name, meta["KeyId"], tags, meta)
+
+    def discover(self, ctx):
+        keys = _paginate(ctx.client("kms"), "list_keys", "Keys")
+        out = []
+        for res in parallel(lambda k: self._key(ctx, k["KeyId"]), keys):
+            if isinstance(res, Exception):
+                if is_gone(res):
+                    continue
+                raise res
+            if res is not None and ctx.selector.matches(res.tags):
+                out.append(res)
+        return out
+
+    def lookup(self, ctx, rid):
+        try:
+            return self._key(ctx, rid)
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+
+    def delete(self, ctx, res):
+        kms = ctx.client("kms")
+        for alias in _paginate(kms, "list_aliases", "Aliases", KeyId=res.id):
+            ctx.retry(kms.delete_alias, AliasName=alias["AliasName"])
+        try:
+            ctx.retry(kms.schedule_key_deletion, KeyId=res.id, PendingWindowInDays=7)
+        except ClientError as exc:
+            # Scheduled meanwhile (another teardown): that is what we wanted.
+            if error_code(exc) == "KMSInvalidStateException" and self.lookup(ctx, res.id) is None:
+                return
+            raise
+
+
+class S3Bucket(Kind):
+    name, service = "s3_bucket", "s3"
+
+    def _tags(self, ctx, name):
+        try:
+            return tag_dict(ctx.client("s3").get_bucket_tagging(Bucket=name).get("TagSet"))
+        except ClientError as exc:
+            if error_code(exc) == "NoSuchTagSet":
+                return {}
+            raise
+
+    def discover(self, ctx):
+        buckets = ctx.client("s3").list_buckets().get("Buckets") or []
+        found = _tagged(self.name, buckets, lambda b: b["Name"], lambda b: self._tags(ctx, b["Name"]))
+        return [r for r in found if ctx.selector.matches(r.tags)]
+
+    def lookup(self, ctx, rid):
+        try:
+            ctx.client("s3").head_bucket(Bucket=rid)
+            return Resource(self.name, rid, self._tags(ctx, rid))
+        except ClientError as exc:
+            if is_gone(exc) or error_code(exc) == "404":
+                return None
+            raise
+
+    def _lock_reason(self, ctx, bucket: str, errors: list) -> str:
+        """Explain why objects could not be deleted (Object Lock retention / legal hold)."""
+        s3 = ctx.client("s3")
+        first = errors[0]
+        what = "%d object version(s) could not be deleted, first %r version %s: %s" % (
+            len(errors), first.get("Key"), first.get("VersionId"), first.get("Message") or first.get("Code"))
+        if not first.get("Key") or not first.get("VersionId"):
+            return what
+        try:
+            head = s3.head_object(Bucket=bucket, Key=first["Key"], VersionId=first["VersionId"])
+        except (ClientError, BotoCoreError):
+            return what
+        if head.get("ObjectLockMode") or head.get("ObjectLockLegalHoldStatus") == "ON":
+            until = head.get("ObjectLockRetainUntilDate")
+            return ("%d object version(s) are under Object Lock retention, first %r version %s (mode %s, "
+                    "retained until %s, legal hold %s); the bucket can go only after retention ends" % (
+                        len(errors), first["Key"], first["VersionId"], head.get("ObjectLockMode"),
+                        until.isoformat() if hasattr(until, "isoformat") else until,
+                        head.get("ObjectLockLegalHoldStatus", "OFF")))
+        return what
+
+    def delete(self, ctx, res):
+        s3 = ctx.client("s3")
+        failures = []
+        try:
+            for page in s3.get_paginator("list_object_versions").paginate(Bucket=res.id):
+                objects = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                           for v in (page.get("Versions") or []) + (page.get("DeleteMarkers") or [])]
+                for start in range(0, len(objects), 1000):
+                    batch = objects[start:start + 1000]
+                    result = ctx.retry(s3.delete_objects, Bucket=res.id, Delete={"Objects": batch, "Quiet": True},
+                                       _mutates=False) or {}
+                    if len(result.get("Errors") or []) < len(batch):
+                        ctx.mutated = True
+                    for err in result.get("Errors") or []:
+                        # Some stores leave the version out of the error: take it from the request.
+                        version = err.get("VersionId") or next(
+                            (o["VersionId"] for o in batch if o["Key"] == err.get("Key")), None)
+                        failures.append(dict(err, VersionId=version))
+        except ClientError as exc:
+            if is_gone(exc):
+                return
+            raise
+        if failures:
+            raise SweepError(self._lock_reason(ctx, res.id, failures))
+        ctx.retry(s3.delete_bucket, Bucket=res.id)
+
+
+class SnsTopic(Kind):
+    name, service = "sns_topic", "sns"
+
+    def _tags(self, ctx, arn):
+        return tag_dict(ctx.client("sns").list_tags_for_resource(ResourceArn=arn).get("Tags"))
+
+    def discover(self, ctx):
+        topics = _paginate(ctx.client("sns"), "list_topics", "Topics")
+        found = _tagged(self.name, topics, lambda t: t["TopicArn"], lambda t: self._tags(ctx, t["TopicArn"]))
+        return [r for r in found if ctx.selector.matches(r.tags)]
+
+    def lookup(self, ctx, rid):
+        try:
+            ctx.client("sns").get_topic_attributes(TopicArn=rid)
+            return Resource(self.name, rid, self._tags(ctx, rid))
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+
+    def delete(self, ctx, res):
+        ctx.retry(ctx.client("sns").delete_topic, TopicArn=res.id)
+
+
+# EC2 deletion steps, in dependency order.
+EC2_STEPS = (
+    (Instance(), NatGateway(), VpcEndpoint(), FlowLog(), VpcPeering(), TgwAttachment()),
+    (ElasticIp(), InternetGateway(), VpnGateway()),
+    (NetworkInterface(),),
+    (Subnet(), RouteTable(), NetworkAcl(), SecurityGroup()),
+    (Vpc(),),
+)
+OTHER_KINDS = (LogGroup(), IamRole(), IamPolicy(), IamInstanceProfile(), Secret(), KmsKey(), S3Bucket(), SnsTopic())
+KINDS = {k.name: k for k in [k for step in EC2_STEPS for k in step] + list(OTHER_KINDS)}
+RESOURCE_TYPES = sorted(KINDS)
+SERVICES = sorted({k.service for k in KINDS.values()})
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class Discovery:
+    resources: list
+    errors: list          # [{type, id, error}] for kinds / extras that could not be listed
+
+
+def discover(ctx: Context, extras: list | None = None) -> Discovery:
+    """Every selected resource of every kind, plus the ``extras`` that still exist.
+
+    ``extras``: ``[{type, id, tags}]``; ``tags`` (drill id, expiry from the drill's state) are
+    reported for a resource that has none of its own.
+    """
+    kinds = list(KINDS.values())
+    results = parallel(lambda k: k.discover(ctx), kinds, workers=len(kinds))
+    resources, errors, seen = [], [], set()
+    for kind, result in zip(kinds, results, strict=True):
+        if isinstance(result, Exception):
+            errors.append({"type": kind.name, "id": "*", "error": "could not list: %s" % describe_error(result)})
+            continue
+        for res in result:
+            if res.key not in seen:
+                seen.add(res.key)
+                resources.append(res)
+    extras = [e for e in extras or [] if (e["type"], e["id"]) not in seen]
+    looked = parallel(lambda e: KINDS[e["type"]].lookup(ctx, e["id"]), extras)
+    for extra, result in zip(extras, looked, strict=True):
+        if isinstance(result, Exception):
+            errors.append({"type": extra["type"], "id": extra["id"],
+                           "error": "could not look up: %s" % describe_error(result)})
+        elif result is not None and result.key not in seen:
+            seen.add(result.key)
+            # The resource's own tags win; the recorded drill id / expiry fill the gaps.
+            result.tags = dict(extra.get("tags") or {}, **result.tags)
+            resources.append(result)
+    resources.sort(key=lambda r: (r.type, r.id))
+    return Discovery(resources, errors)
+
+
+def _delete_all(ctx: Context, items: list, errors: list, lock: threading.Lock) -> None:
+    def one(res):
+        try:
+            KINDS[res.type].delete(ctx, res)
+        except (ClientError, BotoCoreError, SweepError) as exc:
+            with lock:
+                errors.append({"type": res.type, "id": res.id, "error": describe_error(exc)})
+    parallel(one, items)
+
+
+def _wait_gone(ctx: Context, items: list) -> None:
+    """Poll until each item is gone or the deadline passes (what stays is found again at the end)."""
+    pending = list(items)
+    delay = 1.0
+    while pending and ctx.time_left() > 0:
+        states = parallel(lambda r: KINDS[r.type].lookup(ctx, r.id), pending)
+        pending = [r for r, s in zip(pending, states, strict=True) if s is not None]
+        if pending:
+            time.sleep(min(random.uniform(delay / 2, delay), max(ctx.time_left(), 0.05)))  # noqa: S311
+            delay = min(delay * 2, 10.0)
+
+
+def delete(ctx: Context, resources: list) -> list:
+    """Delete ``resources`` in dependency order; return ``[{type, id, error}]`` for what failed."""
+    errors: list = []
+    lock = threading.Lock()
+    others = [r for r in resources if r.type in {k.name for k in OTHER_KINDS}]
+
+    def ec2_chain():
+        for step in EC2_STEPS:
+            names = {k.name for k in step}
+            items = [r for r in resources if r.type in names]
+            if not items:
+                continue
+            groups = [r for r in items if r.type == "security_group"]
+            if groups:
+                revoke_errors = parallel(lambda g: KINDS["security_group"].revoke_group_references(ctx, g), groups)
+                for grp, err in zip(groups, revoke_errors, strict=True):
+                    if isinstance(err, Exception) and not is_gone(err):
+                        with lock:
+                            errors.append({"type": grp.type, "id": grp.id,
+                                           "error": "could not revoke group references: %s" % describe_error(err)})
+            _delete_all(ctx, items, errors, lock)
+            _wait_gone(ctx, [r for r in items if KINDS[r.type].wait_gone])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(ec2_chain), pool.submit(_delete_all, ctx, others, errors, lock)]
+        for fut in futures:
+            fut.result()
+    return errors

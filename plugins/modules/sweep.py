@@ -1,0 +1,329 @@
+#!/usr/bin/python
+# Copyright: drguard maintainers
+# Apache License 2.0
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: sweep
+short_description: Delete every resource of a drill (or every expired drill resource) and prove none remain
+version_added: 0.1.0
+description:
+  - Guaranteed teardown. Finds resources through each service's own describe/list calls by the drguard tags
+    (C(drguard:drill-id), C(drguard:managed), C(drguard:expires-at)); the resource-groups tagging API is not used
+    because it misses network ACLs, transit gateway attachments, VPC endpoints and IAM roles.
+  - With O(drill_id), takes every resource whose C(drguard:drill-id) tag equals it. With O(expired=true), takes every
+    resource tagged C(drguard:managed=true) whose C(drguard:expires-at) is at or before O(as_of); a managed resource
+    with a missing or unreadable expiry counts as expired (fail closed).
+  - Covers EC2 instances, NAT gateways, elastic IPs, VPC endpoints, flow logs, VPC peering connections, transit
+    gateway VPC attachments, VPN gateways, internet gateways, network interfaces, subnets, route tables, network ACLs,
+    security groups and VPCs; CloudWatch Logs log groups; IAM roles (with their inline and attached policies and
+    instance profiles) and customer-managed policies; Secrets Manager secrets (deleted without recovery); KMS keys
+    (aliases deleted, deletion scheduled with the minimum 7-day window; a key pending deletion counts as gone);
+    S3 buckets (every object version and delete marker first); SNS topics.
+  - Deletes in dependency order, in parallel within each step, retrying dependency errors with jittered backoff
+    until O(timeout). Then discovers again; whatever is still there is returned in RV(remaining), and the task
+    fails when anything remains (O(fail_on_remaining)). Deleting what no longer exists is not an error.
+  - An S3 object under Object Lock retention or legal hold is never bypassed; its bucket stays in RV(remaining)
+    with the reason.
+  - In check mode, nothing is deleted and RV(found) lists what a real run would delete.
+author:
+  - drguard maintainers
+options:
+  drill_id:
+    description:
+      - Delete every resource whose C(drguard:drill-id) tag equals this drill id.
+      - Exactly one of O(drill_id) and O(expired) is required.
+    type: str
+  expired:
+    description:
+      - When V(true), delete every managed resource whose C(drguard:expires-at) is at or before O(as_of) (the reaper).
+      - Exactly one of O(drill_id) and O(expired) is required.
+    type: bool
+  as_of:
+    description:
+      - The reaper's notion of now, RFC 3339 with a time zone (for example V(2026-11-29T05:00:00Z)).
+      - Defaults to the current time. Only used with O(expired=true).
+    type: str
+  extra_resources:
+    description:
+      - Resources that cannot carry tags, recorded in the drill's state by other modules. Each is deleted when it
+        still exists, like a tagged resource of its type.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      type:
+        description: Resource type, one of the types in RV(found).
+        type: str
+        required: true
+        choices: [ec2_instance, elastic_ip, flow_log, iam_instance_profile, iam_policy, iam_role, internet_gateway,
+                  kms_key, log_group, nat_gateway, network_acl, network_interface, route_table, s3_bucket, secret,
+                  security_group, sns_topic, subnet, transit_gateway_attachment, vpc, vpc_endpoint,
+                  vpc_peering_connection, vpn_gateway]
+      id:
+        description:
+          - The resource's id as its service names it (instance id, bucket name, role name, policy ARN, secret ARN
+            or name, key id, log group name, topic ARN, ...).
+        type: str
+        required: true
+      drill_id:
+        description:
+          - The drill that recorded it; reported in RV(found) (defaults to O(drill_id)).
+        type: str
+      expires_at:
+        description:
+          - The recording drill's expiry (RFC 3339). With O(expired=true), an extra resource is taken only when this is
+            at or before O(as_of); without it, it is always taken.
+        type: str
+  timeout:
+    description:
+      - Seconds the whole teardown may take; dependency errors are retried until then.
+    type: int
+    default: 300
+  fail_on_remaining:
+    description:
+      - Fail the task when anything remains after deletion, or when a service could not be listed (the result could
+        not prove that nothing remains).
+    type: bool
+    default: true
+notes:
+  - IAM is global, so O(expired=true) also reaps expired drill roles and policies created from other regions.
+  - Needs describe/list, tag-read and delete permissions on every covered service.
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+"""
+
+EXAMPLES = r"""
+- name: Tear down one drill
+  drguard.sandbox.sweep:
+    drill_id: dr-20261129044000-a1b2c3
+    extra_resources:
+      - {type: iam_instance_profile, id: dr-20261129044000-a1b2c3-runner}
+  register: teardown_result
+
+- name: Reap every expired drill resource (dry run first)
+  drguard.sandbox.sweep:
+    expired: true
+  check_mode: true
+  register: would_reap
+
+- name: Reap as if it were a given time, reporting instead of failing
+  drguard.sandbox.sweep:
+    expired: true
+    as_of: "2026-11-30T00:00:00Z"
+    timeout: 600
+    fail_on_remaining: false
+"""
+
+RETURN = r"""
+found:
+  description: Resources the sweep selected (in check mode, what a real run would delete).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    type: {description: Resource type (for example V(vpc), V(iam_role), V(s3_bucket)), type: str}
+    id: {description: Resource id as its service names it., type: str}
+    drill_id: {description: Its C(drguard:drill-id) tag, if any., type: str}
+    expires_at: {description: Its C(drguard:expires-at) tag, if any., type: str}
+  sample: [{type: vpc, id: vpc-0a1b2c3d, drill_id: dr-20261129044000-a1b2c3, expires_at: "2026-11-29T08:40:00Z"}]
+deleted:
+  description: Resources found and gone after the sweep. Empty in check mode.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{type: subnet, id: subnet-0a1b2c3d, drill_id: dr-20261129044000-a1b2c3, expires_at: "2026-11-29T08:40:00Z"}]
+remaining:
+  description:
+    - Selected resources still there after the sweep, each with a C(reason). Empty in check mode.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - type: s3_bucket
+      id: dr-20261129044000-a1b2c3-telemetry
+      drill_id: dr-20261129044000-a1b2c3
+      expires_at: "2026-11-29T08:40:00Z"
+      reason: "1 object version(s) are under Object Lock retention, ..."
+errors:
+  description:
+    - Deletions that failed and services that could not be listed (C(id) is V(*) then).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{type: security_group, id: sg-0a1b2c3d, error: "DependencyViolation: resource has a dependent object"}]
+counts:
+  description: Number of resources found, deleted and remaining.
+  returned: always
+  type: dict
+  sample: {found: 12, deleted: 12, remaining: 0}
+as_of:
+  description: The time expiry was judged against (RFC 3339 UTC).
+  returned: always
+  type: str
+  sample: "2026-11-29T05:00:00Z"
+seconds:
+  description: Wall-clock seconds the sweep took.
+  returned: always
+  type: float
+  sample: 12.4
+"""
+
+import time
+
+try:
+    import botocore.config
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
+
+ARGUMENT_SPEC = dict(
+    drill_id=dict(type="str"),
+    expired=dict(type="bool"),
+    as_of=dict(type="str"),
+    extra_resources=dict(type="list", elements="dict", default=[], options=dict(
+        type=dict(type="str", required=True, choices=list(_sweep.RESOURCE_TYPES)),
+        id=dict(type="str", required=True),
+        drill_id=dict(type="str"),
+        expires_at=dict(type="str"),
+    )),
+    timeout=dict(type="int", default=300),
+    fail_on_remaining=dict(type="bool", default=True),
+)
+
+
+def _validate(module):
+    params = module.params
+    if params["drill_id"] is not None:
+        try:
+            validate_drill_id(params["drill_id"])
+        except DrillError as exc:
+            module.fail_json(msg="%s." % exc)
+    elif params["expired"] is not True:
+        module.fail_json(msg="expired=false selects nothing; set expired: true to reap every expired drill "
+                             "resource, or give drill_id to tear down one drill.")
+    if params["as_of"] is not None and params["drill_id"] is not None:
+        module.fail_json(msg="as_of only applies to expired: true; remove it when tearing down by drill_id.")
+    try:
+        as_of = parse_time(params["as_of"]) if params["as_of"] is not None else utcnow()
+    except DrillError as exc:
+        module.fail_json(msg="as_of is not valid: %s (for example 2026-11-29T05:00:00Z)." % exc)
+    if params["timeout"] <= 0:
+        module.fail_json(msg="timeout must be a positive number of seconds, got %d." % params["timeout"])
+    for extra in params["extra_resources"]:
+        if not extra["id"].strip():
+            module.fail_json(msg="extra_resources entry of type %s has an empty id; give the resource's id."
+                             % extra["type"])
+        if extra["expires_at"] is not None:
+            try:
+                parse_time(extra["expires_at"])
+            except DrillError as exc:
+                module.fail_json(msg="extra_resources entry %s %s: expires_at is not valid: %s."
+                                 % (extra["type"], extra["id"], exc))
+    return as_of
+
+
+def _extras(params, as_of):
+    """The extra resources this sweep takes, each with the tags it is reported with."""
+    out = []
+    for extra in params["extra_resources"]:
+        if params["expired"] and extra["expires_at"] is not None and parse_time(extra["expires_at"]) > as_of:
+            continue
+        tags = {}
+        if extra["drill_id"] or params["drill_id"]:
+            tags[TAG_DRILL_ID] = extra["drill_id"] or params["drill_id"]
+        if extra["expires_at"]:
+            tags[TAG_EXPIRES_AT] = extra["expires_at"]
+        out.append({"type": extra["type"], "id": extra["id"].strip(), "tags": tags})
+    return out
+
+
+def main():
+    module = AnsibleAWSModule(
+        argument_spec=ARGUMENT_SPEC,
+        mutually_exclusive=[("drill_id", "expired")],
+        required_one_of=[("drill_id", "expired")],
+        supports_check_mode=True,
+    )
+    as_of = _validate(module)
+    started = time.monotonic()
+    # Standard retries cover throttling on every call, paginators included (many list/tag calls run in parallel).
+    config = botocore.config.Config(max_pool_connections=_sweep.WORKERS * 2,
+                                    retries={"mode": "standard", "max_attempts": 10})
+
+    # Built here, in the main thread: a connection problem fails the module once, cleanly,
+    # instead of inside a worker thread.
+    clients = {service: module.client(service, retry_decorator=AWSRetry.jittered_backoff(), config=config)
+               for service in _sweep.SERVICES}
+
+    selector = _sweep.Selector(drill_id=module.params["drill_id"], as_of=as_of)
+    ctx = _sweep.Context(clients.__getitem__, selector, started + module.params["timeout"])
+    extras = _extras(module.params, as_of)
+
+    first = _sweep.discover(ctx, extras)
+    found = [r.as_dict() for r in first.resources]
+    result = dict(found=found, deleted=[], remaining=[], errors=list(first.errors),
+                  as_of=format_time(as_of))
+
+    if module.check_mode:
+        result.update(changed=bool(found), counts=dict(found=len(found), deleted=0, remaining=0),
+                      seconds=round(time.monotonic() - started, 3))
+        if first.errors and module.params["fail_on_remaining"]:
+            module.fail_json(msg=_listing_failure(first.errors), **result)
+        module.exit_json(**result)
+
+    delete_errors = _sweep.delete(ctx, first.resources)
+    # Discover again (also on a passed deadline): what is still there is what remains.
+    ctx.deadline = max(ctx.deadline, time.monotonic() + 60)
+    second = _sweep.discover(ctx, extras)
+    remaining_keys = {r.key for r in second.resources}
+    reasons = {}
+    for err in delete_errors:
+        reasons.setdefault((err["type"], err["id"]), err["error"])
+    first_keys = {r.key for r in first.resources}
+    remaining = []
+    for res in second.resources:
+        res.reason = (reasons.get(res.key) or _sweep.KINDS[res.type].remaining_reason(res)
+                      or ("still exists after deletion" if res.key in first_keys
+                          else "appeared while the sweep ran (is the drill still running?)"))
+        remaining.append(res.as_dict(with_reason=True))
+    deleted = [r.as_dict() for r in first.resources if r.key not in remaining_keys]
+    result.update(
+        changed=bool(deleted) or ctx.mutated, deleted=deleted, remaining=remaining,
+        errors=delete_errors + second.errors,
+        counts=dict(found=len(found), deleted=len(deleted), remaining=len(remaining)),
+        seconds=round(time.monotonic() - started, 3),
+    )
+    if module.params["fail_on_remaining"]:
+        if remaining:
+            listed = "; ".join("%s %s (%s)" % (r["type"], r["id"], r["reason"]) for r in remaining[:10])
+            more = " and %d more (see remaining)" % (len(remaining) - 10) if len(remaining) > 10 else ""
+            module.fail_json(msg="%d resource(s) remain after teardown: %s%s; fix the cause and run the sweep again."
+                             % (len(remaining), listed, more), **result)
+        if second.errors:
+            module.fail_json(msg=_listing_failure(second.errors), **result)
+    module.exit_json(**result)
+
+
+def _listing_failure(errors):
+    return ("could not prove that nothing remains because the sweep could not list everything: %s; grant the "
+            "missing describe/list permissions and run it again." % "; ".join(
+                "%s %s (%s)" % (e["type"], e["id"], e["error"]) for e in errors))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""playbooks/reap.yml end to end: ansible-playbook against an emulator of the test's own."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import subprocess
+import sys
+from datetime import datetime
+from datetime import timedelta
+from datetime import UTC
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import ROOT, ansible_env
+
+pytestmark = pytest.mark.slow
+
+ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
+TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+
+
+def rfc3339(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def clients(emu):
+    def client(service):
+        return boto3.client(service, region_name="us-east-1", endpoint_url=emu.url,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+    return client
+
+
+def tags_for(drill_id: str, expires: str) -> dict:
+    return {"drguard:managed": "true", "drguard:drill-id": drill_id, "drguard:expires-at": expires}
+
+
+def tag_list(tags: dict) -> list:
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+def small_world(aws, drill_id: str, expires: str, octet: int) -> set:
+    """A drill-shaped set of tagged resources; returns {(type, id)}."""
+    tags = tags_for(drill_id, expires)
+    ec2 = aws("ec2")
+
+    def spec(rtype):
+        return [{"ResourceType": rtype, "Tags": tag_list(tags)}]
+    vpc = ec2.create_vpc(CidrBlock="10.%d.0.0/16" % octet, TagSpecifications=spec("vpc"))["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.%d.1.0/24" % octet,
+                               TagSpecifications=spec("subnet"))["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName=drill_id, Description="drill", VpcId=vpc,
+                                   TagSpecifications=spec("security-group"))["GroupId"]
+    igw = ec2.create_internet_gateway(TagSpecifications=spec("internet-gateway"))["InternetGateway"]
+    ec2.attach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc)
+    iam = aws("iam")
+    iam.create_role(RoleName=drill_id + "-runner", AssumeRolePolicyDocument=TRUST, Tags=tag_list(tags))
+    iam.put_role_policy(RoleName=drill_id + "-runner", PolicyName="inline", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]}))
+    s3 = aws("s3")
+    s3.create_bucket(Bucket=drill_id + "-telemetry")
+    s3.put_bucket_tagging(Bucket=drill_id + "-telemetry", Tagging={"TagSet": tag_list(tags)})
+    s3.put_object(Bucket=drill_id + "-telemetry", Key="events.json", Body=b"{}")
+    secret = aws("secretsmanager").create_secret(Name=drill_id + "/db", SecretString="synthetic",
+                                                 Tags=tag_list(tags))["ARN"]
+    aws("logs").create_log_group(logGroupName="/drguard/" + drill_id, tags=tags)
+    return {("vpc", vpc), ("subnet", subnet), ("security_group", sg), ("internet_gateway", igw["InternetGatewayId"]),
+            ("iam_role", drill_id + "-runner"), ("s3_bucket", drill_id + "-telemetry"), ("secret", secret),
+            ("log_group", "/drguard/" + drill_id)}
+
+
+def existing(aws, resources: set) -> set:
+    """Which of ``resources`` still exist, read back through the services (not through the sweep)."""
+    ec2, iam, s3, sm, logs = aws("ec2"), aws("iam"), aws("s3"), aws("secretsmanager"), aws("logs")
+    out = set()
+    for rtype, rid in resources:
+        try:
+            if rtype == "vpc":
+                present = bool(ec2.describe_vpcs(Filters=[{"Name": "vpc-id", "Values": [rid]}])["Vpcs"])
+            elif rtype == "subnet":
+                present = bool(ec2.describe_subnets(Filters=[{"Name": "subnet-id", "Values": [rid]}])["Subnets"])
+            elif rtype == "security_group":
+                present = bool(ec2.describe_security_groups(
+                    Filters=[{"Name": "group-id", "Values": [rid]}])["SecurityGroups"])
+            elif rtype == "internet_gateway":
+                present = bool(ec2.describe_internet_gateways(
+                    Filters=[{"Name": "internet-gateway-id", "Values": [rid]}])["InternetGateways"])
+            elif rtype == "iam_role":
+                iam.get_role(RoleName=rid)
+                present = True
+            elif rtype == "s3_bucket":
+                s3.head_bucket(Bucket=rid)
+                present = True
+            elif rtype == "secret":
+                present = not sm.describe_secret(SecretId=rid).get("DeletedDate")
+            elif rtype == "log_group":
+                groups = logs.describe_log_groups(logGroupNamePrefix=rid)["logGroups"]
+                present = any(g["logGroupName"] == rid for g in groups)
+            else:
+                raise AssertionError(rtype)
+        except aws("iam").exceptions.NoSuchEntityException:
+            present = False
+        except Exception as exc:  # noqa: BLE001 - a NotFound of any service means gone
+            if "NotFound" in type(exc).__name__ or "404" in str(exc) or "ResourceNotFound" in str(exc):
+                present = False
+            else:
+                raise
+        if present:
+            out.add((rtype, rid))
+    return out
+
+
+def summary(stdout: str) -> str:
+    """The reaper's printed summary (from its headline to the next task)."""
+    assert "REAP SUMMARY" in stdout, stdout[-3000:]
+    text = stdout[stdout.index("REAP SUMMARY"):]
+    return text[:text.index("TASK [")] if "TASK [" in text else text
+
+
+def reap(emu, *extra_vars: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [ANSIBLE_PLAYBOOK, "playbooks/reap.yml"]
+    for var in extra_vars:
+        cmd += ["-e", var]
+    return subprocess.run(cmd, env=ansible_env(emu, env_extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_reap_deletes_only_expired_resources(fresh_emulator, tmp_path):
+    aws = clients(fresh_emulator)
+    now = datetime.now(UTC)
+    old, young = "dr-old-%s" % secrets.token_hex(3), "dr-young-%s" % secrets.token_hex(3)
+    expired = small_world(aws, old, rfc3339(now - timedelta(hours=1)), 20)
+    alive = small_world(aws, young, rfc3339(now + timedelta(hours=1)), 22)
+    # Untaggable resources recorded in the drills' state files (drill-runs/<id>/state.json).
+    logs = aws("logs")
+    for drill, world, expiry in ((old, expired, now - timedelta(hours=1)), (young, alive, now + timedelta(hours=1))):
+        logs.create_log_group(logGroupName="/untagged/" + drill)
+        world.add(("log_group", "/untagged/" + drill))
+        (tmp_path / drill).mkdir()
+        (tmp_path / drill / "state.json").write_text(json.dumps({
+            "drill_id": drill, "region": "us-east-1", "started_at": rfc3339(now - timedelta(hours=2)),
+            "expires_at": rfc3339(expiry), "extra_resources": [{"type": "log_group", "id": "/untagged/" + drill}]}))
+
+    dry = reap(fresh_emulator, "reap_region=us-east-1", "reap_dry_run=true", "reap_state_root=%s" % tmp_path)
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-2000:]
+    text = summary(dry.stdout)
+    assert text.startswith("REAP SUMMARY (dry run, nothing deleted)")
+    assert "found=%d deleted=0 remaining=0" % len(expired) in text
+    for rtype, rid in expired:
+        assert "%s %s drill=%s" % (rtype, rid, old) in text
+    assert young not in text
+    assert existing(aws, expired) == expired, "the dry run deleted something"
+    assert existing(aws, alive) == alive
+
+    real = reap(fresh_emulator, "reap_region=us-east-1", "reap_state_root=%s" % tmp_path,
+                "reap_endpoint_url=%s" % fresh_emulator.url)
+    assert real.returncode == 0, real.stdout[-4000:] + real.stderr[-2000:]
+    text = summary(real.stdout)
+    assert text.startswith("REAP SUMMARY (deleted)")
+    assert "found=%d deleted=%d remaining=0" % (len(expired), len(expired)) in text
+    for rtype, rid in expired:
+        assert "%s %s drill=%s" % (rtype, rid, old) in text
+    assert young not in text
+    assert existing(aws, expired) == set()
+    assert existing(aws, alive) == alive
+
+    again = reap(fresh_emulator, "reap_region=us-east-1", "reap_state_root=%s" % tmp_path)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "found=0 deleted=0 remaining=0" in summary(again.stdout)
+
+    # Judged as of two hours from now, the young drill has expired as well.
+    later = reap(fresh_emulator, "reap_region=us-east-1", "reap_state_root=%s" % tmp_path,
+                 "reap_as_of=%s" % rfc3339(now + timedelta(hours=2)))
+    assert later.returncode == 0, later.stdout[-4000:]
+    assert existing(aws, alive) == set()
+
+
+def test_reap_fails_and_names_what_remains(fresh_emulator, tmp_path):
+    aws = clients(fresh_emulator)
+    drill = "dr-locked-%s" % secrets.token_hex(3)
+    s3 = aws("s3")
+    bucket = drill + "-evidence"
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags_for(drill, "2001-01-01T00:00:00Z"))})
+    s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="COMPLIANCE",
+                  ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))
+    res = reap(fresh_emulator, "reap_region=us-east-1", "reap_state_root=%s" % tmp_path)
+    assert res.returncode != 0
+    text = summary(res.stdout)
+    assert "remaining=1" in text
+    assert "s3_bucket %s drill=%s" % (bucket, drill) in text
+    assert "Object Lock" in text
+    assert "The reaper did not prove that nothing expired remains" in res.stdout
+
+
+@pytest.mark.parametrize(("extra_vars", "env_extra", "message"), [
+    (["reap_region=us-east-1", "reap_as_of=yesterday"], {}, "reap_as_of 'yesterday' is not RFC 3339"),
+    (["reap_region=us-east-1", "reap_timeout=0"], {}, "reap_timeout must be a positive number"),
+    ([], {"AWS_REGION": "", "AWS_DEFAULT_REGION": ""}, "No region: set reap_region"),
+])
+def test_reap_rejects_bad_input_before_touching_aws(fresh_emulator, tmp_path, extra_vars, env_extra, message):
+    res = reap(fresh_emulator, *extra_vars, "reap_state_root=%s" % tmp_path, env_extra=env_extra)
+    assert res.returncode != 0
+    assert message in res.stdout, res.stdout[-3000:]
+    assert "REAP SUMMARY" not in res.stdout
+
+
+ROLE_PLAY = """
+- name: Teardown role under test
+  hosts: localhost
+  gather_facts: false
+  module_defaults:
+    group/drguard.sandbox.aws: &aws
+      region: us-east-1
+    drguard.sandbox.sweep: *aws
+    drguard.sandbox.mint_credentials: *aws
+  tasks:
+    - name: Tear down
+      block:
+        - name: Run the role
+          ansible.builtin.include_role:
+            name: drguard.sandbox.teardown
+          vars:
+            teardown_drill_id: "{{ drill }}"
+            teardown_extra_resources: "{{ extras | default([]) }}"
+            teardown_timeout: 60
+      always:
+        - name: Show the fact
+          ansible.builtin.debug:
+            msg: "TEARDOWN_FACT {{ teardown | to_json | b64encode }}"
+"""
+
+
+def run_role(emu, tmp_path, drill: str, extras: list) -> tuple[subprocess.CompletedProcess, dict]:
+    play = tmp_path / "teardown.yml"
+    play.write_text(ROLE_PLAY)
+    vars_file = tmp_path / "vars.json"
+    vars_file.write_text(json.dumps({"drill": drill, "extras": extras}))
+    proc = subprocess.run([ANSIBLE_PLAYBOOK, str(play), "-e", "@%s" % vars_file], env=ansible_env(emu), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    # base64, so that the callback cannot fold the line
+    encoded = re.search(r"TEARDOWN_FACT ([A-Za-z0-9+/=]+)", proc.stdout)
+    assert encoded, proc.stdout[-4000:]
+    fact = json.loads(base64.b64decode(encoded.group(1)))
+    return proc, fact
+
+
+def test_teardown_role_revokes_sweeps_and_reports(fresh_emulator, tmp_path):
+    aws = clients(fresh_emulator)
+    drill = "dr-role-%s" % secrets.token_hex(3)
+    tags = tags_for(drill, "2099-01-01T00:00:00Z")
+    # The drill's role as mint_credentials makes it: revoked first, then deleted by the sweep.
+    aws("iam").create_role(RoleName="drguard-" + drill, Path="/drguard/", AssumeRolePolicyDocument=TRUST,
+                           Tags=tag_list(tags))
+    aws("logs").create_log_group(logGroupName="/drguard/" + drill, tags=tags)
+    aws("logs").create_log_group(logGroupName="/untagged/" + drill)
+    proc, fact = run_role(fresh_emulator, tmp_path, drill, [{"type": "log_group", "id": "/untagged/" + drill}])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert fact["deleted"] == 3 and fact["remaining"] == 0 and fact["remaining_resources"] == []
+    assert fact["seconds"] > 0
+    assert "Revoke the drill's credentials" in proc.stdout
+    assert existing(aws, {("iam_role", "drguard-" + drill), ("log_group", "/untagged/" + drill)}) == set()
+
+
+def test_teardown_role_fails_when_something_remains(fresh_emulator, tmp_path):
+    aws = clients(fresh_emulator)
+    drill = "dr-role-%s" % secrets.token_hex(3)
+    s3 = aws("s3")
+    bucket = drill + "-evidence"
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags_for(drill, "2099-01-01T00:00:00Z"))})
+    s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="COMPLIANCE",
+                  ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))
+    aws("sns").create_topic(Name=drill + "-alerts", Tags=tag_list(tags_for(drill, "2099-01-01T00:00:00Z")))
+    proc, fact = run_role(fresh_emulator, tmp_path, drill, [])
+    assert proc.returncode != 0
+    assert "Teardown of drill %s is incomplete" % drill in proc.stdout
+    assert bucket in proc.stdout
+    assert fact["remaining"] == 1 and fact["deleted"] == 1
+    assert [(r["type"], r["id"]) for r in fact["remaining_resources"]] == [("s3_bucket", bucket)]
+    assert "Object Lock" in fact["remaining_resources"][0]["reason"]

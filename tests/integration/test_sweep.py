@@ -1,0 +1,427 @@
+"""drguard.sandbox.sweep against the emulator: discovery, dependency-ordered deletion, proof of zero."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime
+from datetime import timedelta
+from datetime import UTC
+
+import pytest
+from botocore.exceptions import ClientError
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
+
+FUTURE = "2099-01-01T00:00:00Z"
+# Expired-mode tests judge expiry against a date long past, so that the managed
+# resources of other tests sharing the emulator (which expire in the future) are
+# never reaped by them.
+AS_OF = "2002-01-01T00:00:00Z"
+BEFORE_AS_OF = "2001-06-01T00:00:00Z"
+AFTER_AS_OF = "2002-06-01T00:00:00Z"
+
+TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+
+
+def policy_doc(action: str) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": action, "Resource": "*"}]})
+
+
+def new_id(prefix: str = "sw") -> str:
+    return "%s-%s" % (prefix, secrets.token_hex(5))
+
+
+def keys_of(items) -> set:
+    return {(i["type"], i["id"]) for i in items}
+
+
+def _ami(ec2) -> str:
+    return ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+
+def build_world(aws, drill_id: str, tags: dict, cidr_octet: int) -> dict:
+    """Create one resource of every supported type tagged with ``tags``; return {(type, id)}.
+
+    Also creates an untagged instance profile (reported through extra_resources) and an
+    untagged transit gateway (control-plane shaped, not the drill's).
+    """
+    ec2, iam, s3 = aws("ec2"), aws("iam"), aws("s3")
+    made = set()
+
+    def spec(rtype):
+        return ec2_tag_specs(rtype, tags, name=drill_id)
+
+    cidr = "10.%d.0.0/16" % cidr_octet
+    vpc = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=spec("vpc"))["Vpc"]["VpcId"]
+    peer_vpc = ec2.create_vpc(CidrBlock="10.%d.0.0/16" % (cidr_octet + 1),
+                              TagSpecifications=spec("vpc"))["Vpc"]["VpcId"]
+    made |= {("vpc", vpc), ("vpc", peer_vpc)}
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.%d.1.0/24" % cidr_octet,
+                               TagSpecifications=spec("subnet"))["Subnet"]["SubnetId"]
+    made.add(("subnet", subnet))
+    igw = ec2.create_internet_gateway(TagSpecifications=spec("internet-gateway"))["InternetGateway"]
+    ec2.attach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc)
+    made.add(("internet_gateway", igw["InternetGatewayId"]))
+    rtb = ec2.create_route_table(VpcId=vpc, TagSpecifications=spec("route-table"))["RouteTable"]["RouteTableId"]
+    ec2.create_route(RouteTableId=rtb, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw["InternetGatewayId"])
+    ec2.associate_route_table(RouteTableId=rtb, SubnetId=subnet)
+    made.add(("route_table", rtb))
+    acl = ec2.create_network_acl(VpcId=vpc, TagSpecifications=spec("network-acl"))["NetworkAcl"]["NetworkAclId"]
+    default_assoc = ec2.describe_network_acls(Filters=[
+        {"Name": "association.subnet-id", "Values": [subnet]}])["NetworkAcls"][0]["Associations"]
+    assoc_id = next(a["NetworkAclAssociationId"] for a in default_assoc if a["SubnetId"] == subnet)
+    ec2.replace_network_acl_association(AssociationId=assoc_id, NetworkAclId=acl)
+    made.add(("network_acl", acl))
+    sg_a = ec2.create_security_group(GroupName=drill_id + "-app", Description="app", VpcId=vpc,
+                                     TagSpecifications=spec("security-group"))["GroupId"]
+    sg_b = ec2.create_security_group(GroupName=drill_id + "-db", Description="db", VpcId=vpc,
+                                     TagSpecifications=spec("security-group"))["GroupId"]
+    # Each group references the other: neither can go before the references are revoked.
+    ec2.authorize_security_group_ingress(GroupId=sg_b, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": sg_a}]}])
+    ec2.authorize_security_group_ingress(GroupId=sg_a, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080, "UserIdGroupPairs": [{"GroupId": sg_b}]}])
+    made |= {("security_group", sg_a), ("security_group", sg_b)}
+    eni = ec2.create_network_interface(SubnetId=subnet, Groups=[sg_a], TagSpecifications=spec("network-interface"))
+    made.add(("network_interface", eni["NetworkInterface"]["NetworkInterfaceId"]))
+    eip = ec2.allocate_address(Domain="vpc", TagSpecifications=spec("elastic-ip"))["AllocationId"]
+    made.add(("elastic_ip", eip))
+    nat = ec2.create_nat_gateway(SubnetId=subnet, AllocationId=eip,
+                                 TagSpecifications=spec("natgateway"))["NatGateway"]["NatGatewayId"]
+    made.add(("nat_gateway", nat))
+    inst = ec2.run_instances(ImageId=_ami(ec2), MinCount=1, MaxCount=1, InstanceType="t3.micro", SubnetId=subnet,
+                             SecurityGroupIds=[sg_a], TagSpecifications=spec("instance"),
+                             DisableApiTermination=True)["Instances"][0]  # protection must not stop teardown
+    made.add(("ec2_instance", inst["InstanceId"]))
+    vpce = ec2.create_vpc_endpoint(VpcId=vpc, ServiceName="com.amazonaws.us-east-1.s3", VpcEndpointType="Gateway",
+                                   RouteTableIds=[rtb], TagSpecifications=spec("vpc-endpoint"))
+    made.add(("vpc_endpoint", vpce["VpcEndpoint"]["VpcEndpointId"]))
+    pcx = ec2.create_vpc_peering_connection(VpcId=vpc, PeerVpcId=peer_vpc,
+                                            TagSpecifications=spec("vpc-peering-connection"))
+    made.add(("vpc_peering_connection", pcx["VpcPeeringConnection"]["VpcPeeringConnectionId"]))
+    tgw = ec2.create_transit_gateway(Description="control plane")["TransitGateway"]["TransitGatewayId"]
+    tgwa = ec2.create_transit_gateway_vpc_attachment(
+        TransitGatewayId=tgw, VpcId=vpc, SubnetIds=[subnet],
+        TagSpecifications=spec("transit-gateway-attachment"))["TransitGatewayVpcAttachment"]
+    # moto drops TagSpecifications on this call; tag it again so the emulator has the tags AWS would.
+    ec2.create_tags(Resources=[tgwa["TransitGatewayAttachmentId"]], Tags=tag_list(tags))
+    made.add(("transit_gateway_attachment", tgwa["TransitGatewayAttachmentId"]))
+    vgw = ec2.create_vpn_gateway(Type="ipsec.1", TagSpecifications=spec("vpn-gateway"))["VpnGateway"]["VpnGatewayId"]
+    ec2.attach_vpn_gateway(VpcId=vpc, VpnGatewayId=vgw)
+    made.add(("vpn_gateway", vgw))
+
+    logs = aws("logs")
+    group = "/drguard/%s/flow" % drill_id
+    logs.create_log_group(logGroupName=group, tags=tags)
+    made.add(("log_group", group))
+
+    role = drill_id + "-runner"
+    iam.create_role(RoleName=role, AssumeRolePolicyDocument=TRUST, Tags=tag_list(tags))
+    iam.put_role_policy(RoleName=role, PolicyName="inline", PolicyDocument=policy_doc("s3:GetObject"))
+    made.add(("iam_role", role))
+    pol = iam.create_policy(PolicyName=drill_id + "-read", PolicyDocument=policy_doc("s3:ListBucket"),
+                            Tags=tag_list(tags))["Policy"]["Arn"]
+    iam.create_policy_version(PolicyArn=pol, PolicyDocument=policy_doc("s3:GetObject"), SetAsDefault=True)
+    iam.attach_role_policy(RoleName=role, PolicyArn=pol)
+    made.add(("iam_policy", pol))
+    iam.create_instance_profile(InstanceProfileName=role)
+    iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
+    # An untagged profile, known only from the drill's state: deleted through extra_resources.
+    iam.create_instance_profile(InstanceProfileName=drill_id + "-extra")
+    fl = ec2.create_flow_logs(ResourceIds=[vpc], ResourceType="VPC", TrafficType="ALL", LogGroupName=group,
+                              DeliverLogsPermissionArn="arn:aws:iam::123456789012:role/" + role,
+                              TagSpecifications=spec("vpc-flow-log"))["FlowLogIds"][0]
+    made.add(("flow_log", fl))
+
+    secret = aws("secretsmanager").create_secret(Name=drill_id + "/db", SecretString="synthetic",
+                                                 Tags=tag_list(tags))["ARN"]
+    made.add(("secret", secret))
+    kms = aws("kms")
+    key = kms.create_key(Description=drill_id, Tags=tag_list(tags, "TagKey", "TagValue"))["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/%s" % drill_id, TargetKeyId=key)
+    made.add(("kms_key", key))
+
+    bucket = drill_id + "-telemetry"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags)})
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for body in (b"one", b"two"):
+        s3.put_object(Bucket=bucket, Key="run/events.json", Body=body)
+    s3.put_object(Bucket=bucket, Key="run/other.json", Body=b"x")
+    s3.delete_object(Bucket=bucket, Key="run/other.json")  # leaves a delete marker
+    made.add(("s3_bucket", bucket))
+    topic = aws("sns").create_topic(Name=drill_id + "-alerts", Tags=tag_list(tags))["TopicArn"]
+    made.add(("sns_topic", topic))
+    return {"resources": made, "vpc": vpc, "bucket": bucket, "role": role, "tgw": tgw,
+            "extra": [{"type": "iam_instance_profile", "id": drill_id + "-extra"}]}
+
+
+def untagged_world(aws, name: str) -> set:
+    """Resources without drguard tags (or with foreign tags only): they must survive every sweep."""
+    ec2 = aws("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.250.0.0/16", TagSpecifications=ec2_tag_specs("vpc", {"team": "prod"}))
+    vpc_id = vpc["Vpc"]["VpcId"]
+    sg = ec2.create_security_group(GroupName=name, Description="foreign", VpcId=vpc_id)["GroupId"]
+    aws("s3").create_bucket(Bucket=name)
+    aws("iam").create_role(RoleName=name, AssumeRolePolicyDocument=TRUST)
+    aws("logs").create_log_group(logGroupName="/prod/" + name)
+    return {("vpc", vpc_id), ("security_group", sg), ("s3_bucket", name), ("iam_role", name),
+            ("log_group", "/prod/" + name)}
+
+
+def sweep_args(**kwargs) -> dict:
+    kwargs.setdefault("timeout", 120)
+    return kwargs
+
+
+def test_every_supported_type_is_found_deleted_and_proven_gone(aws, module_runner):
+    drill, other = new_id("dra"), new_id("drb")
+    mine = build_world(aws, drill, drill_tags(drill, FUTURE), 31)
+    theirs = build_world(aws, other, drill_tags(other, FUTURE), 33)
+    foreign = untagged_world(aws, new_id("prod"))
+    assert {t for t, _ in mine["resources"]} == set(_sweep.RESOURCE_TYPES) - {"iam_instance_profile"}
+
+    dry = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]), check_mode=True)
+    assert not dry.failed, dry
+    assert dry["changed"] is True
+    expected = mine["resources"] | {("iam_instance_profile", drill + "-extra")}
+    # Also the VPCs' own main route table / default ACL / default SG when tagged: here they are not.
+    assert keys_of(dry["found"]) == expected
+    assert dry["deleted"] == [] and dry["remaining"] == []
+    assert dry["counts"] == {"found": len(expected), "deleted": 0, "remaining": 0}
+    assert all(f["drill_id"] == drill for f in dry["found"])
+    assert all(f["expires_at"] == FUTURE for f in dry["found"] if f["type"] != "iam_instance_profile")
+
+    again = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]), check_mode=True)
+    assert keys_of(again["found"]) == expected, "check mode deleted something"
+
+    real = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]))
+    assert not real.failed, real
+    assert real["changed"] is True
+    assert keys_of(real["deleted"]) == expected
+    assert real["remaining"] == [] and real["errors"] == []
+    assert real["counts"] == {"found": len(expected), "deleted": len(expected), "remaining": 0}
+
+    # Gone for real, read back through the services themselves.
+    ec2 = aws("ec2")
+    assert ec2.describe_vpcs(Filters=[{"Name": "vpc-id", "Values": [mine["vpc"]]}])["Vpcs"] == []
+    with pytest.raises(ClientError):
+        aws("s3").head_bucket(Bucket=mine["bucket"])
+    with pytest.raises(ClientError):
+        aws("iam").get_role(RoleName=mine["role"])
+    with pytest.raises(ClientError):
+        aws("iam").get_instance_profile(InstanceProfileName=drill + "-extra")
+    key_id = next(i for t, i in mine["resources"] if t == "kms_key")
+    assert aws("kms").describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "PendingDeletion"
+    assert aws("kms").list_aliases(KeyId=key_id)["Aliases"] == []
+
+    # The other drill and the untagged resources are untouched.
+    left = module_runner("sweep", sweep_args(drill_id=other), check_mode=True)
+    assert keys_of(left["found"]) == theirs["resources"]
+    assert ec2.describe_vpcs(VpcIds=[v for t, v in foreign if t == "vpc"])["Vpcs"]
+    aws("s3").head_bucket(Bucket=next(i for t, i in foreign if t == "s3_bucket"))
+    aws("iam").get_role(RoleName=next(i for t, i in foreign if t == "iam_role"))
+
+    idem = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]))
+    assert not idem.failed, idem
+    assert idem["changed"] is False
+    assert idem["counts"] == {"found": 0, "deleted": 0, "remaining": 0}
+
+    cleanup = module_runner("sweep", sweep_args(drill_id=other))
+    assert not cleanup.failed, cleanup
+
+
+def test_expired_mode_takes_only_expired_managed_resources(aws, module_runner):
+    old, young = new_id("dro"), new_id("dry")
+    expired_world = build_world(aws, old, drill_tags(old, BEFORE_AS_OF), 41)
+    young_world = build_world(aws, young, drill_tags(young, AFTER_AS_OF), 43)
+    # Managed, but the expiry cannot be read: fails closed, counts as expired.
+    garbage = new_id("drg")
+    sm, logs = aws("secretsmanager"), aws("logs")
+    bad_tags = {"drguard:managed": "true", "drguard:drill-id": garbage, "drguard:expires-at": "next tuesday"}
+    bad_secret = sm.create_secret(Name=garbage + "/x", SecretString="s", Tags=tag_list(bad_tags))["ARN"]
+    no_expiry = {"drguard:managed": "true", "drguard:drill-id": garbage}
+    logs.create_log_group(logGroupName="/drguard/" + garbage, tags=no_expiry)
+    # An old expiry on a resource that is not managed by drguard is none of the reaper's business.
+    unmanaged = {"drguard:drill-id": garbage, "drguard:expires-at": BEFORE_AS_OF}
+    logs.create_log_group(logGroupName="/keep/" + garbage, tags=unmanaged)
+
+    dry = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF), check_mode=True)
+    assert not dry.failed, dry
+    found = keys_of(dry["found"])
+    want = expired_world["resources"] | {("secret", bad_secret), ("log_group", "/drguard/" + garbage)}
+    assert want <= found
+    assert not found & young_world["resources"]
+    assert ("log_group", "/keep/" + garbage) not in found
+    assert dry["as_of"] == AS_OF
+
+    real = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF))
+    assert not real.failed, real
+    assert want <= keys_of(real["deleted"])
+    assert real["remaining"] == []
+    left = module_runner("sweep", sweep_args(drill_id=young), check_mode=True)
+    assert keys_of(left["found"]) == young_world["resources"]
+    assert logs.describe_log_groups(logGroupNamePrefix="/keep/" + garbage)["logGroups"]
+
+    # Later, the young drill has expired too.
+    later = module_runner("sweep", sweep_args(expired=True, as_of="2003-01-01T00:00:00+01:00"))
+    assert not later.failed, later
+    assert young_world["resources"] <= keys_of(later["deleted"])
+    logs.delete_log_group(logGroupName="/keep/" + garbage)
+
+
+def test_object_lock_retention_keeps_the_bucket_and_fails(aws, module_runner):
+    drill = new_id("drl")
+    tags = drill_tags(drill, FUTURE)
+    s3 = aws("s3")
+    bucket = drill + "-locked"
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags)})
+    until = datetime.now(UTC) + timedelta(days=1)
+    s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="GOVERNANCE",
+                  ObjectLockRetainUntilDate=until)
+    s3.put_object(Bucket=bucket, Key="scratch.bin", Body=b"free")
+    topic = aws("sns").create_topic(Name=drill + "-alerts", Tags=tag_list(tags))["TopicArn"]
+    try:
+        res = module_runner("sweep", sweep_args(drill_id=drill))
+        assert res.failed
+        assert bucket in res["msg"] and "Object Lock" in res["msg"]
+        assert keys_of(res["remaining"]) == {("s3_bucket", bucket)}
+        reason = res["remaining"][0]["reason"]
+        assert "evidence.bin" in reason and "GOVERNANCE" in reason
+        assert ("sns_topic", topic) in keys_of(res["deleted"])
+        assert res["counts"]["remaining"] == 1
+        # The unlocked object went; the locked one is still there.
+        keys = [v["Key"] for v in s3.list_object_versions(Bucket=bucket).get("Versions", [])]
+        assert keys == ["evidence.bin"]
+
+        assert res["changed"] is True  # objects went, even though the bucket stays
+
+        report = module_runner("sweep", sweep_args(drill_id=drill, fail_on_remaining=False))
+        assert not report.failed
+        assert keys_of(report["remaining"]) == {("s3_bucket", bucket)}
+        assert report["changed"] is False  # nothing left that can be deleted
+    finally:
+        for v in s3.list_object_versions(Bucket=bucket).get("Versions", []):
+            s3.delete_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"], BypassGovernanceRetention=True)
+        s3.delete_bucket(Bucket=bucket)
+
+
+def test_default_resources_go_with_their_vpc(aws, module_runner):
+    """A tagged main route table / default SG / default ACL is found, and goes when its VPC goes."""
+    drill = new_id("drd")
+    tags = drill_tags(drill, FUTURE)
+    ec2 = aws("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.61.0.0/16", TagSpecifications=ec2_tag_specs("vpc", tags))["Vpc"]["VpcId"]
+    main_rtb = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"][0]
+    default_sg = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]},
+                                                       {"Name": "group-name", "Values": ["default"]}])
+    sg_id = default_sg["SecurityGroups"][0]["GroupId"]
+    ec2.create_tags(Resources=[main_rtb["RouteTableId"], sg_id], Tags=tag_list(tags))
+    res = module_runner("sweep", sweep_args(drill_id=drill))
+    assert not res.failed, res
+    assert keys_of(res["deleted"]) == {("vpc", vpc), ("route_table", main_rtb["RouteTableId"]),
+                                       ("security_group", sg_id)}
+
+
+def test_dependency_outside_the_drill_is_retried_until_timeout_then_reported(aws, module_runner):
+    drill = new_id("drv")
+    tags = drill_tags(drill, FUTURE)
+    ec2 = aws("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.62.0.0/16", TagSpecifications=ec2_tag_specs("vpc", tags))["Vpc"]["VpcId"]
+    # Not the drill's, but inside its VPC: the VPC cannot go while it exists.
+    stray = ec2.create_subnet(VpcId=vpc, CidrBlock="10.62.9.0/24")["Subnet"]["SubnetId"]
+    group = "/drguard/" + drill
+    aws("logs").create_log_group(logGroupName=group, tags=tags)
+    res = module_runner("sweep", sweep_args(drill_id=drill, timeout=3))
+    assert res.failed
+    assert keys_of(res["remaining"]) == {("vpc", vpc)}
+    assert "DependencyViolation" in res["remaining"][0]["reason"]
+    assert vpc in res["msg"] and "DependencyViolation" in res["msg"]
+    assert keys_of(res["deleted"]) == {("log_group", group)}
+    assert ec2.describe_subnets(SubnetIds=[stray])["Subnets"], "a subnet that is not the drill's was deleted"
+
+    ec2.delete_subnet(SubnetId=stray)
+    res = module_runner("sweep", sweep_args(drill_id=drill, timeout=30))
+    assert not res.failed, res
+    assert keys_of(res["deleted"]) == {("vpc", vpc)}
+
+
+def test_extra_resources_that_no_longer_exist_are_not_errors(aws, module_runner):
+    drill = new_id("drx")
+    logs = aws("logs")
+    logs.create_log_group(logGroupName="/untagged/" + drill)
+    extras = [{"type": "log_group", "id": "/untagged/" + drill},
+              {"type": "iam_instance_profile", "id": drill + "-never-made"},
+              {"type": "s3_bucket", "id": drill + "-never-made"},
+              {"type": "subnet", "id": "subnet-0123456789abcdef0"}]
+    res = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=extras))
+    assert not res.failed, res
+    assert keys_of(res["deleted"]) == {("log_group", "/untagged/" + drill)}
+    assert res["deleted"][0]["drill_id"] == drill
+    assert logs.describe_log_groups(logGroupNamePrefix="/untagged/" + drill)["logGroups"] == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"drill_id": "dr-abcd", "expired": True}, "mutually exclusive"),
+    ({}, "one of the following is required"),
+    ({"expired": False}, "expired=false selects nothing"),
+    ({"expired": True, "as_of": "yesterday"}, "as_of is not valid"),
+    ({"expired": True, "as_of": "2026-11-29T05:00:00"}, "no time zone"),
+    ({"drill_id": "Not_A_Drill"}, "drill_id"),
+    ({"drill_id": "dr-abcd", "as_of": "2026-11-29T05:00:00Z"}, "as_of only applies"),
+    ({"drill_id": "dr-abcd", "timeout": 0}, "timeout must be a positive"),
+    ({"drill_id": "dr-abcd", "extra_resources": [{"type": "bogus", "id": "x"}]}, "value of type must be one of"),
+    ({"drill_id": "dr-abcd", "extra_resources": [{"type": "vpc", "id": "  "}]}, "empty id"),
+])
+def test_bad_input_fails_clearly(module_runner, args, message):
+    res = module_runner("sweep", args)
+    assert res.failed
+    assert message in res["msg"], res["msg"]
+    assert "found" not in res  # failed before touching AWS
+
+
+def test_no_region_fails_cleanly(module_runner, monkeypatch):
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    res = module_runner("sweep", {"drill_id": "dr-abcd"})
+    assert res.failed
+    assert "requires a region" in res["msg"]
+
+
+def test_a_service_that_cannot_be_listed_fails_closed(fresh_emulator, module_runner):
+    """With IAM enforced, a reaper that may not list roles cannot prove zero: it fails, naming the gap."""
+    import boto3
+
+    def client(service, key=None, secret=None):
+        return boto3.client(service, region_name="us-east-1", endpoint_url=fresh_emulator.url,
+                            aws_access_key_id=key or "testing", aws_secret_access_key=secret or "testing")
+    iam = client("iam")
+    iam.create_user(UserName="reaper")
+    iam.put_user_policy(UserName="reaper", PolicyName="all-but-list-roles", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "iam:ListRoles", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="reaper")["AccessKey"]
+    drill = new_id("dre")
+    client("logs").create_log_group(logGroupName="/drguard/" + drill, tags=drill_tags(drill, FUTURE))
+    fresh_emulator.enforce_iam()
+    try:
+        args = sweep_args(drill_id=drill, endpoint_url=fresh_emulator.url, region="us-east-1",
+                          access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"])
+        for check_mode in (True, False):
+            res = module_runner("sweep", args, check_mode=check_mode)
+            assert res.failed, res
+            assert "could not prove that nothing remains" in res["msg"]
+            assert {k: res["errors"][0][k] for k in ("type", "id")} == {"type": "iam_role", "id": "*"}
+            assert "AccessDenied" in res["errors"][0]["error"]
+            assert key["SecretAccessKey"] not in json.dumps(res)
+        # What it could see, it deleted.
+        assert ("log_group", "/drguard/" + drill) in keys_of(res["deleted"])
+    finally:
+        fresh_emulator.relax_iam()
