@@ -176,6 +176,18 @@ def main() -> int:
             "require_object_lock": "compliance",
         },
         "drill_quarantine": "s3://%s/quarantine/" % quarantine,
+        # The sandbox gets synthetic credentials and a masked copy of a production token.
+        "drill_secrets": [
+            {"name": "orders-db", "kind": "synthetic_db"},
+            {"name": "api-token", "kind": "masked", "value": "ghp_" + secrets.token_hex(18)},
+        ],
+        "drill_masking_key": secrets.token_urlsafe(32),
+        "drill_validation": {
+            "argv": [sys.executable, str(Path(__file__).resolve().parent.parent / "playbooks" / "files"
+                                         / "check_orders.py")],
+            "env_secrets": {"ORDERS_DB_CREDENTIALS": "orders-db"},
+            "file_secrets": {"api-token": "api-token"},
+        },
         "drill_targets": {"rto_seconds": 900, "rpo_seconds": 86400},
     }
     (out / "drill-vars.yml").write_text(yaml.safe_dump(drill_vars, sort_keys=False))

@@ -115,6 +115,23 @@ def render_markdown(report: dict) -> str:
                                         r.get("quarantine_location") or r.get("location"))
                   for r in q]
 
+    v = report.get("validation") or {}
+    if v.get("checks") or v.get("command_rc") is not None:
+        lines += ["", "## Restore validation", "", "| artifact | kind | valid | detail |", "|---|---|---|---|"]
+        lines += ["| %s | %s | %s | %s |" % (c.get("name"), c.get("kind"), c.get("valid"), c.get("detail"))
+                  for c in v.get("checks") or []]
+        if v.get("command_rc") is not None:
+            lines += ["", "Validation command: exit %s" % v["command_rc"]]
+            if v.get("command_stdout"):
+                lines += ["", "```", str(v["command_stdout"]).rstrip()[:2000], "```"]
+
+    ident = report.get("identity") or {}
+    if ident.get("role_arn"):
+        lines += ["", "## Identity", "",
+                  "Drill role %s, session expiring %s; secrets (%s): %s."
+                  % (ident["role_arn"], ident.get("expiration"), ident.get("secret_store"),
+                     ", ".join(ident.get("secret_names") or []) or "none")]
+
     r = report.get("recovery") or {}
     lines += ["", "## RTO / RPO", "", "| | measured (s) | target (s) | met |", "|---|---|---|---|"]
     for key in ("rto", "rpo"):

@@ -16,6 +16,49 @@ from drillkit import ANSIBLE_PLAYBOOK, new_drill_id
 from leftovers import leftovers
 
 
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (ansible's workers call setsid, so killpg misses them)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the playbook and everything it started, as a lost controller would be.
+
+    Freeze the tree first (SIGSTOP until no new process appears), so nothing forks a
+    module process between the scan and the kill.
+    """
+    frozen: set[int] = set()
+    while True:
+        tree = {pid, *_descendants(pid)}
+        if tree <= frozen:
+            break
+        for victim in tree - frozen:
+            try:
+                os.kill(victim, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen |= tree
+    for victim in frozen:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _session(emu):
     # AWS_ENDPOINT_URL (set by the test through monkeypatch) points boto3 at the emulator.
     return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
@@ -44,7 +87,7 @@ def test_sigkill_mid_provisioning_then_reap(world, tmp_path, monkeypatch):
         else:
             raise AssertionError("the drill never started provisioning")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.wait()
 
     left = leftovers(drill_id, _session(world.emu))
