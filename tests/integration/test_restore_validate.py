@@ -8,6 +8,7 @@ import os
 import sqlite3
 import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import run_module
@@ -60,7 +61,7 @@ def test_restore_from_s3_by_pinned_version_ignores_newer_version(bucket, tmp_pat
     res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
     assert not res.failed, res
     restored = res["restored"][0]
-    assert open(restored["path"], "rb").read() == good
+    assert Path(restored["path"]).read_bytes() == good
     assert res["bytes_restored"] == len(good)
     val = run_module("validate_restore", {"restored": res["restored"]})
     assert not val.failed and val["results"][0]["kind"] == "sqlite" and val["results"][0]["tables"] == {"t": 3}

@@ -283,7 +283,8 @@ def test_tiers_must_be_a_list():
 
 
 def test_picked_sandbox_never_overlaps_the_control_plane_route():
-    raw = {"production_cidrs": ["10.0.0.0/8"], "control_plane_route": {"cidr": "172.20.0.0/28", "target": "tgw-0a1b2c3d"}}
+    raw = {"production_cidrs": ["10.0.0.0/8"],
+           "control_plane_route": {"cidr": "172.20.0.0/28", "target": "tgw-0a1b2c3d"}}
     b = parse_boundary(raw)
     picks = {pick_sandbox_cidr(b, "dr-cp-%d" % i) for i in range(64)}
     assert not any(p.overlaps(ipaddress.ip_network("172.20.0.0/28")) for p in picks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 from conftest import run_module
 
@@ -43,7 +44,7 @@ def test_drill_context_generates_id_and_private_output_dir(tmp_path):
     assert not res.failed, res
     assert res["drill_id"].startswith("dr-")
     assert stat.S_IMODE(os.stat(res["output_dir"]).st_mode) == 0o700
-    state = json.loads(open(res["state_file"]).read())
+    state = json.loads(Path(res["state_file"]).read_text())
     assert state["drill_id"] == res["drill_id"] and state["extra_resources"] == []
     assert res["boundary"]["production_cidrs"] == ["10.0.0.0/16"]
 
