@@ -66,7 +66,8 @@ test: venv
 	$(BIN)/pytest -q tests/e2e
 
 bench: venv
-	$(BIN)/python bench/run.py
+	$(PY) bench/drill_bench.py
+	$(PY) bench/artifact_bench.py
 
 clean:
 	rm -rf $(VENV) .collections .pytest_cache .ruff_cache drill-runs bench/results .ansible

@@ -63,6 +63,7 @@ def run(region: str = "us-east-1", cidr: str = "10.77.0.0/16") -> dict:
     for a in assoc["NetworkAcls"][0]["Associations"]:
         ec2.replace_network_acl_association(AssociationId=a["NetworkAclAssociationId"], NetworkAclId=nacl)
     vpce = ec2.create_vpc_endpoint(VpcId=vpc, ServiceName="com.amazonaws.%s.s3" % region, RouteTableIds=[rtb],
+                                   VpcEndpointType="Gateway",
                                    PolicyDocument=json.dumps({"Statement": [{"Effect": "Allow", "Principal": "*",
                                                                              "Action": "s3:GetObject",
                                                                              "Resource": "arn:aws:s3:::b/*"}]}))
