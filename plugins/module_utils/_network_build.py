@@ -36,6 +36,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_t
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 
 PROTO_NUMBERS = {"tcp": "6", "udp": "17", "-1": "-1"}
 EPHEMERAL = (1024, 65535)
@@ -334,13 +335,6 @@ class _Retrying:
         return functools.partial(attr, aws_retry=True)
 
 
-def _paginate(client, op: str, key: str, **kwargs) -> list:
-    if client.can_paginate(op):
-        out = []
-        for page in client.get_paginator(op).paginate(**kwargs):
-            out.extend(page.get(key) or [])
-        return out
-    return getattr(client, op)(**kwargs).get(key) or []
 
 
 class NetworkBuilder:

@@ -43,6 +43,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_E
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import is_expired
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 
 WORKERS = 16
 
@@ -194,13 +195,6 @@ class Context:
                 delay = min(delay * 2, 10.0)
 
 
-def _paginate(client, op: str, key: str, **kwargs) -> list:
-    if client.can_paginate(op):
-        out = []
-        for page in client.get_paginator(op).paginate(**kwargs):
-            out.extend(page.get(key) or [])
-        return out
-    return getattr(client, op)(**kwargs).get(key) or []
 
 
 # --------------------------------------------------------------------------- kinds
