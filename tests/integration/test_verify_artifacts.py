@@ -1,6 +1,9 @@
 """verify_artifacts against real files and the emulator's S3/KMS: every failure reason, exactly.
 
-Each hostile case asserts the exact ``reason`` and that the trusted state is unchanged.
+Each hostile case asserts the exact ``reason``, that the trusted state is unchanged, and
+(through the ``quarantine`` fixture) that feeding the module's ``failures`` as-is to
+quarantine_artifact leaves a quarantine record and a ``drguard.artifact.quarantined`` alert
+for every failure.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
+from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import read_jsonl
 from helpers_artifacts import artifacts_for
 from helpers_artifacts import create_kms_key
 from helpers_artifacts import create_locked_bucket
@@ -117,6 +121,89 @@ def assert_fails(result, reason, name=None, case=None, before=None):
     return [f for f in result["failures"] if f["name"] == name and f["reason"] == reason][0]
 
 
+QUARANTINED = "drguard.artifact.quarantined"
+
+
+class Quarantine:
+    """``quarantine(result, case)``: feed ``result["failures"]`` as-is to quarantine_artifact.
+
+    Local sources go to a fresh local directory, S3 sources to a fresh Object Lock bucket;
+    alerts go to a fresh ``alerts.jsonl``. Then, for every failure: a record exists where
+    the module says (file or S3 object under legal hold) with the same name, reason and
+    source; exactly one ``drguard.artifact.quarantined`` event names it; a copy exists
+    unless nothing could be copied (``artifact_missing``, or ``not_copied`` names). With
+    ``case``, the trusted state must still be ``before`` afterwards.
+    """
+
+    def __init__(self, runner, tmp_path, aws):
+        self.runner, self.tmp, self.aws = runner, tmp_path, aws
+
+    def __call__(self, result, case=None, before=None, not_copied=()):
+        failures = result["failures"]
+        assert failures, "nothing to quarantine"
+        s3_sources = {f["source"].startswith("s3://") for f in failures}
+        assert len(s3_sources) == 1, "mixed local and S3 sources"
+        s3 = self.aws("s3")
+        if s3_sources == {True}:
+            where = "s3://%s/drills/" % create_locked_bucket(s3, unique("drguard-qv"))
+        else:
+            where = str(self.tmp / unique("quarantine"))
+        sink = str(self.tmp / unique("out") / "alerts.jsonl")
+        drill = unique("dr-va")
+        out = self.runner("quarantine_artifact", {"failures": failures, "drill_id": drill, "quarantine": where,
+                                                  "alert_sink": {"path": sink}})
+        assert not out.failed and out["changed"] is True, out
+        assert len(out["records"]) == len(failures)
+        events = [e for e in read_jsonl(sink) if e["type"] == QUARANTINED]
+        assert len(events) == len(failures) == len(out["alerts"]), events
+        for failure, record in zip(failures, out["records"], strict=True):
+            what = (failure["name"], failure["reason"])
+            assert (record["name"], record["reason"], record["source"]) == what + (failure["source"],)
+            stored = self._stored_record(s3, record["record_location"])
+            assert (stored["name"], stored["reason"], stored["source"], stored["drill_id"]) == \
+                what + (failure["source"], drill)
+            assert stored["observed_sha256"] == failure["observed_sha256"]
+            matching = [e for e in events if (e["data"]["name"], e["data"]["reason"]) == what]
+            assert len(matching) == 1, (what, events)
+            assert matching[0]["id"] == record["alert_id"] and matching[0]["drillid"] == drill
+            assert matching[0]["data"]["record_location"] == record["record_location"]
+            copied = failure["reason"] != "artifact_missing" and failure["name"] not in not_copied
+            assert record["copied"] is copied, record
+            if copied:
+                self._assert_exists(s3, record["quarantine_location"])
+        if case is not None:
+            assert case.state_bytes() == before
+        return out
+
+    @staticmethod
+    def _s3_parts(location):
+        bucket, _, key = location[len("s3://"):].partition("/")
+        key, _, version = key.partition("?versionId=")
+        return bucket, key, version or None
+
+    def _stored_record(self, s3, location):
+        if location.startswith("s3://"):
+            bucket, key, _ = self._s3_parts(location)
+            assert s3.get_object_legal_hold(Bucket=bucket, Key=key)["LegalHold"]["Status"] == "ON"
+            return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert os.path.isfile(location), location
+        return json.loads(Path(location).read_text())
+
+    def _assert_exists(self, s3, location):
+        if location.startswith("s3://"):
+            bucket, key, version = self._s3_parts(location)
+            kwargs = {"VersionId": version} if version else {}
+            head = s3.head_object(Bucket=bucket, Key=key, **kwargs)
+            assert head["ObjectLockLegalHoldStatus"] == "ON"
+        else:
+            assert os.path.isfile(location), location
+
+
+@pytest.fixture
+def quarantine(module_runner, tmp_path, aws):
+    return Quarantine(module_runner, tmp_path, aws)
+
+
 # ----------------------------------------------------------------------------- success
 
 def test_local_success_updates_trusted_state_once(module_runner, case):
@@ -149,7 +236,7 @@ def test_local_success_updates_trusted_state_once(module_runner, case):
     assert again["verified"] is True and again["trusted_state_updated"] is False and again["changed"] is False
 
 
-def test_check_mode_verifies_fully_but_never_updates_state(module_runner, case):
+def test_check_mode_verifies_fully_but_never_updates_state(module_runner, case, quarantine):
     before = case.state_bytes()
     result = module_runner("verify_artifacts", case.args(), check_mode=True)
     assert result["verified"] is True and result["trusted_state_updated"] is False
@@ -164,6 +251,7 @@ def test_check_mode_verifies_fully_but_never_updates_state(module_runner, case):
         handle.write(bytes([byte[0] ^ 1]))
     failed = module_runner("verify_artifacts", case.args(), check_mode=True)
     assert_fails(failed, "digest_mismatch", "files.tar", case, before)
+    quarantine(failed, case, before)
 
 
 def test_no_trusted_state_is_optional(module_runner, case):
@@ -188,7 +276,7 @@ def _flip(path, offset=10):
         handle.write(bytes([byte[0] ^ 0x01]))
 
 
-def test_flipped_byte_is_digest_mismatch(module_runner, case):
+def test_flipped_byte_is_digest_mismatch(module_runner, case, quarantine):
     before = case.state_bytes()
     _flip(case.path("orders.sqlite"), 100)
     result = module_runner("verify_artifacts", case.args())
@@ -199,37 +287,46 @@ def test_flipped_byte_is_digest_mismatch(module_runner, case):
     assert f["source"] == case.path("orders.sqlite") and f["version_id"] is None
     ok = {a["name"]: a["verified"] for a in result["artifacts"]}
     assert ok == {"orders.sqlite": False, "files.tar": True, "logs/app.log": True}
+    quarantine(result, case, before)
 
 
-def test_truncated_is_size_mismatch(module_runner, case):
+def test_truncated_is_size_mismatch(module_runner, case, quarantine):
     before = case.state_bytes()
     with open(case.path("files.tar"), "r+b") as handle:
         handle.truncate(100)
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "size_mismatch", "files.tar", case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "size_mismatch", "files.tar", case, before)
     assert f["observed_size"] == 100
+    quarantine(result, case, before)
 
 
-def test_extended_past_signed_size_is_size_mismatch(module_runner, case):
+def test_extended_past_signed_size_is_size_mismatch(module_runner, case, quarantine):
     before = case.state_bytes()
     with open(case.path("logs/app.log"), "ab") as handle:
         handle.write(b"appended\n")
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "size_mismatch", "logs/app.log", case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "size_mismatch", "logs/app.log", case, before)
     assert f["observed_size"] == len(case.files["logs/app.log"]) + 9
+    quarantine(result, case, before)
 
 
-def test_missing_is_artifact_missing(module_runner, case):
+def test_missing_is_artifact_missing(module_runner, case, quarantine):
     before = case.state_bytes()
     os.unlink(case.path("files.tar"))
-    assert_fails(module_runner("verify_artifacts", case.args()), "artifact_missing", "files.tar", case, before)
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "artifact_missing", "files.tar", case, before)
+    quarantine(result, case, before)  # a record and an alert, nothing to copy
 
 
-def test_unlisted_extra_object_strict_and_not_strict(module_runner, case):
+def test_unlisted_extra_object_strict_and_not_strict(module_runner, case, quarantine):
     before = case.state_bytes()
     write_local_set(case.root, {"extra/evil.bin": b"not in the manifest"})
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "unlisted_artifact", "extra/evil.bin",
-                     case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "unlisted_artifact", "extra/evil.bin", case, before)
     assert f["source"] == case.path("extra/evil.bin") and f["observed_size"] == 19
     assert module_runner("verify_artifacts", case.args(strict=False))["verified"] is True
+    quarantine(result)
+    assert not os.path.exists(case.path("extra/evil.bin"))  # moved into quarantine
 
 
 def test_manifest_inside_the_source_is_not_unlisted(module_runner, case):
@@ -238,17 +335,21 @@ def test_manifest_inside_the_source_is_not_unlisted(module_runner, case):
     assert module_runner("verify_artifacts", case.args(manifest=inside))["verified"] is True
 
 
-def test_symlink_escaping_the_source_is_refused(module_runner, case, tmp_path):
+def test_symlink_escaping_the_source_is_refused(module_runner, case, tmp_path, quarantine):
     before = case.state_bytes()
     outside = tmp_path / "outside.tar"
     outside.write_bytes(case.files["files.tar"])
     os.unlink(case.path("files.tar"))
     os.symlink(str(outside), case.path("files.tar"))
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "unsafe_name", "files.tar", case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "unsafe_name", "files.tar", case, before)
     assert "outside" in f["detail"]
+    # recorded and alerted, but the symlink is never followed or moved
+    quarantine(result, case, before, not_copied={"files.tar"})
+    assert os.path.islink(case.path("files.tar")) and outside.read_bytes() == case.files["files.tar"]
 
 
-def test_metadata_mode_reads_no_object_body(module_runner, case):
+def test_metadata_mode_reads_no_object_body(module_runner, case, quarantine):
     # Same size, different bytes: only reading the body could notice.
     _flip(case.path("orders.sqlite"), 200)
     result = module_runner("verify_artifacts", case.args(mode="metadata", trusted_state=None))
@@ -259,9 +360,10 @@ def test_metadata_mode_reads_no_object_body(module_runner, case):
     bad = module_runner("verify_artifacts", case.args(mode="metadata", trusted_state=None))
     assert_fails(bad, "size_mismatch", "files.tar")
     assert bad["bytes_hashed"] == 0
+    quarantine(bad)
 
 
-def test_workers_give_the_same_results(module_runner, tmp_path, key):
+def test_workers_give_the_same_results(module_runner, tmp_path, key, quarantine):
     files = {"f%03d.bin" % i: os.urandom(1000 + i) for i in range(40)}
     case = Case(tmp_path, key, files=files)
     _flip(case.path("f007.bin"))
@@ -278,61 +380,72 @@ def test_workers_give_the_same_results(module_runner, tmp_path, key):
     assert strip(one) == strip(many)
     assert {f["name"]: f["reason"] for f in one["failures"]} == {
         "f007.bin": "digest_mismatch", "f020.bin": "artifact_missing", "f033.bin": "size_mismatch"}
+    quarantine(one)
 
 
 # ----------------------------------------------------------------------------- signatures and trust
 
-def test_untrusted_key(module_runner, case):
+def test_untrusted_key(module_runner, case, quarantine):
     before = case.state_bytes()
     case.sign(keys=[generate_key("ed25519")])
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "untrusted_key", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "untrusted_key", None, case, before)
     assert f["source"] == case.manifest
     assert module_runner("verify_artifacts", case.args())["artifacts"] == []
+    quarantine(result, case, before)
+    assert not os.path.exists(case.manifest)  # the manifest itself is the evidence
 
 
-def test_threshold_two_not_met_by_one_key_listed_twice(module_runner, case):
+def test_threshold_two_not_met_by_one_key_listed_twice(module_runner, case, quarantine):
     before = case.state_bytes()
     write_trust_policy(case.policy, [case.key, case.key], threshold=2)
     result = module_runner("verify_artifacts", case.args())
     assert_fails(result, "threshold_not_met", None, case, before)
     assert "can never be met" in json.dumps(result.get("warnings", []))
+    quarantine(result, case, before)
 
 
-def test_threshold_two_not_met_by_one_key_signing_twice(module_runner, case):
+def test_threshold_two_not_met_by_one_key_signing_twice(module_runner, case, quarantine):
     before = case.state_bytes()
     other = generate_key("ecdsa")
     write_trust_policy(case.policy, [case.key, other], threshold=2)
     case.sign(keys=[case.key, case.key])
-    assert_fails(module_runner("verify_artifacts", case.args()), "threshold_not_met", None, case, before)
+    failed = module_runner("verify_artifacts", case.args())
+    assert_fails(failed, "threshold_not_met", None, case, before)
+    quarantine(failed, case, before)  # moves the failing manifest away; a good one is signed next
     case.sign(keys=[case.key, other])
     result = module_runner("verify_artifacts", case.args())
     assert result["verified"] is True
     assert sorted(result["manifest"]["keyids"]) == sorted([case.key.keyid, other.keyid])
 
 
-def test_rsa_pkcs1v15_signature_for_a_pss_key(module_runner, case):
+def test_rsa_pkcs1v15_signature_for_a_pss_key(module_runner, case, quarantine):
     rsa_key = generate_key("rsa")
     write_trust_policy(case.policy, [rsa_key])
     payload = mf.encode_statement(case.statement())
     message = mf.pae(mf.PAYLOAD_TYPE, payload)
     case.write_manifest(sign_payload(payload, [rsa_key], signatures=[rsa_key.sign_pkcs1v15(message)]))
     before = case.state_bytes()
-    assert_fails(module_runner("verify_artifacts", case.args()), "signature_invalid", None, case, before)
+    failed = module_runner("verify_artifacts", case.args())
+    assert_fails(failed, "signature_invalid", None, case, before)
+    quarantine(failed, case, before)
     case.write_manifest(sign_payload(payload, [rsa_key]))
     assert module_runner("verify_artifacts", case.args())["verified"] is True
 
 
-def test_ed25519_signature_offered_for_an_ecdsa_key(module_runner, case):
+def test_ed25519_signature_offered_for_an_ecdsa_key(module_runner, case, quarantine):
     ecdsa_key = generate_key("ecdsa")
     write_trust_policy(case.policy, [ecdsa_key])
     payload = mf.encode_statement(case.statement())
     message = mf.pae(mf.PAYLOAD_TYPE, payload)
     case.write_manifest(sign_payload(payload, [ecdsa_key], signatures=[case.key.sign(message)]))
     before = case.state_bytes()
-    assert_fails(module_runner("verify_artifacts", case.args()), "signature_invalid", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "signature_invalid", None, case, before)
+    quarantine(result, case, before)
 
 
-def test_subject_copied_from_another_backup_sets_manifest(module_runner, case, tmp_path):
+def test_subject_copied_from_another_backup_sets_manifest(module_runner, case, tmp_path, quarantine):
     """Decision (docs/manifest.md): an edited signed payload is signature_invalid; a manifest
     *signed* with another set's digests is digest_mismatch on every artifact it misdescribes."""
     before = case.state_bytes()
@@ -344,7 +457,9 @@ def test_subject_copied_from_another_backup_sets_manifest(module_runner, case, t
     forged["predicate"] = dict(mine["predicate"], artifacts=other["predicate"]["artifacts"])
     signed["payload"] = base64.b64encode(mf.encode_statement(forged)).decode()
     case.write_manifest(json.dumps(signed).encode())
-    assert_fails(module_runner("verify_artifacts", case.args()), "signature_invalid", None, case, before)
+    forged_result = module_runner("verify_artifacts", case.args())
+    assert_fails(forged_result, "signature_invalid", None, case, before)
+    quarantine(forged_result, case, before)
 
     # A trusted producer that signs the wrong subject: caught by the digests.
     wrong = case.statement(artifacts=[mf.Artifact(a.name, b.sha256, a.size, a.kind, None) for a, b in
@@ -352,40 +467,52 @@ def test_subject_copied_from_another_backup_sets_manifest(module_runner, case, t
     case.sign(wrong)
     result = module_runner("verify_artifacts", case.args())
     assert {f["reason"] for f in result["failures"]} == {"digest_mismatch"}
+    differ = {a.name for a, b in zip(artifacts_for(case.files), artifacts_for(other_files), strict=True)
+              if a.sha256 != b.sha256}
+    assert differ and {f["name"] for f in result["failures"]} == differ
     assert case.state_bytes() == before
+    quarantine(result, case, before)
 
 
 # ----------------------------------------------------------------------------- freshness and rollback
 
-def test_expired_manifest(module_runner, case):
+def test_expired_manifest(module_runner, case, quarantine):
     before = case.state_bytes()
     now = datetime.now(UTC)
     case.sign(case.statement(created_at=now - timedelta(days=3), expires_at=now - timedelta(seconds=5)))
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "manifest_expired", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "manifest_expired", None, case, before)
     assert f["source"] == case.manifest and f["observed_sha256"] is None
+    quarantine(result, case, before)
 
 
-def test_stale_backup(module_runner, case):
+def test_stale_backup(module_runner, case, quarantine):
     before = case.state_bytes()
     case.sign(case.statement(created_at=datetime.now(UTC) - timedelta(hours=2)))
-    assert_fails(module_runner("verify_artifacts", case.args(max_age=3600)), "stale_backup", None, case, before)
+    result = module_runner("verify_artifacts", case.args(max_age=3600))
+    assert_fails(result, "stale_backup", None, case, before)
     assert module_runner("verify_artifacts", case.args(max_age=3 * 3600))["verified"] is True
+    quarantine(result)
 
 
-def test_rollback_lower_sequence(module_runner, case):
+def test_rollback_lower_sequence(module_runner, case, quarantine):
     assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
     before = case.state_bytes()
     case.sign(case.statement(sequence=case.sequence - 1))
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "rollback", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "rollback", None, case, before)
     assert "lower" in f["detail"]
+    quarantine(result, case, before)
 
 
-def test_equivocation_same_sequence_different_manifest(module_runner, case):
+def test_equivocation_same_sequence_different_manifest(module_runner, case, quarantine):
     assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
     before = case.state_bytes()
     case.sign(case.statement(tier="tier-2"))
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "rollback", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "rollback", None, case, before)
     assert "equivocation" in f["detail"]
+    quarantine(result, case, before)
 
 
 def test_higher_sequence_is_accepted_and_recorded(module_runner, case):
@@ -416,7 +543,7 @@ def test_corrupt_trusted_state_fails_closed(module_runner, case):
 # ----------------------------------------------------------------------------- names and schema
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", "a\\b", "a\x00b", "dir/../../x", "./x"])
-def test_unsafe_names(module_runner, case, bad):
+def test_unsafe_names(module_runner, case, bad, quarantine):
     before = case.state_bytes()
     arts = artifacts_for(case.files) + [mf.Artifact(bad, "0" * 64, 1, "raw", None)]
     case.sign(case.statement(artifacts=arts))
@@ -427,48 +554,64 @@ def test_unsafe_names(module_runner, case, bad):
     assert entry["verified"] is False and entry["reason"] == "unsafe_name"
     # the safe artifacts were verified; nothing was read for the unsafe one
     assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())
+    out = quarantine(result, case, before)
+    # the copy is the manifest that lists the name, kept beside the record, never at a path made of the name
+    copy = out["records"][0]["quarantine_location"]
+    assert os.path.basename(copy) == "@manifest" and os.path.dirname(out["records"][0]["record_location"]) == \
+        os.path.dirname(copy)
 
 
-def test_unknown_predicate_field(module_runner, case):
+def test_unknown_predicate_field(module_runner, case, quarantine):
     before = case.state_bytes()
     statement = case.statement()
     statement["predicate"]["retention"] = "forever"
     case.sign(statement)
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "manifest_malformed", None, case, before)
     assert "retention" in f["detail"]
+    quarantine(result, case, before)
 
 
-def test_duplicate_json_key_in_statement(module_runner, case):
+def test_duplicate_json_key_in_statement(module_runner, case, quarantine):
     before = case.state_bytes()
     payload = mf.encode_statement(case.statement())
     dup = payload.replace(b'"sequence":%d' % case.sequence, b'"sequence":%d,"sequence":99' % case.sequence)
     assert dup != payload
     case.write_manifest(sign_payload(dup, [case.key]))
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "manifest_malformed", None, case, before)
     assert "duplicate" in f["detail"]
+    quarantine(result, case, before)
 
 
-def test_duplicate_json_key_in_envelope(module_runner, case):
+def test_duplicate_json_key_in_envelope(module_runner, case, quarantine):
     before = case.state_bytes()
     good = case.sign()
     text = Path(good).read_text()
     text = text.replace('"payloadType": "%s",' % mf.PAYLOAD_TYPE,
                         '"payloadType": "%s", "payloadType": "text/plain",' % mf.PAYLOAD_TYPE, 1)
     case.write_manifest(text.encode())
-    assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "manifest_malformed", None, case, before)
+    quarantine(result, case, before)
 
 
-def test_subject_without_artifacts_entry(module_runner, case):
+def test_subject_without_artifacts_entry(module_runner, case, quarantine):
     before = case.state_bytes()
     statement = case.statement()
     del statement["predicate"]["artifacts"]["files.tar"]
     case.sign(statement)
-    assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed", None, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "manifest_malformed", None, case, before)
+    quarantine(result, case, before)
 
 
-def test_not_an_envelope(module_runner, case):
+def test_not_an_envelope(module_runner, case, quarantine):
+    before = case.state_bytes()
     case.write_manifest(b"just some text")
-    assert_fails(module_runner("verify_artifacts", case.args()), "manifest_malformed")
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "manifest_malformed", None, case, before)
+    quarantine(result, case, before)
 
 
 def test_bad_inputs_fail_with_a_message(module_runner, case, tmp_path):
@@ -582,16 +725,18 @@ def test_s3_delete_marker_on_top_is_fine(module_runner, s3case):
     assert result["verified"] is True, result["failures"]
 
 
-def test_s3_pinned_version_that_does_not_exist(module_runner, tmp_path, key, s3):
+def test_s3_pinned_version_that_does_not_exist(module_runner, tmp_path, key, s3, quarantine):
     case = S3Case(tmp_path, key, s3, lock_mode=False)
     before = case.state_bytes()
     s3.delete_object(Bucket=case.bucket, Key=case.prefix + "files.tar", VersionId=case.versions["files.tar"])
     result = module_runner("verify_artifacts", case.args(require_object_lock="none"))
     f = assert_fails(result, "artifact_missing", "files.tar", case, before)
     assert f["source"] == case.uri("files.tar") and f["version_id"] == case.versions["files.tar"]
+    out = quarantine(result, case, before)
+    assert out["records"][0]["original"] == "missing"
 
 
-def test_s3_flipped_byte_is_digest_mismatch(module_runner, s3case):
+def test_s3_flipped_byte_is_digest_mismatch(module_runner, s3case, quarantine):
     body = bytearray(s3case.files["files.tar"])
     body[50] ^= 1
     tampered = s3case.s3.put_object(Bucket=s3case.bucket, Key=s3case.prefix + "files.tar", Body=bytes(body),
@@ -605,9 +750,14 @@ def test_s3_flipped_byte_is_digest_mismatch(module_runner, s3case):
     assert f["source"] == s3case.uri("files.tar", tampered)
     assert f["observed_sha256"] == hashlib.sha256(bytes(body)).hexdigest()
     assert "ChecksumSHA256" in f["detail"]
+    out = quarantine(result, s3case, before)
+    # the exact tampered version was preserved, not whatever is current
+    copy = out["records"][0]["quarantine_location"]
+    bucket, key, version = Quarantine._s3_parts(copy)
+    assert s3case.s3.get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read() == bytes(body)
 
 
-def test_s3_extended_object_is_size_mismatch(module_runner, s3case):
+def test_s3_extended_object_is_size_mismatch(module_runner, s3case, quarantine):
     longer = s3case.files["logs/app.log"] + b"x" * 5000
     s3case.versions["logs/app.log"] = s3case.s3.put_object(
         Bucket=s3case.bucket, Key=s3case.prefix + "logs/app.log", Body=longer, ChecksumAlgorithm="SHA256")["VersionId"]
@@ -616,14 +766,16 @@ def test_s3_extended_object_is_size_mismatch(module_runner, s3case):
     result = module_runner("verify_artifacts", s3case.args())
     f = assert_fails(result, "size_mismatch", "logs/app.log", s3case, before)
     assert f["observed_size"] == len(longer)
+    quarantine(result, s3case, before)
 
 
-def test_s3_unlisted_object(module_runner, s3case):
+def test_s3_unlisted_object(module_runner, s3case, quarantine):
     before = s3case.state_bytes()
     extra = s3case.s3.put_object(Bucket=s3case.bucket, Key=s3case.prefix + "extra.bin", Body=b"x",
                                  ChecksumAlgorithm="SHA256")["VersionId"]
-    f = assert_fails(module_runner("verify_artifacts", s3case.args()), "unlisted_artifact", "extra.bin",
-                     s3case, before)
+    result = module_runner("verify_artifacts", s3case.args())
+    f = assert_fails(result, "unlisted_artifact", "extra.bin", s3case, before)
+    quarantine(result, s3case, before)
     assert f["source"] == "s3://%s/%sextra.bin?versionId=%s" % (s3case.bucket, s3case.prefix, extra)
     assert f["version_id"] == extra
 
@@ -646,7 +798,8 @@ def _multipart(s3, bucket, key, body, checksum_type=None):
 
 
 @pytest.mark.parametrize("checksum_type", [None, "COMPOSITE"])
-def test_s3_composite_multipart_checksum_is_not_compared(module_runner, tmp_path, key, s3, checksum_type):
+def test_s3_composite_multipart_checksum_is_not_compared(module_runner, tmp_path, key, s3, checksum_type,
+                                                         quarantine):
     big = os.urandom(5 * 1024 * 1024 + 1000)
     case = S3Case(tmp_path, key, s3, files={"big.bin": big})
     case.versions["big.bin"] = _multipart(s3, case.bucket, case.prefix + "big.bin", big, checksum_type)
@@ -665,22 +818,25 @@ def test_s3_composite_multipart_checksum_is_not_compared(module_runner, tmp_path
     case.sign(case.statement(artifacts=[mf.Artifact("big.bin", hashlib.sha256(big).hexdigest(), len(big), "raw",
                                                     case.versions["big.bin"])]))
     before = case.state_bytes()
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "digest_mismatch", "big.bin", case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "digest_mismatch", "big.bin", case, before)
     assert f["observed_sha256"] == hashlib.sha256(bytes(evil)).hexdigest()
+    quarantine(result, case, before)
 
 
-def test_s3_governance_lock_when_compliance_is_required(module_runner, tmp_path, key, s3):
+def test_s3_governance_lock_when_compliance_is_required(module_runner, tmp_path, key, s3, quarantine):
     case = S3Case(tmp_path, key, s3, lock_mode="GOVERNANCE")
     before = case.state_bytes()
     result = module_runner("verify_artifacts", case.args())
     assert {f["reason"] for f in result["failures"]} == {"not_immutable"}
     assert {f["name"] for f in result["failures"]} == set(case.files)
     assert case.state_bytes() == before
+    quarantine(result, case, before)
     ok = module_runner("verify_artifacts", case.args(require_object_lock="governance"))
     assert ok["verified"] is True, ok["failures"]
 
 
-def test_s3_expired_retention(module_runner, tmp_path, key, s3):
+def test_s3_expired_retention(module_runner, tmp_path, key, s3, quarantine):
     case = S3Case(tmp_path, key, s3, lock_mode=None)
     past = datetime.now(UTC) - timedelta(days=1)
     name = "files.tar"
@@ -693,20 +849,24 @@ def test_s3_expired_retention(module_runner, tmp_path, key, s3):
             ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))["VersionId"]
     case.sign()
     before = case.state_bytes()
-    f = assert_fails(module_runner("verify_artifacts", case.args()), "not_immutable", name, case, before)
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "not_immutable", name, case, before)
     assert "expired" in f["detail"]
+    quarantine(result, case, before)
 
 
-def test_s3_no_lock_at_all(module_runner, tmp_path, key, s3):
+def test_s3_no_lock_at_all(module_runner, tmp_path, key, s3, quarantine):
     case = S3Case(tmp_path, key, s3, lock_mode=False)
     before = case.state_bytes()
     result = module_runner("verify_artifacts", case.args())
     assert {f["reason"] for f in result["failures"]} == {"not_immutable"}
+    assert {f["name"] for f in result["failures"]} == set(case.files)
     assert case.state_bytes() == before
+    quarantine(result, case, before)
     assert module_runner("verify_artifacts", case.args(require_object_lock="none"))["verified"] is True
 
 
-def test_s3_metadata_mode_reads_no_body_but_compares_store_checksums(module_runner, s3case):
+def test_s3_metadata_mode_reads_no_body_but_compares_store_checksums(module_runner, s3case, quarantine):
     result = module_runner("verify_artifacts", s3case.args(mode="metadata", trusted_state=None))
     assert result["verified"] is True and result["bytes_hashed"] == 0
     wrong = [mf.Artifact(a.name, "0" * 64 if a.name == "files.tar" else a.sha256, a.size, a.kind, a.version_id)
@@ -715,6 +875,7 @@ def test_s3_metadata_mode_reads_no_body_but_compares_store_checksums(module_runn
     bad = module_runner("verify_artifacts", s3case.args(mode="metadata", trusted_state=None))
     assert_fails(bad, "metadata_mismatch", "files.tar")
     assert bad["bytes_hashed"] == 0
+    quarantine(bad)
 
 
 def test_s3_manifest_pinned_by_version(module_runner, s3case):
@@ -725,7 +886,7 @@ def test_s3_manifest_pinned_by_version(module_runner, s3case):
 
 
 @pytest.mark.parametrize("spec", ["RSA_2048", "ECC_NIST_P256"])
-def test_kms_trust_policy(module_runner, tmp_path, key, s3, aws, spec):
+def test_kms_trust_policy(module_runner, tmp_path, key, s3, aws, spec, quarantine):
     kms = aws("kms")
     kms_key = KmsKey(kms, create_kms_key(kms, spec)["Arn"])
     case = S3Case(tmp_path, key, s3)
@@ -735,17 +896,22 @@ def test_kms_trust_policy(module_runner, tmp_path, key, s3, aws, spec):
     assert result["verified"] is True, result
     assert result["manifest"]["keyids"] == [kms_key.keyid]
     case.sign(keys=[key])
-    assert_fails(module_runner("verify_artifacts", case.args()), "untrusted_key")
+    before = case.state_bytes()
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "untrusted_key", None, case, before)
+    quarantine(result, case, before)
 
 
-def test_empty_artifacts_local_and_s3(module_runner, tmp_path, key, s3):
+def test_empty_artifacts_local_and_s3(module_runner, tmp_path, key, s3, quarantine):
     files = {"empty.bin": b"", "one.bin": b"1"}
     (tmp_path / "l").mkdir()
     local = Case(tmp_path / "l", key, files=files)
     assert module_runner("verify_artifacts", local.args())["verified"] is True
     with open(local.path("empty.bin"), "wb") as handle:
         handle.write(b"grown")
-    assert_fails(module_runner("verify_artifacts", local.args()), "size_mismatch", "empty.bin")
+    grown = module_runner("verify_artifacts", local.args())
+    assert_fails(grown, "size_mismatch", "empty.bin")
+    quarantine(grown)
     (tmp_path / "s").mkdir()
     remote = S3Case(tmp_path / "s", key, s3, files=files)
     result = module_runner("verify_artifacts", remote.args())
@@ -753,7 +919,7 @@ def test_empty_artifacts_local_and_s3(module_runner, tmp_path, key, s3):
     assert result["bytes_hashed"] == 1
 
 
-def test_s3_metadata_mode_does_not_download(module_runner, s3case):
+def test_s3_metadata_mode_does_not_download(module_runner, s3case, quarantine):
     """Same size, different bytes, no SHA-256 in the store: only a download could notice."""
     body = bytearray(s3case.files["orders.sqlite"])
     body[500] ^= 0xFF
@@ -765,14 +931,16 @@ def test_s3_metadata_mode_does_not_download(module_runner, s3case):
     assert meta["verified"] is True and meta["bytes_hashed"] == 0
     full = module_runner("verify_artifacts", s3case.args(trusted_state=None))
     assert_fails(full, "digest_mismatch", "orders.sqlite")
+    quarantine(full)
 
 
-def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch):
+def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch, quarantine):
     monkeypatch.chdir(os.path.dirname(case.root))
     _flip(case.path("files.tar"))
     rel = case.args(source=os.path.basename(case.root) + "/./", manifest=os.path.relpath(case.manifest))
     f = assert_fails(module_runner("verify_artifacts", rel), "digest_mismatch", "files.tar")
     assert f["source"] == case.path("files.tar") and os.path.isabs(f["source"])
+    quarantine({"failures": [f]})
 
 
 def _race(monkeypatch, write_other):
@@ -803,7 +971,7 @@ def test_s3_concurrent_state_update_is_merged_not_overwritten(module_runner, s3c
     assert state["some-other-set"] == SEEDED_STATE["some-other-set"]
 
 
-def test_local_concurrent_equivocation_is_caught_at_write_time(module_runner, case, monkeypatch):
+def test_local_concurrent_equivocation_is_caught_at_write_time(module_runner, case, monkeypatch, quarantine):
     def other():
         doc = json.loads(case.state_bytes())
         doc[case.backup_set] = dict(CONCURRENT, sequence=case.sequence)
@@ -815,3 +983,4 @@ def test_local_concurrent_equivocation_is_caught_at_write_time(module_runner, ca
     assert result.failed and result["verified"] is False and result["trusted_state_updated"] is False
     assert [(f["name"], f["reason"]) for f in result["failures"]] == [(None, "rollback")]
     assert json.loads(case.state_bytes())[case.backup_set]["manifest_sha256"] == CONCURRENT["manifest_sha256"]
+    quarantine(result, case, case.state_bytes())
