@@ -71,8 +71,6 @@ import hashlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import parse_qs
-from urllib.parse import urlparse
 
 try:
     import botocore
@@ -81,15 +79,13 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 
 ARGUMENT_SPEC = dict(
     artifacts=dict(type="list", elements="dict", required=True),
     dest=dict(type="path", required=True),
     workers=dict(type="int", default=4),
 )
-
-CHUNK = 1024 * 1024
-
 
 class RestoreError(Exception):
     pass
@@ -105,38 +101,18 @@ def safe_relative(name: str) -> str:
     return os.path.join(*parts)
 
 
-def _chunks_s3(s3, source, version_id, size):
-    url = urlparse(source)
-    key = url.path.lstrip("/")
-    version_id = version_id or parse_qs(url.query).get("versionId", [None])[0]
-    kwargs = {"Bucket": url.netloc, "Key": key}
-    if version_id:
-        kwargs["VersionId"] = version_id
-    # One byte past the verified size, so a longer object is caught, never fully read.
-    kwargs["Range"] = "bytes=0-%d" % size if size > 0 else "bytes=0-0"
-    try:
-        body = s3.get_object(**kwargs)["Body"]
-    except botocore.exceptions.ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code == "InvalidRange" and size == 0:
-            return
-        raise RestoreError("%s: %s" % (source, code or exc)) from None
-    while True:
-        chunk = body.read(CHUNK)
-        if not chunk:
-            return
-        yield chunk
-
-
-def _chunks_local(path, size):
-    with open(path, "rb") as handle:
-        remaining = size + 1
-        while remaining > 0:
-            chunk = handle.read(min(CHUNK, remaining))
-            if not chunk:
-                return
-            remaining -= len(chunk)
-            yield chunk
+def _chunks(s3, source, version_id, size):
+    """Chunks of the artifact, at most one byte past the verified size (never a full endless read)."""
+    if art.is_s3(source):
+        loc = art.parse_s3(source, "source")
+        try:
+            _resp, chunks = art._s3_get_chunks(s3, loc.bucket, loc.key, version_id or loc.version_id, size)
+        except botocore.exceptions.ClientError as exc:
+            raise RestoreError("%s: %s" % (source, exc.response.get("Error", {}).get("Code") or exc)) from None
+        yield from chunks
+        return
+    with open(source, "rb") as handle:
+        yield from art._file_chunks(handle, size)
 
 
 def restore_one(s3, entry, dest):
@@ -150,8 +126,7 @@ def restore_one(s3, entry, dest):
         raise RestoreError("artifact %r lacks sha256, size or source" % (name,))
     target = os.path.join(dest, rel)
     os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-    chunks = (_chunks_s3(s3, source, entry.get("version_id"), int(want_size)) if source.startswith("s3://")
-              else _chunks_local(source, int(want_size)))
+    chunks = _chunks(s3, source, entry.get("version_id"), int(want_size))
     digest, written = hashlib.sha256(), 0
     fd, tmp = tempfile.mkstemp(prefix=".restore-", dir=os.path.dirname(target))
     try:
@@ -190,7 +165,7 @@ def main():
     try:
         with ThreadPoolExecutor(max_workers=p["workers"]) as pool:
             restored = list(pool.map(lambda e: restore_one(s3, e, p["dest"]), p["artifacts"]))
-    except RestoreError as exc:
+    except (RestoreError, art.SourceError) as exc:
         module.fail_json(msg="Restore failed: %s" % exc)
     except botocore.exceptions.BotoCoreError as exc:
         module.fail_json_aws(exc, msg="Restore failed")

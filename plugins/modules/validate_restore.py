@@ -56,22 +56,18 @@ import tarfile
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._artifacts import detect_kind
+
 ARGUMENT_SPEC = dict(
     restored=dict(type="list", elements="dict", required=True),
     min_rows=dict(type="int", default=1),
 )
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def kind_of(path: str) -> str:
     with open(path, "rb") as handle:
-        head = handle.read(512)
-    if head.startswith(SQLITE_MAGIC):
-        return "sqlite"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    return "raw"
+        return detect_kind(handle.read(512))
 
 
 def check_sqlite(path: str, min_rows: int) -> dict:
