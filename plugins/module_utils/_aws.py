@@ -14,3 +14,16 @@ def paginate(client, op: str, key: str, **kwargs) -> list:
             out.extend(page.get(key) or [])
         return out
     return getattr(client, op)(**kwargs).get(key) or []
+
+
+def hide_session_credentials(module) -> None:
+    """Treat every credential option as a secret in this module's output.
+
+    amazon.aws declares ``access_key`` without ``no_log`` (an access key id alone is not
+    a secret to AWS), but a drill's minted session must not be traceable in logs: its
+    key id is censored like the secret key and the session token.
+    """
+    for name in ("access_key", "secret_key", "session_token"):
+        value = module.params.get(name)
+        if value:
+            module.no_log_values.add(value)

@@ -79,6 +79,7 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 
 ARGUMENT_SPEC = dict(
@@ -151,6 +152,7 @@ def restore_one(s3, entry, dest):
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    hide_session_credentials(module)
     p = module.params
     if p["workers"] < 1:
         module.fail_json(msg="workers must be at least 1")

@@ -133,6 +133,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.botocore import get_aws
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _secrets as sec
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
@@ -229,6 +230,7 @@ def run(argv, env, cwd, timeout):
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    hide_session_credentials(module)
     p = module.params
     try:
         validate_drill_id(p["drill_id"])

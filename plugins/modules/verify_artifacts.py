@@ -215,6 +215,7 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
@@ -520,6 +521,7 @@ class Verifier:
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    hide_session_credentials(module)
     if not mf.HAS_CRYPTOGRAPHY:
         module.fail_json(msg="verify_artifacts needs the Python library cryptography: %s"
                          % mf.CRYPTOGRAPHY_IMPORT_ERROR)
