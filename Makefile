@@ -57,13 +57,13 @@ molecule: venv
 	$(PY) tools/run_molecule.py
 
 e2e: venv
-	$(BIN)/pytest -q tests/e2e
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests/e2e
 
 test: venv
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest -q -n 2 tests/unit tests/integration
 	$(MAKE) --no-print-directory molecule
-	$(BIN)/pytest -q tests/e2e
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests/e2e
 
 bench: venv
 	$(PY) bench/drill_bench.py

@@ -96,7 +96,7 @@ def test_bad_input_fails_before_anything_is_created(world, tmp_path, change, dro
     run = run_drill(world, tmp_path, extra=change, drop=drop)
     assert run.rc != 0
     assert message in run.stdout, run.stdout[-3000:]
-    assert not (tmp_path / run.drill_id / "drill-report.json").exists()
+    assert not (tmp_path / run.drill_id).exists()
     assert "Phase network" not in run.stdout
 
 
@@ -106,6 +106,7 @@ def test_no_credentials_fails_before_anything_is_created(world, tmp_path):
                                                 "AWS_CONFIG_FILE": "/nonexistent"})
     assert run.rc != 0
     assert "No usable AWS credentials" in run.stdout, run.stdout[-3000:]
+    assert not (tmp_path / run.drill_id).exists()
     assert "Phase network" not in run.stdout
 
 

@@ -39,7 +39,12 @@ import pytest
 
 from leftovers import leftovers
 
-from drillkit import run_drill
+from drillkit import run_drill, seed_world
+
+from emulator import Emulator
+
+# The two drills run once per worker that gets one of these tests: keep them together.
+pytestmark = pytest.mark.xdist_group("secret_leaks")
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "drguard:drill-id"
@@ -227,7 +232,7 @@ class Drills:
     def _run(self, mode: str) -> dict:
         work = self.base / mode
         out_root = work / "runs"
-        out_root.mkdir(parents=True)
+        out_root.mkdir(parents=True, exist_ok=True)
         script = work / "capture_secrets.py"
         script.write_text(CAPTURE_SCRIPT)
         captured = work / "captured.json"   # outside the output root: the test's own knowledge
@@ -260,8 +265,12 @@ class Drills:
 
 
 @pytest.fixture(scope="module")
-def drills(world, tmp_path_factory):
-    return Drills(world, tmp_path_factory.mktemp("secret-leaks"))
+def drills(tmp_path_factory):
+    # An emulator of its own: the sessions are read from the emulator's model dump, which
+    # should hold this module's drills only.
+    base = tmp_path_factory.mktemp("secret-leaks")
+    with Emulator() as emu:
+        yield Drills(seed_world(emu, base / "world"), base)
 
 
 def _check_outcome(d: dict, mode: str) -> dict:
