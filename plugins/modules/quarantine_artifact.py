@@ -191,9 +191,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -209,6 +207,7 @@ except ImportError:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertError
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertSink
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import needs_aws
@@ -720,24 +719,12 @@ class Quarantiner:
         return out
 
     def _download(self, src, version, path) -> None:
-        base = self._local_dir()
+        self._local_dir()  # the 0700 quarantine directory, checked not to be a symlink
         kwargs = {"Bucket": src.bucket, "Key": src.key}
         if version:
             kwargs["VersionId"] = version
         body = self.s3.get_object(**kwargs)["Body"]
-        fd, tmp = tempfile.mkstemp(prefix=".quarantine-", dir=base)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in iter(lambda: body.read(CHUNK), b""):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o400)
-            os.rename(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_chunks(path, iter(lambda: body.read(CHUNK), b""), 0o400)
 
     # local source ----------------------------------------------------------------------
     def _local_source_group(self, src, leaf, items, stored) -> dict:
@@ -772,14 +759,14 @@ class Quarantiner:
                             "recorded but never followed or moved"}
         if self.check:
             return {"changed": True, "original": "moved", "location": dest}
-        base = self._local_dir()
+        self._local_dir()  # the 0700 quarantine directory, checked not to be a symlink
         original, note = "moved", None
         try:
             os.rename(path, dest)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY):
                 raise
-            self._copy_local(path, dest, base)
+            self._copy_local(path, dest)
             try:
                 os.unlink(path)
             except OSError as exc2:
@@ -799,19 +786,9 @@ class Quarantiner:
         return True
 
     @staticmethod
-    def _copy_local(path, dest, base) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".quarantine-", dir=base)
-        try:
-            with open(path, "rb") as inp, os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(inp, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o400)
-            os.rename(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    def _copy_local(path, dest) -> None:
+        with open(path, "rb") as inp:
+            atomic_write_chunks(dest, iter(lambda: inp.read(CHUNK), b""), 0o400)
 
     def _local_to_s3(self, src, leaf, items) -> dict:
         bucket, key = self.dest["bucket"], self.base() + leaf

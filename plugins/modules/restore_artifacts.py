@@ -69,7 +69,6 @@ bytes_restored:
 
 import hashlib
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 try:
@@ -81,6 +80,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
 
 ARGUMENT_SPEC = dict(
     artifacts=dict(type="list", elements="dict", required=True),
@@ -127,26 +127,22 @@ def restore_one(s3, entry, dest):
         raise RestoreError("artifact %r lacks sha256, size or source" % (name,))
     target = os.path.join(dest, rel)
     os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-    chunks = _chunks(s3, source, entry.get("version_id"), int(want_size))
-    digest, written = hashlib.sha256(), 0
-    fd, tmp = tempfile.mkstemp(prefix=".restore-", dir=os.path.dirname(target))
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                digest.update(chunk)
-                written += len(chunk)
-                if written > int(want_size):
-                    raise RestoreError("%s: longer than the verified %d bytes" % (name, want_size))
-                out.write(chunk)
-        if written != int(want_size) or digest.hexdigest() != want_sha:
+    want = int(want_size)
+
+    def checked(chunks):
+        digest, seen = hashlib.sha256(), 0
+        for chunk in chunks:
+            digest.update(chunk)
+            seen += len(chunk)
+            if seen > want:
+                raise RestoreError("%s: longer than the verified %d bytes" % (name, want))
+            yield chunk
+        if seen != want or digest.hexdigest() != want_sha:
             raise RestoreError("%s: restored bytes differ from what was verified (size %d, sha256 %s)"
-                               % (name, written, digest.hexdigest()))
-        os.chmod(tmp, 0o400)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+                               % (name, seen, digest.hexdigest()))
+
+    # A raise inside checked() removes the temporary file: nothing unverified is left behind.
+    written = atomic_write_chunks(target, checked(_chunks(s3, source, entry.get("version_id"), want)), 0o400)
     return {"name": name, "path": target, "sha256": want_sha, "size": written}
 
 
