@@ -20,10 +20,15 @@ def _tags(items, key="Key", value="Value"):
     return {t[key]: t[value] for t in items or []}
 
 
-def leftovers(drill_id: str, session: boto3.session.Session | None = None) -> list[dict]:
+def leftovers(drill_id: str, session: boto3.session.Session | None = None,
+              endpoint_url: str | None = None) -> list[dict]:
     """Every resource still tagged with ``drill_id`` (KMS keys pending deletion excluded)."""
-    s = session or boto3.session.Session()
-    ec2 = s.client("ec2")
+    session = session or boto3.session.Session()
+
+    def client(name):
+        return session.client(name, endpoint_url=endpoint_url)
+
+    ec2 = client("ec2")
     flt = [{"Name": "tag:%s" % TAG, "Values": [drill_id]}]
     found = []
     for kind, call, key, id_key in (
@@ -49,27 +54,27 @@ def leftovers(drill_id: str, session: boto3.session.Session | None = None) -> li
         if nat["State"] not in ("deleted", "deleting"):
             found.append({"type": "nat_gateway", "id": nat["NatGatewayId"]})
 
-    logs = s.client("logs")
+    logs = client("logs")
     for page in logs.get_paginator("describe_log_groups").paginate():
         for group in page["logGroups"]:
             tags = logs.list_tags_log_group(logGroupName=group["logGroupName"]).get("tags", {})
             if tags.get(TAG) == drill_id:
                 found.append({"type": "log_group", "id": group["logGroupName"]})
 
-    iam = s.client("iam")
+    iam = client("iam")
     for page in iam.get_paginator("list_roles").paginate():
         for role in page["Roles"]:
             tags = _tags(iam.list_role_tags(RoleName=role["RoleName"])["Tags"])
             if tags.get(TAG) == drill_id or drill_id in role["RoleName"]:
                 found.append({"type": "iam_role", "id": role["RoleName"]})
 
-    sm = s.client("secretsmanager")
+    sm = client("secretsmanager")
     for page in sm.get_paginator("list_secrets").paginate():
         for secret in page["SecretList"]:
             if _tags(secret.get("Tags")).get(TAG) == drill_id or drill_id in secret["Name"]:
                 found.append({"type": "secret", "id": secret["Name"]})
 
-    kms = s.client("kms")
+    kms = client("kms")
     for page in kms.get_paginator("list_keys").paginate():
         for key in page["Keys"]:
             meta = kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]
@@ -79,7 +84,7 @@ def leftovers(drill_id: str, session: boto3.session.Session | None = None) -> li
             if tags.get(TAG) == drill_id:
                 found.append({"type": "kms_key", "id": key["KeyId"]})
 
-    s3 = s.client("s3")
+    s3 = client("s3")
     for bucket in s3.list_buckets().get("Buckets", []):
         try:
             tags = _tags(s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"])

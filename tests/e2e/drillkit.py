@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import yaml
 from conftest import ROOT, ansible_env
 
@@ -74,3 +75,16 @@ def run_drill(world: World, out_root: Path, extra: dict | None = None, env_extra
                           env=ansible_env(world.emu, env_extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     return DrillRun(proc.returncode, proc.stdout, proc.stderr, drill_id, out_root / drill_id)
+
+
+def emulator_session() -> boto3.session.Session:
+    """A boto3 session with the emulator's fake keys (pass ``endpoint_url`` to its clients)."""
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                 region_name="us-east-1")
+
+
+def remaining(emu: Emulator, drill_id: str) -> list:
+    """What tools/leftovers.py finds of ``drill_id`` in ``emu``."""
+    from leftovers import leftovers
+
+    return leftovers(drill_id, emulator_session(), endpoint_url=emu.url)

@@ -6,9 +6,7 @@ import json
 
 import pytest
 
-from leftovers import leftovers
-
-from drillkit import run_drill, seed_world
+from drillkit import remaining, run_drill, seed_world
 
 LEAKS = {
     "igw_route": "route_igw",
@@ -24,18 +22,11 @@ LEAKS = {
 PHASES = ["network", "prove", "identity", "backup_mount", "verify", "restore", "validate"]
 
 
-def _session(world):
-    import boto3
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1")
+def _no_leftovers(world, drill_id):
+    assert remaining(world.emu, drill_id) == []
 
 
-def _no_leftovers(world, drill_id, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", world.emu.url)
-    assert leftovers(drill_id, _session(world)) == []
-
-
-def test_drill_passes_and_leaves_nothing(world, tmp_path, monkeypatch):
+def test_drill_passes_and_leaves_nothing(world, tmp_path):
     run = run_drill(world, tmp_path)
     assert run.rc == 0, run.stdout[-4000:]
     report = run.report
@@ -50,11 +41,11 @@ def test_drill_passes_and_leaves_nothing(world, tmp_path, monkeypatch):
     assert (run.output_dir / "drill-report.md").exists()
     assert "Report: " in run.stdout
     assert not (run.output_dir / "restore").exists()
-    _no_leftovers(world, run.drill_id, monkeypatch)
+    _no_leftovers(world, run.drill_id)
 
 
 @pytest.mark.parametrize("leak", sorted(LEAKS))
-def test_leak_halts_before_backup_is_touched(world, tmp_path, monkeypatch, leak):
+def test_leak_halts_before_backup_is_touched(world, tmp_path, leak):
     run = run_drill(world, tmp_path, extra={"drill_hook_after_network": "../tests/e2e/hooks/inject_leak.yml"},
                     env_extra={"DRGUARD_TEST_LEAK": leak})
     assert run.rc != 0
@@ -68,11 +59,11 @@ def test_leak_halts_before_backup_is_touched(world, tmp_path, monkeypatch, leak)
     assert report["teardown"]["remaining"] == 0
     alerts = [json.loads(line) for line in (run.output_dir / "alerts.jsonl").read_text().splitlines()]
     assert [a["type"] for a in alerts] == ["drguard.boundary.violated"]
-    _no_leftovers(world, run.drill_id, monkeypatch)
+    _no_leftovers(world, run.drill_id)
 
 
 @pytest.mark.parametrize("phase", PHASES)
-def test_failure_in_any_phase_still_tears_down(world, tmp_path, monkeypatch, phase):
+def test_failure_in_any_phase_still_tears_down(world, tmp_path, phase):
     run = run_drill(world, tmp_path, extra={"drill_fault_phase": phase})
     assert run.rc != 0
     report = run.report
@@ -82,7 +73,7 @@ def test_failure_in_any_phase_still_tears_down(world, tmp_path, monkeypatch, pha
     statuses = {p["name"]: p["status"] for p in report["phases"]}
     assert statuses[phase] == "failed" and statuses["teardown"] == "passed"
     assert report["teardown"]["remaining"] == 0
-    _no_leftovers(world, run.drill_id, monkeypatch)
+    _no_leftovers(world, run.drill_id)
 
 
 @pytest.mark.parametrize("change,drop,message", [
@@ -110,7 +101,7 @@ def test_no_credentials_fails_before_anything_is_created(world, tmp_path):
     assert "Phase network" not in run.stdout
 
 
-def test_tampered_backup_halts_quarantines_and_alerts(e2e_emulator, tmp_path, monkeypatch):
+def test_tampered_backup_halts_quarantines_and_alerts(e2e_emulator, tmp_path):
     tampered = seed_world(e2e_emulator, tmp_path / "world", mode="tampered")
     run = run_drill(tampered, tmp_path / "runs")
     assert run.rc != 0
@@ -122,4 +113,4 @@ def test_tampered_backup_halts_quarantines_and_alerts(e2e_emulator, tmp_path, mo
     alerts = [json.loads(line) for line in (run.output_dir / "alerts.jsonl").read_text().splitlines()]
     assert "drguard.artifact.quarantined" in {a["type"] for a in alerts}
     assert report["teardown"]["remaining"] == 0
-    _no_leftovers(tampered, run.drill_id, monkeypatch)
+    _no_leftovers(tampered, run.drill_id)

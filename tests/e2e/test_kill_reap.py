@@ -11,9 +11,8 @@ from datetime import datetime, timedelta, timezone
 import boto3
 import yaml
 from conftest import ROOT, ansible_env
-from drillkit import ANSIBLE_PLAYBOOK, new_drill_id
+from drillkit import ANSIBLE_PLAYBOOK, new_drill_id, remaining
 
-from leftovers import leftovers
 
 
 def _descendants(pid: int) -> list[int]:
@@ -59,14 +58,7 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _session(emu):
-    # AWS_ENDPOINT_URL (set by the test through monkeypatch) points boto3 at the emulator.
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1")
-
-
-def test_sigkill_mid_provisioning_then_reap(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", world.emu.url)
+def test_sigkill_mid_provisioning_then_reap(world, tmp_path):
     drill_id = new_drill_id()
     variables = dict(world.drill_vars, drill_id=drill_id, drill_output_root=str(tmp_path), drill_ttl_minutes=5)
     vars_file = tmp_path / "vars.yml"
@@ -90,7 +82,7 @@ def test_sigkill_mid_provisioning_then_reap(world, tmp_path, monkeypatch):
         _kill_tree(proc.pid)
         proc.wait()
 
-    left = leftovers(drill_id, _session(world.emu))
+    left = remaining(world.emu, drill_id)
     assert left, "SIGKILL should have left tagged resources behind"
     assert not (tmp_path / drill_id / "drill-report.json").exists()
 
@@ -99,10 +91,10 @@ def test_sigkill_mid_provisioning_then_reap(world, tmp_path, monkeypatch):
                           "-e", "reap_dry_run=true", "-e", "reap_as_of=%s" % as_of],
                          env=ansible_env(world.emu), cwd=ROOT, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stdout[-3000:]
-    assert len(leftovers(drill_id, _session(world.emu))) == len(left), "dry run deleted something"
+    assert len(remaining(world.emu, drill_id)) == len(left), "dry run deleted something"
 
     reap = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/reap.yml", "-e", "reap_region=us-east-1",
                            "-e", "reap_as_of=%s" % as_of],
                           env=ansible_env(world.emu), cwd=ROOT, capture_output=True, text=True)
     assert reap.returncode == 0, reap.stdout[-3000:]
-    assert leftovers(drill_id, _session(world.emu)) == []
+    assert remaining(world.emu, drill_id) == []

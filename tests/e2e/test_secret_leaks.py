@@ -34,12 +34,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 
-from leftovers import leftovers
 
-from drillkit import run_drill, seed_world
+import drillkit
+from drillkit import emulator_session, run_drill, seed_world
 
 from emulator import Emulator
 
@@ -157,18 +156,13 @@ def minted_sessions(world, drill_id: str) -> list:
             if s.get("role_arn", "").endswith("/drguard-%s" % drill_id)]
 
 
-def _session():
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1")
-
-
 def _tags(items, key="Key", value="Value") -> dict:
     return {t[key]: t[value] for t in items or []}
 
 
 def identity_remains(world, drill_id: str) -> tuple:
     """``(remaining, drill_keys)``: what of the drill's identity still exists; the drill's KMS keys."""
-    s = _session()
+    s = emulator_session()
     iam, sm, kms = (s.client(n, endpoint_url=world.emu.url) for n in ("iam", "secretsmanager", "kms"))
     remaining = []
     for page in iam.get_paginator("list_roles").paginate():
@@ -361,7 +355,7 @@ def test_no_secret_leaks_anywhere(drills, mode):
 
 
 @pytest.mark.parametrize("mode", ["passing", "failing"])
-def test_nothing_of_the_identity_remains_after_teardown(drills, mode, monkeypatch):
+def test_nothing_of_the_identity_remains_after_teardown(drills, mode):
     d = drills.get(mode)
     run = d["run"]
     report = _check_outcome(d, mode)
@@ -375,14 +369,13 @@ def test_nothing_of_the_identity_remains_after_teardown(drills, mode, monkeypatc
     else:
         assert drill_keys == [], "a tmpfs-store drill created KMS keys: %s" % drill_keys
     assert report["teardown"]["remaining"] == 0
-    monkeypatch.setenv("AWS_ENDPOINT_URL", drills.world.emu.url)
-    assert leftovers(run.drill_id, _session()) == []
+    assert drillkit.remaining(drills.world.emu, run.drill_id) == []
 
 
 def test_remains_lister_finds_planted_leftovers(world):
     """The after-teardown check can fail: leftovers planted under a fake drill id are all listed."""
     drill_id = "dr-selfcheck-" + secrets.token_hex(4)
-    s = _session()
+    s = emulator_session()
     iam, sm, kms = (s.client(n, endpoint_url=world.emu.url) for n in ("iam", "secretsmanager", "kms"))
     tags = [{"Key": TAG, "Value": drill_id}]
     trust = json.dumps({"Version": "2012-10-17", "Statement": [
