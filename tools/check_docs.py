@@ -28,10 +28,6 @@ NOT_SECRET = {"secret_store", "file_secrets", "env_secrets", "secrets_prefix", "
 AWS_FRAGMENTS = {"amazon.aws.common.modules", "amazon.aws.region.modules", "amazon.aws.boto3"}
 
 
-def _norm_default(value):
-    return value
-
-
 def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
     spec_names, doc_names = set(spec), set(doc or {})
     for name in sorted(spec_names - doc_names):
@@ -46,7 +42,7 @@ def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
         checks = {
             "type": (s.get("type", "str"), d.get("type", "str")),
             "required": (bool(s.get("required", False)), bool(d.get("required", False))),
-            "default": (_norm_default(s.get("default")), _norm_default(d.get("default"))),
+            "default": (s.get("default"), d.get("default")),
             "choices": (s.get("choices"), d.get("choices")),
             "elements": (s.get("elements"), d.get("elements")),
             "aliases": (sorted(s.get("aliases") or []), sorted(d.get("aliases") or [])),
