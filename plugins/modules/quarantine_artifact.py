@@ -445,8 +445,10 @@ class Quarantiner:
                 if s.kind == "local" and (os.path.normpath(s.path) + os.sep).startswith(root + os.sep):
                     raise QuarantineError("source %s is already inside the quarantine directory %s"
                                           % (s.path, root))
-            if os.path.lexists(root) and (os.path.islink(root) or not os.path.isdir(root)):
-                raise QuarantineError("quarantine %s exists and is not a directory" % root)
+            for path in (root, self.base()):
+                if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)):
+                    raise QuarantineError("quarantine path %s exists and is not a directory (or is a symlink)"
+                                          % path)
 
     def base(self) -> str:
         if self.dest["kind"] == "s3":
@@ -494,10 +496,17 @@ class Quarantiner:
     def _local_dir(self) -> str:
         root, base = self.dest["path"], self.base()
         os.makedirs(root, mode=0o700, exist_ok=True)
-        if not os.path.isdir(base):
+        # Failures are quarantined by parallel workers: mkdir and tolerate the one that lost
+        # the race, then judge what is there with lstat (never follow a planted symlink).
+        try:
             os.mkdir(base, 0o700)
-        if os.path.islink(base):
+        except FileExistsError:
+            pass
+        mode = os.lstat(base).st_mode
+        if stat.S_ISLNK(mode):
             raise QuarantineError("quarantine directory %s is a symlink; refusing to write through it" % base)
+        if not stat.S_ISDIR(mode):
+            raise QuarantineError("quarantine path %s exists and is not a directory" % base)
         os.chmod(base, 0o700)
         return base
 

@@ -301,6 +301,44 @@ def test_local_quarantine_moves_file_private_modes_and_is_idempotent(tmp_path, m
     assert len(read_jsonl(sink)) == len(failures)
 
 
+def test_parallel_workers_share_a_fresh_local_quarantine_directory(tmp_path, module_runner):
+    """Regression (CI, 2026-11-29): workers racing to create the drill's quarantine directory
+    got FileExistsError and one failure went unquarantined."""
+    for round_ in range(3):  # a fresh drill directory each round, so the race is run again
+        backup = tmp_path / ("backup-%d" % round_)
+        backup.mkdir()
+        failures = []
+        for i in range(24):
+            (backup / ("a%02d.bin" % i)).write_bytes(b"bad %d" % i)
+            failures.append(_failure("a%02d.bin" % i, "digest_mismatch", str(backup / ("a%02d.bin" % i))))
+        drill = _drill_id()
+        sink = str(tmp_path / ("alerts-%d.jsonl" % round_))
+        res = module_runner("quarantine_artifact", {"failures": failures, "drill_id": drill, "workers": 8,
+                                                    "quarantine": str(tmp_path / "q"), "alert_sink": {"path": sink}})
+        assert not res.failed, res.get("msg")
+        assert all(r["copied"] and r["original"] == "moved" for r in res["records"]), res["records"]
+        assert len(read_jsonl(sink)) == len(failures)
+        assert len(os.listdir(tmp_path / "q" / drill)) == 2 * len(failures)  # each copy and its record
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_local_quarantine_directory_that_is_not_a_directory_is_refused(tmp_path, module_runner, planted):
+    drill = _drill_id()
+    (tmp_path / "bad.bin").write_bytes(b"bad")
+    qroot, elsewhere = tmp_path / "q", tmp_path / "elsewhere"
+    qroot.mkdir()
+    elsewhere.mkdir()
+    if planted == "symlink":
+        os.symlink(elsewhere, qroot / drill)
+    else:
+        (qroot / drill).write_bytes(b"")
+    res = module_runner("quarantine_artifact", {
+        "failures": [_failure("bad.bin", "digest_mismatch", str(tmp_path / "bad.bin"))], "drill_id": drill,
+        "quarantine": str(qroot), "alert_sink": {"path": str(tmp_path / "alerts.jsonl")}})
+    assert res.failed and ("symlink" if planted == "symlink" else "not a directory") in res["msg"], res.get("msg")
+    assert (tmp_path / "bad.bin").read_bytes() == b"bad" and os.listdir(elsewhere) == []
+
+
 def test_local_source_on_read_only_mount_is_copied_and_kept(tmp_path, module_runner):
     if os.geteuid() != 0:
         pytest.skip("needs root to create a read-only bind mount")
