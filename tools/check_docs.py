@@ -4,7 +4,7 @@
 For every module in plugins/modules/: DOCUMENTATION, EXAMPLES and RETURN are valid
 YAML; the options documented equal the module-level ``ARGUMENT_SPEC`` (names, type,
 required, default, choices, elements, aliases, suboptions; secret-looking options
-must be no_log), AWS modules extend the
+must be no_log; options from this collection's doc fragments count), AWS modules extend the
 amazon.aws doc fragments, and every role has meta/argument_specs.yml.
 Exit status 1 with one line per problem.
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / ".collections"))
 SECRET_NAME = re.compile(r"(passphrase|password|secret|token|masking_key|private_key$|credentials|^value$)")
 NOT_SECRET = {"secret_store", "file_secrets", "env_secrets", "secrets_prefix", "secret_names"}
 
+OWN_FRAGMENT_PREFIX = "drguard.sandbox."
 AWS_FRAGMENTS = {"amazon.aws.common.modules", "amazon.aws.region.modules", "amazon.aws.boto3"}
 
 
@@ -55,6 +56,23 @@ def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
             problems.append("%s: looks like a secret but is not no_log in ARGUMENT_SPEC" % here)
         if s.get("options") or d.get("suboptions"):
             compare(s.get("options") or {}, d.get("suboptions") or {}, here, problems)
+
+
+def own_fragment_options(doc: dict, where: str, problems: list) -> dict:
+    """The module's options merged with those of this collection's doc fragments, as
+    ansible-doc shows them (a module's own option wins over a fragment's)."""
+    options = {}
+    for fragment in doc.get("extends_documentation_fragment") or []:
+        if not fragment.startswith(OWN_FRAGMENT_PREFIX):
+            continue
+        name = fragment[len(OWN_FRAGMENT_PREFIX):]
+        try:
+            mod = importlib.import_module("ansible_collections.drguard.sandbox.plugins.doc_fragments." + name)
+            options.update(yaml.safe_load(mod.ModuleDocFragment.DOCUMENTATION).get("options") or {})
+        except Exception as exc:  # noqa: BLE001 - any failure to load is a finding
+            problems.append("%s: doc fragment %s cannot be loaded: %s" % (where, fragment, exc))
+    options.update(doc.get("options") or {})
+    return options
 
 
 def aws_group() -> set:
@@ -88,7 +106,7 @@ def check_module(path: Path, problems: list, group: set) -> None:
         problems.append("%s: no module-level ARGUMENT_SPEC dict" % where)
         return
     if doc:
-        compare(spec, doc.get("options") or {}, where, problems)
+        compare(spec, own_fragment_options(doc, where, problems), where, problems)
         source = path.read_text()
         if "AnsibleAWSModule" in source:
             fragments = set(doc.get("extends_documentation_fragment") or [])

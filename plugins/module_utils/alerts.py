@@ -36,6 +36,15 @@ from datetime import UTC
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
+# The ``alert_sink`` option of every module that emits alerts (doc fragment
+# drguard.sandbox.alert_sink documents it).
+ALERT_SINK_SPEC = dict(type="dict", required=True, options=dict(
+    path=dict(type="path", required=True),
+    sns_topic_arn=dict(type="str"),
+    event_bus_name=dict(type="str"),
+    log_group_name=dict(type="str"),
+))
+
 SPECVERSION = "1.0"
 SOURCE_PREFIX = "drguard.sandbox/"
 TYPE_PREFIX = "drguard."

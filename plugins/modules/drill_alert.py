@@ -43,28 +43,11 @@ options:
     description: The event payload (JSON-serializable mapping, no secrets).
     type: dict
     default: {}
-  alert_sink:
-    description: Where the event goes.
-    type: dict
-    required: true
-    suboptions:
-      path:
-        description: The drill's C(alerts.jsonl) (created 0600; one JSON object per line).
-        type: path
-        required: true
-      sns_topic_arn:
-        description: SNS topic of the drill (must carry the tag C(drguard:drill-id) = O(drill_id)).
-        type: str
-      event_bus_name:
-        description: EventBridge bus of the drill (must carry the drill's tag).
-        type: str
-      log_group_name:
-        description: CloudWatch Logs group of the drill (must carry the drill's tag).
-        type: str
 extends_documentation_fragment:
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
+  - drguard.sandbox.alert_sink
 author:
   - drguard maintainers
 """
@@ -106,6 +89,7 @@ except ImportError:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertError
+from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import ALERT_SINK_SPEC
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertSink
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import build_event
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import needs_aws
@@ -116,12 +100,7 @@ ARGUMENT_SPEC = dict(
     type=dict(type="str", required=True),
     subject=dict(type="str"),
     data=dict(type="dict", default={}),
-    alert_sink=dict(type="dict", required=True, options=dict(
-        path=dict(type="path", required=True),
-        sns_topic_arn=dict(type="str"),
-        event_bus_name=dict(type="str"),
-        log_group_name=dict(type="str"),
-    )),
+    alert_sink=ALERT_SINK_SPEC,
 )
 
 

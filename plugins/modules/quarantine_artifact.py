@@ -65,24 +65,6 @@ options:
         bucket outside the sandbox) or an absolute local directory.
     type: str
     required: true
-  alert_sink:
-    description: Where the C(drguard.artifact.quarantined) events go.
-    type: dict
-    required: true
-    suboptions:
-      path:
-        description: The drill's C(alerts.jsonl) (created 0600; one JSON object per line).
-        type: path
-        required: true
-      sns_topic_arn:
-        description: SNS topic of the drill (must carry the tag C(drguard:drill-id) = O(drill_id)).
-        type: str
-      event_bus_name:
-        description: EventBridge bus of the drill (must carry the drill's tag).
-        type: str
-      log_group_name:
-        description: CloudWatch Logs group of the drill (must carry the drill's tag).
-        type: str
   workers:
     description: Failures quarantined in parallel.
     type: int
@@ -91,6 +73,7 @@ extends_documentation_fragment:
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
+  - drguard.sandbox.alert_sink
 author:
   - drguard maintainers
 """
@@ -209,6 +192,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertError
+from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import ALERT_SINK_SPEC
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertSink
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import needs_aws
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
@@ -221,12 +205,7 @@ ARGUMENT_SPEC = dict(
     failures=dict(type="list", elements="dict", required=True),
     drill_id=dict(type="str", required=True),
     quarantine=dict(type="str", required=True),
-    alert_sink=dict(type="dict", required=True, options=dict(
-        path=dict(type="path", required=True),
-        sns_topic_arn=dict(type="str"),
-        event_bus_name=dict(type="str"),
-        log_group_name=dict(type="str"),
-    )),
+    alert_sink=ALERT_SINK_SPEC,
     workers=dict(type="int", default=8),
 )
 
