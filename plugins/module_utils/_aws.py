@@ -5,6 +5,39 @@
 
 from __future__ import annotations
 
+import time
+
+try:
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
+    ClientError = None
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ClientError (``"AccessDenied"``), ``""`` for anything else."""
+    if ClientError is not None and isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "") or "")
+    return ""
+
+
+def retry_while(call, transient, wait: float, *, sleep=time.sleep, clock=time.monotonic):
+    """``call()`` until it returns, retrying errors that ``transient(exc)`` calls temporary.
+
+    For what IAM's eventual consistency causes: a role created a moment ago that STS or a
+    service cannot assume yet. Backoff 1, 2, 4, 8, 8 ... s; once the next attempt would
+    start after ``wait`` seconds the last error is raised. Other errors are raised at once.
+    """
+    deadline = clock() + wait
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not transient(exc) or clock() + delay > deadline:
+                raise
+        sleep(delay)
+        delay = min(delay * 2, 8.0)
+
 
 def paginate(client, op: str, key: str, **kwargs) -> list:
     """Every item under ``key`` of ``op``, following pagination when the API has it."""

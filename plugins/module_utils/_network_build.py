@@ -36,7 +36,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_t
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 
 PROTO_NUMBERS = {"tcp": "6", "udp": "17", "-1": "-1"}
 EPHEMERAL = (1024, 65535)
@@ -314,10 +316,15 @@ def _canon(doc) -> str:
 # --------------------------------------------------------------------------- AWS
 
 
-def _error_code(exc) -> str:
-    if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code", "") or ""
-    return ""
+# How long a just-created IAM role may stay unassumable by a service (eventual consistency).
+ROLE_PROPAGATION_WAIT = 60
+
+
+def _role_not_assumable(error) -> bool:
+    """The error AWS returns while a new role has not reached the service yet."""
+    error = error or {}
+    return error.get("Code") in ("InvalidParameter", "InvalidParameterValue", "AccessDenied") \
+        and "assume" in str(error.get("Message", "")).lower()
 
 
 class _Retrying:
@@ -918,7 +925,7 @@ class NetworkBuilder:
         try:
             role = self.iam.get_role(RoleName=role_name)["Role"]
         except ClientError as exc:
-            if _error_code(exc) != "NoSuchEntity":
+            if error_code(exc) != "NoSuchEntity":
                 raise
             role = None
         if role is None:
@@ -997,10 +1004,21 @@ class NetworkBuilder:
         self._record("create flow log %s (ALL traffic of the VPC into %s)" % (name, group))
         if self.check:
             return
-        resp = self.ec2.create_flow_logs(
-            ResourceIds=[vpc_id], ResourceType="VPC", TrafficType="ALL", LogDestinationType="cloud-watch-logs",
-            LogGroupName=group, DeliverLogsPermissionArn=prereq["role_arn"],
-            TagSpecifications=ec2_tag_specs("vpc-flow-log", self.tags, name))
+
+        def create():
+            resp = self.ec2.create_flow_logs(
+                ResourceIds=[vpc_id], ResourceType="VPC", TrafficType="ALL", LogDestinationType="cloud-watch-logs",
+                LogGroupName=group, DeliverLogsPermissionArn=prereq["role_arn"],
+                TagSpecifications=ec2_tag_specs("vpc-flow-log", self.tags, name))
+            unassumable = [u for u in resp.get("Unsuccessful") or [] if _role_not_assumable(u.get("Error"))]
+            if unassumable and not resp.get("FlowLogIds"):
+                raise ClientError({"Error": unassumable[0]["Error"]}, "CreateFlowLogs")
+            return resp
+
+        # The delivery role was usually created a moment ago: until IAM has propagated it,
+        # CreateFlowLogs answers "Unable to assume given IAM role" and creates nothing.
+        resp = retry_while(create, lambda exc: _role_not_assumable((getattr(exc, "response", None) or {})
+                                                                   .get("Error")), ROLE_PROPAGATION_WAIT)
         ids = resp.get("FlowLogIds") or []
         for fid in ids:
             self.created.append({"type": "flow_log", "id": fid})

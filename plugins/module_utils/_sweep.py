@@ -43,6 +43,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_E
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import is_expired
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 
 WORKERS = 16
@@ -64,12 +65,6 @@ _RETRY_CODES = {
 
 class SweepError(Exception):
     """A deletion that cannot succeed (not retryable); ``str()`` is the reason."""
-
-
-def error_code(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code", "") or ""
-    return ""
 
 
 def describe_error(exc: BaseException) -> str:

@@ -102,6 +102,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import AccessError
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import can_mount
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import mount_entry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import MOUNT_OPTIONS
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import parse_s3
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import POLICY_NAME
@@ -121,10 +122,6 @@ NEED_PRIVILEGE = ("mounting the backup read-only needs root or CAP_SYS_ADMIN; ru
                   "(become: true) or give the controller container CAP_SYS_ADMIN, or use an S3 backup source")
 
 
-def _code(exc) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 # ------------------------------------------------------------------------------- S3
 def s3_access(module, bucket, prefix):
     p = module.params
@@ -136,14 +133,14 @@ def s3_access(module, bucket, prefix):
     try:
         current = iam.get_role_policy(RoleName=role, PolicyName=name, aws_retry=True)["PolicyDocument"]
     except botocore.exceptions.ClientError as exc:
-        if _code(exc) != "NoSuchEntity":
+        if error_code(exc) != "NoSuchEntity":
             module.fail_json_aws(exc, msg="Could not read inline policy %s of role %s" % (name, role))
         current = None
         if p["state"] == "present":
             try:
                 iam.get_role(RoleName=role, aws_retry=True)
             except botocore.exceptions.ClientError as exc2:
-                if _code(exc2) == "NoSuchEntity":
+                if error_code(exc2) == "NoSuchEntity":
                     module.fail_json(msg="IAM role %s does not exist; create the drill's role first "
                                          "(mint_credentials creates drguard-<drill_id>)" % role)
                 module.fail_json_aws(exc2, msg="Could not read IAM role %s" % role)
@@ -157,7 +154,7 @@ def s3_access(module, bucket, prefix):
             try:
                 iam.delete_role_policy(RoleName=role, PolicyName=name, aws_retry=True)
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) != "NoSuchEntity":
+                if error_code(exc) != "NoSuchEntity":
                     module.fail_json_aws(exc, msg="Could not delete inline policy %s of role %s" % (name, role))
         module.exit_json(changed=True)
 

@@ -180,7 +180,6 @@ actions:
 import json
 import re
 import secrets
-import time
 from datetime import timedelta
 
 try:
@@ -193,6 +192,8 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _identity as ident
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
@@ -439,26 +440,24 @@ class Minter:
     def assume(self, role_arn, external_id, session_policy, duration):
         sts = self.module.client("sts")
         wait = PROPAGATION_WAIT_CHANGED if self.changed else PROPAGATION_WAIT_UNCHANGED
-        deadline = time.monotonic() + wait
-        delay = 1.0
-        while True:
-            try:
-                return sts.assume_role(
-                    RoleArn=role_arn, RoleSessionName=ident.role_name(self.drill_id),
-                    DurationSeconds=duration, Policy=json.dumps(session_policy, separators=(",", ":")),
-                    Tags=[{"Key": TAG_DRILL_ID, "Value": self.drill_id}],
-                    SourceIdentity=self.drill_id, ExternalId=external_id,
-                )["Credentials"]
-            except is_boto3_error_code("AccessDenied") as e:
-                if time.monotonic() + delay > deadline:
-                    self.module.fail_json_aws(
-                        e, msg="Cannot assume %s after %ds: the caller is not the trusted principal, lacks "
-                               "sts:AssumeRole/sts:TagSession/sts:SetSourceIdentity, or IAM has not propagated"
-                               % (role_arn, wait))
-                time.sleep(delay)
-                delay = min(delay * 2, 8.0)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:  # pylint: disable=duplicate-except
-                self.module.fail_json_aws(e, msg="Cannot assume drill role %s" % role_arn)
+
+        def call():
+            return sts.assume_role(
+                RoleArn=role_arn, RoleSessionName=ident.role_name(self.drill_id),
+                DurationSeconds=duration, Policy=json.dumps(session_policy, separators=(",", ":")),
+                Tags=[{"Key": TAG_DRILL_ID, "Value": self.drill_id}],
+                SourceIdentity=self.drill_id, ExternalId=external_id,
+            )["Credentials"]
+
+        try:
+            return retry_while(call, lambda exc: error_code(exc) == "AccessDenied", wait)
+        except is_boto3_error_code("AccessDenied") as e:
+            self.module.fail_json_aws(
+                e, msg="Cannot assume %s after %ds: the caller is not the trusted principal, lacks "
+                       "sts:AssumeRole/sts:TagSession/sts:SetSourceIdentity, or IAM has not propagated"
+                       % (role_arn, wait))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:  # pylint: disable=duplicate-except
+            self.module.fail_json_aws(e, msg="Cannot assume drill role %s" % role_arn)
 
     # ------------------------------------------------------------ revoked / absent
     def revoked(self):

@@ -191,6 +191,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertError
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import ALERT_SINK_SPEC
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertSink
@@ -359,10 +360,6 @@ def parse_quarantine(value: str) -> dict:
 
 
 # ------------------------------------------------------------------------- helpers
-def _code(exc) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "")) if hasattr(exc, "response") else ""
-
-
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -414,7 +411,8 @@ class Quarantiner:
                 conf = self.s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
             except botocore.exceptions.ClientError as exc:
                 raise QuarantineError("cannot read the Object Lock configuration of quarantine bucket %s (%s); "
-                                      "it must exist with Object Lock enabled" % (bucket, _code(exc) or exc)) from None
+                                      "it must exist with Object Lock enabled"
+                                      % (bucket, error_code(exc) or exc)) from None
             if conf.get("ObjectLockEnabled") != "Enabled":
                 raise QuarantineError("quarantine bucket %s does not have Object Lock enabled; create it with "
                                       "Object Lock so copies can be put under legal hold" % bucket)
@@ -446,7 +444,7 @@ class Quarantiner:
                 body = self.s3.get_object(Bucket=self.dest["bucket"],
                                           Key=self.base() + record_leaf(leaf, reason))["Body"].read()
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) in NOT_FOUND:
+                if error_code(exc) in NOT_FOUND:
                     return None
                 raise
         else:
@@ -520,7 +518,7 @@ class Quarantiner:
             hold = self.s3.get_object_legal_hold(Bucket=bucket, Key=key, VersionId=version_id)
             status = (hold.get("LegalHold") or {}).get("Status") or "OFF"
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) not in ("NoSuchObjectLockConfiguration", "InvalidRequest"):
+            if error_code(exc) not in ("NoSuchObjectLockConfiguration", "InvalidRequest"):
                 raise
             status = "OFF"
         if status == "ON":
@@ -537,11 +535,11 @@ class Quarantiner:
         try:
             return self.s3.head_object(**kwargs)
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) in NOT_FOUND or _code(exc) == "400" and src.version_id:
+            if error_code(exc) in NOT_FOUND or error_code(exc) == "400" and src.version_id:
                 return None
             raise QuarantineError("cannot read %s (%s); the quarantine needs s3:GetObject, s3:GetObjectVersion "
                                   "and tagging rights on the backup bucket"
-                                  % (src.location, _code(exc) or exc)) from None
+                                  % (src.location, error_code(exc) or exc)) from None
 
     def copy_s3_to_s3(self, src: Source, head: dict, key: str, tags: dict, origin: str) -> str:  # noqa: PLR0917
         """Server-side multipart copy of the exact version, legal hold ON; returns the copy's version."""
@@ -667,7 +665,7 @@ class Quarantiner:
             try:
                 existing = self.s3.head_object(Bucket=bucket, Key=key)
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) not in NOT_FOUND:
+                if error_code(exc) not in NOT_FOUND:
                     raise
                 existing = None
             # The canonical location of the exact version, however the failure spelled it.
@@ -785,7 +783,7 @@ class Quarantiner:
         try:
             existing = self.s3.head_object(Bucket=bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) not in NOT_FOUND:
+            if error_code(exc) not in NOT_FOUND:
                 raise
             existing = None
         changed = False
@@ -872,7 +870,7 @@ def main():
         except (QuarantineError, AlertError, OSError) as exc:
             error = str(exc)
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            error = "%s: %s" % (src.location, _code(exc) or exc)
+            error = "%s: %s" % (src.location, error_code(exc) or exc)
         except Exception as exc:  # noqa: BLE001 - unknown state is a failure, reported per source
             error = "%s: unexpected %s: %s" % (src.location, type(exc).__name__, exc)
         _quarantine_failed_event(q, src, items, error)

@@ -33,6 +33,8 @@ description:
   - With O(flow_logs), VPC flow logs (traffic type ALL) into the drill's own log group
     C(/drguard/<drill_id>/flow-logs) (7-day retention), delivered through the IAM role C(drguard-<drill_id>-flowlogs)
     that only the flow-logs service can assume and that may only write to that log group.
+    Because IAM is eventually consistent, while a new role is not yet assumable (C(Unable to assume given IAM role))
+    CreateFlowLogs is retried for up to 60 s.
   - Every resource carries the drguard tags (C(drguard:managed), C(drguard:drill-id), C(drguard:expires-at)) and a
     C(Name); EC2 resources are tagged in the call that creates them, so teardown (M(drguard.sandbox.sweep)) finds
     everything even after a failure half-way.
