@@ -99,10 +99,10 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import AccessError
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import can_mount
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import mount_entry
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import MOUNT_OPTIONS
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import parse_s3
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import POLICY_NAME
