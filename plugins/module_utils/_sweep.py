@@ -190,8 +190,6 @@ class Context:
                 delay = min(delay * 2, 10.0)
 
 
-
-
 # --------------------------------------------------------------------------- kinds
 
 
@@ -201,12 +199,23 @@ class Kind:
     name = ""
     service = ""
     wait_gone = False          # wait until it is gone before the next EC2 step
+    extra_gone_codes: tuple = ()  # codes that mean "gone" for this kind only (S3 HEAD's bare "404")
 
     def discover(self, ctx: Context) -> list:
         raise NotImplementedError
 
-    def lookup(self, ctx: Context, rid: str) -> Resource | None:
+    def fetch(self, ctx: Context, rid: str) -> Resource | None:
+        """``rid`` as it is now; raises what the service raises (``lookup`` handles "gone")."""
         raise NotImplementedError
+
+    def lookup(self, ctx: Context, rid: str) -> Resource | None:
+        """``rid`` as it is now, or None when it is gone."""
+        try:
+            return self.fetch(ctx, rid)
+        except ClientError as exc:
+            if is_gone(exc) or error_code(exc) in self.extra_gone_codes:
+                return None
+            raise
 
     def delete(self, ctx: Context, res: Resource) -> None:
         raise NotImplementedError
@@ -248,14 +257,8 @@ class Ec2Kind(Kind):
         kwargs = {self.filter_param: ctx.selector.ec2_filters()} if self.server_filter else {}
         return [r for r in self._describe(ctx, **kwargs) if ctx.selector.matches(r.tags)]
 
-    def lookup(self, ctx: Context, rid: str) -> Resource | None:
-        try:
-            found = self._describe(ctx, **{self.ids_param: [rid]})
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
-        return next((r for r in found if r.id == rid), None)
+    def fetch(self, ctx: Context, rid: str) -> Resource | None:
+        return next((r for r in self._describe(ctx, **{self.ids_param: [rid]}) if r.id == rid), None)
 
 
 class Instance(Ec2Kind):
@@ -543,20 +546,13 @@ class LogGroup(Kind):
             return logs.list_tags_log_group(logGroupName=group["logGroupName"]).get("tags") or {}
 
     def _resources(self, ctx, groups: list) -> list:
-        out = []
-        for group, tags in zip(groups, parallel(lambda g: self._tags(ctx, g), groups), strict=True):
-            if isinstance(tags, Exception):
-                if is_gone(tags):
-                    continue
-                raise tags
-            out.append(Resource(self.name, group["logGroupName"], tags, group))
-        return out
+        return _tagged(self.name, groups, lambda g: g["logGroupName"], lambda g: self._tags(ctx, g))
 
     def discover(self, ctx):
         groups = _paginate(ctx.client("logs"), "describe_log_groups", "logGroups")
         return [r for r in self._resources(ctx, groups) if ctx.selector.matches(r.tags)]
 
-    def lookup(self, ctx, rid):
+    def fetch(self, ctx, rid):
         groups = _paginate(ctx.client("logs"), "describe_log_groups", "logGroups", logGroupNamePrefix=rid)
         found = self._resources(ctx, [g for g in groups if g["logGroupName"] == rid])
         return found[0] if found else None
@@ -589,14 +585,9 @@ class IamRole(Kind):
         found = _tagged(self.name, roles, lambda r: r["RoleName"], lambda r: self._tags(ctx, r))
         return [r for r in found if ctx.selector.matches(r.tags)]
 
-    def lookup(self, ctx, rid):
-        try:
-            role = ctx.client("iam").get_role(RoleName=rid)["Role"]
-            return Resource(self.name, rid, self._tags(ctx, role), role)
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
+    def fetch(self, ctx, rid):
+        role = ctx.client("iam").get_role(RoleName=rid)["Role"]
+        return Resource(self.name, rid, self._tags(ctx, role), role)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
@@ -619,13 +610,8 @@ class IamInstanceProfile(Kind):
     def discover(self, ctx):
         return []
 
-    def lookup(self, ctx, rid):
-        try:
-            prof = ctx.client("iam").get_instance_profile(InstanceProfileName=rid)["InstanceProfile"]
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
+    def fetch(self, ctx, rid):
+        prof = ctx.client("iam").get_instance_profile(InstanceProfileName=rid)["InstanceProfile"]
         return Resource(self.name, rid, tag_dict(prof.get("Tags")), prof)
 
     def delete(self, ctx, res):
@@ -649,14 +635,9 @@ class IamPolicy(Kind):
         found = _tagged(self.name, policies, lambda p: p["Arn"], lambda p: self._tags(ctx, p["Arn"]))
         return [r for r in found if ctx.selector.matches(r.tags)]
 
-    def lookup(self, ctx, rid):
-        try:
-            pol = ctx.client("iam").get_policy(PolicyArn=rid)["Policy"]
-            return Resource(self.name, rid, self._tags(ctx, rid), pol)
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
+    def fetch(self, ctx, rid):
+        pol = ctx.client("iam").get_policy(PolicyArn=rid)["Policy"]
+        return Resource(self.name, rid, self._tags(ctx, rid), pol)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
@@ -685,13 +666,8 @@ class Secret(Kind):
                           Filters=[{"Key": "tag-key", "Values": [sel.tag_key]}])
         return [r for r in (self._resource(i) for i in items) if sel.matches(r.tags)]
 
-    def lookup(self, ctx, rid):
-        try:
-            item = ctx.client("secretsmanager").describe_secret(SecretId=rid)
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
+    def fetch(self, ctx, rid):
+        item = ctx.client("secretsmanager").describe_secret(SecretId=rid)
         if item.get("DeletedDate"):
             return None  # scheduled for deletion: no longer readable, gone at the end of its window
         return self._resource(item)
@@ -704,7 +680,8 @@ class KmsKey(Kind):
     name, service = "kms_key", "kms"
     _gone_states = ("PendingDeletion", "PendingReplicaDeletion")
 
-    def _key(self, ctx, key_id):
+    def fetch(self, ctx, key_id):
+        """The customer key, or None for an AWS-managed key or one pending deletion."""
         kms = ctx.client("kms")
         meta = kms.describe_key(KeyId=key_id)["KeyMetadata"]
         if meta.get("KeyManager") != "CUSTOMER" or meta.get("KeyState") in self._gone_states:
@@ -715,7 +692,7 @@ class KmsKey(Kind):
     def discover(self, ctx):
         keys = _paginate(ctx.client("kms"), "list_keys", "Keys")
         out = []
-        for res in parallel(lambda k: self._key(ctx, k["KeyId"]), keys):
+        for res in parallel(lambda k: self.fetch(ctx, k["KeyId"]), keys):
             if isinstance(res, Exception):
                 if is_gone(res):
                     continue
@@ -724,13 +701,6 @@ class KmsKey(Kind):
                 out.append(res)
         return out
 
-    def lookup(self, ctx, rid):
-        try:
-            return self._key(ctx, rid)
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
 
     def delete(self, ctx, res):
         kms = ctx.client("kms")
@@ -747,6 +717,7 @@ class KmsKey(Kind):
 
 class S3Bucket(Kind):
     name, service = "s3_bucket", "s3"
+    extra_gone_codes = ("404",)
 
     def _tags(self, ctx, name):
         try:
@@ -761,14 +732,9 @@ class S3Bucket(Kind):
         found = _tagged(self.name, buckets, lambda b: b["Name"], lambda b: self._tags(ctx, b["Name"]))
         return [r for r in found if ctx.selector.matches(r.tags)]
 
-    def lookup(self, ctx, rid):
-        try:
-            ctx.client("s3").head_bucket(Bucket=rid)
-            return Resource(self.name, rid, self._tags(ctx, rid))
-        except ClientError as exc:
-            if is_gone(exc) or error_code(exc) == "404":
-                return None
-            raise
+    def fetch(self, ctx, rid):
+        ctx.client("s3").head_bucket(Bucket=rid)
+        return Resource(self.name, rid, self._tags(ctx, rid))
 
     def _lock_reason(self, ctx, bucket: str, errors: list) -> str:
         """Explain why objects could not be deleted (Object Lock retention / legal hold)."""
@@ -829,14 +795,9 @@ class SnsTopic(Kind):
         found = _tagged(self.name, topics, lambda t: t["TopicArn"], lambda t: self._tags(ctx, t["TopicArn"]))
         return [r for r in found if ctx.selector.matches(r.tags)]
 
-    def lookup(self, ctx, rid):
-        try:
-            ctx.client("sns").get_topic_attributes(TopicArn=rid)
-            return Resource(self.name, rid, self._tags(ctx, rid))
-        except ClientError as exc:
-            if is_gone(exc):
-                return None
-            raise
+    def fetch(self, ctx, rid):
+        ctx.client("sns").get_topic_attributes(TopicArn=rid)
+        return Resource(self.name, rid, self._tags(ctx, rid))
 
     def delete(self, ctx, res):
         ctx.retry(ctx.client("sns").delete_topic, TopicArn=res.id)
