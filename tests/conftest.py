@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,13 +53,7 @@ def aws_env(emulator, monkeypatch):
 @pytest.fixture
 def aws(aws_env):
     """``aws("ec2")`` -> a boto3 client on the emulator."""
-    def client(service, **kwargs):
-        kwargs.setdefault("region_name", REGION)
-        kwargs.setdefault("endpoint_url", aws_env.url)
-        kwargs.setdefault("aws_access_key_id", "testing")
-        kwargs.setdefault("aws_secret_access_key", "testing")
-        return boto3.client(service, **kwargs)
-    return client
+    return aws_env.client
 
 
 class ModuleResult(dict):

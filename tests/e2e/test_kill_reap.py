@@ -8,7 +8,6 @@ import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 
-import boto3
 import yaml
 from conftest import ROOT, ansible_env
 from drillkit import ANSIBLE_PLAYBOOK, new_drill_id, remaining
@@ -66,8 +65,7 @@ def test_sigkill_mid_provisioning_then_reap(world, tmp_path):
     proc = subprocess.Popen([ANSIBLE_PLAYBOOK, "playbooks/drill.yml", "-e", "@%s" % vars_file],
                             env=ansible_env(world.emu), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=world.emu.url,
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec2 = world.emu.client("ec2")
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:

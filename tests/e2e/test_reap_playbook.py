@@ -13,9 +13,11 @@ from datetime import timedelta
 from datetime import UTC
 from pathlib import Path
 
-import boto3
 import pytest
 from conftest import ROOT, ansible_env
+
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
 
 pytestmark = pytest.mark.slow
 
@@ -28,24 +30,20 @@ def rfc3339(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def clients(emu):
-    def client(service):
-        return boto3.client(service, region_name="us-east-1", endpoint_url=emu.url,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-    return client
-
-
-def tags_for(drill_id: str, expires: str) -> dict:
-    return {"drguard:managed": "true", "drguard:drill-id": drill_id, "drguard:expires-at": expires}
-
-
-def tag_list(tags: dict) -> list:
-    return [{"Key": k, "Value": v} for k, v in tags.items()]
+def locked_evidence_bucket(aws, drill_id: str, expires: str) -> str:
+    """A bucket of ``drill_id`` holding one object under COMPLIANCE retention: it cannot be deleted."""
+    s3 = aws("s3")
+    bucket = drill_id + "-evidence"
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(drill_tags(drill_id, expires))})
+    s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="COMPLIANCE",
+                  ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))
+    return bucket
 
 
 def small_world(aws, drill_id: str, expires: str, octet: int) -> set:
     """A drill-shaped set of tagged resources; returns {(type, id)}."""
-    tags = tags_for(drill_id, expires)
+    tags = drill_tags(drill_id, expires)
     ec2 = aws("ec2")
 
     def spec(rtype):
@@ -130,7 +128,7 @@ def reap(emu, *extra_vars: str, env_extra: dict | None = None) -> subprocess.Com
 
 
 def test_reap_deletes_only_expired_resources(fresh_emulator, tmp_path):
-    aws = clients(fresh_emulator)
+    aws = fresh_emulator.client
     now = datetime.now(UTC)
     old, young = "dr-old-%s" % secrets.token_hex(3), "dr-young-%s" % secrets.token_hex(3)
     expired = small_world(aws, old, rfc3339(now - timedelta(hours=1)), 20)
@@ -180,14 +178,9 @@ def test_reap_deletes_only_expired_resources(fresh_emulator, tmp_path):
 
 
 def test_reap_fails_and_names_what_remains(fresh_emulator, tmp_path):
-    aws = clients(fresh_emulator)
+    aws = fresh_emulator.client
     drill = "dr-locked-%s" % secrets.token_hex(3)
-    s3 = aws("s3")
-    bucket = drill + "-evidence"
-    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags_for(drill, "2001-01-01T00:00:00Z"))})
-    s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="COMPLIANCE",
-                  ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))
+    bucket = locked_evidence_bucket(aws, drill, "2001-01-01T00:00:00Z")
     res = reap(fresh_emulator, "reap_region=us-east-1", "reap_state_root=%s" % tmp_path)
     assert res.returncode != 0
     text = summary(res.stdout)
@@ -250,9 +243,9 @@ def run_role(emu, tmp_path, drill: str, extras: list) -> tuple[subprocess.Comple
 
 
 def test_teardown_role_revokes_sweeps_and_reports(fresh_emulator, tmp_path):
-    aws = clients(fresh_emulator)
+    aws = fresh_emulator.client
     drill = "dr-role-%s" % secrets.token_hex(3)
-    tags = tags_for(drill, "2099-01-01T00:00:00Z")
+    tags = drill_tags(drill, "2099-01-01T00:00:00Z")
     # The drill's role as mint_credentials makes it: revoked first, then deleted by the sweep.
     aws("iam").create_role(RoleName="drguard-" + drill, Path="/drguard/", AssumeRolePolicyDocument=TRUST,
                            Tags=tag_list(tags))
@@ -267,15 +260,10 @@ def test_teardown_role_revokes_sweeps_and_reports(fresh_emulator, tmp_path):
 
 
 def test_teardown_role_fails_when_something_remains(fresh_emulator, tmp_path):
-    aws = clients(fresh_emulator)
+    aws = fresh_emulator.client
     drill = "dr-role-%s" % secrets.token_hex(3)
-    s3 = aws("s3")
-    bucket = drill + "-evidence"
-    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags_for(drill, "2099-01-01T00:00:00Z"))})
-    s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="COMPLIANCE",
-                  ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1))
-    aws("sns").create_topic(Name=drill + "-alerts", Tags=tag_list(tags_for(drill, "2099-01-01T00:00:00Z")))
+    bucket = locked_evidence_bucket(aws, drill, "2099-01-01T00:00:00Z")
+    aws("sns").create_topic(Name=drill + "-alerts", Tags=tag_list(drill_tags(drill, "2099-01-01T00:00:00Z")))
     proc, fact = run_role(fresh_emulator, tmp_path, drill, [])
     assert proc.returncode != 0
     assert "Teardown of drill %s is incomplete" % drill in proc.stdout

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 import uuid
 
-import boto3
 import pytest
 from conftest import REGION, run_module
 
@@ -412,10 +411,8 @@ def test_production_overlap_and_ipv6(aws_env, ec2):
 def test_unreadable_resources_fail_closed(fresh_emulator, monkeypatch):
     for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
-    kw = {"region_name": REGION, "endpoint_url": fresh_emulator.url,
-          "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    iam, ec2 = boto3.client("iam", **kw), boto3.client("ec2", **kw)
-    vpc = build_compliant(ec2, boto3.client("logs", **kw))["vpc"]
+    iam, ec2 = fresh_emulator.client("iam"), fresh_emulator.client("ec2")
+    vpc = build_compliant(ec2, fresh_emulator.client("logs"))["vpc"]
     iam.create_user(UserName="vpc-reader")
     iam.put_user_policy(UserName="vpc-reader", PolicyName="describe-vpcs-only", PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "ec2:DescribeVpcs", "Resource": "*"}]}))

@@ -10,7 +10,6 @@ import json
 import uuid
 from datetime import timedelta
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -45,8 +44,7 @@ class Env:
     def client(self, service, key_id=None, secret=None, token=None):
         if key_id is None:
             key_id, secret = self.key
-        return boto3.client(service, region_name=REGION, endpoint_url=self.emu.url, aws_access_key_id=key_id,
-                            aws_secret_access_key=secret, aws_session_token=token)
+        return self.emu.client(service, key_id, secret, token)
 
     def session_client(self, service, creds):
         return self.client(service, creds["access_key_id"], creds["secret_access_key"], creds["session_token"])

@@ -396,11 +396,7 @@ def test_no_region_fails_cleanly(module_runner, monkeypatch):
 
 def test_a_service_that_cannot_be_listed_fails_closed(fresh_emulator, module_runner):
     """With IAM enforced, a reaper that may not list roles cannot prove zero: it fails, naming the gap."""
-    import boto3
-
-    def client(service, key=None, secret=None):
-        return boto3.client(service, region_name="us-east-1", endpoint_url=fresh_emulator.url,
-                            aws_access_key_id=key or "testing", aws_secret_access_key=secret or "testing")
+    client = fresh_emulator.client
     iam = client("iam")
     iam.create_user(UserName="reaper")
     iam.put_user_policy(UserName="reaper", PolicyName="all-but-list-roles", PolicyDocument=json.dumps({
