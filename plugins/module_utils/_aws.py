@@ -20,6 +20,14 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a boto or our own error: ``Code: message`` for a ClientError."""
+    if ClientError is not None and isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return "%s: %s" % (err.get("Code", "Error"), err.get("Message", "") or str(exc))
+    return str(exc) or exc.__class__.__name__
+
+
 def retry_while(call, transient, wait: float, *, sleep=time.sleep, clock=time.monotonic):
     """``call()`` until it returns, retrying errors that ``transient(exc)`` calls temporary.
 

@@ -1039,11 +1039,3 @@ def _parallel(fn, items: list) -> list:
     return [f.result() for f in futures]
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for a boto or build error."""
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return "%s: %s" % (err.get("Code", "Error"), err.get("Message", "") or str(exc))
-    if isinstance(exc, BotoCoreError):
-        return str(exc)
-    return str(exc) or exc.__class__.__name__

@@ -43,6 +43,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_E
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import is_expired
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 
@@ -65,14 +66,6 @@ _RETRY_CODES = {
 
 class SweepError(Exception):
     """A deletion that cannot succeed (not retryable); ``str()`` is the reason."""
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a boto or sweep error: ``Code: message``."""
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return "%s: %s" % (err.get("Code", "Error"), err.get("Message", "") or str(exc))
-    return str(exc) or exc.__class__.__name__
 
 
 def is_gone(exc: BaseException) -> bool:

@@ -202,6 +202,7 @@ except ImportError:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
@@ -259,7 +260,7 @@ def main():
                 "drguard.sandbox.sweep (drill_id: %s)." % (len(created), drill_id, drill_id)) if created else ""
         module.fail_json(
             msg="building the sandbox network of drill %s failed at the %s step: %s.%s"
-                % (drill_id, builder.step, _network_build.describe_error(exc).rstrip("."), hint),
+                % (drill_id, builder.step, describe_error(exc).rstrip("."), hint),
             step=builder.step, created=created, actions=list(builder.actions))
     result["created"] = list(builder.created)
     module.exit_json(changed=bool(result["actions"]), **result)
