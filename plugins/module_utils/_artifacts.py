@@ -135,7 +135,8 @@ def hash_chunks(chunks, limit: int | None = None) -> Hashed:
     return Hashed(digest.hexdigest(), size, head, False)
 
 
-def _file_chunks(handle, limit: int | None):
+def file_chunks(handle, limit: int | None):
+    """Chunks of an open file; with ``limit``, at most ``limit + 1`` bytes (a longer file shows, never read whole)."""
     remaining = None if limit is None else limit + 1
     while remaining is None or remaining > 0:
         chunk = handle.read(CHUNK if remaining is None else min(CHUNK, remaining))
@@ -164,7 +165,7 @@ def _error_code(exc) -> tuple:
     return code, status
 
 
-def _s3_get_chunks(s3, bucket: str, key: str, version_id: str | None, limit: int | None):
+def s3_get_chunks(s3, bucket: str, key: str, version_id: str | None, limit: int | None):
     """Chunks of one S3 object version; with ``limit``, a Range of ``limit + 1`` bytes at most."""
     kwargs = {"Bucket": bucket, "Key": key}
     if version_id:
@@ -222,7 +223,7 @@ def local_names(root: str, exclude=()) -> list:
 def hash_local(root: str, name: str) -> Artifact:
     path = os.path.join(root, *name.split("/"))
     with open(path, "rb") as handle:
-        hashed = hash_chunks(_file_chunks(handle, None))
+        hashed = hash_chunks(file_chunks(handle, None))
     return Artifact(name, hashed.sha256, hashed.size, detect_kind(hashed.head), None)
 
 
@@ -254,7 +255,7 @@ def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = No
         raise
     version = head.get("VersionId")
     version = None if version in (None, "null") else version
-    _resp, chunks = _s3_get_chunks(s3, bucket, key, version, None)
+    _resp, chunks = s3_get_chunks(s3, bucket, key, version, None)
     hashed = hash_chunks(chunks)
     if hashed.size != head["ContentLength"]:
         raise SourceError("s3://%s/%s changed while it was read (%d bytes read, %d expected); sign again"
@@ -397,7 +398,7 @@ def verify_s3(s3, bucket: str, prefix: str, art: Artifact, check: Check, bytes_c
 
     if check.mode == "full" and not any(r == "size_mismatch" for r, _d in findings):
         try:
-            resp, chunks = _s3_get_chunks(s3, bucket, key, version, art.size)
+            resp, chunks = s3_get_chunks(s3, bucket, key, version, art.size)
             if resp is not None:
                 answered = resp.get("VersionId")
                 answered = None if answered in (None, "null") else answered
@@ -442,7 +443,7 @@ def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
             findings.append(("size_mismatch", "%s is %d bytes, signed size %d" % (path, st.st_size, art.size)))
         elif check.mode == "full":
             try:
-                hashed = hash_chunks(_file_chunks(handle, art.size), art.size)
+                hashed = hash_chunks(file_chunks(handle, art.size), art.size)
             except OSError as exc:
                 findings.append(("artifact_missing", "%s could not be read completely: %s" % (path, exc.strerror)))
             else:

@@ -107,13 +107,13 @@ def _chunks(s3, source, version_id, size):
     if art.is_s3(source):
         loc = art.parse_s3(source, "source")
         try:
-            _resp, chunks = art._s3_get_chunks(s3, loc.bucket, loc.key, version_id or loc.version_id, size)
+            _resp, chunks = art.s3_get_chunks(s3, loc.bucket, loc.key, version_id or loc.version_id, size)
         except botocore.exceptions.ClientError as exc:
             raise RestoreError("%s: %s" % (source, exc.response.get("Error", {}).get("Code") or exc)) from None
         yield from chunks
         return
     with open(source, "rb") as handle:
-        yield from art._file_chunks(handle, size)
+        yield from art.file_chunks(handle, size)
 
 
 def restore_one(s3, entry, dest):

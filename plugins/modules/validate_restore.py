@@ -64,7 +64,6 @@ ARGUMENT_SPEC = dict(
 )
 
 
-
 def kind_of(path: str) -> str:
     with open(path, "rb") as handle:
         return detect_kind(handle.read(512))

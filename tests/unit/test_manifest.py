@@ -377,7 +377,7 @@ def test_file_chunks_reads_at_most_size_plus_one():
             return out
 
     handle = Counting(b"z" * (5 * 1024 * 1024))
-    hashed = art.hash_chunks(art._file_chunks(handle, 100), 100)
+    hashed = art.hash_chunks(art.file_chunks(handle, 100), 100)
     assert hashed.over_limit and Counting.read_total == 101
 
 
