@@ -360,6 +360,20 @@ def parse_quarantine(value: str) -> dict:
 
 
 # ------------------------------------------------------------------------- helpers
+def _refuse_unless_directory(path: str, missing_ok: bool = False) -> None:
+    """Raise unless ``path`` is a real directory (judged with lstat: a symlink is refused, never followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    if stat.S_ISLNK(mode):
+        raise QuarantineError("quarantine path %s is a symlink; refusing to write through it" % path)
+    if not stat.S_ISDIR(mode):
+        raise QuarantineError("quarantine path %s exists and is not a directory" % path)
+
+
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -423,9 +437,7 @@ class Quarantiner:
                     raise QuarantineError("source %s is already inside the quarantine directory %s"
                                           % (s.path, root))
             for path in (root, self.base()):
-                if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)):
-                    raise QuarantineError("quarantine path %s exists and is not a directory (or is a symlink)"
-                                          % path)
+                _refuse_unless_directory(path, missing_ok=True)
 
     def base(self) -> str:
         if self.dest["kind"] == "s3":
@@ -479,11 +491,7 @@ class Quarantiner:
             os.mkdir(base, 0o700)
         except FileExistsError:
             pass
-        mode = os.lstat(base).st_mode
-        if stat.S_ISLNK(mode):
-            raise QuarantineError("quarantine directory %s is a symlink; refusing to write through it" % base)
-        if not stat.S_ISDIR(mode):
-            raise QuarantineError("quarantine path %s exists and is not a directory" % base)
+        _refuse_unless_directory(base)
         os.chmod(base, 0o700)
         return base
 
