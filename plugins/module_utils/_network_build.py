@@ -36,6 +36,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_t
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
@@ -320,11 +321,10 @@ def _canon(doc) -> str:
 ROLE_PROPAGATION_WAIT = 60
 
 
-def _role_not_assumable(error) -> bool:
+def _role_not_assumable(exc: BaseException) -> bool:
     """The error AWS returns while a new role has not reached the service yet."""
-    error = error or {}
-    return error.get("Code") in ("InvalidParameter", "InvalidParameterValue", "AccessDenied") \
-        and "assume" in str(error.get("Message", "")).lower()
+    return error_code(exc) in ("InvalidParameter", "InvalidParameterValue", "AccessDenied") \
+        and "assume" in describe_error(exc).lower()
 
 
 class _Retrying:
@@ -1010,15 +1010,16 @@ class NetworkBuilder:
                 ResourceIds=[vpc_id], ResourceType="VPC", TrafficType="ALL", LogDestinationType="cloud-watch-logs",
                 LogGroupName=group, DeliverLogsPermissionArn=prereq["role_arn"],
                 TagSpecifications=ec2_tag_specs("vpc-flow-log", self.tags, name))
-            unassumable = [u for u in resp.get("Unsuccessful") or [] if _role_not_assumable(u.get("Error"))]
+            unsuccessful = [ClientError({"Error": u.get("Error") or {}}, "CreateFlowLogs")
+                            for u in resp.get("Unsuccessful") or []]
+            unassumable = [e for e in unsuccessful if _role_not_assumable(e)]
             if unassumable and not resp.get("FlowLogIds"):
-                raise ClientError({"Error": unassumable[0]["Error"]}, "CreateFlowLogs")
+                raise unassumable[0]
             return resp
 
         # The delivery role was usually created a moment ago: until IAM has propagated it,
         # CreateFlowLogs answers "Unable to assume given IAM role" and creates nothing.
-        resp = retry_while(create, lambda exc: _role_not_assumable((getattr(exc, "response", None) or {})
-                                                                   .get("Error")), ROLE_PROPAGATION_WAIT)
+        resp = retry_while(create, _role_not_assumable, ROLE_PROPAGATION_WAIT)
         ids = resp.get("FlowLogIds") or []
         for fid in ids:
             self.created.append({"type": "flow_log", "id": fid})

@@ -91,4 +91,5 @@ def test_retry_while_raises_other_errors_at_once():
     (None, False),
 ])
 def test_flow_log_role_propagation_is_recognised(error, transient):
-    assert _role_not_assumable(error) is transient
+    exc = ClientError({"Error": error}, "CreateFlowLogs") if error else ValueError("Unable to assume given IAM role")
+    assert _role_not_assumable(exc) is transient
