@@ -99,14 +99,15 @@ class Emulator:
         return emulator_env(self.url)
 
     def client(self, service: str, key: str | None = None, secret: str | None = None, token: str | None = None,
-               region: str = DEFAULT_REGION):
+               region: str = DEFAULT_REGION, *, config=None):
         """A boto3 client on this emulator (the fake root keys unless ``key``/``secret`` are given)."""
         import boto3  # only callers that want a client pay for the import
 
         fake = emulator_env(self.url)
         return boto3.client(service, region_name=region, endpoint_url=self.url,
                             aws_access_key_id=key or fake["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=secret or fake["AWS_SECRET_ACCESS_KEY"], aws_session_token=token)
+                            aws_secret_access_key=secret or fake["AWS_SECRET_ACCESS_KEY"], aws_session_token=token,
+                            config=config)
 
     def start(self, timeout: float = 60.0) -> Emulator:
         fd, port_file = tempfile.mkstemp(prefix="drguard-emulator-", suffix=".port")

@@ -5,12 +5,33 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 try:
     from botocore.exceptions import ClientError
 except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
     ClientError = None
+
+from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+
+# Codes that mean "slow down" or "try again in a moment", on top of those amazon.aws'
+# AWSRetry already knows (RequestLimitExceeded, Throttling, TooManyRequestsException,
+# ServiceUnavailable, Unavailable, InternalError, InternalFailure). Never a code that could
+# mean "denied" or "not there": those are answers, not transient states.
+TRANSIENT_CODES = (
+    "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
+    "SlowDown", "EC2ThrottledException", "BandwidthLimitExceeded", "PriorRequestNotComplete",
+    "ProvisionedThroughputExceededException", "InternalServerError",
+    "InternalServiceError", "InternalServiceErrorException", "ServiceFailure", "RequestTimeout",
+    "RequestTimeoutException", "KMSInternalException", "ConcurrentModificationException",
+    "OperationAborted",
+)
+# Backoff of every AWS call: at most RETRIES attempts in all (amazon.aws counts the first),
+# jittered sleeps starting at up to RETRY_DELAY seconds, doubling, capped at RETRY_MAX_DELAY.
+RETRIES = 8
+RETRY_DELAY = 1.0
+RETRY_MAX_DELAY = 20.0
 
 
 def error_code(exc: BaseException) -> str:
@@ -47,14 +68,59 @@ def retry_while(call, transient, wait: float, *, sleep=time.sleep, clock=time.mo
         delay = min(delay * 2, 8.0)
 
 
+def backoff():
+    """The one retry decorator of the collection: jittered backoff on transient AWS errors."""
+    return AWSRetry.jittered_backoff(retries=RETRIES, delay=RETRY_DELAY, max_delay=RETRY_MAX_DELAY,
+                                     catch_extra_error_codes=list(TRANSIENT_CODES))
+
+
+class RetryingClient:
+    """A boto3 client whose every API call retries transient errors with jittered backoff.
+
+    amazon.aws' ``module.client(..., retry_decorator=...)`` retries only the calls made with
+    ``aws_retry=True``; this proxy retries all of them, so no call can forget. Paginated
+    listings go through :func:`paginate`, which retries the listing as a whole.
+    """
+
+    _PLAIN = frozenset({"get_paginator", "get_waiter", "can_paginate", "generate_presigned_url",
+                        "generate_presigned_post", "meta", "exceptions"})
+
+    def __init__(self, client, decorator=None):
+        self.unwrapped = client
+        self._decorator = decorator or backoff()
+
+    def __getattr__(self, name):
+        attr = getattr(self.unwrapped, name)
+        if name in self._PLAIN or name.startswith("_") or not callable(attr):
+            return attr
+        wrapped = functools.wraps(attr)(self._decorator(attr))
+        setattr(self, name, wrapped)  # built once per method
+        return wrapped
+
+
+def aws_client(module, service: str, **kwargs) -> RetryingClient:
+    """The one way our modules get a client: amazon.aws' session settings, every call retried.
+
+    ``kwargs`` go to ``module.client`` (``config=...``, ``endpoint_url=...``).
+    """
+    return RetryingClient(module.client(service, **kwargs))
+
+
 def paginate(client, op: str, key: str, **kwargs) -> list:
-    """Every item under ``key`` of ``op``, following pagination when the API has it."""
-    if client.can_paginate(op):
-        out = []
-        for page in client.get_paginator(op).paginate(**kwargs):
-            out.extend(page.get(key) or [])
-        return out
-    return getattr(client, op)(**kwargs).get(key) or []
+    """Every item under ``key`` of ``op``, following pagination when the API has it.
+
+    A transient error part-way restarts the listing (listings are read-only), with the
+    same backoff as every other call.
+    """
+    def listing():
+        if client.can_paginate(op):
+            out = []
+            for page in client.get_paginator(op).paginate(**kwargs):
+                out.extend(page.get(key) or [])
+            return out
+        # The raw method: the whole listing is what retries, not each call again inside it.
+        return getattr(getattr(client, "unwrapped", client), op)(**kwargs).get(key) or []
+    return backoff()(listing)()
 
 
 def hide_session_credentials(module) -> None:

@@ -93,3 +93,89 @@ def test_retry_while_raises_other_errors_at_once():
 def test_flow_log_role_propagation_is_recognised(error, transient):
     exc = ClientError({"Error": error}, "CreateFlowLogs") if error else ValueError("Unable to assume given IAM role")
     assert _role_not_assumable(exc) is transient
+
+
+# ---------------------------------------------------------------- RetryingClient (every call retries)
+
+
+class _FaultInjector:
+    """Answers the first ``count`` requests with ``code`` at the HTTP layer (real client, real parsing)."""
+
+    def __init__(self, client, code, status, count):
+        self.code, self.status, self.left, self.sent = code, status, count, 0
+        client.meta.events.register("before-send", self)
+
+    def __call__(self, request, **_):
+        from botocore.awsrequest import AWSResponse
+
+        self.sent += 1
+        if self.left <= 0:
+            return None  # let the real request through to the emulator
+        self.left -= 1
+        body = ('<ErrorResponse><Error><Type>Sender</Type><Code>%s</Code><Message>injected</Message>'
+                '</Error><RequestId>r</RequestId></ErrorResponse>' % self.code).encode()
+        return AWSResponse(request.url, self.status, {"Content-Type": "text/xml"}, _Raw(body))
+
+
+class _Raw:
+    def __init__(self, body):
+        self.body = body
+
+    def stream(self, **_):
+        yield self.body
+
+    def read(self, *_a, **_k):
+        return self.body
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
+    monkeypatch.setattr(_aws, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(_aws, "RETRY_MAX_DELAY", 0.02)
+
+
+def _iam(aws):
+    from botocore.config import Config
+    # botocore's own retries off, so that what retries is ours alone.
+    return aws("iam", config=Config(retries={"total_max_attempts": 1, "mode": "standard"}))
+
+
+@pytest.mark.parametrize("code", ["Throttling", "RequestLimitExceeded", "ThrottlingException", "SlowDown"])
+def test_a_throttled_call_is_retried_until_it_succeeds(aws, fast_backoff, code):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import RetryingClient
+    raw = _iam(aws)
+    faults = _FaultInjector(raw, code, 400, count=3)
+    users = RetryingClient(raw).list_users()  # no aws_retry=True needed: every call retries
+    assert "Users" in users
+    assert faults.sent == 4 and faults.left == 0
+
+
+def test_a_permanent_error_is_not_retried(aws, fast_backoff):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import RetryingClient
+    raw = _iam(aws)
+    faults = _FaultInjector(raw, "AccessDenied", 403, count=5)
+    with pytest.raises(ClientError) as err:
+        RetryingClient(raw).list_users()
+    assert error_code(err.value) == "AccessDenied"
+    assert faults.sent == 1
+
+
+def test_a_call_still_throttled_after_every_retry_raises_the_throttle(aws, fast_backoff, monkeypatch):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
+    monkeypatch.setattr(_aws, "RETRIES", 2)
+    raw = _iam(aws)
+    faults = _FaultInjector(raw, "Throttling", 400, count=50)
+    with pytest.raises(ClientError) as err:
+        _aws.RetryingClient(raw).list_users()
+    assert error_code(err.value) == "Throttling"
+    assert faults.sent == 2  # amazon.aws counts the first try among its "retries"
+
+
+def test_paginate_retries_a_throttled_listing(aws, fast_backoff):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import RetryingClient
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+    raw = _iam(aws)
+    faults = _FaultInjector(raw, "Throttling", 400, count=2)
+    assert isinstance(paginate(RetryingClient(raw), "list_roles", "Roles"), list)
+    assert faults.sent == 3
