@@ -30,6 +30,11 @@ description:
   - The result holds names, ARNs and paths, never a value.
   - C(state=absent) deletes the secrets without recovery window, schedules the KMS key's deletion (7 days,
     the minimum) and deletes its alias, or wipes and removes the tmpfs directory. Idempotent.
+  - Names are only filters. The key behind the alias must carry the full drill tag set
+    (C(drguard:managed=true), C(drguard:drill-id=<drill_id>), a valid C(drguard:expires-at)) before its
+    policy is replaced or its deletion scheduled; otherwise the module fails and leaves key and alias alone.
+    A secret is deleted only when its own tags carry C(drguard:drill-id=<drill_id>) and
+    C(drguard:managed=true); other secrets under the prefix are left alone and listed in RV(skipped).
 options:
   drill_id:
     description:
@@ -153,6 +158,21 @@ tmpfs_dir:
   description: The tmpfs store directory.
   returned: store=tmpfs
   type: str
+skipped:
+  description: Secrets under the drill's prefix that are not tagged for this drill, left alone (state=absent).
+  returned: store=secretsmanager and state=absent
+  type: list
+  elements: dict
+  contains:
+    secret_id:
+      description: Secrets Manager name.
+      type: str
+    arn:
+      description: Secrets Manager ARN.
+      type: str
+    reason:
+      description: Why it was left alone.
+      type: str
 actions:
   description: What was done (or would be done in check mode).
   returned: always
@@ -179,8 +199,11 @@ from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils import _secrets as sec
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
@@ -238,6 +261,17 @@ def secret_policy(reader_role_arn: str) -> dict:
          "Action": "secretsmanager:GetSecretValue", "Resource": "*",
          "Condition": {"StringNotEquals": {"aws:PrincipalArn": reader_role_arn}}},
     ]}
+
+
+def is_drill_owned(tags: dict, drill_id: str) -> bool:
+    """True when ``tags`` carry the full drill tag set of ``drill_id`` (managed, id, a valid expiry)."""
+    if tags.get(TAG_MANAGED) != "true" or tags.get(TAG_DRILL_ID) != drill_id:
+        return False
+    try:
+        parse_time(tags.get(TAG_EXPIRES_AT) or "")
+    except DrillError:
+        return False
+    return True
 
 
 def _canon(doc) -> str:
@@ -357,26 +391,48 @@ class Secrets:
                 self.module.client("kms", retry_decorator=retry))
 
     def find_key(self, kms):
+        """The key behind the drill's alias, or None; fails unless that key carries this drill's tags.
+
+        The alias is only a name: whoever can create aliases could point it at any key, so
+        the key's own tags decide whether this module may change its policy or delete it.
+        """
         try:
-            return kms.describe_key(KeyId=alias_name(self.drill_id))["KeyMetadata"]
+            key = kms.describe_key(KeyId=alias_name(self.drill_id), aws_retry=True)["KeyMetadata"]
         except is_boto3_error_code("NotFoundException"):
             return None
+        tags = {}
+        marker = None
+        while True:
+            kwargs = {"KeyId": key["KeyId"], "aws_retry": True}
+            if marker:
+                kwargs["Marker"] = marker
+            page = kms.list_resource_tags(**kwargs)
+            tags.update(tag_dict(page.get("Tags"), "TagKey", "TagValue"))
+            marker = page.get("NextMarker") if page.get("Truncated") else None
+            if not marker:
+                break
+        if not is_drill_owned(tags, self.drill_id):
+            self.fail("KMS key %s behind %s is not tagged as this drill's key (%s=true, %s=%s, a valid %s); "
+                      "refusing to change or delete it - point the alias back at the drill's key or use a new "
+                      "drill id" % (key["Arn"], alias_name(self.drill_id), TAG_MANAGED, TAG_DRILL_ID, self.drill_id,
+                                    TAG_EXPIRES_AT), kms_key_arn=key["Arn"], kms_alias=alias_name(self.drill_id))
+        return key
 
     def ensure_key(self, kms, tags, policy):
         key = self.find_key(kms)
         if key is not None:
             if key.get("KeyState") == "PendingDeletion":
                 self.fail("the drill's KMS key %s is pending deletion; use a new drill id" % key["Arn"])
-            current = kms.get_key_policy(KeyId=key["KeyId"], PolicyName="default")["Policy"]
+            current = kms.get_key_policy(aws_retry=True, KeyId=key["KeyId"], PolicyName="default")["Policy"]
             if _canon(current) != _canon(policy) and self.act("update key policy of %s" % key["Arn"]):
-                kms.put_key_policy(KeyId=key["KeyId"], PolicyName="default", Policy=json.dumps(policy))
+                kms.put_key_policy(aws_retry=True, KeyId=key["KeyId"], PolicyName="default", Policy=json.dumps(policy))
             return key["Arn"]
         if not self.act("create KMS key %s" % alias_name(self.drill_id)):
             return None
         deadline = time.monotonic() + 45
         while True:
             try:
-                key = kms.create_key(
+                key = kms.create_key(aws_retry=True,
                     Description="drguard drill %s: secrets" % self.drill_id, KeyUsage="ENCRYPT_DECRYPT",
                     KeySpec="SYMMETRIC_DEFAULT", Policy=json.dumps(policy),
                     Tags=tag_list(tags, "TagKey", "TagValue"))["KeyMetadata"]
@@ -387,14 +443,14 @@ class Secrets:
                     self.module.fail_json_aws(e, msg="KMS rejects the key policy for reader role %s"
                                                      % self.p["reader_role_arn"])
                 time.sleep(3)
-        kms.create_alias(AliasName=alias_name(self.drill_id), TargetKeyId=key["KeyId"])
+        kms.create_alias(aws_retry=True, AliasName=alias_name(self.drill_id), TargetKeyId=key["KeyId"])
         return key["Arn"]
 
     def ensure_secret(self, sm, entry, key_arn, tags, policy):
         secret_id = secret_prefix(self.drill_id) + entry["name"]
         want_tags = dict(tags, **{TAG_KIND: entry["kind"], TAG_FINGERPRINT: self.fingerprint(entry)})
         try:
-            current = sm.describe_secret(SecretId=secret_id)
+            current = sm.describe_secret(aws_retry=True, SecretId=secret_id)
         except is_boto3_error_code("ResourceNotFoundException"):
             current = None
         arn = current["ARN"] if current else None
@@ -404,32 +460,34 @@ class Secrets:
                               Description="drguard drill %s: %s" % (self.drill_id, entry["kind"]))
                 if key_arn:
                     kwargs["KmsKeyId"] = key_arn
-                arn = sm.create_secret(**kwargs)["ARN"]
+                arn = sm.create_secret(aws_retry=True, **kwargs)["ARN"]
         else:
             if current.get("DeletedDate"):
                 raise sec.SecretError("secret %s is scheduled for deletion; remove it first (state=absent)"
                                       % secret_id)
             have = tag_dict(current.get("Tags"))
-            if have.get(TAG_DRILL_ID) != self.drill_id:
-                raise sec.SecretError("secret %s exists but is not tagged for this drill; refusing to touch it"
-                                      % secret_id)
+            if have.get(TAG_DRILL_ID) != self.drill_id or have.get(TAG_MANAGED) != "true":
+                raise sec.SecretError("secret %s exists but is not tagged for this drill (%s=true, %s=%s); "
+                                      "refusing to touch it - remove it or use a new drill id"
+                                      % (secret_id, TAG_MANAGED, TAG_DRILL_ID, self.drill_id))
             if key_arn and current.get("KmsKeyId") not in (key_arn, key_arn.split("/")[-1], alias_name(
                     self.drill_id)) and self.act("re-encrypt %s with the drill key" % secret_id):
-                sm.update_secret(SecretId=secret_id, KmsKeyId=key_arn)
+                sm.update_secret(aws_retry=True, SecretId=secret_id, KmsKeyId=key_arn)
             if (entry["kind"] == "masked" and have.get(TAG_FINGERPRINT) != want_tags[TAG_FINGERPRINT]
                     and self.act("rewrite masked secret %s" % secret_id)):
-                sm.put_secret_value(SecretId=secret_id, SecretString=entry["masked"])
+                sm.put_secret_value(aws_retry=True, SecretId=secret_id, SecretString=entry["masked"])
             stale = {k: v for k, v in want_tags.items() if have.get(k) != v}
             if stale and self.act("tag secret %s" % secret_id):
-                sm.tag_resource(SecretId=secret_id, Tags=tag_list(stale))
+                sm.tag_resource(aws_retry=True, SecretId=secret_id, Tags=tag_list(stale))
         if arn:
             try:
-                have_policy = sm.get_resource_policy(SecretId=secret_id).get("ResourcePolicy")
+                have_policy = sm.get_resource_policy(aws_retry=True, SecretId=secret_id).get("ResourcePolicy")
             except is_boto3_error_code("ResourceNotFoundException"):
                 have_policy = None
             if (have_policy is None or _canon(have_policy) != _canon(policy)) and self.act(
                     "set resource policy of %s" % secret_id):
-                sm.put_resource_policy(SecretId=secret_id, ResourcePolicy=json.dumps(policy), BlockPublicPolicy=True)
+                sm.put_resource_policy(aws_retry=True, SecretId=secret_id, ResourcePolicy=json.dumps(policy),
+                                       BlockPublicPolicy=True)
         elif not self.module.check_mode:
             raise sec.SecretError("secret %s has no ARN" % secret_id)
         return {"name": entry["name"], "kind": entry["kind"], "secret_id": secret_id, "arn": arn}
@@ -463,17 +521,28 @@ class Secrets:
     def sm_absent(self):
         sm, kms = self.clients()
         prefix = secret_prefix(self.drill_id)
-        results = []
+        results, skipped = [], []
+        key_arn = None
         try:
             paginator = sm.get_paginator("list_secrets")
             found = []
             for page in paginator.paginate(Filters=[{"Key": "name", "Values": [prefix]}]):
                 found += [s for s in page.get("SecretList", []) if s["Name"].startswith(prefix)]
             for item in found:
-                results.append({"name": item["Name"][len(prefix):], "secret_id": item["Name"], "arn": item["ARN"]})
+                # The name is only a filter: the secret's own tags (read fresh) say whether it is ours.
+                try:
+                    described = sm.describe_secret(SecretId=item["ARN"], aws_retry=True)
+                except is_boto3_error_code("ResourceNotFoundException"):
+                    continue
+                entry = {"name": item["Name"][len(prefix):], "secret_id": item["Name"], "arn": item["ARN"]}
+                tags = tag_dict(described.get("Tags"))
+                if tags.get(TAG_DRILL_ID) != self.drill_id or tags.get(TAG_MANAGED) != "true":
+                    skipped.append(dict(entry, reason="not tagged for this drill"))
+                    continue
+                results.append(entry)
                 if self.act("delete secret %s without recovery" % item["Name"]):
                     try:
-                        sm.delete_secret(SecretId=item["ARN"], ForceDeleteWithoutRecovery=True)
+                        sm.delete_secret(aws_retry=True, SecretId=item["ARN"], ForceDeleteWithoutRecovery=True)
                     except is_boto3_error_code("ResourceNotFoundException"):
                         pass
             key = self.find_key(kms)
@@ -481,13 +550,18 @@ class Secrets:
             if key:
                 if key.get("KeyState") != "PendingDeletion" and self.act(
                         "schedule deletion of KMS key %s in %d days" % (key["Arn"], KEY_DELETION_DAYS)):
-                    kms.schedule_key_deletion(KeyId=key["KeyId"], PendingWindowInDays=KEY_DELETION_DAYS)
+                    kms.schedule_key_deletion(aws_retry=True, KeyId=key["KeyId"],
+                                              PendingWindowInDays=KEY_DELETION_DAYS)
                 if self.act("delete alias %s" % alias_name(self.drill_id)):
-                    kms.delete_alias(AliasName=alias_name(self.drill_id))
+                    kms.delete_alias(aws_retry=True, AliasName=alias_name(self.drill_id))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
             self.module.fail_json_aws(e, msg="Cannot remove the drill's secrets")
+        if skipped:
+            self.module.warn("%d secret(s) under %s are not tagged for this drill and were left alone: %s"
+                             % (len(skipped), prefix, ", ".join(s["secret_id"] for s in skipped)))
         self.module.exit_json(changed=self.changed, store="secretsmanager", kms_key_arn=key_arn,
-                              kms_alias=alias_name(self.drill_id), secrets=results, actions=self.actions)
+                              kms_alias=alias_name(self.drill_id), secrets=results, skipped=skipped,
+                              actions=self.actions)
 
 
 def main():

@@ -181,3 +181,72 @@ def test_bad_input_fails_clearly(module_runner, aws, secrets, extra, needle):
     assert PROD_GITHUB not in json.dumps(result)
     assert not [s for s in aws("secretsmanager").list_secrets()["SecretList"]
                 if s["Name"].startswith("drguard/%s/" % drill_id)]
+
+
+def _sm_args(drill_id, reader_role):
+    return {"drill_id": drill_id, "expires_at": EXPIRES, "store": "secretsmanager", "reader_role_arn": reader_role,
+            "secrets": [{"name": "api", "kind": "synthetic_token"}]}
+
+
+def test_untagged_key_behind_the_alias_is_never_touched(module_runner, aws, reader_role):
+    """A key someone else pointed alias/drguard/<id> at: no policy change, no deletion, a clear refusal."""
+    drill_id = _id("alias")
+    kms = aws("kms")
+    foreign_policy = json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Sid": "Foreign", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+        "Action": "kms:*", "Resource": "*"}]})
+    # Tagged for another drill, so "has some drguard tags" is not enough either.
+    for tags in ([], [{"TagKey": "drguard:drill-id", "TagValue": "someone-else"},
+                      {"TagKey": "drguard:managed", "TagValue": "true"},
+                      {"TagKey": "drguard:expires-at", "TagValue": EXPIRES}]):
+        key_id = kms.create_key(Policy=foreign_policy, Tags=tags)["KeyMetadata"]["KeyId"]
+        kms.create_alias(AliasName="alias/drguard/" + drill_id, TargetKeyId=key_id)
+        try:
+            present = module_runner("drill_secrets", _sm_args(drill_id, reader_role))
+            assert present.failed and "not tagged as this drill's key" in present["msg"], present.get("msg")
+            assert key_id in present["msg"] and "refusing" in present["msg"]
+            assert _canon_policy(kms, key_id) == json.loads(foreign_policy)
+
+            absent = module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
+            assert absent.failed and "not tagged as this drill's key" in absent["msg"], absent.get("msg")
+            meta = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+            assert meta["KeyState"] == "Enabled", meta
+            assert "alias/drguard/" + drill_id in [a["AliasName"] for a in kms.list_aliases(KeyId=key_id)["Aliases"]]
+            assert not [a for a in absent["actions"] if key_id in a or "alias" in a], absent["actions"]
+        finally:
+            kms.delete_alias(AliasName="alias/drguard/" + drill_id)
+            kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+
+
+def _canon_policy(kms, key_id):
+    return json.loads(kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])
+
+
+def test_untagged_secret_under_the_prefix_survives_removal(module_runner, aws, reader_role):
+    """state=absent deletes only secrets tagged for this drill; a planted one under the prefix stays, reported."""
+    drill_id = _id("plant")
+    sm = aws("secretsmanager")
+    created = module_runner("drill_secrets", _sm_args(drill_id, reader_role))
+    assert not created.failed, created.get("msg")
+    planted = {
+        "drguard/%s/planted-untagged" % drill_id: [],
+        "drguard/%s/planted-other-drill" % drill_id: [{"Key": "drguard:drill-id", "Value": "someone-else"},
+                                                    {"Key": "drguard:managed", "Value": "true"}],
+        "drguard/%s/planted-unmanaged" % drill_id: [{"Key": "drguard:drill-id", "Value": drill_id}],
+    }
+    for name, tags in planted.items():
+        sm.create_secret(Name=name, SecretString="not the drill's", Tags=tags)
+    try:
+        gone = module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
+        assert not gone.failed, gone.get("msg")
+        left = {s["Name"] for s in sm.list_secrets(Filters=[{"Key": "name", "Values": ["drguard/%s/" % drill_id]}])[
+            "SecretList"]}
+        assert left == set(planted), left
+        assert {s["secret_id"] for s in gone["secrets"]} == {"drguard/%s/api" % drill_id}
+        assert sorted(s["secret_id"] for s in gone["skipped"]) == sorted(planted)
+        assert {s["reason"] for s in gone["skipped"]} == {"not tagged for this drill"}
+        assert [a for a in gone["actions"] if a.startswith("delete secret")] == [
+            "delete secret drguard/%s/api without recovery" % drill_id]
+    finally:
+        for name in planted:
+            sm.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
