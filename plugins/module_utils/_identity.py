@@ -30,11 +30,18 @@ MAX_SESSION_POLICY_CHARS = 2048
 # Verbs whose actions only read. An action (or an action pattern such as
 # ``ec2:Describe*``) counts as read-only when its name starts with one of them.
 READ_VERBS = ("Describe", "Get", "List", "Head")
-# Reads that return data worth stealing: never on a wildcard resource.
+# Reads that return data worth stealing - stored secrets, or credentials and tokens
+# minted for another identity or service - never on a wildcard resource. Patterns
+# (case-insensitive globs), so that a whole family is covered, and an action pattern
+# such as ``redshift:Get*`` or ``ssm:*`` that could match one of them counts too.
 SENSITIVE_READS = (
-    "secretsmanager:GetSecretValue", "s3:GetObject", "s3:GetObjectVersion",
-    "ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath",
-    "dynamodb:GetItem", "kms:GetParametersForImport",
+    "*:Get*Credential*",    # redshift:GetClusterCredentials, redshift-serverless:GetCredentials, sso:GetRoleCredentials
+    "*:Get*Token*",         # sts:GetServiceBearerToken, ecr/codeartifact:GetAuthorizationToken, cognito GetOpenIdToken
+    "*:Get*Secret*",        # secretsmanager:GetSecretValue
+    "*:Get*Password*",      # ec2:GetPasswordData
+    "*:Get*AccessDetails",  # lightsail:GetInstanceAccessDetails
+    "ssm:GetParameter*", "glue:GetConnection*", "lambda:GetFunction", "lambda:GetFunctionConfiguration",
+    "s3:GetObject", "s3:GetObjectVersion", "dynamodb:GetItem", "kms:GetParametersForImport",
 )
 # Actions that hand out or change identity: a drill role never gets them, on any
 # resource (this is what "cannot pivot" means in policy terms).
@@ -102,6 +109,69 @@ def is_read_action(action: str) -> bool:
 def _matches_any(pattern: str, names) -> list:
     regex = re.compile(fnmatch.translate(pattern.lower()))
     return [name for name in names if regex.match(name.lower())]
+
+
+def _globs_intersect(a: str, b: str) -> bool:
+    """True when some string matches both globs ``a`` and ``b`` (``*`` and ``?``, case-insensitive)."""
+    a, b = a.lower(), b.lower()
+
+    def closure(states):
+        todo, seen = list(states), set(states)
+        while todo:
+            i, j = todo.pop()
+            for nxt in ((i + 1, j) if i < len(a) and a[i] == "*" else None,
+                        (i, j + 1) if j < len(b) and b[j] == "*" else None):
+                if nxt and nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    seen, todo = set(), [(0, 0)]
+    while todo:
+        for i, j in closure([todo.pop()]):
+            if (i, j) in seen:
+                continue
+            seen.add((i, j))
+            if i == len(a) and j == len(b):
+                return True
+            if i == len(a) or j == len(b):
+                continue
+            x, y = a[i], b[j]
+            # One character consumed by both: a star stays, anything else moves on.
+            if x in "*?" or y in "*?" or x == y:
+                todo.append((i if x == "*" else i + 1, j if y == "*" else j + 1))
+    return False
+
+
+def _action_overlaps(action: str, patterns) -> list:
+    """The patterns of ``patterns`` that some action matched by ``action`` also matches.
+
+    Service and action name are compared separately (an action name never holds a
+    colon), so ``ec2:Describe*`` does not overlap ``*:Get*Credential*``.
+    """
+    service, _, name = action.partition(":") if action != "*" else ("*", ":", "*")
+    hits = []
+    for pattern in patterns:
+        p_service, _, p_name = pattern.partition(":")
+        if _globs_intersect(service, p_service) and _globs_intersect(name, p_name):
+            hits.append(pattern)
+    return hits
+
+
+def s3_prefix_problem(resource: str) -> str | None:
+    """Why an S3 object ARN pattern reaches beyond one key prefix, or None.
+
+    ``arn:aws:s3:::bucket/orders*`` also matches ``orders-payroll/...``: a wildcard in
+    an object key must follow a ``/`` (``bucket/orders/*``).
+    """
+    match = _ARN_RE.match(resource or "")
+    if not match or match.group(2) != "s3" or not _has_wildcard(match.group(5)):
+        return None
+    literal = re.split(r"[*?]", match.group(5), maxsplit=1)[0]
+    if "/" in literal and not literal.endswith("/"):
+        return ("its key prefix %r does not end with '/', so it also matches sibling prefixes such as %r"
+                % (literal.split("/", 1)[1], literal.split("/", 1)[1] + "-other/"))
+    return None
 
 
 def is_specific_resource(resource: str) -> bool:
@@ -209,13 +279,22 @@ def validate_statement(statement, index: int = 0, what: str = "policy") -> None:
         if pivots:
             raise PolicyError("%s allows %r, which includes %s: a drill identity must not be able to assume, "
                               "pass or create identities" % (label, action, pivots[0]))
-        if is_read_action(action) and not _matches_any(action, SENSITIVE_READS):
+        if action.lower().startswith("iam:") and not is_read_action(action):
+            raise PolicyError("%s allows %r, which changes IAM roles or policies: a drill identity must not be "
+                              "able to change any identity, not even its own role, whose policies carry its "
+                              "revocation; grant IAM reads only" % (label, action))
+        sensitive = _action_overlaps(action, SENSITIVE_READS)
+        if is_read_action(action) and not sensitive:
             continue
-        kind = "read of secret data" if is_read_action(action) else "write action"
+        kind = "read of credentials or secrets" if is_read_action(action) else "write action"
         for resource in resources:
             if not is_specific_resource(resource):
                 raise PolicyError("%s allows %s %r on wildcard resource %r; name the drill's own resources "
                                   "(for example arn:aws:s3:::bucket/prefix/*)" % (label, kind, action, resource))
+            problem = s3_prefix_problem(resource)
+            if problem:
+                raise PolicyError("%s allows %s %r on %r, but %s; end the prefix with '/' (for example "
+                                  "arn:aws:s3:::bucket/prefix/*)" % (label, kind, action, resource, problem))
 
 
 def _grant_list(value, key: str) -> list:
@@ -228,6 +307,9 @@ def _grant_list(value, key: str) -> list:
             raise PolicyError("resources.%s bucket %r is not a valid S3 bucket name" % (key, bucket))
         if not isinstance(prefix, str) or _has_wildcard(prefix) or prefix.startswith("/"):
             raise PolicyError("resources.%s prefix %r must be a plain key prefix without wildcards" % (key, prefix))
+        # A prefix names a folder: "orders" grants orders/..., never orders-payroll/...
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
         grants.append((bucket, prefix))
     return grants
 

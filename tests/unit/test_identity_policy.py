@@ -96,7 +96,7 @@ def test_session_policy_narrows_and_fits():
     (allow("s3:PutObject", "arn:aws:s3:::*"), "wildcard resource"),
     (allow("*", "*"), "'*'"),
     (allow(["s3:GetObject", "s3:DeleteObject"], "*"), "wildcard resource"),
-    (allow("secretsmanager:GetSecretValue", "*"), "read of secret data"),
+    (allow("secretsmanager:GetSecretValue", "*"), "read of credentials or secrets"),
     (allow("secretsmanager:PutSecretValue", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*"),
      "wildcard resource"),
     (allow("kms:Decrypt", "arn:aws:kms:eu-west-1:123456789012:key/*"), "wildcard resource"),
@@ -183,3 +183,82 @@ def test_principal_normalisation_and_trust():
     assert revoke["Statement"][0] == {"Sid": "RevokeOlderSessions", "Effect": "Deny", "Action": "*",
                                       "Resource": "*", "Condition": {"DateLessThan": {
                                           "aws:TokenIssueTime": "2026-11-29T05:00:00Z"}}}
+
+
+# ------------------------------------------------- credential vending, own role, S3 prefixes
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/drguard/drguard-%s" % DRILL
+
+
+@pytest.mark.parametrize("action", [
+    "redshift:GetClusterCredentials", "redshift:GetClusterCredentialsWithIAM", "redshift-serverless:GetCredentials",
+    "ssm:GetParameterHistory", "ssm:GetParameter", "glue:GetConnection", "glue:GetConnections",
+    "sts:GetServiceBearerToken", "ecr:GetAuthorizationToken", "codeartifact:GetAuthorizationToken",
+    "sso:GetRoleCredentials", "ec2:GetPasswordData", "lambda:GetFunctionConfiguration",
+    "secretsmanager:GetSecretValue", "rds-db:connect", "kms:Decrypt",
+    # wildcard actions that include a credential-vending read
+    "redshift:Get*", "ssm:*", "glue:GetConn*", "sso:Get*", "ssm:GetParam?ter",
+])
+@pytest.mark.parametrize("resource", ["*", "arn:aws:ssm:eu-west-1:123456789012:parameter/*"])
+def test_validator_rejects_credential_vending_reads_on_wildcard_resources(action, resource):
+    with pytest.raises(ident.PolicyError) as info:
+        ident.validate_policy(policy(allow(action, resource, Sid="Vend")))
+    message = str(info.value)
+    assert "Sid 'Vend'" in message and repr(action) in message and repr(resource) in message
+    assert "read of credentials or secrets" in message or "write action" in message, message
+
+
+@pytest.mark.parametrize("action", ["redshift:DescribeClusters", "ssm:DescribeParameters", "glue:GetTables",
+                                    "ecr:DescribeRepositories", "redshift:List*", "sts:GetCallerIdentity"])
+def test_validator_still_accepts_plain_reads_on_wildcard_resources(action):
+    ident.validate_policy(policy(allow(action, "*")))
+
+
+@pytest.mark.parametrize("action", [
+    "iam:DeleteRolePolicy", "iam:PutRolePolicy", "iam:DetachRolePolicy", "iam:AttachRolePolicy",
+    "iam:UpdateAssumeRolePolicy", "iam:DeleteRolePermissionsBoundary", "iam:TagRole", "iam:UntagRole",
+    "iam:DeleteRole", "iam:UpdateRole", "iam:DeletePolicyVersion", "iam:*RolePolicy", "iam:Delete*",
+    "iam:Untag*",
+])
+@pytest.mark.parametrize("resource", [ROLE_ARN, "arn:aws:iam::123456789012:role/drguard/*", "*"])
+def test_validator_rejects_iam_changes_even_on_the_drills_own_role(action, resource):
+    with pytest.raises(ident.PolicyError) as info:
+        ident.validate_policy(policy(allow(action, resource, Sid="Self")))
+    message = str(info.value)
+    assert "Sid 'Self'" in message and repr(action) in message
+    assert "revocation" in message or "pass or create identities" in message, message
+
+
+def test_validator_accepts_iam_reads_of_the_drills_own_role():
+    ident.validate_policy(policy(allow(["iam:GetRole", "iam:ListRolePolicies"], ROLE_ARN)))
+
+
+@pytest.mark.parametrize("resource", [
+    "arn:aws:s3:::orders-backups/orders*", "arn:aws:s3:::orders-backups/orders?db/*",
+    "arn:aws:s3:::orders-backups/dr/orders*", "arn:aws:s3:::orders-backups/orders-*",
+])
+@pytest.mark.parametrize("action", ["s3:GetObject", "s3:PutObject"])
+def test_validator_rejects_s3_prefixes_that_reach_sibling_prefixes(resource, action):
+    with pytest.raises(ident.PolicyError) as info:
+        ident.validate_policy(policy(allow(action, resource, Sid="Prefix")))
+    message = str(info.value)
+    assert "Sid 'Prefix'" in message and repr(resource) in message and "end with '/'" in message, message
+
+
+@pytest.mark.parametrize("resource", ["arn:aws:s3:::orders-backups/orders/*", "arn:aws:s3:::orders-backups/*",
+                                      "arn:aws:s3:::orders-backups/orders/part-1"])
+def test_validator_accepts_s3_grants_on_whole_prefixes(resource):
+    ident.validate_policy(policy(allow("s3:GetObject", resource)))
+
+
+def test_generated_prefix_without_slash_grants_the_folder_not_its_siblings():
+    resources = {"backup": [{"bucket": "orders-backups", "prefix": "orders"}],
+                 "telemetry": [{"bucket": "drill-telemetry", "prefix": DRILL}]}
+    doc = ident.build_role_policy(resources, "aws", REGION, ACCOUNT)
+    assert ident.evaluate(doc, "s3:GetObject", "arn:aws:s3:::orders-backups/orders/part-1")
+    assert not ident.evaluate(doc, "s3:GetObject", "arn:aws:s3:::orders-backups/orders-payroll/salaries.csv")
+    assert not ident.evaluate(doc, "s3:GetObject", "arn:aws:s3:::orders-backups/orders")
+    assert ident.evaluate(doc, "s3:PutObject", "arn:aws:s3:::drill-telemetry/%s/m.json" % DRILL)
+    assert not ident.evaluate(doc, "s3:PutObject", "arn:aws:s3:::drill-telemetry/%s-other/m.json" % DRILL)
+    listing = [s for s in doc["Statement"] if "s3:ListBucket" in s["Action"]]
+    assert listing[0]["Condition"] == {"StringLike": {"s3:prefix": ["orders/*"]}}
