@@ -30,7 +30,10 @@ options:
     default: 120
   output_root:
     description:
-      - Directory under which the drill's output directory (named after the drill id) is created, mode 0700.
+      - Directory under which the drill's output directory (named after the drill id) is created.
+      - Both, and any missing parent of O(output_root), are created with mode 0700 whatever the umask. An existing
+        one must be a real directory (a symlink is refused, never followed) owned by the user running the drill;
+        group and other permission bits on it are removed.
     type: path
     required: true
   boundary:
@@ -95,6 +98,8 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
@@ -135,15 +140,20 @@ def main():
         "region": p["region"],
         "started_at": format_time(now),
         "expires_at": expiry,
-        "extra_resources": [],
     }
     changed = False
-    if not module.check_mode:
-        os.makedirs(output_dir, mode=0o700, exist_ok=True)
-        os.chmod(output_dir, 0o700)
-        if not os.path.exists(state_file):
-            atomic_write_json(state_file, state)
-            changed = True
+    try:
+        if module.check_mode:
+            check_private_dir(p["output_root"])
+            check_private_dir(output_dir)
+        else:
+            ensure_private_dir(p["output_root"], parents=True)
+            ensure_private_dir(output_dir)
+            if not os.path.lexists(state_file):
+                atomic_write_json(state_file, state)
+                changed = True
+    except OSError as exc:
+        module.fail_json(msg="Cannot use the drill's output directory: %s" % exc)
     module.exit_json(
         changed=changed,
         drill_id=drill_id,

@@ -19,7 +19,10 @@ description:
   - Makes no AWS call. Inputs are results of other modules, which never carry secrets.
 options:
   output_dir:
-    description: The drill's output directory.
+    description:
+      - The drill's output directory. Created with mode 0700 (and any missing parent) when missing; an existing one
+        must be a real directory (a symlink is refused) owned by the user running the drill.
+      - Both report files are written with mode 0600.
     type: path
     required: true
   drill_id:
@@ -129,6 +132,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
@@ -214,9 +219,15 @@ def main():
 
     report_path = os.path.join(p["output_dir"], "drill-report.json")
     summary_path = os.path.join(p["output_dir"], "drill-report.md")
-    if not module.check_mode:
-        atomic_write_json(report_path, report, mode=0o640)
-        atomic_write(summary_path, render_markdown(report).encode(), mode=0o640)
+    try:
+        if module.check_mode:
+            check_private_dir(p["output_dir"])
+        else:
+            ensure_private_dir(p["output_dir"], parents=True)
+            atomic_write_json(report_path, report)
+            atomic_write(summary_path, render_markdown(report).encode())
+    except OSError as exc:
+        module.fail_json(msg="Cannot write the drill report: %s" % exc)
     headline = {
         "drill_id": p["drill_id"],
         "outcome": outcome,

@@ -7,11 +7,15 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import build_phases, measure, render_markdown
 
 BOUNDARY = {"production_cidrs": ["10.0.0.0/16"]}
+# A directory readable by the group, as a umask of 027 would leave it.
+LOOSE_DIR_MODE = 0o750
 
 
 def test_phases_end_where_next_starts_and_failed_phase_marks_rest_skipped():
@@ -45,7 +49,9 @@ def test_drill_context_generates_id_and_private_output_dir(tmp_path):
     assert res["drill_id"].startswith("dr-")
     assert stat.S_IMODE(os.stat(res["output_dir"]).st_mode) == 0o700
     state = json.loads(Path(res["state_file"]).read_text())
-    assert state["drill_id"] == res["drill_id"] and state["extra_resources"] == []
+    assert state == {"drill_id": res["drill_id"], "region": "us-east-1", "started_at": res["started_at"],
+                     "expires_at": res["expires_at"]}
+    assert stat.S_IMODE(os.stat(res["state_file"]).st_mode) == 0o600
     assert res["boundary"]["production_cidrs"] == ["10.0.0.0/16"]
 
 
@@ -55,6 +61,62 @@ def test_drill_context_rejects_bad_boundary_before_creating_anything(tmp_path):
                                                     "sandbox_cidr": "10.0.128.0/20"}})
     assert res.failed and "overlaps production" in res["msg"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def umask_002():
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
+def test_drill_context_creates_output_root_and_its_parents_0700_under_umask_002(tmp_path, umask_002):
+    root = tmp_path / "runs" / "dr"
+    res = run_module("drill_context", {"output_root": str(root), "boundary": BOUNDARY, "region": "us-east-1"})
+    assert not res.failed, res
+    modes = [stat.S_IMODE(os.lstat(p).st_mode) for p in (tmp_path / "runs", root, Path(res["output_dir"]))]
+    assert modes == [0o700, 0o700, 0o700]
+
+
+def test_drill_context_refuses_an_output_root_that_is_a_symlink_and_creates_nothing(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chmod(elsewhere, LOOSE_DIR_MODE)
+    os.symlink(elsewhere, tmp_path / "runs")
+    for check_mode in (True, False):
+        res = run_module("drill_context", {"output_root": str(tmp_path / "runs"), "boundary": BOUNDARY,
+                                           "region": "us-east-1"}, check_mode=check_mode)
+        assert res.failed and "runs is a symlink" in res["msg"], res
+    assert os.listdir(elsewhere) == [] and stat.S_IMODE(os.stat(elsewhere).st_mode) == LOOSE_DIR_MODE
+
+
+def test_drill_context_refuses_a_planted_drill_directory_symlink(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / "dr-planted-1")
+    res = run_module("drill_context", {"output_root": str(tmp_path), "boundary": BOUNDARY, "region": "us-east-1",
+                                       "drill_id": "dr-planted-1"})
+    assert res.failed and "dr-planted-1 is a symlink" in res["msg"], res
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+def test_drill_context_refuses_an_output_root_owned_by_another_user(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    os.chown(root, 4242, 4242)
+    res = run_module("drill_context", {"output_root": str(root), "boundary": BOUNDARY, "region": "us-east-1"})
+    assert res.failed and "owned by uid 4242" in res["msg"], res
+    assert os.listdir(root) == []
+
+
+def test_drill_context_tightens_an_existing_output_root_of_ours(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    os.chmod(root, LOOSE_DIR_MODE)
+    res = run_module("drill_context", {"output_root": str(root), "boundary": BOUNDARY, "region": "us-east-1"})
+    assert not res.failed, res
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
 
 
 def test_drill_context_rejects_bad_drill_id(tmp_path):
@@ -79,9 +141,20 @@ def test_report_written_json_and_markdown(tmp_path):
     report = json.loads((tmp_path / "drill-report.json").read_text())
     assert report["outcome"] == "passed" and report["teardown"]["remaining"] == 0
     assert report["boundary"] == {"isolated": True, "vpc_id": "vpc-1", "findings": []}
+    assert [stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in ("drill-report.json", "drill-report.md")] == [
+        0o600, 0o600]
     md = (tmp_path / "drill-report.md").read_text()
     assert "# Drill report: dr-test-1" in md and "**passed**" in md
     assert res["headline"]["teardown_remaining"] == 0
+
+
+def test_report_refuses_an_output_dir_that_is_a_symlink(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / "out")
+    res = run_module("drill_report", _report_args(tmp_path / "out"))
+    assert res.failed and "out is a symlink" in res["msg"], res
+    assert os.listdir(elsewhere) == []
 
 
 def test_report_fails_closed_when_teardown_left_something(tmp_path):
