@@ -28,7 +28,11 @@ options:
     elements: dict
     required: true
   dest:
-    description: Restore directory (created 0700).
+    description:
+      - Restore directory. It, its missing parents and every directory inside it are created with mode 0700
+        whatever the umask; restored files are 0400.
+      - An existing O(dest) must be a real directory (a symlink is refused, never followed or chmodded) owned by the
+        user running the drill; group and other permission bits on it are removed.
     type: path
     required: true
   workers:
@@ -81,6 +85,8 @@ from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
 
 ARGUMENT_SPEC = dict(
     artifacts=dict(type="list", elements="dict", required=True),
@@ -126,7 +132,7 @@ def restore_one(s3, entry, dest):
     if not want_sha or want_size is None or not source:
         raise RestoreError("artifact %r lacks sha256, size or source" % (name,))
     target = os.path.join(dest, rel)
-    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+    ensure_private_dir(os.path.dirname(target), parents=True)
     want = int(want_size)
 
     def checked(chunks):
@@ -154,16 +160,19 @@ def main():
         module.fail_json(msg="workers must be at least 1")
     if not p["artifacts"]:
         module.fail_json(msg="artifacts is empty: nothing was verified, so nothing can be restored")
-    if module.check_mode:
-        module.exit_json(changed=True, restored=[], bytes_restored=0)
+    try:
+        if module.check_mode:
+            check_private_dir(p["dest"])
+            module.exit_json(changed=True, restored=[], bytes_restored=0)
+        ensure_private_dir(p["dest"], parents=True)
+    except OSError as exc:
+        module.fail_json(msg="Cannot use the restore directory: %s" % exc)
     need_s3 = any(str(a.get("source", "")).startswith("s3://") for a in p["artifacts"])
     s3 = module.client("s3", retry_decorator=AWSRetry.jittered_backoff()) if need_s3 else None
-    os.makedirs(p["dest"], mode=0o700, exist_ok=True)
-    os.chmod(p["dest"], 0o700)
     try:
         with ThreadPoolExecutor(max_workers=p["workers"]) as pool:
             restored = list(pool.map(lambda e: restore_one(s3, e, p["dest"]), p["artifacts"]))
-    except (RestoreError, art.SourceError) as exc:
+    except (RestoreError, art.SourceError, OSError) as exc:
         module.fail_json(msg="Restore failed: %s" % exc)
     except botocore.exceptions.BotoCoreError as exc:
         module.fail_json_aws(exc, msg="Restore failed")

@@ -18,6 +18,8 @@ description:
   - Tar archives are read member by member; an absolute path, a C(..) component, a link
     or device entry is a failure (it could write outside the restore directory).
   - Anything else is C(raw) and counts as valid once restored (its digest was verified).
+  - Each path is opened without following a symlink (a symlink or anything but a regular file fails), and SQLite
+    gets a percent-encoded C(file:) URI, so an artifact name such as C(%2E%2E/x.db) opens exactly that file.
 options:
   restored:
     description: The C(restored) list returned by M(drguard.sandbox.restore_artifacts) (C(name), C(path)).
@@ -51,8 +53,12 @@ results:
   sample: [{name: orders.sqlite, kind: sqlite, valid: true, detail: ok, tables: {orders: 500}}]
 """
 
+import errno
+import os
 import sqlite3
+import stat
 import tarfile
+from urllib.parse import quote
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -64,13 +70,37 @@ ARGUMENT_SPEC = dict(
 )
 
 
+class ValidateError(Exception):
+    pass
+
+
 def kind_of(path: str) -> str:
-    with open(path, "rb") as handle:
+    """The artifact's kind from its first bytes; a symlink or anything but a regular file is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValidateError("%s is a symlink; validate only the files restore_artifacts wrote" % path) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValidateError("%s is not a regular file" % path)
         return detect_kind(handle.read(512))
 
 
+def sqlite_uri(path: str) -> str:
+    """A read-only SQLite URI for exactly ``path``.
+
+    SQLite decodes %XX escapes and stops at '?' or '#' in a URI, so the path is
+    percent-encoded: an artifact named ``%2E%2E/x.db`` must not open ``../x.db``.
+    ``immutable=1``: the restored file is 0400 in a private directory and nothing
+    writes it, so SQLite takes no locks and creates no -wal/-shm file beside it.
+    """
+    return "file:%s?mode=ro&immutable=1" % quote(os.path.abspath(path), safe="/")
+
+
 def check_sqlite(path: str, min_rows: int) -> dict:
-    con = sqlite3.connect("file:%s?mode=ro&immutable=1" % path, uri=True)
+    con = sqlite3.connect(sqlite_uri(path), uri=True)
     try:
         verdict = [row[0] for row in con.execute("PRAGMA integrity_check")]
         tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
@@ -117,7 +147,7 @@ def main():
                 outcome = check_tar(path)
             else:
                 outcome = {"valid": True, "detail": "raw artifact; digest verified"}
-        except (OSError, sqlite3.Error, tarfile.TarError, TypeError) as exc:
+        except (OSError, ValidateError, sqlite3.Error, tarfile.TarError, TypeError) as exc:
             kind, outcome = "unknown", {"valid": False, "detail": "cannot open: %s" % exc}
         results.append(dict(name=name, kind=kind, **outcome))
     valid = bool(results) and all(r["valid"] for r in results)

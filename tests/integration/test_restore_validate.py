@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import sqlite3
+import stat
 import tarfile
 import uuid
 from pathlib import Path
@@ -136,6 +137,77 @@ def test_validate_rejects_corrupt_and_empty_sqlite(tmp_path):
     empty.write_bytes(_sqlite_bytes(tmp_path, rows=0))
     val = run_module("validate_restore", {"restored": [{"name": "e", "path": str(empty)}]})
     assert val.failed and "fewer than min_rows" in val["msg"]
+
+
+# A directory readable by the group, as a umask of 027 would leave it.
+LOOSE_DIR_MODE = 0o750
+
+
+def test_restore_dest_that_is_a_symlink_is_refused_and_never_chmodded(tmp_path, module_runner):
+    src = tmp_path / "a"
+    src.write_bytes(b"abc")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chmod(elsewhere, LOOSE_DIR_MODE)
+    os.symlink(elsewhere, tmp_path / "r")
+    entry = {"name": "a", "verified": True, "sha256": _sha(b"abc"), "size": 3, "source": str(src), "version_id": None}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert res.failed and "r is a symlink" in res["msg"], res
+    assert os.listdir(elsewhere) == [] and stat.S_IMODE(os.stat(elsewhere).st_mode) == LOOSE_DIR_MODE
+
+
+def test_restore_nested_directories_are_0700_under_umask_002(tmp_path, module_runner):
+    src = tmp_path / "a"
+    src.write_bytes(b"abc")
+    entry = {"name": "x/y/a.bin", "verified": True, "sha256": _sha(b"abc"), "size": 3, "source": str(src),
+             "version_id": None}
+    old = os.umask(0o002)
+    try:
+        res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "new" / "r")})
+    finally:
+        os.umask(old)
+    assert not res.failed, res
+    dirs = [tmp_path / "new", tmp_path / "new" / "r", tmp_path / "new" / "r" / "x", tmp_path / "new" / "r" / "x" / "y"]
+    assert [stat.S_IMODE(os.lstat(d).st_mode) for d in dirs] == [0o700] * 4
+    assert stat.S_IMODE(os.lstat(res["restored"][0]["path"]).st_mode) == 0o400
+
+
+def test_validate_opens_the_restored_sqlite_not_one_its_escaped_name_points_at(tmp_path, module_runner):
+    """A signed artifact named %2E%2E/x.db must not make SQLite's URI parser open ../x.db."""
+    restored_db = _sqlite_bytes(tmp_path, rows=3)
+    src = tmp_path / "restored.src"
+    src.write_bytes(restored_db)
+    outside = tmp_path / "x.db"
+    con = sqlite3.connect(outside)
+    con.execute("CREATE TABLE outside_secret (v TEXT)")
+    con.executemany("INSERT INTO outside_secret VALUES (?)", [("s%d" % i,) for i in range(7)])
+    con.commit()
+    con.close()
+    entry = {"name": "%2E%2E/x.db", "verified": True, "sha256": _sha(restored_db), "size": len(restored_db),
+             "source": str(src), "version_id": None}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert not res.failed, res
+    assert res["restored"][0]["path"] == str(tmp_path / "r" / "%2E%2E" / "x.db")
+    val = run_module("validate_restore", {"restored": res["restored"]})
+    assert not val.failed, val
+    assert val["results"][0]["tables"] == {"t": 3}
+
+
+@pytest.mark.parametrize("name", ["a?mode=rwc.db", "b#frag.db", "c%3F.db"])
+def test_validate_opens_sqlite_whose_path_has_uri_characters(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(_sqlite_bytes(tmp_path, rows=2))
+    val = run_module("validate_restore", {"restored": [{"name": name, "path": str(path)}]})
+    assert not val.failed, val
+    assert val["results"][0]["tables"] == {"t": 2}
+
+
+def test_validate_refuses_a_restored_path_that_is_a_symlink(tmp_path):
+    real = tmp_path / "real.sqlite"
+    real.write_bytes(_sqlite_bytes(tmp_path, rows=2))
+    os.symlink(real, tmp_path / "link.sqlite")
+    val = run_module("validate_restore", {"restored": [{"name": "link.sqlite", "path": str(tmp_path / "link.sqlite")}]})
+    assert val.failed and "is a symlink" in val["results"][0]["detail"], val
 
 
 def test_validate_nothing_restored_is_a_failure():
