@@ -63,6 +63,9 @@ options:
     description:
       - Where failing artifacts are preserved. C(s3://bucket/prefix/) (an Object Lock
         bucket outside the sandbox) or an absolute local directory.
+      - A local directory and the drill's directory inside it are created with mode 0700 (missing parents too);
+        an existing one must be a real directory (a symlink is refused, never followed) owned by the user running
+        the drill, and group and other permission bits on it are removed.
     type: str
     required: true
   workers:
@@ -191,6 +194,9 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import PrivateDirError
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertError
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import ALERT_SINK_SPEC
@@ -360,20 +366,6 @@ def parse_quarantine(value: str) -> dict:
 
 
 # ------------------------------------------------------------------------- helpers
-def _refuse_unless_directory(path: str, missing_ok: bool = False) -> None:
-    """Raise unless ``path`` is a real directory (judged with lstat: a symlink is refused, never followed)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        if missing_ok:
-            return
-        raise
-    if stat.S_ISLNK(mode):
-        raise QuarantineError("quarantine path %s is a symlink; refusing to write through it" % path)
-    if not stat.S_ISDIR(mode):
-        raise QuarantineError("quarantine path %s exists and is not a directory" % path)
-
-
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -437,7 +429,10 @@ class Quarantiner:
                     raise QuarantineError("source %s is already inside the quarantine directory %s"
                                           % (s.path, root))
             for path in (root, self.base()):
-                _refuse_unless_directory(path, missing_ok=True)
+                try:
+                    check_private_dir(path)
+                except PrivateDirError as exc:
+                    raise QuarantineError("the quarantine directory is unusable: %s" % exc) from None
 
     def base(self) -> str:
         if self.dest["kind"] == "s3":
@@ -483,17 +478,11 @@ class Quarantiner:
             atomic_write(os.path.join(self.base(), record_leaf(leaf, reason)), data, 0o600)
 
     def _local_dir(self) -> str:
-        root, base = self.dest["path"], self.base()
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        # Failures are quarantined by parallel workers: mkdir and tolerate the one that lost
-        # the race, then judge what is there with lstat (never follow a planted symlink).
-        try:
-            os.mkdir(base, 0o700)
-        except FileExistsError:
-            pass
-        _refuse_unless_directory(base)
-        os.chmod(base, 0o700)
-        return base
+        # Parallel workers call this at once; ensure_private_dir tolerates the ones that lose the
+        # mkdir race and judges what is there without following a planted symlink.
+        ensure_private_dir(self.dest["path"], parents=True)
+        ensure_private_dir(self.base())
+        return self.base()
 
     # -- S3 tags ---------------------------------------------------------------------
     def _wanted_tags(self, current: dict, reasons, sha) -> dict:

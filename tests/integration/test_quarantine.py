@@ -339,6 +339,58 @@ def test_local_quarantine_directory_that_is_not_a_directory_is_refused(tmp_path,
     assert (tmp_path / "bad.bin").read_bytes() == b"bad" and os.listdir(elsewhere) == []
 
 
+# A directory readable by the group, as a umask of 027 would leave it.
+LOOSE_DIR_MODE = 0o750
+
+
+def _quarantine_one(tmp_path, module_runner, qroot, check_mode=False):
+    (tmp_path / "bad.bin").write_bytes(b"bad")
+    return module_runner("quarantine_artifact", {
+        "failures": [_failure("bad.bin", "digest_mismatch", str(tmp_path / "bad.bin"))], "drill_id": _drill_id(),
+        "quarantine": str(qroot), "alert_sink": {"path": str(tmp_path / "alerts.jsonl")}}, check_mode=check_mode)
+
+
+def test_local_quarantine_root_that_is_a_symlink_is_refused(tmp_path, module_runner):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chmod(elsewhere, LOOSE_DIR_MODE)
+    os.symlink(elsewhere, tmp_path / "q")
+    for check_mode in (True, False):
+        res = _quarantine_one(tmp_path, module_runner, tmp_path / "q", check_mode)
+        assert res.failed and "q is a symlink" in res["msg"], res.get("msg")
+    assert (tmp_path / "bad.bin").read_bytes() == b"bad"
+    assert os.listdir(elsewhere) == [] and stat.S_IMODE(os.stat(elsewhere).st_mode) == LOOSE_DIR_MODE
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+def test_local_quarantine_root_owned_by_another_user_is_refused(tmp_path, module_runner):
+    qroot = tmp_path / "q"
+    qroot.mkdir()
+    os.chown(qroot, 4242, 4242)
+    res = _quarantine_one(tmp_path, module_runner, qroot)
+    assert res.failed and "owned by uid 4242" in res["msg"], res.get("msg")
+    assert (tmp_path / "bad.bin").read_bytes() == b"bad" and os.listdir(qroot) == []
+
+
+def test_local_quarantine_root_is_created_0700_with_its_parents_under_umask_002(tmp_path, module_runner):
+    old = os.umask(0o002)
+    try:
+        res = _quarantine_one(tmp_path, module_runner, tmp_path / "new" / "q")
+    finally:
+        os.umask(old)
+    assert not res.failed, res.get("msg")
+    assert [stat.S_IMODE(os.lstat(p).st_mode) for p in (tmp_path / "new", tmp_path / "new" / "q")] == [0o700, 0o700]
+
+
+def test_local_quarantine_root_of_ours_with_group_bits_is_tightened(tmp_path, module_runner):
+    qroot = tmp_path / "q"
+    qroot.mkdir()
+    os.chmod(qroot, LOOSE_DIR_MODE)
+    res = _quarantine_one(tmp_path, module_runner, qroot)
+    assert not res.failed, res.get("msg")
+    assert stat.S_IMODE(os.lstat(qroot).st_mode) == 0o700
+
+
 def test_local_source_on_read_only_mount_is_copied_and_kept(tmp_path, module_runner):
     if os.geteuid() != 0:
         pytest.skip("needs root to create a read-only bind mount")
