@@ -483,6 +483,47 @@ def _nacl_entry_text(e: dict) -> str:
                                          "to" if e.get("Egress") else "from", peer)
 
 
+def _without(nets: list, cut) -> list:
+    """``nets`` minus the addresses of ``cut``."""
+    out = []
+    for net in nets:
+        if net.subnet_of(cut):
+            continue
+        out.extend(net.address_exclude(cut) if cut.subnet_of(net) else [net])
+    return out
+
+
+def _check_production_deny(prod, entries: list, direction: str, aid: str, f: _Findings) -> None:
+    """Every address of ``prod`` must meet an explicit DENY of all protocols before any ALLOW.
+
+    Entries are walked in rule-number order, as AWS evaluates them: a DENY takes its
+    addresses out of the part still open; an ALLOW that overlaps the open part comes
+    too early. Several DENY entries that together cover the CIDR count (rule 10 denies
+    one half, rule 11 the other); one that covers only part of it does not.
+    """
+    open_part, early = [prod], []
+    for e in sorted(entries, key=lambda e: e.get("RuleNumber", 0)):
+        if e.get("RuleNumber") == _NACL_DEFAULT_RULE or not open_part:
+            continue
+        net = _net(e.get("CidrBlock"))
+        if net is None or net.version != 4:
+            continue
+        if e.get("RuleAction") == "allow" and _overlapping(net, open_part):
+            early.append(e["RuleNumber"])
+        elif e.get("RuleAction") == "deny" and _proto(e.get("Protocol")) == "all":
+            open_part = _without(open_part, net)
+    if open_part == [prod]:
+        f.add("nacl_missing_production_deny", aid, "%s: no explicit DENY of all protocols covering production CIDR %s"
+              % (direction, prod))
+    elif open_part:
+        f.add("nacl_missing_production_deny", aid, "%s: explicit DENY rules of all protocols cover only part of "
+              "production CIDR %s; not denied: %s"
+              % (direction, prod, ", ".join(str(n) for n in ipaddress.collapse_addresses(open_part))))
+    if early:
+        f.add("nacl_missing_production_deny", aid, "%s: ALLOW rule(s) %s overlapping production CIDR %s come before "
+              "the DENY rules that cover all of it" % (direction, ", ".join(map(str, early)), prod))
+
+
 def _check_nacls(boundary, nacls: list, subnets: list | None, allowed: dict, f: _Findings) -> int:
     """``allowed``: {"vpc": [cidr], "s3": [cidr]} - the live VPC CIDRs and the S3 prefix list's CIDRs."""
     vpc_nets = [n for n in (_net(c) for c in allowed["vpc"]) if n is not None]
@@ -515,20 +556,8 @@ def _check_nacls(boundary, nacls: list, subnets: list | None, allowed: dict, f: 
             direction = "egress" if egress else "ingress"
             mine = [e for e in entries if bool(e.get("Egress")) == egress]
             allows = [e for e in mine if e.get("RuleAction") == "allow"]
-            denies = [e for e in mine if e.get("RuleAction") == "deny" and _proto(e.get("Protocol")) == "all"
-                      and e.get("RuleNumber") != _NACL_DEFAULT_RULE and _net(e.get("CidrBlock"))]
             for prod in boundary.production_cidrs:
-                covering = [e["RuleNumber"] for e in denies if prod.subnet_of(_net(e["CidrBlock"]))]
-                first = min(covering) if covering else None
-                if first is None:
-                    f.add("nacl_missing_production_deny", aid, "%s: no explicit DENY of all protocols covering "
-                          "production CIDR %s" % (direction, prod))
-                    continue
-                early = sorted(e["RuleNumber"] for e in allows
-                               if _overlapping(_net(e.get("CidrBlock")), [prod]) and e["RuleNumber"] < first)
-                if early:
-                    f.add("nacl_missing_production_deny", aid, "%s: ALLOW rule(s) %s overlapping production CIDR %s "
-                          "come before the DENY rule %d" % (direction, ", ".join(map(str, early)), prod, first))
+                _check_production_deny(prod, mine, direction, aid, f)
             for e in allows:
                 net = _net(e.get("CidrBlock") or e.get("Ipv6CidrBlock"))
                 if net is None or net.prefixlen == 0:

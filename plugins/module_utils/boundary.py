@@ -246,6 +246,9 @@ def _s3(raw: dict, key: str) -> tuple:
         if not isinstance(prefix, str) or "*" in prefix or "?" in prefix:
             raise BoundaryError("%s.prefix: %r must be a plain key prefix without wildcards"
                                 % (where, prefix))
+        # A prefix names a folder: "orders" grants orders/..., never orders-payroll/...
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
         out.append(S3Grant(bucket, prefix))
     return tuple(out)
 

@@ -313,6 +313,17 @@ def test_nacl_allow_before_production_deny(aws_env, sandbox, ec2):
     assert_leak(res, "nacl_missing_production_deny", "nacl_allow_undeclared")
 
 
+def test_nacl_deny_of_part_of_a_production_cidr_is_not_a_production_deny(aws_env, sandbox, ec2):
+    # 10.0.0.0/17 is half of the production CIDR 10.0.0.0/16: the other half stays open.
+    ec2.replace_network_acl_entry(NetworkAclId=sandbox["acl"], RuleNumber=10, Protocol="-1", RuleAction="deny",
+                                  Egress=False, CidrBlock="10.0.0.0/17")
+    res = verify(sandbox["vpc"])
+    assert_leak(res, "nacl_missing_production_deny")
+    assert [(f["resource"], f["detail"]) for f in res["findings"]] == [(
+        sandbox["acl"], "ingress: explicit DENY rules of all protocols cover only part of production CIDR "
+                        "%s; not denied: 10.0.128.0/17" % PRODUCTION[0])]
+
+
 def test_nacl_allow_any(aws_env, sandbox, ec2):
     ec2.create_network_acl_entry(NetworkAclId=sandbox["acl"], RuleNumber=200, Protocol="-1", RuleAction="allow",
                                  Egress=True, CidrBlock="0.0.0.0/0")
@@ -591,6 +602,64 @@ def test_pure_nacl_ipv6_allow_and_unassociated_acl():
                            "CidrBlock": "0.0.0.0/0"}])
     snap = snapshot(subnets=[{"SubnetId": "subnet-1", "VpcId": VPC}], network_acls=[_nacl(v6), loose])
     assert [(f["code"], f["resource"]) for f in judge(snap)["findings"]] == [("nacl_allow_any", "acl-1")]
+
+
+def _deny(number, cidr, egress=False, action="deny", protocol="-1"):
+    return {"RuleNumber": number, "RuleAction": action, "Protocol": protocol, "Egress": egress, "CidrBlock": cidr}
+
+
+def _nacl_replacing(number, egress, *entries) -> dict:
+    """The standard ACL with entry ``number`` of one direction removed and ``entries`` added."""
+    acl = _nacl()
+    acl["Entries"] = [e for e in acl["Entries"] if not (e["RuleNumber"] == number and e["Egress"] == egress
+                                                        and e["RuleAction"] == "deny")] + list(entries)
+    return acl
+
+
+def _nacl_details(acl) -> list:
+    snap = snapshot(subnets=[{"SubnetId": "subnet-1", "VpcId": VPC}], network_acls=[acl])
+    return [(f["code"], f["detail"]) for f in judge(snap)["findings"]]
+
+
+@pytest.mark.parametrize("deny, open_part", [
+    ("10.0.0.0/17", "10.0.128.0/17"),        # a subnet of the production CIDR
+    ("10.0.0.0/24", "10.0.1.0/24, 10.0.2.0/23, 10.0.4.0/22, 10.0.8.0/21, 10.0.16.0/20, 10.0.32.0/19, "
+                    "10.0.64.0/18, 10.0.128.0/17"),
+])
+def test_pure_nacl_deny_of_part_of_a_production_cidr_is_a_finding(deny, open_part):
+    acl = _nacl_replacing(10, True, _deny(10, deny, egress=True))
+    assert _nacl_details(acl) == [("nacl_missing_production_deny",
+                                   "egress: explicit DENY rules of all protocols cover only part of production "
+                                   "CIDR %s; not denied: %s" % (PRODUCTION[0], open_part))]
+
+
+def test_pure_nacl_union_of_denies_before_any_allow_covers_production():
+    # AWS evaluates entries in rule-number order: two halves denied at 10 and 12 deny all of it.
+    acl = _nacl_replacing(10, False, _deny(10, "10.0.0.0/17"), _deny(12, "10.0.128.0/17"))
+    assert _nacl_details(acl) == []
+
+
+def test_pure_nacl_union_of_denies_with_a_gap_is_a_finding():
+    acl = _nacl_replacing(10, False, _deny(10, "10.0.0.0/17"), _deny(12, "10.0.128.0/18"))
+    assert _nacl_details(acl) == [("nacl_missing_production_deny",
+                                   "ingress: explicit DENY rules of all protocols cover only part of production "
+                                   "CIDR %s; not denied: 10.0.192.0/18" % PRODUCTION[0])]
+
+
+def test_pure_nacl_allow_between_partial_denies_is_a_finding():
+    # The allow at 11 is evaluated before the deny at 12 that would complete the coverage.
+    allow = _deny(11, "10.0.200.0/24", action="allow", protocol="6")
+    acl = _nacl_replacing(10, False, _deny(10, "10.0.0.0/17"), allow, _deny(12, "10.0.128.0/17"))
+    assert _nacl_details(acl) == [
+        ("nacl_allow_undeclared", "ingress rule 11 allow tcp from 10.0.200.0/24"),
+        ("nacl_missing_production_deny", "ingress: ALLOW rule(s) 11 overlapping production CIDR %s come before "
+                                         "the DENY rules that cover all of it" % PRODUCTION[0])]
+
+
+def test_pure_nacl_deny_of_one_protocol_does_not_cover_production():
+    acl = _nacl_replacing(10, False, _deny(10, PRODUCTION[0], protocol="6"))
+    assert _nacl_details(acl) == [("nacl_missing_production_deny", "ingress: no explicit DENY of all protocols "
+                                                                    "covering production CIDR %s" % PRODUCTION[0])]
 
 
 def test_pure_subnet_without_nacl_fails_closed():

@@ -239,6 +239,15 @@ def test_bad_s3_grants(grant, fragment):
     assert fragment in err(with_(s3_read=[grant]))
 
 
+def test_s3_prefix_without_slash_names_a_folder_not_its_siblings():
+    b = parse_boundary(with_(s3_read=[{"bucket": "backups", "prefix": "orders"}],
+                             s3_write=[{"bucket": "telemetry", "prefix": "dr-1/"}]))
+    assert b.s3_read[0].prefix == "orders/"
+    assert b.s3_read[0].object_arn == "arn:aws:s3:::backups/orders/*"
+    assert b.s3_write[0].object_arn == "arn:aws:s3:::telemetry/dr-1/*"
+    assert b.to_dict()["s3_read"] == [{"bucket": "backups", "prefix": "orders/"}]
+
+
 # ------------------------------------------------------------- pick_sandbox_cidr
 
 def test_pick_returns_declared_sandbox():
