@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import stat
 import threading
+import time
 import uuid
 from datetime import datetime
 
@@ -111,22 +113,60 @@ def test_append_jsonl_refuses_a_symlink(tmp_path):
     assert target.read_text() == ""
 
 
+def _append_in_pieces(path, writer, count, pad, piece):
+    """Append ``count`` events, each line handed to the kernel ``piece`` bytes at a time.
+
+    POSIX lets a write to a regular file return short (a signal, a full quota, a network
+    file system), and append_jsonl then loops: only its lock keeps the rest of the line
+    from landing after another writer's bytes. Small pieces and a yield between them make
+    that window wide, so the test fails when the locking is gone.
+    """
+    real_write = os.write
+
+    def short_write(fd, data):
+        written = real_write(fd, bytes(data[:piece]))
+        time.sleep(0)
+        return written
+
+    alerts.os.write = short_write  # this process (a forked child) or this test only
+    try:
+        def one_thread(t):
+            for i in range(count):
+                alerts.append_jsonl(path, alerts.build_event(
+                    DRILL, "drguard.x", None, {"w": writer, "t": t, "i": i, "pad": pad}))
+        threads = [threading.Thread(target=one_thread, args=(t,)) for t in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        alerts.os.write = real_write
+
+
 def test_concurrent_appends_never_interleave(tmp_path):
     path = str(tmp_path / "alerts.jsonl")
-    big = "x" * 70000  # larger than a pipe buffer: one write per line still
-
-    def writer(n):
-        for i in range(20):
-            alerts.append_jsonl(path, alerts.build_event(DRILL, "drguard.x", None, {"w": n, "i": i, "pad": big}))
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    events = alerts.read_jsonl(path)
-    assert len(events) == 80
-    assert sorted((e["data"]["w"], e["data"]["i"]) for e in events) == [(w, i) for w in range(4) for i in range(20)]
+    pad = "x" * 70000  # far above PIPE_BUF, and written in 4 KiB pieces below
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_in_pieces, args=(path, w, 10, pad, 4096)) for w in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    lines = raw.split(b"\n")
+    assert lines[-1] == b"", "the file must end with a complete line"
+    events = []
+    for number, line in enumerate(lines[:-1]):
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pytest.fail("line %d is not one whole event: writers interleaved (%d bytes)" % (number, len(line)))
+    assert all(e["data"]["pad"] == pad for e in events)
+    # 4 processes x 2 threads x 10 events, each exactly once.
+    assert sorted((e["data"]["w"], e["data"]["t"], e["data"]["i"]) for e in events) == [
+        (w, t, i) for w in range(4) for t in range(2) for i in range(10)]
 
 
 def test_parse_sink():
