@@ -16,12 +16,17 @@ description:
     (no shell) with them injected as environment variables (O(env_secrets)) and/or as 0600 files in a fresh
     0700 directory on a tmpfs (O(file_secrets)), whose path is in C(DRGUARD_SECRETS_DIR). The directory is
     wiped and removed after the command, whatever happened.
-  - Secrets never go on the command line, into facts or onto a disk. The child does not inherit the
-    controller's AWS credential variables (C(AWS_ACCESS_KEY_ID), C(AWS_PROFILE), ...).
-  - C(stdout) and C(stderr) come back with every secret value - and its base64, base32, hex, URL-encoded and
-    JSON-escaped forms, and each string field of a JSON secret - replaced by C(********).
-  - Fails when the command exits non-zero or runs longer than O(timeout). Running a validation does not
-    change anything, so C(changed) is always false; in check mode the command is not run.
+  - Secrets never go on the command line, into facts or onto a disk. The child starts with an allow-listed
+    environment - C(PATH), C(LANG), C(LANGUAGE), C(LC_*), C(TZ), C(TERM), C(TMPDIR), C(USER), C(LOGNAME) of
+    the controller and nothing else (no C(VAULT_TOKEN), no C(AWS_*)) - plus its own empty 0700 C(HOME) on a
+    tmpfs (removed afterwards), C(AWS_EC2_METADATA_DISABLED=true) and C(AWS_SHARED_CREDENTIALS_FILE) /
+    C(AWS_CONFIG_FILE) set to C(/dev/null), so no AWS SDK finds the controller's credentials.
+  - C(stdout) and C(stderr) come back with every secret value - and its encodings (see docs/identity.md) -
+    replaced by C(********). Each stream keeps its first 1 MiB; the rest is read and dropped.
+  - Fails when the command exits non-zero or runs longer than O(timeout). After the command ended or was
+    killed, its output is read for at most 2 more seconds (a process that left the command's process group
+    and holds the pipes is not waited for). Running a validation does not change anything, so C(changed)
+    is always false; in check mode the command is not run.
 options:
   argv:
     description:
@@ -65,9 +70,11 @@ options:
     default: 600
   pass_aws_credentials:
     description:
-      - Give the command the module's own AWS credentials (normally the drill's minted ones) as
-        C(AWS_ACCESS_KEY_ID), C(AWS_SECRET_ACCESS_KEY), C(AWS_SESSION_TOKEN) and C(AWS_REGION). They are
-        masked in the output like secrets.
+      - Give the command the drill's session - the credentials passed explicitly as O(access_key),
+        O(secret_key) and O(session_token) - as C(AWS_ACCESS_KEY_ID), C(AWS_SECRET_ACCESS_KEY),
+        C(AWS_SESSION_TOKEN) and C(AWS_REGION). They are masked in the output like secrets.
+      - Without explicit credentials (or with a O(profile), or with values equal to the controller's
+        environment credentials) the module fails before running anything.
     type: bool
     default: false
 extends_documentation_fragment:
@@ -106,6 +113,14 @@ stderr:
   description: Standard error, secrets masked.
   returned: when the command ran
   type: str
+stdout_truncated:
+  description: Whether standard output was longer than 1 MiB and cut.
+  returned: when the command ran
+  type: bool
+stderr_truncated:
+  description: Whether standard error was longer than 1 MiB and cut.
+  returned: when the command ran
+  type: bool
 seconds:
   description: Wall-clock run time of the command.
   returned: when the command ran
@@ -119,6 +134,7 @@ argv:
 
 import os
 import re
+import selectors
 import signal
 import subprocess
 import tempfile
@@ -129,7 +145,6 @@ try:
 except ImportError:
     pass  # handled by AnsibleAWSModule
 
-from ansible_collections.amazon.aws.plugins.module_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
@@ -153,12 +168,23 @@ ARGUMENT_SPEC = dict(
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRETS_DIR_ENV = "DRGUARD_SECRETS_DIR"
-# Controller identity the child must not inherit (it would be a pivot).
-SCRUB_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-             "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "EC2_ACCESS_KEY", "EC2_SECRET_KEY", "EC2_SECURITY_TOKEN",
-             "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-             "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+# The only controller variables a child sees: search path, locale, time zone, terminal,
+# temp directory and user name. Everything else (VAULT_TOKEN, SSH_AUTH_SOCK, PYTHONPATH,
+# AWS_*, ...) could be a credential or a way to one.
+ALLOWED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "USER", "LOGNAME")
+ALLOWED_ENV_PREFIXES = ("LC_",)
+# What the child always gets: its own empty HOME (so no ~/.aws, ~/.netrc, ~/.config of the
+# controller) and an AWS SDK that finds no shared files and never asks instance metadata.
+FIXED_ENV = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+             "AWS_CONFIG_FILE": os.devnull}
+RESERVED_ENV = frozenset(FIXED_ENV) | {"HOME", SECRETS_DIR_ENV}
+# Controller credential variables: pass_aws_credentials never hands on a value equal to one.
+CONTROLLER_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                             "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "EC2_ACCESS_KEY",
+                             "EC2_SECRET_KEY", "EC2_SECURITY_TOKEN")
+MAX_OUTPUT_BYTES = 1024 * 1024  # per stream; the rest is read and dropped
+DRAIN_SECONDS = 2.0  # after the command exited or was killed, how long its pipes may stay open
+TRUNCATED_MARK = "\n[output truncated at %d bytes]" % MAX_OUTPUT_BYTES
 
 
 def read_secrets(module, names: set) -> dict:
@@ -192,40 +218,136 @@ def read_secrets(module, names: set) -> dict:
     return values
 
 
-def child_environment(module, injected: dict) -> tuple:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB_ENV}
+def drill_session(module):
+    """``{access_key, secret_key, session_token}`` given explicitly to the module, or None.
+
+    Credentials from the controller's environment (amazon.aws' fallbacks), a profile or the
+    shared files are not the drill's session and are never handed to a child.
+    """
+    p = module.params
+    if p.get("profile") or not p.get("access_key") or not p.get("secret_key"):
+        return None
+    controller = {os.environ[name] for name in CONTROLLER_CREDENTIAL_ENV if os.environ.get(name)}
+    if p["access_key"] in controller or p["secret_key"] in controller:
+        return None
+    return {"AWS_ACCESS_KEY_ID": p["access_key"], "AWS_SECRET_ACCESS_KEY": p["secret_key"],
+            "AWS_SESSION_TOKEN": p.get("session_token")}
+
+
+def child_environment(module, injected: dict, home: str) -> tuple:
+    """``(env, credential values)``: the allow-listed controller variables, the fixed ones, the injected ones."""
+    env = {k: v for k, v in os.environ.items() if k in ALLOWED_ENV or k.startswith(ALLOWED_ENV_PREFIXES)}
+    env.update(FIXED_ENV)
+    env["HOME"] = home
     extra_values = []
     if module.params["pass_aws_credentials"]:
-        region, _endpoint, conn = get_aws_connection_info(module)
-        for name, key in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
-                          ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
-                          ("AWS_SESSION_TOKEN", "aws_session_token")):
-            if conn.get(key):
-                env[name] = conn[key]
-                if name != "AWS_ACCESS_KEY_ID":
-                    extra_values.append(conn[key])
-        if region:
-            env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
+        session = drill_session(module)
+        for name, value in (session or {}).items():
+            if value:
+                env[name] = value
+                extra_values.append(value)
+        if module.region:
+            env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = module.region
     env.update(injected)
     return env, extra_values
 
 
-def run(argv, env, cwd, timeout):
+def _exited(proc) -> bool:
+    """True when the command has ended; it is left unreaped (a zombie) so its pid, the group id, stays ours."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL what is left of the command's process group, then reap the command."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.poll()
+
+
+def run(argv, env, cwd, timeout, limit=MAX_OUTPUT_BYTES):
+    """Run ``argv``; returns ``(rc, out, err, seconds, timed_out, dropped_out, dropped_err, lingering)``.
+
+    Reading is bounded in time and size: each stream keeps its first ``limit`` bytes (the
+    rest is read and dropped, so the command never blocks on a full pipe); after the
+    command exits or is killed at ``timeout``, its pipes get ``DRAIN_SECONDS`` to close -
+    a process that escaped the group (``setsid``) and still holds them is not waited for
+    (``lingering``). What is left of the process group after the command is killed.
+    """
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    kept = {out_fd: bytearray(), err_fd: bytearray()}
+    dropped = {out_fd: 0, err_fd: 0}
+    timed_out, stop_at = False, None
+    deadline = start + timeout
+    selector = selectors.DefaultSelector()
     try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = proc.communicate()
-        timed_out = True
-    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), \
-        time.monotonic() - start, timed_out
+        for fd in kept:
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            now = time.monotonic()
+            if stop_at is None and _exited(proc):
+                _kill_group(proc)
+                stop_at = now + DRAIN_SECONDS
+            elif stop_at is None and now >= deadline:
+                _kill_group(proc)
+                timed_out, stop_at = True, now + DRAIN_SECONDS
+            if stop_at is not None and now >= stop_at:
+                break
+            wait = min(0.25, max(0.0, (stop_at or deadline) - now))
+            for key, _events in selector.select(timeout=wait):
+                try:
+                    chunk = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                room = max(0, limit - len(kept[key.fd]))
+                kept[key.fd] += chunk[:room]
+                dropped[key.fd] += len(chunk) - min(room, len(chunk))
+        lingering = bool(selector.get_map())
+    finally:
+        selector.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    # Both pipes closed but the command may run on: it gets the rest of its time, then the group dies.
+    while not _exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    timed_out = timed_out or not _exited(proc)
+    _kill_group(proc)
+    proc.wait(timeout=DRAIN_SECONDS * 5)
+    return (proc.returncode, kept[out_fd].decode("utf-8", "replace"), kept[err_fd].decode("utf-8", "replace"),
+            time.monotonic() - start, timed_out, dropped[out_fd], dropped[err_fd], lingering)
+
+
+def bounded_redacted(text: str, dropped: int, hide: list) -> str:
+    """``text`` redacted; when the stream was cut, also without a tail that could hold part of a secret."""
+    text = sec.redact(text, hide)
+    if dropped:
+        # A secret's encoding cut in two at the limit is not recognised by redact(): drop
+        # more than the longest encoding of any value from the end.
+        longest = max((len(v.encode("utf-8", "surrogatepass")) for v in hide if v), default=0)
+        text = text[:max(0, len(text) - (8 * longest + 256))] + TRUNCATED_MARK
+    return text
+
+
+def tmpfs_private_dir(kind: str, drill_id: str) -> str:
+    """A fresh 0700 directory ``drguard-<kind>-<drill_id>-*`` on the tmpfs root (fails when it is no tmpfs)."""
+    sec.require_tmpfs(os.path.join(sec.TMPFS_ROOT, "x"))
+    directory = tempfile.mkdtemp(prefix="drguard-%s-%s-" % (kind, drill_id), dir=sec.TMPFS_ROOT)
+    os.chmod(directory, 0o700)
+    return directory
 
 
 def main():
@@ -241,8 +363,9 @@ def main():
     if p["timeout"] <= 0:
         module.fail_json(msg="timeout must be a positive number of seconds, got %d" % p["timeout"])
     for var, name in p["env_secrets"].items():
-        if not ENV_NAME_RE.match(var) or var == SECRETS_DIR_ENV:
-            module.fail_json(msg="env_secrets key %r is not a usable environment variable name" % var)
+        if not ENV_NAME_RE.match(var) or var in RESERVED_ENV:
+            module.fail_json(msg="env_secrets key %r is not a usable environment variable name (%s are set by the "
+                                 "module)" % (var, ", ".join(sorted(RESERVED_ENV))))
         if not isinstance(name, str) or not sec.NAME_RE.match(name):
             module.fail_json(msg="env_secrets[%s] names secret %r, which is not a valid secret name" % (var, name))
     for filename, name in p["file_secrets"].items():
@@ -254,6 +377,10 @@ def main():
                                  % (filename, name))
     if p["chdir"] and not os.path.isdir(p["chdir"]):
         module.fail_json(msg="chdir %s is not a directory" % p["chdir"])
+    if p["pass_aws_credentials"] and drill_session(module) is None:
+        module.fail_json(msg="pass_aws_credentials needs the drill's session as explicit access_key and secret_key "
+                             "(and session_token) arguments, not the controller's environment, profile or files; "
+                             "pass drill_aws_session or set pass_aws_credentials to false")
     if module.check_mode:
         module.exit_json(changed=False, skipped=True, argv=p["argv"], msg="command not run in check mode")
 
@@ -261,31 +388,39 @@ def main():
     for value in values.values():
         module.no_log_values.add(value)
     injected = {var: values[name] for var, name in p["env_secrets"].items()}
-    secrets_dir = None
+    secrets_dir = home = None
     try:
+        try:
+            home = tmpfs_private_dir("home", p["drill_id"])
+        except (sec.SecretError, OSError) as exc:
+            module.fail_json(msg="cannot create the command's private HOME on a tmpfs: %s" % exc)
         if p["file_secrets"]:
             try:
-                sec.require_tmpfs(os.path.join(sec.TMPFS_ROOT, "x"))
-                secrets_dir = tempfile.mkdtemp(prefix="drguard-exec-", dir=sec.TMPFS_ROOT)
-                os.chmod(secrets_dir, 0o700)
+                secrets_dir = tmpfs_private_dir("exec", p["drill_id"])
                 for filename, name in p["file_secrets"].items():
                     sec.write_secret_file(secrets_dir, filename, values[name])
             except (sec.SecretError, OSError) as exc:
                 module.fail_json(msg="cannot write secret files to a tmpfs: %s" % exc)
             injected[SECRETS_DIR_ENV] = secrets_dir
-        env, extra = child_environment(module, injected)
+        env, extra = child_environment(module, injected, home)
         for value in extra:
             module.no_log_values.add(value)
         try:
-            rc, out, err, seconds, timed_out = run(p["argv"], env, p["chdir"], p["timeout"])
+            rc, out, err, seconds, timed_out, cut_out, cut_err, lingering = run(
+                p["argv"], env, p["chdir"], p["timeout"])
         except OSError as exc:
             module.fail_json(msg="cannot run %s: %s" % (p["argv"][0], exc.strerror), argv=p["argv"])
     finally:
-        if secrets_dir:
-            sec.wipe_dir(secrets_dir)
+        for directory in (secrets_dir, home):
+            if directory:
+                sec.wipe_dir(directory)
+    if lingering:
+        module.warn("a process started by %s outside its process group still held the output open %d seconds "
+                    "after the command ended; the rest of its output was not read" % (p["argv"][0], DRAIN_SECONDS))
     hide = list(values.values()) + extra
-    result = dict(changed=False, argv=p["argv"], rc=rc, stdout=sec.redact(out, hide), stderr=sec.redact(err, hide),
-                  seconds=round(seconds, 3))
+    result = dict(changed=False, argv=p["argv"], rc=rc, stdout=bounded_redacted(out, cut_out, hide),
+                  stderr=bounded_redacted(err, cut_err, hide), stdout_truncated=bool(cut_out),
+                  stderr_truncated=bool(cut_err), seconds=round(seconds, 3))
     if timed_out:
         module.fail_json(msg="command %s did not finish within %d seconds and was killed" % (p["argv"][0],
                                                                                            p["timeout"]), **result)
