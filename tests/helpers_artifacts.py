@@ -1,4 +1,4 @@
-"""Test helpers for backup sets, signing keys and manifests (DESIGN §4).
+"""Test helpers for backup sets, signing keys and manifests (docs/manifest.md).
 
 Import from any test (``tests/`` is on ``sys.path`` through conftest)::
 

@@ -9,7 +9,7 @@
   objects read by the pinned version id.
 * :func:`unlisted_local` / :func:`unlisted_s3` - strict mode: objects the manifest does not list.
 
-Failure entries have exactly the DESIGN §5 shape consumed by ``quarantine_artifact``:
+Failure entries have exactly the shape (docs/manifest.md) consumed by ``quarantine_artifact``:
 ``{name, reason, detail, source, version_id, observed_sha256, observed_size}``.
 """
 

@@ -1,6 +1,6 @@
 # Copyright: drguard maintainers
 # Apache License 2.0
-"""Signed backup manifests, v1 (DESIGN §4): DSSE envelope + in-toto Statement v1.
+"""Signed backup manifests, v1 (docs/manifest.md): DSSE envelope + in-toto Statement v1.
 
 Everything here is pure Python on top of ``cryptography``; the only AWS call is KMS
 (``GetPublicKey`` once per key, ``Sign``), made through a client the caller passes in.
@@ -12,9 +12,10 @@ Everything here is pure Python on top of ``cryptography``; the only AWS call is 
 * :class:`LocalSigner` / :class:`KmsSigner` - Ed25519, ECDSA P-256 SHA-256 (DER) and
   RSA >= 2048 PSS MGF1-SHA-256 (salt length = digest length, as AWS KMS signs).
 * :func:`load_trust_policy` and :func:`verify_signatures` - each distinct keyid counts once.
-* :func:`check_rollback`, :func:`check_times`, :func:`unsafe_name_problem`.
+* :func:`check_rollback` / :func:`rollback_problem`, :func:`check_times`, :func:`check_backup_set`,
+  :func:`unsafe_name_problem`; :func:`state_entry` (written by ``_trusted_state``).
 
-Failures carry one reason from the closed vocabulary of DESIGN §5 (:data:`REASONS`).
+Failures carry one reason from the closed vocabulary of docs/manifest.md (:data:`REASONS`).
 """
 
 from __future__ import annotations
@@ -601,30 +602,30 @@ def verify_signatures(envelope: Envelope, policy: TrustPolicy) -> list:
     """Check the envelope's signatures against ``policy``; return the trusted keyids that verified.
 
     A signature naming a trusted keyid that does not verify is ``signature_invalid`` (even
-    when others would meet the threshold); a signature without keyid is tried against
-    every trusted key. Signatures by keys outside the policy are ignored; if nothing
-    else signed, ``untrusted_key``. Each distinct keyid counts once toward the threshold.
+    when others would meet the threshold). keyid is an unauthenticated hint: a signature
+    whose keyid is empty or not in the policy is tried against every trusted key and
+    counts for the key it verifies under. Signatures that verify under no trusted key are
+    ignored; if nothing else signed, ``untrusted_key``. The threshold counts distinct
+    verifying keys: a key that verified several signatures counts once.
     """
     message = pae(envelope.payload_type, envelope.payload)
     verified, untrusted = [], []
     for i, sig in enumerate(envelope.signatures):
-        if sig.keyid:
-            trusted = policy.keys.get(sig.keyid)
-            if trusted is None:
-                untrusted.append(sig.keyid)
-                continue
+        trusted = policy.keys.get(sig.keyid) if sig.keyid else None
+        if trusted is not None:
             if not verify_raw(trusted.public_key, message, sig.sig):
                 raise ManifestError("signature_invalid", "signature %d by trusted key %s (%s) does not verify "
                                     "over the payload" % (i, sig.keyid, scheme_for(trusted.public_key)))
-            if sig.keyid not in verified:
-                verified.append(sig.keyid)
+            keyid = trusted.keyid
         else:
-            match = [k.keyid for k in policy.keys.values() if verify_raw(k.public_key, message, sig.sig)]
-            if match:
-                if match[0] not in verified:
-                    verified.append(match[0])
-            else:
-                untrusted.append("(no keyid)")
+            # A signature verifies under at most one of the distinct keys; never count it twice.
+            keyid = next((k.keyid for k in policy.keys.values() if verify_raw(k.public_key, message, sig.sig)),
+                         None)
+            if keyid is None:
+                untrusted.append(sig.keyid or "(no keyid)")
+                continue
+        if keyid not in verified:
+            verified.append(keyid)
     if not verified:
         raise ManifestError("untrusted_key", "signed only by keys outside the trust policy: %s"
                             % ", ".join(untrusted))
@@ -636,12 +637,27 @@ def verify_signatures(envelope: Envelope, policy: TrustPolicy) -> list:
 
 # --------------------------------------------------------------------------- time and rollback
 
-def check_times(statement: Statement, now: datetime, max_age: int | None) -> list:
-    """``manifest_expired`` and ``stale_backup`` findings (a list of ManifestError)."""
+DEFAULT_CLOCK_SKEW = 300
+
+
+def check_times(statement: Statement, now: datetime, max_age: int | None,
+                max_clock_skew: int = DEFAULT_CLOCK_SKEW) -> list:
+    """``manifest_expired``, future ``created_at`` and ``stale_backup`` findings (a list of ManifestError).
+
+    A ``created_at`` more than ``max_clock_skew`` seconds ahead of ``now`` is
+    ``manifest_malformed``: a backup cannot have been made in the future, and such a
+    manifest would otherwise pass ``max_age`` and report an RPO of 0.
+    """
     out = []
     if statement.expires <= now:
         out.append(ManifestError("manifest_expired", "the manifest expired at %s (now %s)"
                                  % (statement.expires_at, format_time(now))))
+    ahead = (statement.created - now).total_seconds()
+    if ahead > max_clock_skew:
+        out.append(ManifestError("manifest_malformed", "created_at %s is %d s in the future, beyond the allowed "
+                                 "clock skew of %d s; check the producer's clock"
+                                 % (statement.created_at, int(ahead), max_clock_skew)))
+        return out
     if max_age is not None:
         age = (now - statement.created).total_seconds()
         if age > max_age:
@@ -667,28 +683,44 @@ def parse_trusted_state(data: bytes | None) -> dict:
     return doc
 
 
-def check_rollback(state: dict, statement: Statement, manifest_sha256: str, payload_sha256: str):
-    """A ``rollback`` ManifestError, or None when the manifest is not older than the trusted state.
+def check_backup_set(statement: Statement, expected: str | None):
+    """A ``manifest_malformed`` ManifestError when the manifest is for another backup set than ``expected``."""
+    if expected is None or statement.backup_set == expected:
+        return None
+    return ManifestError("manifest_malformed", "the manifest is for backup set %r, but backup set %r is expected"
+                         % (statement.backup_set, expected))
+
+
+def rollback_problem(state: dict, backup_set: str, sequence: int, manifest_sha256: str,
+                     payload_sha256: str | None):
+    """A ``rollback`` ManifestError, or None when ``sequence`` is not older than the trusted state.
 
     Equal sequence is accepted only for the same manifest: the same envelope bytes, or
     the same signed statement with a different set of signatures (a co-signature
     added later is not equivocation).
     """
-    entry = state.get(statement.backup_set)
+    entry = state.get(backup_set)
     if entry is None:
         return None
     trusted_seq = entry["sequence"]
-    if statement.sequence < trusted_seq:
+    if sequence < trusted_seq:
         return ManifestError("rollback", "sequence %d of %s is lower than the trusted sequence %d"
-                             % (statement.sequence, statement.backup_set, trusted_seq))
-    if statement.sequence == trusted_seq and entry["manifest_sha256"] != manifest_sha256 \
-            and entry.get("payload_sha256") != payload_sha256:
+                             % (sequence, backup_set, trusted_seq))
+    if sequence == trusted_seq and entry["manifest_sha256"] != manifest_sha256 \
+            and (payload_sha256 is None or entry.get("payload_sha256") != payload_sha256):
         return ManifestError("rollback", "sequence %d of %s was already accepted with a different manifest "
-                             "(sha256 %s): equivocation" % (statement.sequence, statement.backup_set,
-                                                            entry["manifest_sha256"]))
+                             "(sha256 %s): equivocation" % (sequence, backup_set, entry["manifest_sha256"]))
     return None
 
 
-def state_entry(statement: Statement, manifest_sha256: str, payload_sha256: str, now: datetime) -> dict:
-    return {"sequence": statement.sequence, "manifest_sha256": manifest_sha256,
-            "payload_sha256": payload_sha256, "accepted_at": format_time(now)}
+def check_rollback(state: dict, statement: Statement, manifest_sha256: str, payload_sha256: str):
+    """:func:`rollback_problem` for a parsed Statement."""
+    return rollback_problem(state, statement.backup_set, statement.sequence, manifest_sha256, payload_sha256)
+
+
+def state_entry(sequence: int, manifest_sha256: str, payload_sha256: str | None, now: datetime) -> dict:
+    """One backup set's trusted-state entry (the format of docs/manifest.md)."""
+    entry = {"sequence": sequence, "manifest_sha256": manifest_sha256, "accepted_at": format_time(now)}
+    if payload_sha256 is not None:
+        entry["payload_sha256"] = payload_sha256
+    return entry

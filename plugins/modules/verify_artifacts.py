@@ -28,7 +28,11 @@ description:
     with one reason from the closed vocabulary of C(docs/manifest.md), ready to be handed
     as-is to M(drguard.sandbox.quarantine_artifact).
   - The trusted state is updated only after a fully successful verification, atomically,
-    and never in check mode. Check mode otherwise verifies fully.
+    and never in check mode. Check mode otherwise verifies fully. With O(update_trusted_state=false)
+    it is only read (rollback protection); the caller then records the accepted manifest with
+    M(drguard.sandbox.trusted_state), for example with other credentials.
+  - V(verified) is true only when everything succeeded, the trusted-state update included;
+    a task that fails never reports V(verified=true).
 options:
   manifest:
     description:
@@ -55,11 +59,32 @@ options:
         accepted yet. Per backup set, the highest sequence accepted and the SHA-256 of that manifest.
       - Without it, rollback and equivocation are not detected.
     type: str
+  update_trusted_state:
+    description:
+      - Record the manifest in O(trusted_state) after a fully successful verification. A failed
+        update fails the task with V(verified=false).
+      - V(false) only reads the state, for a session that may not write it (a drill's read-only
+        credentials); record the accepted manifest afterwards with M(drguard.sandbox.trusted_state).
+    type: bool
+    default: true
+  expected_backup_set:
+    description:
+      - The backup set the caller means to verify. A manifest for another backup set is
+        C(manifest_malformed), reported before any artifact is read.
+      - Unset, any backup set the trust policy's keys signed is accepted.
+    type: str
   max_age:
     description:
       - Maximum age in seconds of the backup (the manifest's C(created_at)); older is C(stale_backup).
       - Unset, the age is not checked.
     type: int
+  max_clock_skew:
+    description:
+      - Seconds the manifest's C(created_at) may lie in the future (clock differences between the
+        producer and this host). Further ahead is C(manifest_malformed), since a backup from the future
+        would pass O(max_age) and report an RPO of 0.
+    type: int
+    default: 300
   require_object_lock:
     description:
       - Object Lock required on S3 artifacts. C(compliance) requires mode COMPLIANCE, C(governance)
@@ -123,6 +148,16 @@ EXAMPLES = r"""
   register: verify
   failed_when: false
 
+- name: Verify read-only in the drill's session; the controller records the accepted manifest
+  drguard.sandbox.verify_artifacts:
+    manifest: "{{ drill_backup.manifest }}"
+    source: "{{ drill_backup.source }}"
+    trust_policy: "{{ drill_backup.trust_policy }}"
+    trusted_state: "{{ drill_backup.trusted_state }}"
+    update_trusted_state: false
+    expected_backup_set: orders-db
+  register: verify
+
 - name: Quarantine every failing artifact
   drguard.sandbox.quarantine_artifact:
     failures: "{{ verify.failures }}"
@@ -140,7 +175,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 verified:
-  description: True only when the manifest and every artifact verified.
+  description:
+    - True only when the manifest and every artifact verified and, when asked, the trusted state
+      was updated. The one field to gate a restore on; false whenever the task failed.
   returned: always
   type: bool
 failures:
@@ -199,7 +236,9 @@ bytes_hashed:
   returned: always
   type: int
 trusted_state_updated:
-  description: Whether the trusted state was written (only after full success, never in check mode).
+  description:
+    - Whether the trusted state was written (only after full success, never in check mode, never
+      with O(update_trusted_state=false)).
   returned: always
   type: bool
 """
@@ -214,11 +253,12 @@ except ImportError:
     pass  # handled by AnsibleAWSModule
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
-from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
+from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import TrustedState
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 
 ARGUMENT_SPEC = dict(
@@ -226,7 +266,10 @@ ARGUMENT_SPEC = dict(
     source=dict(type="str", required=True),
     trust_policy=dict(type="path", required=True),
     trusted_state=dict(type="str"),
+    update_trusted_state=dict(type="bool", default=True),
+    expected_backup_set=dict(type="str"),
     max_age=dict(type="int"),
+    max_clock_skew=dict(type="int", default=mf.DEFAULT_CLOCK_SKEW),
     require_object_lock=dict(type="str", choices=["compliance", "governance", "none"], default="compliance"),
     strict=dict(type="bool", default=True),
     mode=dict(type="str", choices=["full", "metadata"], default="full"),
@@ -234,7 +277,6 @@ ARGUMENT_SPEC = dict(
 )
 
 MAX_DOCUMENT = 64 * 1024 * 1024
-STATE_RETRIES = 3
 
 
 class InputError(Exception):
@@ -262,13 +304,12 @@ class Verifier:
     @property
     def s3(self):
         if self._s3 is None:
-            self._s3 = self.module.client("s3", retry_decorator=AWSRetry.jittered_backoff(),
-                                          config={"max_pool_connections": max(10, self.workers + 2)})
+            self._s3 = aws_client(self.module, "s3", config={"max_pool_connections": max(10, self.workers + 2)})
         return self._s3
 
     def _kms(self, region=None):
         extra = {"region": region} if region else {}
-        return self.module.client("kms", retry_decorator=AWSRetry.jittered_backoff(), **extra)
+        return aws_client(self.module, "kms", **extra)
 
     def read_local(self, path: str, what: str) -> bytes:
         try:
@@ -310,6 +351,8 @@ class Verifier:
             self.fail("workers must be at least 1")
         if p["max_age"] is not None and p["max_age"] < 0:
             self.fail("max_age must be a non-negative number of seconds")
+        if p["max_clock_skew"] < 0:
+            self.fail("max_clock_skew must be a non-negative number of seconds")
         try:
             if art.is_s3(p["source"]):
                 source_loc = art.parse_prefix(p["source"], "source")
@@ -319,9 +362,7 @@ class Verifier:
             else:
                 source_loc = None
             manifest_loc = art.parse_s3(p["manifest"], "manifest") if art.is_s3(p["manifest"]) else None
-            state_loc = art.parse_s3(p["trusted_state"], "trusted_state") if art.is_s3(p["trusted_state"]) else None
-            if state_loc and state_loc.version_id:
-                raise InputError("trusted_state must not pin a versionId: it is read and written at its latest version")
+            store = TrustedState(p["trusted_state"], lambda: self.s3) if p["trusted_state"] else None
             policy = mf.load_trust_policy(self.read_local(p["trust_policy"], "trust policy"), self._kms)
             if policy.threshold > len(policy.keys):
                 self.module.warn("The trust policy can never be met: threshold %d but only %d distinct key(s) "
@@ -333,8 +374,8 @@ class Verifier:
             else:
                 envelope_bytes = self.read_local(p["manifest"], "manifest")
                 manifest_source = p["manifest"]
-            state, state_etag = self.read_state(state_loc)
-        except (InputError, art.SourceError, mf.PolicyError) as exc:
+            state = store.read() if store else {}
+        except (InputError, art.SourceError, mf.PolicyError, StateError) as exc:
             self.fail(str(exc)[:1].upper() + str(exc)[1:])
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self.module.fail_json_aws(exc, msg="Could not fetch a KMS public key of the trust policy", **self.result)
@@ -351,7 +392,10 @@ class Verifier:
             self.manifest_failures([exc], manifest_source)
         m.update(backup_set=statement.backup_set, sequence=statement.sequence, created_at=statement.created_at,
                  expires_at=statement.expires_at, tier=statement.tier, keyids=keyids)
-        problems = mf.check_times(statement, now, self.p["max_age"])
+        other_set = mf.check_backup_set(statement, p["expected_backup_set"])
+        if other_set:
+            self.manifest_failures([other_set], manifest_source)
+        problems = mf.check_times(statement, now, p["max_age"], p["max_clock_skew"])
         rollback = mf.check_rollback(state, statement, m["sha256"], m["payload_sha256"])
         if rollback:
             problems.insert(1 if problems and problems[0].reason == "manifest_expired" else 0, rollback)
@@ -365,7 +409,7 @@ class Verifier:
             if fail:
                 failures.append(fail)
         if p["strict"]:
-            failures.extend(self.unlisted(statement, source_loc, manifest_loc, state_loc))
+            failures.extend(self.unlisted(statement, source_loc, manifest_loc, store.loc if store else None))
         self.result["artifacts"] = [entries[n] for n in statement.artifacts]
         self.result["failures"] = failures
         if failures:
@@ -373,14 +417,10 @@ class Verifier:
             self.fail("Backup set %s sequence %d failed verification: %d failure(s) (%s); quarantine the failing "
                       "objects and do not restore them" % (statement.backup_set, statement.sequence,
                                                          len(failures), ", ".join(reasons)))
+        if store and p["update_trusted_state"]:
+            self.record(store, statement, state, now)
+        # Last: nothing that can still fail comes after this.
         self.result["verified"] = True
-        if p["trusted_state"] and self.module.check_mode:
-            current = state.get(statement.backup_set)
-            self.result["changed"] = not (current and current["sequence"] == statement.sequence
-                                          and current["manifest_sha256"] == m["sha256"])
-        elif p["trusted_state"]:
-            self.update_state(state_loc, statement, state, state_etag, now)
-            self.result["changed"] = self.result["trusted_state_updated"]
         self.module.exit_json(msg="Backup set %s sequence %d verified: %d artifact(s), %d byte(s) hashed"
                               % (statement.backup_set, statement.sequence, len(entries),
                                  self.result["bytes_hashed"]), **self.result)
@@ -430,93 +470,23 @@ class Verifier:
         return art.unlisted_local(self.p["source"], names, [e for e in exclude if not art.is_s3(e)])
 
     # ------------------------------------------------------------------ trusted state
-    def read_state(self, state_loc):
-        path = self.p["trusted_state"]
-        if not path:
-            return {}, None
-        if state_loc:
-            data, _version, etag = self.read_s3(state_loc, "trusted state", missing_ok=True)
-            return mf.parse_trusted_state(data), etag
-        if not os.path.exists(path):
-            return {}, None
-        return mf.parse_trusted_state(self.read_local(path, "trusted state")), None
-
-    def update_state(self, state_loc, statement, state, etag, now):
+    def record(self, store, statement, state, now):
+        """Record the verified manifest; a state that cannot be updated fails the task (never verified)."""
         m = self.result["manifest"]
-        entry = mf.state_entry(statement, m["sha256"], m["payload_sha256"], now)
-        current = state.get(statement.backup_set)
-        if current and current["sequence"] == statement.sequence and \
-                current["manifest_sha256"] == m["sha256"]:
-            return  # already the trusted manifest: nothing to write
-        if state_loc:
-            self._update_s3_state(state_loc, statement, state, etag, entry)
-        else:
-            self._update_local_state(statement, entry)
-
-    def _recheck(self, fresh: dict, statement):
-        """Re-check against state written meanwhile by someone else; True if a write is needed."""
-        m = self.result["manifest"]
-        problem = mf.check_rollback(fresh, statement, m["sha256"], m["payload_sha256"])
-        if problem:
-            self.result["verified"] = False
-            self.result["failures"] = [art.failure(None, problem.reason, problem.detail, m["location"])]
-            self.fail("The trusted state changed during verification: %s" % problem.detail)
-        current = fresh.get(statement.backup_set)
-        return not (current and current["sequence"] == statement.sequence)
-
-    def _update_local_state(self, statement, entry):
-        import fcntl
-
-        path = self.p["trusted_state"]
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            # Serialize writers in this directory: re-read, re-check, replace atomically.
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)
-            try:
-                fresh = mf.parse_trusted_state(self.read_local(path, "trusted state")) if os.path.exists(path) else {}
-            except (InputError, mf.PolicyError) as exc:
-                self.fail(str(exc))
-            if self._recheck(fresh, statement):
-                fresh[statement.backup_set] = entry
-                atomic_write_json(path, fresh)
-                self.result["trusted_state_updated"] = True
-        finally:
-            os.close(dir_fd)
-
-    def _update_s3_state(self, loc, statement, state, etag, entry):
-        import json
-
-        fresh = state
-        for _attempt in range(STATE_RETRIES):
-            if not self._recheck(fresh, statement):
-                return
-            doc = dict(fresh)
-            doc[statement.backup_set] = entry
-            kwargs = {"Bucket": loc.bucket, "Key": loc.key, "ContentType": "application/json",
-                      "Body": (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),
-                      "ChecksumAlgorithm": "SHA256"}
-            # Conditional write: a concurrent drill's update is re-read, never overwritten.
-            if etag:
-                kwargs["IfMatch"] = etag
-            else:
-                kwargs["IfNoneMatch"] = "*"
-            try:
-                self.s3.put_object(**kwargs)
-            except botocore.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-                    self.module.fail_json_aws(exc, msg="Could not write the trusted state %s" % loc.uri,
-                                              **self.result)
-                try:
-                    fresh, etag = self.read_state(loc)
-                except (InputError, mf.PolicyError) as err:
-                    self.fail(str(err))
-                continue
-            self.result["trusted_state_updated"] = True
+        if self.module.check_mode:
+            current = state.get(statement.backup_set)
+            self.result["changed"] = not (current and current["sequence"] == statement.sequence
+                                          and current["manifest_sha256"] == m["sha256"])
             return
-        self.fail("The trusted state %s kept changing during the update; run the verification again" % loc.uri)
+        try:
+            written = store.record(statement.backup_set, statement.sequence, m["sha256"], m["payload_sha256"],
+                                   now=now, state=state)
+        except mf.ManifestError as exc:  # someone else recorded a newer or another manifest meanwhile
+            self.result["failures"] = [art.failure(None, exc.reason, exc.detail, m["location"])]
+            self.fail("The trusted state changed during verification: %s" % exc.detail)
+        except StateError as exc:
+            self.fail("%s; the backup set is not verified until its trusted state is updated" % exc)
+        self.result["trusted_state_updated"] = self.result["changed"] = written
 
 
 def main():

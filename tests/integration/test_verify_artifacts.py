@@ -106,14 +106,13 @@ def assert_shape(result):
 
 
 def assert_fails(result, reason, name=None, case=None, before=None):
-    """The task failed with exactly ``reason`` (for ``name``) and the trusted state is unchanged."""
+    """The task failed with exactly one failure, ``reason`` for ``name``, and the trusted state is unchanged."""
     assert_shape(result)
     assert result.failed, result
     assert result["verified"] is False
     assert result["trusted_state_updated"] is False
     reasons = [(f["name"], f["reason"]) for f in result["failures"]]
-    assert (name, reason) in reasons, reasons
-    assert {r for _n, r in reasons} == {reason}, reasons
+    assert reasons == [(name, reason)], reasons  # exactly one failure, no extra findings
     if name is None:  # manifest-level: stopped before reading any artifact byte
         assert result["bytes_hashed"] == 0 and result["artifacts"] == []
     if case is not None:
@@ -378,8 +377,8 @@ def test_workers_give_the_same_results(module_runner, tmp_path, key, quarantine)
     one = module_runner("verify_artifacts", case.args(workers=1))
     many = module_runner("verify_artifacts", case.args(workers=8))
     assert strip(one) == strip(many)
-    assert {f["name"]: f["reason"] for f in one["failures"]} == {
-        "f007.bin": "digest_mismatch", "f020.bin": "artifact_missing", "f033.bin": "size_mismatch"}
+    assert sorted((f["name"], f["reason"]) for f in one["failures"]) == [
+        ("f007.bin", "digest_mismatch"), ("f020.bin", "artifact_missing"), ("f033.bin", "size_mismatch")]
     quarantine(one)
 
 
@@ -417,6 +416,17 @@ def test_threshold_two_not_met_by_one_key_signing_twice(module_runner, case, qua
     result = module_runner("verify_artifacts", case.args())
     assert result["verified"] is True
     assert sorted(result["manifest"]["keyids"]) == sorted([case.key.keyid, other.keyid])
+
+
+def test_threshold_two_not_met_by_one_key_signing_with_and_without_keyid(module_runner, case, quarantine):
+    """The empty keyid is tried against every trusted key; the key it finds was already counted."""
+    before = case.state_bytes()
+    write_trust_policy(case.policy, [case.key, generate_key("ecdsa")], threshold=2)
+    case.sign(keys=[case.key, case.key], keyids=[case.key.keyid, ""])
+    result = module_runner("verify_artifacts", case.args())
+    f = assert_fails(result, "threshold_not_met", None, case, before)
+    assert f["detail"] == "1 distinct trusted key(s) signed (%s); the trust policy requires 2" % case.key.keyid
+    quarantine(result, case, before)
 
 
 def test_rsa_pkcs1v15_signature_for_a_pss_key(module_runner, case, quarantine):
@@ -466,10 +476,11 @@ def test_subject_copied_from_another_backup_sets_manifest(module_runner, case, t
                                       zip(artifacts_for(case.files), artifacts_for(other_files), strict=True)])
     case.sign(wrong)
     result = module_runner("verify_artifacts", case.args())
-    assert {f["reason"] for f in result["failures"]} == {"digest_mismatch"}
-    differ = {a.name for a, b in zip(artifacts_for(case.files), artifacts_for(other_files), strict=True)
-              if a.sha256 != b.sha256}
-    assert differ and {f["name"] for f in result["failures"]} == differ
+    assert result.failed and result["verified"] is False
+    differ = sorted(a.name for a, b in zip(artifacts_for(case.files), artifacts_for(other_files), strict=True)
+                    if a.sha256 != b.sha256)
+    assert differ and sorted((f["name"], f["reason"]) for f in result["failures"]) == \
+        [(n, "digest_mismatch") for n in differ]
     assert case.state_bytes() == before
     quarantine(result, case, before)
 
@@ -493,6 +504,49 @@ def test_stale_backup(module_runner, case, quarantine):
     assert_fails(result, "stale_backup", None, case, before)
     assert module_runner("verify_artifacts", case.args(max_age=3 * 3600))["verified"] is True
     quarantine(result)
+
+
+def test_created_in_the_future_is_malformed_beyond_the_clock_skew(module_runner, case, quarantine):
+    """A manifest from the future would pass max_age and report an RPO of 0."""
+    before = case.state_bytes()
+    now = datetime.now(UTC)
+    case.sign(case.statement(created_at=now + timedelta(hours=1), expires_at=now + timedelta(days=1)))
+    result = module_runner("verify_artifacts", case.args(max_age=3600))
+    f = assert_fails(result, "manifest_malformed", None, case, before)
+    assert "in the future, beyond the allowed clock skew of 300 s" in f["detail"]
+    quarantine(result, case, before)
+    case.sign(case.statement(created_at=now + timedelta(seconds=60), expires_at=now + timedelta(days=1)))
+    assert module_runner("verify_artifacts", case.args(max_age=3600))["verified"] is True
+    case.sign(case.statement(created_at=now + timedelta(seconds=600), expires_at=now + timedelta(days=1)))
+    assert module_runner("verify_artifacts", case.args(trusted_state=None, max_clock_skew=3600))["verified"] is True
+
+
+def test_expected_backup_set_other_than_the_manifests(module_runner, case, quarantine):
+    before = case.state_bytes()
+    result = module_runner("verify_artifacts", case.args(expected_backup_set="payments-db"))
+    f = assert_fails(result, "manifest_malformed", None, case, before)
+    assert f["detail"] == ("the manifest is for backup set %r, but backup set 'payments-db' is expected"
+                           % case.backup_set)
+    quarantine(result, case, before)
+    case.sign()
+    ok = module_runner("verify_artifacts", case.args(expected_backup_set=case.backup_set))
+    assert ok["verified"] is True and ok["failures"] == []
+
+
+def test_update_trusted_state_false_checks_rollback_but_never_writes(module_runner, case, quarantine):
+    before = case.state_bytes()
+    result = module_runner("verify_artifacts", case.args(update_trusted_state=False))
+    assert not result.failed and result["verified"] is True and result["failures"] == []
+    assert result["trusted_state_updated"] is False and result["changed"] is False
+    assert case.state_bytes() == before
+    # what the controller records afterwards
+    assert (result["manifest"]["backup_set"], result["manifest"]["sequence"]) == (case.backup_set, case.sequence)
+    assert module_runner("verify_artifacts", case.args())["trusted_state_updated"] is True
+    before = case.state_bytes()
+    case.sign(case.statement(sequence=case.sequence - 1))
+    refused = module_runner("verify_artifacts", case.args(update_trusted_state=False))
+    assert_fails(refused, "rollback", None, case, before)
+    quarantine(refused, case, before)
 
 
 def test_rollback_lower_sequence(module_runner, case, quarantine):
@@ -537,7 +591,10 @@ def test_corrupt_trusted_state_fails_closed(module_runner, case):
     with open(case.state, "w") as handle:
         handle.write("{not json")
     result = module_runner("verify_artifacts", case.args())
-    assert result.failed and result["verified"] is False and "trusted state" in result["msg"]
+    assert result.failed and result["verified"] is False and result["trusted_state_updated"] is False
+    assert result["failures"] == [] and result["artifacts"] == []
+    assert result["msg"].startswith("The trusted state %s is not valid: the trusted state is not valid JSON"
+                                    % case.state), result["msg"]
 
 
 # ----------------------------------------------------------------------------- names and schema
@@ -615,12 +672,19 @@ def test_not_an_envelope(module_runner, case, quarantine):
 
 
 def test_bad_inputs_fail_with_a_message(module_runner, case, tmp_path):
-    missing = module_runner("verify_artifacts", case.args(manifest=str(tmp_path / "nope.json")))
-    assert missing.failed and "cannot read the manifest" in missing["msg"].lower() and missing["verified"] is False
+    nope = str(tmp_path / "nope.json")
+    missing = module_runner("verify_artifacts", case.args(manifest=nope))
+    assert missing.failed and missing["verified"] is False and missing["failures"] == []
+    assert missing["msg"] == "Cannot read the manifest %s: No such file or directory" % nope
     bad_policy = tmp_path / "bad-policy.json"
     bad_policy.write_text('{"threshold": 0, "keys": []}')
-    assert "threshold" in module_runner("verify_artifacts", case.args(trust_policy=str(bad_policy)))["msg"]
-    assert "prefix" in module_runner("verify_artifacts", case.args(source="s3://bucket/no-slash"))["msg"]
+    policy = module_runner("verify_artifacts", case.args(trust_policy=str(bad_policy)))
+    assert policy.failed and policy["verified"] is False and policy["failures"] == []
+    assert policy["msg"] == "Trust policy threshold must be an integer >= 1"
+    prefix = module_runner("verify_artifacts", case.args(source="s3://bucket/no-slash"))
+    assert prefix.failed and prefix["verified"] is False and prefix["failures"] == []
+    assert prefix["msg"] == ("Source 's3://bucket/no-slash': end the prefix with '/' so that 'no-slash' does not "
+                             "also match 'no-slash0/'")
 
 
 # ----------------------------------------------------------------------------- S3 (moto)
@@ -828,8 +892,9 @@ def test_s3_governance_lock_when_compliance_is_required(module_runner, tmp_path,
     case = S3Case(tmp_path, key, s3, lock_mode="GOVERNANCE")
     before = case.state_bytes()
     result = module_runner("verify_artifacts", case.args())
-    assert {f["reason"] for f in result["failures"]} == {"not_immutable"}
-    assert {f["name"] for f in result["failures"]} == set(case.files)
+    assert result.failed and result["verified"] is False
+    assert sorted((f["name"], f["reason"]) for f in result["failures"]) == \
+        [(n, "not_immutable") for n in sorted(case.files)]
     assert case.state_bytes() == before
     quarantine(result, case, before)
     ok = module_runner("verify_artifacts", case.args(require_object_lock="governance"))
@@ -859,8 +924,9 @@ def test_s3_no_lock_at_all(module_runner, tmp_path, key, s3, quarantine):
     case = S3Case(tmp_path, key, s3, lock_mode=False)
     before = case.state_bytes()
     result = module_runner("verify_artifacts", case.args())
-    assert {f["reason"] for f in result["failures"]} == {"not_immutable"}
-    assert {f["name"] for f in result["failures"]} == set(case.files)
+    assert result.failed and result["verified"] is False
+    assert sorted((f["name"], f["reason"]) for f in result["failures"]) == \
+        [(n, "not_immutable") for n in sorted(case.files)]
     assert case.state_bytes() == before
     quarantine(result, case, before)
     assert module_runner("verify_artifacts", case.args(require_object_lock="none"))["verified"] is True
@@ -984,3 +1050,79 @@ def test_local_concurrent_equivocation_is_caught_at_write_time(module_runner, ca
     assert [(f["name"], f["reason"]) for f in result["failures"]] == [(None, "rollback")]
     assert json.loads(case.state_bytes())[case.backup_set]["manifest_sha256"] == CONCURRENT["manifest_sha256"]
     quarantine(result, case, case.state_bytes())
+
+
+# ----------------------------------------------------------------------------- who writes the trusted state
+
+READ_ONLY = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "s3:ListBucketVersions",
+                                   "s3:GetObjectRetention", "s3:GetObjectAttributes"], "Resource": "*"}]}
+ADMIN = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+
+
+@pytest.fixture
+def read_only_drill(fresh_emulator, monkeypatch, tmp_path, key):
+    """A fresh emulator enforcing IAM: a signed S3 backup set with its trusted state in S3, the
+    controller's (admin) credentials in the environment and a read-only "drill" user."""
+    from conftest import run_module
+    from emulator import child_env
+
+    url = fresh_emulator.url
+    boot = fresh_emulator.client("s3")
+    iam = fresh_emulator.client("iam")
+    users = {}
+    for name, doc in (("controller", ADMIN), ("drill", READ_ONLY)):
+        user = unique(name)
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName=name, PolicyDocument=json.dumps(doc))
+        access = iam.create_access_key(UserName=user)["AccessKey"]
+        users[name] = {"access_key": access["AccessKeyId"], "secret_key": access["SecretAccessKey"]}
+    case = S3Case(tmp_path, key, boot)
+    case.sign()
+    fresh_emulator.enforce_iam()
+    case.s3 = fresh_emulator.client("s3", key=users["controller"]["access_key"],
+                                    secret=users["controller"]["secret_key"])
+    for k, v in child_env(url, {}).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", users["controller"]["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", users["controller"]["secret_key"])
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    yield case, users["drill"], run_module
+    fresh_emulator.relax_iam()
+
+
+def test_trusted_state_write_denied_is_never_verified(read_only_drill):
+    """The drill's read-only session cannot write an S3 trusted state: the result is not verified."""
+    case, drill, run = read_only_drill
+    before = case.state_bytes()
+    result = run("verify_artifacts", case.args(**drill))
+    assert_shape(result)
+    assert result.failed and result["verified"] is False and result["trusted_state_updated"] is False
+    assert result["failures"] == []  # every check passed; the state update did not
+    assert result["msg"].startswith("Could not write the trusted state s3://%s/%s" % (case.bucket, case.state_key))
+    assert "AccessDenied" in result["msg"] or "Access Denied" in result["msg"], result["msg"]
+    assert case.state_bytes() == before
+
+
+def test_controller_records_the_state_after_a_read_only_verification(read_only_drill):
+    """The drill verifies read-only; the controller records the accepted manifest; rollback then advances."""
+    case, drill, run = read_only_drill
+    before = case.state_bytes()
+    verify = run("verify_artifacts", case.args(update_trusted_state=False, **drill))
+    assert not verify.failed and verify["verified"] is True and verify["trusted_state_updated"] is False, verify
+    assert case.state_bytes() == before
+    m = verify["manifest"]
+    record = run("trusted_state", {"trusted_state": case.args()["trusted_state"], "backup_set": m["backup_set"],
+                                   "sequence": m["sequence"], "manifest_sha256": m["sha256"],
+                                   "payload_sha256": m["payload_sha256"]})
+    assert not record.failed and record["changed"] is True, record
+    state = json.loads(case.state_bytes())
+    assert state[case.backup_set]["sequence"] == case.sequence
+    assert state["some-other-set"] == SEEDED_STATE["some-other-set"]
+    case.sign(case.statement(sequence=case.sequence - 1))
+    before = case.state_bytes()
+    refused = run("verify_artifacts", case.args(update_trusted_state=False, **drill))
+    f = assert_fails(refused, "rollback", None, case, before)
+    assert f["detail"] == "sequence %d of %s is lower than the trusted sequence %d" % (
+        case.sequence - 1, case.backup_set, case.sequence)

@@ -168,10 +168,23 @@ def test_parse_statement_duplicate_key():
 
 # ----------------------------------------------------------------------------- names
 
-@pytest.mark.parametrize("name", ["../x", "/abs", "a\\b", "a\x00b", "a/../b", "./a", "a//b", "a/", "", "a\nb",
-                                  "C:x", "x" * 1025, "a\u200bb"])
-def test_unsafe_names(name):
-    assert mf.unsafe_name_problem(name)
+@pytest.mark.parametrize("name, problem", [
+    ("../x", "the name contains a '..' segment"),
+    ("/abs", "the name is absolute"),
+    ("a\\b", "the name contains a backslash"),
+    ("a\x00b", "the name contains a NUL byte"),
+    ("a/../b", "the name contains a '..' segment"),
+    ("./a", "the name contains an empty or '.' segment"),
+    ("a//b", "the name contains an empty or '.' segment"),
+    ("a/", "the name contains an empty or '.' segment"),
+    ("", "the name is empty"),
+    ("a\nb", "the name contains a control or format character"),
+    ("C:x", "the name starts with a drive letter"),
+    ("x" * 1025, "the name is longer than 1024 bytes"),
+    ("a\u200bb", "the name contains a control or format character"),
+])
+def test_unsafe_names(name, problem):
+    assert mf.unsafe_name_problem(name) == problem
 
 
 @pytest.mark.parametrize("name", ["a", "dir/sub/file.tar", "name with spaces.db", "ünïcode.txt", "a..b", ".hidden"])
@@ -228,18 +241,22 @@ def test_local_signer_errors_do_not_leak_the_key(keys):
 
 # ----------------------------------------------------------------------------- trust policy and threshold
 
-@pytest.mark.parametrize("doc", [
-    {"threshold": 0, "keys": [{"kms_key_id": "k"}]},
-    {"threshold": True, "keys": [{"kms_key_id": "k"}]},
-    {"threshold": 1, "keys": []},
-    {"threshold": 1, "keys": [{"public_key": "nope"}]},
-    {"threshold": 1, "keys": [{"public_key": "x", "kms_key_id": "k"}]},
-    {"threshold": 1, "keys": [{"kms_key_id": ""}]},
-    {"threshold": 1, "keys": [{"kms_key_id": "k"}], "extra": 1},
+@pytest.mark.parametrize("doc, message", [
+    ({"threshold": 0, "keys": [{"kms_key_id": "k"}]}, "trust policy threshold must be an integer >= 1"),
+    ({"threshold": True, "keys": [{"kms_key_id": "k"}]}, "trust policy threshold must be an integer >= 1"),
+    ({"threshold": 1, "keys": []}, "trust policy keys must be a non-empty list"),
+    ({"threshold": 1, "keys": [{"public_key": "nope"}]},
+     "trust policy keys[0]: public_key is not a PEM SubjectPublicKeyInfo public key"),
+    ({"threshold": 1, "keys": [{"public_key": "x", "kms_key_id": "k"}]},
+     "trust policy keys[0] must be exactly one of {public_key: PEM} or {kms_key_id: id}"),
+    ({"threshold": 1, "keys": [{"kms_key_id": ""}]}, "trust policy keys[0].kms_key_id must be a non-empty string"),
+    ({"threshold": 1, "keys": [{"kms_key_id": "k"}], "extra": 1},
+     "the trust policy must be an object with exactly 'threshold' and 'keys'"),
 ])
-def test_trust_policy_errors(doc):
-    with pytest.raises(mf.PolicyError):
+def test_trust_policy_errors(doc, message):
+    with pytest.raises(mf.PolicyError) as err:
         mf.load_trust_policy(json.dumps(doc).encode(), kms_factory=lambda region: None)
+    assert str(err.value) == message
 
 
 def test_trust_policy_counts_a_key_listed_twice_once(keys):
@@ -286,6 +303,37 @@ def test_signature_without_keyid_is_matched_against_trusted_keys(keys):
     assert err.value.reason == "untrusted_key"
 
 
+def test_one_key_signing_twice_with_and_without_keyid_counts_once(keys):
+    """A signature without keyid that verifies under an already counted key adds nothing."""
+    payload = statement_bytes()
+    both = policy([keys["ed25519"], keys["ecdsa"]], threshold=2)
+    for keyids in ([keys["ed25519"].keyid, ""], ["", keys["ed25519"].keyid], ["", ""]):
+        env = _envelope(payload, [keys["ed25519"], keys["ed25519"]], keyids=keyids)
+        with pytest.raises(mf.ManifestError) as err:
+            mf.verify_signatures(env, both)
+        assert err.value.reason == "threshold_not_met", keyids
+        assert str(err.value) == "1 distinct trusted key(s) signed (%s); the trust policy requires 2" \
+            % keys["ed25519"].keyid
+    ok = _envelope(payload, [keys["ed25519"], keys["ecdsa"]], keyids=["", ""])
+    assert mf.verify_signatures(ok, both) == [keys["ed25519"].keyid, keys["ecdsa"].keyid]
+
+
+def test_signature_with_an_unknown_keyid_is_tried_against_trusted_keys(keys):
+    """keyid is an unauthenticated hint: a wrong hint neither hides nor adds a trusted key."""
+    payload = statement_bytes()
+    hint = "0" * 64
+    env = _envelope(payload, [keys["ecdsa"]], keyids=[hint])
+    assert mf.verify_signatures(env, policy([keys["ed25519"], keys["ecdsa"]])) == [keys["ecdsa"].keyid]
+    twice = _envelope(payload, [keys["ecdsa"], keys["ecdsa"]], keyids=[keys["ecdsa"].keyid, hint])
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(twice, policy([keys["ed25519"], keys["ecdsa"]], threshold=2))
+    assert err.value.reason == "threshold_not_met"
+    with pytest.raises(mf.ManifestError) as err:
+        mf.verify_signatures(env, policy([keys["ed25519"]]))
+    assert err.value.reason == "untrusted_key"
+    assert str(err.value) == "signed only by keys outside the trust policy: %s" % hint
+
+
 def test_signature_covers_the_payload_type(keys):
     payload = statement_bytes()
     sig = keys["ed25519"].sign(mf.pae("text/plain", payload))
@@ -315,11 +363,18 @@ def test_rollback_rules():
     assert mf.check_rollback(legacy, st, "c" * 64, "b" * 64).reason == "rollback"
 
 
-@pytest.mark.parametrize("data", [b"[]", b'{"x": {"sequence": "1", "manifest_sha256": "' + b"a" * 64 + b'"}}',
-                                  b'{"x": {"sequence": 1, "manifest_sha256": "short"}}', b"{"])
-def test_trusted_state_validation(data):
-    with pytest.raises(mf.PolicyError):
+@pytest.mark.parametrize("data, message", [
+    (b"[]", "the trusted state is not a JSON object"),
+    (b'{"x": {"sequence": "1", "manifest_sha256": "' + b"a" * 64 + b'"}}',
+     "trusted state entry 'x' must have an integer sequence and a manifest_sha256"),
+    (b'{"x": {"sequence": 1, "manifest_sha256": "short"}}',
+     "trusted state entry 'x' must have an integer sequence and a manifest_sha256"),
+    (b"{", "the trusted state is not valid JSON"),
+])
+def test_trusted_state_validation(data, message):
+    with pytest.raises(mf.PolicyError) as err:
         mf.parse_trusted_state(data)
+    assert str(err.value).startswith(message), str(err.value)
 
 
 def test_times():
@@ -329,6 +384,19 @@ def test_times():
     assert [e.reason for e in mf.check_times(expired, NOW, 3600)] == ["manifest_expired", "stale_backup"]
     assert mf.check_times(_statement(), NOW, 3601) == []
     assert [e.reason for e in mf.check_times(_statement(), NOW, 3599)] == ["stale_backup"]
+
+
+def test_created_in_the_future_beyond_clock_skew_is_malformed():
+    """A manifest from the future would pass max_age and report RPO 0: refused beyond the skew."""
+    future = _statement(created=NOW + timedelta(seconds=301), expires=NOW + timedelta(days=1))
+    problems = mf.check_times(future, NOW, 3600)
+    assert [e.reason for e in problems] == ["manifest_malformed"]
+    assert problems[0].detail == ("created_at %s is 301 s in the future, beyond the allowed clock skew of 300 s; "
+                                  "check the producer's clock" % future.created_at)
+    assert [e.reason for e in mf.check_times(future, NOW, None)] == ["manifest_malformed"]
+    assert [e.reason for e in mf.check_times(future, NOW, None, max_clock_skew=400)] == []
+    within = _statement(created=NOW + timedelta(seconds=300), expires=NOW + timedelta(days=1))
+    assert mf.check_times(within, NOW, 3600) == []
 
 
 def test_a_signed_statement_round_trips_through_the_helpers(keys):

@@ -1,0 +1,177 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drguard maintainers
+# Apache License 2.0
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: trusted_state
+short_description: Record a verified manifest in the trusted state (rollback protection)
+version_added: 0.1.0
+description:
+  - Records that a backup set's manifest was accepted - its O(sequence) and SHA-256 - in the
+    trusted state that M(drguard.sandbox.verify_artifacts) checks for rollback and equivocation
+    (format in C(docs/manifest.md)).
+  - Meant for the controller after a fully passed verification that did not write the state itself
+    (C(verify_artifacts) with C(update_trusted_state=false), run with a drill's read-only credentials);
+    the controller's own credentials write it.
+  - Compare-and-set. The sequence never goes down, so a lower O(sequence) than the recorded one fails
+    (C(rollback)); the same sequence with another manifest fails (C(rollback), equivocation); the same
+    manifest again changes nothing.
+  - A local file is replaced atomically under an exclusive lock on its directory after a re-read; an S3
+    object is written with a conditional PutObject (C(If-Match) on the ETag read, C(If-None-Match) for a
+    new object), re-read and re-checked on conflict, so concurrent writers never lose each other's entries.
+  - Check mode reads the state and reports whether it would be written.
+options:
+  trusted_state:
+    description:
+      - The trusted state - a local path or C(s3://bucket/key) (no C(?versionId=)). Created when missing.
+    type: str
+    required: true
+  backup_set:
+    description:
+      - The backup set (the manifest's C(backup_set); C(verify_artifacts) returns it as C(manifest.backup_set)).
+    type: str
+    required: true
+  sequence:
+    description:
+      - The accepted manifest's sequence (C(manifest.sequence)).
+    type: int
+    required: true
+  manifest_sha256:
+    description:
+      - Lowercase hex SHA-256 of the accepted manifest's envelope bytes (C(manifest.sha256)).
+    type: str
+    required: true
+  payload_sha256:
+    description:
+      - Lowercase hex SHA-256 of its signed Statement (C(manifest.payload_sha256)). With it, the same Statement
+        with another set of signatures (a co-signature added later) is not equivocation.
+    type: str
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+seealso:
+  - module: drguard.sandbox.verify_artifacts
+author:
+  - drguard maintainers
+"""
+
+EXAMPLES = r"""
+- name: Verify read-only with the drill's session
+  drguard.sandbox.verify_artifacts:
+    manifest: "{{ drill_backup.manifest }}"
+    source: "{{ drill_backup.source }}"
+    trust_policy: "{{ drill_backup.trust_policy }}"
+    trusted_state: "{{ drill_backup.trusted_state }}"
+    update_trusted_state: false
+  register: verify
+
+- name: Record the accepted manifest (controller credentials)
+  drguard.sandbox.trusted_state:
+    trusted_state: "{{ drill_backup.trusted_state }}"
+    backup_set: "{{ verify.manifest.backup_set }}"
+    sequence: "{{ verify.manifest.sequence }}"
+    manifest_sha256: "{{ verify.manifest.sha256 }}"
+    payload_sha256: "{{ verify.manifest.payload_sha256 }}"
+  when: verify.verified
+"""
+
+RETURN = r"""
+entry:
+  description: The entry recorded for O(backup_set) (or that would be, in check mode).
+  returned: success
+  type: dict
+  sample:
+    sequence: 42
+    manifest_sha256: 5e1c...
+    payload_sha256: 77aa...
+    accepted_at: "2026-11-29T05:00:00Z"
+previous:
+  description: The entry O(backup_set) had before, null when it had none.
+  returned: always
+  type: dict
+reason:
+  description: C(rollback) when the state holds a higher sequence or another manifest of the same sequence.
+  returned: failure
+  type: str
+"""
+
+import os
+import re
+
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
+from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
+from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
+from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import TrustedState
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+
+ARGUMENT_SPEC = dict(
+    trusted_state=dict(type="str", required=True),
+    backup_set=dict(type="str", required=True),
+    sequence=dict(type="int", required=True),
+    manifest_sha256=dict(type="str", required=True),
+    payload_sha256=dict(type="str"),
+)
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def main():
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    p = module.params
+    try:
+        mf.validate_backup_set(p["backup_set"])
+    except ValueError as exc:
+        module.fail_json(msg=str(exc)[:1].upper() + str(exc)[1:])
+    if p["sequence"] < 0:
+        module.fail_json(msg="sequence must be a non-negative integer, as in the manifest")
+    for name in ("manifest_sha256", "payload_sha256"):
+        if p[name] is not None and not _HEX64.match(p[name]):
+            module.fail_json(msg="%s must be 64 lowercase hex digits (a SHA-256 as verify_artifacts returns it)" % name)
+    location = p["trusted_state"]
+    if not art.is_s3(location):
+        location = os.path.abspath(os.path.expanduser(location))
+    s3 = []
+
+    def client():
+        if not s3:
+            s3.append(aws_client(module, "s3"))
+        return s3[0]
+
+    result = {"changed": False, "previous": None}
+    try:
+        store = TrustedState(location, client)
+        state = store.read()
+        result["previous"] = state.get(p["backup_set"])
+        problem = mf.rollback_problem(state, p["backup_set"], p["sequence"], p["manifest_sha256"],
+                                      p["payload_sha256"])
+        if problem:
+            raise problem
+        now = utcnow()
+        result["entry"] = mf.state_entry(p["sequence"], p["manifest_sha256"], p["payload_sha256"], now)
+        if module.check_mode:
+            current = result["previous"]
+            result["changed"] = not (current and current["sequence"] == p["sequence"])
+        else:
+            result["changed"] = store.record(p["backup_set"], p["sequence"], p["manifest_sha256"],
+                                             p["payload_sha256"], now=now, state=state)
+    except art.SourceError as exc:
+        module.fail_json(msg=str(exc)[:1].upper() + str(exc)[1:], **result)
+    except StateError as exc:
+        module.fail_json(msg=str(exc), **result)
+    except mf.ManifestError as exc:
+        module.fail_json(msg="Refusing to record %s sequence %d in the trusted state %s: %s"
+                         % (p["backup_set"], p["sequence"], location, exc.detail), reason=exc.reason, **result)
+    if not result["changed"]:
+        result["entry"] = result["previous"]
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
