@@ -608,10 +608,12 @@ def _check_endpoint_policy(boundary, ep: dict, f: _Findings) -> None:
         if effect != "Allow":
             f.add("endpoint_policy_undeclared", eid, "%s has effect %r" % (sid, effect))
             continue
-        for key in ("NotAction", "NotResource", "NotPrincipal"):
-            if key in st:
-                f.add("endpoint_policy_open", eid, "%s allows with %s, which grants everything not listed"
-                      % (sid, key))
+        negated = [key for key in ("NotAction", "NotResource", "NotPrincipal") if key in st]
+        for key in negated:
+            f.add("endpoint_policy_open", eid, "%s allows with %s, which grants everything not listed"
+                  % (sid, key))
+        if negated:
+            continue  # already open; its Action/Resource lists mean nothing on their own
         actions = [str(a) for a in _as_list(st.get("Action"))]
         resources = [str(r) for r in _as_list(st.get("Resource"))]
         if any(a in ("*", "s3:*") or a.lower() == "s3:*" for a in actions):
