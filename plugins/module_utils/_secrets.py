@@ -171,48 +171,108 @@ def fingerprint(value: str, key) -> str:
 
 # ---------------------------------------------------------------- redaction
 
-def secret_forms(value: str) -> set:
-    """``value`` and the encodings a command might print it in (base64, URL, JSON, ...).
+# Between two symbols of a base64 or hex form: nothing, or a line break (real or JSON-escaped)
+# with optional indentation - base64 -w76, PEM's 64 columns, xxd -p, a wrapped blob in JSON.
+_WRAP = r"(?:(?:\r?\n|\\r\\n|\\n)[ \t]*)?"
+# A base64 core shorter than this (a value of a few bytes) would match unrelated text.
+_MIN_CORE = 6
 
-    A JSON object value (synthetic_db) also contributes each of its string fields.
-    """
-    forms = set()
-    values = {value}
+
+def _string_values(value: str) -> set:
+    """``value`` and, for a JSON object (synthetic_db), each of its string fields of 4+ characters."""
+    values = {value} if value else set()
     with contextlib.suppress(ValueError, TypeError):
         parsed = json.loads(value)
         if isinstance(parsed, dict):
             values.update(v for v in parsed.values() if isinstance(v, str) and len(v) >= 4)
-    for item in values:
-        if not item:
-            continue
-        raw = item.encode("utf-8", "surrogatepass")
-        forms.add(item)
-        for encoder in (base64.b64encode, base64.urlsafe_b64encode):
-            encoded = encoder(raw).decode()
-            forms.add(encoded)
-            forms.add(encoded.rstrip("="))
-        forms.add(base64.b32encode(raw).decode().rstrip("="))
-        forms.add(raw.hex())
-        forms.add(urllib.parse.quote(item, safe=""))
-        forms.add(urllib.parse.quote_plus(item, safe=""))
-        forms.add(urllib.parse.quote(item))
-        forms.add(json.dumps(item)[1:-1])
-        forms.add(json.dumps(item, ensure_ascii=False)[1:-1])
-        forms.add(json.dumps(json.dumps(item))[1:-1])
-    return {f for f in forms if f}
+    return values
+
+
+def base64_cores(raw: bytes, encoder=base64.b64encode) -> set:
+    """The base64 symbols that encode only ``raw``, for each of the 3 byte alignments.
+
+    Inside a longer base64 string (an HTTP Basic header ``user:password``, a JSON document),
+    ``raw`` starts at an offset of 0, 1 or 2 bytes modulo 3; the symbols that mix its bits
+    with its neighbours' differ, the ones in between are fixed. These cores are what
+    :func:`redact` searches for, so the secret is found whatever surrounds it.
+    """
+    cores = set()
+    for shift in range(3):
+        encoded = encoder(b"\0" * shift + raw).decode().rstrip("=")
+        # Leading symbols holding bits of the shift bytes, trailing one mixed with what follows.
+        core = encoded[(0, 2, 3)[shift]:(shift + len(raw)) * 8 // 6]
+        if len(core) >= _MIN_CORE:
+            cores.add(core)
+    return cores
+
+
+def _encoded_forms(item: str) -> dict:
+    """``{form: kind}`` for one string: kind ``text`` (exact), ``wrapped`` (line breaks allowed
+    between symbols), ``hex`` (wrapped, any case) or ``url`` (any case)."""
+    raw = item.encode("utf-8", "surrogatepass")
+    forms = {item: "text"}
+    for encoder in (base64.b64encode, base64.urlsafe_b64encode):
+        encoded = encoder(raw).decode()
+        forms[encoded] = forms[encoded.rstrip("=")] = "wrapped"
+        for core in base64_cores(raw, encoder):
+            forms.setdefault(core, "wrapped")
+    forms.setdefault(base64.b32encode(raw).decode().rstrip("="), "wrapped")
+    forms.setdefault(raw.hex(), "hex")
+    for encoded in (urllib.parse.quote(item, safe=""), urllib.parse.quote_plus(item, safe=""),
+                    urllib.parse.quote(item)):
+        forms.setdefault(encoded, "url" if "%" in encoded else "text")
+    for encoded in (json.dumps(item)[1:-1], json.dumps(item, ensure_ascii=False)[1:-1],
+                    json.dumps(json.dumps(item))[1:-1]):
+        forms.setdefault(encoded, "text")
+    return {f: kind for f, kind in forms.items() if f}
+
+
+def secret_forms(value: str) -> set:
+    """``value`` and the encodings a command might print it in, as exact strings.
+
+    Plain, base64 and URL-safe base64 (padded, unpadded, and the cores of every byte
+    alignment - :func:`base64_cores`), base32, hex, URL-encoded (three ways) and JSON-escaped
+    (three ways). A JSON object value (synthetic_db) also contributes each of its string
+    fields. :func:`redact` additionally matches base64 and hex across line breaks and hex and
+    percent-escapes in any letter case.
+    """
+    forms = set()
+    for item in _string_values(value):
+        forms.update(_encoded_forms(item))
+    return forms
+
+
+def _pattern(form: str, kind: str) -> str:
+    if kind == "text":
+        return re.escape(form)
+    if kind == "url":
+        return "(?i:%s)" % re.escape(form)
+    body = _WRAP.join(re.escape(c) for c in form)
+    return "(?i:%s)" % body if kind == "hex" else body
+
+
+def redaction_pattern(values):
+    """One compiled regex matching every form of every value (longest forms first), or None."""
+    forms = {}
+    for value in values:
+        if value:
+            for item in _string_values(value):
+                for form, kind in _encoded_forms(item).items():
+                    # The most permissive kind wins when two encodings coincide.
+                    if forms.get(form) not in ("hex", "wrapped"):
+                        forms[form] = kind
+    if not forms:
+        return None
+    ordered = sorted(forms, key=len, reverse=True)
+    return re.compile("|".join(_pattern(f, forms[f]) for f in ordered))
 
 
 def redact(text: str, values) -> str:
     """``text`` with every form (see :func:`secret_forms`) of every value replaced by ``********``."""
     if not text:
         return text
-    forms = set()
-    for value in values:
-        if value:
-            forms |= secret_forms(value)
-    for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, MASK)
-    return text
+    pattern = redaction_pattern(values)
+    return pattern.sub(MASK, text) if pattern else text
 
 
 # ---------------------------------------------------------------- tmpfs store

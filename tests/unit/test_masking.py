@@ -146,3 +146,137 @@ def test_redact_all_forms():
     assert secret not in out and out.count(sec.MASK) == 5
     db = json.dumps({"username": "u_1234567", "password": "Pw" + rand(ALNUM, 20)})
     assert json.loads(db)["password"] not in sec.redact("pw=" + json.loads(db)["password"], [db])
+
+
+# ---------------------------------------------------------------- redaction, one test per encoding
+# The encoders below are the test's own (not _secrets.secret_forms): each embeds the secret the
+# way a careless command would print it; recoverable() then tries every decoding on the output.
+import base64  # noqa: E402
+import json  # noqa: E402
+import textwrap  # noqa: E402
+import urllib.parse  # noqa: E402
+
+SECRET = 'p@ss w/rd+"q"-' + rand(ALNUM, 14) + "é~"
+
+
+def _b64_blob(secret, shift, encoder=base64.b64encode):
+    """The secret inside a longer byte string, starting at byte offset ``shift`` (mod 3), base64-encoded."""
+    return encoder(b"x-" * 5 + b"k" * shift + secret.encode() + b";tail=1;").decode()
+
+
+def _wrapped(text, width, sep="\n"):
+    return sep.join(textwrap.wrap(text, width, break_on_hyphens=False)) + sep
+
+
+ENCODINGS = {
+    "plain": str,
+    "base64": lambda s: base64.b64encode(s.encode()).decode(),
+    "base64-unpadded": lambda s: base64.b64encode(s.encode()).decode().rstrip("="),
+    "base64-urlsafe": lambda s: base64.urlsafe_b64encode(s.encode()).decode(),
+    "base64-urlsafe-unpadded": lambda s: base64.urlsafe_b64encode(s.encode()).decode().rstrip("="),
+    "base64-offset-0": lambda s: _b64_blob(s, 0),
+    "base64-offset-1": lambda s: _b64_blob(s, 1),
+    "base64-offset-2": lambda s: _b64_blob(s, 2),
+    "base64-urlsafe-offset-1": lambda s: _b64_blob(s, 1, base64.urlsafe_b64encode),
+    "base64-urlsafe-offset-2": lambda s: _b64_blob(s, 2, base64.urlsafe_b64encode),
+    "base64-wrapped-76": lambda s: base64.encodebytes(b"header " * 9 + s.encode() + b" trailer " * 9).decode(),
+    "base64-wrapped-64": lambda s: _wrapped(_b64_blob(s, 1) * 1 + base64.b64encode(b"z" * 40).decode(), 64),
+    "base64-wrapped-64-crlf": lambda s: _wrapped(_b64_blob(s, 2), 64, "\r\n"),
+    "base64-wrapped-json-escaped": lambda s: json.dumps(_wrapped(_b64_blob(s, 0), 16))[1:-1],
+    "http-basic": lambda s: "Authorization: Basic " + base64.b64encode(b"drguard_user:" + s.encode()).decode(),
+    "http-basic-user": lambda s: "Authorization: Basic " + base64.b64encode(s.encode() + b":pw").decode(),
+    "base32": lambda s: base64.b32encode(s.encode()).decode(),
+    "hex": lambda s: s.encode().hex(),
+    "hex-upper": lambda s: s.encode().hex().upper(),
+    "hex-offset-mixed": lambda s: "00ff" + s.encode().hex().upper()[:10] + s.encode().hex()[10:] + "aa",
+    "url-encoded": lambda s: urllib.parse.quote(s, safe=""),
+    "url-encoded-lowercase": lambda s: re.sub("%[0-9A-F]{2}", lambda m: m.group(0).lower(),
+                                              urllib.parse.quote(s, safe="")),
+    "url-encoded-plus": lambda s: urllib.parse.quote_plus(s, safe=""),
+    "url-encoded-path": urllib.parse.quote,
+    "json-escaped": lambda s: json.dumps(s)[1:-1],
+    "json-escaped-unicode": lambda s: json.dumps(s, ensure_ascii=False)[1:-1],
+    "json-escaped-twice": lambda s: json.dumps(json.dumps(s))[1:-1],
+}
+
+
+def _decodings(chunk, decoder, block):
+    """What ``chunk`` (a run of encoded symbols, unpadded) decodes to, with up to ``block`` symbols cut off."""
+    out = []
+    for cut in range(block):
+        part = chunk[:len(chunk) - cut]
+        try:
+            out.append(decoder(part + "=" * (-len(part) % block)))
+        except ValueError:
+            continue
+    return out
+
+
+def _json_unescape(text):
+    return re.sub(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])', lambda m: json.loads('"\\%s"' % m.group(1)), text)
+
+
+def recoverable(text, secret):
+    """Every way this test knows to get ``secret`` back out of ``text``; empty when it cannot."""
+    raw = secret.encode()
+    found = []
+    flat = text.replace("\\r", "").replace("\\n", "").replace("\r", "").replace("\n", "")
+    for view in (text, flat):
+        if secret in view:
+            found.append("plain")
+        for name, alphabet, decoder in (("base64", r"[A-Za-z0-9+/]", base64.b64decode),
+                                        ("base64-urlsafe", r"[A-Za-z0-9_-]", base64.urlsafe_b64decode)):
+            for run in re.findall(alphabet + "{8,}", view):
+                for start in range(4):
+                    if any(raw in data for data in _decodings(run[start:], decoder, 4)):
+                        found.append(name)
+        for run in re.findall(r"[0-9A-Fa-f]{8,}", view):
+            for start in range(2):
+                chunk = run[start:]
+                if raw in bytes.fromhex(chunk[:len(chunk) - len(chunk) % 2]):
+                    found.append("hex")
+        for run in re.findall(r"[A-Z2-7]{8,}", view):
+            for start in range(8):
+                if any(raw in data for data in _decodings(run[start:], base64.b32decode, 8)):
+                    found.append("base32")
+        for unquote in (urllib.parse.unquote, urllib.parse.unquote_plus):
+            if secret in unquote(view):
+                found.append("url")
+        decoded = view
+        for _ in range(2):
+            decoded = _json_unescape(decoded)
+            if secret in decoded:
+                found.append("json")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_redact_each_encoding(encoding):
+    encoded = ENCODINGS[encoding](SECRET)
+    text = "before %s after\n" % encoded
+    assert recoverable(text, SECRET), "self-check: %s does not hold the secret in a form this test decodes" % encoding
+    out = sec.redact(text, [SECRET])
+    assert recoverable(out, SECRET) == [], (encoding, out)
+    assert sec.MASK in out and out.startswith("before ")
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_redact_each_encoding_of_a_json_secret_field(encoding):
+    """synthetic_db: the password field alone, in every encoding, is redacted too."""
+    password = "Pw" + rand(ALNUM, 30)
+    db = json.dumps({"username": "drguard_" + rand(string.ascii_lowercase, 10), "password": password})
+    out = sec.redact("x " + ENCODINGS[encoding](password) + " y", [db])
+    assert recoverable(out, password) == [], (encoding, out)
+
+
+def test_redact_random_offsets_and_secrets():
+    for _ in range(60):
+        secret = rand(ALNUM + "-_.~/+", RNG.randint(12, 48))
+        blob = bytes(RNG.randrange(256) for _ in range(RNG.randint(0, 40))) + secret.encode() + \
+            bytes(RNG.randrange(256) for _ in range(RNG.randint(0, 40)))
+        for encoder in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encoder(blob).decode()
+            for text in (encoded, base64.encodebytes(blob).decode() if encoder is base64.b64encode else encoded,
+                         _wrapped(encoded, 64)):
+                out = sec.redact(text, [secret])
+                assert recoverable(out, secret) == [], (secret, text, out)
