@@ -17,8 +17,15 @@ Every byte of stdout, stderr and every file under the drill's output root (log f
 Markdown report, alerts.jsonl, state.json, ...; the test's own input vars file excepted), the
 Ansible temp directories and readable files under /dev/shm is searched for every canary in
 plain, base64 (standard and URL-safe, with and without padding), hex, URL-encoded and
-JSON-escaped (single and double) forms. Limits: a secret embedded in a longer base64 string
-at an unaligned offset, or transformed otherwise (hash, slice), is not found.
+JSON-escaped (single and double) forms, upper-case hex, and the base64 symbols that encode
+only the canary at each of the three byte alignments (so base64 of a longer string holding
+it - an HTTP Basic header - is found); every source is also searched with its line breaks
+(real or JSON-escaped) removed, so line-wrapped base64 is found. Limits: a secret
+transformed otherwise (hash, slice, compression) is not found.
+
+The command's output reaches the report only when ``drill_validation.report_output`` is true:
+the passing drill asks for it (and gets it redacted), the failing one does not (and the
+report has no ``command_stdout``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import string
 import sys
@@ -70,13 +78,37 @@ CAPTURE_SCRIPT = textwrap.dedent('''\
     # A careless command: every secret, in every form secret_exec promises to redact.
     for value in (db, fields["username"], fields["password"], token, masked):
         raw = value.encode()
-        for form in (value, base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode(),
-                     base64.b64encode(raw).decode().rstrip("="), urllib.parse.quote(value, safe=""),
-                     urllib.parse.quote_plus(value), json.dumps(value)[1:-1], raw.hex()):
-            print("secret:", form)
-            print("secret:", form, file=sys.stderr)
+        for form in FORMS:
+            print("secret:", form(value, raw))
+            print("secret:", form(value, raw), file=sys.stderr)
     sys.exit(0 if mode == "pass" else 3)
 ''')
+# What CAPTURE_SCRIPT prints, one entry per form (some span several lines).
+PRINTED_FORMS = textwrap.dedent('''\
+    import textwrap
+    FORMS = (
+        lambda v, r: v,
+        lambda v, r: base64.b64encode(r).decode(),
+        lambda v, r: base64.urlsafe_b64encode(r).decode(),
+        lambda v, r: base64.b64encode(r).decode().rstrip("="),
+        lambda v, r: urllib.parse.quote(v, safe=""),
+        lambda v, r: urllib.parse.quote_plus(v),
+        lambda v, r: json.dumps(v)[1:-1],
+        lambda v, r: r.hex(),
+        lambda v, r: r.hex().upper(),
+        # inside longer base64 strings, at byte offsets 0, 1 and 2 (mod 3)
+        lambda v, r: base64.b64encode(b"id=" + r + b";x").decode(),
+        lambda v, r: base64.b64encode(b"id=1" + r + b";x").decode(),
+        lambda v, r: base64.urlsafe_b64encode(b"id=12" + r + b";x").decode(),
+        lambda v, r: "Authorization: Basic " + base64.b64encode(b"drill-user:" + r).decode(),
+        # line-wrapped: base64(1) at 76 columns, PEM at 64
+        lambda v, r: base64.encodebytes(b"<" * 40 + r + b">" * 40).decode().strip(),
+        lambda v, r: "\\n".join(textwrap.wrap(base64.b64encode(b"pem" + r * 2).decode(), 64)),
+    )
+''')
+CAPTURE_SCRIPT = CAPTURE_SCRIPT.replace("capture, mode = sys.argv[1], sys.argv[2]\n",
+                                        PRINTED_FORMS + "capture, mode = sys.argv[1], sys.argv[2]\n")
+N_PRINTED = 5 * 15  # secrets x FORMS
 
 
 # ------------------------------------------------------------------ the search
@@ -95,6 +127,11 @@ def forms(value: str) -> dict:
     out["json-escaped"] = json.dumps(value)[1:-1].encode()
     out["json-escaped-unicode"] = json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8")
     out["json-escaped-twice"] = json.dumps(json.dumps(value))[1:-1].encode()
+    # The symbols that encode only the canary inside a longer base64 string, per byte alignment.
+    for name, encoder in (("base64", base64.b64encode), ("base64-urlsafe", base64.urlsafe_b64encode)):
+        for shift in range(3):
+            encoded = encoder(b"\0" * shift + raw).rstrip(b"=")
+            out["%s-at-offset-%d" % (name, shift)] = encoded[(0, 2, 3)[shift]:(shift + len(raw)) * 8 // 6]
     # Identical forms (a value without special characters) are searched once, under the first name.
     seen, unique = set(), {}
     for name, data in out.items():
@@ -119,11 +156,15 @@ class Scan:
     def data(self, where: str, blob: bytes) -> None:
         self.bytes += len(blob)
         self.sources += 1
+        # Line-wrapped encodings: the same search once more with every line break removed.
+        flat = re.sub(rb"(?:\r?\n|\\r\\n|\\n)[ \t]*", b"", blob)
         for label, form, needle in self.needles:
-            at = blob.find(needle)
-            if at >= 0:
-                self.hits.append("%s: canary %r as %s at byte %d (%d occurrence(s))"
-                                 % (where, label, form, at, blob.count(needle)))
+            for view, how in ((blob, ""), (flat, " (line breaks removed)")):
+                at = view.find(needle)
+                if at >= 0:
+                    self.hits.append("%s: canary %r as %s at byte %d%s (%d occurrence(s))"
+                                     % (where, label, form, at, how, view.count(needle)))
+                    break
 
     def tree(self, root: Path, skip: tuple = (), strict: bool = True) -> None:
         """Every regular file under ``root``; unreadable files fail unless ``strict`` is false."""
@@ -246,6 +287,8 @@ class Drills:
                 "argv": [sys.executable, str(script), str(captured), "pass" if mode == "passing" else "fail"],
                 "env_secrets": {"ORDERS_DB_CREDENTIALS": "orders-db", "SVC_TOKEN": "svc-token"},
                 "file_secrets": {"api-token": "api-token"},
+                # The passing drill asks for the (redacted) output in its report; the failing one does not.
+                **({"report_output": True} if mode == "passing" else {}),
             },
         }
         log = out_root / "ansible.log"
@@ -298,6 +341,17 @@ def test_scanner_finds_a_planted_canary_in_every_form(tmp_path):
     scan = Scan({"planted": canary})
     scan.data("stdout", json.dumps({"msg": canary}).encode())
     assert scan.hits and scan.hits[0].startswith("stdout: canary 'planted'"), scan.hits
+    # Inside longer base64 strings at every alignment (HTTP Basic), and line-wrapped (really or JSON-escaped).
+    raw = canary.encode()
+    for label, blob in (("offset-%d" % k, base64.b64encode(b"u" * k + b"ser:" + raw + b"!")) for k in range(3)):
+        scan = Scan({"planted": canary})
+        scan.data(label, b"Authorization: Basic " + blob)
+        assert any("as base64-at-offset" in hit for hit in scan.hits), (label, scan.hits)
+    wrapped = base64.encodebytes(b"-" * 50 + raw + b"-" * 50)
+    for label, blob in (("wrapped", wrapped), ("wrapped-json", json.dumps(wrapped.decode()).encode())):
+        scan = Scan({"planted": canary})
+        scan.data(label, blob)
+        assert any("(line breaks removed)" in hit for hit in scan.hits), (label, scan.hits)
 
 
 @pytest.mark.parametrize("mode", ["passing", "failing"])
@@ -348,10 +402,20 @@ def test_no_secret_leaks_anywhere(drills, mode):
     print("%s drill %s: %d canaries x forms = %d needles; %d bytes in %d sources (%d files under the output root)"
           % (mode, run.drill_id, len(canaries), len(scan.needles), scan.bytes, scan.sources, output_files))
     assert scan.hits == [], "secret canaries leaked (%d hit(s)):\n%s" % (len(scan.hits), "\n".join(scan.hits))
-    # The redaction really happened: the command printed 5 secrets in 8 forms each, the report holds masks only.
     validation = report["validation"]
     assert validation["command_rc"] == (0 if mode == "passing" else 3), validation
-    assert validation["command_stdout"].splitlines() == ["secret: ********"] * 40, validation["command_stdout"]
+    summary = (run.output_dir / "drill-report.md").read_text()
+    if mode == "passing":
+        # Asked for: the output is there, and the redaction really happened - 5 secrets in every printed
+        # form, each of them (wrapped ones included) now holding a mask.
+        printed = validation["command_stdout"].split("secret: ")[1:]
+        assert len(printed) == N_PRINTED, validation["command_stdout"]
+        assert all("********" in form for form in printed), validation["command_stdout"]
+        assert "secret: ********" in summary
+    else:
+        # Not asked for: no command output in either rendering of the report.
+        assert "command_stdout" not in validation, validation
+        assert "secret:" not in summary and "secret:" not in (run.output_dir / "drill-report.json").read_text()
 
 
 @pytest.mark.parametrize("mode", ["passing", "failing"])
