@@ -20,6 +20,17 @@ Deletion runs in dependency order, in parallel inside each step::
 Dependency errors are retried with jittered backoff until the deadline; "not found"
 means already gone. Afterwards everything is discovered again: what is still there
 is what remains.
+
+Nothing is deleted on the strength of a listing or a file. Right before deleting, each
+resource is read again through its own describe/get call and must prove that it is the
+drill's (:func:`prove`): the full drguard tag set (``drguard:managed=true``, a valid
+``drguard:drill-id`` - the swept drill's in teardown - and an RFC 3339
+``drguard:expires-at``, in the past for the reaper) *and* the drill's naming convention
+(EC2 ``Name`` tag ``drguard-<drill id>...`` inside the drill's own VPC, IAM path
+``/drguard/`` and name ``drguard-<drill id>...``, log group ``/drguard/<drill id>...``,
+secret ``drguard/<drill id>/...``, KMS alias ``alias/drguard/<drill id>``, bucket and
+topic ``drguard-<drill id>...``). A resource that fails is *refused*: reported with the
+reason, never deleted.
 """
 
 from __future__ import annotations
@@ -41,13 +52,16 @@ except ImportError:  # handled by AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import is_expired
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import expiry_of
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_problem
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 
 WORKERS = 16
+IAM_PATH = "/drguard/"
 
 # Error codes that mean "the thing is already gone".
 _GONE_CODES = {
@@ -105,16 +119,38 @@ class Resource:
 
 
 class Selector:
-    """Which tagged resources a sweep takes: one drill's, or every expired managed one."""
+    """Which tagged resources a sweep considers: one drill's, or every expired managed one.
+
+    ``matches`` only picks candidates from a listing; :func:`prove` decides, on a fresh read,
+    whether a candidate may be deleted.
+    """
 
     def __init__(self, drill_id: str | None = None, as_of=None):
         self.drill_id = drill_id
         self.as_of = as_of
 
     def matches(self, tags: dict) -> bool:
+        """A candidate: the drill's id (teardown), or managed and not known to expire later (reaper)."""
         if self.drill_id is not None:
             return tags.get(TAG_DRILL_ID) == self.drill_id
-        return is_expired(tags, self.as_of)
+        if tags.get(TAG_MANAGED) != "true":
+            return False
+        expiry = expiry_of(tags)
+        return expiry is None or expiry <= self.as_of  # no readable expiry: a candidate, refused by prove()
+
+    def tag_problem(self, tags: dict) -> str | None:
+        """Why ``tags`` do not make a resource deletable by this sweep (None: they do)."""
+        problem = tag_problem(tags, self.drill_id)
+        if problem is None and self.drill_id is None and expiry_of(tags) > self.as_of:
+            problem = "tag %s %s is later than %s" % (TAG_EXPIRES_AT, tags[TAG_EXPIRES_AT], format_time(self.as_of))
+        return problem
+
+    def owns(self, tags: dict) -> bool:
+        """Whether a refused resource still counts as *remaining*: it carries the swept drill's id
+        (teardown), or a complete tag set whose expiry has passed (reaper)."""
+        if self.drill_id is not None:
+            return tags.get(TAG_DRILL_ID) == self.drill_id
+        return tag_problem(tags) is None and expiry_of(tags) <= self.as_of
 
     @property
     def tag_key(self) -> str:
@@ -217,6 +253,29 @@ class Kind:
         """Why ``res`` may legitimately still exist after its deletion (None: no known reason)."""
         return None
 
+    def convention_problem(self, ctx: Context, res: Resource, drill_id: str) -> str | None:
+        """Why ``res`` (freshly read) does not follow drill ``drill_id``'s naming convention (None: it does)."""
+        raise NotImplementedError
+
+
+def _prefixed(what: str, value, prefix: str, exact: str | None = None) -> str | None:
+    """None when ``value`` is ``exact`` or starts with ``prefix``, else why not."""
+    if isinstance(value, str) and (value == exact or value.startswith(prefix)):
+        return None
+    return "%s %r does not start with %r" % (what, value, exact or prefix)
+
+
+def _drill_name(what: str, value, drill_id: str) -> str | None:
+    """The ``drguard-<drill id>`` / ``drguard-<drill id>-...`` convention."""
+    base = "drguard-%s" % drill_id
+    return _prefixed(what, value, base + "-", base)
+
+
+def _iam_problem(meta: dict, name_key: str, drill_id: str) -> str | None:
+    if meta.get("Path") != IAM_PATH:
+        return "IAM path %r is not %s" % (meta.get("Path"), IAM_PATH)
+    return _drill_name("name", meta.get(name_key), drill_id)
+
 
 class Ec2Kind(Kind):
     service = "ec2"
@@ -252,6 +311,32 @@ class Ec2Kind(Kind):
 
     def fetch(self, ctx: Context, rid: str) -> Resource | None:
         return next((r for r in self._describe(ctx, **{self.ids_param: [rid]}) if r.id == rid), None)
+
+    def vpc_ids(self, res: Resource) -> list:
+        """The VPCs ``res`` lives in or is attached to; each must be the drill's own VPC."""
+        return [res.meta["VpcId"]] if res.meta.get("VpcId") else []
+
+    def convention_problem(self, ctx, res, drill_id):
+        name = res.tags.get("Name")
+        if name is None:
+            return "tag Name is missing (want 'drguard-%s' or 'drguard-%s-...')" % (drill_id, drill_id)
+        problem = _drill_name("tag Name", name, drill_id)
+        if problem:
+            return problem
+        for vpc_id in self.vpc_ids(res):
+            problem = _vpc_problem(ctx, vpc_id, drill_id)
+            if problem:
+                return problem
+        return None
+
+
+def _vpc_problem(ctx: Context, vpc_id: str, drill_id: str) -> str | None:
+    """None when ``vpc_id``, read now, is drill ``drill_id``'s own VPC (full tags and name)."""
+    vpc = KINDS["vpc"].lookup(ctx, vpc_id)
+    if vpc is None:
+        return "its VPC %s does not exist" % vpc_id
+    problem = tag_problem(vpc.tags, drill_id) or _drill_name("tag Name", vpc.tags.get("Name"), drill_id)
+    return "its VPC %s is not drill %s's (%s)" % (vpc_id, drill_id, problem) if problem else None
 
 
 class Instance(Ec2Kind):
@@ -315,6 +400,15 @@ class FlowLog(Ec2Kind):
     def state(self, item):
         return None
 
+    def convention_problem(self, ctx, res, drill_id):
+        target = res.meta.get("ResourceId") or ""
+        if not target.startswith("vpc-"):
+            return "it logs %r, not a VPC (drill flow logs are on the drill's VPC)" % target
+        return super().convention_problem(ctx, res, drill_id)
+
+    def vpc_ids(self, res):
+        return [res.meta["ResourceId"]]
+
     def delete(self, ctx, res):
         _raise_unsuccessful(ctx.retry(ctx.client("ec2").delete_flow_logs, FlowLogIds=[res.id]) or {})
 
@@ -327,6 +421,10 @@ class VpcPeering(Ec2Kind):
 
     def state(self, item):
         return (item.get("Status") or {}).get("Code")
+
+    def vpc_ids(self, res):
+        vpc = (res.meta.get("RequesterVpcInfo") or {}).get("VpcId")
+        return [vpc] if vpc else ["(none)"]
 
     def delete(self, ctx, res):
         ctx.retry(ctx.client("ec2").delete_vpc_peering_connection, VpcPeeringConnectionId=res.id)
@@ -365,6 +463,10 @@ class VpnGateway(Ec2Kind):
     gone_states = ("deleted",)
     wait_gone = True
 
+    def vpc_ids(self, res):
+        return [a["VpcId"] for a in res.meta.get("VpcAttachments") or []
+                if a.get("State") in ("attached", "attaching") and a.get("VpcId")]
+
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
         current = self.lookup(ctx, res.id)
@@ -382,6 +484,9 @@ class InternetGateway(Ec2Kind):
 
     def state(self, item):
         return None
+
+    def vpc_ids(self, res):
+        return [a["VpcId"] for a in res.meta.get("Attachments") or [] if a.get("VpcId")]
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
@@ -488,6 +593,12 @@ class SecurityGroup(Ec2Kind):
     def remaining_reason(self, res):
         return _with_vpc("the default security group", res) if res.meta.get("GroupName") == "default" else None
 
+    def convention_problem(self, ctx, res, drill_id):
+        # The VPC's own default group keeps its name; the builder marks it with the Name tag.
+        group_name = res.meta.get("GroupName")
+        problem = None if group_name == "default" else _drill_name("group name", group_name, drill_id)
+        return problem or super().convention_problem(ctx, res, drill_id)
+
     def revoke_group_references(self, ctx: Context, res: Resource) -> None:
         """Revoke the rules that reference other security groups (they block those groups' deletion)."""
         ec2 = ctx.client("ec2")
@@ -516,6 +627,9 @@ class Vpc(Ec2Kind):
 
     def state(self, item):
         return None
+
+    def vpc_ids(self, res):
+        return []
 
     def delete(self, ctx, res):
         ctx.retry(ctx.client("ec2").delete_vpc, VpcId=res.id)
@@ -550,6 +664,9 @@ class LogGroup(Kind):
         found = self._resources(ctx, [g for g in groups if g["logGroupName"] == rid])
         return found[0] if found else None
 
+    def convention_problem(self, ctx, res, drill_id):
+        return _prefixed("name", res.id, "/drguard/%s/" % drill_id, "/drguard/%s" % drill_id)
+
     def delete(self, ctx, res):
         ctx.retry(ctx.client("logs").delete_log_group, logGroupName=res.id)
 
@@ -582,30 +699,44 @@ class IamRole(Kind):
         role = ctx.client("iam").get_role(RoleName=rid)["Role"]
         return Resource(self.name, rid, self._tags(ctx, role), role)
 
+    def convention_problem(self, ctx, res, drill_id):
+        return _iam_problem(res.meta, "RoleName", drill_id)
+
     def delete(self, ctx, res):
         iam = ctx.client("iam")
         for name in _paginate(iam, "list_role_policies", "PolicyNames", RoleName=res.id):
             ctx.retry(iam.delete_role_policy, RoleName=res.id, PolicyName=name)
         for pol in _paginate(iam, "list_attached_role_policies", "AttachedPolicies", RoleName=res.id):
             ctx.retry(iam.detach_role_policy, RoleName=res.id, PolicyArn=pol["PolicyArn"])
+        # The role leaves its instance profiles; a profile itself goes only when it proves it is the drill's.
         for prof in _paginate(iam, "list_instance_profiles_for_role", "InstanceProfiles", RoleName=res.id):
             ctx.retry(iam.remove_role_from_instance_profile, InstanceProfileName=prof["InstanceProfileName"],
                       RoleName=res.id)
-            ctx.retry(iam.delete_instance_profile, InstanceProfileName=prof["InstanceProfileName"])
         ctx.retry(iam.delete_role, RoleName=res.id)
 
 
 class IamInstanceProfile(Kind):
-    """Only through ``extra_resources`` (profiles of a drill role go with the role)."""
+    """Instance profiles, by their own tags (listings leave tags out, so each is read with GetInstanceProfile)."""
 
     name, service = "iam_instance_profile", "iam"
 
     def discover(self, ctx):
-        return []
+        profiles = _paginate(ctx.client("iam"), "list_instance_profiles", "InstanceProfiles")
+        found = parallel(lambda p: self.lookup(ctx, p["InstanceProfileName"]), profiles)
+        out = []
+        for res in found:
+            if isinstance(res, Exception):
+                raise res
+            if res is not None and ctx.selector.matches(res.tags):
+                out.append(res)
+        return out
 
     def fetch(self, ctx, rid):
         prof = ctx.client("iam").get_instance_profile(InstanceProfileName=rid)["InstanceProfile"]
         return Resource(self.name, rid, tag_dict(prof.get("Tags")), prof)
+
+    def convention_problem(self, ctx, res, drill_id):
+        return _iam_problem(res.meta, "InstanceProfileName", drill_id)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
@@ -631,6 +762,9 @@ class IamPolicy(Kind):
     def fetch(self, ctx, rid):
         pol = ctx.client("iam").get_policy(PolicyArn=rid)["Policy"]
         return Resource(self.name, rid, self._tags(ctx, rid), pol)
+
+    def convention_problem(self, ctx, res, drill_id):
+        return _iam_problem(res.meta, "PolicyName", drill_id)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
@@ -665,6 +799,9 @@ class Secret(Kind):
             return None  # scheduled for deletion: no longer readable, gone at the end of its window
         return self._resource(item)
 
+    def convention_problem(self, ctx, res, drill_id):
+        return _prefixed("name", res.meta.get("Name"), "drguard/%s/" % drill_id)
+
     def delete(self, ctx, res):
         ctx.retry(ctx.client("secretsmanager").delete_secret, SecretId=res.id, ForceDeleteWithoutRecovery=True)
 
@@ -694,6 +831,11 @@ class KmsKey(Kind):
                 out.append(res)
         return out
 
+    def convention_problem(self, ctx, res, drill_id):
+        want = "alias/drguard/%s" % drill_id
+        aliases = [a.get("AliasName") for a in _paginate(ctx.client("kms"), "list_aliases", "Aliases", KeyId=res.id)]
+        return None if want in aliases else "no alias %s points to it (aliases: %s)" % (
+            want, ", ".join(sorted(a for a in aliases if a)) or "none")
 
     def delete(self, ctx, res):
         kms = ctx.client("kms")
@@ -728,6 +870,9 @@ class S3Bucket(Kind):
     def fetch(self, ctx, rid):
         ctx.client("s3").head_bucket(Bucket=rid)
         return Resource(self.name, rid, self._tags(ctx, rid))
+
+    def convention_problem(self, ctx, res, drill_id):
+        return _drill_name("name", res.id, drill_id)
 
     def _lock_reason(self, ctx, bucket: str, errors: list) -> str:
         """Explain why objects could not be deleted (Object Lock retention / legal hold)."""
@@ -792,6 +937,9 @@ class SnsTopic(Kind):
         ctx.client("sns").get_topic_attributes(TopicArn=rid)
         return Resource(self.name, rid, self._tags(ctx, rid))
 
+    def convention_problem(self, ctx, res, drill_id):
+        return _drill_name("topic name", res.id.rsplit(":", 1)[-1], drill_id)
+
     def delete(self, ctx, res):
         ctx.retry(ctx.client("sns").delete_topic, TopicArn=res.id)
 
@@ -813,21 +961,39 @@ SERVICES = sorted({k.service for k in KINDS.values()})
 # --------------------------------------------------------------------------- sweep
 
 
+def prove(ctx: Context, res: Resource) -> str | None:
+    """Why ``res`` (as read just now) may not be deleted by this sweep; None when it proves it is the drill's."""
+    problem = ctx.selector.tag_problem(res.tags)
+    if problem is None:
+        problem = KINDS[res.type].convention_problem(ctx, res, res.tags[TAG_DRILL_ID])
+    return problem
+
+
 @dataclass
 class Discovery:
-    resources: list
-    errors: list          # [{type, id, error}] for kinds / extras that could not be listed
+    resources: list       # candidates that prove they are the drill's: what a sweep deletes
+    refused: list         # candidates that do not (``reason`` says why): never deleted
+    errors: list          # [{type, id, error}] for kinds that could not be listed / resources not checked
 
 
-def discover(ctx: Context, extras: list | None = None) -> Discovery:
-    """Every selected resource of every kind, plus the ``extras`` that still exist.
+def _classify(ctx: Context, candidates: list, proven: list, refused: list, errors: list) -> None:
+    for res, outcome in zip(candidates, parallel(lambda r: prove(ctx, r), candidates), strict=True):
+        if isinstance(outcome, Exception):
+            if not is_gone(outcome):
+                errors.append({"type": res.type, "id": res.id,
+                               "error": "could not check its ownership: %s" % describe_error(outcome)})
+        elif outcome is None:
+            proven.append(res)
+        else:
+            res.reason = outcome
+            refused.append(res)
 
-    ``extras``: ``[{type, id, tags}]``; ``tags`` (drill id, expiry from the drill's state) are
-    reported for a resource that has none of its own.
-    """
+
+def discover(ctx: Context) -> Discovery:
+    """Every candidate of every kind, split into the proven (deletable) and the refused."""
     kinds = list(KINDS.values())
     results = parallel(lambda k: k.discover(ctx), kinds, workers=len(kinds))
-    resources, errors, seen = [], [], set()
+    candidates, errors, seen = [], [], set()
     for kind, result in zip(kinds, results, strict=True):
         if isinstance(result, Exception):
             errors.append({"type": kind.name, "id": "*", "error": "could not list: %s" % describe_error(result)})
@@ -835,29 +1001,45 @@ def discover(ctx: Context, extras: list | None = None) -> Discovery:
         for res in result:
             if res.key not in seen:
                 seen.add(res.key)
-                resources.append(res)
-    extras = [e for e in extras or [] if (e["type"], e["id"]) not in seen]
-    looked = parallel(lambda e: KINDS[e["type"]].lookup(ctx, e["id"]), extras)
-    for extra, result in zip(extras, looked, strict=True):
-        if isinstance(result, Exception):
-            errors.append({"type": extra["type"], "id": extra["id"],
-                           "error": "could not look up: %s" % describe_error(result)})
-        elif result is not None and result.key not in seen:
-            seen.add(result.key)
-            # The resource's own tags win; the recorded drill id / expiry fill the gaps.
-            result.tags = dict(extra.get("tags") or {}, **result.tags)
-            resources.append(result)
-    resources.sort(key=lambda r: (r.type, r.id))
-    return Discovery(resources, errors)
+                candidates.append(res)
+    proven, refused = [], []
+    _classify(ctx, candidates, proven, refused, errors)
+    for items in (proven, refused):
+        items.sort(key=lambda r: (r.type, r.id))
+    return Discovery(proven, refused, errors)
 
 
-def _delete_all(ctx: Context, items: list, errors: list, lock: threading.Lock) -> None:
+@dataclass
+class Outcome:
+    errors: list = field(default_factory=list)   # [{type, id, error}] deletions that failed
+    refused: list = field(default_factory=list)  # Resources that failed the proof when read again
+
+
+def _recheck(ctx: Context, items: list, outcome: Outcome, lock: threading.Lock) -> list:
+    """Read each item again through its own call and keep those that still prove they are the drill's."""
+    fresh = parallel(lambda r: KINDS[r.type].lookup(ctx, r.id), items)
+    current, errors = [], []
+    for res, now in zip(items, fresh, strict=True):
+        if isinstance(now, Exception):
+            errors.append({"type": res.type, "id": res.id,
+                           "error": "could not read it again: %s" % describe_error(now)})
+        elif now is not None:
+            current.append(now)
+    proven, refused = [], []
+    _classify(ctx, current, proven, refused, errors)
+    with lock:
+        outcome.errors.extend(errors)
+        outcome.refused.extend(refused)
+    return proven
+
+
+def _delete_all(ctx: Context, items: list, outcome: Outcome, lock: threading.Lock) -> None:
     def one(res):
         try:
             KINDS[res.type].delete(ctx, res)
         except (ClientError, BotoCoreError, SweepError) as exc:
             with lock:
-                errors.append({"type": res.type, "id": res.id, "error": describe_error(exc)})
+                outcome.errors.append({"type": res.type, "id": res.id, "error": describe_error(exc)})
     parallel(one, items)
 
 
@@ -873,16 +1055,17 @@ def _wait_gone(ctx: Context, items: list) -> None:
             delay = min(delay * 2, 10.0)
 
 
-def delete(ctx: Context, resources: list) -> list:
-    """Delete ``resources`` in dependency order; return ``[{type, id, error}]`` for what failed."""
-    errors: list = []
+def delete(ctx: Context, resources: list) -> Outcome:
+    """Delete ``resources`` in dependency order, each only after it proved again that it is the drill's."""
+    outcome = Outcome()
+    errors = outcome.errors
     lock = threading.Lock()
     others = [r for r in resources if r.type in {k.name for k in OTHER_KINDS}]
 
     def ec2_chain():
         for step in EC2_STEPS:
             names = {k.name for k in step}
-            items = [r for r in resources if r.type in names]
+            items = _recheck(ctx, [r for r in resources if r.type in names], outcome, lock)
             if not items:
                 continue
             groups = [r for r in items if r.type == "security_group"]
@@ -893,11 +1076,14 @@ def delete(ctx: Context, resources: list) -> list:
                         with lock:
                             errors.append({"type": grp.type, "id": grp.id,
                                            "error": "could not revoke group references: %s" % describe_error(err)})
-            _delete_all(ctx, items, errors, lock)
+            _delete_all(ctx, items, outcome, lock)
             _wait_gone(ctx, [r for r in items if KINDS[r.type].wait_gone])
 
+    def the_others():
+        _delete_all(ctx, _recheck(ctx, others, outcome, lock), outcome, lock)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(ec2_chain), pool.submit(_delete_all, ctx, others, errors, lock)]
+        futures = [pool.submit(ec2_chain), pool.submit(the_others)]
         for fut in futures:
             fut.result()
-    return errors
+    return outcome

@@ -9,7 +9,8 @@ Every resource a drill creates carries three tags::
     drguard:expires-at = <RFC 3339 UTC>
 
 Teardown finds a drill's resources by ``drguard:drill-id``; the reaper finds every
-``drguard:managed`` resource whose ``drguard:expires-at`` is in the past.
+``drguard:managed`` resource whose ``drguard:expires-at`` is in the past. Neither deletes
+anything whose tag set is incomplete or malformed (:func:`tag_problem`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ TAG_EXPIRES_AT = "drguard:expires-at"
 # Lowercase letters, digits and hyphens, so the id fits S3, IAM, KMS alias and
 # log group names alike. Generated ids look like ``dr-20261129044000-a1b2c3``.
 DRILL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,38}[a-z0-9]$")
+# RFC 3339 date-time (section 5.6), the only form an expiry tag may take.
+RFC3339_RE = re.compile(r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
 
 
 class DrillError(ValueError):
@@ -90,18 +93,52 @@ def drill_tags(drill_id: str, expires: str, extra: dict | None = None) -> dict:
     return tags
 
 
-def is_expired(tags: dict, now: datetime | None = None) -> bool:
-    """True when a managed resource's ``drguard:expires-at`` is in the past.
+def tag_problem(tags: dict, drill_id: str | None = None) -> str | None:
+    """Why ``tags`` are not a complete, well-formed drguard tag set (of ``drill_id`` when given); None if they are.
 
-    A managed resource whose expiry is missing or unreadable counts as expired:
-    the reaper fails closed rather than keeping an orphan forever.
+    Complete means ``drguard:managed=true``, a valid ``drguard:drill-id`` and an RFC 3339
+    ``drguard:expires-at`` with a zone. Deletion requires it: a resource that proves less is
+    reported, never deleted.
     """
     if tags.get(TAG_MANAGED) != "true":
-        return False
+        return "tag %s is %s" % (TAG_MANAGED, "missing" if TAG_MANAGED not in tags
+                                 else "%r, not 'true'" % (tags[TAG_MANAGED],))
+    owner = tags.get(TAG_DRILL_ID)
+    if owner is None:
+        return "tag %s is missing" % TAG_DRILL_ID
     try:
-        return parse_time(tags.get(TAG_EXPIRES_AT, "")) <= (now or utcnow())
+        validate_drill_id(owner)
     except DrillError:
-        return True
+        return "tag %s %r is not a valid drill id" % (TAG_DRILL_ID, owner)
+    if drill_id is not None and owner != drill_id:
+        return "tag %s is %r, not %r" % (TAG_DRILL_ID, owner, drill_id)
+    if expiry_of(tags) is None:
+        if TAG_EXPIRES_AT not in tags:
+            return "tag %s is missing" % TAG_EXPIRES_AT
+        return "tag %s %r is not an RFC 3339 time with a zone" % (TAG_EXPIRES_AT, tags[TAG_EXPIRES_AT])
+    return None
+
+
+def expiry_of(tags: dict) -> datetime | None:
+    """The resource's ``drguard:expires-at`` when it is a well-formed RFC 3339 time, else None."""
+    value = tags.get(TAG_EXPIRES_AT)
+    if not isinstance(value, str) or not RFC3339_RE.fullmatch(value):
+        return None
+    try:
+        return parse_time(value)
+    except DrillError:
+        return None  # matches the pattern but is no date (month 13, ...)
+
+
+def is_expired(tags: dict, now: datetime | None = None) -> bool:
+    """True when ``tags`` are a complete drguard tag set whose ``drguard:expires-at`` is at or before ``now``.
+
+    A missing or unreadable expiry (or drill id) is *not* expired: the reaper reports such a
+    resource instead of deleting it, because nothing proves it is a drill's.
+    """
+    if tag_problem(tags) is not None:
+        return False
+    return expiry_of(tags) <= (now or utcnow())
 
 
 def tag_list(tags: dict, key: str = "Key", value: str = "Value") -> list:

@@ -13,13 +13,24 @@ description:
   - Guaranteed teardown. Finds resources through each service's own describe/list calls by the drguard tags
     (C(drguard:drill-id), C(drguard:managed), C(drguard:expires-at)); the resource-groups tagging API is not used
     because it misses network ACLs, transit gateway attachments, VPC endpoints and IAM roles.
-  - With O(drill_id), takes every resource whose C(drguard:drill-id) tag equals it. With O(expired=true), takes every
-    resource tagged C(drguard:managed=true) whose C(drguard:expires-at) is at or before O(as_of); a managed resource
-    with a missing or unreadable expiry counts as expired (fail closed).
+  - With O(drill_id), considers every resource whose C(drguard:drill-id) tag equals it. With O(expired=true), considers
+    every resource tagged C(drguard:managed=true) whose C(drguard:expires-at) is not known to be later than O(as_of).
+  - Nothing is deleted because a listing or a file names it. Right before deleting, each resource is read again through
+    its own describe/get call and must prove that it is the drill's, or it is refused (RV(refused)) and left alone.
+    The proof is the full tag set (C(drguard:managed=true), a valid C(drguard:drill-id) - O(drill_id) in teardown -
+    and an RFC 3339 C(drguard:expires-at), at or before O(as_of) for the reaper) and the drill's naming convention
+    (EC2 C(Name) tag C(drguard-<drill id>) or C(drguard-<drill id>-...) and, for anything in a VPC, a VPC that is
+    itself the drill's; IAM path C(/drguard/) and name C(drguard-<drill id>...); log group C(/drguard/<drill id>...);
+    secret C(drguard/<drill id>/...); a KMS alias C(alias/drguard/<drill id>); bucket and topic names
+    C(drguard-<drill id>...)). A resource with only C(drguard:managed=true), or a missing or malformed expiry, is
+    refused, not deleted.
+  - A refused resource that carries the swept drill's id (teardown), or a complete tag set whose expiry has passed
+    (reaper), also counts in RV(remaining), so the sweep cannot claim that nothing remains.
   - Covers EC2 instances, NAT gateways, elastic IPs, VPC endpoints, flow logs, VPC peering connections, transit
     gateway VPC attachments, VPN gateways, internet gateways, network interfaces, subnets, route tables, network ACLs,
-    security groups and VPCs; CloudWatch Logs log groups; IAM roles (with their inline and attached policies and
-    instance profiles) and customer-managed policies; Secrets Manager secrets (deleted without recovery); KMS keys
+    security groups and VPCs; CloudWatch Logs log groups; IAM roles (inline policies deleted, managed policies
+    detached, the role removed from its instance profiles), instance profiles and customer-managed policies;
+    Secrets Manager secrets (deleted without recovery); KMS keys
     (aliases deleted, deletion scheduled with the minimum 7-day window; a key pending deletion counts as gone);
     S3 buckets (every object version and delete marker first); SNS topics.
   - Deletes in dependency order, in parallel within each step, retrying dependency errors with jittered backoff
@@ -46,37 +57,6 @@ options:
       - The reaper's notion of now, RFC 3339 with a time zone (for example V(2026-11-29T05:00:00Z)).
       - Defaults to the current time. Only used with O(expired=true).
     type: str
-  extra_resources:
-    description:
-      - Resources that cannot carry tags, recorded in the drill's state by other modules. Each is deleted when it
-        still exists, like a tagged resource of its type.
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      type:
-        description: Resource type, one of the types in RV(found).
-        type: str
-        required: true
-        choices: [ec2_instance, elastic_ip, flow_log, iam_instance_profile, iam_policy, iam_role, internet_gateway,
-                  kms_key, log_group, nat_gateway, network_acl, network_interface, route_table, s3_bucket, secret,
-                  security_group, sns_topic, subnet, transit_gateway_attachment, vpc, vpc_endpoint,
-                  vpc_peering_connection, vpn_gateway]
-      id:
-        description:
-          - The resource's id as its service names it (instance id, bucket name, role name, policy ARN, secret ARN
-            or name, key id, log group name, topic ARN, ...).
-        type: str
-        required: true
-      drill_id:
-        description:
-          - The drill that recorded it; reported in RV(found) (defaults to O(drill_id)).
-        type: str
-      expires_at:
-        description:
-          - The recording drill's expiry (RFC 3339). With O(expired=true), an extra resource is taken only when this is
-            at or before O(as_of); without it, it is always taken.
-        type: str
   timeout:
     description:
       - Seconds the whole teardown may take; dependency errors are retried until then.
@@ -101,8 +81,6 @@ EXAMPLES = r"""
 - name: Tear down one drill
   drguard.sandbox.sweep:
     drill_id: dr-20261129044000-a1b2c3
-    extra_resources:
-      - {type: iam_instance_profile, id: dr-20261129044000-a1b2c3-runner}
   register: teardown_result
 
 - name: Reap every expired drill resource (dry run first)
@@ -121,7 +99,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 found:
-  description: Resources the sweep selected (in check mode, what a real run would delete).
+  description: Resources that proved they are the drill's (in check mode, what a real run would delete).
   returned: always
   type: list
   elements: dict
@@ -140,6 +118,8 @@ deleted:
 remaining:
   description:
     - Selected resources still there after the sweep, each with a C(reason). Empty in check mode.
+    - Includes refused resources that carry the swept drill's id (teardown) or a complete, expired tag set (reaper);
+      their C(reason) starts with C(refused:).
   returned: always
   type: list
   elements: dict
@@ -149,6 +129,19 @@ remaining:
       drill_id: dr-20261129044000-a1b2c3
       expires_at: "2026-11-29T08:40:00Z"
       reason: "1 object version(s) are under Object Lock retention, ..."
+refused:
+  description:
+    - Resources the sweep considered but did not delete because they do not prove they are the drill's, each with a
+      C(reason) (for example V(IAM path '/' is not /drguard/) or V(tag drguard:drill-id is missing)).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - type: iam_role
+      id: drguard-dr-20261129044000-a1b2c3-admin
+      drill_id: dr-20261129044000-a1b2c3
+      expires_at: "2026-11-29T08:40:00Z"
+      reason: "IAM path '/' is not /drguard/"
 errors:
   description:
     - Deletions that failed and services that could not be listed (C(id) is V(*) then).
@@ -157,10 +150,10 @@ errors:
   elements: dict
   sample: [{type: security_group, id: sg-0a1b2c3d, error: "DependencyViolation: resource has a dependent object"}]
 counts:
-  description: Number of resources found, deleted and remaining.
+  description: Number of resources found, deleted, remaining and refused.
   returned: always
   type: dict
-  sample: {found: 12, deleted: 12, remaining: 0}
+  sample: {found: 12, deleted: 12, remaining: 0, refused: 0}
 as_of:
   description: The time expiry was judged against (RFC 3339 UTC).
   returned: always
@@ -184,8 +177,6 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
@@ -195,12 +186,6 @@ ARGUMENT_SPEC = dict(
     drill_id=dict(type="str"),
     expired=dict(type="bool"),
     as_of=dict(type="str"),
-    extra_resources=dict(type="list", elements="dict", default=[], options=dict(
-        type=dict(type="str", required=True, choices=list(_sweep.RESOURCE_TYPES)),
-        id=dict(type="str", required=True),
-        drill_id=dict(type="str"),
-        expires_at=dict(type="str"),
-    )),
     timeout=dict(type="int", default=300),
     fail_on_remaining=dict(type="bool", default=True),
 )
@@ -224,32 +209,7 @@ def _validate(module):
         module.fail_json(msg="as_of is not valid: %s (for example 2026-11-29T05:00:00Z)." % exc)
     if params["timeout"] <= 0:
         module.fail_json(msg="timeout must be a positive number of seconds, got %d." % params["timeout"])
-    for extra in params["extra_resources"]:
-        if not extra["id"].strip():
-            module.fail_json(msg="extra_resources entry of type %s has an empty id; give the resource's id."
-                             % extra["type"])
-        if extra["expires_at"] is not None:
-            try:
-                parse_time(extra["expires_at"])
-            except DrillError as exc:
-                module.fail_json(msg="extra_resources entry %s %s: expires_at is not valid: %s."
-                                 % (extra["type"], extra["id"], exc))
     return as_of
-
-
-def _extras(params, as_of):
-    """The extra resources this sweep takes, each with the tags it is reported with."""
-    out = []
-    for extra in params["extra_resources"]:
-        if params["expired"] and extra["expires_at"] is not None and parse_time(extra["expires_at"]) > as_of:
-            continue
-        tags = {}
-        if extra["drill_id"] or params["drill_id"]:
-            tags[TAG_DRILL_ID] = extra["drill_id"] or params["drill_id"]
-        if extra["expires_at"]:
-            tags[TAG_EXPIRES_AT] = extra["expires_at"]
-        out.append({"type": extra["type"], "id": extra["id"].strip(), "tags": tags})
-    return out
 
 
 def main():
@@ -272,27 +232,26 @@ def main():
 
     selector = _sweep.Selector(drill_id=module.params["drill_id"], as_of=as_of)
     ctx = _sweep.Context(clients.__getitem__, selector, started + module.params["timeout"])
-    extras = _extras(module.params, as_of)
 
-    first = _sweep.discover(ctx, extras)
+    first = _sweep.discover(ctx)
     found = [r.as_dict() for r in first.resources]
-    result = dict(found=found, deleted=[], remaining=[], errors=list(first.errors),
+    refused = [r.as_dict(with_reason=True) for r in first.refused]
+    result = dict(found=found, deleted=[], remaining=[], refused=refused, errors=list(first.errors),
                   as_of=format_time(as_of))
 
     if module.check_mode:
-        result.update(changed=bool(found), counts=dict(found=len(found), deleted=0, remaining=0),
+        result.update(changed=bool(found), counts=dict(found=len(found), deleted=0, remaining=0, refused=len(refused)),
                       seconds=round(time.monotonic() - started, 3))
         if first.errors and module.params["fail_on_remaining"]:
             module.fail_json(msg=_listing_failure(first.errors), **result)
         module.exit_json(**result)
 
-    delete_errors = _sweep.delete(ctx, first.resources)
+    outcome = _sweep.delete(ctx, first.resources)
     # Discover again (also on a passed deadline): what is still there is what remains.
     ctx.deadline = max(ctx.deadline, time.monotonic() + 60)
-    second = _sweep.discover(ctx, extras)
-    remaining_keys = {r.key for r in second.resources}
+    second = _sweep.discover(ctx)
     reasons = {}
-    for err in delete_errors:
+    for err in outcome.errors:
         reasons.setdefault((err["type"], err["id"]), err["error"])
     first_keys = {r.key for r in first.resources}
     remaining = []
@@ -301,19 +260,30 @@ def main():
                       or ("still exists after deletion" if res.key in first_keys
                           else "appeared while the sweep ran (is the drill still running?)"))
         remaining.append(res.as_dict(with_reason=True))
-    deleted = [r.as_dict() for r in first.resources if r.key not in remaining_keys]
+    # Refused now, or when read again right before deletion (the reason given then wins).
+    refused_now = {r.key: r for r in second.refused}
+    refused_now.update({r.key: r for r in outcome.refused})
+    refused = [refused_now[k] for k in sorted(refused_now)]
+    remaining += [dict(r.as_dict(with_reason=True), reason="refused: %s" % r.reason)
+                  for r in refused if selector.owns(r.tags)]
+    remaining_keys = {(r["type"], r["id"]) for r in remaining}
+    deleted = [r.as_dict() for r in first.resources if r.key not in remaining_keys and r.key not in refused_now]
     result.update(
         changed=bool(deleted) or ctx.mutated, deleted=deleted, remaining=remaining,
-        errors=delete_errors + second.errors,
-        counts=dict(found=len(found), deleted=len(deleted), remaining=len(remaining)),
+        refused=[r.as_dict(with_reason=True) for r in refused], errors=outcome.errors + second.errors,
+        counts=dict(found=len(found), deleted=len(deleted), remaining=len(remaining), refused=len(refused)),
         seconds=round(time.monotonic() - started, 3),
     )
     if module.params["fail_on_remaining"]:
         if remaining:
             listed = "; ".join("%s %s (%s)" % (r["type"], r["id"], r["reason"]) for r in remaining[:10])
             more = " and %d more (see remaining)" % (len(remaining) - 10) if len(remaining) > 10 else ""
-            module.fail_json(msg="%d resource(s) remain after teardown: %s%s; fix the cause and run the sweep again."
-                             % (len(remaining), listed, more), **result)
+            hint = ("fix the cause and run the sweep again" if not any(r["reason"].startswith("refused: ")
+                                                                       for r in remaining)
+                    else "a refused resource is never deleted by the sweep: find out whose it is and delete or "
+                         "re-tag it by hand, then run the sweep again")
+            module.fail_json(msg="%d resource(s) remain after teardown: %s%s; %s."
+                             % (len(remaining), listed, more, hint), **result)
         if second.errors:
             module.fail_json(msg=_listing_failure(second.errors), **result)
     module.exit_json(**result)

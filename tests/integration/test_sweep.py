@@ -45,16 +45,18 @@ def _ami(ec2) -> str:
 
 
 def build_world(aws, drill_id: str, tags: dict, cidr_octet: int) -> dict:
-    """Create one resource of every supported type tagged with ``tags``; return {(type, id)}.
+    """Create one resource of every supported type, tagged with ``tags`` and named as the drill's builders name
+    them (``drguard-<drill id>...``, IAM path ``/drguard/``, ...); return {(type, id)}.
 
-    Also creates an untagged instance profile (reported through extra_resources) and an
-    untagged transit gateway (control-plane shaped, not the drill's).
+    Also creates an untagged instance profile holding the drill's role and an untagged
+    transit gateway (control-plane shaped): neither is the drill's.
     """
     ec2, iam, s3 = aws("ec2"), aws("iam"), aws("s3")
     made = set()
+    base = "drguard-" + drill_id
 
     def spec(rtype):
-        return ec2_tag_specs(rtype, tags, name=drill_id)
+        return ec2_tag_specs(rtype, tags, name=base)
 
     cidr = "10.%d.0.0/16" % cidr_octet
     vpc = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=spec("vpc"))["Vpc"]["VpcId"]
@@ -77,9 +79,9 @@ def build_world(aws, drill_id: str, tags: dict, cidr_octet: int) -> dict:
     assoc_id = next(a["NetworkAclAssociationId"] for a in default_assoc if a["SubnetId"] == subnet)
     ec2.replace_network_acl_association(AssociationId=assoc_id, NetworkAclId=acl)
     made.add(("network_acl", acl))
-    sg_a = ec2.create_security_group(GroupName=drill_id + "-app", Description="app", VpcId=vpc,
+    sg_a = ec2.create_security_group(GroupName=base + "-app", Description="app", VpcId=vpc,
                                      TagSpecifications=spec("security-group"))["GroupId"]
-    sg_b = ec2.create_security_group(GroupName=drill_id + "-db", Description="db", VpcId=vpc,
+    sg_b = ec2.create_security_group(GroupName=base + "-db", Description="db", VpcId=vpc,
                                      TagSpecifications=spec("security-group"))["GroupId"]
     # Each group references the other: neither can go before the references are revoked.
     ec2.authorize_security_group_ingress(GroupId=sg_b, IpPermissions=[
@@ -109,7 +111,7 @@ def build_world(aws, drill_id: str, tags: dict, cidr_octet: int) -> dict:
         TransitGatewayId=tgw, VpcId=vpc, SubnetIds=[subnet],
         TagSpecifications=spec("transit-gateway-attachment"))["TransitGatewayVpcAttachment"]
     # moto drops TagSpecifications on this call; tag it again so the emulator has the tags AWS would.
-    ec2.create_tags(Resources=[tgwa["TransitGatewayAttachmentId"]], Tags=tag_list(tags))
+    ec2.create_tags(Resources=[tgwa["TransitGatewayAttachmentId"]], Tags=tag_list(dict(tags, Name=base)))
     made.add(("transit_gateway_attachment", tgwa["TransitGatewayAttachmentId"]))
     vgw = ec2.create_vpn_gateway(Type="ipsec.1", TagSpecifications=spec("vpn-gateway"))["VpnGateway"]["VpnGatewayId"]
     ec2.attach_vpn_gateway(VpcId=vpc, VpnGatewayId=vgw)
@@ -120,33 +122,36 @@ def build_world(aws, drill_id: str, tags: dict, cidr_octet: int) -> dict:
     logs.create_log_group(logGroupName=group, tags=tags)
     made.add(("log_group", group))
 
-    role = drill_id + "-runner"
-    iam.create_role(RoleName=role, AssumeRolePolicyDocument=TRUST, Tags=tag_list(tags))
+    role = base + "-runner"
+    iam.create_role(RoleName=role, Path="/drguard/", AssumeRolePolicyDocument=TRUST, Tags=tag_list(tags))
     iam.put_role_policy(RoleName=role, PolicyName="inline", PolicyDocument=policy_doc("s3:GetObject"))
     made.add(("iam_role", role))
-    pol = iam.create_policy(PolicyName=drill_id + "-read", PolicyDocument=policy_doc("s3:ListBucket"),
+    pol = iam.create_policy(PolicyName=base + "-read", Path="/drguard/", PolicyDocument=policy_doc("s3:ListBucket"),
                             Tags=tag_list(tags))["Policy"]["Arn"]
     iam.create_policy_version(PolicyArn=pol, PolicyDocument=policy_doc("s3:GetObject"), SetAsDefault=True)
     iam.attach_role_policy(RoleName=role, PolicyArn=pol)
     made.add(("iam_policy", pol))
-    iam.create_instance_profile(InstanceProfileName=role)
+    iam.create_instance_profile(InstanceProfileName=role, Path="/drguard/", Tags=tag_list(tags))
     iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
-    # An untagged profile, known only from the drill's state: deleted through extra_resources.
-    iam.create_instance_profile(InstanceProfileName=drill_id + "-extra")
+    made.add(("iam_instance_profile", role))
+    # Holds the drill's role but is not the drill's (untagged): the role leaves it, the profile stays.
+    foreign_profile = drill_id + "-foreign"
+    iam.create_instance_profile(InstanceProfileName=foreign_profile)
+    iam.add_role_to_instance_profile(InstanceProfileName=foreign_profile, RoleName=role)
     fl = ec2.create_flow_logs(ResourceIds=[vpc], ResourceType="VPC", TrafficType="ALL", LogGroupName=group,
                               DeliverLogsPermissionArn="arn:aws:iam::123456789012:role/" + role,
                               TagSpecifications=spec("vpc-flow-log"))["FlowLogIds"][0]
     made.add(("flow_log", fl))
 
-    secret = aws("secretsmanager").create_secret(Name=drill_id + "/db", SecretString="synthetic",
+    secret = aws("secretsmanager").create_secret(Name="drguard/%s/db" % drill_id, SecretString="synthetic",
                                                  Tags=tag_list(tags))["ARN"]
     made.add(("secret", secret))
     kms = aws("kms")
     key = kms.create_key(Description=drill_id, Tags=tag_list(tags, "TagKey", "TagValue"))["KeyMetadata"]["KeyId"]
-    kms.create_alias(AliasName="alias/%s" % drill_id, TargetKeyId=key)
+    kms.create_alias(AliasName="alias/drguard/%s" % drill_id, TargetKeyId=key)
     made.add(("kms_key", key))
 
-    bucket = drill_id + "-telemetry"
+    bucket = base + "-telemetry"
     s3.create_bucket(Bucket=bucket)
     s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags)})
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -155,10 +160,10 @@ def build_world(aws, drill_id: str, tags: dict, cidr_octet: int) -> dict:
     s3.put_object(Bucket=bucket, Key="run/other.json", Body=b"x")
     s3.delete_object(Bucket=bucket, Key="run/other.json")  # leaves a delete marker
     made.add(("s3_bucket", bucket))
-    topic = aws("sns").create_topic(Name=drill_id + "-alerts", Tags=tag_list(tags))["TopicArn"]
+    topic = aws("sns").create_topic(Name=base + "-alerts", Tags=tag_list(tags))["TopicArn"]
     made.add(("sns_topic", topic))
     return {"resources": made, "vpc": vpc, "bucket": bucket, "role": role, "tgw": tgw,
-            "extra": [{"type": "iam_instance_profile", "id": drill_id + "-extra"}]}
+            "foreign_profile": foreign_profile}
 
 
 def untagged_world(aws, name: str) -> set:
@@ -184,28 +189,28 @@ def test_every_supported_type_is_found_deleted_and_proven_gone(aws, module_runne
     mine = build_world(aws, drill, drill_tags(drill, FUTURE), 31)
     theirs = build_world(aws, other, drill_tags(other, FUTURE), 33)
     foreign = untagged_world(aws, new_id("prod"))
-    assert {t for t, _ in mine["resources"]} == set(_sweep.RESOURCE_TYPES) - {"iam_instance_profile"}
+    assert {t for t, _ in mine["resources"]} == set(_sweep.RESOURCE_TYPES)
 
-    dry = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]), check_mode=True)
+    dry = module_runner("sweep", sweep_args(drill_id=drill), check_mode=True)
     assert not dry.failed, dry
     assert dry["changed"] is True
-    expected = mine["resources"] | {("iam_instance_profile", drill + "-extra")}
+    expected = mine["resources"]
     # Also the VPCs' own main route table / default ACL / default SG when tagged: here they are not.
     assert keys_of(dry["found"]) == expected
-    assert dry["deleted"] == [] and dry["remaining"] == []
-    assert dry["counts"] == {"found": len(expected), "deleted": 0, "remaining": 0}
+    assert dry["deleted"] == [] and dry["remaining"] == [] and dry["refused"] == []
+    assert dry["counts"] == {"found": len(expected), "deleted": 0, "remaining": 0, "refused": 0}
     assert all(f["drill_id"] == drill for f in dry["found"])
-    assert all(f["expires_at"] == FUTURE for f in dry["found"] if f["type"] != "iam_instance_profile")
+    assert all(f["expires_at"] == FUTURE for f in dry["found"])
 
-    again = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]), check_mode=True)
+    again = module_runner("sweep", sweep_args(drill_id=drill), check_mode=True)
     assert keys_of(again["found"]) == expected, "check mode deleted something"
 
-    real = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]))
+    real = module_runner("sweep", sweep_args(drill_id=drill))
     assert not real.failed, real
     assert real["changed"] is True
     assert keys_of(real["deleted"]) == expected
-    assert real["remaining"] == [] and real["errors"] == []
-    assert real["counts"] == {"found": len(expected), "deleted": len(expected), "remaining": 0}
+    assert real["remaining"] == [] and real["errors"] == [] and real["refused"] == []
+    assert real["counts"] == {"found": len(expected), "deleted": len(expected), "remaining": 0, "refused": 0}
 
     # Gone for real, read back through the services themselves.
     ec2 = aws("ec2")
@@ -215,7 +220,10 @@ def test_every_supported_type_is_found_deleted_and_proven_gone(aws, module_runne
     with pytest.raises(ClientError):
         aws("iam").get_role(RoleName=mine["role"])
     with pytest.raises(ClientError):
-        aws("iam").get_instance_profile(InstanceProfileName=drill + "-extra")
+        aws("iam").get_instance_profile(InstanceProfileName=mine["role"])
+    foreign_profile = aws("iam").get_instance_profile(InstanceProfileName=mine["foreign_profile"])
+    assert foreign_profile["InstanceProfile"]["Roles"] == []  # not the drill's: emptied, not deleted
+    aws("iam").delete_instance_profile(InstanceProfileName=mine["foreign_profile"])
     key_id = next(i for t, i in mine["resources"] if t == "kms_key")
     assert aws("kms").describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "PendingDeletion"
     assert aws("kms").list_aliases(KeyId=key_id)["Aliases"] == []
@@ -227,26 +235,23 @@ def test_every_supported_type_is_found_deleted_and_proven_gone(aws, module_runne
     aws("s3").head_bucket(Bucket=next(i for t, i in foreign if t == "s3_bucket"))
     aws("iam").get_role(RoleName=next(i for t, i in foreign if t == "iam_role"))
 
-    idem = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=mine["extra"]))
+    idem = module_runner("sweep", sweep_args(drill_id=drill))
     assert not idem.failed, idem
     assert idem["changed"] is False
-    assert idem["counts"] == {"found": 0, "deleted": 0, "remaining": 0}
+    assert idem["counts"] == {"found": 0, "deleted": 0, "remaining": 0, "refused": 0}
 
     cleanup = module_runner("sweep", sweep_args(drill_id=other))
     assert not cleanup.failed, cleanup
+    aws("iam").delete_instance_profile(InstanceProfileName=theirs["foreign_profile"])
 
 
 def test_expired_mode_takes_only_expired_managed_resources(aws, module_runner):
     old, young = new_id("dro"), new_id("dry")
     expired_world = build_world(aws, old, drill_tags(old, BEFORE_AS_OF), 41)
     young_world = build_world(aws, young, drill_tags(young, AFTER_AS_OF), 43)
-    # Managed, but the expiry cannot be read: fails closed, counts as expired.
+    # (A managed resource whose expiry cannot be read is refused: test_reaper_refuses_a_missing_or_malformed_expiry.)
     garbage = new_id("drg")
-    sm, logs = aws("secretsmanager"), aws("logs")
-    bad_tags = {"drguard:managed": "true", "drguard:drill-id": garbage, "drguard:expires-at": "next tuesday"}
-    bad_secret = sm.create_secret(Name=garbage + "/x", SecretString="s", Tags=tag_list(bad_tags))["ARN"]
-    no_expiry = {"drguard:managed": "true", "drguard:drill-id": garbage}
-    logs.create_log_group(logGroupName="/drguard/" + garbage, tags=no_expiry)
+    logs = aws("logs")
     # An old expiry on a resource that is not managed by drguard is none of the reaper's business.
     unmanaged = {"drguard:drill-id": garbage, "drguard:expires-at": BEFORE_AS_OF}
     logs.create_log_group(logGroupName="/keep/" + garbage, tags=unmanaged)
@@ -254,7 +259,7 @@ def test_expired_mode_takes_only_expired_managed_resources(aws, module_runner):
     dry = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF), check_mode=True)
     assert not dry.failed, dry
     found = keys_of(dry["found"])
-    want = expired_world["resources"] | {("secret", bad_secret), ("log_group", "/drguard/" + garbage)}
+    want = expired_world["resources"]
     assert want <= found
     assert not found & young_world["resources"]
     assert ("log_group", "/keep/" + garbage) not in found
@@ -273,20 +278,22 @@ def test_expired_mode_takes_only_expired_managed_resources(aws, module_runner):
     assert not later.failed, later
     assert young_world["resources"] <= keys_of(later["deleted"])
     logs.delete_log_group(logGroupName="/keep/" + garbage)
+    for profile in (expired_world["foreign_profile"], young_world["foreign_profile"]):
+        aws("iam").delete_instance_profile(InstanceProfileName=profile)
 
 
 def test_object_lock_retention_keeps_the_bucket_and_fails(aws, module_runner):
     drill = new_id("drl")
     tags = drill_tags(drill, FUTURE)
     s3 = aws("s3")
-    bucket = drill + "-locked"
+    bucket = "drguard-%s-locked" % drill
     s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
     s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list(tags)})
     until = datetime.now(UTC) + timedelta(days=1)
     s3.put_object(Bucket=bucket, Key="evidence.bin", Body=b"keep", ObjectLockMode="GOVERNANCE",
                   ObjectLockRetainUntilDate=until)
     s3.put_object(Bucket=bucket, Key="scratch.bin", Body=b"free")
-    topic = aws("sns").create_topic(Name=drill + "-alerts", Tags=tag_list(tags))["TopicArn"]
+    topic = aws("sns").create_topic(Name="drguard-%s-alerts" % drill, Tags=tag_list(tags))["TopicArn"]
     try:
         res = module_runner("sweep", sweep_args(drill_id=drill))
         assert res.failed
@@ -317,12 +324,13 @@ def test_default_resources_go_with_their_vpc(aws, module_runner):
     drill = new_id("drd")
     tags = drill_tags(drill, FUTURE)
     ec2 = aws("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.61.0.0/16", TagSpecifications=ec2_tag_specs("vpc", tags))["Vpc"]["VpcId"]
+    vpc = ec2.create_vpc(CidrBlock="10.61.0.0/16",
+                         TagSpecifications=ec2_tag_specs("vpc", tags, "drguard-%s-vpc" % drill))["Vpc"]["VpcId"]
     main_rtb = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"][0]
     default_sg = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]},
                                                        {"Name": "group-name", "Values": ["default"]}])
     sg_id = default_sg["SecurityGroups"][0]["GroupId"]
-    ec2.create_tags(Resources=[main_rtb["RouteTableId"], sg_id], Tags=tag_list(tags))
+    ec2.create_tags(Resources=[main_rtb["RouteTableId"], sg_id], Tags=tag_list(dict(tags, Name="drguard-" + drill)))
     res = module_runner("sweep", sweep_args(drill_id=drill))
     assert not res.failed, res
     assert keys_of(res["deleted"]) == {("vpc", vpc), ("route_table", main_rtb["RouteTableId"]),
@@ -333,7 +341,8 @@ def test_dependency_outside_the_drill_is_retried_until_timeout_then_reported(aws
     drill = new_id("drv")
     tags = drill_tags(drill, FUTURE)
     ec2 = aws("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.62.0.0/16", TagSpecifications=ec2_tag_specs("vpc", tags))["Vpc"]["VpcId"]
+    vpc = ec2.create_vpc(CidrBlock="10.62.0.0/16",
+                         TagSpecifications=ec2_tag_specs("vpc", tags, "drguard-" + drill))["Vpc"]["VpcId"]
     # Not the drill's, but inside its VPC: the VPC cannot go while it exists.
     stray = ec2.create_subnet(VpcId=vpc, CidrBlock="10.62.9.0/24")["Subnet"]["SubnetId"]
     group = "/drguard/" + drill
@@ -352,21 +361,6 @@ def test_dependency_outside_the_drill_is_retried_until_timeout_then_reported(aws
     assert keys_of(res["deleted"]) == {("vpc", vpc)}
 
 
-def test_extra_resources_that_no_longer_exist_are_not_errors(aws, module_runner):
-    drill = new_id("drx")
-    logs = aws("logs")
-    logs.create_log_group(logGroupName="/untagged/" + drill)
-    extras = [{"type": "log_group", "id": "/untagged/" + drill},
-              {"type": "iam_instance_profile", "id": drill + "-never-made"},
-              {"type": "s3_bucket", "id": drill + "-never-made"},
-              {"type": "subnet", "id": "subnet-0123456789abcdef0"}]
-    res = module_runner("sweep", sweep_args(drill_id=drill, extra_resources=extras))
-    assert not res.failed, res
-    assert keys_of(res["deleted"]) == {("log_group", "/untagged/" + drill)}
-    assert res["deleted"][0]["drill_id"] == drill
-    assert logs.describe_log_groups(logGroupNamePrefix="/untagged/" + drill)["logGroups"] == []
-
-
 @pytest.mark.parametrize(("args", "message"), [
     ({"drill_id": "dr-abcd", "expired": True}, "mutually exclusive"),
     ({}, "one of the following is required"),
@@ -376,8 +370,7 @@ def test_extra_resources_that_no_longer_exist_are_not_errors(aws, module_runner)
     ({"drill_id": "Not_A_Drill"}, "drill_id"),
     ({"drill_id": "dr-abcd", "as_of": "2026-11-29T05:00:00Z"}, "as_of only applies"),
     ({"drill_id": "dr-abcd", "timeout": 0}, "timeout must be a positive"),
-    ({"drill_id": "dr-abcd", "extra_resources": [{"type": "bogus", "id": "x"}]}, "value of type must be one of"),
-    ({"drill_id": "dr-abcd", "extra_resources": [{"type": "vpc", "id": "  "}]}, "empty id"),
+    ({"drill_id": "dr-abcd", "extra_resources": []}, "Unsupported parameters"),
 ])
 def test_bad_input_fails_clearly(module_runner, args, message):
     res = module_runner("sweep", args)
@@ -421,3 +414,209 @@ def test_a_service_that_cannot_be_listed_fails_closed(fresh_emulator, module_run
         assert ("log_group", "/drguard/" + drill) in keys_of(res["deleted"])
     finally:
         fresh_emulator.relax_iam()
+
+
+# --------------------------------------------------------------------------- deletion safety
+
+
+def by_key(items) -> dict:
+    return {(i["type"], i["id"]): i for i in items}
+
+
+def untagged_bucket_role_vpc(aws, name: str) -> dict:
+    """An untagged versioned bucket with objects, an untagged role and an untagged VPC."""
+    s3, iam, ec2 = aws("s3"), aws("iam"), aws("ec2")
+    s3.create_bucket(Bucket=name)
+    s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    for body in (b"one", b"two"):
+        s3.put_object(Bucket=name, Key="prod/data.json", Body=body)
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=TRUST)
+    vpc = ec2.create_vpc(CidrBlock="10.251.0.0/16")["Vpc"]["VpcId"]
+    return {"bucket": name, "role": name, "vpc": vpc}
+
+
+def assert_survived(aws, prod: dict) -> None:
+    versions = aws("s3").list_object_versions(Bucket=prod["bucket"]).get("Versions", [])
+    assert len(versions) == 2, "the untagged bucket lost object versions"
+    aws("iam").get_role(RoleName=prod["role"])
+    assert aws("ec2").describe_vpcs(Filters=[{"Name": "vpc-id", "Values": [prod["vpc"]]}])["Vpcs"]
+
+
+def test_extra_resources_is_gone_so_a_recorded_list_deletes_nothing(aws, module_runner):
+    """The planted-state attack: a list of ids naming untagged resources must never make them deletable."""
+    drill = new_id("drp")
+    prod = untagged_bucket_role_vpc(aws, new_id("prod"))
+    planted = [{"type": "s3_bucket", "id": prod["bucket"]}, {"type": "iam_role", "id": prod["role"]},
+               {"type": "vpc", "id": prod["vpc"]}]
+    for args in (sweep_args(drill_id=drill, extra_resources=planted),
+                 sweep_args(expired=True, as_of=AS_OF, extra_resources=[dict(e, expires_at=BEFORE_AS_OF)
+                                                                        for e in planted])):
+        res = module_runner("sweep", args)
+        assert res.failed
+        assert "Unsupported parameters" in res["msg"] and "extra_resources" in res["msg"], res["msg"]
+        assert "found" not in res
+    # And without the option, they are not the drill's: nothing selects them.
+    res = module_runner("sweep", sweep_args(drill_id=drill))
+    assert not res.failed, res
+    assert res["found"] == [] and res["refused"] == []
+    assert_survived(aws, prod)
+
+
+def test_reaper_refuses_a_resource_with_only_the_managed_tag(aws, module_runner):
+    name = new_id("mgd")
+    only_managed = {"drguard:managed": "true"}
+    aws("logs").create_log_group(logGroupName="/drguard/" + name, tags=only_managed)
+    s3 = aws("s3")
+    s3.create_bucket(Bucket="drguard-" + name)
+    s3.put_bucket_tagging(Bucket="drguard-" + name, Tagging={"TagSet": tag_list(only_managed)})
+    mine = {("log_group", "/drguard/" + name), ("s3_bucket", "drguard-" + name)}
+
+    dry = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF), check_mode=True)
+    assert not dry.failed, dry
+    assert not mine & keys_of(dry["found"])
+    real = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF))
+    assert not real.failed, real
+    assert not mine & keys_of(real["deleted"])
+    refused = by_key(real["refused"])
+    assert mine <= set(refused)
+    for key in mine:
+        assert refused[key]["reason"] == "tag drguard:drill-id is missing"
+    # Not proven to be any drill's: reported, but not "remaining" of an expired drill.
+    assert not mine & keys_of(real["remaining"])
+    assert aws("logs").describe_log_groups(logGroupNamePrefix="/drguard/" + name)["logGroups"]
+    s3.head_bucket(Bucket="drguard-" + name)
+    aws("logs").delete_log_group(logGroupName="/drguard/" + name)
+    s3.delete_bucket(Bucket="drguard-" + name)
+
+
+@pytest.mark.parametrize(("expiry", "reason"), [
+    (None, "tag drguard:expires-at is missing"),
+    ("next tuesday", "tag drguard:expires-at 'next tuesday' is not an RFC 3339 time with a zone"),
+    ("2001-06-01", "tag drguard:expires-at '2001-06-01' is not an RFC 3339 time with a zone"),
+    ("20010601T000000Z", "tag drguard:expires-at '20010601T000000Z' is not an RFC 3339 time with a zone"),
+])
+def test_reaper_refuses_a_missing_or_malformed_expiry(aws, module_runner, expiry, reason):
+    drill = new_id("drm")
+    tags = {"drguard:managed": "true", "drguard:drill-id": drill}
+    if expiry is not None:
+        tags["drguard:expires-at"] = expiry
+    group = "/drguard/%s/flow" % drill
+    aws("logs").create_log_group(logGroupName=group, tags=tags)
+    secret = aws("secretsmanager").create_secret(Name="drguard/%s/db" % drill, SecretString="s",
+                                                 Tags=tag_list(tags))["ARN"]
+    mine = {("log_group", group), ("secret", secret)}
+    real = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF))
+    assert not mine & keys_of(real["deleted"])
+    refused = by_key(real["refused"])
+    assert {k: refused[k]["reason"] for k in mine if k in refused} == {k: reason for k in mine}
+    assert not mine & keys_of(real["remaining"])
+    assert aws("logs").describe_log_groups(logGroupNamePrefix=group)["logGroups"]
+    assert not aws("secretsmanager").describe_secret(SecretId=secret).get("DeletedDate")
+    aws("logs").delete_log_group(logGroupName=group)
+    aws("secretsmanager").delete_secret(SecretId=secret, ForceDeleteWithoutRecovery=True)
+
+
+def naming_violations(aws, drill: str, tags: dict) -> dict:
+    """Resources carrying ``drill``'s full tag set but not its naming / path / VPC convention."""
+    iam, s3, ec2 = aws("iam"), aws("s3"), aws("ec2")
+    out = {}
+    iam.create_role(RoleName="drguard-%s-runner" % drill, Path="/", AssumeRolePolicyDocument=TRUST,
+                    Tags=tag_list(tags))
+    out[("iam_role", "drguard-%s-runner" % drill)] = "IAM path '/' is not /drguard/"
+    iam.create_role(RoleName="admin-" + drill, Path="/drguard/", AssumeRolePolicyDocument=TRUST, Tags=tag_list(tags))
+    out[("iam_role", "admin-" + drill)] = "name 'admin-%s' does not start with 'drguard-%s'" % (drill, drill)
+    s3.create_bucket(Bucket="prod-" + drill)
+    s3.put_bucket_tagging(Bucket="prod-" + drill, Tagging={"TagSet": tag_list(tags)})
+    out[("s3_bucket", "prod-" + drill)] = "name 'prod-%s' does not start with 'drguard-%s'" % (drill, drill)
+    secret = aws("secretsmanager").create_secret(Name="prod/" + drill, SecretString="s", Tags=tag_list(tags))["ARN"]
+    out[("secret", secret)] = "name 'prod/%s' does not start with 'drguard/%s/'" % (drill, drill)
+    aws("logs").create_log_group(logGroupName="/prod/" + drill, tags=tags)
+    out[("log_group", "/prod/" + drill)] = "name '/prod/%s' does not start with '/drguard/%s'" % (drill, drill)
+    # Correctly named and tagged, but inside a VPC that is not the drill's.
+    foreign_vpc = ec2.create_vpc(CidrBlock="10.252.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=foreign_vpc, CidrBlock="10.252.1.0/24", TagSpecifications=ec2_tag_specs(
+        "subnet", tags, name="drguard-%s-private-a" % drill))["Subnet"]["SubnetId"]
+    out[("subnet", subnet)] = "its VPC %s is not drill %s's (tag drguard:managed is missing)" % (foreign_vpc, drill)
+    # A VPC with the tags but without the drguard Name.
+    bare_vpc = ec2.create_vpc(CidrBlock="10.253.0.0/16", TagSpecifications=ec2_tag_specs("vpc", tags))["Vpc"]["VpcId"]
+    out[("vpc", bare_vpc)] = "tag Name is missing (want 'drguard-%s' or 'drguard-%s-...')" % (drill, drill)
+    return out
+
+
+def test_teardown_refuses_drill_tagged_resources_that_break_the_naming_convention(aws, module_runner):
+    drill = new_id("drn")
+    violations = naming_violations(aws, drill, drill_tags(drill, FUTURE))
+    good = aws("logs").create_log_group(logGroupName="/drguard/%s/flow" % drill, tags=drill_tags(drill, FUTURE))
+    assert good is not None
+
+    dry = module_runner("sweep", sweep_args(drill_id=drill), check_mode=True)
+    assert keys_of(dry["found"]) == {("log_group", "/drguard/%s/flow" % drill)}
+    assert {k: v["reason"] for k, v in by_key(dry["refused"]).items()} == violations
+
+    res = module_runner("sweep", sweep_args(drill_id=drill))
+    assert res.failed
+    assert keys_of(res["deleted"]) == {("log_group", "/drguard/%s/flow" % drill)}
+    assert {k: v["reason"] for k, v in by_key(res["refused"]).items()} == violations
+    # They carry this drill's id, so the teardown cannot claim zero: they also count as remaining.
+    assert {k: v["reason"] for k, v in by_key(res["remaining"]).items()} == {
+        k: "refused: " + v for k, v in violations.items()}
+    assert res["counts"] == {"found": 1, "deleted": 1, "remaining": len(violations), "refused": len(violations)}
+    assert "drguard-%s-runner" % drill in res["msg"] and "refused" in res["msg"]
+    # Every one of them is still there.
+    iam = aws("iam")
+    iam.get_role(RoleName="drguard-%s-runner" % drill)
+    iam.get_role(RoleName="admin-" + drill)
+    aws("s3").head_bucket(Bucket="prod-" + drill)
+    for (rtype, rid) in violations:
+        if rtype == "secret":
+            assert not aws("secretsmanager").describe_secret(SecretId=rid).get("DeletedDate")
+        elif rtype == "subnet":
+            assert aws("ec2").describe_subnets(SubnetIds=[rid])["Subnets"]
+        elif rtype == "vpc":
+            assert aws("ec2").describe_vpcs(VpcIds=[rid])["Vpcs"]
+    assert aws("logs").describe_log_groups(logGroupNamePrefix="/prod/" + drill)["logGroups"]
+
+
+def test_reaper_refuses_an_expired_role_outside_the_drguard_path(aws, module_runner):
+    drill = new_id("drr")
+    tags = drill_tags(drill, BEFORE_AS_OF)
+    aws("iam").create_role(RoleName="drguard-" + drill, Path="/", AssumeRolePolicyDocument=TRUST, Tags=tag_list(tags))
+    aws("iam").create_role(RoleName="drguard-%s-ok" % drill, Path="/drguard/", AssumeRolePolicyDocument=TRUST,
+                           Tags=tag_list(tags))
+    try:
+        res = module_runner("sweep", sweep_args(expired=True, as_of=AS_OF))
+        assert ("iam_role", "drguard-%s-ok" % drill) in keys_of(res["deleted"])
+        refused = by_key(res["refused"])
+        assert refused[("iam_role", "drguard-" + drill)]["reason"] == "IAM path '/' is not /drguard/"
+        # An expired drill's resource that cannot be deleted: the reaper reports it as remaining and fails.
+        assert by_key(res["remaining"])[("iam_role", "drguard-" + drill)]["reason"] == \
+            "refused: IAM path '/' is not /drguard/"
+        assert res.failed
+        aws("iam").get_role(RoleName="drguard-" + drill)
+    finally:
+        # Expired and owned, it would fail every other expired-mode sweep on this emulator.
+        aws("iam").delete_role(RoleName="drguard-" + drill)
+
+
+def test_ownership_is_proven_again_at_delete_time(aws):
+    """What the listing said does not count: a resource re-tagged after discovery is refused, not deleted."""
+    drill = new_id("drt")
+    tags = drill_tags(drill, FUTURE)
+    logs, sm = aws("logs"), aws("secretsmanager")
+    group = "/drguard/%s/flow" % drill
+    logs.create_log_group(logGroupName=group, tags=tags)
+    secret = sm.create_secret(Name="drguard/%s/db" % drill, SecretString="s", Tags=tag_list(tags))["ARN"]
+    ctx = _sweep.Context(aws, _sweep.Selector(drill_id=drill), 10**12)
+    found = _sweep.discover(ctx)
+    assert keys_of(r.as_dict() for r in found.resources) == {("log_group", group), ("secret", secret)}
+    # Between the listing and the deletion, the group stops being the drill's.
+    logs.untag_log_group(logGroupName=group, tags=["drguard:drill-id"])
+    outcome = _sweep.delete(ctx, found.resources)
+    assert outcome.errors == []
+    assert [(r.type, r.id, r.reason) for r in outcome.refused] == [
+        ("log_group", group, "tag drguard:drill-id is missing")]
+    assert logs.describe_log_groups(logGroupNamePrefix=group)["logGroups"], "deleted on the strength of a listing"
+    assert [(r.type, r.id) for r in found.resources if r.type == "secret"] == [("secret", secret)]
+    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+        sm.describe_secret(SecretId=secret)  # the secret, still the drill's when read again, went
+    logs.delete_log_group(logGroupName=group)

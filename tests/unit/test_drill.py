@@ -22,6 +22,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import (
     parse_time,
     tag_dict,
     tag_list,
+    tag_problem,
     validate_drill_id,
 )
 
@@ -169,9 +170,35 @@ def test_is_expired_past_now_and_future():
     assert is_expired(managed("2026-11-29T06:40:00+02:00"), NOW) is True
 
 
-@pytest.mark.parametrize("expires", [None, "", "soon", "2026-11-29T05:00:00"])
-def test_managed_resource_with_missing_or_unreadable_expiry_counts_as_expired(expires):
-    assert is_expired(managed(expires), NOW) is True
+@pytest.mark.parametrize("expires", [None, "", "soon", "2026-11-29T05:00:00", "2026-11-29", "20261129T040000Z",
+                                     "2026-13-29T04:00:00Z", "2026-11-29T04:00:00+0000"])
+def test_missing_or_malformed_expiry_is_never_expired(expires):
+    """Nothing proves such a resource is a drill's: the reaper reports it instead of deleting it."""
+    assert is_expired(managed(expires), NOW) is False
+    assert tag_problem(managed(expires)) == (
+        "tag drguard:expires-at is missing" if expires is None
+        else "tag drguard:expires-at %r is not an RFC 3339 time with a zone" % expires)
+
+
+@pytest.mark.parametrize(("tags", "problem"), [
+    ({}, "tag drguard:managed is missing"),
+    ({TAG_MANAGED: "yes"}, "tag drguard:managed is 'yes', not 'true'"),
+    ({TAG_MANAGED: "true"}, "tag drguard:drill-id is missing"),
+    ({TAG_MANAGED: "true", TAG_DRILL_ID: "Bad_Id", TAG_EXPIRES_AT: "2026-11-29T04:00:00Z"},
+     "tag drguard:drill-id 'Bad_Id' is not a valid drill id"),
+    ({TAG_MANAGED: "true", TAG_DRILL_ID: "dr-other", TAG_EXPIRES_AT: "2026-11-29T04:00:00Z"},
+     "tag drguard:drill-id is 'dr-other', not 'dr-abc1'"),
+    ({TAG_MANAGED: "true", TAG_DRILL_ID: "dr-abc1", TAG_EXPIRES_AT: "2026-11-29T04:00:00Z"}, None),
+    ({TAG_MANAGED: "true", TAG_DRILL_ID: "dr-abc1", TAG_EXPIRES_AT: "2026-11-29t04:00:00.5+02:00"}, None),
+])
+def test_tag_problem_requires_the_full_tag_set(tags, problem):
+    assert tag_problem(tags, "dr-abc1") == problem
+
+
+def test_only_a_complete_tag_set_can_be_expired():
+    only_managed = {TAG_MANAGED: "true", TAG_EXPIRES_AT: "2000-01-01T00:00:00Z"}
+    assert is_expired(only_managed, NOW) is False
+    assert is_expired(dict(only_managed, **{TAG_DRILL_ID: "dr-abc1"}), NOW) is True
 
 
 @pytest.mark.parametrize("tags", [{}, {TAG_MANAGED: "false", TAG_EXPIRES_AT: "2000-01-01T00:00:00Z"},
