@@ -933,7 +933,7 @@ class NetworkBuilder:
             if self.check:
                 return None
             role = self.iam.create_role(
-                RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
+                RoleName=role_name, Path="/drguard/", AssumeRolePolicyDocument=json.dumps(trust),
                 Description="Delivers VPC flow logs of drill %s to its own log group" % self.drill_id,
                 MaxSessionDuration=3600, Tags=tag_list(self.tags))["Role"]
             with self._lock:
