@@ -8,16 +8,18 @@ import pytest
 
 from drillkit import remaining, run_drill, seed_world
 
+# Each leak and exactly the finding codes it must produce (a route to 0.0.0.0/0 also
+# reaches production; a rule on the default group is also judged as a rule).
 LEAKS = {
-    "igw_route": "route_igw",
-    "nat_route": "route_nat",
-    "peering_route": "route_peering",
-    "tgw_route": "route_tgw",
-    "sg_egress_open": "sg_egress_open",
-    "default_sg_rules": "default_sg_has_rules",
-    "nacl_no_production_deny": "nacl_missing_production_deny",
-    "map_public_ip": "subnet_public_ip",
-    "endpoint_allow_all": "endpoint_policy_open",
+    "igw_route": {"route_igw", "igw_attached", "route_to_production"},
+    "nat_route": {"route_nat", "nat_gateway_present", "route_to_production"},
+    "peering_route": {"route_peering", "peering_active", "route_to_production"},
+    "tgw_route": {"route_tgw", "tgw_attachment", "route_to_production"},
+    "sg_egress_open": {"sg_egress_open"},
+    "default_sg_rules": {"default_sg_has_rules", "sg_ingress_open"},
+    "nacl_no_production_deny": {"nacl_missing_production_deny"},
+    "map_public_ip": {"subnet_public_ip"},
+    "endpoint_allow_all": {"endpoint_policy_open"},
 }
 PHASES = ["network", "prove", "identity", "backup_mount", "verify", "restore", "validate"]
 
@@ -52,7 +54,7 @@ def test_leak_halts_before_backup_is_touched(world, tmp_path, leak):
     report = run.report
     assert report["outcome"] == "halted" and report["failed_phase"] == "prove", report["error"]
     codes = {f["code"] for f in report["boundary"]["findings"]}
-    assert LEAKS[leak] in codes, codes
+    assert codes == LEAKS[leak], report["boundary"]["findings"]
     # Halted before any backup byte was read: no verify phase, no artifact results.
     assert [p["name"] for p in report["phases"]] == ["network", "prove", "teardown"]
     assert report["artifacts"] is None
