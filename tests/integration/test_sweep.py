@@ -532,6 +532,10 @@ def naming_violations(aws, drill: str, tags: dict) -> dict:
     out[("secret", secret)] = "name 'prod/%s' does not start with 'drguard/%s/'" % (drill, drill)
     aws("logs").create_log_group(logGroupName="/prod/" + drill, tags=tags)
     out[("log_group", "/prod/" + drill)] = "name '/prod/%s' does not start with '/drguard/%s'" % (drill, drill)
+    key = aws("kms").create_key(Description="prod key", Tags=tag_list(tags, "TagKey", "TagValue"))["KeyMetadata"]
+    aws("kms").create_alias(AliasName="alias/prod-" + drill, TargetKeyId=key["KeyId"])
+    out[("kms_key", key["KeyId"])] = ("no alias alias/drguard/%s points to it and its description does not start "
+                                      "with 'drguard drill %s:'" % (drill, drill))
     # Correctly named and tagged, but inside a VPC that is not the drill's.
     foreign_vpc = ec2.create_vpc(CidrBlock="10.252.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=foreign_vpc, CidrBlock="10.252.1.0/24", TagSpecifications=ec2_tag_specs(
@@ -546,21 +550,24 @@ def naming_violations(aws, drill: str, tags: dict) -> dict:
 def test_teardown_refuses_drill_tagged_resources_that_break_the_naming_convention(aws, module_runner):
     drill = new_id("drn")
     violations = naming_violations(aws, drill, drill_tags(drill, FUTURE))
-    good = aws("logs").create_log_group(logGroupName="/drguard/%s/flow" % drill, tags=drill_tags(drill, FUTURE))
-    assert good is not None
+    aws("logs").create_log_group(logGroupName="/drguard/%s/flow" % drill, tags=drill_tags(drill, FUTURE))
+    # A key from a drill killed before it got its alias: its description names the drill.
+    key = aws("kms").create_key(Description="drguard drill %s: secrets" % drill,
+                                Tags=tag_list(drill_tags(drill, FUTURE), "TagKey", "TagValue"))["KeyMetadata"]["KeyId"]
+    good = {("log_group", "/drguard/%s/flow" % drill), ("kms_key", key)}
 
     dry = module_runner("sweep", sweep_args(drill_id=drill), check_mode=True)
-    assert keys_of(dry["found"]) == {("log_group", "/drguard/%s/flow" % drill)}
+    assert keys_of(dry["found"]) == good
     assert {k: v["reason"] for k, v in by_key(dry["refused"]).items()} == violations
 
     res = module_runner("sweep", sweep_args(drill_id=drill))
     assert res.failed
-    assert keys_of(res["deleted"]) == {("log_group", "/drguard/%s/flow" % drill)}
+    assert keys_of(res["deleted"]) == good
     assert {k: v["reason"] for k, v in by_key(res["refused"]).items()} == violations
     # They carry this drill's id, so the teardown cannot claim zero: they also count as remaining.
     assert {k: v["reason"] for k, v in by_key(res["remaining"]).items()} == {
         k: "refused: " + v for k, v in violations.items()}
-    assert res["counts"] == {"found": 1, "deleted": 1, "remaining": len(violations), "refused": len(violations)}
+    assert res["counts"] == {"found": 2, "deleted": 2, "remaining": len(violations), "refused": len(violations)}
     assert "drguard-%s-runner" % drill in res["msg"] and "refused" in res["msg"]
     # Every one of them is still there.
     iam = aws("iam")
