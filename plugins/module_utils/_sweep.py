@@ -28,7 +28,8 @@ drill's (:func:`prove`): the full drguard tag set (``drguard:managed=true``, a v
 ``drguard:expires-at``, in the past for the reaper) *and* the drill's naming convention
 (EC2 ``Name`` tag ``drguard-<drill id>...`` inside the drill's own VPC, IAM path
 ``/drguard/`` and name ``drguard-<drill id>...``, log group ``/drguard/<drill id>...``,
-secret ``drguard/<drill id>/...``, KMS alias ``alias/drguard/<drill id>``, bucket and
+secret ``drguard/<drill id>/...``, KMS alias ``alias/drguard/<drill id>`` (or the key's
+description ``drguard drill <drill id>: ...``), bucket and
 topic ``drguard-<drill id>...``). A resource that fails is *refused*: reported with the
 reason, never deleted.
 """
