@@ -22,7 +22,7 @@ description:
     (EC2 C(Name) tag C(drguard-<drill id>) or C(drguard-<drill id>-...) and, for anything in a VPC, a VPC that is
     itself the drill's; IAM path C(/drguard/) and name C(drguard-<drill id>...); log group C(/drguard/<drill id>...);
     secret C(drguard/<drill id>/...); a KMS alias C(alias/drguard/<drill id>) or key description
-    C(drguard drill <drill id>: ...); bucket and topic names
+    starting with C(drguard drill <drill id>:); bucket and topic names
     C(drguard-<drill id>...)). A resource with only C(drguard:managed=true), or a missing or malformed expiry, is
     refused, not deleted.
   - A refused resource that carries the swept drill's id (teardown), or a complete tag set whose expiry has passed
