@@ -24,8 +24,6 @@ import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import parse_qs
-from urllib.parse import urlparse
 
 try:
     from botocore.exceptions import BotoCoreError
@@ -34,6 +32,13 @@ except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botoc
     BotoCoreError = ClientError = Exception
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import Artifact
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import OBJECT_NOT_FOUND_CODES
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import S3Location  # noqa: F401
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3  # noqa: F401
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_prefix  # noqa: F401
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3  # noqa: F401
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import unsafe_name_problem
 
 CHUNK = 1024 * 1024
@@ -44,59 +49,11 @@ LOCK_CHOICES = ("compliance", "governance", "none")
 # (the others are named in its detail).
 _PRIORITY = ("artifact_missing", "unsafe_name", "size_mismatch", "digest_mismatch",
              "metadata_mismatch", "not_immutable")
-_MISSING_CODES = {"404", "NoSuchKey", "NoSuchVersion", "NotFound", "405", "MethodNotAllowed"}
 _COMPOSITE_RE = re.compile(r"-\d+$")
 
 
-class SourceError(ValueError):
-    """A source or destination that cannot be used; the message says what to fix."""
-
-
-# --------------------------------------------------------------------------- locations
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    key: str
-    version_id: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return s3_uri(self.bucket, self.key, self.version_id)
-
-
-def s3_uri(bucket: str, key: str, version_id: str | None = None) -> str:
-    """``s3://bucket/key`` plus ``?versionId=...`` when a version is pinned."""
-    base = "s3://%s/%s" % (bucket, key)
-    return base + ("?versionId=%s" % version_id if version_id else "")
-
-
-def is_s3(text) -> bool:
-    return isinstance(text, str) and text.startswith("s3://")
-
-
-def parse_s3(text: str, what: str = "location") -> S3Location:
-    """Parse ``s3://bucket/key[?versionId=...]``."""
-    url = urlparse(text)
-    if url.scheme != "s3" or not url.netloc:
-        raise SourceError("%s %r is not an s3://bucket/key URI" % (what, text))
-    query = parse_qs(url.query, keep_blank_values=True)
-    unknown = sorted(set(query) - {"versionId"})
-    if unknown or url.fragment:
-        raise SourceError("%s %r: only a ?versionId= query is understood" % (what, text))
-    version = query.get("versionId", [None])[-1] or None
-    return S3Location(url.netloc, url.path[1:] if url.path.startswith("/") else url.path, version)
-
-
-def parse_prefix(text: str, what: str = "source") -> S3Location:
-    """``s3://bucket/prefix/`` (or ``s3://bucket`` for the whole bucket)."""
-    loc = parse_s3(text, what)
-    if loc.version_id:
-        raise SourceError("%s %r: a prefix cannot carry a versionId" % (what, text))
-    if loc.key and not loc.key.endswith("/"):
-        raise SourceError("%s %r: end the prefix with '/' so that %r does not also match %r"
-                          % (what, text, loc.key, loc.key + "0/"))
-    return loc
+# One parser of S3 locations for the whole collection; re-exported for the artifact gate's callers.
+SourceError = LocationError
 
 
 # --------------------------------------------------------------------------- kinds and hashing
@@ -250,7 +207,7 @@ def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = No
         head = s3.head_object(**kwargs)
     except ClientError as exc:
         code, status = _error_code(exc)
-        if code in _MISSING_CODES or status in (404, 405):
+        if code in OBJECT_NOT_FOUND_CODES or status in (404, 405):
             raise SourceError("%s does not exist" % s3_uri(bucket, key, version_id)) from None
         raise
     version = head.get("VersionId")
@@ -361,7 +318,8 @@ def verify_s3(s3, bucket: str, prefix: str, art: Artifact, check: Check, bytes_c
         code, status = _error_code(exc)
         where = "version %s of s3://%s/%s" % (art.version_id, bucket, key) if art.version_id \
             else "s3://%s/%s" % (bucket, key)
-        if code in _MISSING_CODES or status in (404, 405) or (art.version_id and code in ("400", "InvalidArgument")):
+        if code in OBJECT_NOT_FOUND_CODES or status in (404, 405) \
+                or (art.version_id and code in ("400", "InvalidArgument")):
             detail = "%s does not exist (or is a delete marker)" % where
         elif code in ("403", "AccessDenied") or status == 403:
             detail = "%s cannot be read (access denied), so it cannot be verified" % where

@@ -456,22 +456,6 @@ def test_detect_kind(head, kind):
     assert art.detect_kind(head) == kind
 
 
-@pytest.mark.parametrize("uri, expected", [
-    ("s3://b/k", ("b", "k", None)),
-    ("s3://b/dir/k.json?versionId=abc.123", ("b", "dir/k.json", "abc.123")),
-])
-def test_parse_s3(uri, expected):
-    loc = art.parse_s3(uri)
-    assert (loc.bucket, loc.key, loc.version_id) == expected
-    assert loc.uri == uri
-
-
-@pytest.mark.parametrize("uri", ["s3://b/prefix", "s3://b/p/?versionId=1", "s3:///x/", "s3://b/k?foo=1"])
-def test_bad_prefixes(uri):
-    with pytest.raises(art.SourceError):
-        art.parse_prefix(uri)
-
-
 @pytest.mark.parametrize("key_id, region", [
     ("arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab", "eu-west-3"),
     ("arn:aws:kms:us-east-1:111122223333:alias/signer", "us-east-1"),
