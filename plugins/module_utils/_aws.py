@@ -41,6 +41,18 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+# Codes that mean "no such thing" across the services we use (IAM, S3, EC2 ``*.NotFound``,
+# Secrets Manager / KMS / Logs ``*NotFoundException``); S3 objects: _s3_location.
+NOT_FOUND_CODES = frozenset({"NoSuchEntity", "NoSuchBucket", "NotFoundException", "ResourceNotFoundException",
+                             "NotFound", "NatGatewayNotFound"})
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """Whether ``exc`` is AWS saying that the thing asked for does not exist."""
+    code = error_code(exc)
+    return bool(code) and (code in NOT_FOUND_CODES or code.endswith(("NotFound", "NotFoundException")))
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for a boto or our own error: ``Code: message`` for a ClientError."""
     if ClientError is not None and isinstance(exc, ClientError):

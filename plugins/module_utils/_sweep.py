@@ -59,17 +59,14 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_d
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_problem
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 
 WORKERS = 16
 IAM_PATH = "/drguard/"
 
-# Error codes that mean "the thing is already gone".
-_GONE_CODES = {
-    "NoSuchEntity", "NoSuchBucket", "NotFoundException", "ResourceNotFoundException", "NotFound",
-    "NatGatewayNotFound", "InvalidGroup.NotFound", "InvalidAssociationID.NotFound",
-    "Gateway.NotAttached", "InvalidAttachmentID.NotFound", "InvalidAttachment.NotFound",
-}
+# Beyond "not found": a gateway already detached is as good as gone for a sweep.
+_ALSO_GONE_CODES = {"Gateway.NotAttached"}
 # Error codes that mean "something still depends on it / it is busy: try again later".
 _RETRY_CODES = {
     "DependencyViolation", "IncorrectState", "InvalidNetworkInterface.InUse", "ResourceInUse",
@@ -84,9 +81,7 @@ class SweepError(Exception):
 
 
 def is_gone(exc: BaseException) -> bool:
-    code = error_code(exc)
-    return bool(code) and (code in _GONE_CODES or code.endswith(".NotFound") or code.endswith("NotFoundException")
-                           or code.endswith("NotFound"))
+    return is_not_found(exc) or error_code(exc) in _ALSO_GONE_CODES
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -179,3 +179,14 @@ def test_paginate_retries_a_throttled_listing(aws, fast_backoff):
     faults = _FaultInjector(raw, "Throttling", 400, count=2)
     assert isinstance(paginate(RetryingClient(raw), "list_roles", "Roles"), list)
     assert faults.sent == 3
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("NoSuchEntity", True), ("NoSuchBucket", True), ("InvalidVpcID.NotFound", True),
+    ("ResourceNotFoundException", True), ("NatGatewayNotFound", True), ("NotFound", True),
+    ("AccessDenied", False), ("Throttling", False), ("DependencyViolation", False), ("", False),
+])
+def test_is_not_found(code, expected):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
+    assert is_not_found(_client_error(code)) is expected
+    assert is_not_found(ValueError("NotFound")) is False
