@@ -27,6 +27,29 @@ NOT_SECRET = {"secret_store", "file_secrets", "env_secrets", "secrets_prefix", "
 
 OWN_FRAGMENT_PREFIX = "drguard.sandbox."
 AWS_FRAGMENTS = {"amazon.aws.common.modules", "amazon.aws.region.modules", "amazon.aws.boto3"}
+ATTRIBUTES_FRAGMENT = "ansible.builtin.action_common_attributes"
+SUPPORT = ("full", "partial", "none")
+
+
+def check_attributes(doc: dict, source: str, where: str, problems: list) -> None:
+    """``attributes:`` as Ansible users expect: check_mode and diff_mode, honest about support."""
+    if ATTRIBUTES_FRAGMENT not in (doc.get("extends_documentation_fragment") or []):
+        problems.append("%s: does not extend %s" % (where, ATTRIBUTES_FRAGMENT))
+    attributes = doc.get("attributes") or {}
+    for name in ("check_mode", "diff_mode"):
+        support = (attributes.get(name) or {}).get("support")
+        if support not in SUPPORT:
+            problems.append("%s: attributes.%s.support is %r; use one of %s"
+                            % (where, name, support, ", ".join(SUPPORT)))
+    check = (attributes.get("check_mode") or {}).get("support")
+    if check in ("full", "partial") and "supports_check_mode=True" not in source:
+        problems.append("%s: attributes.check_mode says %s but the module does not set supports_check_mode=True"
+                        % (where, check))
+    if check == "none" and "supports_check_mode=True" in source:
+        problems.append("%s: the module supports check mode but attributes.check_mode.support is none" % where)
+    diff = (attributes.get("diff_mode") or {}).get("support")
+    if diff in ("full", "partial") and "_diff" not in source:
+        problems.append("%s: attributes.diff_mode says %s but the module never looks at module._diff" % (where, diff))
 
 
 def compare(spec: dict, doc: dict, where: str, problems: list) -> None:
@@ -108,6 +131,7 @@ def check_module(path: Path, problems: list, group: set) -> None:
     if doc:
         compare(spec, own_fragment_options(doc, where, problems), where, problems)
         source = path.read_text()
+        check_attributes(doc, source, where, problems)
         if "AnsibleAWSModule" in source:
             fragments = set(doc.get("extends_documentation_fragment") or [])
             missing = AWS_FRAGMENTS - fragments

@@ -26,6 +26,13 @@ description:
     failed with EROFS. Needs root or CAP_SYS_ADMIN; without it the module fails closed and says so."
   - O(state=absent) removes the inline policy (the role itself is removed by teardown), or
     unmounts O(path) and removes the empty mount point. Both are idempotent.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   state:
     description: Expose the backups (V(present)) or withdraw the access (V(absent)).
@@ -47,6 +54,7 @@ options:
     description: The mount point (local only); created 0700 when missing.
     type: path
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

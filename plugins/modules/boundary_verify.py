@@ -29,6 +29,13 @@ description:
     C(sg_ingress_undeclared), C(nacl_missing_production_deny), C(nacl_allow_any), C(nacl_allow_undeclared),
     C(subnet_default_nacl), C(endpoint_policy_open), C(endpoint_policy_undeclared), C(endpoint_unsupported),
     C(flow_logs_missing)."
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   vpc_id:
     description:
@@ -54,6 +61,7 @@ options:
     type: bool
     default: true
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

@@ -25,6 +25,13 @@ description:
   - Used by the drill playbook for boundary violations, halts and other drill events;
     M(drguard.sandbox.quarantine_artifact) emits C(drguard.artifact.quarantined) itself.
   - In check mode nothing is written or sent; the event that would be emitted is returned.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   drill_id:
     description: The drill's id.
@@ -44,6 +51,7 @@ options:
     type: dict
     default: {}
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

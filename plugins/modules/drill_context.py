@@ -17,6 +17,13 @@ description:
     with its state file (C(state.json)), where later phases record resources that
     cannot carry tags.
   - Makes no AWS call.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   drill_id:
     description:
@@ -48,6 +55,8 @@ options:
     required: true
 author:
   - drguard maintainers
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 """
 
 EXAMPLES = r"""

@@ -17,6 +17,13 @@ description:
   - RTO measured is the time from the drill's start to the validated restore; RPO
     measured is the time from the backup set's C(created_at) to the drill's start.
   - Makes no AWS call. Inputs are results of other modules, which never carry secrets.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   output_dir:
     description:
@@ -89,6 +96,8 @@ options:
     default: {}
 author:
   - drguard maintainers
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 """
 
 EXAMPLES = r"""

@@ -35,6 +35,13 @@ description:
     policy is replaced or its deletion scheduled; otherwise the module fails and leaves key and alias alone.
     A secret is deleted only when its own tags carry C(drguard:drill-id=<drill_id>) and
     C(drguard:managed=true); other secrets under the prefix are left alone and listed in RV(skipped).
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   drill_id:
     description:
@@ -94,6 +101,7 @@ options:
       - Directory of the tmpfs store. Default C(/dev/shm/drguard-<drill_id>).
     type: path
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

@@ -31,6 +31,13 @@ description:
     a new session is not a change of AWS state, so a run that only mints reports C(changed=false). In check
     mode nothing is created and no credentials are minted.
   - The result holds live credentials - run this module in a task with C(no_log: true).
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   drill_id:
     description:
@@ -91,6 +98,7 @@ options:
         every statement restricted to TLS and, for regional services, to the drill's region.
     type: dict
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

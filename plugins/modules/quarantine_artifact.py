@@ -43,6 +43,13 @@ description:
     not be a source bucket.
   - In check mode nothing is written and no alert is emitted; the records returned
     describe what would be done.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   failures:
     description:
@@ -73,6 +80,7 @@ options:
     type: int
     default: 8
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

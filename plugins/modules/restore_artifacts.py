@@ -18,6 +18,13 @@ description:
     from what was verified is discarded and the task fails. Nothing half-written survives
     (temporary file, then rename).
   - Run it with the drill's minted credentials, which can only read the backups.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   artifacts:
     description:
@@ -40,6 +47,7 @@ options:
     type: int
     default: 4
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

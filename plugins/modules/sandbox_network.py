@@ -43,6 +43,13 @@ description:
   - Bad input (drill id, expiry, boundary) fails before any AWS call.
 author:
   - drguard maintainers
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   drill_id:
     description:
@@ -78,6 +85,7 @@ notes:
   - A failure after something was created fails the task and lists what was created in RV(created); everything is
     tagged with the drill id, so the drill's teardown removes it.
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

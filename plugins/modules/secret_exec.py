@@ -27,6 +27,13 @@ description:
     killed, its output is read for at most 2 more seconds (a process that left the command's process group
     and holds the pipes is not waited for). Running a validation does not change anything, so C(changed)
     is always false; in check mode the command is not run.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   argv:
     description:
@@ -78,6 +85,7 @@ options:
     type: bool
     default: false
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

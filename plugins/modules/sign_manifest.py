@@ -26,6 +26,13 @@ description:
     signed unchanged. Idempotent when this key already signed.
   - The local O(dest) is written atomically with mode 0644; an unchanged manifest is not rewritten.
     Key material is never logged or returned.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   source:
     description:
@@ -95,6 +102,7 @@ options:
       - Artifacts hashed in parallel. Default is the number of CPUs.
     type: int
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

@@ -42,6 +42,13 @@ description:
   - In check mode, nothing is deleted and RV(found) lists what a real run would delete.
 author:
   - drguard maintainers
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   drill_id:
     description:
@@ -73,6 +80,7 @@ notes:
   - IAM is global, so O(expired=true) also reaps expired drill roles and policies created from other regions.
   - Needs describe/list, tag-read and delete permissions on every covered service.
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

@@ -24,6 +24,13 @@ description:
     object is written with a conditional PutObject (C(If-Match) on the ETag read, C(If-None-Match) for a
     new object), re-read and re-checked on conflict, so concurrent writers never lose each other's entries.
   - Check mode reads the state and reports whether it would be written.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   trusted_state:
     description:
@@ -51,6 +58,7 @@ options:
         with another set of signatures (a co-signature added later) is not equivocation.
     type: str
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

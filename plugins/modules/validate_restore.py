@@ -20,6 +20,13 @@ description:
   - Anything else is C(raw) and counts as valid once restored (its digest was verified).
   - Each path is opened without following a symlink (a symlink or anything but a regular file fails), and SQLite
     gets a percent-encoded C(file:) URI, so an artifact name such as C(%2E%2E/x.db) opens exactly that file.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   restored:
     description: The C(restored) list returned by M(drguard.sandbox.restore_artifacts) (C(name), C(path)).
@@ -32,6 +39,8 @@ options:
     default: 1
 author:
   - drguard maintainers
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 """
 
 EXAMPLES = r"""

@@ -33,6 +33,13 @@ description:
     M(drguard.sandbox.trusted_state), for example with other credentials.
   - V(verified) is true only when everything succeeded, the trusted-state update included;
     a task that fails never reports V(verified=true).
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   manifest:
     description:
@@ -112,6 +119,7 @@ options:
       - Artifacts verified in parallel. Default is the number of CPUs.
     type: int
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

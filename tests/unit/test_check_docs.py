@@ -39,3 +39,28 @@ def test_missing_fragment_and_drift_are_findings():
                        "m", problems)
     assert "m.a: default is 1 in ARGUMENT_SPEC but 2 in DOCUMENTATION" in problems
     assert "m.token: looks like a secret but is not no_log in ARGUMENT_SPEC" in problems
+
+
+def _attrs(check="full", diff="none", fragment=True):
+    doc = {"attributes": {"check_mode": {"support": check}, "diff_mode": {"support": diff}}}
+    if fragment:
+        doc["extends_documentation_fragment"] = ["ansible.builtin.action_common_attributes"]
+    return doc
+
+
+def test_attributes_are_required_and_honest():
+    ok_source = "AnsibleModule(argument_spec=S, supports_check_mode=True)\nif module._diff: pass"
+    problems = []
+    check_docs.check_attributes(_attrs(diff="full"), ok_source, "m", problems)
+    assert problems == []
+    check_docs.check_attributes({}, ok_source, "m", problems)
+    assert problems == ["m: does not extend ansible.builtin.action_common_attributes",
+                        "m: attributes.check_mode.support is None; use one of full, partial, none",
+                        "m: attributes.diff_mode.support is None; use one of full, partial, none"]
+    problems = []
+    check_docs.check_attributes(_attrs(check="full"), "AnsibleModule(argument_spec=S)", "m", problems)
+    assert problems == ["m: attributes.check_mode says full but the module does not set supports_check_mode=True"]
+    problems = []
+    check_docs.check_attributes(_attrs(check="none", diff="partial"), "supports_check_mode=True", "m", problems)
+    assert problems == ["m: the module supports check mode but attributes.check_mode.support is none",
+                        "m: attributes.diff_mode says partial but the module never looks at module._diff"]
