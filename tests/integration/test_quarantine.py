@@ -473,7 +473,7 @@ def test_drill_alert_aws_sinks_only_when_tagged_for_the_drill(aws, tmp_path, mod
 @pytest.mark.parametrize("name", ["../x", "/abs", "a\\b", "nul\x00", ".", "..", ".hidden", "a/../../b", "@manifest",
                                   "x@digest_mismatch.json", "%2E%2E", "é/ü", "x" * 600, ""])
 def test_leaf_is_one_safe_segment(name):
-    from ansible_collections.drguard.sandbox.plugins.modules.quarantine_artifact import leaf_for
+    from ansible_collections.drguard.sandbox.plugins.module_utils._quarantine import leaf_for
 
     leaf = leaf_for(name)
     assert leaf and "/" not in leaf and "\\" not in leaf and "\x00" not in leaf
@@ -483,7 +483,7 @@ def test_leaf_is_one_safe_segment(name):
 
 
 def test_leaves_do_not_collide():
-    from ansible_collections.drguard.sandbox.plugins.modules.quarantine_artifact import leaf_for
+    from ansible_collections.drguard.sandbox.plugins.module_utils._quarantine import leaf_for
 
     names = [None, "", "@manifest", "a/b", "a%2Fb", "a_b", ".a", "%2Ea", "x" * 600, "x" * 599 + "y"]
     assert len({leaf_for(n) for n in names}) == len(names)
