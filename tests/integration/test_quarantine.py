@@ -600,3 +600,79 @@ def test_conflicting_copy_is_never_overwritten_and_lost_tags_are_restored(s3_set
     assert _all_keys(s3, st["q"]) == copies
     assert "drguard:drill-id" not in _tags(s3, st["src"], "set/orders.sqlite", st["v2"])
     assert read_jsonl(st["sink"])[-1]["type"] == "drguard.artifact.quarantine_failed"
+
+
+def test_source_key_is_taken_literally_up_to_a_trailing_version_id():
+    """verify_artifacts builds sources with s3_uri(), which does not escape keys: '?', '#', '%' and '+'
+    in a key (an unlisted object can be named anything) belong to the key, only a trailing ?versionId=
+    is a query."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils._quarantine import parse_source
+    from ansible_collections.drguard.sandbox.plugins.module_utils._quarantine import QuarantineError
+
+    src = parse_source({"source": "s3://backups/set/odd?name#x%41+y.bin?versionId=v%2B1"}, 0)
+    assert (src.bucket, src.key, src.version_id) == ("backups", "set/odd?name#x%41+y.bin", "v+1")
+    src = parse_source({"source": "s3://backups/set/a?b=c", "version_id": "v2"}, 0)
+    assert (src.key, src.version_id) == ("set/a?b=c", "v2")
+    for bad in ("s3://Bad_Bucket/k", "s3://backups/", "s3://backups?versionId=v"):
+        with pytest.raises(QuarantineError, match="is not s3://bucket/key"):
+            parse_source({"source": bad}, 0)
+
+
+def test_unlisted_object_with_query_characters_in_its_key_is_quarantined(s3_setup, module_runner):
+    st, drill = s3_setup, _drill_id()
+    key = "set/odd?name#1.bin"
+    version = st["s3"].put_object(Bucket=st["src"], Key=key, Body=b"stray", ChecksumAlgorithm="SHA256")["VersionId"]
+    source = "s3://%s/%s?versionId=%s" % (st["src"], key, version)
+    res = module_runner("quarantine_artifact", {
+        "failures": [_failure("odd?name#1.bin", "unlisted_artifact", source, version)], "drill_id": drill,
+        "quarantine": "s3://%s/u/" % st["q"], "alert_sink": {"path": st["sink"]}})
+    assert not res.failed, res
+    rec = res["records"][0]
+    assert rec["copied"] is True and rec["version_id"] == version
+    ckey, cversion = rec["quarantine_location"][len("s3://%s/" % st["q"]):].split("?versionId=")
+    assert ckey == "u/%s/odd%%3Fname%%231.bin" % drill
+    assert st["s3"].get_object(Bucket=st["q"], Key=ckey, VersionId=cversion)["Body"].read() == b"stray"
+
+
+def test_source_version_that_is_a_delete_marker_is_recorded_as_missing(s3_setup, module_runner):
+    """S3 answers 405 MethodNotAllowed for a version id that is a delete marker: the object version is
+    not there (a record and an alert, no copy), not an access problem that fails the quarantine."""
+    st, drill = s3_setup, _drill_id()
+    key = "set/deleted.bin"
+    st["s3"].put_object(Bucket=st["src"], Key=key, Body=b"x", ChecksumAlgorithm="SHA256")
+    marker = st["s3"].delete_object(Bucket=st["src"], Key=key)["VersionId"]
+    source = "s3://%s/%s?versionId=%s" % (st["src"], key, marker)
+    res = module_runner("quarantine_artifact", {
+        "failures": [_failure("deleted.bin", "artifact_missing", source, marker)], "drill_id": drill,
+        "quarantine": "s3://%s/d/" % st["q"], "alert_sink": {"path": st["sink"]}})
+    assert not res.failed, res
+    rec = res["records"][0]
+    assert rec["copied"] is False and rec["original"] == "missing" and rec["quarantine_location"] is None
+    assert len(read_jsonl(st["sink"])) == 1
+
+
+def test_source_swapped_for_a_symlink_before_the_move_is_never_chmodded(tmp_path, module_runner, monkeypatch):
+    """The source is judged a regular file, then replaced by a symlink before the rename: the moved
+    symlink must not be followed when the quarantined copy is made read-only."""
+    victim = tmp_path / "victim.conf"
+    victim.write_bytes(b"not evidence")
+    os.chmod(victim, 0o644)
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    source = backup / "db.sqlite"
+    source.write_bytes(b"corrupt")
+    real_rename = os.rename
+
+    def swap_then_rename(src, dst, *args, **kwargs):
+        if str(src) == str(source):
+            os.unlink(src)
+            os.symlink(victim, src)
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", swap_then_rename)
+    res = module_runner("quarantine_artifact", {
+        "failures": [_failure("db.sqlite", "digest_mismatch", str(source))], "drill_id": _drill_id(),
+        "quarantine": str(tmp_path / "q"), "alert_sink": {"path": str(tmp_path / "alerts.jsonl")}})
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+    assert victim.read_bytes() == b"not evidence"
+    assert res.failed and "symlink" in res["msg"], res
