@@ -1,6 +1,6 @@
 # Copyright: drguard maintainers
 # Apache License 2.0
-"""Structured drill alerts as CloudEvents 1.0 (DESIGN §7).
+"""Structured drill alerts as CloudEvents 1.0 (docs/quarantine-and-alerts.md).
 
 One event is one JSON object::
 
@@ -10,7 +10,7 @@ One event is one JSON object::
      "drillid": "<drill id>", "data": {...}}
 
 Every event is appended to the drill's ``alerts.jsonl`` (one object per line,
-``O_APPEND`` under an exclusive lock, fsync, mode 0600). When the sink names an SNS
+``O_APPEND`` under an exclusive lock, fsync, mode 0600, missing directories 0700). When the sink names an SNS
 topic, an EventBridge bus or a CloudWatch Logs group, the event is delivered there
 too, but only after that destination has been shown to belong to the drill (it
 carries the tag ``drguard:drill-id`` = the drill's id): alerts never leave the
@@ -18,6 +18,9 @@ drill's sandbox for a production pipeline.
 
 Alerts never carry secrets: :func:`check_no_secrets` refuses data whose keys look
 like secret names or whose values look like key material, before anything is written.
+
+Everything here raises :class:`AlertError` (a bad drill id too), except botocore errors
+from the AWS destinations.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import uuid
 from datetime import datetime
 from datetime import UTC
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
@@ -73,7 +78,14 @@ class AlertError(ValueError):
 
 def event_source(drill_id: str) -> str:
     """The CloudEvents ``source`` of a drill: ``drguard.sandbox/<drill id>``."""
-    return SOURCE_PREFIX + validate_drill_id(drill_id)
+    return SOURCE_PREFIX + _drill_id(drill_id)
+
+
+def _drill_id(drill_id: str) -> str:
+    try:
+        return validate_drill_id(drill_id)
+    except DrillError as exc:
+        raise AlertError(str(exc)) from None
 
 
 def rfc3339_now(now: datetime | None = None) -> str:
@@ -148,7 +160,7 @@ def encode_event(event: dict) -> bytes:
 
 
 def append_jsonl(path: str, event: dict) -> None:
-    """Append ``event`` as one line to ``path`` (created 0600, parent 0700 when new).
+    """Append ``event`` as one line to ``path`` (created 0600; missing directories created 0700).
 
     ``O_APPEND`` plus an exclusive ``flock`` keeps concurrent writers (threads of one
     module or several processes) from interleaving lines; ``fsync`` makes the line
@@ -158,7 +170,11 @@ def append_jsonl(path: str, event: dict) -> None:
     line = encode_event(event)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Every missing directory 0700, whatever the umask; an existing one is used as it is.
+        try:
+            ensure_private_dir(directory, parents=True)
+        except OSError as exc:
+            raise AlertError("cannot create the directory of alert sink %s: %s" % (path, exc)) from None
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags, 0o600)
@@ -220,14 +236,15 @@ def needs_aws(sink: dict) -> bool:
 class AlertSink:
     """Emits a drill's events: always to ``alerts.jsonl``, plus the configured AWS sinks.
 
-    ``client`` is a callable ``client("sns")`` returning a boto3 client (a module's
-    ``module.client``); it is only called when an AWS destination is configured.
+    ``client`` is a callable ``client("sns")`` returning a boto3 client whose calls retry
+    (``lambda s: _aws.aws_client(module, s)``); it is only called when an AWS destination
+    is configured.
     Each AWS destination is checked once for the drill's tag before the first
     delivery (fail closed: an untagged or unreadable destination is refused).
     """
 
     def __init__(self, drill_id: str, sink: dict, client=None):
-        self.drill_id = validate_drill_id(drill_id)
+        self.drill_id = _drill_id(drill_id)
         self.sink = parse_sink(sink)
         self.client = client
         self._clients = {}

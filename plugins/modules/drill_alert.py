@@ -95,13 +95,12 @@ except ImportError:
     pass  # handled by AnsibleAWSModule
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertError
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import ALERT_SINK_SPEC
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import AlertSink
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import build_event
 from ansible_collections.drguard.sandbox.plugins.module_utils.alerts import needs_aws
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 
 ARGUMENT_SPEC = dict(
     drill_id=dict(type="str", required=True),
@@ -115,25 +114,24 @@ ARGUMENT_SPEC = dict(
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
+    event = None
     try:
         sink_opts = {k: v for k, v in (p["alert_sink"] or {}).items() if v is not None}
-        sink = AlertSink(p["drill_id"], sink_opts,
-                         client=lambda s: module.client(s, retry_decorator=AWSRetry.jittered_backoff()))
+        sink = AlertSink(p["drill_id"], sink_opts, client=lambda service: aws_client(module, service))
         # Validate the event (type, secrets, JSON) before touching any sink.
         preview = build_event(p["drill_id"], p["type"], p["subject"], p["data"] or {})
         if needs_aws(sink.sink):
             sink.verify_destinations()
-        if module.check_mode:
-            module.exit_json(changed=True, event=preview)
-        event = sink.emit(p["type"], p["subject"], p["data"] or {}, event_id=preview["id"])
-    except (AlertError, DrillError) as exc:
+        if not module.check_mode:
+            event = sink.emit(p["type"], p["subject"], p["data"] or {}, event_id=preview["id"])
+    except AlertError as exc:
         # The refused payload may hold the very secret it was refused for; keep it out of
         # the task result's echoed invocation.
         module.params["data"] = "(not shown: the alert was refused)"
         module.fail_json(msg=str(exc))
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         module.fail_json_aws(exc, msg="Could not deliver the drill alert")
-    module.exit_json(changed=True, event=event)
+    module.exit_json(changed=True, event=event or preview)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,30 @@ def test_append_jsonl_creates_0600_file_in_0700_dir_and_appends(tmp_path):
     assert alerts.read_jsonl(str(path)) == events
 
 
+def test_append_jsonl_creates_every_missing_parent_0700_under_umask_002(tmp_path):
+    path = tmp_path / "runs" / "dr-1" / "out" / "alerts.jsonl"
+    old = os.umask(0o002)
+    try:
+        alerts.append_jsonl(str(path), alerts.build_event(DRILL, "drguard.x", None, {}))
+    finally:
+        os.umask(old)
+    dirs = [tmp_path / "runs", tmp_path / "runs" / "dr-1", path.parent]
+    assert [stat.S_IMODE(os.lstat(d).st_mode) for d in dirs] == [0o700] * 3
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+
+
+def test_append_jsonl_refuses_a_dangling_symlink_as_its_directory(tmp_path):
+    os.symlink(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(alerts.AlertError, match="symlink"):
+        alerts.append_jsonl(str(tmp_path / "out" / "alerts.jsonl"), alerts.build_event(DRILL, "drguard.x", None, {}))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_bad_drill_id_is_an_alert_error():
+    with pytest.raises(alerts.AlertError, match="drill_id"):
+        alerts.AlertSink("../prod", {"path": "/x/alerts.jsonl"})
+
+
 def test_append_jsonl_tightens_an_existing_file_and_keeps_its_lines(tmp_path):
     path = tmp_path / "alerts.jsonl"
     path.write_text('{"old": true}\n')
