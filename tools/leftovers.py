@@ -20,6 +20,12 @@ def _tags(items, key="Key", value="Value"):
     return {t[key]: t[value] for t in items or []}
 
 
+def _tagged_with(item: dict, drill_id: str) -> bool:
+    """The item's own tags name the drill (a server-side tag filter is only a hint: moto ignores
+    it for NAT gateways, and an independent check must not trust it)."""
+    return _tags(item.get("Tags")).get(TAG) == drill_id
+
+
 def leftovers(drill_id: str, session: boto3.session.Session | None = None,
               endpoint_url: str | None = None) -> list[dict]:
     """Every resource still tagged with ``drill_id`` (KMS keys pending deletion excluded)."""
@@ -43,15 +49,17 @@ def leftovers(drill_id: str, session: boto3.session.Session | None = None,
         ("network_interface", ec2.describe_network_interfaces, "NetworkInterfaces", "NetworkInterfaceId"),
     ):
         for item in call(Filters=flt)[key]:
+            if not _tagged_with(item, drill_id):
+                continue
             if kind == "vpc_endpoint" and item.get("State", "").lower() in ("deleted", "deleting"):
                 continue
             found.append({"type": kind, "id": item[id_key]})
     for res in ec2.describe_instances(Filters=flt)["Reservations"]:
         for inst in res["Instances"]:
-            if inst["State"]["Name"] != "terminated":
+            if _tagged_with(inst, drill_id) and inst["State"]["Name"] != "terminated":
                 found.append({"type": "instance", "id": inst["InstanceId"]})
     for nat in ec2.describe_nat_gateways(Filters=flt)["NatGateways"]:
-        if nat["State"] not in ("deleted", "deleting"):
+        if _tagged_with(nat, drill_id) and nat["State"] not in ("deleted", "deleting"):
             found.append({"type": "nat_gateway", "id": nat["NatGatewayId"]})
 
     logs = client("logs")

@@ -28,7 +28,9 @@ def main() -> int:
     net = json.loads(a.network)
     ec2 = boto3.client("ec2")
     tags = [{"Key": "drguard:managed", "Value": "true"}, {"Key": "drguard:drill-id", "Value": a.drill_id},
-            {"Key": "drguard:expires-at", "Value": a.expires_at}]
+            {"Key": "drguard:expires-at", "Value": a.expires_at},
+            # The drill's naming convention too: teardown deletes only what proves it is the drill's.
+            {"Key": "Name", "Value": "drguard-%s-leak" % a.drill_id}]
 
     def spec(kind):
         return [{"ResourceType": kind, "Tags": tags}]
