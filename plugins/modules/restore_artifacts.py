@@ -79,22 +79,16 @@ bytes_restored:
   type: int
 """
 
-import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 try:
     import botocore
 except ImportError:
     pass  # handled by AnsibleAWSModule
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
-from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
-from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_chunks
-from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
-from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
 
 ARGUMENT_SPEC = dict(
     artifacts=dict(type="list", elements="dict", required=True),
@@ -102,89 +96,19 @@ ARGUMENT_SPEC = dict(
     workers=dict(type="int", default=4),
 )
 
-class RestoreError(Exception):
-    pass
-
-
-def safe_relative(name: str) -> str:
-    """The artifact name as a relative path that cannot leave the restore directory."""
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or name.startswith("/"):
-        raise RestoreError("artifact name %r is unsafe" % (name,))
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise RestoreError("artifact name %r is unsafe" % (name,))
-    return os.path.join(*parts)
-
-
-def _chunks(s3, source, version_id, size):
-    """Chunks of the artifact, at most one byte past the verified size (never a full endless read)."""
-    if art.is_s3(source):
-        loc = art.parse_s3(source, "source")
-        try:
-            _resp, chunks = art.s3_get_chunks(s3, loc.bucket, loc.key, version_id or loc.version_id, size)
-        except botocore.exceptions.ClientError as exc:
-            raise RestoreError("%s: %s" % (source, exc.response.get("Error", {}).get("Code") or exc)) from None
-        yield from chunks
-        return
-    with open(source, "rb") as handle:
-        yield from art.file_chunks(handle, size)
-
-
-def restore_one(s3, entry, dest):
-    name = entry.get("name")
-    if not entry.get("verified"):
-        raise RestoreError("artifact %r was not verified; refusing to restore it" % (name,))
-    rel = safe_relative(name)
-    want_sha, want_size = entry.get("sha256"), entry.get("size")
-    source = entry.get("source")
-    if not want_sha or want_size is None or not source:
-        raise RestoreError("artifact %r lacks sha256, size or source" % (name,))
-    target = os.path.join(dest, rel)
-    ensure_private_dir(os.path.dirname(target), parents=True)
-    want = int(want_size)
-
-    def checked(chunks):
-        digest, seen = hashlib.sha256(), 0
-        for chunk in chunks:
-            digest.update(chunk)
-            seen += len(chunk)
-            if seen > want:
-                raise RestoreError("%s: longer than the verified %d bytes" % (name, want))
-            yield chunk
-        if seen != want or digest.hexdigest() != want_sha:
-            raise RestoreError("%s: restored bytes differ from what was verified (size %d, sha256 %s)"
-                               % (name, seen, digest.hexdigest()))
-
-    # A raise inside checked() removes the temporary file: nothing unverified is left behind.
-    written = atomic_write_chunks(target, checked(_chunks(s3, source, entry.get("version_id"), want)), 0o400)
-    return {"name": name, "path": target, "sha256": want_sha, "size": written}
-
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     hide_session_credentials(module)
     p = module.params
-    if p["workers"] < 1:
-        module.fail_json(msg="workers must be at least 1")
-    if not p["artifacts"]:
-        module.fail_json(msg="artifacts is empty: nothing was verified, so nothing can be restored")
     try:
-        if module.check_mode:
-            check_private_dir(p["dest"])
-            module.exit_json(changed=True, restored=[], bytes_restored=0)
-        ensure_private_dir(p["dest"], parents=True)
-    except OSError as exc:
-        module.fail_json(msg="Cannot use the restore directory: %s" % exc)
-    need_s3 = any(str(a.get("source", "")).startswith("s3://") for a in p["artifacts"])
-    s3 = module.client("s3", retry_decorator=AWSRetry.jittered_backoff()) if need_s3 else None
-    try:
-        with ThreadPoolExecutor(max_workers=p["workers"]) as pool:
-            restored = list(pool.map(lambda e: restore_one(s3, e, p["dest"]), p["artifacts"]))
-    except (RestoreError, art.SourceError, OSError) as exc:
-        module.fail_json(msg="Restore failed: %s" % exc)
+        result = restore(p["artifacts"], p["dest"], workers=p["workers"], check_mode=module.check_mode,
+                         client=lambda service: aws_client(module, service))
+    except RestoreError as exc:
+        module.fail_json(msg=str(exc))
     except botocore.exceptions.BotoCoreError as exc:
         module.fail_json_aws(exc, msg="Restore failed")
-    module.exit_json(changed=True, restored=restored, bytes_restored=sum(r["size"] for r in restored))
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":
