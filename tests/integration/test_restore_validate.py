@@ -212,3 +212,18 @@ def test_validate_refuses_a_restored_path_that_is_a_symlink(tmp_path):
 
 def test_validate_nothing_restored_is_a_failure():
     assert run_module("validate_restore", {"restored": []}).failed
+
+
+def test_restore_refuses_no_artifacts_and_no_workers_before_touching_dest(tmp_path, module_runner):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore
+    from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
+
+    def no_client(service):
+        raise AssertionError("no client is needed for %s" % service)
+
+    with pytest.raises(RestoreError, match="artifacts is empty"):
+        restore([], str(tmp_path / "r"), client=no_client)
+    res = module_runner("restore_artifacts", {"artifacts": [{"name": "a"}], "dest": str(tmp_path / "r"),
+                                              "workers": 0})
+    assert res.failed and res["msg"] == "workers must be at least 1"
+    assert not (tmp_path / "r").exists()
