@@ -18,7 +18,8 @@ options:
     required: true
     suboptions:
       path:
-        description: The drill's C(alerts.jsonl) (created 0600; one JSON object per line).
+        description:
+          - The drill's C(alerts.jsonl) (created 0600, missing directories above it 0700; one JSON object per line).
         type: path
         required: true
       sns_topic_arn:
