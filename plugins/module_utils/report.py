@@ -45,6 +45,27 @@ def build_phases(marks: list, finished: float, failed_phase: str | None) -> list
     return phases
 
 
+def decide_outcome(*, halted: bool, failed_phase: str | None, error: str | None, teardown: dict | None,
+                   teardown_error: str | None, recovery: dict) -> tuple:
+    """The drill's verdict: ``(outcome, failed_phase, error)``; the one place that decides it.
+
+    In order: a safety gate that stopped the drill on purpose (``halted``) is ``halted``; a
+    phase that failed is ``failed``; then the teardown fails the drill when it reported an
+    error or did not prove that zero resources remain (also when it never ran: fail
+    closed); then a missed RTO/RPO target fails it. Otherwise ``passed``.
+    """
+    if halted or failed_phase or error:
+        return ("halted" if halted else "failed"), failed_phase, error or "unknown error"
+    if teardown_error:
+        return "failed", "teardown", teardown_error
+    if teardown is None or teardown.get("remaining") != 0:
+        return "failed", "teardown", "teardown did not prove that zero resources remain"
+    missed = [key.upper() for key, value in recovery.items() if value["met"] is False]
+    if missed:
+        return "failed", "recovery", "%s target not met" % " and ".join(missed)
+    return "passed", None, None
+
+
 def measure(targets: dict, drill_started: float, recovered_at: float | None,
             backup_created_epoch: float | None) -> dict:
     """RTO/RPO measured vs targets. A target not met, or not measurable, is not met."""

@@ -14,6 +14,10 @@ description:
   - Assembles the report of one drill from what its phases returned (DESIGN section 6)
     and writes C(drill-report.json) and C(drill-report.md) atomically into the drill's
     output directory. Every run writes one, also a failed or halted one.
+  - Decides the drill's outcome from what it is given, in this order - V(halted) when O(halted) (a safety gate
+    stopped the drill on purpose), V(failed) when a phase failed (O(failed_phase), O(error)), V(failed) when the
+    teardown reported an error (O(teardown_error)) or did not prove that zero resources remain (also when it never
+    ran), V(failed) when an RTO or RPO target was missed, otherwise V(passed).
   - RTO measured is the time from the drill's start to the validated restore; RPO
     measured is the time from the backup set's C(created_at) to the drill's start.
   - Makes no AWS call. Inputs are results of other modules, which never carry secrets.
@@ -47,14 +51,12 @@ options:
     description: Start of the drill in seconds since the epoch.
     type: float
     required: true
-  outcome:
-    description:
-      - C(passed), C(failed) (an error) or C(halted) (a safety gate stopped the drill on purpose).
-    type: str
-    required: true
-    choices: [passed, failed, halted]
+  halted:
+    description: A safety gate (boundary proof, backup verification) stopped the drill on purpose.
+    type: bool
+    default: false
   failed_phase:
-    description: The phase that failed or halted the drill.
+    description: The phase that failed or halted the drill; absent when every phase passed.
     type: str
   error:
     description: The error message of the failed phase.
@@ -87,9 +89,18 @@ options:
   backup_created_at:
     description: The backup set's C(created_at) (RFC 3339), for the RPO.
     type: str
+  teardown_started:
+    description:
+      - When the teardown started (epoch seconds). The report's phases end with C(teardown), V(failed) when
+        O(teardown_error) is set or the teardown did not prove that zero resources remain.
+    type: float
   teardown:
-    description: Teardown summary, C({deleted, remaining, remaining_resources}).
+    description:
+      - Teardown summary, C({deleted, remaining, remaining_resources}) (the teardown role's C(teardown__output)).
     type: dict
+  teardown_error:
+    description: The teardown's error message, when it failed.
+    type: str
   extra:
     description: Further sections to include as they are (for example identity or validation summaries).
     type: dict
@@ -107,11 +118,15 @@ EXAMPLES = r"""
     drill_id: "{{ drill_ctx.drill_id }}"
     started_at: "{{ drill_ctx.started_at }}"
     started_epoch: "{{ drill_ctx.started_epoch }}"
-    outcome: passed
+    halted: "{{ _drill_halted }}"
+    failed_phase: "{{ _drill_failed_phase | default(omit) }}"
+    error: "{{ _drill_error | default(omit) }}"
     phases: "{{ _drill_marks }}"
     targets: {rto_seconds: 3600, rpo_seconds: 86400}
-    teardown: "{{ teardown }}"
-  register: drill_report
+    teardown_started: "{{ _drill_teardown_started }}"
+    teardown: "{{ teardown__output | default(omit) }}"
+    teardown_error: "{{ _drill_teardown_error | default(omit) }}"
+  register: drill_report_result
 """
 
 RETURN = r"""
@@ -148,6 +163,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import forma
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import build_phases
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import decide_outcome
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import measure
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import render_markdown
 
@@ -157,7 +173,7 @@ ARGUMENT_SPEC = dict(
     region=dict(type="str"),
     started_at=dict(type="str", required=True),
     started_epoch=dict(type="float", required=True),
-    outcome=dict(type="str", required=True, choices=["passed", "failed", "halted"]),
+    halted=dict(type="bool", default=False),
     failed_phase=dict(type="str"),
     error=dict(type="str"),
     phases=dict(type="list", elements="dict", required=True),
@@ -167,7 +183,9 @@ ARGUMENT_SPEC = dict(
     targets=dict(type="dict", default={}),
     recovered_epoch=dict(type="float"),
     backup_created_at=dict(type="str"),
+    teardown_started=dict(type="float"),
     teardown=dict(type="dict"),
+    teardown_error=dict(type="str"),
     extra=dict(type="dict", default={}),
 )
 
@@ -185,13 +203,7 @@ def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     finished = time.time()
-    outcome = p["outcome"]
     teardown = p["teardown"]
-    # Fail closed: a teardown that did not run or left something behind fails the drill.
-    if (teardown is None or teardown.get("remaining") != 0) and outcome == "passed":
-        outcome = "failed"
-        p["failed_phase"] = p["failed_phase"] or "teardown"
-        p["error"] = p["error"] or "teardown did not prove that zero resources remain"
     backup_created_epoch = None
     if p["backup_created_at"]:
         try:
@@ -199,13 +211,16 @@ def main():
         except DrillError as exc:
             module.fail_json(msg="backup_created_at: %s" % exc)
 
-    phases = build_phases(p["phases"], finished, p["failed_phase"] if outcome != "passed" else None)
     recovery = measure(p["targets"], p["started_epoch"], p["recovered_epoch"], backup_created_epoch)
-    if outcome == "passed" and any(v["met"] is False for v in recovery.values()):
-        outcome = "failed"
-        missed = [k.upper() for k, v in recovery.items() if v["met"] is False]
-        p["failed_phase"] = p["failed_phase"] or "recovery"
-        p["error"] = p["error"] or "%s target not met" % " and ".join(missed)
+    outcome, failed_phase, error = decide_outcome(
+        halted=p["halted"], failed_phase=p["failed_phase"], error=p["error"], teardown=teardown,
+        teardown_error=p["teardown_error"], recovery=recovery)
+    marks = list(p["phases"])
+    if p["teardown_started"] is not None:
+        torn_down = not p["teardown_error"] and teardown is not None and teardown.get("remaining") == 0
+        marks.append({"name": "teardown", "started": p["teardown_started"],
+                      "status": "passed" if torn_down else "failed"})
+    phases = build_phases(marks, finished, failed_phase)
 
     report = {
         "report_version": 1,
@@ -215,8 +230,8 @@ def main():
         "finished_at": format_time(utcnow()),
         "seconds": round(finished - p["started_epoch"], 3),
         "outcome": outcome,
-        "failed_phase": p["failed_phase"] if outcome != "passed" else None,
-        "error": p["error"] if outcome != "passed" else None,
+        "failed_phase": failed_phase,
+        "error": error,
         "phases": phases,
         "boundary": _pick(p["boundary"], _BOUNDARY_KEYS),
         "artifacts": _pick(p["artifacts"], _ARTIFACT_KEYS),

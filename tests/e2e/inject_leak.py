@@ -20,7 +20,7 @@ LEAKS = ("igw_route", "nat_route", "peering_route", "tgw_route", "sg_egress_open
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--leak", required=True, choices=LEAKS)
-    p.add_argument("--network", required=True, help="JSON of the sandbox_network fact")
+    p.add_argument("--network", required=True, help="JSON of the sandbox_network__output fact")
     p.add_argument("--drill-id", required=True)
     p.add_argument("--expires-at", required=True)
     p.add_argument("--production-cidr", required=True)

@@ -256,7 +256,7 @@ ROLE_PLAY = """
       always:
         - name: Show the fact
           ansible.builtin.debug:
-            msg: "TEARDOWN_FACT {{ teardown | to_json | b64encode }}"
+            msg: "TEARDOWN_FACT {{ teardown__output | to_json | b64encode }}"
 """
 
 

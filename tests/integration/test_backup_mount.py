@@ -230,7 +230,7 @@ def test_local_fails_closed_without_cap_sys_admin(tmp_path):
 @needs_root
 @pytest.mark.slow
 def test_role_backup_mount_local_and_s3_with_ansible_playbook(emulator, aws, tmp_path):
-    """The role itself: create (S3 + local) publishes backup_mount, delete withdraws both."""
+    """The role itself: create (S3 + local) publishes backup_mount__output, delete withdraws both."""
     s3, iam = aws("s3"), aws("iam")
     bucket = "bm-role-%s" % uuid.uuid4().hex[:8]
     s3.create_bucket(Bucket=bucket)
@@ -259,7 +259,7 @@ def test_role_backup_mount_local_and_s3_with_ansible_playbook(emulator, aws, tmp
         backup_mount_source: "s3://%(bucket)s/orders/"
     - name: Keep the S3 fact
       ansible.builtin.set_fact:
-        s3_fact: "{{ backup_mount | default(None) }}"
+        s3_fact: "{{ backup_mount__output | default(None) }}"
     - name: Local
       ansible.builtin.include_role:
         name: drguard.sandbox.backup_mount
@@ -271,7 +271,7 @@ def test_role_backup_mount_local_and_s3_with_ansible_playbook(emulator, aws, tmp
     - name: Dump the facts
       ansible.builtin.copy:
         dest: "%(facts)s"
-        content: "{{ {'s3': s3_fact, 'local': backup_mount | default(None)} | to_json }}"
+        content: "{{ {'s3': s3_fact, 'local': backup_mount__output | default(None)} | to_json }}"
         mode: "0600"
 """ % {"drill": drill_id, "bucket": bucket, "src": src, "mnt": mnt, "facts": facts})
 

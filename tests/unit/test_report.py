@@ -11,7 +11,12 @@ import pytest
 
 from conftest import run_module
 
-from ansible_collections.drguard.sandbox.plugins.module_utils.report import build_phases, measure, render_markdown
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import (
+    build_phases,
+    decide_outcome,
+    measure,
+    render_markdown,
+)
 
 BOUNDARY = {"production_cidrs": ["10.0.0.0/16"]}
 # A directory readable by the group, as a umask of 027 would leave it.
@@ -127,7 +132,7 @@ def test_drill_context_rejects_bad_drill_id(tmp_path):
 
 def _report_args(tmp_path, **kw):
     args = {"output_dir": str(tmp_path), "drill_id": "dr-test-1", "region": "us-east-1",
-            "started_at": "2026-11-29T00:00:00Z", "started_epoch": 1000.0, "outcome": "passed",
+            "started_at": "2026-11-29T00:00:00Z", "started_epoch": 1000.0,
             "phases": [{"name": "network", "started": 1001.0}],
             "teardown": {"deleted": 12, "remaining": 0, "remaining_resources": []}}
     args.update(kw)
@@ -183,3 +188,58 @@ def test_render_handles_halted_report():
                           "phases": [], "quarantine": [{"name": "x", "reason": "digest_mismatch",
                                                          "quarantine_location": "s3://q/x"}]})
     assert "digest \\| mismatch" in md and "s3://q/x" in md
+
+
+def test_report_passes_when_every_phase_and_the_teardown_passed(tmp_path):
+    res = run_module("drill_report", _report_args(tmp_path, teardown_started=1005.0))
+    assert res["headline"]["outcome"] == "passed"
+    assert res["report"]["failed_phase"] is None and res["report"]["error"] is None
+    assert [(p["name"], p["status"]) for p in res["report"]["phases"]] == [
+        ("network", "passed"), ("teardown", "passed")]
+
+
+def test_report_halted_by_a_safety_gate(tmp_path):
+    res = run_module("drill_report", _report_args(
+        tmp_path, halted=True, failed_phase="prove", error="The sandbox is not isolated",
+        phases=[{"name": "network", "started": 1001.0}, {"name": "prove", "started": 1002.0}], teardown_started=1003.0))
+    assert res["headline"]["outcome"] == "halted"
+    assert (res["report"]["failed_phase"], res["report"]["error"]) == ("prove", "The sandbox is not isolated")
+    assert [(p["name"], p["status"]) for p in res["report"]["phases"]] == [
+        ("network", "passed"), ("prove", "failed"), ("teardown", "passed")]
+
+
+def test_report_failed_phase_wins_over_a_failed_teardown(tmp_path):
+    res = run_module("drill_report", _report_args(
+        tmp_path, failed_phase="network", error="fault injected in phase network", teardown_started=1003.0,
+        teardown_error="Teardown of drill dr-test-1 is incomplete: boom"))
+    assert res["headline"]["outcome"] == "failed"
+    assert (res["report"]["failed_phase"], res["report"]["error"]) == ("network", "fault injected in phase network")
+    assert [(p["name"], p["status"]) for p in res["report"]["phases"]] == [
+        ("network", "failed"), ("teardown", "failed")]
+
+
+def test_report_teardown_error_fails_the_drill(tmp_path):
+    res = run_module("drill_report", _report_args(
+        tmp_path, teardown_started=1003.0, teardown_error="Teardown of drill dr-test-1 is incomplete: revoking failed"))
+    assert res["headline"]["outcome"] == "failed"
+    assert res["report"]["failed_phase"] == "teardown"
+    assert res["report"]["error"] == "Teardown of drill dr-test-1 is incomplete: revoking failed"
+    assert (res["report"]["phases"][-1]["name"], res["report"]["phases"][-1]["status"]) == ("teardown", "failed")
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({}, ("passed", None, None)),
+    ({"halted": True, "failed_phase": "verify", "error": "e"}, ("halted", "verify", "e")),
+    ({"failed_phase": "restore", "error": None}, ("failed", "restore", "unknown error")),
+    ({"teardown_error": "t"}, ("failed", "teardown", "t")),
+    ({"teardown": None}, ("failed", "teardown", "teardown did not prove that zero resources remain")),
+    ({"teardown": {"remaining": None}}, ("failed", "teardown", "teardown did not prove that zero resources remain")),
+    ({"recovery": {"rto": {"met": False}, "rpo": {"met": False}}},
+     ("failed", "recovery", "RTO and RPO target not met")),
+    ({"recovery": {"rto": {"met": None}, "rpo": {"met": True}}}, ("passed", None, None)),
+])
+def test_decide_outcome(given, expected):
+    args = {"halted": False, "failed_phase": None, "error": None, "teardown": {"remaining": 0},
+            "teardown_error": None, "recovery": {"rto": {"met": True}, "rpo": {"met": None}}}
+    args.update(given)
+    assert decide_outcome(**args) == expected
