@@ -3,6 +3,10 @@
 beside the floor (the same provision / prove / teardown work from one plain boto3 script).
 
 Figures, not assertions: prints a table and writes bench/results/drill-<time>.json.
+The teardown gets its own lines: the phase (from the drill's report), the sweep task
+(start to end, as Ansible timed it: process start-up included) and the sweep module's own
+``seconds``, each with its share of the whole drill. The play runs with the
+``ansible.posix.json`` stdout callback so that the sweep's result can be read back.
 Usage: .venv/bin/python bench/drill_bench.py [--runs N]
 """
 
@@ -14,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +27,32 @@ sys.path[:0] = [str(ROOT / ".collections"), str(ROOT / "tools"), str(ROOT / "tes
 
 from drillkit import run_drill, seed_world  # noqa: E402
 from emulator import Emulator, child_env  # noqa: E402
+
+SWEEP_ACTIONS = ("drguard.sandbox.sweep", "sweep")
+
+
+def _when(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def sweep_figures(stdout: str) -> dict:
+    """The sweep task's wall seconds and the module's own ``seconds`` from the json callback's output."""
+    try:
+        played = json.loads(stdout[stdout.index("{"):])
+    except ValueError:
+        return {"task_seconds": None, "module_seconds": None}
+    for play in played.get("plays") or []:
+        for task in play.get("tasks") or []:
+            for result in (task.get("hosts") or {}).values():
+                if result.get("action") in SWEEP_ACTIONS and "counts" in result:
+                    duration = task["task"]["duration"]
+                    return {"task_seconds": round(_when(duration["end"]) - _when(duration["start"]), 3),
+                            "module_seconds": result.get("seconds"), "counts": result.get("counts")}
+    return {"task_seconds": None, "module_seconds": None}
+
+
+def _share(part, whole) -> str:
+    return "%.2f s (%.0f %% of the drill)" % (part, 100.0 * part / whole) if part is not None and whole else "n/a"
 
 
 def main() -> int:
@@ -34,13 +65,19 @@ def main() -> int:
         for i in range(args.runs):
             emu.calls(reset=True)
             t0 = time.perf_counter()
-            run = run_drill(world, Path(tmp) / ("run%d" % i))
+            run = run_drill(world, Path(tmp) / ("run%d" % i), env_extra={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"})
             wall = time.perf_counter() - t0
             calls = emu.calls()
-            report = run.report
+            try:
+                report = run.report
+            except FileNotFoundError:
+                print("the drill wrote no report (exit code %d); its output ends with:\n%s\n%s"
+                      % (run.rc, run.stdout[-3000:], run.stderr[-2000:]), file=sys.stderr)
+                return 1
             phases = {p["name"]: p["seconds"] for p in report["phases"]}
             results.append({"outcome": report["outcome"], "wall_seconds": round(wall, 2),
-                            "drill_seconds": report["seconds"], "phases": phases, "api_calls": calls})
+                            "drill_seconds": report["seconds"], "phases": phases, "api_calls": calls,
+                            "sweep": sweep_figures(run.stdout)})
         env_backup = dict(os.environ)
         os.environ.update(child_env(emu.url))
         try:
@@ -58,6 +95,15 @@ def main() -> int:
     for name, sec in last["phases"].items():
         print("%-14s %10.2f" % (name, sec or 0))
     print("provision+prove+teardown: %.2f s (target <= 60 s)" % ppt)
+    drill_s = last["drill_seconds"]
+    print("teardown phase: %s (target <= 3 s)" % _share(last["phases"].get("teardown"), drill_s))
+    print("  sweep task (Ansible, start to end): %s" % _share(last["sweep"]["task_seconds"], drill_s))
+    print("  sweep module (its own seconds): %s" % _share(last["sweep"]["module_seconds"], drill_s))
+    if args.runs > 1:
+        print("teardown phase over %d runs: %s" % (args.runs, ", ".join(
+            "%.2f" % (r["phases"].get("teardown") or 0) for r in results)))
+        print("sweep module over %d runs: %s" % (args.runs, ", ".join(
+            "%.2f" % (r["sweep"]["module_seconds"] or 0) for r in results)))
     print("AWS API calls served by the emulator during the drill: %d %s" % (
         last["api_calls"]["total"], json.dumps(last["api_calls"]["by_service"], sort_keys=True)))
     print("floor (one boto3 script, same network work): %.2f s, %d calls; drill/floor ratio for "

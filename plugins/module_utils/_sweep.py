@@ -40,6 +40,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
@@ -50,17 +51,22 @@ try:
 except ImportError:  # handled by AnsibleAWSModule
     BotoCoreError = ClientError = Exception
 
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import expiry_of
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_problem
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 
 WORKERS = 16
 IAM_PATH = "/drguard/"
@@ -77,7 +83,11 @@ _RETRY_CODES = {
 
 
 class SweepError(Exception):
-    """A deletion that cannot succeed (not retryable); ``str()`` is the reason."""
+    """The sweep's one error: bad options, or a deletion that cannot succeed; ``str()`` is the reason."""
+
+
+def _tag_map(items: list | None, key: str = "Key", value: str = "Value") -> dict:
+    return boto3_tag_list_to_ansible_dict(items or [], key, value)
 
 
 def is_gone(exc: BaseException) -> bool:
@@ -174,6 +184,14 @@ def parallel(fn: Callable, items: list, workers: int = WORKERS) -> list:
         return list(pool.map(safe, items))
 
 
+def _all(results: list) -> list:
+    """The results of :func:`parallel`, raising the first exception among them."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
 class Context:
     """Clients, selector and deadline shared by every kind during one sweep."""
 
@@ -195,24 +213,47 @@ class Context:
         return self.deadline - time.monotonic()
 
     def retry(self, fn: Callable, *args, _mutates: bool = True, **kwargs):
-        """Call the mutating ``fn``; retry dependency errors with jittered backoff until the deadline.
+        """Call the mutating ``fn``; retry dependency errors (``DependencyViolation``, in use, ...) until the deadline.
 
-        Returns ``None`` when the target turned out to be gone already.
+        Throttling and other transient errors are already retried by the client itself
+        (``_aws.aws_client``); this waits for *dependencies* to go, with ``_aws.retry_while``'s
+        backoff. Returns ``None`` when the target turned out to be gone already.
         """
-        delay = 0.5
-        while True:
+        try:
+            result = retry_while(lambda: fn(*args, **kwargs), is_retryable, max(self.time_left(), 0.0))
+        except ClientError as exc:
+            if is_gone(exc):
+                return None
+            raise
+        if _mutates:
+            self.mutated = True  # only ever set, never cleared: safe across threads
+        return result
+
+
+class Reads:
+    """Reads shared by the proofs of one pass (a VPC that many resources live in is read once).
+
+    One ``Reads`` per pass - a discovery, or one deletion step right before it deletes - so a
+    proof never rests on a read older than its pass. Threads that ask for the same thing at
+    the same time wait for the one read.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._futures: dict = {}
+
+    def once(self, key, compute: Callable):
+        with self._lock:
+            fut = self._futures.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._futures[key] = Future()
+        if owner:
             try:
-                result = fn(*args, **kwargs)
-                if _mutates:
-                    self.mutated = True  # only ever set, never cleared: safe across threads
-                return result
-            except ClientError as exc:
-                if is_gone(exc):
-                    return None
-                if not is_retryable(exc) or self.time_left() <= 0:
-                    raise
-                time.sleep(min(random.uniform(delay / 2, delay), max(self.time_left(), 0.05)))  # noqa: S311
-                delay = min(delay * 2, 10.0)
+                fut.set_result(compute())
+            except Exception as exc:  # noqa: BLE001 - handed to every reader of this key
+                fut.set_exception(exc)
+        return fut.result()
 
 
 # --------------------------------------------------------------------------- kinds
@@ -243,14 +284,18 @@ class Kind:
             raise
 
     def delete(self, ctx: Context, res: Resource) -> None:
+        """Delete ``res``, as read (and proven) right before; "already gone" is success."""
         raise NotImplementedError
 
     def remaining_reason(self, res: Resource) -> str | None:
         """Why ``res`` may legitimately still exist after its deletion (None: no known reason)."""
         return None
 
-    def convention_problem(self, ctx: Context, res: Resource, drill_id: str) -> str | None:
-        """Why ``res`` (freshly read) does not follow drill ``drill_id``'s naming convention (None: it does)."""
+    def convention_problem(self, ctx: Context, res: Resource, drill_id: str, reads: Reads) -> str | None:
+        """Why ``res`` (freshly read) does not follow drill ``drill_id``'s naming convention (None: it does).
+
+        Other resources it depends on (its VPC) are read through ``reads``: once per pass.
+        """
         raise NotImplementedError
 
 
@@ -295,7 +340,7 @@ class Ec2Kind(Kind):
             state = state.get("Code") or state.get("Name")
         if state in self.gone_states:
             return None
-        return Resource(self.name, item[self.id_field], tag_dict(item.get("Tags") or item.get("TagSet")), item)
+        return Resource(self.name, item[self.id_field], _tag_map(item.get("Tags") or item.get("TagSet")), item)
 
     def _describe(self, ctx: Context, **kwargs) -> list:
         items = self.items(_paginate(ctx.client("ec2"), self.op, self.key, **kwargs))
@@ -312,7 +357,7 @@ class Ec2Kind(Kind):
         """The VPCs ``res`` lives in or is attached to; each must be the drill's own VPC."""
         return [res.meta["VpcId"]] if res.meta.get("VpcId") else []
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         name = res.tags.get("Name")
         if name is None:
             return "tag Name is missing (want 'drguard-%s' or 'drguard-%s-...')" % (drill_id, drill_id)
@@ -320,15 +365,15 @@ class Ec2Kind(Kind):
         if problem:
             return problem
         for vpc_id in self.vpc_ids(res):
-            problem = _vpc_problem(ctx, vpc_id, drill_id)
+            problem = _vpc_problem(ctx, vpc_id, drill_id, reads)
             if problem:
                 return problem
         return None
 
 
-def _vpc_problem(ctx: Context, vpc_id: str, drill_id: str) -> str | None:
-    """None when ``vpc_id``, read now, is drill ``drill_id``'s own VPC (full tags and name)."""
-    vpc = KINDS["vpc"].lookup(ctx, vpc_id)
+def _vpc_problem(ctx: Context, vpc_id: str, drill_id: str, reads: Reads) -> str | None:
+    """None when ``vpc_id``, read in this pass, is drill ``drill_id``'s own VPC (full tags and name)."""
+    vpc = reads.once(("vpc", vpc_id), lambda: KINDS["vpc"].lookup(ctx, vpc_id))
     if vpc is None:
         return "its VPC %s does not exist" % vpc_id
     problem = tag_problem(vpc.tags, drill_id) or _drill_name("tag Name", vpc.tags.get("Name"), drill_id)
@@ -396,11 +441,11 @@ class FlowLog(Ec2Kind):
     def state(self, item):
         return None
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         target = res.meta.get("ResourceId") or ""
         if not target.startswith("vpc-"):
             return "it logs %r, not a VPC (drill flow logs are on the drill's VPC)" % target
-        return super().convention_problem(ctx, res, drill_id)
+        return super().convention_problem(ctx, res, drill_id, reads)
 
     def vpc_ids(self, res):
         return [res.meta["ResourceId"]]
@@ -445,11 +490,8 @@ class ElasticIp(Ec2Kind):
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
-        current = self.lookup(ctx, res.id)
-        if current is None:
-            return
-        if current.meta.get("AssociationId"):
-            ctx.retry(ec2.disassociate_address, AssociationId=current.meta["AssociationId"])
+        if res.meta.get("AssociationId"):
+            ctx.retry(ec2.disassociate_address, AssociationId=res.meta["AssociationId"])
         ctx.retry(ec2.release_address, AllocationId=res.id)
 
 
@@ -465,10 +507,7 @@ class VpnGateway(Ec2Kind):
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
-        current = self.lookup(ctx, res.id)
-        if current is None:
-            return
-        for att in current.meta.get("VpcAttachments") or []:
+        for att in res.meta.get("VpcAttachments") or []:
             if att.get("State") in ("attached", "attaching"):
                 ctx.retry(ec2.detach_vpn_gateway, VpcId=att["VpcId"], VpnGatewayId=res.id)
         ctx.retry(ec2.delete_vpn_gateway, VpnGatewayId=res.id)
@@ -486,10 +525,7 @@ class InternetGateway(Ec2Kind):
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
-        current = self.lookup(ctx, res.id)
-        if current is None:
-            return
-        for att in current.meta.get("Attachments") or []:
+        for att in res.meta.get("Attachments") or []:
             ctx.retry(ec2.detach_internet_gateway, InternetGatewayId=res.id, VpcId=att["VpcId"])
         ctx.retry(ec2.delete_internet_gateway, InternetGatewayId=res.id)
 
@@ -503,10 +539,7 @@ class NetworkInterface(Ec2Kind):
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
-        current = self.lookup(ctx, res.id)
-        if current is None:
-            return
-        att = current.meta.get("Attachment") or {}
+        att = res.meta.get("Attachment") or {}
         if att.get("AttachmentId") and att.get("Status") in ("attached", "attaching"):
             ctx.retry(ec2.detach_network_interface, AttachmentId=att["AttachmentId"], Force=True)
         ctx.retry(ec2.delete_network_interface, NetworkInterfaceId=res.id)
@@ -541,12 +574,9 @@ class RouteTable(Ec2Kind):
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
-        current = self.lookup(ctx, res.id)
-        if current is None:
-            return
-        if self.is_main(current):
+        if self.is_main(res):
             return  # deleted with its VPC; the final discovery tells whether it went
-        for assoc in current.meta.get("Associations") or []:
+        for assoc in res.meta.get("Associations") or []:
             if assoc.get("RouteTableAssociationId") and not assoc.get("Main"):
                 ctx.retry(ec2.disassociate_route_table, AssociationId=assoc["RouteTableAssociationId"])
         ctx.retry(ec2.delete_route_table, RouteTableId=res.id)
@@ -564,16 +594,15 @@ class NetworkAcl(Ec2Kind):
 
     def delete(self, ctx, res):
         ec2 = ctx.client("ec2")
-        current = self.lookup(ctx, res.id)
-        if current is None or current.meta.get("IsDefault"):
+        if res.meta.get("IsDefault"):
             return  # the default ACL goes with its VPC
-        if current.meta.get("Associations"):
+        if res.meta.get("Associations"):
             default = _paginate(ec2, "describe_network_acls", "NetworkAcls", Filters=[
-                {"Name": "vpc-id", "Values": [current.meta["VpcId"]]}, {"Name": "default", "Values": ["true"]}])
+                {"Name": "vpc-id", "Values": [res.meta["VpcId"]]}, {"Name": "default", "Values": ["true"]}])
             if not default:
                 raise SweepError("network ACL %s is associated with subnets and its VPC has no default ACL to "
                                  "move them to" % res.id)
-            for assoc in current.meta["Associations"]:
+            for assoc in res.meta["Associations"]:
                 ctx.retry(ec2.replace_network_acl_association, AssociationId=assoc["NetworkAclAssociationId"],
                           NetworkAclId=default[0]["NetworkAclId"])
         ctx.retry(ec2.delete_network_acl, NetworkAclId=res.id)
@@ -589,11 +618,11 @@ class SecurityGroup(Ec2Kind):
     def remaining_reason(self, res):
         return _with_vpc("the default security group", res) if res.meta.get("GroupName") == "default" else None
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         # The VPC's own default group keeps its name; the builder marks it with the Name tag.
         group_name = res.meta.get("GroupName")
         problem = None if group_name == "default" else _drill_name("group name", group_name, drill_id)
-        return problem or super().convention_problem(ctx, res, drill_id)
+        return problem or super().convention_problem(ctx, res, drill_id, reads)
 
     def revoke_group_references(self, ctx: Context, res: Resource) -> None:
         """Revoke the rules that reference other security groups (they block those groups' deletion)."""
@@ -660,7 +689,7 @@ class LogGroup(Kind):
         found = self._resources(ctx, [g for g in groups if g["logGroupName"] == rid])
         return found[0] if found else None
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _prefixed("name", res.id, "/drguard/%s/" % drill_id, "/drguard/%s" % drill_id)
 
     def delete(self, ctx, res):
@@ -683,7 +712,7 @@ class IamRole(Kind):
     name, service = "iam_role", "iam"
 
     def _tags(self, ctx, role):
-        return tag_dict(_paginate(ctx.client("iam"), "list_role_tags", "Tags", RoleName=role["RoleName"]))
+        return _tag_map(_paginate(ctx.client("iam"), "list_role_tags", "Tags", RoleName=role["RoleName"]))
 
     def discover(self, ctx):
         roles = [r for r in _paginate(ctx.client("iam"), "list_roles", "Roles")
@@ -695,19 +724,21 @@ class IamRole(Kind):
         role = ctx.client("iam").get_role(RoleName=rid)["Role"]
         return Resource(self.name, rid, self._tags(ctx, role), role)
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _iam_problem(res.meta, "RoleName", drill_id)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
-        for name in _paginate(iam, "list_role_policies", "PolicyNames", RoleName=res.id):
-            ctx.retry(iam.delete_role_policy, RoleName=res.id, PolicyName=name)
-        for pol in _paginate(iam, "list_attached_role_policies", "AttachedPolicies", RoleName=res.id):
-            ctx.retry(iam.detach_role_policy, RoleName=res.id, PolicyArn=pol["PolicyArn"])
+        inline, attached, profiles = _all(parallel(lambda listing: _paginate(iam, *listing, RoleName=res.id), [
+            ("list_role_policies", "PolicyNames"), ("list_attached_role_policies", "AttachedPolicies"),
+            ("list_instance_profiles_for_role", "InstanceProfiles")]))
         # The role leaves its instance profiles; a profile itself goes only when it proves it is the drill's.
-        for prof in _paginate(iam, "list_instance_profiles_for_role", "InstanceProfiles", RoleName=res.id):
-            ctx.retry(iam.remove_role_from_instance_profile, InstanceProfileName=prof["InstanceProfileName"],
-                      RoleName=res.id)
+        _all(parallel(lambda call: call(), [
+            *(lambda n=n: ctx.retry(iam.delete_role_policy, RoleName=res.id, PolicyName=n) for n in inline),
+            *(lambda a=a: ctx.retry(iam.detach_role_policy, RoleName=res.id, PolicyArn=a["PolicyArn"])
+              for a in attached),
+            *(lambda p=p: ctx.retry(iam.remove_role_from_instance_profile, RoleName=res.id,
+                                    InstanceProfileName=p["InstanceProfileName"]) for p in profiles)]))
         ctx.retry(iam.delete_role, RoleName=res.id)
 
 
@@ -729,17 +760,14 @@ class IamInstanceProfile(Kind):
 
     def fetch(self, ctx, rid):
         prof = ctx.client("iam").get_instance_profile(InstanceProfileName=rid)["InstanceProfile"]
-        return Resource(self.name, rid, tag_dict(prof.get("Tags")), prof)
+        return Resource(self.name, rid, _tag_map(prof.get("Tags")), prof)
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _iam_problem(res.meta, "InstanceProfileName", drill_id)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
-        current = self.lookup(ctx, res.id)
-        if current is None:
-            return
-        for role in current.meta.get("Roles") or []:
+        for role in res.meta.get("Roles") or []:
             ctx.retry(iam.remove_role_from_instance_profile, InstanceProfileName=res.id, RoleName=role["RoleName"])
         ctx.retry(iam.delete_instance_profile, InstanceProfileName=res.id)
 
@@ -748,7 +776,7 @@ class IamPolicy(Kind):
     name, service = "iam_policy", "iam"
 
     def _tags(self, ctx, arn):
-        return tag_dict(_paginate(ctx.client("iam"), "list_policy_tags", "Tags", PolicyArn=arn))
+        return _tag_map(_paginate(ctx.client("iam"), "list_policy_tags", "Tags", PolicyArn=arn))
 
     def discover(self, ctx):
         policies = _paginate(ctx.client("iam"), "list_policies", "Policies", Scope="Local")
@@ -759,21 +787,27 @@ class IamPolicy(Kind):
         pol = ctx.client("iam").get_policy(PolicyArn=rid)["Policy"]
         return Resource(self.name, rid, self._tags(ctx, rid), pol)
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _iam_problem(res.meta, "PolicyName", drill_id)
 
     def delete(self, ctx, res):
         iam = ctx.client("iam")
         arn = res.id
-        for role in _paginate(iam, "list_entities_for_policy", "PolicyRoles", PolicyArn=arn, EntityFilter="Role"):
-            ctx.retry(iam.detach_role_policy, RoleName=role["RoleName"], PolicyArn=arn)
-        for user in _paginate(iam, "list_entities_for_policy", "PolicyUsers", PolicyArn=arn, EntityFilter="User"):
-            ctx.retry(iam.detach_user_policy, UserName=user["UserName"], PolicyArn=arn)
-        for group in _paginate(iam, "list_entities_for_policy", "PolicyGroups", PolicyArn=arn, EntityFilter="Group"):
-            ctx.retry(iam.detach_group_policy, GroupName=group["GroupName"], PolicyArn=arn)
-        for version in _paginate(iam, "list_policy_versions", "Versions", PolicyArn=arn):
-            if not version.get("IsDefaultVersion"):
-                ctx.retry(iam.delete_policy_version, PolicyArn=arn, VersionId=version["VersionId"])
+        def listing(what):
+            op, key, extra = what
+            return _paginate(iam, op, key, PolicyArn=arn, **extra)
+        roles, users, groups, versions = _all(parallel(listing, [
+            ("list_entities_for_policy", "PolicyRoles", {"EntityFilter": "Role"}),
+            ("list_entities_for_policy", "PolicyUsers", {"EntityFilter": "User"}),
+            ("list_entities_for_policy", "PolicyGroups", {"EntityFilter": "Group"}),
+            ("list_policy_versions", "Versions", {})]))
+        _all(parallel(lambda call: call(), [
+            *(lambda r=r: ctx.retry(iam.detach_role_policy, RoleName=r["RoleName"], PolicyArn=arn) for r in roles),
+            *(lambda u=u: ctx.retry(iam.detach_user_policy, UserName=u["UserName"], PolicyArn=arn) for u in users),
+            *(lambda g=g: ctx.retry(iam.detach_group_policy, GroupName=g["GroupName"], PolicyArn=arn)
+              for g in groups),
+            *(lambda v=v: ctx.retry(iam.delete_policy_version, PolicyArn=arn, VersionId=v["VersionId"])
+              for v in versions if not v.get("IsDefaultVersion"))]))
         ctx.retry(iam.delete_policy, PolicyArn=arn)
 
 
@@ -781,7 +815,7 @@ class Secret(Kind):
     name, service = "secret", "secretsmanager"
 
     def _resource(self, item):
-        return Resource(self.name, item["ARN"], tag_dict(item.get("Tags")), {"Name": item.get("Name")})
+        return Resource(self.name, item["ARN"], _tag_map(item.get("Tags")), {"Name": item.get("Name")})
 
     def discover(self, ctx):
         sel = ctx.selector
@@ -795,7 +829,7 @@ class Secret(Kind):
             return None  # scheduled for deletion: no longer readable, gone at the end of its window
         return self._resource(item)
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _prefixed("name", res.meta.get("Name"), "drguard/%s/" % drill_id)
 
     def delete(self, ctx, res):
@@ -812,7 +846,7 @@ class KmsKey(Kind):
         meta = kms.describe_key(KeyId=key_id)["KeyMetadata"]
         if meta.get("KeyManager") != "CUSTOMER" or meta.get("KeyState") in self._gone_states:
             return None
-        tags = tag_dict(_paginate(kms, "list_resource_tags", "Tags", KeyId=key_id), "TagKey", "TagValue")
+        tags = _tag_map(_paginate(kms, "list_resource_tags", "Tags", KeyId=key_id), "TagKey", "TagValue")
         return Resource(self.name, meta["KeyId"], tags, meta)
 
     def discover(self, ctx):
@@ -827,7 +861,7 @@ class KmsKey(Kind):
                 out.append(res)
         return out
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         # The builder creates the key (tags and description in one call), then its alias: a drill
         # killed in between leaves a key that only its description names.
         want = "alias/drguard/%s" % drill_id
@@ -856,7 +890,7 @@ class S3Bucket(Kind):
 
     def _tags(self, ctx, name):
         try:
-            return tag_dict(ctx.client("s3").get_bucket_tagging(Bucket=name).get("TagSet"))
+            return _tag_map(ctx.client("s3").get_bucket_tagging(Bucket=name).get("TagSet"))
         except ClientError as exc:
             if error_code(exc) == "NoSuchTagSet":
                 return {}
@@ -871,7 +905,7 @@ class S3Bucket(Kind):
         ctx.client("s3").head_bucket(Bucket=rid)
         return Resource(self.name, rid, self._tags(ctx, rid))
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _drill_name("name", res.id, drill_id)
 
     def _lock_reason(self, ctx, bucket: str, errors: list) -> str:
@@ -926,7 +960,7 @@ class SnsTopic(Kind):
     name, service = "sns_topic", "sns"
 
     def _tags(self, ctx, arn):
-        return tag_dict(ctx.client("sns").list_tags_for_resource(ResourceArn=arn).get("Tags"))
+        return _tag_map(ctx.client("sns").list_tags_for_resource(ResourceArn=arn).get("Tags"))
 
     def discover(self, ctx):
         topics = _paginate(ctx.client("sns"), "list_topics", "Topics")
@@ -937,7 +971,7 @@ class SnsTopic(Kind):
         ctx.client("sns").get_topic_attributes(TopicArn=rid)
         return Resource(self.name, rid, self._tags(ctx, rid))
 
-    def convention_problem(self, ctx, res, drill_id):
+    def convention_problem(self, ctx, res, drill_id, reads):
         return _drill_name("topic name", res.id.rsplit(":", 1)[-1], drill_id)
 
     def delete(self, ctx, res):
@@ -961,11 +995,67 @@ SERVICES = sorted({k.service for k in KINDS.values()})
 # --------------------------------------------------------------------------- sweep
 
 
-def prove(ctx: Context, res: Resource) -> str | None:
+def check_options(drill_id: str | None, expired: bool | None, as_of: str | None, timeout: int):
+    """The sweep's options, checked before any AWS call; returns the time expiry is judged against.
+
+    Raises :class:`SweepError` with a one-sentence message for anything wrong.
+    """
+    if drill_id is not None:
+        try:
+            validate_drill_id(drill_id)
+        except DrillError as exc:
+            raise SweepError("%s." % exc) from None
+    elif expired is not True:
+        raise SweepError("expired=false selects nothing; set expired: true to reap every expired drill "
+                         "resource, or give drill_id to tear down one drill.")
+    if as_of is not None and drill_id is not None:
+        raise SweepError("as_of only applies to expired: true; remove it when tearing down by drill_id.")
+    try:
+        when = parse_time(as_of) if as_of is not None else utcnow()
+    except DrillError as exc:
+        raise SweepError("as_of is not valid: %s (for example 2026-11-29T05:00:00Z)." % exc) from None
+    if timeout <= 0:
+        raise SweepError("timeout must be a positive number of seconds, got %d." % timeout)
+    return when
+
+
+class ClientPool:
+    """Clients handed over as they are built, so discovery can start before the last one exists.
+
+    Building a client loads its service model (a tenth of a second each); the sweep needs
+    seven. ``get`` waits for a client not built yet; after :meth:`close`, a client that was
+    never built is an error (the kinds that need it report "could not list").
+    """
+
+    def __init__(self):
+        self._clients: dict = {}
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def add(self, service: str, client) -> None:
+        with self._ready:
+            self._clients[service] = client
+            self._ready.notify_all()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def get(self, service: str):
+        with self._ready:
+            while service not in self._clients:
+                if self._closed:
+                    raise SweepError("no %s client could be built" % service)
+                self._ready.wait()
+            return self._clients[service]
+
+
+def prove(ctx: Context, res: Resource, reads: Reads | None = None) -> str | None:
     """Why ``res`` (as read just now) may not be deleted by this sweep; None when it proves it is the drill's."""
     problem = ctx.selector.tag_problem(res.tags)
     if problem is None:
-        problem = KINDS[res.type].convention_problem(ctx, res, res.tags[TAG_DRILL_ID])
+        problem = KINDS[res.type].convention_problem(ctx, res, res.tags[TAG_DRILL_ID], reads or Reads())
     return problem
 
 
@@ -975,115 +1065,244 @@ class Discovery:
     refused: list         # candidates that do not (``reason`` says why): never deleted
     errors: list          # [{type, id, error}] for kinds that could not be listed / resources not checked
 
+    def add(self, other: Discovery) -> None:
+        self.resources += other.resources
+        self.refused += other.refused
+        self.errors += other.errors
 
-def _classify(ctx: Context, candidates: list, proven: list, refused: list, errors: list) -> None:
-    for res, outcome in zip(candidates, parallel(lambda r: prove(ctx, r), candidates), strict=True):
+    def sort(self) -> Discovery:
+        for items in (self.resources, self.refused):
+            items.sort(key=lambda r: (r.type, r.id))
+        return self
+
+
+def _discover_kind(ctx: Context, kind: Kind, reads: Reads) -> Discovery:
+    """One kind's candidates, each proven (or refused) as soon as its listing is in."""
+    out = Discovery([], [], [])
+    try:
+        listed = kind.discover(ctx)
+    except Exception as exc:  # noqa: BLE001 - reported: nothing is proven for this kind
+        out.errors.append({"type": kind.name, "id": "*", "error": "could not list: %s" % describe_error(exc)})
+        return out
+    seen, candidates = set(), []
+    for res in listed:
+        if res.key not in seen:
+            seen.add(res.key)
+            candidates.append(res)
+    for res, outcome in zip(candidates, parallel(lambda r: prove(ctx, r, reads), candidates), strict=True):
         if isinstance(outcome, Exception):
             if not is_gone(outcome):
-                errors.append({"type": res.type, "id": res.id,
-                               "error": "could not check its ownership: %s" % describe_error(outcome)})
+                out.errors.append({"type": res.type, "id": res.id,
+                                   "error": "could not check its ownership: %s" % describe_error(outcome)})
         elif outcome is None:
-            proven.append(res)
+            out.resources.append(res)
         else:
             res.reason = outcome
-            refused.append(res)
+            out.refused.append(res)
+    return out
 
 
-def discover(ctx: Context) -> Discovery:
-    """Every candidate of every kind, split into the proven (deletable) and the refused."""
-    kinds = list(KINDS.values())
-    results = parallel(lambda k: k.discover(ctx), kinds, workers=len(kinds))
-    candidates, errors, seen = [], [], set()
-    for kind, result in zip(kinds, results, strict=True):
-        if isinstance(result, Exception):
-            errors.append({"type": kind.name, "id": "*", "error": "could not list: %s" % describe_error(result)})
-            continue
-        for res in result:
-            if res.key not in seen:
-                seen.add(res.key)
-                candidates.append(res)
-    proven, refused = [], []
-    _classify(ctx, candidates, proven, refused, errors)
-    for items in (proven, refused):
-        items.sort(key=lambda r: (r.type, r.id))
-    return Discovery(proven, refused, errors)
+def discover(ctx: Context, kinds=None) -> Discovery:
+    """Every candidate of every kind (or of ``kinds``), split into the proven (deletable) and the refused.
+
+    One parallel pass: every kind lists at once and proves its candidates as soon as its own
+    listing is in; the VPCs the proofs need are read once for the pass.
+    """
+    kinds = list(KINDS.values()) if kinds is None else list(kinds)
+    reads = Reads()
+    found = Discovery([], [], [])
+    for kind, part in zip(kinds, parallel(lambda k: _discover_kind(ctx, k, reads), kinds, workers=len(kinds)),
+                          strict=True):
+        if isinstance(part, Exception):
+            found.errors.append({"type": kind.name, "id": "*", "error": "could not list: %s" % describe_error(part)})
+        else:
+            found.add(part)
+    return found.sort()
 
 
 @dataclass
 class Outcome:
     errors: list = field(default_factory=list)   # [{type, id, error}] deletions that failed
     refused: list = field(default_factory=list)  # Resources that failed the proof when read again
+    after: Discovery | None = None               # the look again after deleting (``delete(look_again=True)``)
 
 
-def _recheck(ctx: Context, items: list, outcome: Outcome, lock: threading.Lock) -> list:
-    """Read each item again through its own call and keep those that still prove they are the drill's."""
-    fresh = parallel(lambda r: KINDS[r.type].lookup(ctx, r.id), items)
-    current, errors = [], []
-    for res, now in zip(items, fresh, strict=True):
-        if isinstance(now, Exception):
-            errors.append({"type": res.type, "id": res.id,
-                           "error": "could not read it again: %s" % describe_error(now)})
-        elif now is not None:
-            current.append(now)
-    proven, refused = [], []
-    _classify(ctx, current, proven, refused, errors)
-    with lock:
-        outcome.errors.extend(errors)
-        outcome.refused.extend(refused)
-    return proven
+class _Deletion:
+    """One sweep's deletions: what failed and what was refused, collected from many threads."""
 
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.outcome = Outcome()
+        self._lock = threading.Lock()
 
-def _delete_all(ctx: Context, items: list, outcome: Outcome, lock: threading.Lock) -> None:
-    def one(res):
-        try:
-            KINDS[res.type].delete(ctx, res)
-        except (ClientError, BotoCoreError, SweepError) as exc:
-            with lock:
-                outcome.errors.append({"type": res.type, "id": res.id, "error": describe_error(exc)})
-    parallel(one, items)
+    def _record(self, errors=(), refused=()) -> None:
+        with self._lock:
+            self.outcome.errors.extend(errors)
+            self.outcome.refused.extend(refused)
 
+    def recheck(self, items: list) -> list:
+        """Read each item again through its own call and prove it, in one parallel pass; keep those that
+        still prove they are the drill's (the proof at delete time)."""
+        ctx, reads = self.ctx, Reads()
 
-def _wait_gone(ctx: Context, items: list) -> None:
-    """Poll until each item is gone or the deadline passes (what stays is found again at the end)."""
-    pending = list(items)
-    delay = 1.0
-    while pending and ctx.time_left() > 0:
-        states = parallel(lambda r: KINDS[r.type].lookup(ctx, r.id), pending)
-        pending = [r for r, s in zip(pending, states, strict=True) if s is not None]
-        if pending:
-            time.sleep(min(random.uniform(delay / 2, delay), max(ctx.time_left(), 0.05)))  # noqa: S311
-            delay = min(delay * 2, 10.0)
+        def judge(res):
+            try:
+                now = KINDS[res.type].lookup(ctx, res.id)
+            except Exception as exc:  # noqa: BLE001 - recorded below
+                return res, "could not read it again: %s" % describe_error(exc), None
+            if now is None:
+                return None  # gone already
+            try:
+                return now, None, prove(ctx, now, reads)
+            except Exception as exc:  # noqa: BLE001 - recorded below
+                return (None if is_gone(exc) else
+                        (now, "could not check its ownership: %s" % describe_error(exc), None))
 
+        proven, refused, errors = [], [], []
+        for judged in parallel(judge, items):
+            if judged is None:
+                continue
+            if isinstance(judged, Exception):  # not raised by judge itself; kept for safety
+                raise judged
+            res, error, problem = judged
+            if error:
+                errors.append({"type": res.type, "id": res.id, "error": error})
+            elif problem:
+                res.reason = problem
+                refused.append(res)
+            else:
+                proven.append(res)
+        self._record(errors, refused)
+        return proven
 
-def delete(ctx: Context, resources: list) -> Outcome:
-    """Delete ``resources`` in dependency order, each only after it proved again that it is the drill's."""
-    outcome = Outcome()
-    errors = outcome.errors
-    lock = threading.Lock()
-    others = [r for r in resources if r.type in {k.name for k in OTHER_KINDS}]
+    def delete_all(self, items: list) -> None:
+        def one(res):
+            try:
+                KINDS[res.type].delete(self.ctx, res)
+            except (ClientError, BotoCoreError, SweepError) as exc:
+                self._record([{"type": res.type, "id": res.id, "error": describe_error(exc)}])
+        parallel(one, items)
 
-    def ec2_chain():
+    def wait_gone(self, items: list) -> None:
+        """Poll until each item is gone or the deadline passes (what stays is found again at the end).
+
+        Jittered backoff from 50 ms up to 5 s: on the emulator most things are gone at the first
+        look; a NAT gateway on AWS takes a minute and is not polled more than every few seconds.
+        """
+        ctx, pending, delay = self.ctx, list(items), 0.05
+        while pending and ctx.time_left() > 0:
+            states = parallel(lambda r: KINDS[r.type].lookup(ctx, r.id), pending)
+            pending = [r for r, state in zip(pending, states, strict=True) if state is not None]
+            if pending:
+                time.sleep(min(random.uniform(delay / 2, delay), max(ctx.time_left(), 0.05)))  # noqa: S311
+                delay = min(delay * 2, 5.0)
+
+    def ec2_chain(self, resources: list) -> None:
+        """The EC2 steps in dependency order; inside a step: read again and prove, then delete, in parallel."""
         for step in EC2_STEPS:
             names = {k.name for k in step}
-            items = _recheck(ctx, [r for r in resources if r.type in names], outcome, lock)
-            if not items:
+            todo = [r for r in resources if r.type in names]
+            if not todo:
                 continue
+            items = self.recheck(todo)
             groups = [r for r in items if r.type == "security_group"]
             if groups:
-                revoke_errors = parallel(lambda g: KINDS["security_group"].revoke_group_references(ctx, g), groups)
-                for grp, err in zip(groups, revoke_errors, strict=True):
-                    if isinstance(err, Exception) and not is_gone(err):
-                        with lock:
-                            errors.append({"type": grp.type, "id": grp.id,
-                                           "error": "could not revoke group references: %s" % describe_error(err)})
-            _delete_all(ctx, items, outcome, lock)
-            _wait_gone(ctx, [r for r in items if KINDS[r.type].wait_gone])
+                revoked = parallel(lambda g: KINDS["security_group"].revoke_group_references(self.ctx, g), groups)
+                self._record([{"type": grp.type, "id": grp.id,
+                               "error": "could not revoke group references: %s" % describe_error(err)}
+                              for grp, err in zip(groups, revoked, strict=True)
+                              if isinstance(err, Exception) and not is_gone(err)])
+            self.delete_all(items)
+            self.wait_gone([r for r in items if KINDS[r.type].wait_gone])
 
-    def the_others():
-        _delete_all(ctx, _recheck(ctx, others, outcome, lock), outcome, lock)
+    def others(self, resources: list) -> None:
+        """Everything outside EC2: nothing waits for anything else, so each resource is read again,
+        proven and deleted on its own (no step to wait for)."""
+        parallel(lambda r: self.delete_all(self.recheck([r])), resources)
+
+
+def delete(ctx: Context, resources: list, look_again: bool = False) -> Outcome:
+    """Delete ``resources`` in dependency order, each only after it proved again that it is the drill's.
+
+    The EC2 chain and everything else (IAM, logs, secrets, KMS, S3, SNS) run side by side. With
+    ``look_again``, each of the two discovers its own kinds again as soon as its deletions are
+    done (``Outcome.after``): what is found then is what remains.
+    """
+    run = _Deletion(ctx)
+    ec2 = [r for r in resources if KINDS[r.type].service == "ec2"]
+    rest = [r for r in resources if KINDS[r.type].service != "ec2"]
+    ec2_kinds = [k for step in EC2_STEPS for k in step]
+
+    def side(work, items, kinds):
+        work(items)
+        return discover(ctx, kinds) if look_again else None
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(ec2_chain), pool.submit(the_others)]
-        for fut in futures:
-            fut.result()
-    return outcome
+        sides = [pool.submit(side, run.ec2_chain, ec2, ec2_kinds), pool.submit(side, run.others, rest, OTHER_KINDS)]
+        afters = [fut.result() for fut in sides]
+    if look_again:
+        run.outcome.after = Discovery([], [], [])
+        for after in afters:
+            run.outcome.after.add(after)
+        run.outcome.after.sort()
+    return run.outcome
+
+
+def _listing_failure(errors: list) -> str:
+    return ("could not prove that nothing remains because the sweep could not list everything: %s; grant the "
+            "missing describe/list permissions and run it again." % "; ".join(
+                "%s %s (%s)" % (e["type"], e["id"], e["error"]) for e in errors))
+
+
+def sweep(ctx: Context, first: Discovery, check_mode: bool, fail_on_remaining: bool) -> tuple:
+    """Delete what ``first`` proved to be the drill's, look again, and say what remains.
+
+    Returns ``(result, failure)``: the module's result (without ``seconds``) and, when the
+    sweep could not prove that nothing remains, the one-sentence message to fail with (else None).
+    """
+    found = [r.as_dict() for r in first.resources]
+    refused = [r.as_dict(with_reason=True) for r in first.refused]
+    result = dict(found=found, deleted=[], remaining=[], refused=refused, errors=list(first.errors),
+                  as_of=format_time(ctx.selector.as_of))
+    if check_mode:
+        result.update(changed=bool(found), counts=dict(found=len(found), deleted=0, remaining=0, refused=len(refused)))
+        return result, (_listing_failure(first.errors) if first.errors and fail_on_remaining else None)
+
+    outcome = delete(ctx, first.resources, look_again=True)
+    second = outcome.after
+    reasons = {}
+    for err in outcome.errors:
+        reasons.setdefault((err["type"], err["id"]), err["error"])
+    first_keys = {r.key for r in first.resources}
+    remaining = []
+    for res in second.resources:
+        res.reason = (reasons.get(res.key) or KINDS[res.type].remaining_reason(res)
+                      or ("still exists after deletion" if res.key in first_keys
+                          else "appeared while the sweep ran (is the drill still running?)"))
+        remaining.append(res.as_dict(with_reason=True))
+    # Refused now, or when read again right before deletion (the reason given then wins).
+    refused_now = {r.key: r for r in second.refused}
+    refused_now.update({r.key: r for r in outcome.refused})
+    refused = [refused_now[k] for k in sorted(refused_now)]
+    remaining += [dict(r.as_dict(with_reason=True), reason="refused: %s" % r.reason)
+                  for r in refused if ctx.selector.owns(r.tags)]
+    remaining_keys = {(r["type"], r["id"]) for r in remaining}
+    deleted = [r.as_dict() for r in first.resources if r.key not in remaining_keys and r.key not in refused_now]
+    result.update(
+        changed=bool(deleted) or ctx.mutated, deleted=deleted, remaining=remaining,
+        refused=[r.as_dict(with_reason=True) for r in refused], errors=outcome.errors + second.errors,
+        counts=dict(found=len(found), deleted=len(deleted), remaining=len(remaining), refused=len(refused)),
+    )
+    failure = None
+    if fail_on_remaining:
+        if remaining:
+            listed = "; ".join("%s %s (%s)" % (r["type"], r["id"], r["reason"]) for r in remaining[:10])
+            more = " and %d more (see remaining)" % (len(remaining) - 10) if len(remaining) > 10 else ""
+            hint = ("fix the cause and run the sweep again" if not any(r["reason"].startswith("refused: ")
+                                                                       for r in remaining)
+                    else "a refused resource is never deleted by the sweep: find out whose it is and delete or "
+                         "re-tag it by hand, then run the sweep again")
+            failure = "%d resource(s) remain after teardown: %s%s; %s." % (len(remaining), listed, more, hint)
+        elif second.errors:
+            failure = _listing_failure(second.errors)
+    return result, failure

@@ -176,20 +176,11 @@ seconds:
 """
 
 import time
-
-try:
-    import botocore.config
-except ImportError:
-    pass  # handled by AnsibleAWSModule
+from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 
 ARGUMENT_SPEC = dict(
     drill_id=dict(type="str"),
@@ -200,27 +191,6 @@ ARGUMENT_SPEC = dict(
 )
 
 
-def _validate(module):
-    params = module.params
-    if params["drill_id"] is not None:
-        try:
-            validate_drill_id(params["drill_id"])
-        except DrillError as exc:
-            module.fail_json(msg="%s." % exc)
-    elif params["expired"] is not True:
-        module.fail_json(msg="expired=false selects nothing; set expired: true to reap every expired drill "
-                             "resource, or give drill_id to tear down one drill.")
-    if params["as_of"] is not None and params["drill_id"] is not None:
-        module.fail_json(msg="as_of only applies to expired: true; remove it when tearing down by drill_id.")
-    try:
-        as_of = parse_time(params["as_of"]) if params["as_of"] is not None else utcnow()
-    except DrillError as exc:
-        module.fail_json(msg="as_of is not valid: %s (for example 2026-11-29T05:00:00Z)." % exc)
-    if params["timeout"] <= 0:
-        module.fail_json(msg="timeout must be a positive number of seconds, got %d." % params["timeout"])
-    return as_of
-
-
 def main():
     module = AnsibleAWSModule(
         argument_spec=ARGUMENT_SPEC,
@@ -228,80 +198,33 @@ def main():
         required_one_of=[("drill_id", "expired")],
         supports_check_mode=True,
     )
-    as_of = _validate(module)
+    params = module.params
+    try:
+        as_of = _sweep.check_options(params["drill_id"], params["expired"], params["as_of"], params["timeout"])
+    except _sweep.SweepError as exc:
+        module.fail_json(msg=str(exc))
     started = time.monotonic()
-    # Standard retries cover throttling on every call, paginators included (many list/tag calls run in parallel).
-    config = botocore.config.Config(max_pool_connections=_sweep.WORKERS * 2,
-                                    retries={"mode": "standard", "max_attempts": 10})
-
-    # Built here, in the main thread: a connection problem fails the module once, cleanly,
-    # instead of inside a worker thread.
-    clients = {service: module.client(service, retry_decorator=AWSRetry.jittered_backoff(), config=config)
-               for service in _sweep.SERVICES}
-
-    selector = _sweep.Selector(drill_id=module.params["drill_id"], as_of=as_of)
-    ctx = _sweep.Context(clients.__getitem__, selector, started + module.params["timeout"])
-
-    first = _sweep.discover(ctx)
-    found = [r.as_dict() for r in first.resources]
-    refused = [r.as_dict(with_reason=True) for r in first.refused]
-    result = dict(found=found, deleted=[], remaining=[], refused=refused, errors=list(first.errors),
-                  as_of=format_time(as_of))
-
-    if module.check_mode:
-        result.update(changed=bool(found), counts=dict(found=len(found), deleted=0, remaining=0, refused=len(refused)),
-                      seconds=round(time.monotonic() - started, 3))
-        if first.errors and module.params["fail_on_remaining"]:
-            module.fail_json(msg=_listing_failure(first.errors), **result)
-        module.exit_json(**result)
-
-    outcome = _sweep.delete(ctx, first.resources)
-    # Discover again (also on a passed deadline): what is still there is what remains.
-    ctx.deadline = max(ctx.deadline, time.monotonic() + 60)
-    second = _sweep.discover(ctx)
-    reasons = {}
-    for err in outcome.errors:
-        reasons.setdefault((err["type"], err["id"]), err["error"])
-    first_keys = {r.key for r in first.resources}
-    remaining = []
-    for res in second.resources:
-        res.reason = (reasons.get(res.key) or _sweep.KINDS[res.type].remaining_reason(res)
-                      or ("still exists after deletion" if res.key in first_keys
-                          else "appeared while the sweep ran (is the drill still running?)"))
-        remaining.append(res.as_dict(with_reason=True))
-    # Refused now, or when read again right before deletion (the reason given then wins).
-    refused_now = {r.key: r for r in second.refused}
-    refused_now.update({r.key: r for r in outcome.refused})
-    refused = [refused_now[k] for k in sorted(refused_now)]
-    remaining += [dict(r.as_dict(with_reason=True), reason="refused: %s" % r.reason)
-                  for r in refused if selector.owns(r.tags)]
-    remaining_keys = {(r["type"], r["id"]) for r in remaining}
-    deleted = [r.as_dict() for r in first.resources if r.key not in remaining_keys and r.key not in refused_now]
-    result.update(
-        changed=bool(deleted) or ctx.mutated, deleted=deleted, remaining=remaining,
-        refused=[r.as_dict(with_reason=True) for r in refused], errors=outcome.errors + second.errors,
-        counts=dict(found=len(found), deleted=len(deleted), remaining=len(remaining), refused=len(refused)),
-        seconds=round(time.monotonic() - started, 3),
-    )
-    if module.params["fail_on_remaining"]:
-        if remaining:
-            listed = "; ".join("%s %s (%s)" % (r["type"], r["id"], r["reason"]) for r in remaining[:10])
-            more = " and %d more (see remaining)" % (len(remaining) - 10) if len(remaining) > 10 else ""
-            hint = ("fix the cause and run the sweep again" if not any(r["reason"].startswith("refused: ")
-                                                                       for r in remaining)
-                    else "a refused resource is never deleted by the sweep: find out whose it is and delete or "
-                         "re-tag it by hand, then run the sweep again")
-            module.fail_json(msg="%d resource(s) remain after teardown: %s%s; %s."
-                             % (len(remaining), listed, more, hint), **result)
-        if second.errors:
-            module.fail_json(msg=_listing_failure(second.errors), **result)
+    config = {"max_pool_connections": _sweep.WORKERS * 2}  # many list/tag calls run in parallel
+    clients = _sweep.ClientPool()
+    # The first client is built before anything runs: a region or connection problem fails the
+    # module here, once. The others are built while discovery already runs on those that exist.
+    clients.add("ec2", aws_client(module, "ec2", config=config))
+    ctx = _sweep.Context(clients.get, _sweep.Selector(drill_id=params["drill_id"], as_of=as_of),
+                         started + params["timeout"])
+    with ThreadPoolExecutor(max_workers=1) as background:
+        discovering = background.submit(_sweep.discover, ctx)
+        try:
+            for service in _sweep.SERVICES:
+                if service != "ec2":
+                    clients.add(service, aws_client(module, service, config=config))
+        finally:
+            clients.close()
+        first = discovering.result()
+    result, failure = _sweep.sweep(ctx, first, module.check_mode, params["fail_on_remaining"])
+    result["seconds"] = round(time.monotonic() - started, 3)
+    if failure:
+        module.fail_json(msg=failure, **result)
     module.exit_json(**result)
-
-
-def _listing_failure(errors):
-    return ("could not prove that nothing remains because the sweep could not list everything: %s; grant the "
-            "missing describe/list permissions and run it again." % "; ".join(
-                "%s %s (%s)" % (e["type"], e["id"], e["error"]) for e in errors))
 
 
 if __name__ == "__main__":
