@@ -16,6 +16,8 @@ import fnmatch
 import json
 import re
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import BUCKET_RE
+
 POLICY_VERSION = "2012-10-17"
 ROLE_PATH = "/drguard/"
 ROLE_PREFIX = "drguard-"
@@ -68,7 +70,6 @@ EC2_DESCRIBE = (
 
 _ACTION_RE = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9*?]+$")
 _ARN_RE = re.compile(r"^arn:([^:]+):([^:]+):([^:]*):([^:]*):(.+)$")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _KMS_KEY_ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]+$")
 _LOG_GROUP_ARN_RE = re.compile(r"^arn:aws[a-z-]*:logs:[a-z0-9-]+:\d{12}:log-group:[A-Za-z0-9_./#-]+$")
 _VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
@@ -303,7 +304,7 @@ def _grant_list(value, key: str) -> list:
         if not isinstance(item, dict) or set(item) - {"bucket", "prefix"} or "bucket" not in item:
             raise PolicyError("resources.%s entries must be {bucket, prefix}, got %r" % (key, item))
         bucket, prefix = item["bucket"], item.get("prefix") or ""
-        if not isinstance(bucket, str) or not _BUCKET_RE.match(bucket):
+        if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
             raise PolicyError("resources.%s bucket %r is not a valid S3 bucket name" % (key, bucket))
         if not isinstance(prefix, str) or _has_wildcard(prefix) or prefix.startswith("/"):
             raise PolicyError("resources.%s prefix %r must be a plain key prefix without wildcards" % (key, prefix))

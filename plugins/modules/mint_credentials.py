@@ -35,7 +35,11 @@ attributes:
   check_mode:
     support: full
   diff_mode:
-    support: none
+    support: full
+    details:
+      - The diff shows the inline policy the state changes - C(drguard-drill) for C(present) and C(absent),
+        C(drguard-revoke-sessions) for C(revoked) - before and after. The trust policy is left out (it holds
+        the external id).
   platform:
     platforms: posix
 options:
@@ -183,32 +187,30 @@ actions:
   returned: always
   type: list
   elements: str
+diff:
+  description: The inline policy this state changes, before and after (V({}) where there is none).
+  returned: diff mode
+  type: dict
+  contains:
+    before:
+      description: The policy as it was.
+      type: dict
+    after:
+      description: The policy as it is now (or would be, in check mode).
+      type: dict
 """
-
-import json
-import re
-import secrets
-from datetime import timedelta
 
 try:
     import botocore
 except ImportError:
     pass  # handled by AnsibleAWSModule
 
-from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
-from ansible_collections.drguard.sandbox.plugins.module_utils import _identity as ident
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
+from ansible_collections.drguard.sandbox.plugins.module_utils._minter import Minter
+from ansible_collections.drguard.sandbox.plugins.module_utils._minter import MintError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
 ARGUMENT_SPEC = dict(
@@ -224,299 +226,25 @@ ARGUMENT_SPEC = dict(
     session_policy=dict(type="dict"),
 )
 
-MAX_SESSION_DURATION = 3600  # IAM's minimum for MaxSessionDuration, and our maximum duration
-_POLICY_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::(\d{12}|aws):policy/[\w+=,.@/-]+$")
-# How long AssumeRole AccessDenied is retried: IAM is eventually consistent, so a role
-# created or changed a moment ago may not be assumable yet.
-PROPAGATION_WAIT_CHANGED = 45
-PROPAGATION_WAIT_UNCHANGED = 10
-
-
-def _canon(doc) -> str:
-    if isinstance(doc, str):
-        try:
-            doc = json.loads(doc)
-        except ValueError:
-            return doc
-
-    def norm(value):
-        if isinstance(value, dict):
-            return {k: norm(v) for k, v in value.items()}
-        if isinstance(value, list):
-            items = [norm(v) for v in value]
-            return items[0] if len(items) == 1 else items
-        return value
-    return json.dumps(norm(doc), sort_keys=True)
-
-
-class Minter:
-    def __init__(self, module):
-        self.module = module
-        self.p = module.params
-        self.drill_id = self.p["drill_id"]
-        self.name = ident.role_name(self.drill_id)
-        self.iam = module.client("iam", retry_decorator=AWSRetry.jittered_backoff())
-        self.actions = []
-        self.changed = False
-
-    def act(self, line: str) -> bool:
-        """Record an action; True when it should really be performed (not check mode)."""
-        self.actions.append(line)
-        self.changed = True
-        return not self.module.check_mode
-
-    # ------------------------------------------------------------ role lookup
-    def get_role(self):
-        try:
-            role = self.iam.get_role(RoleName=self.name)["Role"]
-        except is_boto3_error_code("NoSuchEntity"):
-            return None
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:  # pylint: disable=duplicate-except
-            self.module.fail_json_aws(e, msg="Cannot read IAM role %s" % self.name)
-        try:
-            tags = tag_dict(self.iam.list_role_tags(RoleName=self.name).get("Tags"))
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-            self.module.fail_json_aws(e, msg="Cannot read the tags of IAM role %s" % self.name)
-        if role.get("Path") != ident.ROLE_PATH or tags.get(TAG_DRILL_ID) != self.drill_id:
-            self.module.fail_json(
-                msg="IAM role %s exists but is not this drill's (path %r, tag %s=%r); refusing to touch it - "
-                    "use another drill id or remove that role" % (self.name, role.get("Path"), TAG_DRILL_ID,
-                                                                tags.get(TAG_DRILL_ID)))
-        role["_tags"] = tags
-        return role
-
-    # ------------------------------------------------------------ present
-    def caller(self):
-        sts = self.module.client("sts", retry_decorator=AWSRetry.jittered_backoff())
-        try:
-            me = sts.get_caller_identity()
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-            self.module.fail_json_aws(e, msg="Cannot find out who is calling (sts:GetCallerIdentity); "
-                                             "check the controller's AWS credentials")
-        return me["Arn"], me["Account"], me["Arn"].split(":")[1]
-
-    def resolve_principal(self, arn: str, account: str, authenticated: bool) -> str:
-        """The IAM ARN of the one trusted principal; a given one must exist in the caller's account."""
-        try:
-            kind, value = ident.normalize_principal(arn)
-        except ident.PolicyError as exc:
-            self.module.fail_json(msg=str(exc))
-        if kind == "user" and authenticated:
-            return value  # the caller itself: STS has just authenticated it
-        principal_account = arn.split(":")[4]
-        if principal_account != account:
-            self.module.fail_json(msg="trusted principal %s is in account %s, not in the drill's account %s; "
-                                      "cross-account principals cannot be resolved, so they are refused"
-                                      % (arn, principal_account, account))
-        try:
-            if kind == "user":
-                return self.iam.get_user(UserName=value.rsplit("/", 1)[1])["User"]["Arn"]
-            role_name = value if kind == "role" else arn.rsplit("/", 1)[1]
-            return self.iam.get_role(RoleName=role_name)["Role"]["Arn"]
-        except is_boto3_error_code("NoSuchEntity"):
-            self.module.fail_json(msg="trusted principal %s cannot be resolved: no such IAM %s; pass an existing "
-                                      "user or role as trusted_principal_arn" % (arn, "user" if kind == "user"
-                                                                                  else "role"))
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:  # pylint: disable=duplicate-except
-            self.module.fail_json_aws(e, msg="Cannot resolve trusted principal %s" % arn)
-
-    def present(self):
-        p = self.p
-        if not p["expires_at"]:
-            self.module.fail_json(msg="expires_at is required with state=present; pass the drill's expiry "
-                                      "(drill_context's expires_at)")
-        try:
-            tags = drill_tags(self.drill_id, p["expires_at"])
-        except DrillError as exc:
-            self.module.fail_json(msg=str(exc))
-        duration = p["duration_seconds"]
-        if not ident.MIN_DURATION <= duration <= ident.MAX_DURATION:
-            self.module.fail_json(msg="duration_seconds must be between %d and %d, got %d"
-                                      % (ident.MIN_DURATION, ident.MAX_DURATION, duration))
-        boundary = p["permissions_boundary"]
-        if boundary and not _POLICY_ARN_RE.match(boundary):
-            self.module.fail_json(msg="permissions_boundary %r is not a managed policy ARN "
-                                      "(arn:aws:iam::<account>:policy/<name>)" % boundary)
-        if p["external_id"] is not None and not re.match(r"^[\w+=,.@:/-]{2,1224}$", p["external_id"]):
-            self.module.fail_json(msg="external_id must be 2-1224 characters of letters, digits and +=,.@:/-")
-        region = self.module.region
-        if not region:
-            self.module.fail_json(msg="no AWS region; set region or AWS_REGION")
-        # Pure validation first: nothing exists yet when any of this fails.
-        try:
-            ident.normalize_resources(p["resources"])
-        except ident.PolicyError as exc:
-            self.module.fail_json(msg=str(exc))
-        caller_arn, account, partition = self.caller()
-        try:
-            policy = ident.build_role_policy(p["resources"], partition, region, account, p["extra_statements"])
-            if p["session_policy"] is not None:
-                session_policy = ident.validate_policy(p["session_policy"], "session_policy")
-                ident.check_session_policy_size(session_policy)
-            else:
-                session_policy = ident.build_session_policy(policy, region)
-        except ident.PolicyError as exc:
-            self.module.fail_json(msg=str(exc))
-        principal = self.resolve_principal(p["trusted_principal_arn"] or caller_arn, account,
-                                           authenticated=not p["trusted_principal_arn"])
-
-        role = self.get_role()
-        external_id = p["external_id"]
-        if external_id is None and role:
-            external_id = ident.external_id_of(role.get("AssumeRolePolicyDocument") or {})
-        external_id = external_id or secrets.token_urlsafe(24)
-        self.module.no_log_values.add(external_id)
-        trust = ident.trust_policy(principal, external_id)
-        if role is None:
-            role = self.create_role(trust, tags, boundary, account, partition)
-        else:
-            self.update_role(role, trust, tags, boundary)
-        self.sync_policies(policy)
-
-        result = dict(changed=self.changed, role_arn=role["Arn"], role_name=self.name, policy=policy,
-                      session_policy=session_policy, trusted_principal_arn=principal, actions=self.actions)
-        if self.module.check_mode:
-            self.module.exit_json(**result)
-        creds = self.assume(role["Arn"], external_id, session_policy, duration)
-        result.update(
-            credentials=dict(access_key_id=creds["AccessKeyId"], secret_access_key=creds["SecretAccessKey"],
-                             session_token=creds["SessionToken"]),
-            expiration=format_time(creds["Expiration"]),
-        )
-        self.module.exit_json(**result)
-
-    def create_role(self, trust, tags, boundary, account, partition):
-        arn = "arn:%s:iam::%s:role%s%s" % (partition, account, ident.ROLE_PATH, self.name)
-        if not self.act("create role %s" % self.name):
-            return {"Arn": arn}
-        kwargs = dict(RoleName=self.name, Path=ident.ROLE_PATH, AssumeRolePolicyDocument=json.dumps(trust),
-                      Description="drguard drill %s: ephemeral least-privilege identity" % self.drill_id,
-                      MaxSessionDuration=MAX_SESSION_DURATION, Tags=tag_list(tags))
-        if boundary:
-            kwargs["PermissionsBoundary"] = boundary
-        try:
-            return self.iam.create_role(**kwargs)["Role"]
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-            self.module.fail_json_aws(e, msg="Cannot create IAM role %s" % self.name)
-
-    def update_role(self, role, trust, tags, boundary):
-        try:
-            if _canon(role.get("AssumeRolePolicyDocument")) != _canon(trust) and self.act("update trust policy"):
-                self.iam.update_assume_role_policy(RoleName=self.name, PolicyDocument=json.dumps(trust))
-            if role.get("MaxSessionDuration") != MAX_SESSION_DURATION and self.act("set max session duration"):
-                self.iam.update_role(RoleName=self.name, MaxSessionDuration=MAX_SESSION_DURATION)
-            current = (role.get("PermissionsBoundary") or {}).get("PermissionsBoundaryArn")
-            if current != boundary:
-                if boundary and self.act("set permissions boundary %s" % boundary):
-                    self.iam.put_role_permissions_boundary(RoleName=self.name, PermissionsBoundary=boundary)
-                elif not boundary and self.act("remove permissions boundary"):
-                    self.iam.delete_role_permissions_boundary(RoleName=self.name)
-            missing = {k: v for k, v in tags.items() if role["_tags"].get(k) != v}
-            if missing and self.act("tag role with %s" % ", ".join(sorted(missing))):
-                self.iam.tag_role(RoleName=self.name, Tags=tag_list(missing))
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-            self.module.fail_json_aws(e, msg="Cannot update IAM role %s" % self.name)
-
-    def sync_policies(self, policy):
-        """The role carries exactly our inline policy (plus a revocation), nothing else."""
-        names, attached = [], []
-        if not (self.module.check_mode and self.actions and self.actions[0].startswith("create role")):
-            try:
-                names = self.iam.list_role_policies(RoleName=self.name)["PolicyNames"]
-                attached = self.iam.list_attached_role_policies(RoleName=self.name)["AttachedPolicies"]
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-                self.module.fail_json_aws(e, msg="Cannot list the policies of IAM role %s" % self.name)
-        try:
-            current = None
-            if ident.POLICY_NAME in names:
-                current = self.iam.get_role_policy(RoleName=self.name,
-                                                   PolicyName=ident.POLICY_NAME)["PolicyDocument"]
-            if (current is None or _canon(current) != _canon(policy)) and self.act("put inline policy %s"
-                                                                                  % ident.POLICY_NAME):
-                self.iam.put_role_policy(RoleName=self.name, PolicyName=ident.POLICY_NAME,
-                                         PolicyDocument=json.dumps(policy))
-            for name in names:
-                if name not in (ident.POLICY_NAME, ident.REVOKE_POLICY_NAME) and self.act(
-                        "delete foreign inline policy %s" % name):
-                    self.iam.delete_role_policy(RoleName=self.name, PolicyName=name)
-            for item in attached:
-                if self.act("detach foreign managed policy %s" % item["PolicyArn"]):
-                    self.iam.detach_role_policy(RoleName=self.name, PolicyArn=item["PolicyArn"])
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-            self.module.fail_json_aws(e, msg="Cannot set the policies of IAM role %s" % self.name)
-
-    def assume(self, role_arn, external_id, session_policy, duration):
-        sts = self.module.client("sts")
-        wait = PROPAGATION_WAIT_CHANGED if self.changed else PROPAGATION_WAIT_UNCHANGED
-
-        def call():
-            return sts.assume_role(
-                RoleArn=role_arn, RoleSessionName=ident.role_name(self.drill_id),
-                DurationSeconds=duration, Policy=json.dumps(session_policy, separators=(",", ":")),
-                Tags=[{"Key": TAG_DRILL_ID, "Value": self.drill_id}],
-                SourceIdentity=self.drill_id, ExternalId=external_id,
-            )["Credentials"]
-
-        try:
-            return retry_while(call, lambda exc: error_code(exc) == "AccessDenied", wait)
-        except is_boto3_error_code("AccessDenied") as e:
-            self.module.fail_json_aws(
-                e, msg="Cannot assume %s after %ds: the caller is not the trusted principal, lacks "
-                       "sts:AssumeRole/sts:TagSession/sts:SetSourceIdentity, or IAM has not propagated"
-                       % (role_arn, wait))
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:  # pylint: disable=duplicate-except
-            self.module.fail_json_aws(e, msg="Cannot assume drill role %s" % role_arn)
-
-    # ------------------------------------------------------------ revoked / absent
-    def revoked(self):
-        role = self.get_role()
-        if role is None:
-            self.module.exit_json(changed=False, role_arn=None, role_name=self.name, actions=[])
-        # Rounded up past the current second: format_time truncates, and a session issued
-        # earlier in this very second must not escape DateLessThan.
-        now = format_time(utcnow() + timedelta(seconds=1))
-        if self.act("deny every session issued before %s" % now):
-            try:
-                self.iam.put_role_policy(RoleName=self.name, PolicyName=ident.REVOKE_POLICY_NAME,
-                                         PolicyDocument=json.dumps(ident.revoke_policy(now)))
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-                self.module.fail_json_aws(e, msg="Cannot revoke the sessions of IAM role %s" % self.name)
-        self.module.exit_json(changed=True, role_arn=role["Arn"], role_name=self.name, revoked_at=now,
-                              actions=self.actions)
-
-    def absent(self):
-        role = self.get_role()
-        if role is None:
-            self.module.exit_json(changed=False, role_arn=None, role_name=self.name, actions=[])
-        try:
-            for name in self.iam.list_role_policies(RoleName=self.name)["PolicyNames"]:
-                if self.act("delete inline policy %s" % name):
-                    self.iam.delete_role_policy(RoleName=self.name, PolicyName=name)
-            for item in self.iam.list_attached_role_policies(RoleName=self.name)["AttachedPolicies"]:
-                if self.act("detach managed policy %s" % item["PolicyArn"]):
-                    self.iam.detach_role_policy(RoleName=self.name, PolicyArn=item["PolicyArn"])
-            profiles = self.iam.list_instance_profiles_for_role(RoleName=self.name)["InstanceProfiles"]
-            for profile in profiles:
-                if self.act("remove from instance profile %s" % profile["InstanceProfileName"]):
-                    self.iam.remove_role_from_instance_profile(
-                        RoleName=self.name, InstanceProfileName=profile["InstanceProfileName"])
-            if self.act("delete role %s" % self.name):
-                self.iam.delete_role(RoleName=self.name)
-        except is_boto3_error_code("NoSuchEntity"):
-            pass  # deleted concurrently: the goal is reached
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:  # pylint: disable=duplicate-except
-            self.module.fail_json_aws(e, msg="Cannot delete IAM role %s" % self.name)
-        self.module.exit_json(changed=True, role_arn=role["Arn"], role_name=self.name, actions=self.actions)
-
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    p = module.params
     try:
-        validate_drill_id(module.params["drill_id"])
+        validate_drill_id(p["drill_id"])
     except DrillError as exc:
         module.fail_json(msg=str(exc))
-    minter = Minter(module)
-    getattr(minter, module.params["state"])()
+    try:
+        minter = Minter(p["drill_id"], lambda service: aws_client(module, service), region=module.region,
+                        check_mode=module.check_mode, diff=module._diff, hide=module.no_log_values.add)
+        result = getattr(minter, p["state"])(p)
+    except MintError as exc:
+        if exc.exception is not None:
+            module.fail_json_aws(exc.exception, msg=exc.message, **exc.kwargs)
+        module.fail_json(msg=exc.message, **exc.kwargs)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        module.fail_json_aws(exc, msg="Cannot manage IAM role drguard-%s" % p["drill_id"])
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,37 @@ def test_foreign_role_with_the_same_name_is_refused(env):
                           "resources": {"secrets_prefix": "drguard/%s/" % drill_id}})
         assert result.failed and "is not this drill's" in result["msg"], result
     assert iam.get_role(RoleName="drguard-" + drill_id)["Role"]["RoleName"] == "drguard-" + drill_id
+
+
+def test_diff_mode_shows_the_policy_each_state_changes(env, drill):
+    """With --diff: present shows drguard-drill, revoked the revocation, absent the drill policy going away."""
+    diff = {"_ansible_diff": True}
+    check = env.run(dict(drill["args"], **diff), check_mode=True)
+    assert not check.failed, check.get("msg")
+    assert check["diff"] == {"before": {}, "after": check["policy"]}
+
+    minted = env.run(dict(drill["args"], **diff))
+    assert not minted.failed, minted.get("msg")
+    assert minted["diff"] == {"before": {}, "after": minted["policy"]}
+    again = env.run(dict(drill["args"], **diff))
+    assert again["changed"] is False and again["diff"]["after"] == minted["policy"]
+    assert again["diff"]["before"]["Statement"] == minted["policy"]["Statement"]
+    assert "diff" not in env.run(drill["args"]), "no diff unless asked for"
+    # Neither the credentials nor the external id ever reach the diff.
+    external_id = env.client("iam").get_role(RoleName=minted["role_name"])["Role"][
+        "AssumeRolePolicyDocument"]["Statement"][0]["Condition"]["StringEquals"]["sts:ExternalId"]
+    assert external_id not in json.dumps(minted["diff"])
+
+    revoked = env.run({"drill_id": drill["drill_id"], "state": "revoked", **diff})
+    assert not revoked.failed and revoked["diff"]["before"] == {}
+    assert revoked["diff"]["after"] == ident.revoke_policy(revoked["revoked_at"])
+    later = env.run({"drill_id": drill["drill_id"], "state": "revoked", **diff}, check_mode=True)
+    assert later["diff"]["before"] == revoked["diff"]["after"]
+    assert later["diff"]["after"] == ident.revoke_policy(later["revoked_at"])
+
+    gone = env.run({"drill_id": drill["drill_id"], "state": "absent", **diff})
+    assert not gone.failed and gone["changed"] is True
+    assert gone["diff"]["after"] == {}
+    assert gone["diff"]["before"]["Statement"] == minted["policy"]["Statement"]
+    missing = env.run({"drill_id": drill["drill_id"], "state": "absent", **diff})
+    assert missing["changed"] is False and missing["diff"] == {"before": {}, "after": {}}
