@@ -202,7 +202,7 @@ def test_teardown_role_revokes_once_then_secrets_mount_sweep():
     # Each step runs whatever happened to the one before: none may stop the role early.
     assert all(t.get("ignore_errors") is True and t.get("register") for t in tasks
                if any(m.startswith("drguard.sandbox.") or m == "ansible.builtin.file" for m in t))
-    assert list(tasks[-1]) [-1] == "when" and "ansible.builtin.fail" in tasks[-1]
+    assert "ansible.builtin.fail" in tasks[-1] and "when" in tasks[-1]
 
 
 # -------------------------------------------------------------------------------- names
