@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from datetime import datetime
 from datetime import timedelta
 from datetime import UTC
@@ -627,3 +628,125 @@ def test_ownership_is_proven_again_at_delete_time(aws):
     with pytest.raises(ClientError, match="ResourceNotFoundException"):
         sm.describe_secret(SecretId=secret)  # the secret, still the drill's when read again, went
     logs.delete_log_group(logGroupName=group)
+
+
+# --------------------------------------------------------------------------- speed without weaker proofs
+
+
+def small_network(aws, drill: str, octet: int) -> dict:
+    """A drill VPC with two subnets, a route table, a network ACL and a security group, named and tagged as
+    the network builder makes them."""
+    ec2 = aws("ec2")
+    tags = drill_tags(drill, FUTURE)
+    base = "drguard-" + drill
+
+    def spec(rtype):
+        return ec2_tag_specs(rtype, tags, name=base)
+
+    vpc = ec2.create_vpc(CidrBlock="10.%d.0.0/16" % octet, TagSpecifications=spec("vpc"))["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock="10.%d.%d.0/24" % (octet, i),
+                                 TagSpecifications=spec("subnet"))["Subnet"]["SubnetId"] for i in (1, 2)]
+    rtb = ec2.create_route_table(VpcId=vpc, TagSpecifications=spec("route-table"))["RouteTable"]["RouteTableId"]
+    acl = ec2.create_network_acl(VpcId=vpc, TagSpecifications=spec("network-acl"))["NetworkAcl"]["NetworkAclId"]
+    sg = ec2.create_security_group(GroupName=base + "-app", Description="app", VpcId=vpc,
+                                   TagSpecifications=spec("security-group"))["GroupId"]
+    return {"vpc": vpc, "children": {("subnet", subnets[0]), ("subnet", subnets[1]), ("route_table", rtb),
+                                     ("network_acl", acl), ("security_group", sg)}}
+
+
+def counting(aws, operation: str):
+    """A client factory for ``_sweep.Context`` on the emulator, and a counter of ``operation`` calls."""
+    count = {"calls": 0}
+
+    def bump(**_):
+        count["calls"] += 1
+
+    def factory(service):
+        client = aws(service)
+        client.meta.events.register("before-call.%s.%s" % (service, operation), bump)
+        return client
+    return factory, count
+
+
+def test_a_vpc_is_read_once_per_pass_not_once_per_resource_in_it(aws):
+    """Every EC2 proof needs the resource's VPC; one pass reads it once, however many resources live in it."""
+    drill = new_id("drq")
+    net = small_network(aws, drill, 71)
+    factory, describe_vpcs = counting(aws, "DescribeVpcs")
+    ctx = _sweep.Context(factory, _sweep.Selector(drill_id=drill), 10**12)
+    found = _sweep.discover(ctx)
+    assert keys_of(r.as_dict() for r in found.resources) == net["children"] | {("vpc", net["vpc"])}
+    # The VPC kind's own listing, and one read of the VPC for the proofs of all five resources in it.
+    assert describe_vpcs["calls"] == 2
+
+    describe_vpcs["calls"] = 0
+    outcome = _sweep.delete(ctx, found.resources)
+    assert outcome.errors == [] and outcome.refused == []
+    # Right before the children go: one read of their VPC; right before the VPC goes: the VPC itself.
+    assert describe_vpcs["calls"] == 2
+    assert aws("ec2").describe_vpcs(Filters=[{"Name": "vpc-id", "Values": [net["vpc"]]}])["Vpcs"] == []
+
+
+def test_a_vpc_that_stops_being_the_drills_after_discovery_protects_everything_in_it(aws):
+    """The VPC read for the delete-time proof is the step's own, not the discovery's: a VPC re-tagged
+    between the listing and the deletion makes its resources (and itself) refused, not deleted."""
+    drill = new_id("drw")
+    net = small_network(aws, drill, 73)
+    ec2 = aws("ec2")
+    ctx = _sweep.Context(aws, _sweep.Selector(drill_id=drill), 10**12)
+    found = _sweep.discover(ctx)
+    assert keys_of(r.as_dict() for r in found.resources) == net["children"] | {("vpc", net["vpc"])}
+    ec2.delete_tags(Resources=[net["vpc"]], Tags=[{"Key": "drguard:drill-id"}])
+    outcome = _sweep.delete(ctx, found.resources)
+    assert outcome.errors == []
+    refused = {(r.type, r.id): r.reason for r in outcome.refused}
+    expected = {key: "its VPC %s is not drill %s's (tag drguard:drill-id is missing)" % (net["vpc"], drill)
+                for key in net["children"]}
+    expected[("vpc", net["vpc"])] = "tag drguard:drill-id is missing"
+    assert refused == expected
+    assert ec2.describe_vpcs(VpcIds=[net["vpc"]])["Vpcs"], "deleted on the strength of a listing"
+    assert len(ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [net["vpc"]]}])["Subnets"]) == 2
+    ec2.create_tags(Resources=[net["vpc"]], Tags=[{"Key": "drguard:drill-id", "Value": drill}])
+    again = _sweep.discover(ctx)
+    assert not _sweep.delete(ctx, again.resources).errors
+
+
+def test_a_service_whose_client_was_never_built_cannot_prove_zero(aws):
+    """Discovery starts while the clients are still being built; one that never comes is a listing error for
+    its kinds (the sweep then fails closed), never an empty listing."""
+    drill = new_id("drc")
+    group = "/drguard/%s/flow" % drill
+    aws("logs").create_log_group(logGroupName=group, tags=drill_tags(drill, FUTURE))
+    clients = _sweep.ClientPool()
+    clients.add("ec2", aws("ec2"))
+    as_of = _sweep.check_options(drill, None, None, 60)
+    ctx = _sweep.Context(clients.get, _sweep.Selector(drill_id=drill, as_of=as_of), 10**12)
+    clients.close()
+    found = _sweep.discover(ctx)
+    listed_types = {k.name for k in _sweep.KINDS.values() if k.service != "ec2"}
+    assert {e["type"] for e in found.errors} == listed_types
+    assert {e["error"] for e in found.errors if e["type"] == "log_group"} == {
+        "could not list: no logs client could be built"}
+    result, failure = _sweep.sweep(ctx, found, check_mode=True, fail_on_remaining=True)
+    assert failure.startswith("could not prove that nothing remains because the sweep could not list everything")
+    assert result["found"] == []
+    aws("logs").delete_log_group(logGroupName=group)
+
+
+def test_a_dependency_that_goes_while_the_sweep_waits_is_retried_then_deleted(aws, module_runner):
+    """DependencyViolation is retried (backing off) until the deadline: once the blocker goes, so does the VPC."""
+    drill = new_id("dry")
+    ec2 = aws("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.64.0.0/16",
+                         TagSpecifications=ec2_tag_specs("vpc", drill_tags(drill, FUTURE), "drguard-" + drill))
+    vpc = vpc["Vpc"]["VpcId"]
+    stray = ec2.create_subnet(VpcId=vpc, CidrBlock="10.64.9.0/24")["Subnet"]["SubnetId"]  # not the drill's
+    remover = threading.Timer(1.5, lambda: ec2.delete_subnet(SubnetId=stray))
+    remover.start()
+    try:
+        res = module_runner("sweep", sweep_args(drill_id=drill, timeout=60))
+    finally:
+        remover.join()
+    assert not res.failed, res
+    assert keys_of(res["deleted"]) == {("vpc", vpc)}
+    assert res["seconds"] >= 1.5
