@@ -1,24 +1,45 @@
 # Copyright: drguard maintainers
 # Apache License 2.0
-"""Read-only exposure of a backup set to the drill (private helpers of backup_access).
+"""Read-only exposure of a backup set to the drill (backend of backup_access).
 
 * S3: the inline IAM policy ``drguard-backup-readonly`` on the drill's role: reads of
-  the backup prefix, listing limited to the prefix, and an explicit Deny of every
-  write, delete, retention/legal-hold change and bucket reconfiguration on the whole
-  bucket. An explicit Deny wins over any Allow the role gets elsewhere.
+  the backup prefix (a folder: ``orders/`` never reaches ``orders-payroll/``), listing
+  limited to the prefix, and an explicit Deny of every write, delete,
+  retention/legal-hold change and bucket reconfiguration on the whole bucket. An
+  explicit Deny wins over any Allow the role gets elsewhere.
 * Local: a bind mount remounted ``ro,nosuid,nodev,noexec``; :func:`mount_entry` reads
   ``/proc/self/mountinfo`` so the state is read back from the kernel, not assumed.
+
+Every failure is an :class:`AccessError`; the module's ``main()`` is the only place that
+turns it into ``fail_json``.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import uuid
 
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
+    BotoCoreError = ClientError = None
+
+from ansible_collections.amazon.aws.plugins.module_utils.exceptions import AnsibleAWSError
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
+from ansible_collections.drguard.sandbox.plugins.module_utils._identity import policies_differ
+from ansible_collections.drguard.sandbox.plugins.module_utils._identity import policy_document
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_prefix
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
+
 POLICY_NAME = "drguard-backup-readonly"
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 READ_OBJECT_ACTIONS = [
     "s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectTagging", "s3:GetObjectVersionTagging",
@@ -39,32 +60,39 @@ DENY_ACTIONS = [
 
 MOUNT_OPTIONS = "remount,bind,ro,nosuid,nodev,noexec"
 CAP_SYS_ADMIN = 21
+# Stacked mounts at the same point that state=absent removes, one after the other.
+MAX_STACKED_MOUNTS = 16
+
+NEED_PRIVILEGE = ("mounting the backup read-only needs root or CAP_SYS_ADMIN; run the play as root "
+                  "(become: true) or give the controller container CAP_SYS_ADMIN, or use an S3 backup source")
+
+_AWS_ERRORS = tuple(e for e in (ClientError, BotoCoreError) if e is not None)
 
 
-class AccessError(ValueError):
-    """Bad input or unsafe state; the message says what and what to do."""
+class AccessError(AnsibleAWSError):
+    """Bad input or unsafe state; ``message`` says what and what to do.
+
+    ``exception`` is the boto error behind it, if any; ``kwargs`` are extra result
+    fields for the failure (the policy read back, for instance).
+    """
 
 
-def parse_s3(source: str) -> tuple:
-    """``s3://bucket/prefix/`` -> ``(bucket, prefix)``; the prefix has no wildcards."""
-    if not isinstance(source, str) or not source.startswith("s3://"):
-        raise AccessError("%r is not an s3://bucket/prefix/ location" % (source,))
-    bucket, _, prefix = source[5:].partition("/")
-    return check_bucket_prefix(bucket, prefix)
+def parse_source(source: str) -> tuple:
+    """``s3://bucket/prefix/`` (or ``s3://bucket``) -> ``(bucket, prefix)``; :class:`AccessError` otherwise.
 
-
-def check_bucket_prefix(bucket, prefix) -> tuple:
-    if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
-        raise AccessError("%r is not a valid S3 bucket name" % (bucket,))
-    prefix = prefix or ""
-    if not isinstance(prefix, str) or any(c in prefix for c in "*?\x00") or prefix.startswith("/"):
-        raise AccessError("S3 prefix %r must be a plain key prefix without wildcards or a leading '/'" % (prefix,))
-    return bucket, prefix
+    The prefix is a folder: it ends with ``/`` (``orders`` would also match
+    ``orders-payroll/``) and holds no wildcard.
+    """
+    try:
+        loc = parse_prefix(source, "source")
+    except LocationError as exc:
+        raise AccessError(str(exc)) from None
+    return loc.bucket, loc.key
 
 
 def readonly_policy(bucket: str, prefix: str) -> dict:
-    """The identity policy that lets the drill read ``s3://bucket/prefix*`` and write nothing."""
-    bucket, prefix = check_bucket_prefix(bucket, prefix)
+    """The identity policy that lets the drill read ``s3://bucket/prefix/`` and write nothing."""
+    bucket, prefix = parse_source(s3_uri(bucket, prefix or ""))
     bucket_arn = "arn:aws:s3:::%s" % bucket
     list_stmt = {"Sid": "ListBackupPrefix", "Effect": "Allow", "Action": LIST_ACTIONS, "Resource": bucket_arn}
     if prefix:
@@ -81,6 +109,185 @@ def readonly_policy(bucket: str, prefix: str) -> dict:
              "Resource": [bucket_arn, bucket_arn + "/*"]},
         ],
     }
+
+
+# ------------------------------------------------------------------------------- S3
+def s3_access(iam, state: str, bucket: str, prefix: str, role: str, *, name: str = POLICY_NAME,  # noqa: PLR0913
+              check_mode: bool = False, diff: bool = False) -> dict:
+    """Put (``present``) or remove (``absent``) the read-only policy ``name`` on IAM role ``role``.
+
+    ``iam`` is a retrying IAM client. Returns the module result; after writing, the
+    policy is read back and must match what was written.
+    """
+    if not role:
+        raise AccessError("role_name is required for an S3 backup source: the drill's IAM role "
+                          "(drguard-<drill_id>, created by mint_credentials)")
+    try:
+        current = policy_document(iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"])
+    except _AWS_ERRORS as exc:
+        if not is_not_found(exc):
+            raise AccessError("Could not read inline policy %s of role %s" % (name, role), exception=exc) from exc
+        current = None
+        if state == "present":
+            _check_role(iam, role)
+
+    if state == "absent":
+        result = {"changed": current is not None}
+        if current is not None and not check_mode:
+            try:
+                iam.delete_role_policy(RoleName=role, PolicyName=name)
+            except _AWS_ERRORS as exc:
+                if not is_not_found(exc):
+                    raise AccessError("Could not delete inline policy %s of role %s" % (name, role),
+                                      exception=exc) from exc
+        return _with_diff(result, diff, current, None)
+
+    wanted = readonly_policy(bucket, prefix)
+    fact = {"kind": "s3", "source": s3_uri(bucket, prefix), "read_only": True}
+    result = {"changed": current is None or policies_differ(current, wanted), "backup_mount": fact, "policy": wanted}
+    _with_diff(result, diff, current, wanted)
+    if not result["changed"] or check_mode:
+        return result
+    try:
+        iam.put_role_policy(RoleName=role, PolicyName=name, PolicyDocument=json.dumps(wanted))
+        stored = policy_document(iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"])
+    except _AWS_ERRORS as exc:
+        raise AccessError("Could not put the read-only backup policy on role %s" % role, exception=exc) from exc
+    if policies_differ(stored, wanted):
+        raise AccessError("the read-only policy read back from role %s differs from what was written; "
+                          "the backup is not proven read-only" % role, policy=stored)
+    return result
+
+
+def _check_role(iam, role: str) -> None:
+    try:
+        iam.get_role(RoleName=role)
+    except _AWS_ERRORS as exc:
+        if is_not_found(exc):
+            raise AccessError("IAM role %s does not exist; create the drill's role first "
+                              "(mint_credentials creates drguard-<drill_id>)" % role) from None
+        raise AccessError("Could not read IAM role %s" % role, exception=exc) from exc
+
+
+def _with_diff(result: dict, diff: bool, before, after) -> dict:
+    if diff:
+        result["diff"] = {"before": before or {}, "after": after or {}}
+    return result
+
+
+# ---------------------------------------------------------------------------- local
+def local_access(run_command, state: str, source: str, path: str, *, check_mode: bool = False) -> dict:
+    """Bind-mount ``source`` read-only at ``path`` (``present``) or unmount it (``absent``).
+
+    ``run_command(argv)`` runs a command and returns ``(rc, stdout, stderr)``
+    (``module.run_command``). Returns the module result.
+    """
+    if not os.path.isabs(source):
+        raise AccessError("source %r must be s3://bucket/prefix/ or an absolute directory" % source)
+    if not path or not os.path.isabs(path):
+        raise AccessError("path (an absolute mount point) is required for a local backup source")
+    # Resolve symlinks in the parents (mountinfo reports real paths); the mount point
+    # itself is never followed.
+    path = os.path.normpath(path)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    try:
+        if state == "absent":
+            return {"changed": local_absent(run_command, path, check_mode)}
+        changed, entry = local_present(run_command, os.path.normpath(source), path, check_mode)
+    except OSError as exc:
+        raise AccessError("local backup mount failed: %s" % exc) from None
+    return {"changed": changed, "mount": entry, "backup_mount": {"kind": "local", "source": path, "read_only": True}}
+
+
+def _run(run_command, argv, what):
+    rc, out, err = run_command(argv)
+    if rc != 0:
+        text = (err or out).strip()
+        if "permission denied" in text.lower() or "must be superuser" in text.lower():
+            raise AccessError(NEED_PRIVILEGE)
+        raise AccessError("%s failed (rc=%d): %s" % (what, rc, text or "no output"))
+
+
+def local_present(run_command, source, path, check_mode=False):
+    """Mount ``source`` read-only at ``path``; ``(changed, mount entry)``, proven by a refused write."""
+    if not os.path.isdir(source):
+        raise AccessError("backup source %s is not a directory" % source)
+    source = os.path.realpath(source)
+    entry = mount_entry(path) if os.path.isdir(path) else None
+    changed = False
+    if entry is not None:
+        if not same_directory(path, source):
+            raise AccessError("%s already has another filesystem mounted (%s); refusing to stack the backup "
+                              "on it" % (path, entry["source"]))
+        if "ro" in entry["options"] and write_probe(path) is None:
+            return False, entry
+        if not can_mount():
+            raise AccessError(NEED_PRIVILEGE)
+        if check_mode:
+            return True, {}
+        _run(run_command, ["mount", "-o", MOUNT_OPTIONS, path], "remounting %s read-only" % path)
+        changed = True
+    else:
+        if not can_mount():
+            raise AccessError(NEED_PRIVILEGE)
+        if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path) or os.listdir(path)):
+            raise AccessError("mount point %s exists and is not an empty directory; choose a new or empty "
+                              "directory" % path)
+        if (os.path.realpath(path) + os.sep).startswith(source + os.sep):
+            raise AccessError("mount point %s is inside the backup source %s" % (path, source))
+        if check_mode:
+            return True, {}
+        # The mount point and its missing parents: 0700, ours, never a symlink.
+        ensure_private_dir(path, parents=True)
+        _run(run_command, ["mount", "--bind", source, path], "bind-mounting %s at %s" % (source, path))
+        changed = True
+        try:
+            _run(run_command, ["mount", "-o", MOUNT_OPTIONS, path], "remounting %s read-only" % path)
+        except AccessError:
+            run_command(["umount", path])
+            raise
+    entry = mount_entry(path)
+    problem = write_probe(path)
+    if entry is None or "ro" not in entry["options"] or problem:
+        run_command(["umount", path])
+        raise AccessError("the bind mount at %s is not read-only (%s); it was unmounted"
+                          % (path, problem or "the kernel does not report it 'ro'"))
+    return changed, entry
+
+
+def local_absent(run_command, path, check_mode=False):
+    """Unmount everything at ``path`` and remove the then empty mount point; whether anything changed."""
+    changed = False
+    for _ in range(MAX_STACKED_MOUNTS):
+        if not os.path.isdir(path) or mount_entry(path) is None:
+            break
+        changed = True
+        if check_mode:
+            return True
+        if not can_mount():
+            raise AccessError(NEED_PRIVILEGE.replace("mounting", "unmounting"))
+        _run(run_command, ["umount", path], "unmounting %s" % path)
+    else:
+        raise AccessError("%s is still mounted after %d unmounts; inspect it by hand" % (path, MAX_STACKED_MOUNTS))
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isdir(path) or os.listdir(path):
+            raise AccessError("%s is not an empty directory after unmounting; refusing to delete its contents"
+                              % path)
+        if not check_mode:
+            os.rmdir(path)
+        changed = True
+    return changed
+
+
+# ------------------------------------------------------------------------ dispatch
+def backup_access(params: dict, *, iam, run_command, check_mode: bool = False, diff: bool = False) -> dict:
+    """The whole module: ``params`` are backup_access's options; ``iam()`` returns an IAM client."""
+    source = params["source"]
+    if is_s3(source):
+        bucket, prefix = parse_source(source)
+        return s3_access(iam(), params["state"], bucket, prefix, params["role_name"],
+                         name=params["policy_name"], check_mode=check_mode, diff=diff)
+    return local_access(run_command, params["state"], source, params["path"], check_mode=check_mode)
 
 
 def _unescape(field: str) -> str:

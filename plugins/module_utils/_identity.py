@@ -16,6 +16,8 @@ import fnmatch
 import json
 import re
 
+from ansible_collections.amazon.aws.plugins.module_utils.policy import compare_policies
+
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import BUCKET_RE
 
 POLICY_VERSION = "2012-10-17"
@@ -83,6 +85,25 @@ _WILDCARDS = ("*", "?")
 
 class PolicyError(ValueError):
     """A policy (or its inputs) is not acceptable; the message says which statement and why."""
+
+
+def policy_document(doc):
+    """A policy document as a dict (IAM answers JSON text on some endpoints); other values as they are."""
+    if isinstance(doc, str):
+        try:
+            return json.loads(doc)
+        except ValueError:
+            return doc
+    return doc
+
+
+def policies_differ(current, wanted) -> bool:
+    """Whether two IAM policy documents mean different things (amazon.aws' ``compare_policies``).
+
+    Statement and list order, one-element lists against scalars and dict key order do
+    not count as differences.
+    """
+    return compare_policies(policy_document(current), policy_document(wanted))
 
 
 def role_name(drill_id: str) -> str:

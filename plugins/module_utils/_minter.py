@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botoc
     BotoCoreError = ClientError = ()
 
 from ansible_collections.amazon.aws.plugins.module_utils.exceptions import AnsibleAWSError
-from ansible_collections.amazon.aws.plugins.module_utils.policy import compare_policies
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
 
@@ -55,21 +54,6 @@ class MintError(AnsibleAWSError):
     ``message`` says what was wrong and what to do; ``exception`` is the boto error
     behind it, if any (``main()`` reports it through ``fail_json_aws``).
     """
-
-
-def _document(doc):
-    """A policy document as a dict (IAM answers URL-decoded JSON text on some endpoints)."""
-    if isinstance(doc, str):
-        try:
-            return json.loads(doc)
-        except ValueError:
-            return doc
-    return doc
-
-
-def policies_differ(current, wanted) -> bool:
-    """Whether two IAM policy documents mean different things (amazon.aws' comparison)."""
-    return compare_policies(_document(current), _document(wanted))
 
 
 class Minter:
@@ -126,11 +110,12 @@ class Minter:
     def _inline_policy(self, name):
         """The role's inline policy ``name`` as a dict, None when it has none by that name."""
         try:
-            return _document(self.iam.get_role_policy(RoleName=self.name, PolicyName=name)["PolicyDocument"])
+            doc = self.iam.get_role_policy(RoleName=self.name, PolicyName=name)["PolicyDocument"]
         except _AWS_ERRORS as e:
             if is_not_found(e):
                 return None
             raise MintError("Cannot read inline policy %s of IAM role %s" % (name, self.name), exception=e) from e
+        return ident.policy_document(doc)
 
     # ------------------------------------------------------------ present
     def caller(self):
@@ -208,7 +193,7 @@ class Minter:
         role = self.get_role()
         external_id = p["external_id"]
         if external_id is None and role:
-            external_id = ident.external_id_of(_document(role.get("AssumeRolePolicyDocument")) or {})
+            external_id = ident.external_id_of(ident.policy_document(role.get("AssumeRolePolicyDocument")) or {})
         external_id = external_id or secrets.token_urlsafe(24)
         self.hide(external_id)
         trust = ident.trust_policy(principal, external_id)
@@ -247,7 +232,7 @@ class Minter:
 
     def update_role(self, role, trust, tags, boundary):
         try:
-            if policies_differ(role.get("AssumeRolePolicyDocument"), trust) and self.act("update trust policy"):
+            if ident.policies_differ(role.get("AssumeRolePolicyDocument"), trust) and self.act("update trust policy"):
                 self.iam.update_assume_role_policy(RoleName=self.name, PolicyDocument=json.dumps(trust))
             if role.get("MaxSessionDuration") != MAX_SESSION_DURATION and self.act("set max session duration"):
                 self.iam.update_role(RoleName=self.name, MaxSessionDuration=MAX_SESSION_DURATION)
@@ -278,9 +263,9 @@ class Minter:
         try:
             current = None
             if ident.POLICY_NAME in names:
-                current = _document(self.iam.get_role_policy(RoleName=self.name,
+                current = ident.policy_document(self.iam.get_role_policy(RoleName=self.name,
                                                              PolicyName=ident.POLICY_NAME)["PolicyDocument"])
-            if (current is None or policies_differ(current, policy)) and self.act("put inline policy %s"
+            if (current is None or ident.policies_differ(current, policy)) and self.act("put inline policy %s"
                                                                                  % ident.POLICY_NAME):
                 self.iam.put_role_policy(RoleName=self.name, PolicyName=ident.POLICY_NAME,
                                          PolicyDocument=json.dumps(policy))

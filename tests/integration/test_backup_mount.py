@@ -164,6 +164,40 @@ def test_s3_missing_role_and_bad_source_fail_clearly(enforced):
     assert not res.failed and res["changed"] is False
 
 
+def test_s3_prefix_without_slash_is_refused_and_nothing_is_granted(enforced):
+    """s3://bkt/orders would grant orders* (orders-payroll/ too): refused before any IAM change."""
+    admin_iam = _client(enforced["url"], "iam", enforced["admin"])
+    for state in ("present", "absent"):
+        res = run_module("backup_access", {"state": state, "source": "s3://%s/orders" % enforced["bucket"],
+                                           "role_name": enforced["role"]})
+        assert res.failed and "end the prefix with '/'" in res["msg"], res
+    assert admin_iam.list_role_policies(RoleName=enforced["role"])["PolicyNames"] == []
+
+
+def test_s3_diff_mode_shows_the_read_only_policy(enforced):
+    e = enforced
+    args = {"source": "s3://%s/orders/" % e["bucket"], "role_name": e["role"], "_ansible_diff": True}
+    check = run_module("backup_access", args, check_mode=True)
+    assert not check.failed and check["changed"] is True, check
+    assert check["diff"] == {"before": {}, "after": check["policy"]}
+    assert check["policy"]["Statement"][0]["Resource"] == "arn:aws:s3:::%s/orders/*" % e["bucket"]
+
+    put = run_module("backup_access", args)
+    assert not put.failed and put["changed"] is True and put["diff"] == check["diff"]
+    again = run_module("backup_access", args)
+    assert not again.failed and again["changed"] is False
+    assert again["diff"]["after"] == put["policy"]
+    assert again["diff"]["before"]["Statement"] == put["policy"]["Statement"]
+    quiet = run_module("backup_access", {k: v for k, v in args.items() if k != "_ansible_diff"})
+    assert "diff" not in quiet, "no diff unless asked for"
+
+    gone = run_module("backup_access", dict(args, state="absent"))
+    assert not gone.failed and gone["changed"] is True
+    assert gone["diff"]["before"]["Statement"] == put["policy"]["Statement"] and gone["diff"]["after"] == {}
+    again = run_module("backup_access", dict(args, state="absent"))
+    assert again["changed"] is False and again["diff"] == {"before": {}, "after": {}}
+
+
 @needs_root
 def test_local_read_only_bind_mount(tmp_path):
     src = tmp_path / "backups"

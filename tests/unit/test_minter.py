@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / ".collections"))
 
-from ansible_collections.drguard.sandbox.plugins.module_utils import _minter  # noqa: E402
+from ansible_collections.drguard.sandbox.plugins.module_utils import _identity as ident  # noqa: E402
 from ansible_collections.drguard.sandbox.plugins.module_utils._minter import Minter  # noqa: E402
 from ansible_collections.drguard.sandbox.plugins.module_utils._minter import MintError  # noqa: E402
 
@@ -62,10 +62,10 @@ def test_policy_comparison_ignores_order_and_one_element_lists():
         {"Effect": "Deny", "Resource": "*", "Action": ["*"], "Sid": "B"},
         {"Resource": "arn:aws:s3:::b/*", "Action": ["s3:ListBucket", "s3:GetObject"], "Effect": "Allow", "Sid": "A"}],
         "Version": "2012-10-17"}
-    assert not _minter.policies_differ(a, b)
-    assert not _minter.policies_differ('{"Version": "2012-10-17", "Statement": []}',
+    assert not ident.policies_differ(a, b)
+    assert not ident.policies_differ('{"Version": "2012-10-17", "Statement": []}',
                                        {"Version": "2012-10-17", "Statement": []})
     wider = {"Version": "2012-10-17", "Statement": [dict(a["Statement"][0], Resource="arn:aws:s3:::b*"),
                                                     a["Statement"][1]]}
-    assert _minter.policies_differ(a, wider)
-    assert _minter.policies_differ(a, {"Version": "2012-10-17", "Statement": a["Statement"][:1]})
+    assert ident.policies_differ(a, wider)
+    assert ident.policies_differ(a, {"Version": "2012-10-17", "Statement": a["Statement"][:1]})
