@@ -1019,38 +1019,6 @@ def check_options(drill_id: str | None, expired: bool | None, as_of: str | None,
     return when
 
 
-class ClientPool:
-    """Clients handed over as they are built, so discovery can start before the last one exists.
-
-    Building a client loads its service model (a tenth of a second each); the sweep needs
-    seven. ``get`` waits for a client not built yet; after :meth:`close`, a client that was
-    never built is an error (the kinds that need it report "could not list").
-    """
-
-    def __init__(self):
-        self._clients: dict = {}
-        self._ready = threading.Condition()
-        self._closed = False
-
-    def add(self, service: str, client) -> None:
-        with self._ready:
-            self._clients[service] = client
-            self._ready.notify_all()
-
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
-
-    def get(self, service: str):
-        with self._ready:
-            while service not in self._clients:
-                if self._closed:
-                    raise SweepError("no %s client could be built" % service)
-                self._ready.wait()
-            return self._clients[service]
-
-
 def prove(ctx: Context, res: Resource, reads: Reads | None = None) -> str | None:
     """Why ``res`` (as read just now) may not be deleted by this sweep; None when it proves it is the drill's."""
     problem = ctx.selector.tag_problem(res.tags)

@@ -176,7 +176,6 @@ seconds:
 """
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
@@ -205,21 +204,12 @@ def main():
         module.fail_json(msg=str(exc))
     started = time.monotonic()
     config = {"max_pool_connections": _sweep.WORKERS * 2}  # many list/tag calls run in parallel
-    clients = _sweep.ClientPool()
-    # The first client is built before anything runs: a region or connection problem fails the
-    # module here, once. The others are built while discovery already runs on those that exist.
-    clients.add("ec2", aws_client(module, "ec2", config=config))
-    ctx = _sweep.Context(clients.get, _sweep.Selector(drill_id=params["drill_id"], as_of=as_of),
+    # Built here, in the main thread, before anything runs: a region or connection problem fails
+    # the module once, cleanly, instead of inside a worker thread.
+    clients = {service: aws_client(module, service, config=config) for service in _sweep.SERVICES}
+    ctx = _sweep.Context(clients.__getitem__, _sweep.Selector(drill_id=params["drill_id"], as_of=as_of),
                          started + params["timeout"])
-    with ThreadPoolExecutor(max_workers=1) as background:
-        discovering = background.submit(_sweep.discover, ctx)
-        try:
-            for service in _sweep.SERVICES:
-                if service != "ec2":
-                    clients.add(service, aws_client(module, service, config=config))
-        finally:
-            clients.close()
-        first = discovering.result()
+    first = _sweep.discover(ctx)
     result, failure = _sweep.sweep(ctx, first, module.check_mode, params["fail_on_remaining"])
     result["seconds"] = round(time.monotonic() - started, 3)
     if failure:
