@@ -7,7 +7,14 @@ The teardown gets its own lines: the phase (from the drill's report), the sweep 
 (start to end, as Ansible timed it: process start-up included) and the sweep module's own
 ``seconds``, each with its share of the whole drill. The play runs with the
 ``ansible.posix.json`` stdout callback so that the sweep's result can be read back.
-Usage: .venv/bin/python bench/drill_bench.py [--runs N]
+
+``--sweep-only`` times the sweep module alone instead: each run builds one resource of
+every supported type for a new drill (tests/integration/test_sweep.py's ``build_world``:
+VPC, peer VPC, subnet, IGW, route table, NACL, 2 SGs, ENI, EIP, NAT, instance, endpoint,
+peering, TGW attachment, VPN gateway, flow log, log group, IAM role/policy/profile,
+secret, KMS key, versioned bucket, topic) and runs ``drguard.sandbox.sweep`` on it
+in-process (its ``main()``, client construction included, no Ansible process).
+Usage: .venv/bin/python bench/drill_bench.py [--runs N] [--sweep-only]
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +37,47 @@ from drillkit import run_drill, seed_world  # noqa: E402
 from emulator import Emulator, child_env  # noqa: E402
 
 SWEEP_ACTIONS = ("drguard.sandbox.sweep", "sweep")
+
+
+def sweep_only(runs: int) -> int:
+    """Time the sweep module alone on worlds with one resource of every supported type."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from conftest import run_module
+    from test_sweep import FUTURE, build_world, new_id
+
+    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
+
+    results = []
+    with Emulator() as emu:
+        env_backup = dict(os.environ)
+        os.environ.update(child_env(emu.url))
+        try:
+            for i in range(runs):
+                drill = new_id("drbench")
+                world = build_world(emu.client, drill, drill_tags(drill, FUTURE), 100 + 2 * i)
+                emu.calls(reset=True)
+                t0 = time.perf_counter()
+                res = run_module("sweep", {"drill_id": drill, "timeout": 300})
+                wall = time.perf_counter() - t0
+                results.append({"module_seconds": res.get("seconds"), "wall_seconds": round(wall, 3),
+                                "counts": res.get("counts"), "failed": res.failed,
+                                "api_calls": emu.calls()["total"]})
+                emu.client("iam").delete_instance_profile(InstanceProfileName=world["foreign_profile"])
+        finally:
+            os.environ.clear()
+            os.environ.update(env_backup)
+    for i, r in enumerate(results):
+        print("run %d: sweep module %.2f s (in-process wall %.2f s), %d API calls, counts %s%s" % (
+            i, r["module_seconds"] or 0, r["wall_seconds"], r["api_calls"], json.dumps(r["counts"]),
+            ", FAILED" if r["failed"] else ""))
+    print("sweep module, one of every supported type: median %.2f s over %d run(s)" % (
+        statistics.median(r["module_seconds"] or 0 for r in results), len(results)))
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("sweep-%s.json" % time.strftime("%Y%m%dT%H%M%S"))
+    path.write_text(json.dumps({"runs": results}, indent=2))
+    print("written:", path.relative_to(ROOT))
+    return 1 if any(r["failed"] for r in results) else 0
 
 
 def _when(stamp: str) -> float:
@@ -58,14 +107,19 @@ def _share(part, whole) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="time the sweep module alone on one resource of every supported type")
     args = parser.parse_args()
+    if args.sweep_only:
+        return sweep_only(args.runs)
     results = []
     with Emulator() as emu, tempfile.TemporaryDirectory() as tmp:
         world = seed_world(emu, Path(tmp) / "world")
         for i in range(args.runs):
             emu.calls(reset=True)
             t0 = time.perf_counter()
-            run = run_drill(world, Path(tmp) / ("run%d" % i), env_extra={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"})
+            run = run_drill(world, Path(tmp) / ("run%d" % i),
+                            env_extra={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"})
             wall = time.perf_counter() - t0
             calls = emu.calls()
             try:
