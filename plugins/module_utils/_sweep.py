@@ -17,9 +17,13 @@ Deletion runs in dependency order, in parallel inside each step::
       -> VPCs
     IAM roles/policies, log groups, secrets, KMS keys, S3 buckets, SNS topics: alongside
 
-Dependency errors are retried with jittered backoff until the deadline; "not found"
-means already gone. Afterwards everything is discovered again: what is still there
-is what remains.
+The EC2 chain and everything else run side by side; outside EC2 nothing waits for
+anything. Discovery is one parallel pass (each kind proves its candidates as soon as its
+own listing is in; a VPC is read once per pass). Every call goes through a client from
+``_aws.aws_client`` (transient errors retried); dependency errors are retried with
+``_aws.retry_while`` until the deadline; "not found" means already gone. As soon as a
+chain's deletions are done it discovers its own kinds again: what is still there is what
+remains.
 
 Nothing is deleted on the strength of a listing or a file. Right before deleting, each
 resource is read again through its own describe/get call and must prove that it is the

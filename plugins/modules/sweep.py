@@ -34,9 +34,10 @@ description:
     Secrets Manager secrets (deleted without recovery); KMS keys
     (aliases deleted, deletion scheduled with the minimum 7-day window; a key pending deletion counts as gone);
     S3 buckets (every object version and delete marker first); SNS topics.
-  - Deletes in dependency order, in parallel within each step, retrying dependency errors with jittered backoff
-    until O(timeout). Then discovers again; whatever is still there is returned in RV(remaining), and the task
-    fails when anything remains (O(fail_on_remaining)). Deleting what no longer exists is not an error.
+  - Deletes in dependency order, in parallel within each step (services other than EC2 alongside), retrying
+    dependency errors with backoff until O(timeout). Then discovers again; whatever is still there is returned in
+    RV(remaining), and the task fails when anything remains (O(fail_on_remaining)). Deleting what no longer exists
+    is not an error.
   - An S3 object under Object Lock retention or legal hold is never bypassed; its bucket stays in RV(remaining)
     with the reason.
   - In check mode, nothing is deleted and RV(found) lists what a real run would delete.
