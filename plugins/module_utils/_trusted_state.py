@@ -17,24 +17,38 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 
 try:
     import botocore
 except ImportError:
     pass  # reported by the modules (AnsibleAWSModule)
 
-from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 
 MAX_STATE = 64 * 1024 * 1024
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 CAS_ATTEMPTS = 3
 _CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
 class StateError(Exception):
-    """The trusted state cannot be read, parsed or written; the message says what to do."""
+    """The trusted state cannot be read, parsed or written, or refuses an entry; the message says what to do.
+
+    ``reason`` is ``rollback`` when the state holds a higher sequence, or the same sequence
+    with another manifest (raised by :func:`record_accepted`), None otherwise.
+    """
+
+    def __init__(self, msg: str, reason: str | None = None):
+        super().__init__(msg)
+        self.reason = reason
 
 
 class TrustedState:
@@ -45,9 +59,13 @@ class TrustedState:
     """
 
     def __init__(self, location: str, s3=None):
+        """Raises :class:`StateError` for an S3 location that is not a valid ``s3://bucket/key``."""
         self.location = location
         self._s3 = s3
-        self.loc = art.parse_s3(location, "trusted_state") if art.is_s3(location) else None
+        try:
+            self.loc = parse_s3(location, "trusted_state") if is_s3(location) else None
+        except LocationError as exc:
+            raise StateError(str(exc)[:1].upper() + str(exc)[1:]) from None
         if self.loc and self.loc.version_id:
             raise StateError("trusted_state must not pin a versionId: it is read and written at its latest version")
         self.etag = None
@@ -121,10 +139,12 @@ class TrustedState:
     def _record_local(self, backup_set: str, entry: dict) -> bool:
         directory = os.path.dirname(self.location)
         try:
-            os.makedirs(directory, exist_ok=True)
+            if not os.path.isdir(directory):
+                # Missing directories are created 0700; an existing one is used as it is.
+                ensure_private_dir(directory, parents=True)
             dir_fd = os.open(directory, os.O_RDONLY)
         except OSError as exc:
-            raise StateError("Cannot write the trusted state %s: %s" % (self.location, exc.strerror)) from None
+            raise StateError("Cannot write the trusted state %s: %s" % (self.location, exc.strerror or exc)) from None
         try:
             # Serialize writers in this directory: re-read, re-check, replace atomically.
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
@@ -166,3 +186,51 @@ class TrustedState:
                 raise StateError("Could not write the trusted state %s: %s" % (self.location, exc)) from None
             return True
         raise StateError("The trusted state %s kept changing during the update; run it again" % self.location)
+
+
+def record_accepted(params: dict, s3, *, check_mode: bool, result: dict) -> dict:
+    """The backend of the ``trusted_state`` module: record one accepted manifest (compare-and-set).
+
+    ``params`` are the module's options (``trusted_state``, ``backup_set``, ``sequence``,
+    ``manifest_sha256``, ``payload_sha256``); ``s3`` a callable returning an S3 client that
+    retries transient errors. ``result`` is filled in as far as it got (``changed``,
+    ``previous``, ``entry``) and returned. Raises :class:`StateError` (``reason="rollback"``
+    when the state refuses the entry); in check mode nothing is written.
+    """
+    try:
+        mf.validate_backup_set(params["backup_set"])
+    except ValueError as exc:
+        raise StateError(str(exc)[:1].upper() + str(exc)[1:]) from None
+    if params["sequence"] < 0:
+        raise StateError("sequence must be a non-negative integer, as in the manifest")
+    for name in ("manifest_sha256", "payload_sha256"):
+        if params[name] is not None and not _HEX64.match(params[name]):
+            raise StateError("%s must be 64 lowercase hex digits (a SHA-256 as verify_artifacts returns it)" % name)
+    location = params["trusted_state"]
+    if not is_s3(location):
+        location = os.path.abspath(os.path.expanduser(location))
+    backup_set, sequence = params["backup_set"], params["sequence"]
+    manifest_sha256, payload_sha256 = params["manifest_sha256"], params["payload_sha256"]
+    result.setdefault("changed", False)
+    result.setdefault("previous", None)
+    try:
+        store = TrustedState(location, s3)
+        state = store.read()
+        result["previous"] = state.get(backup_set)
+        problem = mf.rollback_problem(state, backup_set, sequence, manifest_sha256, payload_sha256)
+        if problem:
+            raise problem
+        now = utcnow()
+        result["entry"] = mf.state_entry(sequence, manifest_sha256, payload_sha256, now)
+        if check_mode:
+            current = result["previous"]
+            result["changed"] = not (current and current["sequence"] == sequence)
+        else:
+            result["changed"] = store.record(backup_set, sequence, manifest_sha256, payload_sha256,
+                                             now=now, state=state)
+    except mf.ManifestError as exc:
+        raise StateError("Refusing to record %s sequence %d in the trusted state %s: %s"
+                         % (backup_set, sequence, location, exc.detail), reason=exc.reason) from None
+    if not result["changed"]:
+        result["entry"] = result["previous"]
+    return result

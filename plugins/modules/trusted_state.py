@@ -108,16 +108,10 @@ reason:
   type: str
 """
 
-import os
-import re
-
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
-from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
-from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import TrustedState
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import record_accepted
 
 ARGUMENT_SPEC = dict(
     trusted_state=dict(type="str", required=True),
@@ -127,24 +121,9 @@ ARGUMENT_SPEC = dict(
     payload_sha256=dict(type="str"),
 )
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    p = module.params
-    try:
-        mf.validate_backup_set(p["backup_set"])
-    except ValueError as exc:
-        module.fail_json(msg=str(exc)[:1].upper() + str(exc)[1:])
-    if p["sequence"] < 0:
-        module.fail_json(msg="sequence must be a non-negative integer, as in the manifest")
-    for name in ("manifest_sha256", "payload_sha256"):
-        if p[name] is not None and not _HEX64.match(p[name]):
-            module.fail_json(msg="%s must be 64 lowercase hex digits (a SHA-256 as verify_artifacts returns it)" % name)
-    location = p["trusted_state"]
-    if not art.is_s3(location):
-        location = os.path.abspath(os.path.expanduser(location))
     s3 = []
 
     def client():
@@ -154,30 +133,11 @@ def main():
 
     result = {"changed": False, "previous": None}
     try:
-        store = TrustedState(location, client)
-        state = store.read()
-        result["previous"] = state.get(p["backup_set"])
-        problem = mf.rollback_problem(state, p["backup_set"], p["sequence"], p["manifest_sha256"],
-                                      p["payload_sha256"])
-        if problem:
-            raise problem
-        now = utcnow()
-        result["entry"] = mf.state_entry(p["sequence"], p["manifest_sha256"], p["payload_sha256"], now)
-        if module.check_mode:
-            current = result["previous"]
-            result["changed"] = not (current and current["sequence"] == p["sequence"])
-        else:
-            result["changed"] = store.record(p["backup_set"], p["sequence"], p["manifest_sha256"],
-                                             p["payload_sha256"], now=now, state=state)
-    except art.SourceError as exc:
-        module.fail_json(msg=str(exc)[:1].upper() + str(exc)[1:], **result)
+        record_accepted(module.params, client, check_mode=module.check_mode, result=result)
     except StateError as exc:
+        if exc.reason:
+            module.fail_json(msg=str(exc), reason=exc.reason, **result)
         module.fail_json(msg=str(exc), **result)
-    except mf.ManifestError as exc:
-        module.fail_json(msg="Refusing to record %s sequence %d in the trusted state %s: %s"
-                         % (p["backup_set"], p["sequence"], location, exc.detail), reason=exc.reason, **result)
-    if not result["changed"]:
-        result["entry"] = result["previous"]
     module.exit_json(**result)
 
 

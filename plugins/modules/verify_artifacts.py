@@ -251,23 +251,14 @@ trusted_state_updated:
   type: bool
 """
 
-import os
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-
-try:
-    import botocore
-except ImportError:
-    pass  # handled by AnsibleAWSModule
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
-from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
-from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
-from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
-from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import TrustedState
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
+from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
+from ansible_collections.drguard.sandbox.plugins.module_utils._verify import VerifyError
 
 ARGUMENT_SPEC = dict(
     manifest=dict(type="str", required=True),
@@ -284,218 +275,6 @@ ARGUMENT_SPEC = dict(
     workers=dict(type="int"),
 )
 
-MAX_DOCUMENT = 64 * 1024 * 1024
-
-
-class InputError(Exception):
-    """An input that cannot be read or used (not a verification finding)."""
-
-
-class Verifier:
-    def __init__(self, module):
-        self.module = module
-        self.p = module.params
-        # Local locations are made absolute and normalized: failure sources are handed
-        # as-is to quarantine_artifact, which acts only on absolute normalized paths.
-        for key in ("manifest", "source", "trusted_state"):
-            if self.p[key] and not art.is_s3(self.p[key]):
-                self.p[key] = os.path.abspath(os.path.expanduser(self.p[key]))
-        self.workers = self.p["workers"] or os.cpu_count() or 1
-        self._s3 = None
-        self.result = {"changed": False, "verified": False, "failures": [], "artifacts": [],
-                       "manifest": {"location": self.p["manifest"], "sha256": None, "payload_sha256": None,
-                                    "backup_set": None, "sequence": None, "created_at": None,
-                                    "expires_at": None, "tier": None, "keyids": []},
-                       "bytes_hashed": 0, "trusted_state_updated": False}
-
-    # ------------------------------------------------------------------ clients and reads
-    @property
-    def s3(self):
-        if self._s3 is None:
-            self._s3 = aws_client(self.module, "s3", config={"max_pool_connections": max(10, self.workers + 2)})
-        return self._s3
-
-    def _kms(self, region=None):
-        extra = {"region": region} if region else {}
-        return aws_client(self.module, "kms", **extra)
-
-    def read_local(self, path: str, what: str) -> bytes:
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_DOCUMENT + 1)
-        except OSError as exc:
-            raise InputError("cannot read the %s %s: %s" % (what, path, exc.strerror)) from None
-        if len(data) > MAX_DOCUMENT:
-            raise InputError("the %s %s is larger than %d bytes" % (what, path, MAX_DOCUMENT))
-        return data
-
-    def read_s3(self, loc: art.S3Location, what: str, missing_ok: bool = False):
-        """(bytes or None, version id, ETag) of an S3 document."""
-        kwargs = {"Bucket": loc.bucket, "Key": loc.key}
-        if loc.version_id:
-            kwargs["VersionId"] = loc.version_id
-        try:
-            resp = self.s3.get_object(**kwargs)
-            if resp.get("ContentLength", 0) > MAX_DOCUMENT:
-                raise InputError("the %s %s is larger than %d bytes" % (what, loc.uri, MAX_DOCUMENT))
-            data = resp["Body"].read()
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if missing_ok and code in ("NoSuchKey", "404") and not loc.version_id:
-                return None, None, None
-            raise InputError("cannot read the %s %s: %s" % (what, loc.uri, code or exc)) from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise InputError("cannot read the %s %s: %s" % (what, loc.uri, exc)) from None
-        version = resp.get("VersionId")
-        return data, (None if version in (None, "null") else version), resp.get("ETag")
-
-    def fail(self, msg: str):
-        self.module.fail_json(msg=msg, **self.result)
-
-    # ------------------------------------------------------------------ steps
-    def run(self):
-        p = self.p
-        if self.workers < 1:
-            self.fail("workers must be at least 1")
-        if p["max_age"] is not None and p["max_age"] < 0:
-            self.fail("max_age must be a non-negative number of seconds")
-        if p["max_clock_skew"] < 0:
-            self.fail("max_clock_skew must be a non-negative number of seconds")
-        try:
-            if art.is_s3(p["source"]):
-                source_loc = art.parse_prefix(p["source"], "source")
-            elif not os.path.isdir(p["source"]):
-                raise InputError("source %s is not a directory; give a local directory or s3://bucket/prefix/"
-                                 % p["source"])
-            else:
-                source_loc = None
-            manifest_loc = art.parse_s3(p["manifest"], "manifest") if art.is_s3(p["manifest"]) else None
-            store = TrustedState(p["trusted_state"], lambda: self.s3) if p["trusted_state"] else None
-            policy = mf.load_trust_policy(self.read_local(p["trust_policy"], "trust policy"), self._kms)
-            if policy.threshold > len(policy.keys):
-                self.module.warn("The trust policy can never be met: threshold %d but only %d distinct key(s) "
-                                 "(%d listed); every manifest will be threshold_not_met"
-                                 % (policy.threshold, len(policy.keys), policy.entries))
-            if manifest_loc:
-                envelope_bytes, version, _etag = self.read_s3(manifest_loc, "manifest")
-                manifest_source = art.s3_uri(manifest_loc.bucket, manifest_loc.key, version)
-            else:
-                envelope_bytes = self.read_local(p["manifest"], "manifest")
-                manifest_source = p["manifest"]
-            state = store.read() if store else {}
-        except (InputError, art.SourceError, mf.PolicyError, StateError) as exc:
-            self.fail(str(exc)[:1].upper() + str(exc)[1:])
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            self.module.fail_json_aws(exc, msg="Could not fetch a KMS public key of the trust policy", **self.result)
-
-        m = self.result["manifest"]
-        m.update(location=manifest_source, sha256=mf.sha256_hex(envelope_bytes))
-        now = utcnow()
-        try:
-            envelope = mf.parse_envelope(envelope_bytes)
-            m["payload_sha256"] = mf.sha256_hex(envelope.payload)
-            keyids = mf.verify_signatures(envelope, policy)
-            statement = mf.parse_statement(envelope.payload)
-        except mf.ManifestError as exc:
-            self.manifest_failures([exc], manifest_source)
-        m.update(backup_set=statement.backup_set, sequence=statement.sequence, created_at=statement.created_at,
-                 expires_at=statement.expires_at, tier=statement.tier, keyids=keyids)
-        other_set = mf.check_backup_set(statement, p["expected_backup_set"])
-        if other_set:
-            self.manifest_failures([other_set], manifest_source)
-        problems = mf.check_times(statement, now, p["max_age"], p["max_clock_skew"])
-        rollback = mf.check_rollback(state, statement, m["sha256"], m["payload_sha256"])
-        if rollback:
-            problems.insert(1 if problems and problems[0].reason == "manifest_expired" else 0, rollback)
-        if problems:
-            self.manifest_failures(problems, manifest_source)
-
-        entries, failures, safe = self.check_names(statement, manifest_source)
-        results = self.check_artifacts(safe, source_loc)
-        for entry, fail in results:
-            entries[entry["name"]] = entry
-            if fail:
-                failures.append(fail)
-        if p["strict"]:
-            failures.extend(self.unlisted(statement, source_loc, manifest_loc, store.loc if store else None))
-        self.result["artifacts"] = [entries[n] for n in statement.artifacts]
-        self.result["failures"] = failures
-        if failures:
-            reasons = sorted({f["reason"] for f in failures})
-            self.fail("Backup set %s sequence %d failed verification: %d failure(s) (%s); quarantine the failing "
-                      "objects and do not restore them" % (statement.backup_set, statement.sequence,
-                                                         len(failures), ", ".join(reasons)))
-        if store and p["update_trusted_state"]:
-            self.record(store, statement, state, now)
-        # Last: nothing that can still fail comes after this.
-        self.result["verified"] = True
-        self.module.exit_json(msg="Backup set %s sequence %d verified: %d artifact(s), %d byte(s) hashed"
-                              % (statement.backup_set, statement.sequence, len(entries),
-                                 self.result["bytes_hashed"]), **self.result)
-
-    def manifest_failures(self, errors: list, manifest_source: str):
-        self.result["failures"] = [art.failure(None, e.reason, e.detail, manifest_source) for e in errors]
-        self.fail("The manifest %s failed verification (%s): %s; no artifact was read"
-                  % (manifest_source, ", ".join(e.reason for e in errors), "; ".join(e.detail for e in errors)))
-
-    def check_names(self, statement, manifest_source):
-        entries, failures, safe = {}, [], []
-        for name, item in statement.artifacts.items():
-            problem = mf.unsafe_name_problem(name)
-            if problem is None:
-                safe.append(item)
-                continue
-            entries[name] = {"name": name, "verified": False, "sha256": item.sha256, "size": item.size,
-                             "seconds": 0.0, "reason": "unsafe_name", "source": None, "version_id": None}
-            failures.append(art.failure(name, "unsafe_name", "artifact name %r is unsafe: %s; the manifest that "
-                                        "lists it is the source" % (name, problem), manifest_source))
-        return entries, failures, safe
-
-    def check_artifacts(self, items: list, source_loc):
-        check = art.Check(self.p["mode"], self.p["require_object_lock"] if source_loc else "none", utcnow())
-        counter = []
-        if source_loc:
-            def one(item):
-                return art.verify_s3(self.s3, source_loc.bucket, source_loc.key, item, check, counter)
-        else:
-            def one(item):
-                return art.verify_local(self.p["source"], item, check, counter)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            results = list(pool.map(one, items))
-        self.result["bytes_hashed"] = sum(counter)
-        return results
-
-    def unlisted(self, statement, source_loc, manifest_loc, state_loc):
-        names = set(statement.artifacts)
-        if source_loc:
-            exclude = [loc.key for loc in (manifest_loc, state_loc) if loc and loc.bucket == source_loc.bucket]
-            try:
-                return art.unlisted_s3(self.s3, source_loc.bucket, source_loc.key, names, exclude)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-                self.module.fail_json_aws(exc, msg="Could not list %s for strict mode; grant s3:ListBucket "
-                                          "or set strict=false" % self.p["source"], **self.result)
-        exclude = [self.p["manifest"]] + ([self.p["trusted_state"]] if self.p["trusted_state"] else [])
-        return art.unlisted_local(self.p["source"], names, [e for e in exclude if not art.is_s3(e)])
-
-    # ------------------------------------------------------------------ trusted state
-    def record(self, store, statement, state, now):
-        """Record the verified manifest; a state that cannot be updated fails the task (never verified)."""
-        m = self.result["manifest"]
-        if self.module.check_mode:
-            current = state.get(statement.backup_set)
-            self.result["changed"] = not (current and current["sequence"] == statement.sequence
-                                          and current["manifest_sha256"] == m["sha256"])
-            return
-        try:
-            written = store.record(statement.backup_set, statement.sequence, m["sha256"], m["payload_sha256"],
-                                   now=now, state=state)
-        except mf.ManifestError as exc:  # someone else recorded a newer or another manifest meanwhile
-            self.result["failures"] = [art.failure(None, exc.reason, exc.detail, m["location"])]
-            self.fail("The trusted state changed during verification: %s" % exc.detail)
-        except StateError as exc:
-            self.fail("%s; the backup set is not verified until its trusted state is updated" % exc)
-        self.result["trusted_state_updated"] = self.result["changed"] = written
-
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
@@ -503,9 +282,15 @@ def main():
     if not mf.HAS_CRYPTOGRAPHY:
         module.fail_json(msg="verify_artifacts needs the Python library cryptography: %s"
                          % mf.CRYPTOGRAPHY_IMPORT_ERROR)
-    verifier = Verifier(module)
+    verifier = Verifier(module.params, lambda service, **kwargs: aws_client(module, service, **kwargs),
+                        warn=module.warn, check_mode=module.check_mode)
     try:
-        verifier.run()
+        msg = verifier.run()
+        module.exit_json(msg=msg, **verifier.result)
+    except VerifyError as exc:
+        if exc.aws_error is not None:
+            module.fail_json_aws(exc.aws_error, msg=str(exc), **verifier.result)
+        module.fail_json(msg=str(exc), **verifier.result)
     except Exception as exc:  # noqa: BLE001 - fail closed with the structured result, never a bare traceback
         verifier.result["verified"] = False
         module.fail_json(msg="Verification could not be completed (%s: %s); nothing was accepted"
