@@ -2,7 +2,7 @@
 # Apache License 2.0
 """Backup artifact sources (local directory, ``s3://bucket/prefix/``) and streaming checks.
 
-* :func:`parse_location` - ``/path``, ``s3://bucket/key`` or ``s3://bucket/key?versionId=...``.
+* S3 locations are parsed by ``_s3_location`` (``parse_s3``, ``parse_prefix``).
 * :func:`collect_local` / :func:`collect_s3` - hash every artifact of a backup set (producer side).
 * :func:`verify_one` - reconcile one manifest entry with the store and stream its bytes
   (consumer side): bounded memory (1 MiB chunks), never more than ``size + 1`` bytes, S3
@@ -31,15 +31,15 @@ try:
 except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
     BotoCoreError = ClientError = Exception
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import Artifact
+from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import unsafe_name_problem
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import OBJECT_NOT_FOUND_CODES
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
-from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import S3Location  # noqa: F401
+# Still re-exported for _restore (art.is_s3 / art.parse_s3); new code imports _s3_location.
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3  # noqa: F401
-from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_prefix  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
-from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import unsafe_name_problem
 
 CHUNK = 1024 * 1024
 SNIFF = 512
@@ -50,10 +50,6 @@ LOCK_CHOICES = ("compliance", "governance", "none")
 _PRIORITY = ("artifact_missing", "unsafe_name", "size_mismatch", "digest_mismatch",
              "metadata_mismatch", "not_immutable")
 _COMPOSITE_RE = re.compile(r"-\d+$")
-
-
-# One parser of S3 locations for the whole collection; re-exported for the artifact gate's callers.
-SourceError = LocationError
 
 
 # --------------------------------------------------------------------------- kinds and hashing
@@ -149,7 +145,7 @@ def local_names(root: str, exclude=()) -> list:
     Symlinks are followed only when they stay inside ``root``; anything else raises.
     """
     if not os.path.isdir(root):
-        raise SourceError("source %r is not a directory" % root)
+        raise LocationError("source %r is not a directory" % root)
     real_root = os.path.realpath(root)
     excluded = {os.path.realpath(p) for p in exclude if p}
     names = []
@@ -157,23 +153,23 @@ def local_names(root: str, exclude=()) -> list:
         for d in list(dirnames):
             full = os.path.join(dirpath, d)
             if os.path.islink(full):
-                raise SourceError("%s is a symlinked directory; artifacts must be regular files" % full)
+                raise LocationError("%s is a symlinked directory; artifacts must be regular files" % full)
         for f in filenames:
             full = os.path.join(dirpath, f)
             real = os.path.realpath(full)
             if real in excluded or os.path.abspath(full) in excluded:
                 continue
             if not (real == real_root or real.startswith(real_root + os.sep)):
-                raise SourceError("%s resolves outside the source directory" % full)
+                raise LocationError("%s resolves outside the source directory" % full)
             if not stat.S_ISREG(os.stat(real).st_mode):
-                raise SourceError("%s is not a regular file" % full)
+                raise LocationError("%s is not a regular file" % full)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             names.append(rel)
     names.sort()
     for name in names:
         problem = unsafe_name_problem(name)
         if problem:
-            raise SourceError("file %r cannot be signed: %s" % (name, problem))
+            raise LocationError("file %r cannot be signed: %s" % (name, problem))
     return names
 
 
@@ -190,11 +186,8 @@ def s3_keys(s3, bucket: str, prefix: str) -> list:
     Empty "folder" markers (a key ending in ``/`` with no content, as the S3 console
     creates them) hold nothing and are skipped, when signing and in strict mode alike.
     """
-    out = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out.extend((o["Key"], o.get("Size")) for o in page.get("Contents") or []
-                   if not (o["Key"].endswith("/") and o.get("Size") == 0))
-    return out
+    return [(o["Key"], o.get("Size")) for o in paginate(s3, "list_objects_v2", "Contents", Bucket=bucket, Prefix=prefix)
+            if not (o["Key"].endswith("/") and o.get("Size") == 0)]
 
 
 def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = None) -> Artifact:
@@ -208,14 +201,14 @@ def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = No
     except ClientError as exc:
         code, status = _error_code(exc)
         if code in OBJECT_NOT_FOUND_CODES or status in (404, 405):
-            raise SourceError("%s does not exist" % s3_uri(bucket, key, version_id)) from None
+            raise LocationError("%s does not exist" % s3_uri(bucket, key, version_id)) from None
         raise
     version = head.get("VersionId")
     version = None if version in (None, "null") else version
     _resp, chunks = s3_get_chunks(s3, bucket, key, version, None)
     hashed = hash_chunks(chunks)
     if hashed.size != head["ContentLength"]:
-        raise SourceError("s3://%s/%s changed while it was read (%d bytes read, %d expected); sign again"
+        raise LocationError("s3://%s/%s changed while it was read (%d bytes read, %d expected); sign again"
                           % (bucket, key, hashed.size, head["ContentLength"]))
     return Artifact(name, hashed.sha256, hashed.size, detect_kind(hashed.head), version)
 
