@@ -17,6 +17,7 @@ from helpers_artifacts import create_locked_bucket
 from helpers_artifacts import generate_key
 from helpers_artifacts import KmsKey
 from helpers_artifacts import sample_files
+from helpers_artifacts import throttle_first_calls
 from helpers_artifacts import unique
 from helpers_artifacts import upload_set
 from helpers_artifacts import write_local_set
@@ -293,3 +294,26 @@ def test_s3_cosign_hashes_the_pinned_versions(module_runner, tmp_path, aws):
     result = module_runner("verify_artifacts", {"manifest": dest, "source": source, "trust_policy": policy})
     assert result["verified"] is True, result["failures"]
     assert sorted(result["manifest"]["keyids"]) == sorted([first.keyid, second.keyid])
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
+    monkeypatch.setattr(_aws, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(_aws, "RETRY_MAX_DELAY", 0.02)
+
+
+def test_throttled_s3_calls_are_retried(module_runner, tmp_path, aws, fast_backoff):
+    s3 = aws("s3")
+    bucket = create_locked_bucket(s3)
+    prefix = unique("orders") + "/"
+    upload_set(s3, bucket, prefix, sample_files(unique()))
+    key_path = generate_key("ed25519").write_private(str(tmp_path / "key.pem"))
+    dest = "s3://%s/manifests/%s.dsse.json" % (bucket, prefix.strip("/"))
+    with throttle_first_calls(bucket) as throttled:
+        signed = module_runner("sign_manifest", {"source": "s3://%s/%s" % (bucket, prefix), "dest": dest,
+                                                 "backup_set": "orders-db", "sequence": 3, "ttl": 3600,
+                                                 "private_key_path": key_path, "workers": 2})
+    assert not signed.failed, signed["msg"]
+    assert sorted(throttled) == ["GetObject", "HeadObject", "ListObjectsV2", "PutObject"]
+    assert signed["changed"] is True and signed["version_id"] and signed["artifacts"] == 3

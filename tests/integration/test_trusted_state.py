@@ -119,3 +119,28 @@ def test_local_relative_path_is_made_absolute(module_runner, tmp_path, monkeypat
     result = module_runner("trusted_state", _args("rel/state.json"))
     assert not result.failed and result["changed"] is True
     assert json.loads(Path(tmp_path / "rel" / "state.json").read_text())["orders-db"]["sequence"] == 5
+
+
+def test_missing_state_directories_are_created_private(module_runner, tmp_path):
+    location = tmp_path / "new" / "deeper" / "state.json"
+    result = module_runner("trusted_state", _args(str(location)))
+    assert not result.failed and result["changed"] is True, result
+    assert oct(location.parent.stat().st_mode & 0o777) == oct(0o700)
+    assert oct(location.parent.parent.stat().st_mode & 0o777) == oct(0o700)
+    assert oct(location.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_an_existing_state_directory_is_used_as_it_is(module_runner, local_state):
+    local_state.parent.chmod(0o755)
+    result = module_runner("trusted_state", _args(str(local_state)))
+    assert not result.failed and result["changed"] is True, result
+    assert oct(local_state.parent.stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_a_symlink_in_place_of_a_missing_state_directory_is_refused(module_runner, tmp_path):
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    result = module_runner("trusted_state", _args(str(tmp_path / "gone" / "state.json")))
+    assert result.failed and result["changed"] is False
+    assert result["msg"].startswith("Cannot write the trusted state %s: %s is a symlink; refusing to follow it"
+                                    % (tmp_path / "gone" / "state.json", tmp_path / "gone")), result["msg"]
+    assert not (tmp_path / "nowhere").exists()

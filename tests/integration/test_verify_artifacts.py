@@ -30,6 +30,7 @@ from helpers_artifacts import make_statement
 from helpers_artifacts import sample_files
 from helpers_artifacts import sign_payload
 from helpers_artifacts import sign_statement
+from helpers_artifacts import throttle_first_calls
 from helpers_artifacts import unique
 from helpers_artifacts import upload_set
 from helpers_artifacts import write_local_set
@@ -772,6 +773,18 @@ def test_s3_trusted_state_created_when_missing(module_runner, s3case):
     assert result["trusted_state_updated"] is True
     body = json.loads(s3case.s3.get_object(Bucket=s3case.bucket, Key=key)["Body"].read())
     assert body[s3case.backup_set]["sequence"] == s3case.sequence
+
+
+def test_s3_throttled_calls_are_retried(module_runner, s3case, monkeypatch):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
+    monkeypatch.setattr(_aws, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(_aws, "RETRY_MAX_DELAY", 0.02)
+    with throttle_first_calls(s3case.bucket) as throttled:
+        result = module_runner("verify_artifacts", s3case.args())
+    assert result["verified"] is True, result["msg"]
+    # the manifest and state reads, every artifact's HEAD and GET, the strict listing, the state write
+    assert sorted(throttled) == ["GetObject", "HeadObject", "ListObjectsV2", "PutObject"]
+    assert result["trusted_state_updated"] is True and result["failures"] == []
 
 
 def test_s3_newer_version_shadowing_the_pinned_one_is_ignored(module_runner, s3case):

@@ -1,5 +1,6 @@
 """Unit tests of the manifest core (no emulator): PAE, keyids, strict JSON, schema, names,
-signature schemes, threshold counting, trust policy, rollback, freshness, store checksums."""
+signature schemes, threshold counting, trust policy, rollback, freshness, store checksums;
+the gate's backends (Verifier, Signer, record_accepted) used without any module."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from helpers_artifacts import make_statement  # noqa: E402
 from helpers_artifacts import sample_files  # noqa: E402
 from helpers_artifacts import sign_payload  # noqa: E402
 from helpers_artifacts import sign_statement  # noqa: E402
+from helpers_artifacts import write_local_set  # noqa: E402
+from helpers_artifacts import write_trust_policy  # noqa: E402
 
 NOW = datetime(2026, 11, 29, 5, 0, 0, tzinfo=UTC)
 
@@ -464,3 +467,126 @@ def test_detect_kind(head, kind):
 ])
 def test_kms_region(key_id, region):
     assert mf.kms_region(key_id) == region
+
+
+
+# ----------------------------------------------------------------------------- backends without a module
+
+def _no_client(service, **kwargs):
+    raise AssertionError("no AWS client is needed here, %s was asked for" % service)
+
+
+def _verify_params(**kwargs):
+    params = {"manifest": None, "source": None, "trust_policy": None, "trusted_state": None,
+              "update_trusted_state": True, "expected_backup_set": None, "max_age": None,
+              "max_clock_skew": mf.DEFAULT_CLOCK_SKEW, "require_object_lock": "compliance", "strict": True,
+              "mode": "full", "workers": 2}
+    params.update(kwargs)
+    return params
+
+
+@pytest.fixture
+def local_gate(tmp_path, keys):
+    files = sample_files("backend")
+    root = write_local_set(str(tmp_path / "set"), files)
+    manifest = tmp_path / "manifest.dsse.json"
+    manifest.write_bytes(sign_statement(make_statement("orders-db", 7, artifacts_for(files)), [keys["ed25519"]]))
+    trust = write_trust_policy(str(tmp_path / "trust.json"), [keys["ed25519"]])
+    return _verify_params(manifest=str(manifest), source=root, trust_policy=trust,
+                          trusted_state=str(tmp_path / "state" / "trusted.json"))
+
+
+def test_verifier_backend_verifies_and_records_without_a_module(local_gate):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
+    verifier = Verifier(local_gate, _no_client, warn=pytest.fail)
+    msg = verifier.run()
+    assert msg.startswith("Backup set orders-db sequence 7 verified: 3 artifact(s)")
+    assert verifier.result["verified"] is True and verifier.result["trusted_state_updated"] is True
+    assert json.loads(Path(local_gate["trusted_state"]).read_text())["orders-db"]["sequence"] == 7
+
+
+def test_verifier_backend_raises_one_error_with_the_result(local_gate):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import VerifyError
+    with open(Path(local_gate["source"]) / "files.tar", "r+b") as handle:
+        handle.write(b"X")
+    verifier = Verifier(local_gate, _no_client, warn=pytest.fail)
+    with pytest.raises(VerifyError) as err:
+        verifier.run()
+    assert err.value.aws_error is None and "digest_mismatch" in str(err.value)
+    assert [f["reason"] for f in verifier.result["failures"]] == ["digest_mismatch"]
+    assert verifier.result["verified"] is False and not Path(local_gate["trusted_state"]).exists()
+    with pytest.raises(VerifyError, match="^workers must be at least 1$"):
+        Verifier(dict(local_gate, workers=-1), _no_client, warn=pytest.fail).run()
+
+
+def test_verifier_backend_asks_for_the_kms_client_of_the_key_region(local_gate):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import VerifyError
+    from botocore.exceptions import ClientError
+    arn = "arn:aws:kms:eu-west-3:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    Path(local_gate["trust_policy"]).write_text(json.dumps({"threshold": 1, "keys": [{"kms_key_id": arn}]}))
+    asked = []
+
+    class DeniedKms:
+        def get_public_key(self, **kwargs):
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "GetPublicKey")
+
+    def client(service, **kwargs):
+        asked.append((service, kwargs))
+        return DeniedKms()
+
+    with pytest.raises(VerifyError) as err:
+        Verifier(local_gate, client, warn=pytest.fail).run()
+    assert asked == [("kms", {"region": "eu-west-3"})]
+    assert str(err.value) == "Could not fetch a KMS public key of the trust policy"
+    assert isinstance(err.value.aws_error, ClientError)
+
+
+def _sign_params(**kwargs):
+    params = {"source": None, "dest": None, "backup_set": "orders-db", "sequence": 1, "created_at": None,
+              "expires_at": None, "ttl": 3600, "tier": None, "kinds": None, "private_key_path": None,
+              "private_key_passphrase": None, "kms_key_id": None, "envelope": None, "workers": 2}
+    params.update(kwargs)
+    return params
+
+
+def test_signer_backend_without_a_module(tmp_path, keys):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._sign import SignError
+    from ansible_collections.drguard.sandbox.plugins.module_utils._sign import Signer
+    root = write_local_set(str(tmp_path / "set"), sample_files("signer"))
+    key_path = keys["ecdsa"].write_private(str(tmp_path / "key.pem"))
+    dest = tmp_path / "out.dsse.json"
+    params = _sign_params(source=root, dest=str(dest), private_key_path=key_path)
+    changed, result = Signer(dict(params), _no_client, check_mode=True).run()
+    assert changed is True and result["keyids"] == [keys["ecdsa"].keyid] and not dest.exists()
+    changed, result = Signer(dict(params), _no_client).run()
+    assert changed is True and result["manifest_sha256"] == mf.sha256_hex(dest.read_bytes())
+    assert Signer(dict(params), _no_client).run()[0] is False
+    with pytest.raises(SignError, match="give exactly one of expires_at or ttl"):
+        Signer(dict(params, ttl=None), _no_client).run()
+    with pytest.raises(SignError, match="resolves outside the source directory"):
+        (Path(root) / "escape").symlink_to(key_path)
+        Signer(dict(params), _no_client).run()
+    with pytest.raises(SignError, match="^cannot read private_key_path %s: No such file or directory$"
+                       % (tmp_path / "missing.pem")):
+        Signer(dict(params, private_key_path=str(tmp_path / "missing.pem")), _no_client).run()
+
+
+def test_record_accepted_backend_raises_state_error_with_reason(tmp_path):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import record_accepted
+    from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
+    location = tmp_path / "state.json"
+    params = {"trusted_state": str(location), "backup_set": "orders-db", "sequence": 5,
+              "manifest_sha256": "a" * 64, "payload_sha256": None}
+    result = record_accepted(params, _no_client, check_mode=True, result={})
+    assert result["changed"] is True and result["previous"] is None and not location.exists()
+    assert record_accepted(params, _no_client, check_mode=False, result={})["changed"] is True
+    lower = {}
+    with pytest.raises(StateError) as err:
+        record_accepted(dict(params, sequence=4), _no_client, check_mode=False, result=lower)
+    assert err.value.reason == "rollback" and str(err.value).startswith("Refusing to record orders-db sequence 4")
+    assert lower["previous"]["sequence"] == 5 and lower["changed"] is False
+    with pytest.raises(StateError) as err:
+        record_accepted(dict(params, trusted_state="s3://Bad_Bucket/x"), _no_client, check_mode=False, result={})
+    assert err.value.reason is None and str(err.value).startswith("Trusted_state 's3://Bad_Bucket/x'")
