@@ -34,7 +34,8 @@ attributes:
 options:
   trusted_state:
     description:
-      - The trusted state - a local path or C(s3://bucket/key) (no C(?versionId=)). Created when missing.
+      - The trusted state - a local path or C(s3://bucket/key) (no C(?versionId=)). Created when missing;
+        missing directories above a local path are created with mode 0700.
     type: str
     required: true
   backup_set:

@@ -64,6 +64,7 @@ options:
     description:
       - Rollback protection state - a local path or C(s3://bucket/key). Missing means nothing was
         accepted yet. Per backup set, the highest sequence accepted and the SHA-256 of that manifest.
+        Missing directories above a local path are created with mode 0700.
       - Without it, rollback and equivocation are not detected.
     type: str
   update_trusted_state:
