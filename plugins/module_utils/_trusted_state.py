@@ -39,6 +39,12 @@ CAS_ATTEMPTS = 3
 _CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
+def sentence(text) -> str:
+    """``text`` (or an exception's message) with its first letter capitalized, to open an error message."""
+    text = str(text)
+    return text[:1].upper() + text[1:]
+
+
 class StateError(Exception):
     """The trusted state cannot be read, parsed or written, or refuses an entry; the message says what to do.
 
@@ -65,7 +71,7 @@ class TrustedState:
         try:
             self.loc = parse_s3(location, "trusted_state") if is_s3(location) else None
         except LocationError as exc:
-            raise StateError(str(exc)[:1].upper() + str(exc)[1:]) from None
+            raise StateError(sentence(exc)) from None
         if self.loc and self.loc.version_id:
             raise StateError("trusted_state must not pin a versionId: it is read and written at its latest version")
         self.etag = None
@@ -200,7 +206,7 @@ def record_accepted(params: dict, s3, *, check_mode: bool, result: dict) -> dict
     try:
         mf.validate_backup_set(params["backup_set"])
     except ValueError as exc:
-        raise StateError(str(exc)[:1].upper() + str(exc)[1:]) from None
+        raise StateError(sentence(exc)) from None
     if params["sequence"] < 0:
         raise StateError("sequence must be a non-negative integer, as in the manifest")
     for name in ("manifest_sha256", "payload_sha256"):

@@ -30,6 +30,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location impor
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
 from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
 from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import TrustedState
+from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import sentence
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 
 MAX_DOCUMENT = 64 * 1024 * 1024
@@ -45,11 +46,6 @@ class VerifyError(Exception):
     def __init__(self, msg: str, aws_error: BaseException | None = None):
         super().__init__(msg)
         self.aws_error = aws_error
-
-
-def _sentence(text) -> str:
-    text = str(text)
-    return text[:1].upper() + text[1:]
 
 
 class Verifier:
@@ -199,7 +195,7 @@ class Verifier:
                 manifest_source = p["manifest"]
             state = store.read() if store else {}
         except (LocationError, mf.PolicyError, StateError) as exc:
-            raise VerifyError(_sentence(exc)) from None
+            raise VerifyError(sentence(exc)) from None
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise VerifyError("Could not fetch a KMS public key of the trust policy", aws_error=exc) from None
         return source_loc, manifest_loc, store, policy, envelope_bytes, manifest_source, state
