@@ -1131,12 +1131,12 @@ class _Deletion:
                         (now, "could not check its ownership: %s" % describe_error(exc), None))
 
         proven, refused, errors = [], [], []
-        for judged in parallel(judge, items):
-            if judged is None:
+        for item, outcome in zip(items, parallel(judge, items), strict=True):
+            if outcome is None:
                 continue
-            if isinstance(judged, Exception):  # not raised by judge itself; kept for safety
-                raise judged
-            res, error, problem = judged
+            # judge returns what it expects; anything else it raised keeps the item (not deleted).
+            res, error, problem = ((item, "could not read it again: %s" % describe_error(outcome), None)
+                                   if isinstance(outcome, Exception) else outcome)
             if error:
                 errors.append({"type": res.type, "id": res.id, "error": error})
             elif problem:

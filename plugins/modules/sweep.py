@@ -178,6 +178,12 @@ seconds:
 
 import time
 
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
@@ -210,8 +216,12 @@ def main():
     clients = {service: aws_client(module, service, config=config) for service in _sweep.SERVICES}
     ctx = _sweep.Context(clients.__getitem__, _sweep.Selector(drill_id=params["drill_id"], as_of=as_of),
                          started + params["timeout"])
-    first = _sweep.discover(ctx)
-    result, failure = _sweep.sweep(ctx, first, module.check_mode, params["fail_on_remaining"])
+    try:
+        first = _sweep.discover(ctx)
+        result, failure = _sweep.sweep(ctx, first, module.check_mode, params["fail_on_remaining"])
+    except (BotoCoreError, ClientError) as exc:  # per-resource errors are results; this is anything else
+        module.fail_json_aws(exc, msg="The sweep stopped before it could prove that nothing remains; fix the "
+                                      "cause and run it again.")
     result["seconds"] = round(time.monotonic() - started, 3)
     if failure:
         module.fail_json(msg=failure, **result)
