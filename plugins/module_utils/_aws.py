@@ -6,13 +6,19 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 try:
+    import boto3
+    import botocore.config
+    from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError
+    from botocore.exceptions import NoRegionError
 except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
     ClientError = None
 
+from ansible_collections.amazon.aws.plugins.module_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 # Codes that mean "slow down" or "try again in a moment", on top of those amazon.aws'
@@ -111,11 +117,42 @@ class RetryingClient:
 
 
 def aws_client(module, service: str, **kwargs) -> RetryingClient:
-    """The one way our modules get a client: amazon.aws' session settings, every call retried.
+    """The one way our modules get a client: amazon.aws' connection settings, every call retried.
 
-    ``kwargs`` go to ``module.client`` (``config=...``, ``endpoint_url=...``).
+    Region, endpoint, credentials and profile come from amazon.aws' common options exactly as
+    for ``module.client``; ``kwargs`` override them (``region=...``, ``endpoint=...``,
+    ``config=...``). All clients of one module run share one boto3 session, so each service
+    model is loaded once per module run instead of once per client (amazon.aws opens a new
+    session for every client: 0.1-0.15 s each, most of a sweep's start-up).
     """
-    return RetryingClient(module.client(service, **kwargs))
+    region, endpoint, params = get_aws_connection_info(module)
+    params = dict(params, region=region, endpoint=endpoint)
+    params.update(kwargs)
+    return RetryingClient(_client(module, service, **params))
+
+
+_SESSION_LOCK = threading.Lock()  # boto3 sessions are not thread-safe; clients are
+
+
+def _client(module, service, *, region=None, endpoint=None, profile_name=None, config=None, aws_config=None,
+            **params):
+    merged = botocore.config.Config(user_agent_extra="drguard.sandbox")
+    for extra in (config, aws_config):
+        if extra:
+            merged = merged.merge(extra if isinstance(extra, botocore.config.Config)
+                                  else botocore.config.Config(**extra))
+    try:
+        with _SESSION_LOCK:
+            sessions = module.__dict__.setdefault("_drguard_boto3_sessions", {})
+            if profile_name not in sessions:
+                sessions[profile_name] = boto3.session.Session(profile_name=profile_name)
+            return sessions[profile_name].client(service, config=merged, region_name=region, endpoint_url=endpoint,
+                                                 **params)
+    except NoRegionError:
+        module.fail_json(msg="The %s module requires a region and none was found in configuration, environment "
+                             "variables or module parameters" % getattr(module, "_name", "drguard.sandbox"))
+    except (ValueError, BotoCoreError) as exc:
+        module.fail_json_aws(exc, msg="Couldn't connect to AWS")
 
 
 def paginate(client, op: str, key: str, **kwargs) -> list:

@@ -190,3 +190,35 @@ def test_is_not_found(code, expected):
     from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
     assert is_not_found(_client_error(code)) is expected
     assert is_not_found(ValueError("NotFound")) is False
+
+
+def _aws_module(args):
+    from ansible.module_utils.testing import patch_module_args
+    from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+
+    with patch_module_args(args):
+        return AnsibleAWSModule(argument_spec={})
+
+
+def test_clients_of_one_module_share_one_session_and_its_settings(aws_env):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
+    module = _aws_module({"region": "eu-west-3", "endpoint_url": aws_env.url})
+    ec2, iam = aws_client(module, "ec2"), aws_client(module, "iam")
+    assert ec2.unwrapped.meta.region_name == "eu-west-3" and ec2.unwrapped.meta.endpoint_url == aws_env.url
+    assert iam.unwrapped.meta.endpoint_url == aws_env.url
+    assert list(module._drguard_boto3_sessions) == [None]  # one session (no profile) for both clients
+    kms = aws_client(module, "kms", region="ap-south-1")  # an override wins, as with module.client
+    assert kms.unwrapped.meta.region_name == "ap-south-1"
+    assert "drguard.sandbox" in ec2.unwrapped.meta.config.user_agent_extra
+    ec2.describe_vpcs()  # it works against the emulator, with the module's credentials
+    other = _aws_module({"region": "eu-west-3", "endpoint_url": aws_env.url})
+    aws_client(other, "ec2")
+    assert other._drguard_boto3_sessions[None] is not module._drguard_boto3_sessions[None]  # nothing shared across runs
+
+
+def test_explicit_credentials_reach_the_client(aws_env):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
+    module = _aws_module({"region": "us-east-1", "endpoint_url": aws_env.url,
+                          "access_key": "AKIAEXPLICIT00000001", "secret_key": "explicit-secret"})
+    creds = aws_client(module, "sts").unwrapped._request_signer._credentials
+    assert (creds.access_key, creds.secret_key) == ("AKIAEXPLICIT00000001", "explicit-secret")
