@@ -4,9 +4,10 @@
 
 * S3 locations are parsed by ``_s3_location`` (``parse_s3``, ``parse_prefix``).
 * :func:`collect_local` / :func:`collect_s3` - hash every artifact of a backup set (producer side).
-* :func:`verify_one` - reconcile one manifest entry with the store and stream its bytes
-  (consumer side): bounded memory (1 MiB chunks), never more than ``size + 1`` bytes, S3
-  objects read by the pinned version id.
+* :func:`verify_local` / :func:`verify_s3` - reconcile one manifest entry with the store and
+  stream its bytes (consumer side): bounded memory (one reused 8 MiB buffer for a local file,
+  1 MiB chunks from S3), never more than ``size + 1`` bytes, S3 objects read by the pinned
+  version id.
 * :func:`unlisted_local` / :func:`unlisted_s3` - strict mode: objects the manifest does not list.
 
 Failure entries have exactly the shape (docs/manifest.md) consumed by ``quarantine_artifact``:
@@ -28,8 +29,13 @@ from datetime import datetime
 try:
     from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError
+    from botocore.exceptions import FlexibleChecksumError
+    from botocore.exceptions import IncompleteReadError
+    from botocore.exceptions import ReadTimeoutError
+    from botocore.exceptions import ResponseStreamingError
 except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
-    BotoCoreError = ClientError = Exception
+    BotoCoreError = ClientError = FlexibleChecksumError = Exception
+    IncompleteReadError = ReadTimeoutError = ResponseStreamingError = Exception
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import Artifact
@@ -41,8 +47,14 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location impor
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
 
-CHUNK = 1024 * 1024
+CHUNK = 1024 * 1024  # S3 body reads
+# Local files: one reused buffer of this size per reader. Large reads keep the Python work per
+# byte negligible, and hashlib releases the GIL while it hashes them, so workers hash in parallel.
+FILE_CHUNK = 8 * 1024 * 1024
 SNIFF = 512
+# Reads of one S3 object whose body ends early (or stalls) before it is artifact_missing.
+STREAM_ATTEMPTS = 3
+_CUT_SHORT = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError)
 LOCK_CHOICES = ("compliance", "governance", "none")
 
 # When one artifact has several problems, the entry carries the most serious one
@@ -71,21 +83,68 @@ class Hashed:
     over_limit: bool
 
 
-def hash_chunks(chunks, limit: int | None = None) -> Hashed:
-    """Stream ``chunks`` through SHA-256, stopping once more than ``limit`` bytes were seen."""
-    digest, size, head = hashlib.sha256(), 0, b""
+class Digest:
+    """A running SHA-256 with the byte count and the first bytes; it survives an error mid-stream."""
+
+    def __init__(self):
+        self.sha, self.size, self.head = hashlib.sha256(), 0, b""
+
+    def update(self, chunk) -> None:
+        self.sha.update(chunk)
+        if len(self.head) < SNIFF:
+            self.head += bytes(chunk[:SNIFF - len(self.head)])
+        self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def hash_chunks(chunks, limit: int | None = None, digest: Digest | None = None) -> Hashed:
+    """Stream ``chunks`` through SHA-256, stopping once more than ``limit`` bytes were seen.
+
+    ``digest`` (optional) is updated as bytes arrive, so the caller still has the bytes seen so
+    far when reading raises.
+    """
+    digest = digest or Digest()
     for piece in chunks:
-        chunk = piece[:limit + 1 - size] if limit is not None and size + len(piece) > limit + 1 else piece
-        digest.update(chunk)
-        if len(head) < SNIFF:
-            head += chunk[:SNIFF - len(head)]
-        size += len(chunk)
-        if limit is not None and size > limit:
+        size = digest.size
+        digest.update(piece[:limit + 1 - size] if limit is not None and size + len(piece) > limit + 1 else piece)
+        if limit is not None and digest.size > limit:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()  # release the connection / file now, not at garbage collection
-            return Hashed(None, size, head, True)
-    return Hashed(digest.hexdigest(), size, head, False)
+            return Hashed(None, digest.size, digest.head, True)
+    return Hashed(digest.hexdigest(), digest.size, digest.head, False)
+
+
+def hash_file(fd: int, limit: int | None) -> Hashed:
+    """SHA-256 of an open file descriptor from its current offset, read into one reused buffer.
+
+    With ``limit``, at most ``limit + 1`` bytes are read (a longer file shows, never read whole).
+    """
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass  # only a hint
+    buf = bytearray(FILE_CHUNK)
+    view = memoryview(buf)
+    sha, size, head = hashlib.sha256(), 0, b""
+    cap = None if limit is None else limit + 1
+    while True:
+        want = FILE_CHUNK if cap is None else min(FILE_CHUNK, cap - size)
+        if want <= 0:
+            break
+        n = os.readv(fd, [view[:want]])
+        if not n:
+            break
+        sha.update(view[:n])
+        if len(head) < SNIFF:
+            head += bytes(view[:min(n, SNIFF - len(head))])
+        size += n
+    if cap is not None and size > limit:
+        return Hashed(None, size, head, True)
+    return Hashed(sha.hexdigest(), size, head, False)
 
 
 def file_chunks(handle, limit: int | None):
@@ -175,8 +234,8 @@ def local_names(root: str, exclude=()) -> list:
 
 def hash_local(root: str, name: str) -> Artifact:
     path = os.path.join(root, *name.split("/"))
-    with open(path, "rb") as handle:
-        hashed = hash_chunks(file_chunks(handle, None))
+    with open(path, "rb", buffering=0) as handle:
+        hashed = hash_file(handle.fileno(), None)
     return Artifact(name, hashed.sha256, hashed.size, detect_kind(hashed.head), None)
 
 
@@ -348,23 +407,73 @@ def verify_s3(s3, bucket: str, prefix: str, art: Artifact, check: Check, bytes_c
         findings.append(("not_immutable", lock))
 
     if check.mode == "full" and not any(r == "size_mismatch" for r, _d in findings):
+        _stream_s3(s3, (bucket, key, version, source), art, findings, observed, bytes_counter)
+    return _result(art, source, version, findings, started, observed)
+
+
+def _stream_s3(s3, where: tuple, art: Artifact, findings: list, observed: dict,  # noqa: PLR0917
+               bytes_counter: list) -> None:
+    """Stream one pinned object version through SHA-256 and add what it shows to ``findings``.
+
+    * botocore checks the bytes against the store's own ChecksumSHA256 as they arrive (response
+      checksum validation) and raises FlexibleChecksumError at the end when they disagree: the
+      object exists and was read, but the store contradicts its own bytes - ``metadata_mismatch``,
+      with both checksums and the served bytes' SHA-256 in the detail.
+    * A body that ends early or stalls (IncompleteReadError, ResponseStreamingError,
+      ReadTimeoutError) is transient: the object is read again from the start, up to
+      STREAM_ATTEMPTS reads in all, then ``artifact_missing`` (it could not be read).
+    * An error answer to the GET itself (already retried by the client when transient) is
+      ``artifact_missing``.
+    """
+    bucket, key, version, source = where
+    last = None
+    for _attempt in range(STREAM_ATTEMPTS):
+        digest = Digest()
         try:
             resp, chunks = s3_get_chunks(s3, bucket, key, version, art.size)
-            if resp is not None:
-                answered = resp.get("VersionId")
-                answered = None if answered in (None, "null") else answered
-                if version and answered != version:
-                    findings.append(("metadata_mismatch", "S3 served version %s for version %s" % (answered, version)))
-            hashed = hash_chunks(chunks, art.size)
+            hashed = hash_chunks(chunks, art.size, digest)
+        except FlexibleChecksumError as exc:
+            served = digest.hexdigest()
+            observed.update(sha256=served, size=digest.size)
+            findings.append(("metadata_mismatch", "the store's own checksum contradicts the bytes it served "
+                             "for %s: %s; the %d bytes served have SHA-256 %s (%s the signed %s)"
+                             % (source, _checksum_words(exc), digest.size, served,
+                                "equal to" if served == art.sha256 else "not", art.sha256)))
+            return
+        except _CUT_SHORT as exc:
+            last = exc
+            continue
         except ClientError as exc:
             code, status = _error_code(exc)
             findings.append(("artifact_missing", "%s could not be read (%s)" % (source, code or status)))
+            return
         except (BotoCoreError, OSError) as exc:
             findings.append(("artifact_missing", "%s could not be read completely (%s)" % (source, exc)))
-        else:
-            bytes_counter.append(hashed.size)
-            _compare_stream(art, hashed, findings, observed)
-    return _result(art, source, version, findings, started, observed)
+            return
+        if resp is not None:
+            answered = resp.get("VersionId")
+            answered = None if answered in (None, "null") else answered
+            if version and answered != version:
+                findings.append(("metadata_mismatch", "S3 served version %s for version %s" % (answered, version)))
+        bytes_counter.append(hashed.size)
+        _compare_stream(art, hashed, findings, observed)
+        return
+    findings.append(("artifact_missing", "%s could not be read completely: the stream was cut short on each of "
+                     "%d reads (last: %s)" % (source, STREAM_ATTEMPTS, last)))
+
+
+def _checksum_words(exc) -> str:
+    """``ChecksumSHA256 <store> (hex <..>), bytes <..>`` from botocore's checksum error, in hex where it can."""
+    match = re.search(r"Expected checksum (\S+) did not match calculated checksum: (\S+)", str(exc))
+    if not match:
+        return str(exc)
+
+    def hexed(value):
+        try:
+            return base64.b64decode(value, validate=True).hex()
+        except (binascii.Error, ValueError):
+            return value
+    return "ChecksumSHA256 of the store %s, of the bytes %s" % (hexed(match.group(1)), hexed(match.group(2)))
 
 
 def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
@@ -385,8 +494,8 @@ def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
     except OSError as exc:
         return _result(art, path, None, [("artifact_missing", "%s cannot be opened: %s" % (path, exc.strerror))],
                        started)
-    with os.fdopen(fd, "rb") as handle:
-        st = os.fstat(handle.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return _result(art, path, None, [("artifact_missing", "%s is not a regular file" % path)], started)
         if st.st_size != art.size:
@@ -394,12 +503,14 @@ def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
             findings.append(("size_mismatch", "%s is %d bytes, signed size %d" % (path, st.st_size, art.size)))
         elif check.mode == "full":
             try:
-                hashed = hash_chunks(file_chunks(handle, art.size), art.size)
+                hashed = hash_file(fd, art.size)
             except OSError as exc:
                 findings.append(("artifact_missing", "%s could not be read completely: %s" % (path, exc.strerror)))
             else:
                 bytes_counter.append(hashed.size)
                 _compare_stream(art, hashed, findings, observed)
+    finally:
+        os.close(fd)
     return _result(art, path, None, findings, started, observed)
 
 

@@ -1013,6 +1013,123 @@ def test_s3_metadata_mode_does_not_download(module_runner, s3case, quarantine):
     quarantine(full)
 
 
+# ----------------------------------------------------------------------------- faults while streaming
+
+class _ServedBytes:
+    """Fault on the module's own S3 clients at the HTTP layer: GetObject of ``key`` is sent for real
+    to the emulator, and the bytes it serves are altered on the way (``flip`` one byte, or ``cut``
+    the stream short) before botocore checks them against the store's ChecksumSHA256 header.
+
+    Registered on every S3 client boto3 creates while active (the module builds its own), so the
+    real client, the real emulator response, botocore's own checksum validation and our error
+    handling all run; only the bytes are changed. ``times`` faulted responses, then real ones.
+    """
+
+    def __init__(self, monkeypatch, key, *, flip=None, cut=None, times=1000):
+        import threading
+
+        import boto3.session
+        self.key, self.flip, self.cut, self.left = key, flip, cut, times
+        self.gets, self.faulted, self._lock = 0, 0, threading.Lock()
+        real = boto3.session.Session.client
+        injector = self
+
+        def client(session, service_name, *args, **kwargs):
+            made = real(session, service_name, *args, **kwargs)
+            if service_name == "s3":
+                made.meta.events.register("before-send.s3.GetObject", injector)
+            return made
+        monkeypatch.setattr(boto3.session.Session, "client", client)
+
+    def __call__(self, request, **_):
+        from urllib.parse import unquote
+        from urllib.parse import urlsplit
+
+        from botocore.awsrequest import AWSResponse
+        from botocore.httpsession import URLLib3Session
+
+        if not unquote(urlsplit(request.url).path).endswith("/" + self.key):
+            return None
+        with self._lock:
+            self.gets += 1
+            if self.left <= 0:
+                return None
+            self.left -= 1
+            self.faulted += 1
+        real = URLLib3Session().send(request)  # the emulator's real answer, headers and all
+        return AWSResponse(real.url, real.status_code, real.headers, _Altered(real.raw, self.flip, self.cut))
+
+
+class _Altered:
+    """A raw HTTP body whose byte at ``flip`` is inverted, or that ends after ``cut`` bytes."""
+
+    def __init__(self, raw, flip, cut):
+        self.raw, self.flip, self.cut, self.pos = raw, flip, cut, 0
+
+    def read(self, amt=None, **_):
+        if self.cut is not None:
+            amt = self.cut - self.pos if amt is None else min(amt, self.cut - self.pos)
+            if amt <= 0:
+                return b""
+        data = bytearray(self.raw.read(amt))
+        if self.flip is not None and self.pos <= self.flip < self.pos + len(data):
+            data[self.flip - self.pos] ^= 0xFF
+        self.pos += len(data)
+        return bytes(data)
+
+    def readinto(self, buf):
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def stream(self, amt=1024, **_):
+        while chunk := self.read(amt):
+            yield chunk
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def test_s3_bytes_contradicting_the_store_checksum_are_metadata_mismatch(module_runner, s3case, monkeypatch,
+                                                                          quarantine):
+    """The store's ChecksumSHA256 (equal to the signed digest) contradicts the bytes it serves:
+    botocore raises FlexibleChecksumError while streaming. The object exists and was read, so the
+    reason is metadata_mismatch (never artifact_missing), and the detail names both checksums."""
+    before = s3case.state_bytes()
+    faults = _ServedBytes(monkeypatch, s3case.prefix + "files.tar", flip=100)
+    result = module_runner("verify_artifacts", s3case.args())
+    assert faults.faulted >= 1
+    f = assert_fails(result, "metadata_mismatch", "files.tar", s3case, before)
+    body = bytearray(s3case.files["files.tar"])
+    body[100] ^= 0xFF
+    signed = hashlib.sha256(s3case.files["files.tar"]).hexdigest()
+    served = hashlib.sha256(bytes(body)).hexdigest()
+    assert "ChecksumSHA256" in f["detail"] and signed in f["detail"] and served in f["detail"], f["detail"]
+    assert f["observed_sha256"] == served and f["observed_size"] == len(body)
+    assert f["source"] == s3case.uri("files.tar") and f["version_id"] == s3case.versions["files.tar"]
+    quarantine(result, s3case, before)
+
+
+def test_s3_stream_cut_short_once_is_read_again(module_runner, s3case, monkeypatch):
+    """A body that ends early (IncompleteReadError) is transient: the object is read again, and verified."""
+    faults = _ServedBytes(monkeypatch, s3case.prefix + "files.tar", cut=100, times=1)
+    result = module_runner("verify_artifacts", s3case.args())
+    assert result["verified"] is True, result.get("failures") or result.get("msg")
+    assert faults.faulted == 1 and faults.gets == 2
+    assert result["bytes_hashed"] == sum(len(b) for b in s3case.files.values())
+
+
+def test_s3_stream_always_cut_short_is_artifact_missing(module_runner, s3case, monkeypatch):
+    """A body that always ends early cannot be read: after the retries it is artifact_missing."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts
+    before = s3case.state_bytes()
+    faults = _ServedBytes(monkeypatch, s3case.prefix + "files.tar", cut=100)
+    result = module_runner("verify_artifacts", s3case.args())
+    f = assert_fails(result, "artifact_missing", "files.tar", s3case, before)
+    assert faults.gets == _artifacts.STREAM_ATTEMPTS
+    assert "cut short" in f["detail"] and f["source"] == s3case.uri("files.tar")
+
+
 def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch, quarantine):
     monkeypatch.chdir(os.path.dirname(case.root))
     _flip(case.path("files.tar"))
