@@ -197,7 +197,7 @@ def test_teardown_role_revokes_once_then_secrets_mount_sweep():
     tasks = load(ROOT / "roles" / "teardown" / "tasks" / "main.yml")
     steps = [(m, t[m].get("state")) for t in tasks for m in t if m.startswith("drguard.sandbox.")]
     assert steps == [("drguard.sandbox.mint_credentials", "revoked"), ("drguard.sandbox.drill_secrets", "absent"),
-                     ("drguard.sandbox.mint_credentials", "absent"), ("drguard.sandbox.backup_access", "absent"),
+                     ("drguard.sandbox.backup_access", "absent"),
                      ("drguard.sandbox.sweep", None)]
     # Each step runs whatever happened to the one before: none may stop the role early.
     assert all(t.get("ignore_errors") is True and t.get("register") for t in tasks
