@@ -27,6 +27,8 @@ try:
 except ImportError:  # pragma: no cover - AnsibleAWSModule reports the missing SDK
     BotoCoreError = ClientError = Exception
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+
 # Every code evaluate() can emit. docs/boundary-policy.md explains each one.
 FINDING_CODES = (
     "vpc_not_found", "unreadable", "vpc_overlaps_production", "vpc_cidr_undeclared", "ipv6_present",
@@ -111,15 +113,6 @@ def _calls(vpc_id: str, require_flow_logs: bool) -> dict:
     return calls
 
 
-def _describe(client, operation: str, key: str, kwargs: dict, retry) -> list:
-    @retry
-    def _run():
-        if client.can_paginate(operation):
-            return client.get_paginator(operation).paginate(**kwargs).build_full_result().get(key, [])
-        return getattr(client, operation)(**kwargs).get(key, [])
-    return _run()
-
-
 def _error_code(exc: Exception) -> tuple:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -127,9 +120,11 @@ def _error_code(exc: Exception) -> tuple:
     return type(exc).__name__, str(exc)
 
 
-def read_vpc(client, vpc_id: str, require_flow_logs: bool, retry, workers: int = 8) -> dict:
+def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8) -> dict:
     """Describe everything that shapes the VPC's boundary, in parallel.
 
+    ``client`` is an EC2 client from ``_aws.aws_client``; each listing goes through
+    ``_aws.paginate``, so a transient error (throttling) retries the listing with backoff.
     Returns ``{name: list | Unreadable}``. Every failure (AccessDenied, throttling
     beyond retries, an API the endpoint does not implement) becomes an
     :class:`Unreadable`, never an empty list.
@@ -139,18 +134,18 @@ def read_vpc(client, vpc_id: str, require_flow_logs: bool, retry, workers: int =
     def one(item):
         name, (operation, key, kwargs) = item
         try:
-            return name, _describe(client, operation, key, kwargs, retry)
+            return name, paginate(client, operation, key, **kwargs)
         except (ClientError, BotoCoreError) as exc:
             code, message = _error_code(exc)
             return name, Unreadable(operation, code, message)
 
     with ThreadPoolExecutor(max_workers=min(workers, len(calls))) as pool:
         result = dict(pool.map(one, calls.items()))
-    _fill_prefix_list_cidrs(client, result, retry)
+    _fill_prefix_list_cidrs(client, result)
     return result
 
 
-def _fill_prefix_list_cidrs(client, result: dict, retry) -> None:
+def _fill_prefix_list_cidrs(client, result: dict) -> None:
     """DescribePrefixLists may leave ``Cidrs`` out; read them from the managed prefix list."""
     lists = result.get("prefix_lists")
     if not isinstance(lists, list):
@@ -159,12 +154,11 @@ def _fill_prefix_list_cidrs(client, result: dict, retry) -> None:
         if not S3_SERVICE_RE.match(pl.get("PrefixListName", "")) or pl.get("Cidrs"):
             continue
         try:
-            managed = _describe(client, "describe_managed_prefix_lists", "PrefixLists",
-                                {"Filters": [{"Name": "prefix-list-name", "Values": [pl["PrefixListName"]]}]},
-                                retry)
+            managed = paginate(client, "describe_managed_prefix_lists", "PrefixLists",
+                               Filters=[{"Name": "prefix-list-name", "Values": [pl["PrefixListName"]]}])
             pl["Cidrs"] = [e["Cidr"] for m in managed
-                           for e in _describe(client, "get_managed_prefix_list_entries", "Entries",
-                                              {"PrefixListId": m["PrefixListId"]}, retry)]
+                           for e in paginate(client, "get_managed_prefix_list_entries", "Entries",
+                                             PrefixListId=m["PrefixListId"])]
         except (ClientError, BotoCoreError) as exc:
             code, message = _error_code(exc)
             result["prefix_lists"] = Unreadable("get_managed_prefix_list_entries", code, message)

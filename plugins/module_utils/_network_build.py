@@ -16,7 +16,6 @@ failure half-way leaves nothing that teardown (``drguard.sandbox.sweep``) cannot
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import re
@@ -30,11 +29,12 @@ try:
 except ImportError:  # handled by AnsibleAWSModule
     BotoCoreError = ClientError = Exception
 
+from ansible_collections.amazon.aws.plugins.module_utils.policy import compare_policies
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pick_sandbox_cidr
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_dict
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
@@ -174,6 +174,21 @@ def ip_permission(rule: tuple, description: str | None = None) -> dict:
     return perm
 
 
+def _ports_text(proto: str, start, end) -> str:
+    if proto == "-1":
+        return "all traffic"
+    return "%s %s" % (proto, start if start == end else "%s-%s" % (start, end))
+
+
+def sg_rules_view(rules) -> dict:
+    """Rule tuples as the diff shows them: ``{"ingress": [...], "egress": [...]}``, one sorted line each."""
+    view = {"ingress": [], "egress": []}
+    for direction, proto, start, end, _kind, target in rules:
+        view[direction].append("%s %s %s" % (_ports_text(proto, start, end),
+                                             "from" if direction == "ingress" else "to", target))
+    return {k: sorted(v) for k, v in view.items()}
+
+
 # A network ACL entry: (egress, rule_number, protocol number, action, cidr, from_port, to_port)
 
 
@@ -231,6 +246,14 @@ def live_nacl_entries(acl: dict) -> set:
         cidr = e.get("CidrBlock") or e.get("Ipv6CidrBlock")
         out.add((bool(e.get("Egress")), int(e["RuleNumber"]), proto, e.get("RuleAction"), cidr, start, end))
     return out
+
+
+def nacl_entries_view(entries) -> list:
+    """Network ACL entries as the diff shows them, in rule order: ``"egress #1 deny all traffic 10.0.0.0/16"``."""
+    names_ = {v: k for k, v in PROTO_NUMBERS.items()}
+    return ["%s #%d %s %s %s" % ("egress" if egress else "ingress", number, action,
+                                 _ports_text(names_.get(proto, proto), start, end), cidr)
+            for egress, number, proto, action, cidr, start, end in sorted(entries, key=lambda e: (e[0], e[1]))]
 
 
 def nacl_entry_args(acl_id: str, entry: tuple) -> dict:
@@ -302,16 +325,9 @@ def _policy(doc) -> dict:
     return doc or {}
 
 
-def _canon(doc) -> str:
-    """Policies compare equal when they mean the same (string-or-list values, key order)."""
-    def norm(v):
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in sorted(v.items())}
-        if isinstance(v, list):
-            items = [norm(x) for x in v]
-            return items[0] if len(items) == 1 else sorted(items, key=json.dumps)
-        return v
-    return json.dumps(norm(_policy(doc)), sort_keys=True)
+def _policy_differs(current, wanted) -> bool:
+    """Whether two policies (documents or JSON, IAM's URL-encoded too) mean different things."""
+    return compare_policies(_policy(current), _policy(wanted))
 
 
 # --------------------------------------------------------------------------- AWS
@@ -327,34 +343,19 @@ def _role_not_assumable(exc: BaseException) -> bool:
         and "assume" in describe_error(exc).lower()
 
 
-class _Retrying:
-    """Client proxy passing ``aws_retry=True`` (amazon.aws retry decorator) on every API call."""
-
-    _PLAIN = {"get_paginator", "get_waiter", "can_paginate", "meta", "exceptions"}
-
-    def __init__(self, client):
-        self._client = client
-
-    def __getattr__(self, name):
-        attr = getattr(self._client, name)
-        if name in self._PLAIN or name.startswith("_") or not callable(attr):
-            return attr
-        return functools.partial(attr, aws_retry=True)
-
-
-
-
 class NetworkBuilder:
     """Finds, creates and converges one drill's sandbox network.
 
-    ``clients`` maps service -> boto3 client (already carrying endpoint, region and retries).
+    ``clients`` maps service -> client from ``_aws.aws_client`` (endpoint, region, and every
+    call retried on transient errors). With ``diff``, :attr:`diff` holds what the run changes
+    (security-group rules per group, network ACL entries, the S3 endpoint policy) before and after.
     """
 
     def __init__(self, clients: dict, region: str, drill_id: str, boundary, tags: dict, *,
-                 flow_logs: bool, check_mode: bool):
-        self.ec2 = _Retrying(clients["ec2"])
-        self.logs = _Retrying(clients["logs"])
-        self.iam = _Retrying(clients["iam"])
+                 flow_logs: bool, check_mode: bool, diff: bool = False):
+        self.ec2 = clients["ec2"]
+        self.logs = clients["logs"]
+        self.iam = clients["iam"]
         self.region = region
         self.drill_id = drill_id
         self.boundary = boundary
@@ -367,6 +368,8 @@ class NetworkBuilder:
         self.step = "start"
         self._lock = threading.Lock()
         self.result: dict = {}
+        self.want_diff = diff
+        self.diff: dict = {"before": {}, "after": {}}
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -375,6 +378,17 @@ class NetworkBuilder:
             self.actions.append(text)
             if created and created[1]:
                 self.created.append({"type": created[0], "id": created[1]})
+
+    def _record_diff(self, section: str, key: str | None, before, after) -> None:
+        """Note what a change replaces (``before``) and with what (``after``), when diff is asked for."""
+        if not self.want_diff:
+            return
+        with self._lock:
+            for side, value in (("before", before), ("after", after)):
+                if key is None:
+                    self.diff[side][section] = value
+                else:
+                    self.diff[side].setdefault(section, {})[key] = value
 
     def _drill_filter(self, name: str | None = None, vpc_id: str | None = None) -> list:
         filters = [{"Name": "tag:%s" % TAG_DRILL_ID, "Values": [self.drill_id]}]
@@ -395,12 +409,12 @@ class NetworkBuilder:
         desired = dict(self.tags)
         if name:
             desired["Name"] = name
-        have = tag_dict(current)
+        have = boto3_tag_list_to_ansible_dict(current)
         missing = {k: v for k, v in desired.items() if have.get(k) != v}
         if missing:
             self._record("tag %s %s (%s)" % (kind, resource_id, ", ".join(sorted(missing))))
             if not self.check:
-                self.ec2.create_tags(Resources=[resource_id], Tags=tag_list(missing))
+                self.ec2.create_tags(Resources=[resource_id], Tags=ansible_dict_to_boto3_tag_list(missing))
 
     # ---------------------------------------------------------------- the build
 
@@ -452,7 +466,7 @@ class NetworkBuilder:
                 resources.append({"type": "log_group", "id": self.names["log_group"]})
             if prereq.get("role_arn"):
                 resources.append({"type": "iam_role", "id": self.names["role"]})
-        return dict(
+        out = dict(
             vpc_id=r.get("vpc_id"),
             sandbox_cidr=r.get("sandbox_cidr"),
             subnet_ids=[s for s in r.get("subnet_ids", []) if s],
@@ -467,6 +481,9 @@ class NetworkBuilder:
             resources=[x for x in resources if x["id"]],
             actions=list(self.actions),
         )
+        if self.want_diff:
+            out["diff"] = {"before": dict(self.diff["before"]), "after": dict(self.diff["after"])}
+        return out
 
     # ---------------------------------------------------------------- VPC
 
@@ -534,7 +551,7 @@ class NetworkBuilder:
         existing = {}
         if vpc_id:
             for sub in _paginate(self.ec2, "describe_subnets", "Subnets", Filters=self._drill_filter(vpc_id=vpc_id)):
-                existing.setdefault(tag_dict(sub.get("Tags")).get("Name"), []).append(sub)
+                existing.setdefault(boto3_tag_list_to_ansible_dict(sub.get("Tags")).get("Name"), []).append(sub)
         cidrs = split_cidr(self.result["sandbox_cidr"])
         zones = None
         ids = []
@@ -721,6 +738,8 @@ class NetworkBuilder:
         gid = group["GroupId"]
         extra = sorted((r for r in live if r not in desired), key=repr)
         missing = sorted((r for r in desired if r not in live), key=repr)
+        if extra or missing:
+            self._record_diff("security_groups", label, sg_rules_view(live), sg_rules_view(desired))
         for direction in ("ingress", "egress"):
             revoke = [ip_permission(r) for r in extra if r[0] == direction]
             add = [ip_permission(r, desired[r]) for r in missing if r[0] == direction]
@@ -755,6 +774,8 @@ class NetworkBuilder:
         self.result["default_security_group_id"] = gid
         self._ensure_ec2_tags(gid, group.get("Tags"), "security group", self.names["default_sg"])
         live = sorted(live_sg_rules(group), key=repr)
+        if live:
+            self._record_diff("security_groups", self.names["default_sg"], sg_rules_view(live), sg_rules_view(()))
         for direction in ("ingress", "egress"):
             revoke = [ip_permission(r) for r in live if r[0] == direction]
             if revoke:
@@ -800,6 +821,8 @@ class NetworkBuilder:
             elif by_slot[slot] != entry:
                 replaces.append(entry)
         deletes = [slot for slot in sorted(by_slot) if slot not in want_slots]
+        if creates or replaces or deletes:
+            self._record_diff("network_acl", name, nacl_entries_view(live), nacl_entries_view(desired))
         if creates:
             self._record("create %d network ACL entries in %s" % (len(creates), name))
         if replaces:
@@ -846,12 +869,14 @@ class NetworkBuilder:
             # No S3 grant: no path to S3 at all (tighter than an endpoint with an empty policy).
             if ep is not None:
                 self._record("delete S3 endpoint %s (no S3 grant declared)" % ep["VpcEndpointId"])
+                self._record_diff("s3_endpoint_policy", None, _policy(ep.get("PolicyDocument") or {}), {})
                 if not self.check:
                     self.ec2.delete_vpc_endpoints(VpcEndpointIds=[ep["VpcEndpointId"]])
             return
         policy = endpoint_policy(self.boundary)
         if ep is None:
             self._record("create S3 gateway endpoint %s" % name)
+            self._record_diff("s3_endpoint_policy", None, {}, policy)
             ep_id = None
             if not self.check:
                 ep_id = self.ec2.create_vpc_endpoint(
@@ -868,8 +893,9 @@ class NetworkBuilder:
                              % (ep_id, name, ep.get("ServiceName")))
         self._ensure_ec2_tags(ep_id, ep.get("Tags"), "endpoint", name)
         changes = {}
-        if _canon(ep.get("PolicyDocument") or "{}") != _canon(policy):
+        if _policy_differs(ep.get("PolicyDocument") or "{}", policy):
             changes["PolicyDocument"] = json.dumps(policy)
+            self._record_diff("s3_endpoint_policy", None, _policy(ep.get("PolicyDocument") or {}), policy)
         rts = set(ep.get("RouteTableIds") or [])
         if rt_id not in rts:
             changes["AddRouteTableIds"] = [rt_id]
@@ -935,12 +961,12 @@ class NetworkBuilder:
             role = self.iam.create_role(
                 RoleName=role_name, Path="/drguard/", AssumeRolePolicyDocument=json.dumps(trust),
                 Description="Delivers VPC flow logs of drill %s to its own log group" % self.drill_id,
-                MaxSessionDuration=3600, Tags=tag_list(self.tags))["Role"]
+                MaxSessionDuration=3600, Tags=ansible_dict_to_boto3_tag_list(self.tags))["Role"]
             with self._lock:
                 self.created.append({"type": "iam_role", "id": role_name})
             current_policy = None
         else:
-            have = tag_dict(_paginate(self.iam, "list_role_tags", "Tags", RoleName=role_name))
+            have = boto3_tag_list_to_ansible_dict(_paginate(self.iam, "list_role_tags", "Tags", RoleName=role_name))
             if have.get(TAG_DRILL_ID) != self.drill_id:
                 raise BuildError("IAM role %s exists but does not belong to drill %s (its drguard:drill-id tag is "
                                  "%r); remove it or use another drill id" % (role_name, self.drill_id,
@@ -949,8 +975,8 @@ class NetworkBuilder:
             if missing:
                 self._record("tag IAM role %s" % role_name)
                 if not self.check:
-                    self.iam.tag_role(RoleName=role_name, Tags=tag_list(missing))
-            if _canon(role.get("AssumeRolePolicyDocument")) != _canon(trust):
+                    self.iam.tag_role(RoleName=role_name, Tags=ansible_dict_to_boto3_tag_list(missing))
+            if _policy_differs(role.get("AssumeRolePolicyDocument"), trust):
                 self._record("reset trust policy of IAM role %s" % role_name)
                 if not self.check:
                     self.iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
@@ -971,7 +997,7 @@ class NetworkBuilder:
             self._record("put inline policy %s on IAM role %s" % (policy_name, role_name))
             return role["Arn"]
         policy = flow_logs_role_policy(log_group_arn)
-        if current_policy is None or _canon(current_policy) != _canon(policy):
+        if current_policy is None or _policy_differs(current_policy, policy):
             self._record("put inline policy %s on IAM role %s" % (policy_name, role_name))
             if not self.check:
                 self.iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,

@@ -1,6 +1,6 @@
 # Copyright: drguard maintainers
 # Apache License 2.0
-"""The drill boundary policy, declared once as data (DESIGN §2).
+"""The drill boundary policy, declared once as data (docs/boundary-policy.md).
 
 ``parse_boundary(raw)`` validates a user's ``drill_boundary`` and returns a
 :class:`Boundary`. Builders (``sandbox_network``) translate it into AWS resources;

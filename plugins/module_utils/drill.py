@@ -1,6 +1,6 @@
 # Copyright: drguard maintainers
 # Apache License 2.0
-"""Drill identity and the tag contract (DESIGN §3).
+"""Drill identity and the tag contract (docs/teardown.md, docs/architecture.md).
 
 Every resource a drill creates carries three tags::
 
@@ -20,6 +20,8 @@ import secrets
 from datetime import datetime
 from datetime import timedelta
 from datetime import UTC
+
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_specifications
 
 TAG_MANAGED = "drguard:managed"
 TAG_DRILL_ID = "drguard:drill-id"
@@ -155,4 +157,4 @@ def ec2_tag_specs(resource_type: str, tags: dict, name: str | None = None) -> li
     all_tags = dict(tags)
     if name:
         all_tags["Name"] = name
-    return [{"ResourceType": resource_type, "Tags": tag_list(all_tags)}]
+    return boto3_tag_specifications(dict(sorted(all_tags.items())), [resource_type])

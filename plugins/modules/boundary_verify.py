@@ -147,8 +147,8 @@ vpc_cidrs:
 import re
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._boundary_live import evaluate
 from ansible_collections.drguard.sandbox.plugins.module_utils._boundary_live import read_vpc
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
@@ -176,8 +176,7 @@ def main():
     except BoundaryError as exc:
         module.fail_json(msg="boundary is invalid: %s" % exc)
 
-    client = module.client("ec2", retry_decorator=AWSRetry.jittered_backoff())
-    snapshot = read_vpc(client, vpc_id, p["require_flow_logs"], AWSRetry.jittered_backoff())
+    snapshot = read_vpc(aws_client(module, "ec2"), vpc_id, p["require_flow_logs"])
     result = evaluate(boundary, vpc_id, snapshot, p["require_flow_logs"])
     result.update(changed=False, vpc_id=vpc_id)
 

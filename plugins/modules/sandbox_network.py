@@ -12,7 +12,7 @@ short_description: Build a drill's isolated sandbox network (default-deny egress
 version_added: 0.1.0
 description:
   - Builds, in one call, the isolated network a drill runs in, translated from the drill's boundary policy
-    (C(drill_boundary), see the collection's DESIGN), or converges an existing one back to it.
+    (C(drill_boundary), see docs/boundary-policy.md), or converges an existing one back to it.
   - A VPC (the declared C(sandbox_cidr), or a free /16 picked per drill that overlaps no production CIDR and no
     existing VPC of the region) with DNS support; two private subnets in two availability zones (the two halves of the
     VPC CIDR, C(MapPublicIpOnLaunch) explicitly false, no IPv6).
@@ -47,7 +47,11 @@ attributes:
   check_mode:
     support: full
   diff_mode:
-    support: none
+    support: full
+    details:
+      - The diff shows what the run changes (or would change, in check mode), before and after - the rules of each
+        security group it converges (by group name, including the stripped default group), the network ACL
+        entries when it converges them, and the S3 endpoint policy when it creates, changes or deletes it.
   platform:
     platforms: posix
 options:
@@ -200,6 +204,24 @@ created:
   type: list
   elements: dict
   sample: [{type: vpc, id: vpc-0a1b2c3d4e5f60718}]
+diff:
+  description:
+    - What this run changed (in check mode, would change), before and after; V({}) on both sides when nothing did.
+    - Keys present only for what changed - C(security_groups) (group name -> C(ingress)/C(egress) rule lines),
+      C(network_acl) (ACL name -> entry lines in rule order), C(s3_endpoint_policy) (the policy document, V({})
+      where there is no endpoint).
+  returned: diff mode
+  type: dict
+  contains:
+    before:
+      description: The state as it was.
+      type: dict
+    after:
+      description: The state as it is now (or would be, in check mode).
+      type: dict
+  sample:
+    before: {security_groups: {drguard-dr-1-app: {ingress: [], egress: ["all traffic to 0.0.0.0/0"]}}}
+    after: {security_groups: {drguard-dr-1-app: {ingress: [], egress: ["tcp 443 to 198.51.100.0/28"]}}}
 """
 
 try:
@@ -208,8 +230,8 @@ except ImportError:
     pass  # handled by AnsibleAWSModule
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
@@ -228,37 +250,39 @@ ARGUMENT_SPEC = dict(
 )
 
 
-def _validate(module):
-    """Everything that can be wrong with the input, checked before any AWS call."""
-    params = module.params
+def _validate(params: dict, region: str | None) -> tuple:
+    """Everything that can be wrong with the input, checked before any AWS call (raises BuildError)."""
     try:
         drill_id = validate_drill_id(params["drill_id"])
     except DrillError as exc:
-        module.fail_json(msg="%s." % exc)
+        raise _network_build.BuildError("%s." % exc) from None
     try:
         expires = format_time(parse_time(params["expires_at"]))
     except DrillError as exc:
-        module.fail_json(msg="expires_at is not valid: %s (for example 2026-11-29T08:40:00Z)." % exc)
+        raise _network_build.BuildError(
+            "expires_at is not valid: %s (for example 2026-11-29T08:40:00Z)." % exc) from None
     try:
         boundary = parse_boundary(params["boundary"])
         # The NACL layout limit is part of the input's validity, so check it now too.
         _network_build.desired_nacl_entries(boundary, boundary.sandbox_cidr or "10.255.0.0/16")
     except BoundaryError as exc:
-        module.fail_json(msg="the boundary is not valid: %s." % exc)
-    if not module.region:
-        module.fail_json(msg="no AWS region is set; give region (or module_defaults / AWS_REGION).")
+        raise _network_build.BuildError("the boundary is not valid: %s." % exc) from None
+    if not region:
+        raise _network_build.BuildError("no AWS region is set; give region (or module_defaults / AWS_REGION).")
     return drill_id, expires, boundary
 
 
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    drill_id, expires, boundary = _validate(module)
+    try:
+        drill_id, expires, boundary = _validate(module.params, module.region)
+    except _network_build.BuildError as exc:
+        module.fail_json(msg=str(exc))
     config = botocore.config.Config(max_pool_connections=_network_build.WORKERS * 2)
-    clients = {s: module.client(s, retry_decorator=AWSRetry.jittered_backoff(), config=config)
-               for s in ("ec2", "logs", "iam")}
+    clients = {s: aws_client(module, s, config=config) for s in ("ec2", "logs", "iam")}
     builder = _network_build.NetworkBuilder(
         clients, module.region, drill_id, boundary, drill_tags(drill_id, expires),
-        flow_logs=module.params["flow_logs"], check_mode=module.check_mode)
+        flow_logs=module.params["flow_logs"], check_mode=module.check_mode, diff=module._diff)
     try:
         result = builder.build()
     except (_network_build.BuildError, BoundaryError, _network_build.ClientError,
