@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: drguard maintainers
 # Apache License 2.0
-"""The drill report (DESIGN §6): build it from what the phases returned, render it.
+"""The drill report (docs/report.md): build it from what the phases returned, render it.
 
 RTO and RPO as measured here:
 

@@ -11,7 +11,7 @@ module: drill_report
 short_description: Write the drill report (drill-report.json and a human-readable drill-report.md)
 version_added: 0.1.0
 description:
-  - Assembles the report of one drill from what its phases returned (DESIGN section 6)
+  - Assembles the report of one drill from what its phases returned (docs/report.md)
     and writes C(drill-report.json) and C(drill-report.md) atomically into the drill's
     output directory. Every run writes one, also a failed or halted one.
   - Decides the drill's outcome from what it is given, in this order - V(halted) when O(halted) (a safety gate
