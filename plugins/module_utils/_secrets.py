@@ -10,6 +10,9 @@
   validate and nothing of the original is revealed. Deterministic per key.
 * The tmpfs store keeps values in a 0700 directory of 0600 files on a tmpfs (never a
   disk); anything else fails closed.
+* :class:`Secrets` is the backend of ``drill_secrets``: it puts a drill's secrets into
+  Secrets Manager (with a drill KMS key) or the tmpfs store, and removes them. Every
+  failure raises :class:`SecretError`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,34 @@ import re
 import secrets
 import stat
 import string
+import threading
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
+    BotoCoreError = ClientError = None
+
+from ansible_collections.amazon.aws.plugins.module_utils.exceptions import AnsibleAWSError
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
+from ansible_collections.drguard.sandbox.plugins.module_utils._identity import policies_differ
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_MANAGED
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
 MASK = "********"
 # Where per-drill secret directories live. Predictable names are safe here: they are
@@ -55,8 +85,13 @@ _SEPARATORS = set("-_.:/+=@~ ")
 _DOMAIN = b"drguard-mask-v1\x00"
 
 
-class SecretError(ValueError):
-    """Bad secret input or an unsafe store; the message says what and how to fix it."""
+class SecretError(AnsibleAWSError, ValueError):
+    """Bad secret input, an unsafe store or a failed AWS call; the message says what and how to fix it.
+
+    ``message`` is the one sentence for the user; ``exception`` is the boto error behind it,
+    if any (``main()`` reports it through ``fail_json_aws``); ``kwargs`` are the structured
+    fields of the failure (``actions`` done so far, ``kms_key_arn``, a command's output ...).
+    """
 
 
 # ---------------------------------------------------------------- synthetic values
@@ -307,26 +342,6 @@ def require_tmpfs(directory: str) -> None:
                           "/dev/shm" % (parent, fstype))
 
 
-def ensure_private_dir(directory: str, create: bool = True) -> bool:
-    """Make sure ``directory`` is a 0700 directory of ours on a tmpfs; True when created."""
-    require_tmpfs(directory)
-    try:
-        info = os.lstat(directory)
-    except FileNotFoundError:
-        if not create:
-            return False
-        os.mkdir(directory, 0o700)
-        os.chmod(directory, 0o700)
-        return True
-    if not stat.S_ISDIR(info.st_mode):
-        raise SecretError("%s exists and is not a directory (a symlink or file); refusing to use it" % directory)
-    if info.st_uid != os.geteuid():
-        raise SecretError("%s belongs to uid %d, not to us; refusing to use it" % (directory, info.st_uid))
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
-    return False
-
-
 def write_secret_file(directory: str, name: str, value: str) -> None:
     """Write ``value`` to ``directory/name`` as a 0600 file, atomically, never following symlinks."""
     if not NAME_RE.match(name):
@@ -383,3 +398,370 @@ def wipe_dir(directory: str) -> bool:
                 os.rmdir(path)
     os.rmdir(directory)
     return True
+
+
+# ---------------------------------------------------------------- the drill_secrets backend
+
+TAG_KIND = "drguard:secret-kind"
+TAG_FINGERPRINT = "drguard:fingerprint"
+META_FILE = ".drguard-meta.json"
+KEY_DELETION_DAYS = 7
+# How long KMS may reject a key policy naming a reader role created a moment ago (IAM
+# propagation) before that counts as a real rejection.
+KEY_POLICY_WAIT = 45
+_ROLE_ARN_RE = re.compile(r"^arn:(aws[a-z-]*):iam::(\d{12}):role/[\w+=,.@/-]+$")
+_AWS_ERRORS = (ClientError, BotoCoreError) if ClientError else ()
+
+
+def secret_prefix(drill_id: str) -> str:
+    """The Secrets Manager name prefix of a drill's secrets, ``drguard/<drill_id>/``."""
+    return "drguard/%s/" % drill_id
+
+
+def alias_name(drill_id: str) -> str:
+    """The alias of a drill's KMS key, ``alias/drguard/<drill_id>``."""
+    return "alias/drguard/%s" % drill_id
+
+
+def default_tmpfs_dir(drill_id: str) -> str:
+    """The default tmpfs store of a drill, ``/dev/shm/drguard-<drill_id>``."""
+    return os.path.join(TMPFS_ROOT, "drguard-%s" % drill_id)
+
+
+def key_policy(partition: str, account: str, reader_role_arn: str, region: str) -> dict:
+    """The drill key's policy: the account administers it, the reader decrypts through Secrets Manager only."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "AccountAdministers", "Effect": "Allow",
+         "Principal": {"AWS": "arn:%s:iam::%s:root" % (partition, account)},
+         "Action": "kms:*", "Resource": "*"},
+        {"Sid": "DrillReaderDecryptsViaSecretsManager", "Effect": "Allow",
+         "Principal": {"AWS": reader_role_arn}, "Action": "kms:Decrypt", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:ViaService": "secretsmanager.%s.amazonaws.com" % region}}},
+    ]}
+
+
+def secret_policy(reader_role_arn: str) -> dict:
+    """A drill secret's resource policy: only the reader role may read its value."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "DrillReaderReads", "Effect": "Allow", "Principal": {"AWS": reader_role_arn},
+         "Action": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"], "Resource": "*"},
+        {"Sid": "NobodyElseReads", "Effect": "Deny", "Principal": "*",
+         "Action": "secretsmanager:GetSecretValue", "Resource": "*",
+         "Condition": {"StringNotEquals": {"aws:PrincipalArn": reader_role_arn}}},
+    ]}
+
+
+def is_drill_owned(tags: dict, drill_id: str) -> bool:
+    """True when ``tags`` carry the full drill tag set of ``drill_id`` (managed, id, a valid expiry)."""
+    if tags.get(TAG_MANAGED) != "true" or tags.get(TAG_DRILL_ID) != drill_id:
+        return False
+    try:
+        parse_time(tags.get(TAG_EXPIRES_AT) or "")
+    except DrillError:
+        return False
+    return True
+
+
+def _ignore(_value):
+    return None
+
+
+class Secrets:
+    """A drill's secrets in Secrets Manager or the tmpfs store (the options of ``drill_secrets``).
+
+    ``client(service)`` returns a client that retries transient errors (``_aws.aws_client``
+    bound to the module); ``hide(value)`` marks a value as secret in the module's output;
+    ``warn(msg)`` reports a warning. :meth:`run` returns the module's result; every failure
+    raises :class:`SecretError`, with the actions done so far where the module reported them.
+    """
+
+    def __init__(self, params: dict, client=None, *, region=None, check_mode=False, hide=None, warn=None):  # noqa: PLR0913
+        self.p = params
+        self.drill_id = params["drill_id"]
+        self._client = client
+        self.region = region
+        self.check_mode = check_mode
+        self.hide = hide or _ignore
+        self.warn = warn or _ignore
+        self.actions = []
+        self.changed = False
+        self.lock = threading.Lock()
+
+    def run(self) -> dict:
+        """Bring the drill's store to ``state``; the result of the module (``changed``, ``secrets``, ...)."""
+        try:
+            validate_drill_id(self.drill_id)
+        except DrillError as exc:
+            raise SecretError(str(exc)) from None
+        tmpfs = self.p["store"] == "tmpfs"
+        if self.p["state"] == "absent":
+            return self.tmpfs_absent() if tmpfs else self.sm_absent()
+        if not self.p["expires_at"]:
+            raise SecretError("expires_at is required with state=present; pass the drill's expiry")
+        try:
+            tags = drill_tags(self.drill_id, self.p["expires_at"])
+        except DrillError as exc:
+            raise SecretError(str(exc)) from None
+        entries = self.validated_entries()
+        return self.tmpfs_present(entries, tags) if tmpfs else self.sm_present(entries, tags)
+
+    def act(self, line: str) -> bool:
+        with self.lock:
+            self.actions.append(line)
+            self.changed = True
+        return not self.check_mode
+
+    def error(self, msg: str, **kwargs) -> SecretError:
+        """A :class:`SecretError` that reports the actions done so far."""
+        return SecretError(msg, actions=list(self.actions), **kwargs)
+
+    # ------------------------------------------------------------ input
+    def validated_entries(self) -> list:
+        entries, seen = [], set()
+        for item in self.p["secrets"]:
+            name, kind, value = item["name"], item["kind"], item.get("value")
+            if not NAME_RE.match(name):
+                raise self.error("secret name %r is not valid: use 1-64 letters, digits, '.', '_' and '-', starting "
+                                 "with a letter or digit" % name)
+            if name in seen:
+                raise self.error("secret name %r is given twice; names must be unique" % name)
+            seen.add(name)
+            if kind == "masked":
+                if not value:
+                    raise self.error("secret %r is masked but has no value; pass the production value to mask"
+                                     % name)
+                try:
+                    value = mask(value, self.p["masking_key"] or "")
+                except SecretError as exc:
+                    raise self.error("secret %r cannot be masked: %s" % (name, exc)) from None
+                self.hide(value)
+            elif value is not None:
+                raise self.error("secret %r has a value but kind %s; only masked secrets take a value" % (name, kind))
+            entries.append({"name": name, "kind": kind, "masked": value})
+        return entries
+
+    def new_value(self, entry) -> str:
+        if entry["kind"] == "masked":
+            return entry["masked"]
+        value = synthetic_db() if entry["kind"] == "synthetic_db" else synthetic_token()
+        self.hide(value)
+        return value
+
+    def fingerprint(self, entry) -> str:
+        return fingerprint(entry["masked"], self.p["masking_key"]) if entry["kind"] == "masked" else "synthetic"
+
+    # ------------------------------------------------------------ tmpfs
+    def tmpfs_dir(self) -> str:
+        return os.path.abspath(self.p["tmpfs_dir"] or default_tmpfs_dir(self.drill_id))
+
+    def tmpfs_present(self, entries, tags) -> dict:
+        directory = self.tmpfs_dir()
+        try:
+            require_tmpfs(directory)
+            # Created 0700, or an existing one checked (ours, no symlink) and tightened to 0700.
+            if os.path.lexists(directory) or self.act("create tmpfs store %s" % directory):
+                ensure_private_dir(directory)
+            meta = os.path.join(directory, META_FILE)
+            if not os.path.exists(meta) and self.act("write %s" % META_FILE):
+                atomic_write_json(meta, {"drill_id": self.drill_id, "expires_at": tags[TAG_EXPIRES_AT],
+                                         "managed": True})
+            results = []
+            for entry in entries:
+                path = os.path.join(directory, entry["name"])
+                current = read_secret_file(directory, entry["name"]) if os.path.lexists(path) else None
+                if current is None:
+                    if self.act("write %s" % path):
+                        write_secret_file(directory, entry["name"], self.new_value(entry))
+                elif entry["kind"] == "masked" and current != entry["masked"]:
+                    if self.act("rewrite masked %s" % path):
+                        write_secret_file(directory, entry["name"], entry["masked"])
+                elif entry["kind"] != "masked":
+                    self.hide(current)
+                results.append({"name": entry["name"], "kind": entry["kind"], "path": path})
+        except (SecretError, OSError) as exc:
+            raise self.error("tmpfs store %s: %s" % (directory, exc)) from None
+        return dict(changed=self.changed, store="tmpfs", tmpfs_dir=directory, secrets=results, actions=self.actions)
+
+    def tmpfs_absent(self) -> dict:
+        directory = self.tmpfs_dir()
+        names = []
+        if os.path.isdir(directory) and not os.path.islink(directory):
+            names = sorted(n for n in os.listdir(directory) if n != META_FILE and not n.startswith("."))
+        if os.path.lexists(directory) and self.act("wipe and remove %s" % directory):
+            try:
+                wipe_dir(directory)
+            except (SecretError, OSError) as exc:
+                raise self.error("cannot remove tmpfs store %s: %s" % (directory, exc)) from None
+        return dict(changed=self.changed, store="tmpfs", tmpfs_dir=directory, actions=self.actions,
+                    secrets=[{"name": n, "path": os.path.join(directory, n)} for n in names])
+
+    # ------------------------------------------------------------ Secrets Manager
+    def find_key(self, kms):
+        """The key behind the drill's alias, or None; raises unless that key carries this drill's tags.
+
+        The alias is only a name: whoever can create aliases could point it at any key, so
+        the key's own tags decide whether this module may change its policy or delete it.
+        """
+        alias = alias_name(self.drill_id)
+        try:
+            key = kms.describe_key(KeyId=alias)["KeyMetadata"]
+        except ClientError as e:
+            if is_not_found(e):
+                return None
+            raise
+        tags = boto3_tag_list_to_ansible_dict(paginate(kms, "list_resource_tags", "Tags", KeyId=key["KeyId"]),
+                                              "TagKey", "TagValue")
+        if not is_drill_owned(tags, self.drill_id):
+            raise self.error("KMS key %s behind %s is not tagged as this drill's key (%s=true, %s=%s, a valid %s); "
+                             "refusing to change or delete it - point the alias back at the drill's key or use a "
+                             "new drill id" % (key["Arn"], alias, TAG_MANAGED, TAG_DRILL_ID, self.drill_id,
+                                               TAG_EXPIRES_AT), kms_key_arn=key["Arn"], kms_alias=alias)
+        return key
+
+    def ensure_key(self, kms, tags, policy):
+        key = self.find_key(kms)
+        if key is not None:
+            if key.get("KeyState") == "PendingDeletion":
+                raise self.error("the drill's KMS key %s is pending deletion; use a new drill id" % key["Arn"])
+            current = kms.get_key_policy(KeyId=key["KeyId"], PolicyName="default")["Policy"]
+            if policies_differ(current, policy) and self.act("update key policy of %s" % key["Arn"]):
+                kms.put_key_policy(KeyId=key["KeyId"], PolicyName="default", Policy=json.dumps(policy))
+            return key["Arn"]
+        if not self.act("create KMS key %s" % alias_name(self.drill_id)):
+            return None
+
+        def create():
+            return kms.create_key(
+                Description="drguard drill %s: secrets" % self.drill_id, KeyUsage="ENCRYPT_DECRYPT",
+                KeySpec="SYMMETRIC_DEFAULT", Policy=json.dumps(policy),
+                Tags=ansible_dict_to_boto3_tag_list(tags, "TagKey", "TagValue"))["KeyMetadata"]
+
+        def malformed(exc):
+            # A role created a moment ago may not be a valid principal yet.
+            return error_code(exc) == "MalformedPolicyDocumentException"
+
+        try:
+            key = retry_while(create, malformed, KEY_POLICY_WAIT)
+        except ClientError as e:
+            if malformed(e):
+                raise SecretError("KMS rejects the key policy for reader role %s" % self.p["reader_role_arn"],
+                                  exception=e) from e
+            raise
+        kms.create_alias(AliasName=alias_name(self.drill_id), TargetKeyId=key["KeyId"])
+        return key["Arn"]
+
+    def ensure_secret(self, sm, entry, key_arn, tags, policy) -> dict:
+        secret_id = secret_prefix(self.drill_id) + entry["name"]
+        want_tags = dict(tags, **{TAG_KIND: entry["kind"], TAG_FINGERPRINT: self.fingerprint(entry)})
+        try:
+            current = sm.describe_secret(SecretId=secret_id)
+        except ClientError as e:
+            if not is_not_found(e):
+                raise
+            current = None
+        arn = current["ARN"] if current else None
+        if current is None:
+            if self.act("create secret %s" % secret_id):
+                kwargs = dict(Name=secret_id, SecretString=self.new_value(entry),
+                              Tags=ansible_dict_to_boto3_tag_list(want_tags),
+                              Description="drguard drill %s: %s" % (self.drill_id, entry["kind"]))
+                if key_arn:
+                    kwargs["KmsKeyId"] = key_arn
+                arn = sm.create_secret(**kwargs)["ARN"]
+        else:
+            if current.get("DeletedDate"):
+                raise SecretError("secret %s is scheduled for deletion; remove it first (state=absent)" % secret_id)
+            have = boto3_tag_list_to_ansible_dict(current.get("Tags"))
+            if have.get(TAG_DRILL_ID) != self.drill_id or have.get(TAG_MANAGED) != "true":
+                raise SecretError("secret %s exists but is not tagged for this drill (%s=true, %s=%s); refusing to "
+                                  "touch it - remove it or use a new drill id"
+                                  % (secret_id, TAG_MANAGED, TAG_DRILL_ID, self.drill_id))
+            if key_arn and current.get("KmsKeyId") not in (key_arn, key_arn.split("/")[-1], alias_name(
+                    self.drill_id)) and self.act("re-encrypt %s with the drill key" % secret_id):
+                sm.update_secret(SecretId=secret_id, KmsKeyId=key_arn)
+            if (entry["kind"] == "masked" and have.get(TAG_FINGERPRINT) != want_tags[TAG_FINGERPRINT]
+                    and self.act("rewrite masked secret %s" % secret_id)):
+                sm.put_secret_value(SecretId=secret_id, SecretString=entry["masked"])
+            stale = {k: v for k, v in want_tags.items() if have.get(k) != v}
+            if stale and self.act("tag secret %s" % secret_id):
+                sm.tag_resource(SecretId=secret_id, Tags=ansible_dict_to_boto3_tag_list(stale))
+        if arn:
+            try:
+                have_policy = sm.get_resource_policy(SecretId=secret_id).get("ResourcePolicy")
+            except ClientError as e:
+                if not is_not_found(e):
+                    raise
+                have_policy = None
+            if (have_policy is None or policies_differ(have_policy, policy)) and self.act(
+                    "set resource policy of %s" % secret_id):
+                sm.put_resource_policy(SecretId=secret_id, ResourcePolicy=json.dumps(policy), BlockPublicPolicy=True)
+        elif not self.check_mode:
+            raise SecretError("secret %s has no ARN" % secret_id)
+        return {"name": entry["name"], "kind": entry["kind"], "secret_id": secret_id, "arn": arn}
+
+    def sm_present(self, entries, tags) -> dict:
+        reader = self.p["reader_role_arn"]
+        match = _ROLE_ARN_RE.match(reader or "")
+        if not match:
+            raise self.error("reader_role_arn %r is not an IAM role ARN; pass the drill role (mint_credentials' "
+                             "role_arn)" % (reader,))
+        partition, account = match.groups()
+        if not self.region:
+            raise self.error("no AWS region; set region or AWS_REGION")
+        sm, kms = self._client("secretsmanager"), self._client("kms")
+        try:
+            key_arn = self.ensure_key(kms, tags, key_policy(partition, account, reader, self.region))
+        except _AWS_ERRORS as e:
+            raise SecretError("Cannot set up the drill's KMS key %s" % alias_name(self.drill_id), exception=e) from e
+        policy = secret_policy(reader)
+        try:
+            with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
+                results = list(pool.map(lambda e: self.ensure_secret(sm, e, key_arn, tags, policy), entries))
+        except SecretError as exc:
+            raise self.error(exc.message) from None
+        except _AWS_ERRORS as e:
+            raise SecretError("Cannot store the drill's secrets", exception=e) from e
+        return dict(changed=self.changed, store="secretsmanager", kms_key_arn=key_arn,
+                    kms_alias=alias_name(self.drill_id), secrets=results, actions=self.actions)
+
+    def sm_absent(self) -> dict:
+        sm, kms = self._client("secretsmanager"), self._client("kms")
+        prefix = secret_prefix(self.drill_id)
+        results, skipped = [], []
+        try:
+            listed = paginate(sm, "list_secrets", "SecretList", Filters=[{"Key": "name", "Values": [prefix]}])
+            found = [s for s in listed if s["Name"].startswith(prefix)]
+            for item in found:
+                # The name is only a filter: the secret's own tags (read fresh) say whether it is ours.
+                try:
+                    described = sm.describe_secret(SecretId=item["ARN"])
+                except ClientError as e:
+                    if is_not_found(e):
+                        continue
+                    raise
+                entry = {"name": item["Name"][len(prefix):], "secret_id": item["Name"], "arn": item["ARN"]}
+                tags = boto3_tag_list_to_ansible_dict(described.get("Tags"))
+                if tags.get(TAG_DRILL_ID) != self.drill_id or tags.get(TAG_MANAGED) != "true":
+                    skipped.append(dict(entry, reason="not tagged for this drill"))
+                    continue
+                results.append(entry)
+                if self.act("delete secret %s without recovery" % item["Name"]):
+                    try:
+                        sm.delete_secret(SecretId=item["ARN"], ForceDeleteWithoutRecovery=True)
+                    except ClientError as e:
+                        if not is_not_found(e):
+                            raise
+            key = self.find_key(kms)
+            if key:
+                if key.get("KeyState") != "PendingDeletion" and self.act(
+                        "schedule deletion of KMS key %s in %d days" % (key["Arn"], KEY_DELETION_DAYS)):
+                    kms.schedule_key_deletion(KeyId=key["KeyId"], PendingWindowInDays=KEY_DELETION_DAYS)
+                if self.act("delete alias %s" % alias_name(self.drill_id)):
+                    kms.delete_alias(AliasName=alias_name(self.drill_id))
+        except _AWS_ERRORS as e:
+            raise SecretError("Cannot remove the drill's secrets", exception=e) from e
+        if skipped:
+            self.warn("%d secret(s) under %s are not tagged for this drill and were left alone: %s"
+                      % (len(skipped), prefix, ", ".join(s["secret_id"] for s in skipped)))
+        return dict(changed=self.changed, store="secretsmanager", kms_key_arn=key["Arn"] if key else None,
+                    kms_alias=alias_name(self.drill_id), secrets=results, skipped=skipped, actions=self.actions)
