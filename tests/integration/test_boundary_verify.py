@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+import threading
 import uuid
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 from conftest import REGION, run_module
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
 
 SANDBOX = "10.213.0.0/16"
 CONTROL_PLANE = "192.0.2.0/28"
@@ -449,6 +454,57 @@ def test_unreadable_resources_fail_closed(fresh_emulator, monkeypatch):
     assert codes(res) == {"unreadable"}
     assert all("AccessDenied" in f["detail"] for f in res["findings"])
     assert key["SecretAccessKey"] not in json.dumps(res)
+
+
+@contextmanager
+def throttle(*operations, times=1, code="EC2ThrottledException"):
+    """The first ``times`` calls of each of ``operations`` (every call: ``times=None``) answer ``code``.
+
+    Injected above botocore's own retries. Yields ``{operation: calls so far}``.
+    """
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
+
+    real, seen, lock = BaseClient._make_api_call, {}, threading.Lock()
+
+    def call(client, name, params):
+        if name in operations:
+            with lock:
+                seen[name] = seen.get(name, 0) + 1
+                fail = times is None or seen[name] <= times
+            if fail:
+                raise ClientError({"Error": {"Code": code, "Message": "injected"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 503}}, name)
+        return real(client, name, params)
+
+    with mock.patch.object(BaseClient, "_make_api_call", call):
+        yield seen
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(_aws, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(_aws, "RETRY_MAX_DELAY", 0.05)
+
+
+def test_throttled_reads_are_retried(aws_env, sandbox, quick_retries):
+    ops = ("DescribeVpcs", "DescribeSecurityGroups", "DescribeNetworkAcls", "DescribeVpcEndpoints",
+           "DescribeFlowLogs", "DescribePrefixLists")
+    with throttle(*ops) as seen:
+        res = verify(sandbox["vpc"])
+    assert not res.failed, res
+    assert res["findings"] == [] and res["isolated"] is True
+    assert {op for op, n in seen.items() if n >= 2} == set(ops)
+
+
+def test_throttling_beyond_retries_stays_unreadable(aws_env, sandbox, quick_retries):
+    with throttle("DescribeSecurityGroups", times=None) as seen:
+        res = verify(sandbox["vpc"])
+    assert seen["DescribeSecurityGroups"] == _aws.RETRIES  # retried, then given up
+    assert_leak(res, "unreadable")
+    assert [f["resource"] for f in res["findings"]] == ["ec2:DescribeSecurityGroups"]
+    assert "EC2ThrottledException" in res["findings"][0]["detail"]
+    assert "security_groups" not in res["checked"]
 
 
 # -------------------------------------------------------------- fail_on_findings

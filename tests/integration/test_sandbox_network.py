@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 import uuid
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 from conftest import run_module
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
 
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pick_sandbox_cidr
@@ -472,3 +477,119 @@ def test_foreign_log_group_with_the_drills_name_is_not_adopted(aws_env, aws):
     assert res.failed
     assert "log group /drguard/%s/flow-logs exists but does not belong to drill" % drill_id in res["msg"]
     assert "flow log prerequisites" in res["msg"]
+
+
+# --------------------------------------------------------------------------- diff mode
+
+
+OPEN_POLICY = {"Version": "2012-10-17", "Statement": [
+    {"Sid": "Drifted", "Effect": "Allow", "Principal": "*", "Action": "s3:*", "Resource": "*"}]}
+
+
+def test_diff_mode_shows_the_rules_and_policy_it_converges(built, aws):
+    drill_id, res = built
+    ec2 = aws("ec2")
+    app, db, pl = res["security_groups"]["app"], res["security_groups"]["db"], _s3_prefix_list(ec2)
+    app_name, acl_name = "drguard-%s-app" % drill_id, "drguard-%s-nacl" % drill_id
+    # One drifted security-group rule, one drifted endpoint policy, one undeclared NACL entry.
+    ec2.authorize_security_group_egress(GroupId=app, IpPermissions=[
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    ec2.modify_vpc_endpoint(VpcEndpointId=res["s3_endpoint_id"], PolicyDocument=json.dumps(OPEN_POLICY))
+    ec2.create_network_acl_entry(NetworkAclId=res["network_acl_id"], Egress=True, RuleNumber=500, Protocol="-1",
+                                 RuleAction="allow", CidrBlock="0.0.0.0/0")
+    declared_app_egress = sorted(["tcp 443 to %s" % TELEMETRY, "udp 514 to %s" % CONTROL, "tcp 5432 to %s" % db,
+                                  "tcp 443 to %s" % pl])
+
+    plain = run_module("sandbox_network", _args(drill_id), check_mode=True)
+    assert plain["changed"] is True and "diff" not in plain  # no diff unless asked for
+
+    planned = run_module("sandbox_network", _args(drill_id, _ansible_diff=True), check_mode=True)
+    fixed = run_module("sandbox_network", _args(drill_id, _ansible_diff=True))
+    assert not fixed.failed, fixed.get("msg")
+    assert fixed["changed"] is True
+    # Check mode shows the same diff as the run that makes the change.
+    assert planned["diff"] == fixed["diff"]
+    before, after = fixed["diff"]["before"], fixed["diff"]["after"]
+    assert set(before) == set(after) == {"security_groups", "network_acl", "s3_endpoint_policy"}
+
+    # Security groups: only the drifted group, every rule before and after (the db group was not touched).
+    assert set(before["security_groups"]) == set(after["security_groups"]) == {app_name}
+    declared_ingress = ["tcp 22 from %s" % CONTROL, "tcp 8000-8100 from %s" % CONTROL]
+    assert after["security_groups"][app_name] == {"ingress": declared_ingress, "egress": declared_app_egress}
+    assert before["security_groups"][app_name] == {
+        "ingress": declared_ingress, "egress": sorted(declared_app_egress + ["all traffic to 0.0.0.0/0"])}
+
+    # Endpoint policy: the drifted document before, what the endpoint now holds after.
+    assert before["s3_endpoint_policy"] == OPEN_POLICY
+    live = ec2.describe_vpc_endpoints(VpcEndpointIds=[res["s3_endpoint_id"]])["VpcEndpoints"][0]
+    assert after["s3_endpoint_policy"] == json.loads(live["PolicyDocument"])
+    assert "s3:*" not in json.dumps(after["s3_endpoint_policy"])
+
+    # Network ACL: rule order, the undeclared allow only before.
+    acl_before, acl_after = before["network_acl"][acl_name], after["network_acl"][acl_name]
+    assert set(acl_before) - set(acl_after) == {"egress #500 allow all traffic 0.0.0.0/0"}
+    assert set(acl_after) <= set(acl_before)
+    assert acl_after[0] == "ingress #1 deny all traffic %s" % PRODUCTION[0]
+    assert "egress #100 allow all traffic %s" % res["sandbox_cidr"] in acl_after
+
+    # Converged: the group holds exactly the "after" rules, and a second diff run is empty.
+    group = ec2.describe_security_groups(GroupIds=[app])["SecurityGroups"][0]
+    assert not any(p["IpProtocol"] == "-1" for p in group["IpPermissionsEgress"])
+    again = run_module("sandbox_network", _args(drill_id, _ansible_diff=True))
+    assert again["changed"] is False and again["diff"] == {"before": {}, "after": {}}
+
+
+def test_diff_mode_of_a_new_network_shows_what_it_sets_up(aws_env, aws):
+    drill_id = _drill_id("diffnew")
+    res = run_module("sandbox_network", _args(drill_id, _ansible_diff=True), check_mode=True)
+    assert not res.failed, res.get("msg")
+    before, after = res["diff"]["before"], res["diff"]["after"]
+    assert before["s3_endpoint_policy"] == {} and after["s3_endpoint_policy"]["Statement"]
+    # A new group starts with AWS' allow-all egress, which the run revokes.
+    app_name = "drguard-%s-app" % drill_id
+    assert before["security_groups"][app_name] == {"ingress": [], "egress": ["all traffic to 0.0.0.0/0"]}
+    assert "tcp 5432 to planned:db" in after["security_groups"][app_name]["egress"]
+    assert before["network_acl"]["drguard-%s-nacl" % drill_id] == []
+    assert _drill_resources(aws, drill_id) == []
+
+
+# --------------------------------------------------------------------------- retries
+
+
+@contextmanager
+def throttle_first(*operations, code="EC2ThrottledException"):
+    """The first call of each of ``operations`` answers ``code``, above botocore's own retries.
+
+    Yields ``{operation: calls so far}``; only a client that retries every call can recover.
+    """
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
+
+    real, seen, lock = BaseClient._make_api_call, {}, threading.Lock()
+
+    def call(client, name, params):
+        if name in operations:
+            with lock:
+                seen[name] = seen.get(name, 0) + 1
+                first = seen[name] == 1
+            if first:
+                raise ClientError({"Error": {"Code": code, "Message": "injected"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 503}}, name)
+        return real(client, name, params)
+
+    with mock.patch.object(BaseClient, "_make_api_call", call):
+        yield seen
+
+
+def test_throttled_calls_are_retried(aws_env, aws, monkeypatch):
+    monkeypatch.setattr(_aws, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(_aws, "RETRY_MAX_DELAY", 0.05)
+    drill_id = _drill_id("retry")
+    ops = ("DescribeVpcs", "CreateVpc", "CreateSecurityGroup", "AuthorizeSecurityGroupEgress",
+           "CreateNetworkAclEntry", "CreateVpcEndpoint", "CreateLogGroup", "CreateRole", "CreateFlowLogs")
+    with throttle_first(*ops) as seen:
+        res = run_module("sandbox_network", _args(drill_id))
+    assert not res.failed, res.get("msg")
+    assert {op for op, n in seen.items() if n >= 2} == set(ops)  # each throttled once, then done again
+    assert res["flow_log_id"] and res["s3_endpoint_id"]
+    assert _build(drill_id)["changed"] is False
