@@ -444,6 +444,18 @@ def test_bad_input_fails_clearly_and_creates_nothing(aws_env, aws, args, expecte
     assert _managed_count(aws) == before
 
 
+def test_input_checks_raise_without_a_module():
+    from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import BuildError
+    from ansible_collections.drguard.sandbox.plugins.modules import sandbox_network
+
+    drill_id, expires, boundary = sandbox_network._validate(_args("t-ok-1234"), "us-east-1")
+    assert (drill_id, expires, boundary.tiers) == ("t-ok-1234", EXPIRES, ("app", "db"))
+    with pytest.raises(BuildError, match=r"^expires_at is not valid: .* \(for example 2026-11-29T08:40:00Z\)\.$"):
+        sandbox_network._validate(_args("t-ok-1234", expires_at="soon"), "us-east-1")
+    with pytest.raises(BuildError, match=r"^no AWS region is set; give region"):
+        sandbox_network._validate(_args("t-ok-1234"), None)
+
+
 def test_failure_after_creating_names_everything_for_teardown(aws_env, aws):
     drill_id = _drill_id("fail")
     # A role with the drill's delivery-role name that belongs to nobody: the builder must not adopt it.

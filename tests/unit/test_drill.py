@@ -152,6 +152,10 @@ def test_ec2_tag_specs():
     assert tag_dict(specs[0]["Tags"]) == dict(tags, Name="dr-abc1-vpc")
     assert "Name" not in tags  # the caller's dict is not modified
     assert "Name" not in tag_dict(ec2_tag_specs("subnet", tags)[0]["Tags"])
+    # The amazon.aws shape, one spec, keys in a stable (sorted) order, values as strings.
+    assert len(specs) == 1 and set(specs[0]) == {"ResourceType", "Tags"}
+    assert [t["Key"] for t in specs[0]["Tags"]] == sorted(dict(tags, Name="x"))
+    assert all(isinstance(t["Value"], str) for t in specs[0]["Tags"])
 
 
 # ------------------------------------------------------------------ is_expired
