@@ -46,6 +46,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 from ansible_collections.drguard.sandbox.plugins.module_utils._identity import policies_differ
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
@@ -346,17 +347,7 @@ def write_secret_file(directory: str, name: str, value: str) -> None:
     """Write ``value`` to ``directory/name`` as a 0600 file, atomically, never following symlinks."""
     if not NAME_RE.match(name):
         raise SecretError("secret file name %r is not valid: use letters, digits, '.', '_' and '-'" % (name,))
-    tmp = os.path.join(directory, ".tmp-%s-%s" % (name, secrets.token_hex(4)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(value.encode("utf-8"))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(os.path.join(directory, name), value.encode("utf-8"), 0o600)
 
 
 def read_secret_file(directory: str, name: str) -> str:

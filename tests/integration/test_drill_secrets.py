@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import uuid
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 
@@ -250,3 +253,52 @@ def test_untagged_secret_under_the_prefix_survives_removal(module_runner, aws, r
     finally:
         for name in planted:
             sm.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+
+
+@contextmanager
+def throttle_first_calls(needle: str, operations):
+    """The first call of each of ``operations`` whose parameters mention ``needle`` answers ThrottlingException.
+
+    Injected above botocore's own retries (``BaseClient._make_api_call``), so only a client
+    that retries every call recovers. Yields the operations throttled so far.
+    """
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
+
+    real = BaseClient._make_api_call
+    throttled, lock = [], threading.Lock()
+
+    def call(client, operation_name, api_params):
+        if operation_name in operations and needle in json.dumps(api_params, default=str):
+            with lock:
+                first = operation_name not in throttled
+                if first:
+                    throttled.append(operation_name)
+            if first:
+                raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "injected"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 400}}, operation_name)
+        return real(client, operation_name, api_params)
+
+    with mock.patch.object(BaseClient, "_make_api_call", call):
+        yield throttled
+
+
+def test_throttled_calls_are_retried(module_runner, aws, reader_role):
+    """Every Secrets Manager and KMS call of drill_secrets retries (the listing of state=absent did not)."""
+    drill_id = _id("throttle")
+    present_ops = ("DescribeKey", "CreateKey", "CreateAlias", "DescribeSecret", "CreateSecret", "GetResourcePolicy",
+                   "PutResourcePolicy")
+    with throttle_first_calls(drill_id, present_ops) as throttled:
+        created = module_runner("drill_secrets", _sm_args(drill_id, reader_role))
+    assert not created.failed, created.get("msg")
+    assert sorted(throttled) == sorted(present_ops)
+    absent_ops = ("ListSecrets", "DescribeSecret", "DeleteSecret", "DescribeKey", "ListResourceTags",
+                  "ScheduleKeyDeletion", "DeleteAlias")
+    # KMS calls after DescribeKey name the key by id: the needle is the drill's or the key's.
+    key_id = aws("kms").describe_key(KeyId="alias/drguard/" + drill_id)["KeyMetadata"]["KeyId"]
+    with throttle_first_calls(drill_id, absent_ops) as by_drill, throttle_first_calls(key_id, absent_ops) as by_key:
+        gone = module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
+    assert not gone.failed, gone.get("msg")
+    assert sorted(set(by_drill) | set(by_key)) == sorted(absent_ops)
+    assert not [s for s in aws("secretsmanager").list_secrets()["SecretList"]
+                if s["Name"].startswith("drguard/%s/" % drill_id)]

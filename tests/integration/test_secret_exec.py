@@ -145,6 +145,28 @@ def test_secretsmanager_store_and_failures(module_runner, aws):
         module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
 
 
+def test_throttled_secret_read_is_retried(module_runner, aws):
+    """GetSecretValue answering ThrottlingException once is retried (it was not: no aws_retry=True)."""
+    from test_drill_secrets import throttle_first_calls
+
+    drill_id = _id("throttle")
+    role = aws("iam").create_role(RoleName="drguard-" + drill_id, AssumeRolePolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": []}))["Role"]["Arn"]
+    created = module_runner("drill_secrets", {
+        "drill_id": drill_id, "expires_at": EXPIRES, "reader_role_arn": role,
+        "secrets": [{"name": "api", "kind": "synthetic_token"}]})
+    assert not created.failed, created.get("msg")
+    try:
+        with throttle_first_calls(drill_id, ("GetSecretValue",)) as throttled:
+            result = module_runner("secret_exec", {
+                "drill_id": drill_id, "argv": [sys.executable, "-c", "import os; print(os.environ['T'])"],
+                "env_secrets": {"T": "api"}})
+        assert not result.failed, result.get("msg")
+        assert throttled == ["GetSecretValue"] and result["stdout"].strip() == sec.MASK
+    finally:
+        module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
+
+
 def test_tmpfs_store_missing_or_not_ours(module_runner, tmp_path):
     drill_id = _id("nostore")
     missing = module_runner("secret_exec", {"drill_id": drill_id, "store": "tmpfs", "argv": ["true"],
