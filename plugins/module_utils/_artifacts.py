@@ -26,18 +26,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-try:
-    from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ClientError
-    from botocore.exceptions import FlexibleChecksumError
-    from botocore.exceptions import IncompleteReadError
-    from botocore.exceptions import ReadTimeoutError
-    from botocore.exceptions import ResponseStreamingError
-except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
-    BotoCoreError = ClientError = FlexibleChecksumError = Exception
-    IncompleteReadError = ReadTimeoutError = ResponseStreamingError = Exception
-
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import Artifact
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import unsafe_name_problem
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import OBJECT_NOT_FOUND_CODES
@@ -54,7 +42,6 @@ FILE_CHUNK = 8 * 1024 * 1024
 SNIFF = 512
 # Reads of one S3 object whose body ends early (or stalls) before it is artifact_missing.
 STREAM_ATTEMPTS = 3
-_CUT_SHORT = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError)
 LOCK_CHOICES = ("compliance", "governance", "none")
 
 # When one artifact has several problems, the entry carries the most serious one
@@ -62,6 +49,20 @@ LOCK_CHOICES = ("compliance", "governance", "none")
 _PRIORITY = ("artifact_missing", "unsafe_name", "size_mismatch", "digest_mismatch",
              "metadata_mismatch", "not_immutable")
 _COMPOSITE_RE = re.compile(r"-\d+$")
+
+
+
+def _boto():
+    """``botocore.exceptions``, imported on first use: verifying a local set never needs the AWS SDK
+    (its import is a large part of a module's start-up), and S3 code has it loaded already."""
+    from botocore import exceptions  # noqa: PLC0415 - lazy: local verifications never load the AWS SDK
+    return exceptions
+
+
+def _cut_short() -> tuple:
+    """botocore's errors for a response body that ended early or stalled."""
+    b = _boto()
+    return b.IncompleteReadError, b.ResponseStreamingError, b.ReadTimeoutError
 
 
 # --------------------------------------------------------------------------- kinds and hashing
@@ -188,7 +189,7 @@ def s3_get_chunks(s3, bucket: str, key: str, version_id: str | None, limit: int 
         kwargs["Range"] = "bytes=0-%d" % limit
     try:
         resp = s3.get_object(**kwargs)
-    except ClientError as exc:
+    except _boto().ClientError as exc:
         code, status = _error_code(exc)
         if limit is not None and (code == "InvalidRange" or status == 416):
             return None, iter(())
@@ -245,6 +246,8 @@ def s3_keys(s3, bucket: str, prefix: str) -> list:
     Empty "folder" markers (a key ending in ``/`` with no content, as the S3 console
     creates them) hold nothing and are skipped, when signing and in strict mode alike.
     """
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate  # noqa: PLC0415 - lazy (boto3)
+
     return [(o["Key"], o.get("Size")) for o in paginate(s3, "list_objects_v2", "Contents", Bucket=bucket, Prefix=prefix)
             if not (o["Key"].endswith("/") and o.get("Size") == 0)]
 
@@ -257,7 +260,7 @@ def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = No
         kwargs["VersionId"] = version_id
     try:
         head = s3.head_object(**kwargs)
-    except ClientError as exc:
+    except _boto().ClientError as exc:
         code, status = _error_code(exc)
         if code in OBJECT_NOT_FOUND_CODES or status in (404, 405):
             raise LocationError("%s does not exist" % s3_uri(bucket, key, version_id)) from None
@@ -366,7 +369,7 @@ def verify_s3(s3, bucket: str, prefix: str, art: Artifact, check: Check, bytes_c
         kwargs["VersionId"] = art.version_id
     try:
         head = s3.head_object(**kwargs)
-    except ClientError as exc:
+    except _boto().ClientError as exc:
         code, status = _error_code(exc)
         where = "version %s of s3://%s/%s" % (art.version_id, bucket, key) if art.version_id \
             else "s3://%s/%s" % (bucket, key)
@@ -379,7 +382,7 @@ def verify_s3(s3, bucket: str, prefix: str, art: Artifact, check: Check, bytes_c
             detail = "%s cannot be read (%s), so it cannot be verified" % (where, code or status)
         return _result(art, s3_uri(bucket, key, art.version_id), art.version_id,
                        [("artifact_missing", detail)], started)
-    except BotoCoreError as exc:
+    except _boto().BotoCoreError as exc:
         return _result(art, s3_uri(bucket, key, art.version_id), art.version_id,
                        [("artifact_missing", "s3://%s/%s cannot be read (%s)" % (bucket, key, exc))], started)
 
@@ -432,7 +435,7 @@ def _stream_s3(s3, where: tuple, art: Artifact, findings: list, observed: dict, 
         try:
             resp, chunks = s3_get_chunks(s3, bucket, key, version, art.size)
             hashed = hash_chunks(chunks, art.size, digest)
-        except FlexibleChecksumError as exc:
+        except _boto().FlexibleChecksumError as exc:
             served = digest.hexdigest()
             observed.update(sha256=served, size=digest.size)
             findings.append(("metadata_mismatch", "the store's own checksum contradicts the bytes it served "
@@ -440,14 +443,14 @@ def _stream_s3(s3, where: tuple, art: Artifact, findings: list, observed: dict, 
                              % (source, _checksum_words(exc), digest.size, served,
                                 "equal to" if served == art.sha256 else "not", art.sha256)))
             return
-        except _CUT_SHORT as exc:
+        except _cut_short() as exc:
             last = exc
             continue
-        except ClientError as exc:
+        except _boto().ClientError as exc:
             code, status = _error_code(exc)
             findings.append(("artifact_missing", "%s could not be read (%s)" % (source, code or status)))
             return
-        except (BotoCoreError, OSError) as exc:
+        except (_boto().BotoCoreError, OSError) as exc:
             findings.append(("artifact_missing", "%s could not be read completely (%s)" % (source, exc)))
             return
         if resp is not None:
@@ -541,7 +544,7 @@ def unlisted_s3(s3, bucket: str, prefix: str, names: set, exclude_keys=()) -> li
         version = None
         try:
             version = s3.head_object(Bucket=bucket, Key=key).get("VersionId")
-        except (ClientError, BotoCoreError):
+        except (_boto().ClientError, _boto().BotoCoreError):
             pass
         version = None if version in (None, "null") else version
         out.append(failure(name, "unlisted_artifact", "s3://%s/%s is in the backup location but not in the manifest"

@@ -12,28 +12,45 @@ the module reports it with the error.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
-
-try:
-    import botocore
-except ImportError:
-    pass  # reported by the modules (AnsibleAWSModule)
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import S3Location
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_prefix
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
-from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import StateError
-from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import TrustedState
-from ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state import sentence
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 
 MAX_DOCUMENT = 64 * 1024 * 1024
+
+# The AWS SDK (boto3, botocore, amazon.aws: most of a module's start-up) and the trusted
+# state (which imports it) are loaded on first use, so that a local backup set can be
+# verified while the SDK is still being imported (see verify_artifacts' main()).
+_TRUSTED_STATE = "ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state"
+
+
+def _trusted_state():
+    import importlib  # noqa: PLC0415 - lazy, see above
+    return importlib.import_module(_TRUSTED_STATE)
+
+
+def _boto_errors() -> tuple:
+    """botocore's ClientError and BotoCoreError once botocore is loaded; () before (nothing raised them)."""
+    exc = sys.modules.get("botocore.exceptions")
+    return (exc.ClientError, exc.BotoCoreError) if exc else ()
+
+
+def _state_errors() -> tuple:
+    mod = sys.modules.get(_TRUSTED_STATE)
+    return (mod.StateError,) if mod else ()
+
+
+def sentence(text) -> str:
+    return _trusted_state().sentence(text)
 
 
 class VerifyError(Exception):
@@ -106,9 +123,10 @@ class Verifier:
             if resp.get("ContentLength", 0) > MAX_DOCUMENT:
                 raise VerifyError("The %s %s is larger than %d bytes" % (what, loc.uri, MAX_DOCUMENT))
             data = resp["Body"].read()
-        except botocore.exceptions.ClientError as exc:
+        except _boto_errors()[:1] as exc:
+            from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code  # noqa: PLC0415
             raise VerifyError("Cannot read the %s %s: %s" % (what, loc.uri, error_code(exc) or exc)) from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except _boto_errors() as exc:
             raise VerifyError("Cannot read the %s %s: %s" % (what, loc.uri, exc)) from None
         version = resp.get("VersionId")
         return data, (None if version in (None, "null") else version), resp.get("ETag")
@@ -116,6 +134,11 @@ class Verifier:
     # ------------------------------------------------------------------ steps
     def run(self) -> str:
         """Verify; the success message. :attr:`result` is complete either way."""
+        self.verify()
+        return self.finish()
+
+    def verify(self) -> None:
+        """Every check, reading only (raises VerifyError on any failure); :meth:`finish` records the result."""
         p = self.p
         if self.workers < 1:
             raise VerifyError("workers must be at least 1")
@@ -162,12 +185,17 @@ class Verifier:
             raise VerifyError("Backup set %s sequence %d failed verification: %d failure(s) (%s); quarantine the "
                               "failing objects and do not restore them" % (statement.backup_set, statement.sequence,
                                                                           len(failures), ", ".join(reasons)))
-        if store and p["update_trusted_state"]:
+        self._verified = (store, statement, state, now)
+
+    def finish(self) -> str:
+        """After :meth:`verify` succeeded: update the trusted state; the success message."""
+        store, statement, state, now = self._verified
+        if store and self.p["update_trusted_state"]:
             self.record(store, statement, state, now)
         # Last: nothing that can still fail comes after this.
         self.result["verified"] = True
         return ("Backup set %s sequence %d verified: %d artifact(s), %d byte(s) hashed"
-                % (statement.backup_set, statement.sequence, len(entries), self.result["bytes_hashed"]))
+                % (statement.backup_set, statement.sequence, len(statement.artifacts), self.result["bytes_hashed"]))
 
     def read_inputs(self):
         """Source, manifest, trust policy and trusted state, read before any verification."""
@@ -181,7 +209,7 @@ class Verifier:
             else:
                 source_loc = None
             manifest_loc = parse_s3(p["manifest"], "manifest") if is_s3(p["manifest"]) else None
-            store = TrustedState(p["trusted_state"], lambda: self.s3) if p["trusted_state"] else None
+            store = _trusted_state().TrustedState(p["trusted_state"], lambda: self.s3) if p["trusted_state"] else None
             policy = mf.load_trust_policy(self.read_local(p["trust_policy"], "trust policy"), self._kms)
             if policy.threshold > len(policy.keys):
                 self.warn("The trust policy can never be met: threshold %d but only %d distinct key(s) "
@@ -194,9 +222,9 @@ class Verifier:
                 envelope_bytes = self.read_local(p["manifest"], "manifest")
                 manifest_source = p["manifest"]
             state = store.read() if store else {}
-        except (LocationError, mf.PolicyError, StateError) as exc:
+        except (LocationError, mf.PolicyError, *_state_errors()) as exc:
             raise VerifyError(sentence(exc)) from None
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        except _boto_errors() as exc:
             raise VerifyError("Could not fetch a KMS public key of the trust policy", aws_error=exc) from None
         return source_loc, manifest_loc, store, policy, envelope_bytes, manifest_source, state
 
@@ -240,7 +268,7 @@ class Verifier:
             exclude = [loc.key for loc in (manifest_loc, state_loc) if loc and loc.bucket == source_loc.bucket]
             try:
                 return art.unlisted_s3(self.s3, source_loc.bucket, source_loc.key, names, exclude)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            except _boto_errors() as exc:
                 raise VerifyError("Could not list %s for strict mode; grant s3:ListBucket or set strict=false"
                                   % self.p["source"], aws_error=exc) from None
         exclude = [self.p["manifest"]] + ([self.p["trusted_state"]] if self.p["trusted_state"] else [])
@@ -261,6 +289,70 @@ class Verifier:
         except mf.ManifestError as exc:  # someone else recorded a newer or another manifest meanwhile
             self.result["failures"] = [art.failure(None, exc.reason, exc.detail, m["location"])]
             raise VerifyError("The trusted state changed during verification: %s" % exc.detail) from None
-        except StateError as exc:
+        except _state_errors() as exc:
             raise VerifyError("%s; the backup set is not verified until its trusted state is updated" % exc) from None
         self.result["trusted_state_updated"] = self.result["changed"] = written
+
+
+# ---------------------------------------------------------------------- early local run
+
+class NeedsAws(Exception):
+    """Raised by the client factory of an :class:`EarlyRun`: this verification needs an AWS client."""
+
+
+class EarlyRun:
+    """A verification of a local backup set started before the module object exists.
+
+    ``verify_artifacts``' main() starts it from the raw module arguments while amazon.aws and
+    the AWS SDK are imported in another thread: that import (0.1-0.2 s) then overlaps the
+    hashing instead of delaying the first byte. The run is read-only (:meth:`Verifier.verify`:
+    every check in the usual order, manifest first, nothing written); the module uses its result
+    only when its own validated options are exactly those the run used (:meth:`matches`), and
+    records the trusted state itself afterwards. Anything else (an S3 location, a KMS key in
+    the trust policy, options the module would refuse, an unexpected error) gives no early run:
+    the module then verifies as usual.
+    """
+
+    def __init__(self, params: dict, verifier: Verifier, warnings: list, error: VerifyError | None):
+        self.params, self.verifier, self.warnings, self.error = params, verifier, warnings, error
+
+    @classmethod
+    def start(cls, raw, spec: dict) -> EarlyRun | None:
+        from ansible.module_utils.common.arg_spec import ArgumentSpecValidator  # noqa: PLC0415
+
+        if not isinstance(raw, dict):
+            return None
+        names = set(spec) | {alias for option in spec.values() for alias in option.get("aliases", ())}
+        checked = ArgumentSpecValidator(spec).validate({k: v for k, v in raw.items() if k in names})
+        if checked.error_messages:
+            return None
+        params = dict(checked.validated_parameters)
+        if any(isinstance(params.get(k), str) and is_s3(params[k]) for k in ("manifest", "source", "trusted_state")):
+            return None
+
+        def no_client(service, **_kwargs):
+            raise NeedsAws(service)
+        warnings = []
+        verifier = Verifier(dict(params), no_client, warn=warnings.append)
+        error = None
+        try:
+            verifier.verify()
+        except VerifyError as exc:
+            if exc.aws_error is not None:
+                return None
+            error = exc
+        except Exception:  # noqa: BLE001 - NeedsAws or anything unexpected: the module's own run decides
+            return None
+        return cls(params, verifier, warnings, error)
+
+    def matches(self, params: dict) -> bool:
+        """Whether the module's validated ``params`` hold exactly the options this run used."""
+        return all(k in params and params[k] == v for k, v in self.params.items())
+
+    def adopt(self, client, *, warn, check_mode: bool) -> Verifier:
+        """The run's Verifier, bound to the module (client factory, warnings, check mode); warnings replayed."""
+        v = self.verifier
+        v._client, v.warn, v.check_mode = client, warn, check_mode
+        for msg in self.warnings:
+            warn(msg)
+        return v

@@ -252,14 +252,20 @@ trusted_state_updated:
   type: bool
 """
 
+import importlib
+import threading
 import traceback
 
-from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible.module_utils import basic
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
+from ansible_collections.drguard.sandbox.plugins.module_utils._verify import EarlyRun
 from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
 from ansible_collections.drguard.sandbox.plugins.module_utils._verify import VerifyError
+
+# amazon.aws and the AWS SDK: imported in a thread while a local backup set is already being
+# verified (see main()), then by main() itself.
+AWS_IMPORTS = ("ansible_collections.amazon.aws.plugins.module_utils.modules",
+               "ansible_collections.drguard.sandbox.plugins.module_utils._aws")
 
 ARGUMENT_SPEC = dict(
     manifest=dict(type="str", required=True),
@@ -277,16 +283,55 @@ ARGUMENT_SPEC = dict(
 )
 
 
+def _import_aws():
+    for name in AWS_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S110 - main() imports it again and reports the error
+            pass
+
+
+def _early_run():
+    """A local backup set's read-only verification, run while the AWS SDK is imported in a thread.
+
+    The SDK import is most of the module's start-up; a local set does not need it until the
+    module object exists. Ends the thread's head start: None when there is no early run.
+    """
+    loader = threading.Thread(target=_import_aws, name="aws-imports", daemon=True)
+    loader.start()
+    try:
+        raw = basic._load_params()  # the raw arguments, the documented way for dynamic modules
+    except Exception:  # noqa: BLE001 - AnsibleModule reports unreadable arguments itself
+        return None
+    return EarlyRun.start(raw, ARGUMENT_SPEC) if mf.HAS_CRYPTOGRAPHY else None
+
+
 def main():
+    early = _early_run()
+    from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials  # noqa: PLC0415
+
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     hide_session_credentials(module)
     if not mf.HAS_CRYPTOGRAPHY:
         module.fail_json(msg="verify_artifacts needs the Python library cryptography: %s"
                          % mf.CRYPTOGRAPHY_IMPORT_ERROR)
-    verifier = Verifier(module.params, lambda service, **kwargs: aws_client(module, service, **kwargs),
-                        warn=module.warn, check_mode=module.check_mode)
+
+    def client(service, **kwargs):
+        return aws_client(module, service, **kwargs)
+    if early is not None and early.matches(module.params):
+        verifier = early.adopt(client, warn=module.warn, check_mode=module.check_mode)
+    else:
+        early = None
+        verifier = Verifier(module.params, client, warn=module.warn, check_mode=module.check_mode)
     try:
-        msg = verifier.run()
+        if early is None:
+            msg = verifier.run()
+        elif early.error is not None:
+            raise early.error
+        else:
+            msg = verifier.finish()
         module.exit_json(msg=msg, **verifier.result)
     except VerifyError as exc:
         if exc.aws_error is not None:

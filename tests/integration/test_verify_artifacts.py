@@ -1130,6 +1130,55 @@ def test_s3_stream_always_cut_short_is_artifact_missing(module_runner, s3case, m
     assert "cut short" in f["detail"] and f["source"] == s3case.uri("files.tar")
 
 
+# ----------------------------------------------------------------------------- early local run
+
+def _count_verifications(monkeypatch):
+    """The client factory of each Verifier.verify call: ``no_client`` for the early local run."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
+    calls, real = [], Verifier.verify
+
+    def verify(self):
+        calls.append(self._client.__name__)
+        return real(self)
+    monkeypatch.setattr(Verifier, "verify", verify)
+    return calls
+
+
+def test_local_set_is_verified_once_before_the_aws_module_exists(module_runner, case, monkeypatch):
+    """A local set is verified by the early run (no AWS client), and the module adopts it: one read, not two."""
+    calls = _count_verifications(monkeypatch)
+    result = module_runner("verify_artifacts", case.args())
+    assert result["verified"] is True and result["trusted_state_updated"] is True, result.get("msg")
+    assert calls == ["no_client"]
+    assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())
+
+
+def test_early_run_with_other_options_than_the_modules_is_discarded(module_runner, case, monkeypatch):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._verify import EarlyRun
+    calls = _count_verifications(monkeypatch)
+    monkeypatch.setattr(EarlyRun, "matches", lambda self, params: False)
+    result = module_runner("verify_artifacts", case.args())
+    assert result["verified"] is True, result.get("msg")
+    assert calls == ["no_client", "client"]
+
+
+def test_early_local_failure_is_reported_by_the_module(module_runner, case, monkeypatch, quarantine):
+    calls = _count_verifications(monkeypatch)
+    before = case.state_bytes()
+    _flip(case.path("files.tar"))
+    result = module_runner("verify_artifacts", case.args())
+    assert_fails(result, "digest_mismatch", "files.tar", case, before)
+    assert calls == ["no_client"]
+    quarantine(result, case, before)
+
+
+def test_s3_set_has_no_early_run(module_runner, s3case, monkeypatch):
+    calls = _count_verifications(monkeypatch)
+    result = module_runner("verify_artifacts", s3case.args())
+    assert result["verified"] is True, result.get("msg")
+    assert calls == ["client"]
+
+
 def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch, quarantine):
     monkeypatch.chdir(os.path.dirname(case.root))
     _flip(case.path("files.tar"))
