@@ -101,7 +101,9 @@ def test_env_and_file_injection_tmpfs_store(module_runner, tmpfs_drill):
                 assert form not in text
 
 
-def test_secretsmanager_store_and_failures(module_runner, aws):
+@pytest.fixture
+def sm_drill(module_runner, aws):
+    """A drill with a reader role and one synthetic_token ``api`` in Secrets Manager; removed afterwards."""
     drill_id = _id("sm")
     role = aws("iam").create_role(RoleName="drguard-" + drill_id, AssumeRolePolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": []}))["Role"]["Arn"]
@@ -109,62 +111,57 @@ def test_secretsmanager_store_and_failures(module_runner, aws):
         "drill_id": drill_id, "expires_at": EXPIRES, "reader_role_arn": role,
         "secrets": [{"name": "api", "kind": "synthetic_token"}]})
     assert not created.failed, created.get("msg")
-    value = aws("secretsmanager").get_secret_value(SecretId="drguard/%s/api" % drill_id)["SecretString"]
     try:
-        ok = module_runner("secret_exec", {
-            "drill_id": drill_id, "argv": [sys.executable, "-c", "import os; print(os.environ['T'])"],
-            "env_secrets": {"T": "api"}, "access_key": "testing", "secret_key": "testing"})
-        assert not ok.failed, ok.get("msg")
-        assert ok["stdout"].strip() == "********" and value not in json.dumps(ok)
-
-        failing = module_runner("secret_exec", {
-            "drill_id": drill_id, "argv": [sys.executable, "-c",
-                                           "import os, sys; print(os.environ['T']); "
-                                           "print(os.environ['DRGUARD_SECRETS_DIR']); sys.exit(3)"],
-            "env_secrets": {"T": "api"}, "file_secrets": {"t": "api"}})
-        assert failing.failed and failing["rc"] == 3 and "rc 3" in failing["msg"]
-        masked, left = failing["stdout"].split()
-        assert masked == "********" and value not in json.dumps(failing)
-        assert left.startswith(sec.TMPFS_ROOT + "/drguard-exec-") and not os.path.exists(left)
-
-        slow = module_runner("secret_exec", {"drill_id": drill_id, "timeout": 1,
-                                             "argv": [sys.executable, "-c", "import time; time.sleep(30)"]})
-        assert slow.failed and "did not finish within 1 seconds" in slow["msg"]
-
-        missing = module_runner("secret_exec", {"drill_id": drill_id, "argv": ["true"],
-                                                "env_secrets": {"T": "nope"}})
-        assert missing.failed and "does not exist" in missing["msg"]
-
-        bad = module_runner("secret_exec", {"drill_id": drill_id, "argv": ["true"],
-                                            "file_secrets": {"../escape": "api"}})
-        assert bad.failed and "plain file name" in bad["msg"]
-
-        check = module_runner("secret_exec", {"drill_id": drill_id, "argv": ["false"]}, check_mode=True)
-        assert not check.failed and check.get("skipped") is True
+        yield drill_id
     finally:
         module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
 
 
-def test_throttled_secret_read_is_retried(module_runner, aws):
+def test_secretsmanager_store_and_failures(module_runner, aws, sm_drill):
+    drill_id = sm_drill
+    value = aws("secretsmanager").get_secret_value(SecretId="drguard/%s/api" % drill_id)["SecretString"]
+    ok = module_runner("secret_exec", {
+        "drill_id": drill_id, "argv": [sys.executable, "-c", "import os; print(os.environ['T'])"],
+        "env_secrets": {"T": "api"}, "access_key": "testing", "secret_key": "testing"})
+    assert not ok.failed, ok.get("msg")
+    assert ok["stdout"].strip() == "********" and value not in json.dumps(ok)
+
+    failing = module_runner("secret_exec", {
+        "drill_id": drill_id, "argv": [sys.executable, "-c",
+                                       "import os, sys; print(os.environ['T']); "
+                                       "print(os.environ['DRGUARD_SECRETS_DIR']); sys.exit(3)"],
+        "env_secrets": {"T": "api"}, "file_secrets": {"t": "api"}})
+    assert failing.failed and failing["rc"] == 3 and "rc 3" in failing["msg"]
+    masked, left = failing["stdout"].split()
+    assert masked == "********" and value not in json.dumps(failing)
+    assert left.startswith(sec.TMPFS_ROOT + "/drguard-exec-") and not os.path.exists(left)
+
+    slow = module_runner("secret_exec", {"drill_id": drill_id, "timeout": 1,
+                                         "argv": [sys.executable, "-c", "import time; time.sleep(30)"]})
+    assert slow.failed and "did not finish within 1 seconds" in slow["msg"]
+
+    missing = module_runner("secret_exec", {"drill_id": drill_id, "argv": ["true"],
+                                            "env_secrets": {"T": "nope"}})
+    assert missing.failed and "does not exist" in missing["msg"]
+
+    bad = module_runner("secret_exec", {"drill_id": drill_id, "argv": ["true"],
+                                        "file_secrets": {"../escape": "api"}})
+    assert bad.failed and "plain file name" in bad["msg"]
+
+    check = module_runner("secret_exec", {"drill_id": drill_id, "argv": ["false"]}, check_mode=True)
+    assert not check.failed and check.get("skipped") is True
+
+
+def test_throttled_secret_read_is_retried(module_runner, sm_drill):
     """GetSecretValue answering ThrottlingException once is retried (it was not: no aws_retry=True)."""
     from test_drill_secrets import throttle_first_calls
 
-    drill_id = _id("throttle")
-    role = aws("iam").create_role(RoleName="drguard-" + drill_id, AssumeRolePolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": []}))["Role"]["Arn"]
-    created = module_runner("drill_secrets", {
-        "drill_id": drill_id, "expires_at": EXPIRES, "reader_role_arn": role,
-        "secrets": [{"name": "api", "kind": "synthetic_token"}]})
-    assert not created.failed, created.get("msg")
-    try:
-        with throttle_first_calls(drill_id, ("GetSecretValue",)) as throttled:
-            result = module_runner("secret_exec", {
-                "drill_id": drill_id, "argv": [sys.executable, "-c", "import os; print(os.environ['T'])"],
-                "env_secrets": {"T": "api"}})
-        assert not result.failed, result.get("msg")
-        assert throttled == ["GetSecretValue"] and result["stdout"].strip() == sec.MASK
-    finally:
-        module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent"})
+    with throttle_first_calls(sm_drill, ("GetSecretValue",)) as throttled:
+        result = module_runner("secret_exec", {
+            "drill_id": sm_drill, "argv": [sys.executable, "-c", "import os; print(os.environ['T'])"],
+            "env_secrets": {"T": "api"}})
+    assert not result.failed, result.get("msg")
+    assert throttled == ["GetSecretValue"] and result["stdout"].strip() == sec.MASK
 
 
 def test_tmpfs_store_missing_or_not_ours(module_runner, tmp_path):
