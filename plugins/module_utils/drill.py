@@ -143,15 +143,6 @@ def is_expired(tags: dict, now: datetime | None = None) -> bool:
     return expiry_of(tags) <= (now or utcnow())
 
 
-def tag_list(tags: dict, key: str = "Key", value: str = "Value") -> list:
-    """``{"a": "b"}`` -> ``[{"Key": "a", "Value": "b"}]`` (IAM, KMS and others vary the keys)."""
-    return [{key: k, value: str(v)} for k, v in sorted(tags.items())]
-
-
-def tag_dict(items: list | None, key: str = "Key", value: str = "Value") -> dict:
-    return {t[key]: t[value] for t in items or []}
-
-
 def ec2_tag_specs(resource_type: str, tags: dict, name: str | None = None) -> list:
     """EC2 ``TagSpecifications`` so a resource is tagged in the call that creates it."""
     all_tags = dict(tags)

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, ansible_env, run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list as tag_list
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import tag_list
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list as tag_list
 
 FUTURE = "2099-01-01T00:00:00Z"
 # Expired-mode tests judge expiry against a date long past, so that the managed

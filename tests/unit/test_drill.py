@@ -20,11 +20,11 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import (
     is_expired,
     new_drill_id,
     parse_time,
-    tag_dict,
-    tag_list,
     tag_problem,
     validate_drill_id,
 )
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list as tag_list
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict as tag_dict
 
 NOW = datetime(2026, 11, 29, 4, 40, 0, tzinfo=UTC)
 
@@ -136,13 +136,15 @@ def test_drill_tags_validate_inputs():
         drill_tags("dr-abc1", "2026-11-29T06:40:00")
 
 
-def test_tag_list_and_dict_round_trip():
+def test_amazon_aws_tag_helpers_round_trip():
+    # The collection's tag conversion is amazon.aws' (drill.tag_list/tag_dict are gone).
     tags = {"b": 2, "a": "1"}
     items = tag_list(tags)
-    assert items == [{"Key": "a", "Value": "1"}, {"Key": "b", "Value": "2"}]
+    assert sorted(items, key=lambda t: t["Key"]) == [{"Key": "a", "Value": "1"}, {"Key": "b", "Value": "2"}]
     assert tag_dict(items) == {"a": "1", "b": "2"}
-    assert tag_list(tags, "TagKey", "TagValue")[0] == {"TagKey": "a", "TagValue": "1"}
+    assert tag_list(tags, "TagKey", "TagValue")[1] == {"TagKey": "a", "TagValue": "1"}
     assert tag_dict(None) == {}
+    assert tag_dict([{"TagKey": "k", "TagValue": "v"}], "TagKey", "TagValue") == {"k": "v"}
 
 
 def test_ec2_tag_specs():
