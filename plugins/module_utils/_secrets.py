@@ -709,7 +709,7 @@ class Secrets:
             with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
                 results = list(pool.map(lambda e: self.ensure_secret(sm, e, key_arn, tags, policy), entries))
         except SecretError as exc:
-            raise self.error(exc.message) from None
+            raise self.error(exc.message, exception=exc.exception) from exc.exception
         except _AWS_ERRORS as e:
             raise SecretError("Cannot store the drill's secrets", exception=e) from e
         return dict(changed=self.changed, store="secretsmanager", kms_key_arn=key_arn,
