@@ -84,6 +84,7 @@ class Verifier:
             if self.p[key] and not is_s3(self.p[key]):
                 self.p[key] = os.path.abspath(os.path.expanduser(self.p[key]))
         self.workers = self.p["workers"] or os.cpu_count() or 1
+        self.before_artifacts = None  # called once the manifest passed, before the first artifact byte
         self._s3 = None
         self.result = {"changed": False, "verified": False, "failures": [], "artifacts": [],
                        "manifest": {"location": self.p["manifest"], "sha256": None, "payload_sha256": None,
@@ -171,6 +172,8 @@ class Verifier:
             self.manifest_failures(problems, manifest_source)
 
         entries, failures, safe = self.check_names(statement, manifest_source)
+        if self.before_artifacts is not None:
+            self.before_artifacts()
         results = self.check_artifacts(safe, source_loc)
         for entry, fail in results:
             entries[entry["name"]] = entry
@@ -317,7 +320,14 @@ class EarlyRun:
         self.params, self.verifier, self.warnings, self.error = params, verifier, warnings, error
 
     @classmethod
-    def start(cls, raw, spec: dict) -> EarlyRun | None:
+    def start(cls, raw, spec: dict, hashing_started=None) -> EarlyRun | None:
+        """The early run of the raw arguments ``raw`` (None when there is none).
+
+        ``hashing_started()`` is called when the manifest passed and artifacts are about to be
+        read: the moment to start the SDK import, which then runs while hashing (in C, without
+        the GIL) leaves the interpreter free; started earlier it would compete with this run's
+        own Python work for the GIL and delay the first byte.
+        """
         from ansible.module_utils.common.arg_spec import ArgumentSpecValidator  # noqa: PLC0415
 
         if not isinstance(raw, dict):
@@ -334,6 +344,7 @@ class EarlyRun:
             raise NeedsAws(service)
         warnings = []
         verifier = Verifier(dict(params), no_client, warn=warnings.append)
+        verifier.before_artifacts = hashing_started
         error = None
         try:
             verifier.verify()
@@ -352,7 +363,7 @@ class EarlyRun:
     def adopt(self, client, *, warn, check_mode: bool) -> Verifier:
         """The run's Verifier, bound to the module (client factory, warnings, check mode); warnings replayed."""
         v = self.verifier
-        v._client, v.warn, v.check_mode = client, warn, check_mode
+        v._client, v.warn, v.check_mode, v.before_artifacts = client, warn, check_mode, None
         for msg in self.warnings:
             warn(msg)
         return v

@@ -1179,6 +1179,30 @@ def test_s3_set_has_no_early_run(module_runner, s3case, monkeypatch):
     assert calls == ["client"]
 
 
+@pytest.mark.parametrize("limit", [0, 5, 1024 * 1024 - 1, 1024 * 1024, 3 * 1024 * 1024 + 7])
+def test_hash_file_reads_at_most_size_plus_one_bytes(tmp_path, limit):
+    """The local hash loop (one reused buffer) stops one byte past the signed size, wherever that falls."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts
+    body = os.urandom(limit + 2 * 1024 * 1024)
+    path = tmp_path / "grown.bin"
+    path.write_bytes(body)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hashed = _artifacts.hash_file(fd, limit)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == limit + 1  # bytes read from the file
+    finally:
+        os.close(fd)
+    assert hashed.over_limit is True and hashed.sha256 is None and hashed.size == limit + 1
+    assert hashed.head == body[:min(limit + 1, 512)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole = _artifacts.hash_file(fd, len(body))
+    finally:
+        os.close(fd)
+    assert whole.over_limit is False and whole.sha256 == hashlib.sha256(body).hexdigest()
+    assert whole.size == len(body) and whole.head == body[:512]
+
+
 def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch, quarantine):
     monkeypatch.chdir(os.path.dirname(case.root))
     _flip(case.path("files.tar"))
