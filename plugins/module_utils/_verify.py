@@ -34,8 +34,10 @@ _TRUSTED_STATE = "ansible_collections.drguard.sandbox.plugins.module_utils._trus
 
 
 def _trusted_state():
-    import importlib  # noqa: PLC0415 - lazy, see above
-    return importlib.import_module(_TRUSTED_STATE)
+    # A plain import statement (inside the function: lazy), never importlib: Ansible packs a
+    # module's module_utils by reading its import statements, and a name in a string is not packed.
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _trusted_state  # noqa: PLC0415
+    return _trusted_state
 
 
 def _boto_errors() -> tuple:
