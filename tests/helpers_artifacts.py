@@ -21,13 +21,10 @@ import secrets
 import sqlite3
 import tarfile
 import tempfile
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from datetime import timedelta
 from datetime import UTC
-from unittest import mock
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
 from ansible_collections.drguard.sandbox.plugins.module_utils._artifacts import detect_kind
@@ -37,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric import rsa
+from faults import throttle
 
 KEY_KINDS = ("ed25519", "ecdsa", "rsa")
 
@@ -255,29 +253,7 @@ def write_trust_policy(path: str, keys: list, threshold: int = 1) -> str:
 S3_OPERATIONS = ("ListObjectsV2", "HeadObject", "GetObject", "PutObject")
 
 
-@contextmanager
 def throttle_first_calls(bucket: str, operations=S3_OPERATIONS):
-    """The first call of each of ``operations`` on ``bucket`` answers ``SlowDown`` (503).
-
-    Injected above botocore's own retries (``BaseClient._make_api_call``), so only our
-    retrying clients can recover. Yields the list of operations throttled so far.
-    """
-    from botocore.client import BaseClient
-    from botocore.exceptions import ClientError
-
-    real = BaseClient._make_api_call
-    throttled, lock = [], threading.Lock()
-
-    def call(client, operation_name, api_params):
-        if operation_name in operations and api_params.get("Bucket") == bucket:
-            with lock:
-                first = operation_name not in throttled
-                if first:
-                    throttled.append(operation_name)
-            if first:
-                raise ClientError({"Error": {"Code": "SlowDown", "Message": "injected"},
-                                   "ResponseMetadata": {"HTTPStatusCode": 503}}, operation_name)
-        return real(client, operation_name, api_params)
-
-    with mock.patch.object(BaseClient, "_make_api_call", call):
-        yield throttled
+    """The first call of each of ``operations`` on ``bucket`` answers ``SlowDown`` (503), above
+    botocore's own retries. Yields ``{operation: calls}``: the operations throttled."""
+    return throttle(*operations, code="SlowDown", status=503, match=lambda params: params.get("Bucket") == bucket)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
 import uuid
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
+from faults import throttle
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _secrets as sec
 
@@ -255,32 +253,11 @@ def test_untagged_secret_under_the_prefix_survives_removal(module_runner, aws, r
             sm.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
 
 
-@contextmanager
 def throttle_first_calls(needle: str, operations):
-    """The first call of each of ``operations`` whose parameters mention ``needle`` answers ThrottlingException.
-
-    Injected above botocore's own retries (``BaseClient._make_api_call``), so only a client
-    that retries every call recovers. Yields the operations throttled so far.
-    """
-    from botocore.client import BaseClient
-    from botocore.exceptions import ClientError
-
-    real = BaseClient._make_api_call
-    throttled, lock = [], threading.Lock()
-
-    def call(client, operation_name, api_params):
-        if operation_name in operations and needle in json.dumps(api_params, default=str):
-            with lock:
-                first = operation_name not in throttled
-                if first:
-                    throttled.append(operation_name)
-            if first:
-                raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "injected"},
-                                   "ResponseMetadata": {"HTTPStatusCode": 400}}, operation_name)
-        return real(client, operation_name, api_params)
-
-    with mock.patch.object(BaseClient, "_make_api_call", call):
-        yield throttled
+    """The first call of each of ``operations`` whose parameters mention ``needle`` answers
+    ThrottlingException, above botocore's own retries. Yields ``{operation: calls}``."""
+    return throttle(*operations, code="ThrottlingException",
+                    match=lambda params: needle in json.dumps(params, default=str))
 
 
 def test_throttled_calls_are_retried(module_runner, aws, reader_role):
