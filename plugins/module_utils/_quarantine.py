@@ -416,6 +416,15 @@ class Quarantiner:
         return True
 
     # -- sources -----------------------------------------------------------------------
+    def head_destination(self, bucket: str, key: str):
+        """HeadObject of a quarantine key, or None when nothing is there yet."""
+        try:
+            return self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if error_code(exc) not in OBJECT_NOT_FOUND_CODES:
+                raise
+            return None
+
     def head_s3_source(self, src: Source):
         kwargs = {"Bucket": src.bucket, "Key": src.key}
         if src.version_id:
@@ -550,12 +559,7 @@ class Quarantiner:
         if self.dest["kind"] == "s3":
             key = self.base() + leaf
             bucket = self.dest["bucket"]
-            try:
-                existing = self.s3.head_object(Bucket=bucket, Key=key)
-            except ClientError as exc:
-                if error_code(exc) not in OBJECT_NOT_FOUND_CODES:
-                    raise
-                existing = None
+            existing = self.head_destination(bucket, key)
             # The canonical location of the exact version, however the failure spelled it.
             want_source = quote(s3_uri(src.bucket, src.key, version), safe="/:?=")[:1024]
             if existing is not None:
@@ -663,12 +667,7 @@ class Quarantiner:
         bucket, key = self.dest["bucket"], self.base() + leaf
         reasons = [f["reason"] for _, f in items]
         sha = next((f["observed_sha256"] for _, f in items if f["observed_sha256"]), None)
-        try:
-            existing = self.s3.head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if error_code(exc) not in OBJECT_NOT_FOUND_CODES:
-                raise
-            existing = None
+        existing = self.head_destination(bucket, key)
         changed = False
         if existing is None:
             if not os.path.isfile(path := src.path) or os.path.islink(path):
