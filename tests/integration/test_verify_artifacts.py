@@ -1179,6 +1179,21 @@ def test_s3_set_has_no_early_run(module_runner, s3case, monkeypatch):
     assert calls == ["client"]
 
 
+def test_local_set_with_a_kms_trust_policy_is_verified_by_the_module(module_runner, case, aws, monkeypatch):
+    """A KMS key in the trust policy needs an AWS client: the early run stops before any artifact
+    byte (no client there) and the module verifies with its own clients."""
+    calls = _count_verifications(monkeypatch)
+    kms = aws("kms")
+    kms_key = KmsKey(kms, create_kms_key(kms, "ECC_NIST_P256")["Arn"])
+    write_trust_policy(case.policy, [kms_key])
+    case.sign(keys=[kms_key])
+    result = module_runner("verify_artifacts", case.args())
+    assert result["verified"] is True, result.get("msg")
+    assert result["manifest"]["keyids"] == [kms_key.keyid]
+    assert calls == ["no_client", "client"]
+    assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())  # hashed once, by the module
+
+
 @pytest.mark.parametrize("limit", [0, 5, 1024 * 1024 - 1, 1024 * 1024, 3 * 1024 * 1024 + 7])
 def test_hash_file_reads_at_most_size_plus_one_bytes(tmp_path, limit):
     """The local hash loop (one reused buffer) stops one byte past the signed size, wherever that falls."""
