@@ -557,7 +557,10 @@ def test_signer_backend_without_a_module(tmp_path, keys):
     root = write_local_set(str(tmp_path / "set"), sample_files("signer"))
     key_path = keys["ecdsa"].write_private(str(tmp_path / "key.pem"))
     dest = tmp_path / "out.dsse.json"
-    params = _sign_params(source=root, dest=str(dest), private_key_path=key_path)
+    # One created_at for every run: with none, each run signs "now", and two runs a second apart
+    # sign different payloads (not idempotent by design; the test flaked on that).
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    params = _sign_params(source=root, dest=str(dest), private_key_path=key_path, created_at=created)
     changed, result = Signer(dict(params), _no_client, check_mode=True).run()
     assert changed is True and result["keyids"] == [keys["ecdsa"].keyid] and not dest.exists()
     changed, result = Signer(dict(params), _no_client).run()
