@@ -18,6 +18,7 @@ import re
 
 from ansible_collections.amazon.aws.plugins.module_utils.policy import compare_policies
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _quotas
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import BUCKET_RE
 
 POLICY_VERSION = "2012-10-17"
@@ -28,8 +29,8 @@ REVOKE_POLICY_NAME = "drguard-revoke-sessions"
 MIN_DURATION = 900
 MAX_DURATION = 3600
 # Plain-text limits documented by IAM / STS.
-MAX_INLINE_POLICY_CHARS = 10240
-MAX_SESSION_POLICY_CHARS = 2048
+MAX_INLINE_POLICY_CHARS = _quotas.ROLE_POLICY.maximum       # IAM counts it without whitespace
+MAX_SESSION_POLICY_CHARS = _quotas.SESSION_POLICY.maximum   # the plain text STS is given
 
 # Verbs whose actions only read. An action (or an action pattern such as
 # ``ec2:Describe*``) counts as read-only when its name starts with one of them.
@@ -433,10 +434,11 @@ def build_role_policy(resources: dict, partition: str, region: str, account_id: 
         raise PolicyError("resources grant nothing; give at least one of %s or extra_statements"
                           % ", ".join(sorted(_RESOURCE_KEYS)))
     doc = validate_policy({"Version": POLICY_VERSION, "Statement": statements}, "generated policy")
-    size = len(json.dumps(doc, separators=(",", ":")))
-    if size > MAX_INLINE_POLICY_CHARS:
-        raise PolicyError("generated policy is %d characters, more than IAM's %d for an inline role policy; "
-                          "use fewer prefixes or resources" % (size, MAX_INLINE_POLICY_CHARS))
+    try:
+        _quotas.check(_quotas.ROLE_POLICY, _quotas.iam_policy_chars(doc), context="the generated role policy",
+                      fix="use fewer prefixes or resources")
+    except _quotas.QuotaError as exc:
+        raise PolicyError(str(exc)) from None
     return doc
 
 
@@ -469,10 +471,13 @@ def build_session_policy(role_policy: dict, region: str) -> dict:
 
 
 def check_session_policy_size(doc: dict) -> None:
-    size = len(json.dumps(doc, separators=(",", ":")))
-    if size > MAX_SESSION_POLICY_CHARS:
-        raise PolicyError("session policy is %d characters, more than STS's %d; pass a shorter session_policy "
-                          "or fewer resources" % (size, MAX_SESSION_POLICY_CHARS))
+    # The plain text sent is compact JSON; STS also packs it with the session tags into a binary
+    # format with its own limit (PackedPolicyTooLarge), which only the AssumeRole call can tell.
+    try:
+        _quotas.check(_quotas.SESSION_POLICY, len(json.dumps(doc, separators=(",", ":"))),
+                      context="the session policy", fix="pass a shorter session_policy or fewer resources")
+    except _quotas.QuotaError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def trust_policy(principal_arn: str, external_id: str) -> dict:

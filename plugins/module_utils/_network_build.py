@@ -36,6 +36,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import Bo
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pick_sandbox_cidr
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils import _quotas
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
@@ -44,8 +45,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_
 PROTO_NUMBERS = {"tcp": "6", "udp": "17", "-1": "-1"}
 EPHEMERAL = (1024, 65535)
 DENY_FIRST_RULE = 1          # production denies take rule numbers 1..N in each direction
-ALLOW_FIRST_RULE = 100       # narrow allows start here, so every deny comes first
-MAX_PRODUCTION_CIDRS = ALLOW_FIRST_RULE - DENY_FIRST_RULE
+ALLOW_FIRST_RULE = 100       # narrow allows start here, so every deny comes first (N <= 40, the quota's maximum)
 LOG_RETENTION_DAYS = 7
 WORKERS = 8
 
@@ -132,7 +132,58 @@ def desired_sg_rules(boundary, tier: str, group_ids: dict, s3_prefix_list: str |
                 peer = group_ids.get(tr.dest) or "planned:" + tr.dest
                 rules.setdefault(("egress", tr.protocol, port.start, port.end, "sg", peer),
                                  _description(tr.description, "drguard tier %s to %s" % (tr.source, tr.dest)))
-    return rules
+    return _fit_sg_rules(rules)
+
+
+def _merge_ranges(ranges) -> list:
+    """Port ranges ``[(start, end)]`` with overlapping and adjacent ones merged, sorted."""
+    out = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _fit_sg_rules(rules: dict) -> dict:
+    """The same traffic in fewer rules (AWS counts each one against its quota).
+
+    Ports of one peer (direction, protocol, CIDR/group/prefix list) merge into ranges, and
+    a CIDR rule inside another CIDR rule's network on covered ports goes. Nothing is widened:
+    the rules allow exactly the union they allowed before.
+    """
+    ports = {}
+    for (direction, proto, start, end, kind, target), desc in rules.items():
+        ports.setdefault((direction, proto, kind, target), []).append(((start, end), desc))
+    merged = {}
+    for (direction, proto, kind, target), items in ports.items():
+        if proto == "-1":
+            for (start, end), desc in items:
+                merged.setdefault((direction, proto, start, end, kind, target), desc)
+            continue
+        first = {}
+        for rng, desc in items:
+            first.setdefault(rng, desc)
+        for start, end in _merge_ranges(first):
+            desc = next(d for (s, e), d in sorted(first.items()) if start <= s and e <= end)
+            merged[(direction, proto, start, end, kind, target)] = desc
+
+    def covered(rule):
+        direction, proto, start, end, kind, target = rule
+        if kind != "cidr":
+            return False
+        net = ipaddress.ip_network(target)
+        for other in merged:
+            o_dir, o_proto, o_start, o_end, o_kind, o_target = other
+            if other == rule or o_kind != "cidr" or o_dir != direction or o_proto != proto:
+                continue
+            o_net = ipaddress.ip_network(o_target)
+            if net.subnet_of(o_net) and net != o_net and (proto == "-1" or (o_start <= start and end <= o_end)):
+                return True
+        return False
+
+    return {rule: desc for rule, desc in merged.items() if not covered(rule)}
 
 
 def live_sg_rules(group: dict) -> set:
@@ -199,15 +250,13 @@ def desired_nacl_entries(boundary, sandbox_cidr, s3_cidrs=()) -> set:
     numbers; then narrow allows: the sandbox itself, ingress sources on their ports,
     egress destinations on their ports, S3 (when granted) on 443, and the ephemeral
     return ports in the opposite directions. Everything else meets the implicit deny.
-    """
-    if len(boundary.production_cidrs) > MAX_PRODUCTION_CIDRS:
-        raise BoundaryError("drill_boundary.production_cidrs: at most %d CIDRs fit before the allow rules; "
-                            "summarise them into fewer, larger CIDRs" % MAX_PRODUCTION_CIDRS)
-    entries = set()
-    for egress in (False, True):
-        for i, prod in enumerate(boundary.production_cidrs):
-            entries.add((egress, DENY_FIRST_RULE + i, "-1", "deny", str(prod), None, None))
 
+    AWS allows 20 entries per direction by default (docs/boundary-policy.md, "Limits"), so
+    the entries are fitted first: ports of one peer merge into ranges, an allow inside another
+    allow goes, and when the entries would still be over the quota the production CIDRs collapse
+    into the fewest networks that cover exactly them. :func:`check_network_quotas` says when
+    that is still too many.
+    """
     allows = {False: [], True: []}
 
     def allow(egress, proto, cidr, start, end):
@@ -229,10 +278,92 @@ def desired_nacl_entries(boundary, sandbox_cidr, s3_cidrs=()) -> set:
         for cidr in s3_cidrs:
             allow(True, "tcp", cidr, 443, 443)
             allow(False, "tcp", cidr, *EPHEMERAL)
-    for egress, items in allows.items():
+    fitted = {egress: _fit_nacl_allows(items) for egress, items in allows.items()}
+    # One deny per declared production CIDR while that fits the quota (the layout reads like the
+    # boundary); otherwise the fewest networks covering exactly the production CIDRs.
+    denies = list(dict.fromkeys(boundary.production_cidrs))
+    room = _quotas.allowed(_quotas.NACL_RULES, _quotas.parse_quotas((boundary.raw or {}).get("quotas")))
+    if len(denies) + max(len(items) for items in fitted.values()) > room:
+        denies = list(ipaddress.collapse_addresses(denies))
+    entries = set()
+    for egress, items in fitted.items():
+        for i, prod in enumerate(denies):
+            entries.add((egress, DENY_FIRST_RULE + i, "-1", "deny", str(prod), None, None))
         for n, (proto, cidr, start, end) in enumerate(items):
             entries.add((egress, ALLOW_FIRST_RULE + n, proto, "allow", cidr, start, end))
     return entries
+
+
+def _fit_nacl_allows(items: list) -> list:
+    """``[(proto, cidr, start, end)]`` allowing the same traffic in fewer entries, first-seen order kept."""
+    order, ports = [], {}
+    for proto, cidr, start, end in items:
+        key = (proto, cidr)
+        if key not in ports:
+            order.append(key)
+            ports[key] = []
+        ports[key].append((start, end))
+    merged = []
+    for proto, cidr in order:
+        if proto == "-1":
+            merged.append((proto, cidr, None, None))
+        else:
+            merged += [(proto, cidr, start, end) for start, end in _merge_ranges(ports[(proto, cidr)])]
+
+    def covered(item):
+        proto, cidr, start, end = item
+        net = ipaddress.ip_network(cidr)
+        for other in merged:
+            o_proto, o_cidr, o_start, o_end = other
+            if other == item:
+                continue
+            o_net = ipaddress.ip_network(o_cidr)
+            if not net.subnet_of(o_net):
+                continue
+            if o_proto == "-1" and (net != o_net or proto != "-1"):
+                return True
+            if o_proto == proto != "-1" and net != o_net and o_start <= start and end <= o_end:
+                return True
+        return False
+
+    return [item for item in merged if not covered(item)]
+
+
+def nacl_entries_per_direction(entries) -> int:
+    """The larger of the ingress and egress entry counts (each direction has its own quota)."""
+    return max(sum(1 for e in entries if e[0] == egress) for egress in (False, True))
+
+
+def check_network_quotas(boundary, s3_cidrs=(), drill_id: str | None = None, tags: dict | None = None) -> None:
+    """Raise :class:`_quotas.QuotaError` when the fitted network is still over an AWS quota.
+
+    Runs before anything is created (the module's validation, then again once the S3 prefix
+    list's CIDRs are known). ``boundary.raw["quotas"]`` carries the account's raised quotas.
+    """
+    quotas = _quotas.parse_quotas(boundary.raw.get("quotas"))
+    sandbox = boundary.sandbox_cidr or "10.255.0.0/16"
+    entries = desired_nacl_entries(boundary, sandbox, s3_cidrs)
+    _quotas.check(_quotas.NACL_RULES, nacl_entries_per_direction(entries), quotas, context="the boundary",
+                  fix="declare fewer or wider production CIDRs, ingress and egress rules")
+    s3_pl = "pl-s3" if (boundary.s3_read or boundary.s3_write) else None
+    ids = {tier: "planned:" + tier for tier in boundary.tiers}
+    for tier in boundary.tiers:
+        rules = desired_sg_rules(boundary, tier, ids, s3_pl)
+        for direction in ("ingress", "egress"):
+            _quotas.check(_quotas.SG_RULES, sum(1 for r in rules if r[0] == direction), quotas,
+                          context="security group tier %s (%s)" % (tier, direction),
+                          fix="declare fewer peers or port ranges")
+    if boundary.s3_read or boundary.s3_write:
+        _quotas.check(_quotas.ENDPOINT_POLICY, len(json.dumps(endpoint_policy(boundary))), quotas,
+                      context="the S3 endpoint policy", fix="grant fewer buckets or prefixes (a shorter common prefix)")
+    if drill_id is not None:
+        n = names(drill_id)
+        _quotas.check_name(_quotas.ROLE_NAME, n["role"], "the flow-log role name")
+        _quotas.check_name(_quotas.LOG_GROUP_NAME, n["log_group"], "the flow-log log group name")
+        for tier in boundary.tiers:
+            _quotas.check_name(_quotas.SG_NAME, sg_name(drill_id, tier), "the security group name")
+    if tags is not None:
+        _quotas.check_tags(dict(tags, Name="x"), "every drill resource")
 
 
 def live_nacl_entries(acl: dict) -> set:
@@ -421,6 +552,14 @@ class NetworkBuilder:
     def build(self) -> dict:
         """Build or converge everything; returns the module's result fields."""
         prereq = {}
+        # The S3 prefix list is read first: its CIDRs count against the network ACL quota,
+        # checked before anything (the flow-log branch included) is created.
+        s3 = self._s3_prefix_list()
+        self.step = "quota check"
+        try:
+            check_network_quotas(self.boundary, s3["cidrs"], self.drill_id, self.tags)
+        except _quotas.QuotaError as exc:
+            raise BuildError(str(exc)) from None
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             # The log group and the IAM role do not depend on the VPC: build them meanwhile.
@@ -436,7 +575,6 @@ class NetworkBuilder:
             then(self._vpc)
             then(self._subnets)
             then(self._route_table)
-            s3 = then(self._s3_prefix_list)
             then(self._security_groups, s3["id"])
             then(self._default_security_group)
             then(self._network_acl, s3["cidrs"])

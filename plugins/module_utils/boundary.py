@@ -23,6 +23,7 @@ Schema (every key not listed is an error)::
       - {from: app, to: db, protocol: tcp, ports: [5432]}
     s3_read:  [{bucket: backups, prefix: orders/}]   # via the S3 gateway endpoint
     s3_write: [{bucket: telemetry, prefix: dr-.../}]
+    quotas: {nacl_rules_per_direction: 40}          # optional: AWS quotas this account raised
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from dataclasses import field
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._quotas import parse_quotas
+from ansible_collections.drguard.sandbox.plugins.module_utils._quotas import QuotaError
 
 PROTOCOLS = ("tcp", "udp")
 GATEWAY_PREFIXES = ("tgw-", "pcx-", "vgw-")
@@ -43,7 +47,7 @@ SANDBOX_PREFIX_MIN = 16
 SANDBOX_PREFIX_MAX = 24
 
 _TOP_KEYS = {"sandbox_cidr", "production_cidrs", "ingress", "egress", "control_plane_route",
-             "tiers", "tier_rules", "s3_read", "s3_write"}
+             "tiers", "tier_rules", "s3_read", "s3_write", "quotas"}
 _RULE_KEYS = {"cidr", "protocol", "ports", "description"}
 _TIER_RULE_KEYS = {"from", "to", "protocol", "ports", "description"}
 _S3_KEYS = {"bucket", "prefix"}
@@ -328,6 +332,11 @@ def parse_boundary(raw) -> Boundary:
                                     % (where, end, item.get(end), ", ".join(tiers)))
         tier_rules.append(TierRule(item["from"], item["to"], _protocol(item.get("protocol"), where),
                                    _ports(item.get("ports"), where), str(item.get("description", ""))))
+
+    try:
+        parse_quotas(raw.get("quotas"))  # raised AWS quotas (docs/boundary-policy.md, "Limits")
+    except QuotaError as exc:
+        raise BoundaryError(str(exc)) from None
 
     return Boundary(sandbox, production, ingress, egress, route, tiers, tuple(tier_rules),
                     _s3(raw, "s3_read"), _s3(raw, "s3_write"), dict(raw))

@@ -231,6 +231,7 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build
+from ansible_collections.drguard.sandbox.plugins.module_utils import _quotas
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
@@ -263,10 +264,14 @@ def _validate(params: dict, region: str | None) -> tuple:
             "expires_at is not valid: %s (for example 2026-11-29T08:40:00Z)." % exc) from None
     try:
         boundary = parse_boundary(params["boundary"])
-        # The NACL layout limit is part of the input's validity, so check it now too.
-        _network_build.desired_nacl_entries(boundary, boundary.sandbox_cidr or "10.255.0.0/16")
     except BoundaryError as exc:
         raise _network_build.BuildError("the boundary is not valid: %s." % exc) from None
+    try:
+        # AWS quotas the emulator does not enforce (the S3 prefix list's CIDRs are counted again
+        # once read, still before anything is created).
+        _network_build.check_network_quotas(boundary, (), drill_id, drill_tags(drill_id, expires))
+    except _quotas.QuotaError as exc:
+        raise _network_build.BuildError("%s." % exc) from None
     if not region:
         raise _network_build.BuildError("no AWS region is set; give region (or module_defaults / AWS_REGION).")
     return drill_id, expires, boundary

@@ -431,7 +431,8 @@ def test_minimal_boundary_with_control_plane_route_and_no_flow_logs(aws_env, aws
     ({"boundary": _boundary(egress=[{"cidr": "10.0.5.0/24", "ports": [443]}])}, "traffic to or from production"),
     ({"drill_id": "Bad_ID"}, "drill_id 'Bad_ID' is not valid"),
     ({"expires_at": "2026-11-29 09:00"}, "expires_at is not valid"),
-    ({"boundary": _boundary(production_cidrs=["10.%d.0.0/16" % i for i in range(100)])}, "at most 99 CIDRs"),
+    ({"boundary": _boundary(production_cidrs=["10.%d.0.0/16" % (2 * i) for i in range(41)])},
+     "needs 46 network ACL entries per direction; AWS allows 20 by default and at most 40"),
 ])
 def test_bad_input_fails_clearly_and_creates_nothing(aws_env, aws, args, expected):
     drill_id = _drill_id("bad")
@@ -605,3 +606,55 @@ def test_throttled_calls_are_retried(aws_env, aws, monkeypatch):
     assert {op for op, n in seen.items() if n >= 2} == set(ops)  # each throttled once, then done again
     assert res["flow_log_id"] and res["s3_endpoint_id"]
     assert _build(drill_id)["changed"] is False
+
+
+# --------------------------------------------------------------------------- AWS quotas (docs/boundary-policy.md)
+
+TWELVE = ["10.%d.0.0/16" % (2 * i) for i in range(12)]  # no two adjacent: nothing collapses
+
+
+def test_twelve_production_cidrs_fail_in_validation_and_create_nothing(aws_env, aws):
+    """The issue's example: it built on the emulator and would fail half-built on real AWS."""
+    drill_id = _drill_id("quota")
+    before = _managed_count(aws)
+    boundary = _boundary(production_cidrs=TWELVE, ingress=[
+        {"cidr": "192.0.2.0/28", "ports": [22, 443]}, {"cidr": "192.0.2.16/28", "ports": [22, 9100]},
+        {"cidr": "192.0.2.32/28", "ports": [22, 8443]}])
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build as nb
+    needed = nb.nacl_entries_per_direction(nb.desired_nacl_entries(parse_boundary(boundary), "10.213.0.0/16"))
+    assert 20 < needed <= 40
+    res = run_module("sandbox_network", _args(drill_id, boundary))
+    assert res.failed
+    assert res["msg"].startswith(
+        "the boundary needs %d network ACL entries per direction; AWS allows 20 by default (quota 'Rules per network "
+        "ACL' (L-2AEEBF1A), up to 40): raise the quota and set drill_boundary.quotas.nacl_rules_per_direction: %d"
+        % (needed, needed))
+    assert not res.get("created")
+    assert _drill_resources(aws, drill_id) == []
+    assert _managed_count(aws) == before
+    assert not [v for v in aws("ec2").describe_vpcs()["Vpcs"]
+                if any(t["Value"] == drill_id for t in v.get("Tags") or [])]
+
+
+def test_s3_prefix_list_cidrs_counted_before_anything_is_created(aws_env, aws):
+    """Without S3 the boundary needs exactly 20 entries; the prefix list's CIDRs push it over, before any create."""
+    drill_id = _drill_id("quotas3")
+    before = _managed_count(aws)
+    boundary = _boundary(production_cidrs=TWELVE, ingress=[
+        {"cidr": "192.0.2.0/28", "ports": [22, 443]}, {"cidr": "192.0.2.16/28", "ports": [22, 9100]},
+        {"cidr": "192.0.2.32/28", "ports": [22, 8443]}], egress=[{"cidr": "198.51.100.0/28", "ports": [443]}])
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build as nb
+    entries = nb.desired_nacl_entries(parse_boundary(boundary), "10.213.0.0/16")
+    assert nb.nacl_entries_per_direction(entries) == 20
+    res = run_module("sandbox_network", _args(drill_id, boundary))
+    assert res.failed
+    assert res["step"] == "quota check"
+    assert "network ACL entries per direction; AWS allows 20 by default (quota 'Rules per network ACL'" in res["msg"]
+    assert res["created"] == []
+    assert _drill_resources(aws, drill_id) == []
+    assert _managed_count(aws) == before
+    # the account raised its quota: the same boundary builds
+    raised = _build(drill_id, dict(boundary, quotas={"nacl_rules_per_direction": 40}), flow_logs=False)
+    acl = aws("ec2").describe_network_acls(NetworkAclIds=[raised["network_acl_id"]])["NetworkAcls"][0]
+    ingress = [e for e in acl["Entries"] if not e["Egress"] and e["RuleNumber"] != 32767]
+    assert len(ingress) > 20
