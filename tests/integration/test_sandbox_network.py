@@ -620,11 +620,11 @@ def test_twelve_production_cidrs_fail_in_validation_and_create_nothing(aws_env, 
     boundary = _boundary(production_cidrs=TWELVE, ingress=[
         {"cidr": "192.0.2.0/28", "ports": [22, 443]}, {"cidr": "192.0.2.16/28", "ports": [22, 9100]},
         {"cidr": "192.0.2.32/28", "ports": [22, 8443]}])
+    res = run_module("sandbox_network", _args(drill_id, boundary))
+    assert res.failed
     from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build as nb
     needed = nb.nacl_entries_per_direction(nb.desired_nacl_entries(parse_boundary(boundary), "10.213.0.0/16"))
     assert 20 < needed <= 40
-    res = run_module("sandbox_network", _args(drill_id, boundary))
-    assert res.failed
     assert res["msg"].startswith(
         "the boundary needs %d network ACL entries per direction; AWS allows 20 by default (quota 'Rules per network "
         "ACL' (L-2AEEBF1A), up to 40): raise the quota and set drill_boundary.quotas.nacl_rules_per_direction: %d"
