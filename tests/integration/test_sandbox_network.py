@@ -658,3 +658,23 @@ def test_s3_prefix_list_cidrs_counted_before_anything_is_created(aws_env, aws):
     acl = aws("ec2").describe_network_acls(NetworkAclIds=[raised["network_acl_id"]])["NetworkAcls"][0]
     ingress = [e for e in acl["Entries"] if not e["Egress"] and e["RuleNumber"] != 32767]
     assert len(ingress) > 20
+
+
+def test_fitted_boundary_builds_and_boundary_verify_proves_it_isolated(aws_env, aws):
+    """Collapsed production denies, merged ports and dropped nested allows still verify as the declared boundary."""
+    drill_id = _drill_id("fit")
+    adjacent = ["10.%d.0.0/16" % i for i in range(12)]
+    boundary = _boundary(production_cidrs=adjacent, ingress=[
+        {"cidr": "192.0.2.0/28", "ports": [22, 23, "24-30", 443]}, {"cidr": "192.0.2.0/29", "ports": [443]},
+        {"cidr": "192.0.2.16/28", "ports": [22, 9100]}, {"cidr": "192.0.2.32/28", "ports": [22, 8443]}])
+    res = _build(drill_id, boundary)
+    acl = aws("ec2").describe_network_acls(NetworkAclIds=[res["network_acl_id"]])["NetworkAcls"][0]
+    ingress = sorted((e["RuleNumber"], e["RuleAction"], e["CidrBlock"], (e.get("PortRange") or {}).get("From"),
+                      (e.get("PortRange") or {}).get("To"))
+                     for e in acl["Entries"] if not e["Egress"] and e["RuleNumber"] != 32767)
+    assert [e[2] for e in ingress if e[1] == "deny"] == ["10.0.0.0/13", "10.8.0.0/14"]
+    assert [e for e in ingress if e[2] in ("192.0.2.0/28", "192.0.2.0/29") and e[3] != 1024] == [
+        (101, "allow", "192.0.2.0/28", 22, 30), (102, "allow", "192.0.2.0/28", 443, 443)]
+    assert len(ingress) <= 20
+    proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary, "fail_on_findings": False})
+    assert proof["findings"] == [] and proof["isolated"] is True, proof["findings"]
