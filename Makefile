@@ -13,14 +13,30 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.collections
 export ANSIBLE_LOCAL_TEMP := $(CURDIR)/.ansible/tmp
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv drill drill-tampered test lint unit integration molecule e2e bench clean
+.PHONY: help venv system-packages drill drill-tampered test lint unit integration molecule e2e bench clean
 
 help:
 	@echo "make drill   - run a complete drill on the embedded AWS emulator"
 	@echo "make test    - run the whole test suite (lint, pytest, molecule, end-to-end)"
 	@echo "make bench   - benchmarks (figures, not pass/fail)"
 
-venv: $(STAMP) $(COLLECTION_LINK)
+venv: system-packages $(STAMP) $(COLLECTION_LINK)
+
+# The netns sandbox runtime shells out to ip (iproute2) and nft (nftables): installed here
+# with apt when missing and running as root; otherwise the missing packages are named.
+SYSTEM_PACKAGES := ip:iproute2 nft:nftables
+
+system-packages:
+	@missing=""; for t in $(SYSTEM_PACKAGES); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${t%%:*}" >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing; \
+	  else \
+	    echo "missing system packages:$$missing - the netns sandbox runtime needs them; install them as root (apt-get install$$missing) or run make venv as root"; \
+	  fi; \
+	fi
 
 $(STAMP): requirements.txt requirements-test.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required"; exit 1; }
