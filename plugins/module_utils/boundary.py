@@ -45,6 +45,7 @@ BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DEFAULT_TIERS = ("app", "db")
 SANDBOX_PREFIX_MIN = 16
 SANDBOX_PREFIX_MAX = 24
+_ALL_IPV4 = ipaddress.ip_network("0.0.0.0/0")
 
 _TOP_KEYS = {"sandbox_cidr", "production_cidrs", "ingress", "egress", "control_plane_route",
              "tiers", "tier_rules", "s3_read", "s3_write", "quotas"}
@@ -221,7 +222,7 @@ def _list(raw: dict, key: str) -> list:
     return value
 
 
-def _rules(raw: dict, key: str, production: tuple) -> tuple:
+def _rules(raw: dict, key: str, production: tuple, sandbox) -> tuple:
     out = []
     for i, item in enumerate(_list(raw, key)):
         where = "drill_boundary.%s[%d]" % (key, i)
@@ -233,6 +234,9 @@ def _rules(raw: dict, key: str, production: tuple) -> tuple:
         if hits:
             raise BoundaryError("%s: %s overlaps production CIDR(s) %s; traffic to or from "
                                 "production is never allowed" % (where, net, ", ".join(hits)))
+        if sandbox is not None and net.overlaps(sandbox):
+            raise BoundaryError("%s.cidr: %s overlaps the sandbox CIDR %s; %s rules name peers outside the "
+                                "sandbox (traffic inside it is governed by tier_rules)" % (where, net, sandbox, key))
         out.append(Rule(net, _protocol(item.get("protocol"), where),
                         _ports(item.get("ports"), where), str(item.get("description", ""))))
     return tuple(out)
@@ -283,14 +287,18 @@ def parse_boundary(raw) -> Boundary:
                             "(at least one); they are denied explicitly")
     production = tuple(_cidr(c, "drill_boundary.production_cidrs[%d]" % i)
                        for i, c in enumerate(prod_raw))
+    if list(ipaddress.collapse_addresses(production)) == [_ALL_IPV4]:
+        raise BoundaryError("drill_boundary.production_cidrs: %s cover all of IPv4, which leaves no address for "
+                            "the sandbox or any allowed peer; list the production networks themselves"
+                            % ", ".join(str(p) for p in production))
 
     sandbox = None
     if raw.get("sandbox_cidr"):
         sandbox = _cidr(raw["sandbox_cidr"], "drill_boundary.sandbox_cidr")
         _check_sandbox(sandbox, production)
 
-    ingress = _rules(raw, "ingress", production)
-    egress = _rules(raw, "egress", production)
+    ingress = _rules(raw, "ingress", production, sandbox)
+    egress = _rules(raw, "egress", production, sandbox)
 
     route = raw.get("control_plane_route")
     if route is not None:
@@ -338,16 +346,47 @@ def parse_boundary(raw) -> Boundary:
     except QuotaError as exc:
         raise BoundaryError(str(exc)) from None
 
-    return Boundary(sandbox, production, ingress, egress, route, tiers, tuple(tier_rules),
-                    _s3(raw, "s3_read"), _s3(raw, "s3_write"), dict(raw))
+    s3_read, s3_write = _s3(raw, "s3_read"), _s3(raw, "s3_write")
+    _check_read_only(s3_read, s3_write)
+    boundary = Boundary(sandbox, production, ingress, egress, route, tiers, tuple(tier_rules),
+                        s3_read, s3_write, dict(raw))
+    if sandbox is None and not _free_candidates(boundary):
+        raise BoundaryError("drill_boundary.production_cidrs: %s leave no free /16 in %s for the sandbox; declare "
+                            "drill_boundary.sandbox_cidr outside production (for example 192.168.0.0/16)"
+                            % (", ".join(str(p) for p in production), " or ".join(str(r) for r in _CANDIDATE_RANGES)))
+    return boundary
+
+
+def _check_read_only(s3_read: tuple, s3_write: tuple) -> None:
+    """A write grant must not reach anything a read grant covers: backups stay read-only."""
+    for w, wg in enumerate(s3_write):
+        for r, rg in enumerate(s3_read):
+            if wg.bucket == rg.bucket and (wg.prefix.startswith(rg.prefix) or rg.prefix.startswith(wg.prefix)):
+                raise BoundaryError("drill_boundary.s3_write[%d]: s3://%s/%s overlaps drill_boundary.s3_read[%d] "
+                                    "(s3://%s/%s), and backups must stay read-only; write to another bucket or "
+                                    "a prefix the read grants do not cover"
+                                    % (w, wg.bucket, wg.prefix, r, rg.bucket, rg.prefix))
 
 
 # Where a sandbox CIDR is picked from when none is declared: /16s of RFC 1918 space.
+_CANDIDATE_RANGES = (ipaddress.ip_network("10.64.0.0/10"), ipaddress.ip_network("172.16.0.0/12"))
+
+
 def _candidates():
     for second in range(64, 256):
         yield ipaddress.ip_network("10.%d.0.0/16" % second)
     for second in range(16, 32):
         yield ipaddress.ip_network("172.%d.0.0/16" % second)
+
+
+def _free_candidates(boundary: Boundary, avoid_nets=()) -> list:
+    """The candidate /16s overlapping no production CIDR, declared peer, control-plane route or ``avoid_nets``."""
+    # Never swallow the control plane or any declared peer.
+    taken = list(boundary.production_cidrs) + [r.cidr for r in boundary.ingress + boundary.egress]
+    if boundary.control_plane_route:
+        taken.append(ipaddress.ip_network(boundary.control_plane_route["cidr"]))
+    taken += [a for a in avoid_nets if a.version == 4]
+    return [c for c in _candidates() if not any(c.overlaps(t) for t in taken)]
 
 
 def pick_sandbox_cidr(boundary: Boundary, drill_id: str, avoid=()) -> ipaddress.IPv4Network:
@@ -362,13 +401,7 @@ def pick_sandbox_cidr(boundary: Boundary, drill_id: str, avoid=()) -> ipaddress.
         avoid_nets = [ipaddress.ip_network(a, strict=False) for a in avoid]
     except ValueError as exc:
         raise BoundaryError("pick_sandbox_cidr: invalid CIDR to avoid: %s" % exc) from None
-    # Never swallow the control plane or any declared peer.
-    avoid_nets += [r.cidr for r in boundary.ingress + boundary.egress]
-    if boundary.control_plane_route:
-        avoid_nets.append(ipaddress.ip_network(boundary.control_plane_route["cidr"]))
-    free = [c for c in _candidates()
-            if not any(c.overlaps(p) for p in boundary.production_cidrs)
-            and not any(c.overlaps(a) for a in avoid_nets if a.version == 4)]
+    free = _free_candidates(boundary, avoid_nets)
     if not free:
         raise BoundaryError("no free /16 left for the sandbox; declare drill_boundary.sandbox_cidr")
     digest = int.from_bytes(hashlib.sha256(drill_id.encode()).digest()[:4], "big")

@@ -82,6 +82,7 @@ def test_failure_in_any_phase_still_tears_down(world, tmp_path, phase):
     ({"drill_boundary": {"production_cidrs": ["10.0.0.0/16"], "sandbox_cidr": "10.0.0.0/20"}}, (),
      "overlaps production"),
     ({"drill_boundary": {"production_cidrs": ["10.0.0.0/33"]}}, (), "not a valid CIDR"),
+    ({"drill_boundary": {"production_cidrs": ["0.0.0.0/0"]}}, (), "cover all of IPv4"),
     ({}, ("drill_region",), "missing required arguments: drill_region"),
     ({"drill_regoin": "us-east-1"}, (), "drill_regoin"),
 ])

@@ -275,9 +275,10 @@ def test_pick_avoids_production_and_avoid_list():
 
 
 def test_pick_fails_when_nothing_is_free():
-    b = parse_boundary({"production_cidrs": ["10.0.0.0/8", "172.16.0.0/12"]})
+    # Production alone leaves room (parse_boundary refuses it otherwise); the live VPCs to avoid take the rest.
+    b = parse_boundary({"production_cidrs": ["10.0.0.0/8"]})
     with pytest.raises(BoundaryError, match="no free /16 left"):
-        pick_sandbox_cidr(b, "dr-full")
+        pick_sandbox_cidr(b, "dr-full", avoid=["172.16.0.0/12"])
 
 
 def test_boundary_is_hashable_value_object():
@@ -305,3 +306,55 @@ def test_picked_sandbox_never_overlaps_the_control_plane_route():
 ], ids=["tier", "bucket"])
 def test_trailing_newline_names_are_rejected(raw):
     err(raw)
+
+
+# ------------------------------- inputs that cannot be satisfied are refused up front
+
+@pytest.mark.parametrize("cidr", ["0.0.0.0/0", "0.0.0.0/1"])
+def test_production_covering_all_or_half_of_ipv4_is_refused(cidr):
+    raw = {"production_cidrs": [cidr, "128.0.0.0/1"]} if cidr == "0.0.0.0/1" else {"production_cidrs": [cidr]}
+    msg = err(raw)
+    assert msg.startswith("drill_boundary.production_cidrs: ")
+    assert "cover all of IPv4" in msg and "list the production networks themselves" in msg
+
+
+def test_production_covering_every_candidate_without_a_sandbox_cidr_is_refused():
+    msg = err({"production_cidrs": ["10.0.0.0/8", "172.16.0.0/12"]})
+    assert msg == ("drill_boundary.production_cidrs: 10.0.0.0/8, 172.16.0.0/12 leave no free /16 in 10.64.0.0/10 "
+                   "or 172.16.0.0/12 for the sandbox; declare drill_boundary.sandbox_cidr outside production "
+                   "(for example 192.168.0.0/16)")
+
+
+def test_candidates_taken_by_declared_peers_count_too():
+    msg = err({"production_cidrs": ["10.0.0.0/8"],
+               "egress": [{"cidr": "172.16.0.0/12", "ports": [443]}]})
+    assert "leave no free /16" in msg and "declare drill_boundary.sandbox_cidr" in msg
+
+
+def test_production_covering_every_candidate_with_a_declared_sandbox_is_accepted():
+    b = parse_boundary({"production_cidrs": ["10.0.0.0/8", "172.16.0.0/12"], "sandbox_cidr": "192.168.0.0/16"})
+    assert str(pick_sandbox_cidr(b, "dr-x")) == "192.168.0.0/16"
+
+
+@pytest.mark.parametrize("read, write", [
+    ({"bucket": "backups", "prefix": "orders/"}, {"bucket": "backups", "prefix": "orders/"}),
+    ({"bucket": "backups"}, {"bucket": "backups", "prefix": "reports/"}),
+    ({"bucket": "backups", "prefix": "orders/2026/"}, {"bucket": "backups", "prefix": "orders"}),
+])
+def test_s3_grant_both_read_and_write_is_refused(read, write):
+    msg = err({"production_cidrs": PROD, "s3_read": [read], "s3_write": [write]})
+    assert msg.startswith("drill_boundary.s3_write[0]: ")
+    assert "overlaps drill_boundary.s3_read[0]" in msg and "backups must stay read-only" in msg
+
+
+def test_s3_read_and_write_of_disjoint_prefixes_of_one_bucket_are_accepted():
+    b = parse_boundary({"production_cidrs": PROD, "s3_read": [{"bucket": "shared", "prefix": "orders/"}],
+                        "s3_write": [{"bucket": "shared", "prefix": "orders-reports/"}]})
+    assert [g.prefix for g in b.s3_write] == ["orders-reports/"]
+
+
+@pytest.mark.parametrize("key", ["ingress", "egress"])
+def test_rule_inside_the_declared_sandbox_is_refused(key):
+    msg = err({"production_cidrs": PROD, "sandbox_cidr": "10.213.0.0/16",
+               key: [{"cidr": "10.213.5.0/24", "ports": [443]}]})
+    assert msg.startswith("drill_boundary.%s[0].cidr: 10.213.5.0/24 overlaps the sandbox CIDR 10.213.0.0/16" % key)
