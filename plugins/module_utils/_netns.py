@@ -1,0 +1,420 @@
+"""Network namespaces for the ``netns`` sandbox runtime: build, rule, read back, destroy.
+
+A small manager that shells out to ``ip`` (``ip -j`` JSON) and ``nft`` (``nft -j``); it never
+touches the host's own interfaces, routes or rules. Everything it creates carries one prefix,
+``drg-<short drill id>-``, so ``destroy(prefix)`` (teardown, the reaper) finds it again after
+a kill. Every function is idempotent and raises :class:`NetnsError` only.
+
+The plan (plain dicts and strings, as produced by the policy translator's ``address_plan``)::
+
+    {
+      "router": {"ns": "drg-ab12cd-router"},
+      "tiers": {
+        "<tier>": {
+          "ns": "drg-ab12cd-app",        # the tier's namespace
+          "veth_host": "drg-ab12cd-1r",  # veth end in the router namespace (holds the gateway)
+          "veth_peer": "drg-ab12cd-1t",  # veth end in the tier namespace (holds the address)
+          "subnet": "10.77.1.0/24",      # the link's subnet
+          "address": "10.77.1.2",        # the tier's address (plain, or with the subnet's length)
+          "gateway": "10.77.1.1",        # the router's address on that link: the tier's default route
+        },
+        ...
+      },
+    }
+
+Names: ``[a-z0-9-]``, all starting with the same ``drg-<short>-`` prefix; device names at
+most 15 characters (IFNAMSIZ), namespace names at most 63. Every tier's traffic leaves through
+its default route into the router namespace, which forwards (``net.ipv4.ip_forward=1``) and
+is where a drill's forwarding ruleset belongs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+IFNAMSIZ = 15
+NS_NAME_MAX = 63
+_NAME = re.compile(r"^[a-z0-9-]+$")
+_PREFIX = re.compile(r"^drg-[a-z0-9]+-$")
+_PLAN_PREFIX = re.compile(r"^(drg-[a-z0-9]+-)")
+_TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+([A-Za-z0-9_]+)\s*\{", re.MULTILINE)
+_TOOLS = (("ip", "iproute2"), ("nft", "nftables"))
+_TIMEOUT = 30
+
+
+class NetnsError(Exception):
+    """What went wrong, in one sentence, with structured fields in ``detail``."""
+
+    def __init__(self, msg, **detail):
+        super().__init__(msg)
+        self.msg = msg
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- running ip and nft
+
+
+def _tool(name):
+    path = shutil.which(name)
+    if path is None:
+        package = dict(_TOOLS).get(name, name)
+        raise NetnsError(
+            f"{name} not found on PATH; install {package} (make venv as root does) and retry.",
+            missing=[f"{name} (package {package})"],
+        )
+    return path
+
+
+def _run(argv, input_text=None, check=True, what=None):
+    try:
+        proc = subprocess.run(argv, input=input_text, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise NetnsError(f"{what or argv[0]} did not finish within {_TIMEOUT}s; check the host and retry.",
+                         command=argv[:4]) from None
+    if check and proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        raise NetnsError(
+            f"{what or ' '.join(argv[:5])} failed: {'; '.join(err[:3]) or 'exit ' + str(proc.returncode)}.",
+            command=argv[:6], rc=proc.returncode,
+        )
+    return proc
+
+
+def _ip_json(*args, ns=None):
+    argv = [_tool("ip"), "-j"] + (["-n", ns] if ns else []) + list(args)
+    out = _run(argv).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def _namespaces():
+    return sorted(item["name"] for item in _ip_json("netns", "list"))
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def _userns_allowed():
+    def read(path, default):
+        try:
+            with open(path) as handle:
+                return handle.read().strip()
+        except OSError:
+            return default
+
+    return (read("/proc/sys/kernel/unprivileged_userns_clone", "1") == "1"
+            and read("/proc/sys/user/max_user_namespaces", "0") not in ("", "0")
+            and read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "0") == "0")
+
+
+def preflight():
+    """Check, before anything is created, that namespaces and nftables can be used here.
+
+    Returns ``{"root": True, "ip": path, "nft": path}``; raises :class:`NetnsError` naming
+    every missing piece (``detail["missing"]``): root, the ``ip`` / ``nft`` tools, ``ip -j``,
+    the kernel's nf_tables.
+    """
+    missing, clauses = [], []
+    if os.geteuid() != 0:
+        why = ("unprivileged user namespaces are allowed here, but this manager does not run rootless yet"
+               if _userns_allowed() else "and unprivileged user namespaces are not allowed on this host")
+        missing.append("root")
+        clauses.append(f"not running as root (ip netns needs CAP_SYS_ADMIN and CAP_NET_ADMIN; {why})")
+    paths = {name: shutil.which(name) for name, _ in _TOOLS}
+    tools = [f"{name} (package {package})" for name, package in _TOOLS if paths[name] is None]
+    if tools:
+        missing.extend(tools)
+        clauses.append(f"{', '.join(tools)} not found on PATH")
+    if not missing:
+        probe = _run([paths["ip"], "-j", "link", "show", "dev", "lo"], check=False)
+        try:
+            json.loads(probe.stdout)
+        except ValueError:
+            missing.append("ip -j")
+            clauses.append("ip gives no JSON output (iproute2 4.14 or newer is needed)")
+        tables = _run([paths["nft"], "list", "tables"], check=False)
+        if tables.returncode != 0:
+            missing.append("nf_tables")
+            clauses.append(f"the kernel has no usable nf_tables (nft list tables: {tables.stderr.strip()[:120]})")
+    if missing:
+        advice = ("install what is missing (make venv as root installs iproute2 and nftables) and retry."
+                  if tools else "run as root on a kernel with nf_tables and retry.")
+        raise NetnsError(f"the netns runtime cannot start: {'; '.join(clauses)}; {advice}", missing=missing)
+    return {"root": True, "ip": paths["ip"], "nft": paths["nft"]}
+
+
+# ---------------------------------------------------------------- plan validation
+
+
+def _check_name(value, field, limit, prefix=None):
+    if not isinstance(value, str) or not value:
+        raise NetnsError(f"{field} must be a non-empty name; fix the plan.", field=field)
+    if not _NAME.match(value):
+        raise NetnsError(f"{field} {value!r} may use only [a-z0-9-]; fix the plan.", field=field)
+    if len(value) > limit:
+        raise NetnsError(f"{field} {value!r} is longer than {limit} characters; shorten it in the plan.",
+                         field=field)
+    if prefix is not None and not value.startswith(prefix):
+        raise NetnsError(f"{field} {value!r} does not start with the plan's prefix {prefix!r}, so teardown "
+                         "would not find it; fix the plan.", field=field)
+
+
+def check_prefix(prefix):
+    """Validate a drill's prefix (``drg-<short>-``): the unit of cleanup, never wider."""
+    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        raise NetnsError(f"prefix {prefix!r} is not one drill's prefix (drg-<short id>-, [a-z0-9]); "
+                         "pass the prefix recorded in the drill's state.", prefix=prefix)
+    return prefix
+
+
+def validate_plan(plan):
+    """Check a plan's shape, names and addresses; returns ``(prefix, normalised tiers)``."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("router"), dict) or not plan.get("tiers"):
+        raise NetnsError("the plan needs a router and at least one tier; fix the plan.", field="plan")
+    router = plan["router"].get("ns")
+    _check_name(router, "router.ns", NS_NAME_MAX)
+    match = _PLAN_PREFIX.match(router)
+    if not match:
+        raise NetnsError(f"router.ns {router!r} does not start with drg-<short id>-; fix the plan.",
+                         field="router.ns")
+    prefix = match.group(1)
+    tiers, seen, subnets = {}, {router}, []
+    for tier, spec in sorted(plan["tiers"].items()):
+        base = f"tiers.{tier}"
+        if not isinstance(spec, dict):
+            raise NetnsError(f"{base} must be a mapping; fix the plan.", field=base)
+        _check_name(spec.get("ns"), f"{base}.ns", NS_NAME_MAX, prefix)
+        for dev in ("veth_host", "veth_peer"):
+            _check_name(spec.get(dev), f"{base}.{dev}", IFNAMSIZ, prefix)
+        for field in ("ns", "veth_host", "veth_peer"):
+            if spec[field] in seen:
+                raise NetnsError(f"{base}.{field} {spec[field]!r} is used twice; fix the plan.",
+                                 field=f"{base}.{field}")
+            seen.add(spec[field])
+        try:
+            subnet = ipaddress.IPv4Network(spec.get("subnet"), strict=True)
+        except (ValueError, TypeError):
+            raise NetnsError(f"{base}.subnet {spec.get('subnet')!r} is not an IPv4 network; fix the plan.",
+                             field=f"{base}.subnet") from None
+        if subnet.prefixlen > 30:
+            raise NetnsError(f"{base}.subnet {subnet} has no room for two hosts; fix the plan.",
+                             field=f"{base}.subnet")
+        if any(subnet.overlaps(other) for other in subnets):
+            raise NetnsError(f"{base}.subnet {subnet} overlaps another tier's; fix the plan.",
+                             field=f"{base}.subnet")
+        subnets.append(subnet)
+        hosts = {}
+        for field in ("address", "gateway"):
+            raw = spec.get(field)
+            try:
+                iface = ipaddress.IPv4Interface(raw if "/" in str(raw) else f"{raw}/{subnet.prefixlen}")
+            except (ValueError, TypeError):
+                raise NetnsError(f"{base}.{field} {raw!r} is not an IPv4 address; fix the plan.",
+                                 field=f"{base}.{field}") from None
+            if iface.network != subnet or iface.ip in (subnet.network_address, subnet.broadcast_address):
+                raise NetnsError(f"{base}.{field} {raw} is not inside subnet {subnet} as a host; fix the plan.",
+                                 field=f"{base}.{field}")
+            hosts[field] = iface.ip
+        if hosts["address"] == hosts["gateway"]:
+            raise NetnsError(f"{base}.gateway {hosts['gateway']} is the same as the tier's address; fix the plan.",
+                             field=f"{base}.gateway")
+        tiers[tier] = dict(spec, subnet=str(subnet), address=str(hosts["address"]),
+                           gateway=str(hosts["gateway"]), prefixlen=subnet.prefixlen)
+    return prefix, router, tiers
+
+
+# ---------------------------------------------------------------- create
+
+
+def create(plan):
+    """Build the router namespace and one namespace per tier, joined by veth pairs.
+
+    Idempotent: what exists is kept, addresses and routes are replaced, a half-built veth
+    pair is rebuilt. Returns ``{"changed": bool, "state": read_state(prefix)}``. The plan is
+    validated and :func:`preflight` passes before anything is created.
+    """
+    prefix, router, tiers = validate_plan(plan)
+    preflight()
+    before = read_state(prefix)
+    existing = set(_namespaces())
+    ip = _tool("ip")
+    for ns in [router] + [t["ns"] for t in tiers.values()]:
+        if ns not in existing:
+            _run([ip, "netns", "add", ns], what=f"creating namespace {ns}")
+        _run([ip, "-n", ns, "link", "set", "lo", "up"])
+    _sysctl_forward(router, True)
+    for spec in tiers.values():
+        host, peer, ns = spec["veth_host"], spec["veth_peer"], spec["ns"]
+        host_links = {link["ifname"] for link in _ip_json("link", "show", ns=router)}
+        peer_links = {link["ifname"] for link in _ip_json("link", "show", ns=ns)}
+        if host in host_links and peer not in peer_links:
+            _run([ip, "-n", router, "link", "del", host])
+            host_links.discard(host)
+        if host not in host_links:
+            if peer in peer_links:
+                _run([ip, "-n", ns, "link", "del", peer])
+            _run([ip, "-n", router, "link", "add", host, "type", "veth", "peer", "name", peer, "netns", ns],
+                 what=f"creating veth pair {host}/{peer}")
+        plen = spec["prefixlen"]
+        _set_only_address(router, host, f"{spec['gateway']}/{plen}")
+        _set_only_address(ns, peer, f"{spec['address']}/{plen}")
+        _run([ip, "-n", router, "link", "set", host, "up"])
+        _run([ip, "-n", ns, "link", "set", peer, "up"])
+        _run([ip, "-n", ns, "route", "replace", "default", "via", spec["gateway"], "dev", peer])
+    after = read_state(prefix)
+    return {"changed": after != before, "state": after}
+
+
+def _set_only_address(ns, dev, cidr):
+    ip = _tool("ip")
+    links = _ip_json("addr", "show", "dev", dev, ns=ns)
+    for info in (links[0].get("addr_info", []) if links else []):
+        if info.get("family") == "inet" and f"{info['local']}/{info['prefixlen']}" != cidr:
+            _run([ip, "-n", ns, "addr", "del", f"{info['local']}/{info['prefixlen']}", "dev", dev])
+    _run([ip, "-n", ns, "addr", "replace", cidr, "dev", dev])
+
+
+def _sysctl_forward(ns, on):
+    _run([_tool("ip"), "netns", "exec", ns, "sh", "-c",
+          f"echo {1 if on else 0} > /proc/sys/net/ipv4/ip_forward"], what=f"enabling forwarding in {ns}")
+
+
+# ---------------------------------------------------------------- rules
+
+
+def _check_ns(ns):
+    _check_name(ns, "namespace", NS_NAME_MAX)
+    if not _PLAN_PREFIX.match(ns):
+        raise NetnsError(f"namespace {ns!r} is not a drill namespace (drg-<short id>-...); pass one of the "
+                         "drill's namespaces.", namespace=ns)
+    if ns not in _namespaces():
+        raise NetnsError(f"namespace {ns} does not exist; create the plan first.", namespace=ns)
+
+
+def apply_ruleset(ns, text):
+    """Apply an nft ruleset inside namespace ``ns`` in one transaction (``nft -f -``).
+
+    Each ``table <family> <name> {`` the text declares is replaced as a whole (declared,
+    deleted and rebuilt in the same transaction), so re-applying is idempotent and a
+    rejected ruleset leaves the previous one untouched. Returns ``{"changed": bool}``.
+    """
+    _check_ns(ns)
+    if not isinstance(text, str) or not text.strip():
+        raise NetnsError("the ruleset is empty; pass the translated nft ruleset.", namespace=ns)
+    before = _normalised(read_ruleset(ns))
+    reset = "".join(f"table {fam} {name}\ndelete table {fam} {name}\n"
+                    for fam, name in dict.fromkeys(_TABLE.findall(text)))
+    proc = _run([_tool("ip"), "netns", "exec", ns, _tool("nft"), "-f", "-"], input_text=reset + text, check=False)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise NetnsError(f"nft rejected the ruleset for namespace {ns} (nothing was changed): "
+                         f"{'; '.join(lines[:2])}; fix the ruleset.", namespace=ns, rc=proc.returncode)
+    return {"changed": _normalised(read_ruleset(ns)) != before}
+
+
+def read_ruleset(ns):
+    """The live ruleset of namespace ``ns``: ``nft -j list ruleset``'s ``nftables`` list (metainfo dropped)."""
+    _check_ns(ns)
+    out = _run([_tool("ip"), "netns", "exec", ns, _tool("nft"), "-j", "list", "ruleset"],
+               what=f"reading the ruleset of {ns}").stdout
+    try:
+        items = json.loads(out)["nftables"]
+    except (ValueError, KeyError):
+        raise NetnsError(f"nft -j gave no JSON ruleset for {ns}; install an nftables built with JSON support.",
+                         namespace=ns) from None
+    return [item for item in items if "metainfo" not in item]
+
+
+def _normalised(items):
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "handle"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(items)
+
+
+# ---------------------------------------------------------------- state and destroy
+
+
+def read_state(prefix):
+    """What exists under ``prefix``, read back from the kernel.
+
+    ``{"prefix", "namespaces": {ns: {"ip_forward": bool, "links": {ifname: {"up", "addresses"}},
+    "routes": [{"dst", "dev", "gateway"}]}}, "host_links": [names in the host namespace]}``
+    (loopback left out; IPv4 addresses and main-table routes).
+    """
+    check_prefix(prefix)
+    ip = _tool("ip")
+    namespaces = {}
+    for ns in (n for n in _namespaces() if n.startswith(prefix)):
+        links = {}
+        for link in _ip_json("addr", "show", ns=ns):
+            if link["ifname"] == "lo":
+                continue
+            links[link["ifname"].split("@")[0]] = {
+                "up": "UP" in link.get("flags", []),
+                "addresses": sorted(f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
+                                    if a.get("family") == "inet"),
+            }
+        routes = sorted(({"dst": r["dst"], "dev": r.get("dev"), "gateway": r.get("gateway")}
+                         for r in _ip_json("-4", "route", "show", ns=ns)), key=lambda r: r["dst"])
+        forward = _run([ip, "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip()
+        namespaces[ns] = {"ip_forward": forward == "1", "links": links, "routes": routes}
+    host_links = sorted(link["ifname"] for link in _ip_json("link", "show") if link["ifname"].startswith(prefix))
+    return {"prefix": prefix, "namespaces": namespaces, "host_links": host_links}
+
+
+def _pids(ns):
+    out = _run([_tool("ip"), "netns", "pids", ns], check=False).stdout
+    return sorted(int(p) for p in out.split() if p.isdigit())
+
+
+def destroy(prefix, wait=10.0):
+    """Remove everything under ``prefix``: processes inside, namespaces, host links; prove none remain.
+
+    Idempotent. Returns ``{"changed", "removed": {"namespaces", "host_links", "pids"}}``;
+    raises :class:`NetnsError` naming whatever is still there afterwards.
+    """
+    check_prefix(prefix)
+    ip = _tool("ip")
+    before = read_state(prefix)
+    killed = []
+    for ns in before["namespaces"]:
+        deadline = time.monotonic() + wait
+        pids = _pids(ns)
+        while pids:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    if pid not in killed:
+                        killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise NetnsError(f"processes {pids} in namespace {ns} did not exit after SIGKILL within "
+                                 f"{wait:g}s; check them and run teardown again.", namespace=ns, pids=pids)
+            time.sleep(0.05)
+            pids = _pids(ns)
+        _run([ip, "netns", "del", ns], check=False)
+    for link in before["host_links"]:
+        _run([ip, "link", "del", link], check=False)
+    after = read_state(prefix)
+    if after["namespaces"] or after["host_links"]:
+        remaining = sorted(after["namespaces"]) + after["host_links"]
+        raise NetnsError(f"{len(remaining)} object(s) under {prefix} remain after destroy "
+                         f"({', '.join(remaining)}); remove them by hand or run teardown again.",
+                         prefix=prefix, remaining=remaining)
+    return {
+        "changed": bool(before["namespaces"] or before["host_links"]),
+        "removed": {"namespaces": sorted(before["namespaces"]), "host_links": before["host_links"],
+                    "pids": sorted(killed)},
+    }
