@@ -1,0 +1,581 @@
+"""The netns runtime's nftables translator and live-ruleset verifier (plugins/module_utils/_nft_policy.py).
+
+No root: the verifier is fed ``nft -j list ruleset`` JSON. ``LIVE_1_0_6`` below is the output of
+nftables 1.0.6 (Lester Gooch #5) after ``nft -f`` of ``router_ruleset(BOUNDARY, plan, table)`` for
+``DRILL`` in a throwaway network namespace, copied verbatim.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import (
+    COUNTERS,
+    FINDING_CODES,
+    NftPolicyError,
+    address_plan,
+    router_ruleset,
+    verify_ruleset,
+)
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+DRILL = "dr-20261130184400-a1b2c3"
+RAW = {
+    "sandbox_cidr": "10.213.0.0/16",
+    "production_cidrs": ["10.0.0.0/16", "172.16.0.0/12"],
+    "ingress": [{"cidr": "192.0.2.0/28", "ports": [22, "8000-8100"]}],
+    "egress": [{"cidr": "198.51.100.0/28", "ports": [443]}],
+    "tiers": ["app", "db"],
+    "tier_rules": [{"from": "app", "to": "db", "ports": [5432]}],
+}
+BOUNDARY = parse_boundary(RAW)
+PLAN = address_plan(BOUNDARY, DRILL)
+TABLE = PLAN["table"]
+
+LIVE_1_0_6 = [{'metainfo': {'version': '1.0.6', 'release_name': 'Lester Gooch #5', 'json_schema_version': 1}},
+     {'table': {'family': 'inet', 'name': 'drg-c3f70e-router', 'handle': 5}},
+     {'counter': {'family': 'inet',
+                  'name': 'production_drop',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 4,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'ipv6_drop',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 5,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'established_allow',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 6,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'dns_drop',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 7,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'egress_allow',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 8,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'ingress_allow',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 9,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'tier_allow',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 10,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'fallback_allow',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 11,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'counter': {'family': 'inet',
+                  'name': 'default_drop',
+                  'table': 'drg-c3f70e-router',
+                  'handle': 12,
+                  'packets': 0,
+                  'bytes': 0}},
+     {'chain': {'family': 'inet',
+                'table': 'drg-c3f70e-router',
+                'name': 'forward',
+                'handle': 1,
+                'type': 'filter',
+                'hook': 'forward',
+                'prio': 0,
+                'policy': 'drop'}},
+     {'chain': {'family': 'inet',
+                'table': 'drg-c3f70e-router',
+                'name': 'input',
+                'handle': 2,
+                'type': 'filter',
+                'hook': 'input',
+                'prio': 0,
+                'policy': 'drop'}},
+     {'chain': {'family': 'inet',
+                'table': 'drg-c3f70e-router',
+                'name': 'output',
+                'handle': 3,
+                'type': 'filter',
+                'hook': 'output',
+                'prio': 0,
+                'policy': 'drop'}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 14,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'set': [{'prefix': {'addr': '10.0.0.0', 'len': 16}},
+                                                     {'prefix': {'addr': '172.16.0.0', 'len': 12}}]}}},
+                        {'counter': 'production_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 16,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
+                                   'right': {'set': [{'prefix': {'addr': '10.0.0.0', 'len': 16}},
+                                                     {'prefix': {'addr': '172.16.0.0', 'len': 12}}]}}},
+                        {'counter': 'production_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 17,
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'nfproto'}}, 'right': 'ipv6'}},
+                        {'counter': 'ipv6_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 18,
+               'expr': [{'match': {'op': 'in',
+                                   'left': {'ct': {'key': 'state'}},
+                                   'right': ['established', 'related']}},
+                        {'counter': 'established_allow'},
+                        {'accept': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 20,
+               'expr': [{'match': {'op': '!=',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'prefix': {'addr': '10.213.0.0', 'len': 16}}}},
+                        {'match': {'op': '==',
+                                   'left': {'meta': {'key': 'l4proto'}},
+                                   'right': {'set': ['tcp', 'udp']}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'th', 'field': 'dport'}},
+                                   'right': 53}},
+                        {'counter': 'dns_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 22,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'meta': {'key': 'iifname'}},
+                                   'right': {'set': ['drg-c3f70e_db', 'drg-c3f70e_app', 'drg-c3f70e_v98c']}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
+                                   'right': {'prefix': {'addr': '10.213.0.0', 'len': 16}}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'prefix': {'addr': '198.51.100.0', 'len': 28}}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'tcp', 'field': 'dport'}},
+                                   'right': 443}},
+                        {'counter': 'egress_allow'},
+                        {'accept': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 24,
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'iifname'}}, 'right': 'drg-c3f70e_0up'}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
+                                   'right': {'prefix': {'addr': '192.0.2.0', 'len': 28}}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'prefix': {'addr': '10.213.0.0', 'len': 16}}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'tcp', 'field': 'dport'}},
+                                   'right': {'set': [22, {'range': [8000, 8100]}]}}},
+                        {'counter': 'ingress_allow'},
+                        {'accept': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 25,
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'iifname'}}, 'right': 'drg-c3f70e_app'}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
+                                   'right': {'prefix': {'addr': '10.213.0.0', 'len': 28}}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'prefix': {'addr': '10.213.0.16', 'len': 28}}}},
+                        {'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'tcp', 'field': 'dport'}},
+                                   'right': 5432}},
+                        {'counter': 'tier_allow'},
+                        {'accept': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'forward',
+               'handle': 26,
+               'expr': [{'counter': 'default_drop'}, {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'input',
+               'handle': 28,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'set': [{'prefix': {'addr': '10.0.0.0', 'len': 16}},
+                                                     {'prefix': {'addr': '172.16.0.0', 'len': 12}}]}}},
+                        {'counter': 'production_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'input',
+               'handle': 30,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
+                                   'right': {'set': [{'prefix': {'addr': '10.0.0.0', 'len': 16}},
+                                                     {'prefix': {'addr': '172.16.0.0', 'len': 12}}]}}},
+                        {'counter': 'production_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'input',
+               'handle': 31,
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'nfproto'}}, 'right': 'ipv6'}},
+                        {'counter': 'ipv6_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'input',
+               'handle': 32,
+               'expr': [{'counter': 'default_drop'}, {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'output',
+               'handle': 34,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'daddr'}},
+                                   'right': {'set': [{'prefix': {'addr': '10.0.0.0', 'len': 16}},
+                                                     {'prefix': {'addr': '172.16.0.0', 'len': 12}}]}}},
+                        {'counter': 'production_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'output',
+               'handle': 36,
+               'expr': [{'match': {'op': '==',
+                                   'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
+                                   'right': {'set': [{'prefix': {'addr': '10.0.0.0', 'len': 16}},
+                                                     {'prefix': {'addr': '172.16.0.0', 'len': 12}}]}}},
+                        {'counter': 'production_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'output',
+               'handle': 37,
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'nfproto'}}, 'right': 'ipv6'}},
+                        {'counter': 'ipv6_drop'},
+                        {'drop': None}]}},
+     {'rule': {'family': 'inet',
+               'table': 'drg-c3f70e-router',
+               'chain': 'output',
+               'handle': 38,
+               'expr': [{'counter': 'default_drop'}, {'drop': None}]}}]
+
+
+def live() -> dict:
+    return {"nftables": copy.deepcopy(LIVE_1_0_6)}
+
+
+def rules_of(doc: dict, chain: str) -> list:
+    return [i for i in doc["nftables"] if "rule" in i and i["rule"]["chain"] == chain]
+
+
+def codes(findings) -> list:
+    return sorted(f["code"] for f in findings)
+
+
+def match(proto: str, field: str, right, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": {"payload": {"protocol": proto, "field": field}}, "right": right}}
+
+
+def prefix(cidr: str):
+    net = ipaddress.ip_network(cidr)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def rule(chain: str, expr: list, handle: int = 99) -> dict:
+    return {"rule": {"family": "inet", "table": TABLE, "chain": chain, "handle": handle, "expr": expr}}
+
+
+def insert_after(doc: dict, chain: str, index: int, item: dict) -> None:
+    """Put ``item`` right after the ``index``-th rule of ``chain`` (-1: before the first)."""
+    chain_rules = rules_of(doc, chain)
+    anchor = chain_rules[index] if index >= 0 else chain_rules[0]
+    pos = doc["nftables"].index(anchor) + (1 if index >= 0 else 0)
+    doc["nftables"].insert(pos, item)
+
+
+# --- the plan ------------------------------------------------------------------------
+
+def test_plan_is_deterministic_and_per_drill():
+    assert address_plan(BOUNDARY, DRILL) == PLAN
+    other = address_plan(BOUNDARY, "dr-20261130184400-ffffff")
+    assert other["short"] != PLAN["short"]
+    mine = {t["device"] for t in PLAN["tiers"]} | {t["router_device"] for t in PLAN["tiers"]}
+    theirs = {t["device"] for t in other["tiers"]} | {t["router_device"] for t in other["tiers"]}
+    assert not mine & theirs
+
+
+def test_plan_always_has_validation_tier_once():
+    assert [t["tier"] for t in PLAN["tiers"]] == ["app", "db", "validation"]
+    declared = address_plan(parse_boundary(dict(RAW, tiers=["validation", "app"], tier_rules=[])), DRILL)
+    assert [t["tier"] for t in declared["tiers"]] == ["validation", "app"]
+
+
+def test_plan_names_fit_ifnamsiz_and_follow_drg_short_tier():
+    long_tiers = dict(RAW, tiers=["app", "db", "reporting-warehouse", "reporting-warehous2"], tier_rules=[])
+    plan = address_plan(parse_boundary(long_tiers), DRILL)
+    links = plan["tiers"] + [plan["uplink"]]
+    names = [link[k] for link in links for k in ("device", "router_device")]
+    assert all(len(n) <= 15 for n in names), names
+    assert len(set(names)) == len(names)
+    assert all(n.startswith("drg-%s" % plan["short"]) for n in names)
+    assert [t["netns"] for t in plan["tiers"]][:2] == ["drg-%s-app" % plan["short"], "drg-%s-db" % plan["short"]]
+
+
+def test_plan_subnets_inside_sandbox_and_disjoint():
+    sandbox = ipaddress.ip_network(PLAN["sandbox_cidr"])
+    nets = [ipaddress.ip_network(t["subnet"]) for t in PLAN["tiers"] + [PLAN["uplink"]]]
+    assert all(n.subnet_of(sandbox) for n in nets)
+    assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:])
+    for link in PLAN["tiers"] + [PLAN["uplink"]]:
+        net = ipaddress.ip_network(link["subnet"])
+        assert {ipaddress.ip_address(link["router_address"]), ipaddress.ip_address(link["address"])} <= set(net.hosts())
+        assert link["router_address"] != link["address"]
+
+
+def test_plan_picks_sandbox_cidr_from_drill_id_when_absent():
+    raw = {k: v for k, v in RAW.items() if k != "sandbox_cidr"}
+    plan = address_plan(parse_boundary(raw), DRILL)
+    assert plan == address_plan(parse_boundary(raw), DRILL)
+    assert not any(ipaddress.ip_network(plan["sandbox_cidr"]).overlaps(p) for p in BOUNDARY.production_cidrs)
+
+
+def test_plan_refuses_too_many_tiers_for_sandbox():
+    raw = dict(RAW, sandbox_cidr="10.213.0.0/24", tiers=["t%d" % i for i in range(15)], tier_rules=[])
+    with pytest.raises(NftPolicyError, match="holds 16 /28 blocks, 17 are needed"):
+        address_plan(parse_boundary(raw), DRILL)
+
+
+def test_plan_refuses_tier_named_router():
+    with pytest.raises(NftPolicyError, match="'router' is reserved"):
+        address_plan(parse_boundary(dict(RAW, tiers=["router", "db"], tier_rules=[])), DRILL)
+
+
+# --- the ruleset text ----------------------------------------------------------------
+
+def chain_lines(text: str, chain: str) -> list:
+    lines = text.splitlines()
+    start = lines.index("\tchain %s {" % chain)
+    end = lines.index("\t}", start)
+    return [line.strip() for line in lines[start + 1:end]]
+
+
+def test_ruleset_production_dropped_first_in_both_directions_every_chain():
+    text = router_ruleset(BOUNDARY, PLAN, TABLE)
+    prod = "{ 10.0.0.0/16, 172.16.0.0/12 }"
+    for chain in ("forward", "input", "output"):
+        body = chain_lines(text, chain)
+        assert body[0] == "type filter hook %s priority 0; policy drop;" % chain
+        assert body[1] == 'ip daddr %s counter name "production_drop" drop' % prod
+        assert body[2] == 'ip saddr %s counter name "production_drop" drop' % prod
+        assert body[-1] == 'counter name "default_drop" drop'
+
+
+def test_ruleset_declares_every_counter_and_uses_them():
+    text = router_ruleset(BOUNDARY, PLAN, TABLE)
+    for name in COUNTERS:
+        assert "\tcounter %s {" % name in text
+    used = {line.split('counter name "')[1].split('"')[0] for line in text.splitlines() if 'counter name "' in line}
+    assert used == set(COUNTERS) - {"fallback_allow"}  # no fallback declared
+
+
+def test_ruleset_rules_per_declared_flow():
+    body = chain_lines(router_ruleset(BOUNDARY, PLAN, TABLE), "forward")
+    app, db = PLAN["tiers"][0], PLAN["tiers"][1]
+    assert body[3] == 'meta nfproto ipv6 counter name "ipv6_drop" drop'
+    assert body[4] == 'ct state established,related counter name "established_allow" accept'
+    assert body[5].startswith("ip daddr != 10.213.0.0/16 meta l4proto { tcp, udp } th dport 53 ")
+    accepts = [line for line in body if line.endswith(" accept")]
+    assert len(accepts) == 4
+    assert 'ip saddr 10.213.0.0/16 ip daddr 198.51.100.0/28 tcp dport 443 counter name "egress_allow"' in accepts[1]
+    assert 'ip saddr 192.0.2.0/28 ip daddr 10.213.0.0/16 tcp dport { 22, 8000-8100 }' in accepts[2]
+    assert accepts[3] == ('iifname "%s" ip saddr %s ip daddr %s tcp dport 5432 counter name "tier_allow" accept'
+                          % (app["router_device"], app["subnet"], db["subnet"]))
+
+
+def test_ruleset_replaces_only_its_own_table():
+    text = router_ruleset(BOUNDARY, PLAN, TABLE)
+    assert text.splitlines()[:3] == ["table inet %s" % TABLE, "delete table inet %s" % TABLE,
+                                     "table inet %s {" % TABLE]
+    assert [line for line in text.splitlines() if line.startswith("table") or line.startswith("delete")] == \
+        text.splitlines()[:3]
+
+
+@pytest.mark.skipif(not shutil.which("nft") or not shutil.which("unshare"), reason="needs nft and unshare")
+def test_ruleset_is_accepted_by_nft_check(tmp_path):
+    path = tmp_path / "router.nft"
+    path.write_text(router_ruleset(BOUNDARY, PLAN, TABLE))
+    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user/network namespaces here")
+    done = subprocess.run(["unshare", "-rn", "nft", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_fixture_is_what_the_translator_applies():
+    # The fixture came from this exact translation; a change to the translator means re-capturing it.
+    assert TABLE == "drg-c3f70e-router"
+    assert [i["table"]["name"] for i in LIVE_1_0_6 if "table" in i] == [TABLE]
+
+
+# --- the verifier ----------------------------------------------------------------------
+
+def test_verify_clean_live_ruleset_has_no_findings():
+    assert verify_ruleset(BOUNDARY, PLAN, live()) == []
+    assert verify_ruleset(BOUNDARY, PLAN, json.dumps(live())) == []
+
+
+def test_verify_accept_to_production_is_flagged():
+    doc = live()
+    # An accept to production placed after the production drops is still undeclared.
+    insert_after(doc, "forward", 5, rule("forward", [match("ip", "daddr", prefix("10.0.5.0/24")),
+                                                     match("tcp", "dport", 5432), {"accept": None}]))
+    assert codes(verify_ruleset(BOUNDARY, PLAN, doc)) == ["runtime_rule_undeclared"]
+
+
+def test_verify_accept_before_production_drop_is_not_dropped_first():
+    doc = live()
+    insert_after(doc, "forward", -1, rule("forward", [match("ip", "saddr", prefix("10.213.0.0/28")),
+                                                      match("ip", "daddr", prefix("10.213.0.16/28")),
+                                                      match("tcp", "dport", 5432), {"accept": None}]))
+    insert_after(doc, "forward", -1, rule("forward", [match("ip", "daddr", "10.0.0.5"),
+                                                      match("tcp", "dport", 443), {"accept": None}]))
+    found = verify_ruleset(BOUNDARY, PLAN, doc)
+    assert codes(found) == ["runtime_production_not_dropped_first", "runtime_rule_undeclared"]
+    # the harmless tier accept (second rule) cannot touch production: only rule 1 is reported
+    assert {f["resource"] for f in found} == {"inet %s chain forward rule 1" % TABLE}
+
+
+def test_verify_production_drop_narrowed_by_port_does_not_count():
+    doc = live()
+    first = rules_of(doc, "forward")[0]["rule"]["expr"]
+    first.insert(1, match("tcp", "dport", 22))  # drops production only on port 22
+    assert codes(verify_ruleset(BOUNDARY, PLAN, doc)) == ["runtime_production_not_dropped_first"]
+
+
+def test_verify_removed_rule_is_missing():
+    doc = live()
+    tier = [r for r in rules_of(doc, "forward") if {"counter": "tier_allow"} in r["rule"]["expr"]]
+    doc["nftables"].remove(tier[0])
+    found = verify_ruleset(BOUNDARY, PLAN, doc)
+    assert codes(found) == ["runtime_rule_missing"]
+    assert "tier app -> db tcp/5432" in found[0]["detail"]
+
+
+def test_verify_removed_production_drop_is_missing():
+    doc = live()
+    doc["nftables"].remove(rules_of(doc, "input")[1])  # ip saddr production drop
+    assert [(f["code"], f["resource"]) for f in verify_ruleset(BOUNDARY, PLAN, doc)] == \
+        [("runtime_rule_missing", "inet %s chain input" % TABLE)]
+
+
+def test_verify_chain_policy_accept():
+    doc = live()
+    for item in doc["nftables"]:
+        if "chain" in item and item["chain"]["name"] == "forward":
+            item["chain"]["policy"] = "accept"
+    found = verify_ruleset(BOUNDARY, PLAN, doc)
+    assert [(f["code"], f["resource"]) for f in found] == \
+        [("runtime_policy_not_drop", "inet %s chain forward" % TABLE)]
+
+
+def test_verify_widened_port_range_is_undeclared():
+    doc = live()
+    ingress = [r for r in rules_of(doc, "forward") if {"counter": "ingress_allow"} in r["rule"]["expr"]][0]
+    for e in ingress["rule"]["expr"]:
+        if "match" in e and e["match"]["left"].get("payload", {}).get("field") == "dport":
+            e["match"]["right"] = {"set": [22, {"range": [8000, 8101]}]}
+    # still allows the declared ingress (not missing), but 8101 is more than declared
+    assert codes(verify_ruleset(BOUNDARY, PLAN, doc)) == ["runtime_rule_undeclared"]
+
+
+def test_verify_ipv6_drop_removed():
+    doc = live()
+    doc["nftables"].remove(rules_of(doc, "forward")[2])
+    found = verify_ruleset(BOUNDARY, PLAN, doc)
+    # the established accept now comes before any IPv6 drop
+    assert [(f["code"], f["resource"]) for f in found] == \
+        [("runtime_ipv6_not_dropped", "inet %s chain forward rule 3" % TABLE)]
+
+
+def test_verify_dns_drop_removed_with_dns_egress():
+    raw = dict(RAW, egress=RAW["egress"] + [{"cidr": "198.51.100.53/32", "protocol": "udp", "ports": [53]}])
+    boundary = parse_boundary(raw)
+    text_rules = chain_lines(router_ruleset(boundary, PLAN, TABLE), "forward")
+    assert any("th dport 53" in line for line in text_rules)
+    doc = live()
+    dns = [r for r in rules_of(doc, "forward") if {"counter": "dns_drop"} in r["rule"]["expr"]][0]
+    idx = doc["nftables"].index(dns)
+    doc["nftables"][idx] = rule("forward", [match("ip", "daddr", "198.51.100.53"), match("udp", "dport", 53),
+                                            {"counter": "egress_allow"}, {"accept": None}])
+    assert codes(verify_ruleset(boundary, PLAN, doc)) == ["runtime_dns_not_dropped", "runtime_rule_undeclared"]
+
+
+def test_verify_missing_table_and_foreign_table():
+    doc = {"nftables": [i for i in LIVE_1_0_6 if "table" not in i or i["table"]["name"] != TABLE]}
+    doc["nftables"].append({"table": {"family": "ip", "name": "filter", "handle": 9}})
+    found = verify_ruleset(BOUNDARY, PLAN, doc)
+    assert [(f["code"], f["resource"]) for f in found] == [
+        ("runtime_table_unexpected", "ip filter"), ("runtime_table_missing", "inet %s" % TABLE)]
+
+
+def test_verify_jump_is_unsupported():
+    doc = live()
+    insert_after(doc, "forward", 5, rule("forward", [{"jump": {"target": "elsewhere"}}]))
+    assert codes(verify_ruleset(BOUNDARY, PLAN, doc)) == ["runtime_rule_unsupported"]
+
+
+def test_verify_counter_missing():
+    doc = {"nftables": [i for i in LIVE_1_0_6 if not ("counter" in i and i["counter"]["name"] == "tier_allow")]}
+    assert codes(verify_ruleset(BOUNDARY, PLAN, doc)) == ["runtime_counter_missing"]
+
+
+@pytest.mark.parametrize("garbage", [
+    "not json", "", "[]", {"nftables": "x"}, {"nftables": [{"rule": "x"}]},
+    {"nftables": [{"table": {"family": "inet", "name": TABLE}},
+                  {"rule": {"family": "inet", "table": TABLE, "chain": "forward", "expr": [{"match": {"op": "<"}}]}}]},
+    {"nftables": [{"table": {"family": "inet", "name": TABLE}},
+                  {"rule": {"family": "inet", "table": TABLE, "chain": "forward",
+                            "expr": [match("ip", "daddr", {"weird": 1}), {"accept": None}]}}]},
+    {"nftables": [{"table": {"family": "inet", "name": TABLE}}, {"chain": {"family": "inet", "table": TABLE}}]},
+])
+def test_verify_garbage_is_unreadable(garbage):
+    found = verify_ruleset(BOUNDARY, PLAN, garbage)
+    assert codes(found) == ["runtime_unreadable"]
+
+
+def test_every_emitted_code_is_documented():
+    with open(pathlib.Path(__file__).parents[2] / "docs" / "runtime.md") as fh:
+        doc = fh.read()
+    for code in FINDING_CODES:
+        assert "`%s`" % code in doc, code
