@@ -457,7 +457,7 @@ def _within(rule: _Rule, flow) -> bool:
 def _allows(rule: _Rule, flow) -> bool:
     """``rule`` accepts all of the declared ``flow`` (interface matches aside)."""
     _, _, src, dst, proto, ports = flow
-    return (rule.verdict == "accept" and not rule.unsupported and rule.ct is None
+    return (rule.verdict == "accept" and not rule.unsupported and (rule.ct is None or "new" in rule.ct)
             and (rule.families is None or "ipv4" in rule.families)
             and (rule.saddr is None or all(any(s.subnet_of(n) for n in rule.saddr) for s in src))
             and (rule.daddr is None or all(any(d.subnet_of(n) for n in rule.daddr) for d in dst))

@@ -483,6 +483,14 @@ def test_verify_production_drop_narrowed_by_port_does_not_count():
     assert codes(verify_ruleset(BOUNDARY, PLAN, doc)) == ["runtime_production_not_dropped_first"]
 
 
+def test_verify_production_drop_narrowed_by_interface_does_not_count():
+    doc = live()
+    first = rules_of(doc, "output")[1]["rule"]["expr"]  # ip saddr production drop
+    first.insert(0, {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}})
+    assert [(f["code"], f["resource"]) for f in verify_ruleset(BOUNDARY, PLAN, doc)] == \
+        [("runtime_rule_missing", "inet %s chain output" % TABLE)]
+
+
 def test_verify_removed_rule_is_missing():
     doc = live()
     tier = [r for r in rules_of(doc, "forward") if {"counter": "tier_allow"} in r["rule"]["expr"]]
@@ -497,6 +505,17 @@ def test_verify_removed_production_drop_is_missing():
     doc["nftables"].remove(rules_of(doc, "input")[1])  # ip saddr production drop
     assert [(f["code"], f["resource"]) for f in verify_ruleset(BOUNDARY, PLAN, doc)] == \
         [("runtime_rule_missing", "inet %s chain input" % TABLE)]
+
+
+def test_verify_declared_flow_judged_by_meaning_not_text():
+    doc = live()
+    egress = [r for r in rules_of(doc, "forward") if {"counter": "egress_allow"} in r["rule"]["expr"]][0]
+    # written differently by hand: ct state new, no interface match, a single host inside the declared /28
+    egress["rule"]["expr"] = [
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
+        match("ip", "saddr", prefix("10.213.0.0/16")), match("ip", "daddr", prefix("198.51.100.0/28")),
+        match("tcp", "dport", {"set": [443]}), {"counter": "egress_allow"}, {"accept": None}]
+    assert verify_ruleset(BOUNDARY, PLAN, doc) == []
 
 
 def test_verify_chain_policy_accept():
