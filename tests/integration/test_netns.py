@@ -298,20 +298,23 @@ def test_preflight_passes_as_root_with_the_tools():
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("veth_host", "drg-t0000-1rxxxx", "longer than 15"),
-        ("veth_peer", "drg-T0000-1t", "[a-z0-9-]"),
-        ("ns", "drg-t0000-app_x", "[a-z0-9-]"),
-        ("ns", "drg-other-app", "does not start with the plan's prefix"),
+        ("veth_host", "{p}1rxxxxxxxx", "longer than 15"),
+        ("veth_peer", "{p}1T", "[a-z0-9-]"),
+        ("ns", "{p}app_x", "[a-z0-9-]"),
+        ("ns", "{other}app", "does not start with the plan's prefix"),
         ("address", "10.250.9.2", "not inside subnet"),
         ("gateway", "10.250.1.2", "same as"),
     ],
 )
-def test_a_bad_plan_fails_before_anything_is_created(field, value, reason):
-    prefix = "drg-t0000-"
+def test_a_bad_plan_fails_before_anything_is_created(prefix, field, value, reason):
     plan = make_plan(prefix)
-    plan["tiers"]["app"][field] = value
-    with pytest.raises(netns.NetnsError) as err:
-        netns.create(plan)
-    assert reason in str(err.value)
-    assert err.value.detail["field"] == f"tiers.app.{field}"
-    assert host_names(prefix) == ([], [])
+    other = "drg-o" + prefix[5:]  # a foreign prefix the fixture would not clean: cleaned here
+    plan["tiers"]["app"][field] = value.format(p=prefix, other=other)
+    try:
+        with pytest.raises(netns.NetnsError) as err:
+            netns.create(plan)
+        assert reason in str(err.value)
+        assert err.value.detail["field"] == f"tiers.app.{field}"
+        assert host_names(prefix) == ([], []) and host_names(other) == ([], [])
+    finally:
+        netns.destroy(other)
