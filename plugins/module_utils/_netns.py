@@ -143,8 +143,12 @@ def preflight():
             missing.append("nf_tables")
             clauses.append(f"the kernel has no usable nf_tables (nft list tables: {tables.stderr.strip()[:120]})")
     if missing:
-        advice = ("install what is missing (make venv as root installs iproute2 and nftables) and retry."
-                  if tools else "run as root on a kernel with nf_tables and retry.")
+        if tools:
+            advice = "install what is missing (make venv as root installs iproute2 and nftables) and retry."
+        elif missing == ["root"]:
+            advice = "run it as root and retry."
+        else:
+            advice = "fix that and retry."
         raise NetnsError(f"the netns runtime cannot start: {'; '.join(clauses)}; {advice}", missing=missing)
     return {"root": True, "ip": paths["ip"], "nft": paths["nft"]}
 

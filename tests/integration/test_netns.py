@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -318,3 +320,32 @@ def test_a_bad_plan_fails_before_anything_is_created(prefix, field, value, reaso
         assert host_names(prefix) == ([], []) and host_names(other) == ([], [])
     finally:
         netns.destroy(other)
+
+
+@pytest.mark.skipif(shutil.which("runuser") is None or not os.path.exists("/usr/bin/python3"),
+                    reason="needs runuser and /usr/bin/python3 to run the preflight as the nobody user")
+def test_preflight_as_non_root_says_root_is_needed_and_creates_nothing(prefix):
+    # The module alone (it needs only the standard library), where nobody can read it.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(netns.__file__, os.path.join(tmp, "_netns.py"))
+        os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)  # noqa: S103 - nobody reads it
+        os.chmod(os.path.join(tmp, "_netns.py"), stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+        out = _run_as_nobody(tmp, prefix)
+    result = json.loads(out.stdout or "{}")
+    assert result.get("missing") == ["root"], out.stderr
+    assert result["msg"].startswith("the netns runtime cannot start: not running as root (ip netns needs CAP_SYS_ADMIN")
+    assert result["msg"].endswith("; run it as root and retry.")
+    assert host_names(prefix) == ([], [])
+
+
+def _run_as_nobody(tmp, prefix):
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import _netns as n\n"
+        "try:\n    n.create(json.loads(sys.argv[2]))\nexcept n.NetnsError as e:\n"
+        "    print(json.dumps({'msg': str(e), 'missing': e.detail.get('missing')}))\n"
+    )
+    return subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", f"PATH={os.environ['PATH']}", "/usr/bin/python3", "-c", code,
+         tmp, json.dumps(make_plan(prefix))],
+        capture_output=True, text=True, timeout=30, cwd="/",
+    )
