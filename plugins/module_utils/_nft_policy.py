@@ -30,7 +30,7 @@ VALIDATION_TIER = "validation"
 ROUTER = "router"
 TIER_PREFIXLEN = 28
 IFNAMSIZ = 15  # usable characters of a Linux interface name
-UPLINK_TAG = "0up"  # starts with a digit: no tier tag can take it
+MAX_LINKS = 1000  # "drg-" + 6 + "-" + up to 3 digits + "r" fits IFNAMSIZ
 DNS_PORT = 53
 CHAINS = ("forward", "input", "output")
 
@@ -61,21 +61,19 @@ def _hex(text: str, n: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def _tag(tier: str) -> str:
-    # 4 characters keep "drg-" + 6 + "-" + 4 at IFNAMSIZ; longer names keep their first
-    # letter and take 3 hex of their hash, so "validation" and "valuation" differ.
-    return tier if len(tier) <= 4 else tier[0] + _hex(tier, 3)
-
-
 def address_plan(boundary: Boundary, drill_id: str) -> dict:
     """The deterministic addressing and naming of a drill's netns runtime.
 
     ``boundary`` is the parsed policy (``boundary.parse_boundary``). The sandbox CIDR is
     ``boundary.sandbox_cidr`` or the one ``pick_sandbox_cidr`` derives from ``drill_id``.
-    Tier *i* (declared tiers, then ``validation``) gets the *i*-th ``/28``: its first host
-    is the router's end, its second the tier's. The last ``/28`` is the router's uplink.
-    ``short`` (6 hex of the drill id's SHA-256) keeps two drills' devices apart.
-    Raises :class:`NftPolicyError` when the tiers do not fit or names would collide.
+    Tier *i* (declared tiers in order, then ``validation``) gets the *i*-th ``/28``: its
+    first host is the router's end (the tier's ``gateway``), its second the tier's
+    ``address``. The last ``/28`` is the router's uplink. Every name starts with
+    ``drg-<short>-`` (``short``: 6 hex of the drill id's SHA-256, so two drills never share
+    a device name) and uses ``[a-z0-9-]`` only; device names are at most 15 characters
+    (veth ends ``drg-<short>-<i>r`` in the router, ``drg-<short>-<i>t`` in the tier).
+    This is the plan shape ``_netns.create`` takes (``router.ns``, ``tiers.<tier>``).
+    Raises :class:`NftPolicyError` when the tiers do not fit.
     """
     if not isinstance(drill_id, str) or not drill_id:
         raise NftPolicyError("address_plan: give the drill id (a non-empty string)")
@@ -88,33 +86,30 @@ def address_plan(boundary: Boundary, drill_id: str) -> dict:
         raise NftPolicyError(str(exc)) from None
     tiers = tuple(boundary.tiers) + (() if VALIDATION_TIER in boundary.tiers else (VALIDATION_TIER,))
     blocks = list(sandbox.subnets(new_prefix=TIER_PREFIXLEN))
-    if len(tiers) + 1 > len(blocks):
+    if len(tiers) + 1 > min(len(blocks), MAX_LINKS):
         raise NftPolicyError("drill_boundary.sandbox_cidr: %s holds %d /%d blocks, %d are needed "
-                             "(one per tier, validation and the uplink); use a larger sandbox CIDR"
-                             % (sandbox, len(blocks), TIER_PREFIXLEN, len(tiers) + 1))
+                             "(one per tier, validation and the uplink); use a larger sandbox CIDR or "
+                             "fewer tiers" % (sandbox, len(blocks), TIER_PREFIXLEN, len(tiers) + 1))
     short = _hex(drill_id, 6)
-    tags = [_tag(t) for t in tiers]
-    if len(set(tags)) != len(tags):
-        raise NftPolicyError("drill_boundary.tiers: %s shorten to the same device name; "
-                             "rename one of them" % ", ".join(sorted(t for t, g in zip(tiers, tags, strict=True)
-                                                                     if tags.count(g) > 1)))
-
-    def link(block, tag):
-        hosts = list(block.hosts())
-        return {"subnet": str(block), "router_address": str(hosts[0]), "address": str(hosts[1]),
-                "device": "drg-%s-%s" % (short, tag), "router_device": "drg-%s_%s" % (short, tag)}
-
-    out_tiers = []
-    for tier, tag, block in zip(tiers, tags, blocks[:len(tiers)], strict=True):
-        out_tiers.append(dict(link(block, tag), tier=tier, netns="drg-%s-%s" % (short, tier)))
+    prefix = "drg-%s-" % short
+    out_tiers = {}
+    for i, tier in enumerate(tiers):
+        hosts = list(blocks[i].hosts())
+        out_tiers[tier] = {"ns": prefix + tier, "veth_host": "%s%dr" % (prefix, i),
+                           "veth_peer": "%s%dt" % (prefix, i), "subnet": str(blocks[i]),
+                           "address": str(hosts[1]), "gateway": str(hosts[0])}
+    up = list(blocks[-1].hosts())
     return {
         "drill_id": drill_id,
         "short": short,
+        "prefix": prefix,
         "sandbox_cidr": str(sandbox),
-        "router_netns": "drg-%s-%s" % (short, ROUTER),
-        "table": "drg-%s-%s" % (short, ROUTER),
+        "table": prefix + ROUTER,
+        "router": {"ns": prefix + ROUTER},
         "tiers": out_tiers,
-        "uplink": link(blocks[-1], UPLINK_TAG),
+        # The router's way out (control plane, telemetry): router end and host end.
+        "uplink": {"veth_host": prefix + "ur", "veth_peer": prefix + "ut", "subnet": str(blocks[-1]),
+                   "address": str(up[1]), "gateway": str(up[0])},
     }
 
 
@@ -136,9 +131,8 @@ def _names(names) -> str:
 
 
 def _tier(plan: dict, name: str) -> dict:
-    for t in plan["tiers"]:
-        if t["tier"] == name:
-            return t
+    if name in plan["tiers"]:
+        return plan["tiers"][name]
     raise NftPolicyError("address plan has no tier %r; build the plan from the same boundary" % name)
 
 
@@ -164,8 +158,8 @@ def router_ruleset(boundary: Boundary, plan: dict, table_name: str) -> str:
     """
     sandbox = ipaddress.ip_network(plan["sandbox_cidr"])
     prod = _addrs(boundary.production_cidrs)
-    tier_devs = [t["router_device"] for t in plan["tiers"]]
-    uplink = plan["uplink"]["router_device"]
+    tier_devs = [t["veth_host"] for t in plan["tiers"].values()]
+    uplink = plan["uplink"]["veth_host"]
 
     def allow(iif, src, dst, rule, counter):
         return ('iifname %s ip saddr %s ip daddr %s %s dport %s counter name "%s" accept'
@@ -185,7 +179,7 @@ def router_ruleset(boundary: Boundary, plan: dict, table_name: str) -> str:
     forward += [allow([uplink], _addrs([r.cidr]), sandbox, r, "ingress_allow") for r in boundary.ingress]
     for tr in boundary.tier_rules:
         src, dst = _tier(plan, tr.source), _tier(plan, tr.dest)
-        forward.append(allow([src["router_device"]], src["subnet"], dst["subnet"], tr, "tier_allow"))
+        forward.append(allow([src["veth_host"]], src["subnet"], dst["subnet"], tr, "tier_allow"))
     forward += [allow(tier_devs, sandbox, _addrs([r.cidr]), r, "fallback_allow")
                 for r in _fallback_rules(boundary)]
     tail = ["counter name \"default_drop\" drop"]
@@ -428,7 +422,7 @@ def verify_ruleset(boundary: Boundary, plan: dict, live_json) -> list:
 def _flows(boundary: Boundary, plan: dict) -> list:
     """Declared (class, description, src nets, dst nets, protocol, port ranges)."""
     sandbox = [ipaddress.ip_network(plan["sandbox_cidr"])]
-    subnet = {t["tier"]: [ipaddress.ip_network(t["subnet"])] for t in plan["tiers"]}
+    subnet = {name: [ipaddress.ip_network(t["subnet"])] for name, t in plan["tiers"].items()}
     flows = []
     for r in boundary.egress:
         flows.append(("egress_allow", "egress to %s %s/%s" % (r.cidr, r.protocol, ",".join(map(str, r.ports))),

@@ -2,7 +2,7 @@
 
 No root: the verifier is fed ``nft -j list ruleset`` JSON. ``LIVE_1_0_6`` below is the output of
 nftables 1.0.6 (Lester Gooch #5) after ``nft -f`` of ``router_ruleset(BOUNDARY, plan, table)`` for
-``DRILL`` in a throwaway network namespace, copied verbatim.
+``DRILL`` in a throwaway network namespace (``unshare -rn``), copied verbatim.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import copy
 import ipaddress
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -176,7 +177,7 @@ LIVE_1_0_6 = [{'metainfo': {'version': '1.0.6', 'release_name': 'Lester Gooch #5
                'handle': 22,
                'expr': [{'match': {'op': '==',
                                    'left': {'meta': {'key': 'iifname'}},
-                                   'right': {'set': ['drg-c3f70e_db', 'drg-c3f70e_app', 'drg-c3f70e_v98c']}}},
+                                   'right': {'set': ['drg-c3f70e-0r', 'drg-c3f70e-1r', 'drg-c3f70e-2r']}}},
                         {'match': {'op': '==',
                                    'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
                                    'right': {'prefix': {'addr': '10.213.0.0', 'len': 16}}}},
@@ -192,7 +193,7 @@ LIVE_1_0_6 = [{'metainfo': {'version': '1.0.6', 'release_name': 'Lester Gooch #5
                'table': 'drg-c3f70e-router',
                'chain': 'forward',
                'handle': 24,
-               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'iifname'}}, 'right': 'drg-c3f70e_0up'}},
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'iifname'}}, 'right': 'drg-c3f70e-ur'}},
                         {'match': {'op': '==',
                                    'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
                                    'right': {'prefix': {'addr': '192.0.2.0', 'len': 28}}}},
@@ -208,7 +209,7 @@ LIVE_1_0_6 = [{'metainfo': {'version': '1.0.6', 'release_name': 'Lester Gooch #5
                'table': 'drg-c3f70e-router',
                'chain': 'forward',
                'handle': 25,
-               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'iifname'}}, 'right': 'drg-c3f70e_app'}},
+               'expr': [{'match': {'op': '==', 'left': {'meta': {'key': 'iifname'}}, 'right': 'drg-c3f70e-0r'}},
                         {'match': {'op': '==',
                                    'left': {'payload': {'protocol': 'ip', 'field': 'saddr'}},
                                    'right': {'prefix': {'addr': '10.213.0.0', 'len': 28}}}},
@@ -326,41 +327,52 @@ def insert_after(doc: dict, chain: str, index: int, item: dict) -> None:
 
 # --- the plan ------------------------------------------------------------------------
 
+def links(plan: dict) -> list:
+    return list(plan["tiers"].values()) + [plan["uplink"]]
+
+
 def test_plan_is_deterministic_and_per_drill():
     assert address_plan(BOUNDARY, DRILL) == PLAN
     other = address_plan(BOUNDARY, "dr-20261130184400-ffffff")
     assert other["short"] != PLAN["short"]
-    mine = {t["device"] for t in PLAN["tiers"]} | {t["router_device"] for t in PLAN["tiers"]}
-    theirs = {t["device"] for t in other["tiers"]} | {t["router_device"] for t in other["tiers"]}
+    mine = {link[k] for link in links(PLAN) for k in ("veth_host", "veth_peer")}
+    theirs = {link[k] for link in links(other) for k in ("veth_host", "veth_peer")}
     assert not mine & theirs
 
 
 def test_plan_always_has_validation_tier_once():
-    assert [t["tier"] for t in PLAN["tiers"]] == ["app", "db", "validation"]
+    assert list(PLAN["tiers"]) == ["app", "db", "validation"]
     declared = address_plan(parse_boundary(dict(RAW, tiers=["validation", "app"], tier_rules=[])), DRILL)
-    assert [t["tier"] for t in declared["tiers"]] == ["validation", "app"]
+    assert list(declared["tiers"]) == ["validation", "app"]
 
 
 def test_plan_names_fit_ifnamsiz_and_follow_drg_short_tier():
-    long_tiers = dict(RAW, tiers=["app", "db", "reporting-warehouse", "reporting-warehous2"], tier_rules=[])
-    plan = address_plan(parse_boundary(long_tiers), DRILL)
-    links = plan["tiers"] + [plan["uplink"]]
-    names = [link[k] for link in links for k in ("device", "router_device")]
+    many = dict(RAW, tiers=["app", "db", "reporting-warehouse"] + ["t%d" % i for i in range(20)], tier_rules=[])
+    plan = address_plan(parse_boundary(many), DRILL)
+    prefix = "drg-%s-" % plan["short"]
+    names = [link[k] for link in links(plan) for k in ("veth_host", "veth_peer")]
     assert all(len(n) <= 15 for n in names), names
     assert len(set(names)) == len(names)
-    assert all(n.startswith("drg-%s" % plan["short"]) for n in names)
-    assert [t["netns"] for t in plan["tiers"]][:2] == ["drg-%s-app" % plan["short"], "drg-%s-db" % plan["short"]]
+    assert all(re.fullmatch(r"drg-[0-9a-f]{6}-[a-z0-9-]+", n) for n in names)
+    assert plan["prefix"] == prefix and plan["router"]["ns"] == prefix + "router" == plan["table"]
+    assert {t: s["ns"] for t, s in plan["tiers"].items()}["reporting-warehouse"] == prefix + "reporting-warehouse"
 
 
 def test_plan_subnets_inside_sandbox_and_disjoint():
     sandbox = ipaddress.ip_network(PLAN["sandbox_cidr"])
-    nets = [ipaddress.ip_network(t["subnet"]) for t in PLAN["tiers"] + [PLAN["uplink"]]]
+    nets = [ipaddress.ip_network(link["subnet"]) for link in links(PLAN)]
     assert all(n.subnet_of(sandbox) for n in nets)
     assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:])
-    for link in PLAN["tiers"] + [PLAN["uplink"]]:
+    for link in links(PLAN):
         net = ipaddress.ip_network(link["subnet"])
-        assert {ipaddress.ip_address(link["router_address"]), ipaddress.ip_address(link["address"])} <= set(net.hosts())
-        assert link["router_address"] != link["address"]
+        assert {ipaddress.ip_address(link["gateway"]), ipaddress.ip_address(link["address"])} <= set(net.hosts())
+        assert link["gateway"] != link["address"]
+
+
+def test_plan_is_accepted_by_the_namespace_manager():
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
+    prefix, router, tiers = _netns.validate_plan(PLAN)
+    assert (prefix, router, sorted(tiers)) == (PLAN["prefix"], PLAN["router"]["ns"], ["app", "db", "validation"])
 
 
 def test_plan_picks_sandbox_cidr_from_drill_id_when_absent():
@@ -411,7 +423,7 @@ def test_ruleset_declares_every_counter_and_uses_them():
 
 def test_ruleset_rules_per_declared_flow():
     body = chain_lines(router_ruleset(BOUNDARY, PLAN, TABLE), "forward")
-    app, db = PLAN["tiers"][0], PLAN["tiers"][1]
+    app, db = PLAN["tiers"]["app"], PLAN["tiers"]["db"]
     assert body[3] == 'meta nfproto ipv6 counter name "ipv6_drop" drop'
     assert body[4] == 'ct state established,related counter name "established_allow" accept'
     assert body[5].startswith("ip daddr != 10.213.0.0/16 meta l4proto { tcp, udp } th dport 53 ")
@@ -420,7 +432,7 @@ def test_ruleset_rules_per_declared_flow():
     assert 'ip saddr 10.213.0.0/16 ip daddr 198.51.100.0/28 tcp dport 443 counter name "egress_allow"' in accepts[1]
     assert 'ip saddr 192.0.2.0/28 ip daddr 10.213.0.0/16 tcp dport { 22, 8000-8100 }' in accepts[2]
     assert accepts[3] == ('iifname "%s" ip saddr %s ip daddr %s tcp dport 5432 counter name "tier_allow" accept'
-                          % (app["router_device"], app["subnet"], db["subnet"]))
+                          % (app["veth_host"], app["subnet"], db["subnet"]))
 
 
 def test_ruleset_replaces_only_its_own_table():
