@@ -39,6 +39,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_D
 from ansible_collections.drguard.sandbox.plugins.module_utils import _quotas
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 
@@ -1089,7 +1090,7 @@ class NetworkBuilder:
         try:
             role = self.iam.get_role(RoleName=role_name)["Role"]
         except ClientError as exc:
-            if error_code(exc) != "NoSuchEntity":
+            if not is_not_found(exc):
                 raise
             role = None
         if role is None:
