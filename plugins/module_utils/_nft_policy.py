@@ -375,7 +375,9 @@ def _covered(ranges, declared) -> bool:
 
 
 def _parse(live_json):
-    if isinstance(live_json, (str, bytes)):
+    if isinstance(live_json, list):  # the bare item list (``_netns.read_ruleset``), never from text
+        live_json = {"nftables": live_json}
+    elif isinstance(live_json, (str, bytes)):
         try:
             live_json = json.loads(live_json)
         except ValueError as exc:
@@ -396,7 +398,8 @@ def _parse(live_json):
 def verify_ruleset(boundary: Boundary, plan: dict, live_json) -> list:
     """Findings ``{code, resource, detail}`` for the live router ruleset (empty: compliant).
 
-    ``live_json`` is ``nft -j list ruleset`` of the router namespace, as text or parsed.
+    ``live_json`` is ``nft -j list ruleset`` of the router namespace, as text, parsed, or
+    the bare list of its items.
     Anything unparseable is ``runtime_unreadable`` (fail closed). The table named
     ``plan["table"]`` (family ``inet``) must hold base chains forward/input/output with
     ``policy drop``; in each, every accept that could touch production must come after

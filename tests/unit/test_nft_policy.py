@@ -467,6 +467,39 @@ def test_verify_clean_live_ruleset_has_no_findings():
     assert verify_ruleset(BOUNDARY, PLAN, json.dumps(live())) == []
 
 
+def test_verify_takes_the_bare_item_list():
+    items = [i for i in copy.deepcopy(LIVE_1_0_6) if "metainfo" not in i]
+    assert verify_ruleset(BOUNDARY, PLAN, items) == []
+    assert codes(verify_ruleset(BOUNDARY, PLAN, items[:1])) == ["runtime_chain_missing"] * 3 + [
+        "runtime_counter_missing"] * len(COUNTERS)
+
+
+@pytest.mark.skipif(not shutil.which("nft") or not shutil.which("unshare"), reason="needs nft and unshare")
+def test_verify_round_trip_through_a_real_kernel(tmp_path):
+    # Apply in a throwaway user+network namespace, read back as the kernel reports it, judge it.
+    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user/network namespaces here")
+    path = tmp_path / "router.nft"
+    path.write_text(router_ruleset(BOUNDARY, PLAN, TABLE))
+    done = subprocess.run(["unshare", "-rn", "sh", "-c", 'nft -f "$1" && nft -f "$1" && nft -j list ruleset',
+                           "sh", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert verify_ruleset(BOUNDARY, PLAN, done.stdout) == []
+    other = parse_boundary(dict(RAW, tier_rules=[{"from": "db", "to": "app", "ports": [5432]}]))
+    assert codes(verify_ruleset(other, PLAN, done.stdout)) == ["runtime_rule_missing", "runtime_rule_undeclared"]
+
+
+def test_verify_tier_rule_widened_to_whole_sandbox_is_undeclared():
+    doc = live()
+    tier = [r for r in rules_of(doc, "forward") if {"counter": "tier_allow"} in r["rule"]["expr"]][0]
+    for e in tier["rule"]["expr"]:
+        if "match" in e and e["match"]["left"].get("payload", {}).get("field") == "saddr":
+            e["match"]["right"] = prefix("10.213.0.0/16")  # any tier, not only app, may reach db
+    found = verify_ruleset(BOUNDARY, PLAN, doc)
+    assert codes(found) == ["runtime_rule_undeclared"]
+    assert "from 10.213.0.0/16 to 10.213.0.16/28 proto tcp dport 5432" in found[0]["detail"]
+
+
 def test_verify_accept_to_production_is_flagged():
     doc = live()
     # An accept to production placed after the production drops is still undeclared.
