@@ -44,7 +44,7 @@ NS_NAME_MAX = 63
 _NAME = re.compile(r"^[a-z0-9-]+$")
 _PREFIX = re.compile(r"^drg-[a-z0-9]+-$")
 _PLAN_PREFIX = re.compile(r"^(drg-[a-z0-9]+-)")
-_TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+([A-Za-z0-9_]+)\s*\{", re.MULTILINE)
+_TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+([A-Za-z_][A-Za-z0-9_./-]*)\s*\{", re.MULTILINE)
 _TOOLS = (("ip", "iproute2"), ("nft", "nftables"))
 _TIMEOUT = 30
 

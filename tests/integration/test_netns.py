@@ -196,7 +196,7 @@ def test_ruleset_lets_the_allowed_port_connect_and_drops_the_other(prefix, liste
     assert probe(app, db_address, ALLOWED_PORT) == "connected"
     assert probe(app, db_address, DROPPED_PORT) == "connected"
 
-    table = "drg_" + prefix[4:-1]
+    table = prefix + "router"
     applied = netns.apply_ruleset(plan["router"]["ns"], ruleset(table))
     assert applied["changed"] is True
     assert probe(app, db_address, ALLOWED_PORT) == "connected"
@@ -223,7 +223,7 @@ def test_a_rejected_ruleset_changes_nothing(prefix):
     plan = make_plan(prefix)
     netns.create(plan)
     router = plan["router"]["ns"]
-    table = "drg_" + prefix[4:-1]
+    table = prefix + "router"
     netns.apply_ruleset(router, ruleset(table))
     before = netns.read_ruleset(router)
     broken = ruleset(table).replace("policy drop;", "policy drop;\n        tcp dport 1 nosuchverb")
@@ -234,10 +234,42 @@ def test_a_rejected_ruleset_changes_nothing(prefix):
     assert netns.read_ruleset(router) == before
 
 
+def test_the_translated_boundary_applies_and_its_tier_rule_is_the_only_way_in(listeners):
+    """The policy translator's plan and ruleset, built and applied here, probed, and verified as read back."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
+    from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+    boundary = parse_boundary({
+        "sandbox_cidr": "10.213.0.0/16",
+        "production_cidrs": ["10.0.0.0/16"],
+        "egress": [],
+        "ingress": [],
+        "tiers": ["app", "db"],
+        "tier_rules": [{"from": "app", "to": "db", "ports": [ALLOWED_PORT]}],
+    })
+    plan = nft_policy.address_plan(boundary, f"dr-netns-test-{uuid.uuid4().hex}")
+    assert host_names(plan["prefix"]) == ([], [])
+    try:
+        netns.create(plan)
+        router = plan["router"]["ns"]
+        text = nft_policy.router_ruleset(boundary, plan, plan["table"])
+        assert netns.apply_ruleset(router, text)["changed"] is True
+        assert netns.apply_ruleset(router, text)["changed"] is False
+        db = plan["tiers"]["db"]
+        listeners(db["ns"], db["address"], ALLOWED_PORT, DROPPED_PORT)
+        assert probe(plan["tiers"]["app"]["ns"], db["address"], ALLOWED_PORT) == "connected"
+        assert probe(plan["tiers"]["app"]["ns"], db["address"], DROPPED_PORT) == "timeout"
+        assert probe(plan["tiers"]["validation"]["ns"], db["address"], ALLOWED_PORT) == "timeout"
+        assert nft_policy.verify_ruleset(boundary, plan, {"nftables": netns.read_ruleset(router)}) == []
+    finally:
+        netns.destroy(plan["prefix"])
+        assert host_names(plan["prefix"]) == ([], [])
+
+
 def test_destroy_kills_processes_and_leaves_nothing(prefix, listeners):
     plan = make_plan(prefix)
     netns.create(plan)
-    netns.apply_ruleset(plan["router"]["ns"], ruleset("drg_" + prefix[4:-1]))
+    netns.apply_ruleset(plan["router"]["ns"], ruleset(prefix + "router"))
     server = listeners(plan["tiers"]["db"]["ns"], plan["tiers"]["db"]["address"], ALLOWED_PORT)
     expected_ns = sorted([plan["router"]["ns"], *(t["ns"] for t in plan["tiers"].values())])
     assert host_names(prefix)[0] == expected_ns
