@@ -306,7 +306,9 @@ def apply_ruleset(ns, text):
 
     Each ``table <family> <name> {`` the text declares is replaced as a whole (declared,
     deleted and rebuilt in the same transaction), so re-applying is idempotent and a
-    rejected ruleset leaves the previous one untouched. Returns ``{"changed": bool}``.
+    rejected ruleset leaves the previous one untouched. Returns ``{"changed": bool}``:
+    whether the rules differ from before (rule handles and counter values ignored).
+    Re-applying resets the table's counters: read them first when they matter.
     """
     _check_ns(ns)
     if not isinstance(text, str) or not text.strip():
@@ -338,7 +340,7 @@ def read_ruleset(ns):
 def _normalised(items):
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k != "handle"}
+            return {k: strip(v) for k, v in value.items() if k not in ("handle", "packets", "bytes")}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value
