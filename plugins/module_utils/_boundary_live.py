@@ -40,6 +40,9 @@ FINDING_CODES = (
     "nacl_missing_production_deny", "nacl_allow_any", "nacl_allow_undeclared", "subnet_default_nacl",
     "endpoint_policy_open", "endpoint_policy_undeclared", "endpoint_unsupported",
     "flow_logs_missing",
+    "dhcp_options_dns", "dhcp_options_unsupported", "egress_only_igw_attached", "carrier_gateway_present",
+    "eni_public_ip", "eni_source_dest_check_off", "traffic_mirror_session", "traffic_mirror_target",
+    "endpoint_service_offered", "load_balancer_internet_facing",
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
@@ -71,6 +74,9 @@ _ROUTE_TARGET_CODES = {
 # The key that carries a declared control-plane target, by id prefix.
 _CONTROL_PLANE_KEY = {"tgw-": "TransitGatewayId", "pcx-": "VpcPeeringConnectionId", "vgw-": "GatewayId"}
 
+# DHCP options that cannot send traffic anywhere: the search domain (names still resolve through
+# AmazonProvidedDNS and traffic is still filtered) and IPv6 lease times.
+_DHCP_HARMLESS = frozenset({"domain-name", "ipv6-address-preferred-lease-time"})
 _PROTOCOL_NAMES = {"-1": "all", "6": "tcp", "17": "udp", "1": "icmp", "58": "icmpv6"}
 _NACL_DEFAULT_RULE = 32767
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
@@ -82,6 +88,7 @@ class Unreadable:
     operation: str
     error_code: str
     message: str
+    service: str = "ec2"  # the IAM service prefix of the operation
 
 
 # name -> (operation, result key, kwargs builder). Filters keep every call to this VPC.
@@ -107,6 +114,14 @@ def _calls(vpc_id: str, require_flow_logs: bool) -> dict:
         "vpc_endpoints": ("describe_vpc_endpoints", "VpcEndpoints", vpc_filter("vpc-id")),
         # AWS-managed prefix lists (a handful): tells which pl- id is S3 in this region.
         "prefix_lists": ("describe_prefix_lists", "PrefixLists", {}),
+        # No VPC filter exists for these: read the account's and keep this VPC's (by attachment,
+        # network interface or load balancer) when judging.
+        "egress_only_igws": ("describe_egress_only_internet_gateways", "EgressOnlyInternetGateways", {}),
+        "traffic_mirror_sessions": ("describe_traffic_mirror_sessions", "TrafficMirrorSessions", {}),
+        "traffic_mirror_targets": ("describe_traffic_mirror_targets", "TrafficMirrorTargets", {}),
+        "endpoint_services": ("describe_vpc_endpoint_service_configurations", "ServiceConfigurations", {}),
+        "carrier_gateways": ("describe_carrier_gateways", "CarrierGateways", vpc_filter("vpc-id")),
+        "network_interfaces": ("describe_network_interfaces", "NetworkInterfaces", vpc_filter("vpc-id")),
     }
     if require_flow_logs:
         calls["flow_logs"] = ("describe_flow_logs", "FlowLogs", vpc_filter("resource-id"))
@@ -120,29 +135,78 @@ def _error_code(exc: Exception) -> tuple:
     return type(exc).__name__, str(exc)
 
 
-def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8) -> dict:
+def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8, elbv2=None) -> dict:
     """Describe everything that shapes the VPC's boundary, in parallel.
 
     ``client`` is an EC2 client from ``_aws.aws_client``; each listing goes through
     ``_aws.paginate``, so a transient error (throttling) retries the listing with backoff.
     Returns ``{name: list | Unreadable}``. Every failure (AccessDenied, throttling
     beyond retries, an API the endpoint does not implement) becomes an
-    :class:`Unreadable`, never an empty list.
+    :class:`Unreadable`, never an empty list. ``elbv2`` (an ELBv2 client) reads the
+    load balancers, which tie endpoint services to this VPC; without it they are
+    ``Unreadable`` too.
     """
-    calls = _calls(vpc_id, require_flow_logs)
+    calls = {name: (client, "ec2") + call for name, call in _calls(vpc_id, require_flow_logs).items()}
+    calls["load_balancers"] = (elbv2, "elasticloadbalancing", "describe_load_balancers", "LoadBalancers", {})
 
     def one(item):
-        name, (operation, key, kwargs) = item
+        name, (api, service, operation, key, kwargs) = item
+        if api is None:
+            return name, Unreadable(operation, "NoClient", "no client was given for this service", service)
         try:
-            return name, paginate(client, operation, key, **kwargs)
+            return name, paginate(api, operation, key, **kwargs)
         except (ClientError, BotoCoreError) as exc:
             code, message = _error_code(exc)
-            return name, Unreadable(operation, code, message)
+            return name, Unreadable(operation, code, message, service)
 
     with ThreadPoolExecutor(max_workers=min(workers, len(calls))) as pool:
         result = dict(pool.map(one, calls.items()))
     _fill_prefix_list_cidrs(client, result)
+    _read_dhcp_options(client, vpc_id, result)
+    _read_route_prefix_lists(client, result)
     return result
+
+
+def _read_dhcp_options(client, vpc_id: str, result: dict) -> None:
+    """The VPC's DHCP options set (``[]`` for ``default``: AmazonProvidedDNS only); unset when the VPC is unread."""
+    vpc = next((v for v in result.get("vpcs") if v.get("VpcId") == vpc_id), None) \
+        if isinstance(result.get("vpcs"), list) else None
+    if vpc is None:
+        return
+    dopt = vpc.get("DhcpOptionsId") or "default"
+    if dopt == "default":
+        result["dhcp_options"] = []
+        return
+    try:
+        result["dhcp_options"] = paginate(client, "describe_dhcp_options", "DhcpOptions", DhcpOptionsIds=[dopt])
+    except (ClientError, BotoCoreError) as exc:
+        code, message = _error_code(exc)
+        result["dhcp_options"] = Unreadable("describe_dhcp_options", code, message)
+
+
+def _read_route_prefix_lists(client, result: dict) -> None:
+    """``{pl-id: [cidr]}`` of every prefix list a route sends to (or one Unreadable), for route_to_production."""
+    tables = result.get("route_tables")
+    if not isinstance(tables, list):
+        return  # route tables unreadable: already a finding, no route is judged
+    ids = sorted({r["DestinationPrefixListId"] for t in tables for r in t.get("Routes") or []
+                  if r.get("DestinationPrefixListId")})
+    entries = {}
+    for pl in ids:
+        try:
+            entries[pl] = [e["Cidr"] for e in paginate(client, "get_managed_prefix_list_entries", "Entries",
+                                                       PrefixListId=pl)]
+        except (ClientError, BotoCoreError) as exc:
+            code, message = _error_code(exc)
+            if _is_aws_managed(pl, result.get("prefix_lists")):
+                continue  # an AWS service's list (S3): its routes are judged by target
+            result["route_prefix_lists"] = Unreadable("get_managed_prefix_list_entries", code, message)
+            return
+    result["route_prefix_lists"] = [entries]
+
+
+def _is_aws_managed(pl_id: str, lists) -> bool:
+    return isinstance(lists, list) and any(p.get("PrefixListId") == pl_id for p in lists)
 
 
 def _fill_prefix_list_cidrs(client, result: dict) -> None:
@@ -223,7 +287,7 @@ def _declared_covers(rules, net, proto: str, start: int, end: int) -> bool:
 def _readable(snapshot: dict, name: str, findings: _Findings, vpc_id: str):
     value = snapshot.get(name)
     if isinstance(value, Unreadable):
-        action = "ec2:" + "".join(w.capitalize() for w in value.operation.split("_"))
+        action = value.service + ":" + "".join(w.capitalize() for w in value.operation.split("_"))
         findings.add("unreadable", action,
                      "%s failed with %s (%s); %s of %s were not verified"
                      % (action, value.error_code, value.message, name.replace("_", " "), vpc_id))
@@ -272,7 +336,7 @@ def _is_declared_route(boundary, route: dict, targets: list) -> bool:
     return value == cp["target"] and _CONTROL_PLANE_KEY.get(cp["target"][:4]) == key
 
 
-def _route_target_code(key: str, value: str, route: dict, s3_endpoints: set) -> str | None:
+def _route_target_code(key: str, value: str, route: dict, s3_endpoints: set, s3_pl: str | None) -> str | None:
     """None when the target is allowed; otherwise the finding code."""
     if key == "GatewayId":
         if value == "local":
@@ -281,13 +345,25 @@ def _route_target_code(key: str, value: str, route: dict, s3_endpoints: set) -> 
             return "route_igw"
         if value.startswith("vgw-"):
             return "route_vgw"
-        if value.startswith("vpce-") and route.get("DestinationPrefixListId") and value in s3_endpoints:
+        if value.startswith("vpce-") and s3_pl and route.get("DestinationPrefixListId") == s3_pl \
+                and value in s3_endpoints:
             return None
         return "route_unknown_target"
     return _ROUTE_TARGET_CODES.get(key, "route_unknown_target")
 
 
-def _check_routes(boundary, tables: list, s3_endpoints: set, f: _Findings) -> int:
+def _route_dest_cidrs(route: dict, pl_entries: dict) -> list:
+    """The CIDRs a route's destination stands for (a prefix list's entries, when they were read)."""
+    pl = route.get("DestinationPrefixListId")
+    if pl:
+        return [c for c in pl_entries.get(pl) or [] if _net(c)]
+    dest = route.get("DestinationCidrBlock") or route.get("DestinationIpv6CidrBlock")
+    return [dest] if _net(dest) else []
+
+
+def _check_routes(boundary, tables: list, s3: tuple, pl_entries: dict, f: _Findings) -> int:
+    """``s3``: (ids of the VPC's S3 gateway endpoints, the S3 prefix list id); ``pl_entries``: {pl-id: [cidr]}."""
+    s3_endpoints, s3_pl = s3
     count = 0
     for table in tables:
         rtb = table.get("RouteTableId", "?")
@@ -305,14 +381,17 @@ def _check_routes(boundary, tables: list, s3_endpoints: set, f: _Findings) -> in
             local = targets == [("GatewayId", "local")]
             if not local and not _is_declared_route(boundary, route, targets):
                 for key, value in targets:
-                    code = _route_target_code(key, value, route, s3_endpoints)
+                    code = _route_target_code(key, value, route, s3_endpoints, s3_pl)
                     if code:
                         f.add(code, rtb, "%s: route to %s via %s %s%s" % (where, dest, key, value, state))
             if not local:
-                hits = boundary.overlaps_production(dest) if _net(dest) else []
+                cidrs = _route_dest_cidrs(route, pl_entries)
+                hits = sorted({h for c in cidrs for h in boundary.overlaps_production(c)})
                 if hits:
-                    f.add("route_to_production", rtb, "%s: route to %s overlaps production CIDR(s) %s%s"
-                          % (where, dest, ", ".join(str(h) for h in hits), state))
+                    via = (" (entries %s)" % ", ".join(c for c in cidrs if boundary.overlaps_production(c))
+                           if route.get("DestinationPrefixListId") else "")
+                    f.add("route_to_production", rtb, "%s: route to %s%s overlaps production CIDR(s) %s%s"
+                          % (where, dest, via, ", ".join(str(h) for h in hits), state))
     return count
 
 
@@ -643,6 +722,105 @@ def _check_endpoints(boundary, endpoints: list, f: _Findings) -> set:
     return s3_gateways
 
 
+def _check_dhcp_options(dopts: list, f: _Findings) -> None:
+    """Names resolve only through the VPC's own resolver; DHCP must point instances at nothing else."""
+    for dopt in dopts:
+        did = dopt.get("DhcpOptionsId", "?")
+        for conf in dopt.get("DhcpConfigurations") or []:
+            key = conf.get("Key")
+            values = [v.get("Value") for v in conf.get("Values") or []]
+            if key == "domain-name-servers":
+                other = [v for v in values if v != "AmazonProvidedDNS"]
+                if other:
+                    f.add("dhcp_options_dns", did, "domain-name-servers %s: instances would resolve names through "
+                          "server(s) other than the VPC's AmazonProvidedDNS" % ", ".join(map(str, other)))
+            elif key in _DHCP_HARMLESS:
+                continue
+            else:
+                f.add("dhcp_options_unsupported", did, "%s %s: instances would be pointed at these servers; the "
+                      "verifier cannot prove them inside the boundary" % (key, ", ".join(map(str, values))))
+
+
+def _check_outside_reach(vpc_id: str, snap: dict, f: _Findings, checked: dict) -> None:
+    """Gateways, interfaces, mirroring and offered services that connect the VPC to the outside."""
+    eigws = _readable(snap, "egress_only_igws", f, vpc_id)
+    if eigws is not None:
+        mine = [g for g in eigws if any(a.get("VpcId") == vpc_id and a.get("State") != "detached"
+                                        for a in g.get("Attachments") or [])]
+        checked["egress_only_internet_gateways"] = len(mine)
+        for g in mine:
+            f.add("egress_only_igw_attached", g.get("EgressOnlyInternetGatewayId", "?"),
+                  "egress-only internet gateway (IPv6 internet) attached to %s" % vpc_id)
+    cagws = _readable(snap, "carrier_gateways", f, vpc_id)
+    if cagws is not None:
+        cagws = [g for g in cagws if g.get("State") not in ("deleted", "deleting")]
+        checked["carrier_gateways"] = len(cagws)
+        for g in cagws:
+            f.add("carrier_gateway_present", g.get("CarrierGatewayId", "?"),
+                  "carrier gateway (Wavelength carrier network) in %s (state %s)" % (vpc_id, g.get("State")))
+    enis = _readable(snap, "network_interfaces", f, vpc_id)
+    eni_ids = set()
+    # A NAT gateway's own interface (its Elastic IP, no source/dest check) is reported as nat_gateway_present.
+    nat_enis = {a.get("NetworkInterfaceId") for nat in snap.get("nat_gateways") or [] if isinstance(nat, dict)
+                and nat.get("State") not in ("deleted", "failed") for a in nat.get("NatGatewayAddresses") or []} \
+        if isinstance(snap.get("nat_gateways"), list) else set()
+    if enis is not None:
+        checked["network_interfaces"] = len(enis)
+        for eni in enis:
+            eid = eni.get("NetworkInterfaceId", "?")
+            eni_ids.add(eid)
+            if eid in nat_enis:
+                continue
+            kind = eni.get("InterfaceType") or "interface"
+            public = sorted({a.get("Association", {}).get("PublicIp") for a in eni.get("PrivateIpAddresses") or []
+                             if (a.get("Association") or {}).get("PublicIp")}
+                            | ({eni["Association"]["PublicIp"]} if (eni.get("Association") or {}).get("PublicIp")
+                               else set()))
+            if public:
+                f.add("eni_public_ip", eid, "%s %s has public IPv4 address(es) %s: reachable from outside the VPC "
+                      "through any internet gateway" % (kind, eid, ", ".join(public)))
+            if eni.get("SourceDestCheck") is False:
+                f.add("eni_source_dest_check_off", eid, "%s %s has source/destination check off, so it can forward "
+                      "traffic that is neither from nor to it" % (kind, eid))
+            for a in eni.get("Ipv6Addresses") or []:
+                f.add("ipv6_present", eid, "IPv6 address %s is assigned to network interface %s"
+                      % (a.get("Ipv6Address"), eid))
+    for name, code, text in (("traffic_mirror_sessions", "traffic_mirror_session",
+                              "mirrors the traffic of sandbox network interface %s to target %s"),
+                             ("traffic_mirror_targets", "traffic_mirror_target",
+                              "sandbox network interface %s receives mirrored traffic (target %s)")):
+        items = _readable(snap, name, f, vpc_id)
+        if items is None or enis is None:
+            continue  # without the VPC's interfaces nothing can be tied to it (unreadable already)
+        mine = [i for i in items if i.get("NetworkInterfaceId") in eni_ids]
+        checked[name] = len(mine)
+        for i in mine:
+            rid = i.get("TrafficMirrorSessionId") or i.get("TrafficMirrorTargetId") or "?"
+            f.add(code, rid, text % (i.get("NetworkInterfaceId"), i.get("TrafficMirrorTargetId")))
+    lbs = _readable(snap, "load_balancers", f, vpc_id)
+    services = _readable(snap, "endpoint_services", f, vpc_id)
+    if lbs is not None:
+        checked["load_balancers"] = len(lbs)
+        for lb in lbs:
+            if lb.get("Scheme") == "internet-facing":
+                f.add("load_balancer_internet_facing", lb.get("LoadBalancerArn", "?"),
+                      "internet-facing %s load balancer %s in %s" % (lb.get("Type"), lb.get("LoadBalancerName"),
+                                                                     vpc_id))
+        if services is not None:
+            arns = {lb.get("LoadBalancerArn") for lb in lbs}
+            mine = [s for s in services if arns & set((s.get("NetworkLoadBalancerArns") or [])
+                                                      + (s.get("GatewayLoadBalancerArns") or []))]
+            checked["endpoint_services"] = len(mine)
+            for svc in mine:
+                if (svc.get("ServiceState") or "").lower() in ("deleted", "failed"):
+                    continue
+                f.add("endpoint_service_offered", svc.get("ServiceId", "?"),
+                      "endpoint service %s (PrivateLink) is offered from load balancer(s) %s in %s: other VPCs "
+                      "and accounts can reach into the sandbox" % (svc.get("ServiceName"), ", ".join(
+                          sorted(arns & set((svc.get("NetworkLoadBalancerArns") or [])
+                                            + (svc.get("GatewayLoadBalancerArns") or [])))), vpc_id))
+
+
 def _check_flow_logs(logs: list, vpc_id: str, f: _Findings) -> None:
     good = [fl for fl in logs if fl.get("ResourceId") == vpc_id and fl.get("FlowLogStatus") == "ACTIVE"
             and fl.get("TrafficType") == "ALL" and fl.get("DeliverLogsStatus") != "FAILED"]
@@ -685,8 +863,10 @@ def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = Tr
 
     tables = _readable(snapshot, "route_tables", f, vpc_id)
     if tables is not None:
+        pl_entries = (_readable(snapshot, "route_prefix_lists", f, vpc_id) or [{}])[0]
         checked["route_tables"] = len(tables)
-        checked["routes"] = _check_routes(boundary, tables, s3_gateways, f)
+        checked["routes"] = _check_routes(boundary, tables, (s3_gateways, s3_pl.get("PrefixListId") if s3_pl else None),
+                                          pl_entries, f)
 
     _check_gateways(boundary, vpc_id, snapshot, f, checked)
 
@@ -706,6 +886,13 @@ def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = Tr
         checked["network_acls"] = len(nacls)
         allowed = {"vpc": vpc_cidrs, "s3": (s3_pl or {}).get("Cidrs") or []}
         checked["network_acl_entries"] = _check_nacls(boundary, nacls, subnets, allowed, f)
+
+    if "dhcp_options" in snapshot:  # absent only when the VPC itself was not read (already a finding)
+        dopts = _readable(snapshot, "dhcp_options", f, vpc_id)
+        if dopts is not None:
+            checked["dhcp_options"] = len(dopts)
+            _check_dhcp_options(dopts, f)
+    _check_outside_reach(vpc_id, snapshot, f, checked)
 
     if require_flow_logs:
         logs = _readable(snapshot, "flow_logs", f, vpc_id)

@@ -11,15 +11,20 @@ module: boundary_verify
 short_description: Prove from the live configuration that a VPC is isolated as the boundary policy declares
 version_added: 0.1.0
 description:
-  - Reads the B(live) network configuration of a VPC (VPC CIDRs, every route table including the main one,
-    internet, NAT, virtual private and transit gateways, peering connections, subnets, security groups
-    including the default one, network ACLs, VPC endpoints and flow logs) and compares it with the declared
+  - Reads the B(live) network configuration of a VPC (VPC CIDRs, DHCP options, every route table including the
+    main one and the prefix lists its routes send to, internet, egress-only, carrier, NAT, virtual private and
+    transit gateways, peering connections, subnets, security groups including the default one, network ACLs,
+    network interfaces, traffic mirror sessions and targets, VPC endpoints, endpoint services offered from its
+    load balancers, and flow logs) and compares it with the declared
     boundary policy (C(drill_boundary)). It never relies on what a builder meant to create, so it can be
     pointed at any VPC.
   - Fails closed. An unknown route target, an unsupported endpoint, a configuration it cannot prove safe,
     or any describe call that fails (for example C(AccessDenied)) is a finding, never a pass.
   - Read-only. C(changed) is always false and check mode behaves exactly like a normal run.
-  - All describe calls are filtered by VPC id, paginated, and run in parallel (about 14 API calls).
+  - Describe calls are filtered by VPC id where AWS offers a filter (otherwise read account-wide and tied to the
+    VPC by attachment, network interface or load balancer), paginated, and run in parallel (about 22 API calls).
+  - C(docs/boundary-policy.md) lists every VPC attribute that can move traffic, change name resolution or expose
+    the sandbox, with the call that reads it and its finding code, or why it is not read.
   - "Finding codes (each explained with its remedy in C(docs/boundary-policy.md)):
     C(vpc_not_found), C(unreadable), C(vpc_overlaps_production), C(vpc_cidr_undeclared), C(ipv6_present),
     C(route_igw), C(route_nat), C(route_peering), C(route_tgw), C(route_vgw), C(route_egress_only_igw),
@@ -28,7 +33,9 @@ description:
     C(default_sg_has_rules), C(sg_egress_open), C(sg_ingress_open), C(sg_egress_undeclared),
     C(sg_ingress_undeclared), C(nacl_missing_production_deny), C(nacl_allow_any), C(nacl_allow_undeclared),
     C(subnet_default_nacl), C(endpoint_policy_open), C(endpoint_policy_undeclared), C(endpoint_unsupported),
-    C(flow_logs_missing)."
+    C(flow_logs_missing), C(dhcp_options_dns), C(dhcp_options_unsupported), C(egress_only_igw_attached),
+    C(carrier_gateway_present), C(eni_public_ip), C(eni_source_dest_check_off), C(traffic_mirror_session),
+    C(traffic_mirror_target), C(endpoint_service_offered), C(load_balancer_internet_facing)."
 attributes:
   check_mode:
     support: full
@@ -71,8 +78,12 @@ notes:
   - "IAM permissions needed: ec2:DescribeVpcs, ec2:DescribeRouteTables, ec2:DescribeInternetGateways,
     ec2:DescribeNatGateways, ec2:DescribeVpnGateways, ec2:DescribeVpcPeeringConnections,
     ec2:DescribeTransitGatewayVpcAttachments, ec2:DescribeSubnets, ec2:DescribeSecurityGroups,
-    ec2:DescribeNetworkAcls, ec2:DescribeVpcEndpoints, ec2:DescribePrefixLists and (with
-    I(require_flow_logs)) ec2:DescribeFlowLogs. Each missing permission shows up as an C(unreadable) finding."
+    ec2:DescribeNetworkAcls, ec2:DescribeVpcEndpoints, ec2:DescribePrefixLists,
+    ec2:DescribeEgressOnlyInternetGateways, ec2:DescribeCarrierGateways, ec2:DescribeNetworkInterfaces,
+    ec2:DescribeTrafficMirrorSessions, ec2:DescribeTrafficMirrorTargets,
+    ec2:DescribeVpcEndpointServiceConfigurations, elasticloadbalancing:DescribeLoadBalancers,
+    ec2:DescribeDhcpOptions, ec2:GetManagedPrefixListEntries and (with I(require_flow_logs))
+    ec2:DescribeFlowLogs. Each missing permission shows up as an C(unreadable) finding."
 """
 
 EXAMPLES = r"""
@@ -176,7 +187,7 @@ def main():
     except BoundaryError as exc:
         module.fail_json(msg="boundary is invalid: %s" % exc)
 
-    snapshot = read_vpc(aws_client(module, "ec2"), vpc_id, p["require_flow_logs"])
+    snapshot = read_vpc(aws_client(module, "ec2"), vpc_id, p["require_flow_logs"], elbv2=aws_client(module, "elbv2"))
     result = evaluate(boundary, vpc_id, snapshot, p["require_flow_logs"])
     result.update(changed=False, vpc_id=vpc_id)
 

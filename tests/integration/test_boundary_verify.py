@@ -450,7 +450,9 @@ def test_unreadable_resources_fail_closed(fresh_emulator, monkeypatch):
             "ec2:DescribeVpcEndpoints", "ec2:DescribeFlowLogs", "ec2:DescribeSubnets",
             "ec2:DescribeInternetGateways", "ec2:DescribeNatGateways", "ec2:DescribeVpnGateways",
             "ec2:DescribeVpcPeeringConnections", "ec2:DescribeTransitGatewayVpcAttachments",
-            "ec2:DescribePrefixLists"} == unreadable
+            "ec2:DescribePrefixLists", "ec2:DescribeEgressOnlyInternetGateways", "ec2:DescribeCarrierGateways",
+            "ec2:DescribeNetworkInterfaces", "ec2:DescribeTrafficMirrorSessions", "ec2:DescribeTrafficMirrorTargets",
+            "ec2:DescribeVpcEndpointServiceConfigurations", "elasticloadbalancing:DescribeLoadBalancers"} == unreadable
     assert codes(res) == {"unreadable"}
     assert all("AccessDenied" in f["detail"] for f in res["findings"])
     assert key["SecretAccessKey"] not in json.dumps(res)
