@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from dataclasses import field
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._quotas import parse_quotas
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import BUCKET_RE
 from ansible_collections.drguard.sandbox.plugins.module_utils._quotas import QuotaError
 
 PROTOCOLS = ("tcp", "udp")
 GATEWAY_PREFIXES = ("tgw-", "pcx-", "vgw-")
 GATEWAY_RE = re.compile(r"^(tgw|pcx|vgw)-[0-9a-f]{8,17}$")
 TIER_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DEFAULT_TIERS = ("app", "db")
 SANDBOX_PREFIX_MIN = 16
 SANDBOX_PREFIX_MAX = 24
