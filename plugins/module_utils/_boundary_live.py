@@ -43,6 +43,8 @@ FINDING_CODES = (
     "dhcp_options_dns", "dhcp_options_unsupported", "egress_only_igw_attached", "carrier_gateway_present",
     "eni_public_ip", "eni_source_dest_check_off", "traffic_mirror_session", "traffic_mirror_target",
     "endpoint_service_offered", "load_balancer_internet_facing",
+    "resolver_rule_associated", "resolver_endpoint_present", "resolver_query_logging",
+    "private_hosted_zone_associated",
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
@@ -77,6 +79,8 @@ _CONTROL_PLANE_KEY = {"tgw-": "TransitGatewayId", "pcx-": "VpcPeeringConnectionI
 # DHCP options that cannot send traffic anywhere: the search domain (names still resolve through
 # AmazonProvidedDNS and traffic is still filtered) and IPv6 lease times.
 _DHCP_HARMLESS = frozenset({"domain-name", "ipv6-address-preferred-lease-time"})
+# IAM action names that are not the CamelCase of the boto3 method.
+_ACTION_NAMES = {"list_hosted_zones_by_vpc": "ListHostedZonesByVPC"}
 _PROTOCOL_NAMES = {"-1": "all", "6": "tcp", "17": "udp", "1": "icmp", "58": "icmpv6"}
 _NACL_DEFAULT_RULE = 32767
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
@@ -135,19 +139,30 @@ def _error_code(exc: Exception) -> tuple:
     return type(exc).__name__, str(exc)
 
 
-def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8, elbv2=None) -> dict:
+def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8, *, elbv2=None,
+             route53resolver=None, route53=None) -> dict:
     """Describe everything that shapes the VPC's boundary, in parallel.
 
     ``client`` is an EC2 client from ``_aws.aws_client``; each listing goes through
     ``_aws.paginate``, so a transient error (throttling) retries the listing with backoff.
     Returns ``{name: list | Unreadable}``. Every failure (AccessDenied, throttling
     beyond retries, an API the endpoint does not implement) becomes an
-    :class:`Unreadable`, never an empty list. ``elbv2`` (an ELBv2 client) reads the
-    load balancers, which tie endpoint services to this VPC; without it they are
-    ``Unreadable`` too.
+    :class:`Unreadable`, never an empty list. ``elbv2`` reads the load balancers (which
+    tie endpoint services to this VPC), ``route53resolver`` and ``route53`` what changes
+    how the VPC's names resolve; a client not given makes its reads ``Unreadable`` too.
     """
     calls = {name: (client, "ec2") + call for name, call in _calls(vpc_id, require_flow_logs).items()}
     calls["load_balancers"] = (elbv2, "elasticloadbalancing", "describe_load_balancers", "LoadBalancers", {})
+    vpc_filter = {"Filters": [{"Name": "VPCId", "Values": [vpc_id]}]}
+    calls["resolver_rule_associations"] = (route53resolver, "route53resolver", "list_resolver_rule_associations",
+                                           "ResolverRuleAssociations", vpc_filter)
+    calls["resolver_endpoints"] = (route53resolver, "route53resolver", "list_resolver_endpoints",
+                                   "ResolverEndpoints", {"Filters": [{"Name": "HostVPCId", "Values": [vpc_id]}]})
+    calls["resolver_query_log_associations"] = (
+        route53resolver, "route53resolver", "list_resolver_query_log_config_associations",
+        "ResolverQueryLogConfigAssociations", {"Filters": [{"Name": "ResourceId", "Values": [vpc_id]}]})
+    calls["private_hosted_zones"] = (route53, "route53", "list_hosted_zones_by_vpc", "HostedZoneSummaries",
+                                     {"VPCId": vpc_id, "VPCRegion": client.meta.region_name})
 
     def one(item):
         name, (api, service, operation, key, kwargs) = item
@@ -287,7 +302,8 @@ def _declared_covers(rules, net, proto: str, start: int, end: int) -> bool:
 def _readable(snapshot: dict, name: str, findings: _Findings, vpc_id: str):
     value = snapshot.get(name)
     if isinstance(value, Unreadable):
-        action = value.service + ":" + "".join(w.capitalize() for w in value.operation.split("_"))
+        action = value.service + ":" + _ACTION_NAMES.get(
+            value.operation, "".join(w.capitalize() for w in value.operation.split("_")))
         findings.add("unreadable", action,
                      "%s failed with %s (%s); %s of %s were not verified"
                      % (action, value.error_code, value.message, name.replace("_", " "), vpc_id))
@@ -821,6 +837,42 @@ def _check_outside_reach(vpc_id: str, snap: dict, f: _Findings, checked: dict) -
                                             + (svc.get("GatewayLoadBalancerArns") or [])))), vpc_id))
 
 
+def _check_name_resolution(vpc_id: str, snap: dict, f: _Findings, checked: dict) -> None:
+    """Route 53 Resolver rules, endpoints and query logging, and private hosted zones, of this VPC."""
+    rules = _readable(snap, "resolver_rule_associations", f, vpc_id)
+    if rules is not None:
+        # AWS associates its own rules (the internet resolver) with every VPC: those are the default.
+        rules = [a for a in rules if a.get("VPCId", vpc_id) == vpc_id and a.get("Status") not in ("DELETING", "FAILED")
+                 and not str(a.get("ResolverRuleId", "")).startswith("rslvr-autodefined-")]
+        checked["resolver_rule_associations"] = len(rules)
+        for a in rules:
+            f.add("resolver_rule_associated", a.get("Id", "?"), "Route 53 Resolver rule %s is associated with %s: "
+                  "queries it matches are answered or forwarded elsewhere" % (a.get("ResolverRuleId"), vpc_id))
+    endpoints = _readable(snap, "resolver_endpoints", f, vpc_id)
+    if endpoints is not None:
+        endpoints = [e for e in endpoints if e.get("HostVPCId") == vpc_id and e.get("Status") != "DELETING"]
+        checked["resolver_endpoints"] = len(endpoints)
+        for e in endpoints:
+            f.add("resolver_endpoint_present", e.get("Id", "?"), "%s Route 53 Resolver endpoint in %s: DNS queries "
+                  "cross the boundary through it" % (e.get("Direction"), vpc_id))
+    logs = _readable(snap, "resolver_query_log_associations", f, vpc_id)
+    if logs is not None:
+        logs = [a for a in logs if a.get("ResourceId") == vpc_id and a.get("Status") not in ("DELETING", "FAILED")]
+        checked["resolver_query_log_associations"] = len(logs)
+        for a in logs:
+            f.add("resolver_query_logging", a.get("Id", "?"), "the VPC's DNS queries are logged by query log "
+                  "config %s, to a destination the verifier cannot place inside the drill"
+                  % a.get("ResolverQueryLogConfigId"))
+    zones = _readable(snap, "private_hosted_zones", f, vpc_id)
+    if zones is not None:
+        checked["private_hosted_zones"] = len(zones)
+        for z in zones:
+            f.add("private_hosted_zone_associated", str(z.get("HostedZoneId", "?")).split("/")[-1],
+                  "private hosted zone %s (owner %s) is associated with %s and answers its names"
+                  % (z.get("Name"), (z.get("Owner") or {}).get("OwningAccount") or (z.get("Owner") or {}).get(
+                      "OwningService"), vpc_id))
+
+
 def _check_flow_logs(logs: list, vpc_id: str, f: _Findings) -> None:
     good = [fl for fl in logs if fl.get("ResourceId") == vpc_id and fl.get("FlowLogStatus") == "ACTIVE"
             and fl.get("TrafficType") == "ALL" and fl.get("DeliverLogsStatus") != "FAILED"]
@@ -893,6 +945,7 @@ def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = Tr
             checked["dhcp_options"] = len(dopts)
             _check_dhcp_options(dopts, f)
     _check_outside_reach(vpc_id, snapshot, f, checked)
+    _check_name_resolution(vpc_id, snapshot, f, checked)
 
     if require_flow_logs:
         logs = _readable(snapshot, "flow_logs", f, vpc_id)

@@ -15,14 +15,15 @@ description:
     main one and the prefix lists its routes send to, internet, egress-only, carrier, NAT, virtual private and
     transit gateways, peering connections, subnets, security groups including the default one, network ACLs,
     network interfaces, traffic mirror sessions and targets, VPC endpoints, endpoint services offered from its
-    load balancers, and flow logs) and compares it with the declared
+    load balancers, Route 53 Resolver rules, endpoints and query logging and private hosted zones of the VPC,
+    and flow logs) and compares it with the declared
     boundary policy (C(drill_boundary)). It never relies on what a builder meant to create, so it can be
     pointed at any VPC.
   - Fails closed. An unknown route target, an unsupported endpoint, a configuration it cannot prove safe,
     or any describe call that fails (for example C(AccessDenied)) is a finding, never a pass.
   - Read-only. C(changed) is always false and check mode behaves exactly like a normal run.
   - Describe calls are filtered by VPC id where AWS offers a filter (otherwise read account-wide and tied to the
-    VPC by attachment, network interface or load balancer), paginated, and run in parallel (about 22 API calls).
+    VPC by attachment, network interface or load balancer), paginated, and run in parallel (about 26 API calls).
   - C(docs/boundary-policy.md) lists every VPC attribute that can move traffic, change name resolution or expose
     the sandbox, with the call that reads it and its finding code, or why it is not read.
   - "Finding codes (each explained with its remedy in C(docs/boundary-policy.md)):
@@ -35,7 +36,9 @@ description:
     C(subnet_default_nacl), C(endpoint_policy_open), C(endpoint_policy_undeclared), C(endpoint_unsupported),
     C(flow_logs_missing), C(dhcp_options_dns), C(dhcp_options_unsupported), C(egress_only_igw_attached),
     C(carrier_gateway_present), C(eni_public_ip), C(eni_source_dest_check_off), C(traffic_mirror_session),
-    C(traffic_mirror_target), C(endpoint_service_offered), C(load_balancer_internet_facing)."
+    C(traffic_mirror_target), C(endpoint_service_offered), C(load_balancer_internet_facing),
+    C(resolver_rule_associated), C(resolver_endpoint_present), C(resolver_query_logging),
+    C(private_hosted_zone_associated)."
 attributes:
   check_mode:
     support: full
@@ -82,7 +85,9 @@ notes:
     ec2:DescribeEgressOnlyInternetGateways, ec2:DescribeCarrierGateways, ec2:DescribeNetworkInterfaces,
     ec2:DescribeTrafficMirrorSessions, ec2:DescribeTrafficMirrorTargets,
     ec2:DescribeVpcEndpointServiceConfigurations, elasticloadbalancing:DescribeLoadBalancers,
-    ec2:DescribeDhcpOptions, ec2:GetManagedPrefixListEntries and (with I(require_flow_logs))
+    ec2:DescribeDhcpOptions, ec2:GetManagedPrefixListEntries, route53resolver:ListResolverRuleAssociations,
+    route53resolver:ListResolverEndpoints, route53resolver:ListResolverQueryLogConfigAssociations,
+    route53:ListHostedZonesByVPC and (with I(require_flow_logs))
     ec2:DescribeFlowLogs. Each missing permission shows up as an C(unreadable) finding."
 """
 
@@ -187,7 +192,8 @@ def main():
     except BoundaryError as exc:
         module.fail_json(msg="boundary is invalid: %s" % exc)
 
-    snapshot = read_vpc(aws_client(module, "ec2"), vpc_id, p["require_flow_logs"], elbv2=aws_client(module, "elbv2"))
+    snapshot = read_vpc(aws_client(module, "ec2"), vpc_id, p["require_flow_logs"], elbv2=aws_client(module, "elbv2"),
+                        route53resolver=aws_client(module, "route53resolver"), route53=aws_client(module, "route53"))
     result = evaluate(boundary, vpc_id, snapshot, p["require_flow_logs"])
     result.update(changed=False, vpc_id=vpc_id)
 

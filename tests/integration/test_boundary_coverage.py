@@ -228,3 +228,70 @@ def test_nat_gateway_interface_is_reported_once_as_the_nat_gateway(aws_env, sand
     res = verify(sandbox["vpc"])
     assert_leak(res, "nat_gateway_present")
     assert res["findings"][0]["resource"] == nat["NatGatewayId"]
+
+
+# ------------------------------------------------------------------- Route 53 (name resolution)
+
+def _outbound_endpoint(aws, sandbox, direction="OUTBOUND"):
+    return aws("route53resolver").create_resolver_endpoint(
+        # Named: moto sorts endpoints by name and fails (500) on two unnamed ones.
+        CreatorRequestId="ep-%s-%s" % (direction, sandbox["vpc"]), Direction=direction,
+        Name="ep-%s-%s" % (direction.lower(), sandbox["vpc"]),
+        SecurityGroupIds=[sandbox["sg"]["app"]],
+        IpAddresses=[{"SubnetId": sandbox["subnets"][0]}, {"SubnetId": sandbox["subnets"][1]}])["ResolverEndpoint"]
+
+
+def test_resolver_endpoint_in_the_sandbox(aws_env, aws, sandbox):
+    ep = _outbound_endpoint(aws, sandbox, "INBOUND")
+    res = verify(sandbox["vpc"])
+    assert_leak(res, "resolver_endpoint_present")
+    assert res["findings"][0]["resource"] == ep["Id"] and "INBOUND" in res["findings"][0]["detail"]
+
+
+def test_forwarding_rule_associated_with_the_sandbox(aws_env, aws, ec2):
+    # The outbound endpoint lives in another VPC: only the rule association touches the sandbox.
+    r53r = aws("route53resolver")
+    sandbox = build_compliant(ec2, aws("logs"))
+    other = build_compliant(ec2, aws("logs"))
+    ep = _outbound_endpoint(aws, other)
+    rule = r53r.create_resolver_rule(CreatorRequestId="rule-%s" % sandbox["vpc"], RuleType="FORWARD",
+                                     DomainName="corp.example.", TargetIps=[{"Ip": "10.0.0.2", "Port": 53}],
+                                     ResolverEndpointId=ep["Id"])["ResolverRule"]["Id"]
+    assoc = r53r.associate_resolver_rule(ResolverRuleId=rule, VPCId=sandbox["vpc"])["ResolverRuleAssociation"]
+    res = verify(sandbox["vpc"])
+    assert_leak(res, "resolver_rule_associated")
+    assert res["findings"][0]["resource"] == assoc["Id"] and rule in res["findings"][0]["detail"]
+
+
+def test_private_hosted_zone_associated_with_the_sandbox(aws_env, aws, sandbox):
+    from conftest import REGION
+    zone = aws("route53").create_hosted_zone(
+        Name="shadow-%s.example." % sandbox["vpc"], CallerReference=sandbox["vpc"],
+        VPC={"VPCRegion": REGION, "VPCId": sandbox["vpc"]}, HostedZoneConfig={"PrivateZone": True})["HostedZone"]
+    res = verify(sandbox["vpc"])
+    assert_leak(res, "private_hosted_zone_associated")
+    assert res["findings"][0]["resource"] == zone["Id"].split("/")[-1]
+
+
+def test_resolver_query_logging_of_the_sandbox(aws_env, aws, sandbox):
+    r53r = aws("route53resolver")
+    cfg = r53r.create_resolver_query_log_config(
+        Name="ql-%s" % sandbox["vpc"], CreatorRequestId="ql-%s" % sandbox["vpc"],
+        DestinationArn="arn:aws:logs:eu-west-1:123456789012:log-group:/production/dns")["ResolverQueryLogConfig"]
+    r53r.associate_resolver_query_log_config(ResolverQueryLogConfigId=cfg["Id"], ResourceId=sandbox["vpc"])
+    res = verify(sandbox["vpc"])
+    assert_leak(res, "resolver_query_logging")
+    assert cfg["Id"] in res["findings"][0]["detail"]
+
+
+@pytest.mark.parametrize("operation, action", [
+    ("ListResolverRuleAssociations", "route53resolver:ListResolverRuleAssociations"),
+    ("ListResolverEndpoints", "route53resolver:ListResolverEndpoints"),
+    ("ListResolverQueryLogConfigAssociations", "route53resolver:ListResolverQueryLogConfigAssociations"),
+    ("ListHostedZonesByVPC", "route53:ListHostedZonesByVPC"),
+])
+def test_name_resolution_reads_that_fail_are_unreadable(aws_env, sandbox, operation, action):
+    with throttle(operation, times=None, code="AccessDenied"):
+        res = verify(sandbox["vpc"])
+    assert_leak(res, "unreadable")
+    assert [f["resource"] for f in res["findings"]] == [action]
