@@ -44,7 +44,7 @@ FINDING_CODES = (
     "eni_public_ip", "eni_source_dest_check_off", "traffic_mirror_session", "traffic_mirror_target",
     "endpoint_service_offered", "load_balancer_internet_facing",
     "resolver_rule_associated", "resolver_endpoint_present", "resolver_query_logging",
-    "private_hosted_zone_associated",
+    "private_hosted_zone_associated", "lattice_service_network_associated",
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
@@ -140,7 +140,7 @@ def _error_code(exc: Exception) -> tuple:
 
 
 def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8, *, elbv2=None,
-             route53resolver=None, route53=None) -> dict:
+             route53resolver=None, route53=None, lattice=None) -> dict:
     """Describe everything that shapes the VPC's boundary, in parallel.
 
     ``client`` is an EC2 client from ``_aws.aws_client``; each listing goes through
@@ -149,7 +149,8 @@ def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8, *, 
     beyond retries, an API the endpoint does not implement) becomes an
     :class:`Unreadable`, never an empty list. ``elbv2`` reads the load balancers (which
     tie endpoint services to this VPC), ``route53resolver`` and ``route53`` what changes
-    how the VPC's names resolve; a client not given makes its reads ``Unreadable`` too.
+    how the VPC's names resolve, ``lattice`` (VPC Lattice) the service networks it joins;
+    a client not given makes its reads ``Unreadable`` too.
     """
     calls = {name: (client, "ec2") + call for name, call in _calls(vpc_id, require_flow_logs).items()}
     calls["load_balancers"] = (elbv2, "elasticloadbalancing", "describe_load_balancers", "LoadBalancers", {})
@@ -161,6 +162,8 @@ def read_vpc(client, vpc_id: str, require_flow_logs: bool, workers: int = 8, *, 
     calls["resolver_query_log_associations"] = (
         route53resolver, "route53resolver", "list_resolver_query_log_config_associations",
         "ResolverQueryLogConfigAssociations", {"Filters": [{"Name": "ResourceId", "Values": [vpc_id]}]})
+    calls["lattice_associations"] = (lattice, "vpc-lattice", "list_service_network_vpc_associations", "items",
+                                     {"vpcIdentifier": vpc_id})
     calls["private_hosted_zones"] = (route53, "route53", "list_hosted_zones_by_vpc", "HostedZoneSummaries",
                                      {"VPCId": vpc_id, "VPCRegion": client.meta.region_name})
 
@@ -474,6 +477,9 @@ def _check_subnets(subnets: list, f: _Findings) -> None:
         sid = sn.get("SubnetId", "?")
         if sn.get("MapPublicIpOnLaunch"):
             f.add("subnet_public_ip", sid, "subnet %s assigns public IPv4 addresses on launch" % sn.get("CidrBlock"))
+        if sn.get("MapCustomerOwnedIpOnLaunch"):
+            f.add("subnet_public_ip", sid, "subnet %s assigns customer-owned IPv4 addresses (pool %s) on launch, "
+                  "reachable from the on-premises network" % (sn.get("CidrBlock"), sn.get("CustomerOwnedIpv4Pool")))
         if sn.get("AssignIpv6AddressOnCreation"):
             f.add("subnet_ipv6_autoassign", sid, "subnet assigns IPv6 addresses on creation")
         for a in sn.get("Ipv6CidrBlockAssociationSet") or []:
@@ -863,6 +869,15 @@ def _check_name_resolution(vpc_id: str, snap: dict, f: _Findings, checked: dict)
             f.add("resolver_query_logging", a.get("Id", "?"), "the VPC's DNS queries are logged by query log "
                   "config %s, to a destination the verifier cannot place inside the drill"
                   % a.get("ResolverQueryLogConfigId"))
+    lattice = _readable(snap, "lattice_associations", f, vpc_id)
+    if lattice is not None:
+        lattice = [a for a in lattice if a.get("vpcId", vpc_id) == vpc_id
+                   and a.get("status") not in ("DELETE_IN_PROGRESS", "CREATE_FAILED", "DELETE_FAILED")]
+        checked["lattice_associations"] = len(lattice)
+        for a in lattice:
+            f.add("lattice_service_network_associated", a.get("id", "?"), "VPC Lattice service network %s (%s) is "
+                  "associated with %s: its services are reachable from the sandbox and resolve by name"
+                  % (a.get("serviceNetworkId"), a.get("serviceNetworkName"), vpc_id))
     zones = _readable(snap, "private_hosted_zones", f, vpc_id)
     if zones is not None:
         checked["private_hosted_zones"] = len(zones)

@@ -16,14 +16,14 @@ description:
     transit gateways, peering connections, subnets, security groups including the default one, network ACLs,
     network interfaces, traffic mirror sessions and targets, VPC endpoints, endpoint services offered from its
     load balancers, Route 53 Resolver rules, endpoints and query logging and private hosted zones of the VPC,
-    and flow logs) and compares it with the declared
+    the VPC Lattice service networks it joins, and flow logs) and compares it with the declared
     boundary policy (C(drill_boundary)). It never relies on what a builder meant to create, so it can be
     pointed at any VPC.
   - Fails closed. An unknown route target, an unsupported endpoint, a configuration it cannot prove safe,
     or any describe call that fails (for example C(AccessDenied)) is a finding, never a pass.
   - Read-only. C(changed) is always false and check mode behaves exactly like a normal run.
   - Describe calls are filtered by VPC id where AWS offers a filter (otherwise read account-wide and tied to the
-    VPC by attachment, network interface or load balancer), paginated, and run in parallel (about 26 API calls).
+    VPC by attachment, network interface or load balancer), paginated, and run in parallel (about 27 API calls).
   - C(docs/boundary-policy.md) lists every VPC attribute that can move traffic, change name resolution or expose
     the sandbox, with the call that reads it and its finding code, or why it is not read.
   - "Finding codes (each explained with its remedy in C(docs/boundary-policy.md)):
@@ -38,7 +38,7 @@ description:
     C(carrier_gateway_present), C(eni_public_ip), C(eni_source_dest_check_off), C(traffic_mirror_session),
     C(traffic_mirror_target), C(endpoint_service_offered), C(load_balancer_internet_facing),
     C(resolver_rule_associated), C(resolver_endpoint_present), C(resolver_query_logging),
-    C(private_hosted_zone_associated)."
+    C(private_hosted_zone_associated), C(lattice_service_network_associated)."
 attributes:
   check_mode:
     support: full
@@ -87,7 +87,7 @@ notes:
     ec2:DescribeVpcEndpointServiceConfigurations, elasticloadbalancing:DescribeLoadBalancers,
     ec2:DescribeDhcpOptions, ec2:GetManagedPrefixListEntries, route53resolver:ListResolverRuleAssociations,
     route53resolver:ListResolverEndpoints, route53resolver:ListResolverQueryLogConfigAssociations,
-    route53:ListHostedZonesByVPC and (with I(require_flow_logs))
+    route53:ListHostedZonesByVPC, vpc-lattice:ListServiceNetworkVpcAssociations and (with I(require_flow_logs))
     ec2:DescribeFlowLogs. Each missing permission shows up as an C(unreadable) finding."
 """
 
@@ -193,7 +193,8 @@ def main():
         module.fail_json(msg="boundary is invalid: %s" % exc)
 
     snapshot = read_vpc(aws_client(module, "ec2"), vpc_id, p["require_flow_logs"], elbv2=aws_client(module, "elbv2"),
-                        route53resolver=aws_client(module, "route53resolver"), route53=aws_client(module, "route53"))
+                        route53resolver=aws_client(module, "route53resolver"), route53=aws_client(module, "route53"),
+                        lattice=aws_client(module, "vpc-lattice"))
     result = evaluate(boundary, vpc_id, snapshot, p["require_flow_logs"])
     result.update(changed=False, vpc_id=vpc_id)
 

@@ -295,3 +295,22 @@ def test_name_resolution_reads_that_fail_are_unreadable(aws_env, sandbox, operat
         res = verify(sandbox["vpc"])
     assert_leak(res, "unreadable")
     assert [f["resource"] for f in res["findings"]] == [action]
+
+
+# ------------------------------------------------------------------- VPC Lattice
+
+def test_lattice_service_network_associated_with_the_sandbox(aws_env, aws, sandbox):
+    lattice = aws("vpc-lattice")
+    network = lattice.create_service_network(name="sn-%s" % sandbox["vpc"][4:])
+    assoc = lattice.create_service_network_vpc_association(serviceNetworkIdentifier=network["id"],
+                                                           vpcIdentifier=sandbox["vpc"])
+    res = verify(sandbox["vpc"])
+    assert_leak(res, "lattice_service_network_associated")
+    assert res["findings"][0]["resource"] == assoc["id"] and network["id"] in res["findings"][0]["detail"]
+
+
+def test_lattice_read_that_fails_is_unreadable(aws_env, sandbox):
+    with throttle("ListServiceNetworkVpcAssociations", times=None, code="AccessDeniedException"):
+        res = verify(sandbox["vpc"])
+    assert_leak(res, "unreadable")
+    assert [f["resource"] for f in res["findings"]] == ["vpc-lattice:ListServiceNetworkVpcAssociations"]
