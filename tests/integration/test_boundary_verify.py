@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-import threading
 import uuid
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
+from faults import throttle
 from conftest import REGION, run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
@@ -464,29 +462,9 @@ def test_unreadable_resources_fail_closed(fresh_emulator, monkeypatch):
     assert key["SecretAccessKey"] not in json.dumps(res)
 
 
-@contextmanager
-def throttle(*operations, times=1, code="EC2ThrottledException"):
-    """The first ``times`` calls of each of ``operations`` (every call: ``times=None``) answer ``code``.
-
-    Injected above botocore's own retries. Yields ``{operation: calls so far}``.
-    """
-    from botocore.client import BaseClient
-    from botocore.exceptions import ClientError
-
-    real, seen, lock = BaseClient._make_api_call, {}, threading.Lock()
-
-    def call(client, name, params):
-        if name in operations:
-            with lock:
-                seen[name] = seen.get(name, 0) + 1
-                fail = times is None or seen[name] <= times
-            if fail:
-                raise ClientError({"Error": {"Code": code, "Message": "injected"},
-                                   "ResponseMetadata": {"HTTPStatusCode": 503}}, name)
-        return real(client, name, params)
-
-    with mock.patch.object(BaseClient, "_make_api_call", call):
-        yield seen
+def ec2_throttle(*operations, times=1):
+    """EC2's throttling answer for ``operations``, above botocore's own retries (tests/faults.py)."""
+    return throttle(*operations, times=times, code="EC2ThrottledException", status=503)
 
 
 @pytest.fixture
@@ -498,7 +476,7 @@ def quick_retries(monkeypatch):
 def test_throttled_reads_are_retried(aws_env, sandbox, quick_retries):
     ops = ("DescribeVpcs", "DescribeSecurityGroups", "DescribeNetworkAcls", "DescribeVpcEndpoints",
            "DescribeFlowLogs", "DescribePrefixLists")
-    with throttle(*ops) as seen:
+    with ec2_throttle(*ops) as seen:
         res = verify(sandbox["vpc"])
     assert not res.failed, res
     assert res["findings"] == [] and res["isolated"] is True
@@ -506,7 +484,7 @@ def test_throttled_reads_are_retried(aws_env, sandbox, quick_retries):
 
 
 def test_throttling_beyond_retries_stays_unreadable(aws_env, sandbox, quick_retries):
-    with throttle("DescribeSecurityGroups", times=None) as seen:
+    with ec2_throttle("DescribeSecurityGroups", times=None) as seen:
         res = verify(sandbox["vpc"])
     assert seen["DescribeSecurityGroups"] == _aws.RETRIES  # retried, then given up
     assert_leak(res, "unreadable")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import threading
 import uuid
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
+from faults import throttle
 from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
@@ -569,29 +567,9 @@ def test_diff_mode_of_a_new_network_shows_what_it_sets_up(aws_env, aws):
 # --------------------------------------------------------------------------- retries
 
 
-@contextmanager
-def throttle_first(*operations, code="EC2ThrottledException"):
-    """The first call of each of ``operations`` answers ``code``, above botocore's own retries.
-
-    Yields ``{operation: calls so far}``; only a client that retries every call can recover.
-    """
-    from botocore.client import BaseClient
-    from botocore.exceptions import ClientError
-
-    real, seen, lock = BaseClient._make_api_call, {}, threading.Lock()
-
-    def call(client, name, params):
-        if name in operations:
-            with lock:
-                seen[name] = seen.get(name, 0) + 1
-                first = seen[name] == 1
-            if first:
-                raise ClientError({"Error": {"Code": code, "Message": "injected"},
-                                   "ResponseMetadata": {"HTTPStatusCode": 503}}, name)
-        return real(client, name, params)
-
-    with mock.patch.object(BaseClient, "_make_api_call", call):
-        yield seen
+def throttle_first(*operations, times=1):
+    """EC2's throttling answer for ``operations``, above botocore's own retries (tests/faults.py)."""
+    return throttle(*operations, times=times, code="EC2ThrottledException", status=503)
 
 
 def test_throttled_calls_are_retried(aws_env, aws, monkeypatch):
