@@ -6,9 +6,9 @@ traffic, change name resolution or make something reachable from outside (docs/b
 from __future__ import annotations
 
 import pytest
+from faults import throttle
 from test_boundary_verify import assert_leak
 from test_boundary_verify import build_compliant
-from test_boundary_verify import throttle
 from test_boundary_verify import verify
 
 
