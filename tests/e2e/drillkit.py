@@ -30,16 +30,29 @@ def new_drill_id() -> str:
     return _new()
 
 
-def seed_world(emu: Emulator, out: Path, mode: str = "passing") -> World:
-    """Seed production + a signed backup set in ``emu`` (tools/seed_demo.py + sign_backup.yml)."""
+def seed_world(emu: Emulator, out: Path, mode: str = "passing", also_sign: tuple = ()) -> World:
+    """Seed production + a signed backup set in ``emu`` (tools/seed_demo.py + sign_backup.yml).
+
+    ``also_sign``: further sequences of the same backup set to sign (before the key is
+    deleted), each to ``<dest with -42. replaced by -<sequence>.>``; their vars files are
+    ``sign-vars-<sequence>.yml`` in ``out``.
+    """
     env = child_env(emu.url)
     subprocess.run([sys.executable, str(ROOT / "tools" / "seed_demo.py"), "--out", str(out), "--mode", mode,
                     "--drill-id", "dr-placeholder"], env=env, check=True, capture_output=True, cwd=ROOT)
     info = json.loads((out / "world.json").read_text())
+    sign_vars = yaml.safe_load((out / "sign-vars.yml").read_text())
+    var_files = [out / "sign-vars.yml"]
+    for sequence in also_sign:
+        extra = dict(sign_vars, sign_sequence=sequence,
+                     sign_dest=sign_vars["sign_dest"].replace("-%s." % sign_vars["sign_sequence"], "-%s." % sequence))
+        var_files.append(out / ("sign-vars-%s.yml" % sequence))
+        var_files[-1].write_text(yaml.safe_dump(extra))
     try:
-        proc = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/sign_backup.yml", "-e", "@%s" % (out / "sign-vars.yml")],
-                              env=ansible_env(emu), cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        for var_file in var_files:
+            proc = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/sign_backup.yml", "-e", "@%s" % var_file],
+                                  env=ansible_env(emu), cwd=ROOT, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     finally:
         subprocess.run(["rm", "-rf", info["key_dir"]], check=False)
     drill_vars = yaml.safe_load((out / "drill-vars.yml").read_text())

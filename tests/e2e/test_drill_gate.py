@@ -8,35 +8,16 @@ protection advances: a later drill offered an older (lower-sequence) manifest ha
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import yaml
-from conftest import ROOT, ansible_env
-from drillkit import ANSIBLE_PLAYBOOK, World, remaining, run_drill
-
-from emulator import child_env
+from drillkit import remaining, run_drill, seed_world
 
 
 def _seed_with_older_manifest(emu, out):
     """The demo world (sequence 42), plus the same backup set signed earlier as sequence 41."""
-    subprocess.run([sys.executable, str(ROOT / "tools" / "seed_demo.py"), "--out", str(out), "--mode", "passing",
-                    "--drill-id", "dr-placeholder"], env=child_env(emu.url), check=True, capture_output=True,
-                   cwd=ROOT)
-    info = json.loads((out / "world.json").read_text())
-    sign_vars = yaml.safe_load((out / "sign-vars.yml").read_text())
-    older = dict(sign_vars, sign_sequence=41, sign_dest=sign_vars["sign_dest"].replace("-42.", "-41."))
-    (out / "sign-vars-41.yml").write_text(yaml.safe_dump(older))
-    try:
-        for name in ("sign-vars.yml", "sign-vars-41.yml"):
-            proc = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/sign_backup.yml", "-e", "@%s" % (out / name)],
-                                  env=ansible_env(emu), cwd=ROOT, capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    finally:
-        subprocess.run(["rm", "-rf", info["key_dir"]], check=False)
-    drill_vars = yaml.safe_load((out / "drill-vars.yml").read_text())
-    drill_vars.pop("drill_id")
-    return World(emu, out, drill_vars, info), sign_vars["sign_backup_set"], older["sign_dest"]
+    world = seed_world(emu, out, also_sign=(41,))
+    older = yaml.safe_load((out / "sign-vars-41.yml").read_text())
+    return world, older["sign_backup_set"], older["sign_dest"]
 
 
 def test_controller_records_the_trusted_state_and_an_older_manifest_is_then_refused(e2e_emulator, tmp_path):
