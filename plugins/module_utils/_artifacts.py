@@ -30,9 +30,6 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import A
 from ansible_collections.drguard.sandbox.plugins.module_utils._manifest import unsafe_name_problem
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import OBJECT_NOT_FOUND_CODES
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
-# Still re-exported for _restore (art.is_s3 / art.parse_s3); new code imports _s3_location.
-from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3  # noqa: F401
-from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
 
 CHUNK = 1024 * 1024  # S3 body reads

@@ -34,6 +34,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3
 
 RESTORED_MODE = 0o400
 
@@ -55,8 +57,8 @@ def safe_relative(name: str) -> str:
 
 def _chunks(s3, source, version_id, size):
     """Chunks of the artifact, at most one byte past the verified size (never a full endless read)."""
-    if art.is_s3(source):
-        loc = art.parse_s3(source, "source")
+    if is_s3(source):
+        loc = parse_s3(source, "source")
         try:
             _resp, chunks = art.s3_get_chunks(s3, loc.bucket, loc.key, version_id or loc.version_id, size)
         except ClientError as exc:
@@ -115,7 +117,7 @@ def restore(artifacts: list, dest: str, *, client, workers: int = 4, check_mode:
         ensure_private_dir(dest, parents=True)
     except OSError as exc:
         raise RestoreError("Cannot use the restore directory: %s" % exc) from None
-    need_s3 = any(art.is_s3(str(a.get("source", ""))) for a in artifacts)
+    need_s3 = any(is_s3(str(a.get("source", ""))) for a in artifacts)
     s3 = client("s3") if need_s3 else None
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
