@@ -16,6 +16,9 @@ Schema (every key not listed is an error)::
       - {cidr: 192.0.2.0/28, protocol: tcp, ports: [22, "8000-8100"], description: ...}
     egress:                            # where the sandbox may go (control plane, telemetry)
       - {cidr: 198.51.100.0/28, protocol: tcp, ports: [443], description: ...}
+      - {cidr: 198.51.100.16/28, ports: [4317], kind: telemetry}   # kind: control_plane (default)
+    fallback:                          # failover paths (a DR site, a secondary region), never production
+      - {cidr: 203.0.113.0/28, protocol: tcp, ports: [443], description: ...}
     control_plane_route:               # optional: the one route allowed to leave the VPC
       {cidr: 192.0.2.0/28, target: tgw-0123...}
     tiers: [app, db]                   # micro-segmentation tiers (default: [app, db])
@@ -47,9 +50,14 @@ SANDBOX_PREFIX_MIN = 16
 SANDBOX_PREFIX_MAX = 24
 _ALL_IPV4 = ipaddress.ip_network("0.0.0.0/0")
 
-_TOP_KEYS = {"sandbox_cidr", "production_cidrs", "ingress", "egress", "control_plane_route",
+# What an egress destination is for: the control plane (the default) or the drill's one telemetry collector.
+EGRESS_KINDS = ("control_plane", "telemetry")
+FALLBACK_KIND = "fallback"  # the kind of every drill_boundary.fallback rule
+
+_TOP_KEYS = {"sandbox_cidr", "production_cidrs", "ingress", "egress", "fallback", "control_plane_route",
              "tiers", "tier_rules", "s3_read", "s3_write", "quotas"}
 _RULE_KEYS = {"cidr", "protocol", "ports", "description"}
+_EGRESS_KEYS = _RULE_KEYS | {"kind"}
 _TIER_RULE_KEYS = {"from", "to", "protocol", "ports", "description"}
 _S3_KEYS = {"bucket", "prefix"}
 
@@ -72,11 +80,16 @@ class PortRange:
 
 @dataclass(frozen=True)
 class Rule:
-    """Traffic allowed between the sandbox and ``cidr`` (direction given by the list)."""
+    """Traffic allowed between the sandbox and ``cidr`` (direction given by the list).
+
+    ``kind`` is ``control_plane`` or ``telemetry`` for egress (``control_plane`` for
+    ingress) and ``fallback`` for a ``drill_boundary.fallback`` path.
+    """
     cidr: ipaddress.IPv4Network
     protocol: str
     ports: tuple
     description: str = ""
+    kind: str = "control_plane"
 
     def allows(self, cidr, protocol: str, start: int, end: int) -> bool:
         """True when this rule covers traffic to/from all of ``cidr`` on ``start..end``."""
@@ -120,6 +133,7 @@ class Boundary:
     s3_read: tuple = ()
     s3_write: tuple = ()
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    fallback: tuple = ()
 
     def overlaps_production(self, cidr) -> list:
         """The production CIDRs that ``cidr`` overlaps (empty list: none)."""
@@ -134,10 +148,14 @@ class Boundary:
         if self.control_plane_route and net.overlaps(ipaddress.ip_network(self.control_plane_route["cidr"])):
             raise BoundaryError("drill_boundary.sandbox_cidr: %s overlaps the control_plane_route CIDR %s"
                                 % (net, self.control_plane_route["cidr"]))
+        for rule in self.fallback:
+            if net.overlaps(rule.cidr):
+                raise BoundaryError("drill_boundary.sandbox_cidr: %s overlaps the fallback CIDR %s; choose a "
+                                    "sandbox CIDR outside every fallback path" % (net, rule.cidr))
         raw = dict(self.raw, sandbox_cidr=str(net))
         return Boundary(net, self.production_cidrs, self.ingress, self.egress,
                         self.control_plane_route, self.tiers, self.tier_rules,
-                        self.s3_read, self.s3_write, raw)
+                        self.s3_read, self.s3_write, raw, self.fallback)
 
     def to_dict(self) -> dict:
         """The normalized policy as plain data (for reports and returns)."""
@@ -148,7 +166,8 @@ class Boundary:
             "sandbox_cidr": str(self.sandbox_cidr) if self.sandbox_cidr else None,
             "production_cidrs": [str(p) for p in self.production_cidrs],
             "ingress": [rule(r) for r in self.ingress],
-            "egress": [rule(r) for r in self.egress],
+            "egress": [dict(rule(r), kind=r.kind) for r in self.egress],
+            "fallback": [rule(r) for r in self.fallback],
             "control_plane_route": dict(self.control_plane_route) if self.control_plane_route else None,
             "tiers": list(self.tiers),
             "tier_rules": [{"from": t.source, "to": t.dest, "protocol": t.protocol,
@@ -226,7 +245,7 @@ def _rules(raw: dict, key: str, production: tuple, sandbox) -> tuple:
     out = []
     for i, item in enumerate(_list(raw, key)):
         where = "drill_boundary.%s[%d]" % (key, i)
-        _keys(item, _RULE_KEYS, where)
+        _keys(item, _EGRESS_KEYS if key == "egress" else _RULE_KEYS, where)
         if "cidr" not in item:
             raise BoundaryError("%s: 'cidr' is required" % where)
         net = _cidr(item["cidr"], where + ".cidr")
@@ -238,8 +257,33 @@ def _rules(raw: dict, key: str, production: tuple, sandbox) -> tuple:
             raise BoundaryError("%s.cidr: %s overlaps the sandbox CIDR %s; %s rules name peers outside the "
                                 "sandbox (traffic inside it is governed by tier_rules)" % (where, net, sandbox, key))
         out.append(Rule(net, _protocol(item.get("protocol"), where),
-                        _ports(item.get("ports"), where), str(item.get("description", ""))))
+                        _ports(item.get("ports"), where), str(item.get("description", "")),
+                        _kind(item, key, where)))
+    if key == "egress":
+        _one_telemetry(out)
     return tuple(out)
+
+
+def _kind(item: dict, key: str, where: str) -> str:
+    if key == "fallback":
+        return FALLBACK_KIND
+    kind = item.get("kind")
+    if kind is None:
+        return "control_plane"
+    if kind not in EGRESS_KINDS:
+        raise BoundaryError("%s.kind: %r is not one of %s; mark the telemetry collector's destination "
+                            "kind: telemetry and leave control-plane destinations without a kind"
+                            % (where, kind, ", ".join(EGRESS_KINDS)))
+    return kind
+
+
+def _one_telemetry(egress: list) -> None:
+    """The drill has one isolated telemetry collector, so one egress rule names it."""
+    seen = [i for i, r in enumerate(egress) if r.kind == "telemetry"]
+    if len(seen) > 1:
+        raise BoundaryError("drill_boundary.egress[%d].kind: a second telemetry destination, but the drill sends "
+                            "its telemetry to one collector (drill_boundary.egress[%d]); list its ports in that one "
+                            "rule, or declare this destination without kind: telemetry" % (seen[1], seen[0]))
 
 
 def _s3(raw: dict, key: str) -> tuple:
@@ -299,6 +343,7 @@ def parse_boundary(raw) -> Boundary:
 
     ingress = _rules(raw, "ingress", production, sandbox)
     egress = _rules(raw, "egress", production, sandbox)
+    fallback = _rules(raw, "fallback", production, sandbox)
 
     route = raw.get("control_plane_route")
     if route is not None:
@@ -349,7 +394,7 @@ def parse_boundary(raw) -> Boundary:
     s3_read, s3_write = _s3(raw, "s3_read"), _s3(raw, "s3_write")
     _check_read_only(s3_read, s3_write)
     boundary = Boundary(sandbox, production, ingress, egress, route, tiers, tuple(tier_rules),
-                        s3_read, s3_write, dict(raw))
+                        s3_read, s3_write, dict(raw), fallback)
     if sandbox is None and not _free_candidates(boundary):
         raise BoundaryError("drill_boundary.production_cidrs: %s leave no free /16 in %s for the sandbox; declare "
                             "drill_boundary.sandbox_cidr outside production (for example 192.168.0.0/16)"
@@ -382,7 +427,7 @@ def _candidates():
 def _free_candidates(boundary: Boundary, avoid_nets=()) -> list:
     """The candidate /16s overlapping no production CIDR, declared peer, control-plane route or ``avoid_nets``."""
     # Never swallow the control plane or any declared peer.
-    taken = list(boundary.production_cidrs) + [r.cidr for r in boundary.ingress + boundary.egress]
+    taken = list(boundary.production_cidrs) + [r.cidr for r in boundary.ingress + boundary.egress + boundary.fallback]
     if boundary.control_plane_route:
         taken.append(ipaddress.ip_network(boundary.control_plane_route["cidr"]))
     taken += [a for a in avoid_nets if a.version == 4]

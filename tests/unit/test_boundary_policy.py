@@ -358,3 +358,88 @@ def test_rule_inside_the_declared_sandbox_is_refused(key):
     msg = err({"production_cidrs": PROD, "sandbox_cidr": "10.213.0.0/16",
                key: [{"cidr": "10.213.5.0/24", "ports": [443]}]})
     assert msg.startswith("drill_boundary.%s[0].cidr: 10.213.5.0/24 overlaps the sandbox CIDR 10.213.0.0/16" % key)
+
+
+# ------------------------------------------- egress kind and fallback paths (issue 7)
+
+def test_egress_kind_defaults_to_control_plane_and_accepts_telemetry():
+    b = parse_boundary(with_(egress=[{"cidr": "198.51.100.0/28", "ports": [443]},
+                                     {"cidr": "198.51.100.16/28", "ports": [4317], "kind": "telemetry"}]))
+    assert [r.kind for r in b.egress] == ["control_plane", "telemetry"]
+    assert [r.kind for r in b.ingress] == ["control_plane"]
+    assert [r["kind"] for r in b.to_dict()["egress"]] == ["control_plane", "telemetry"]
+
+
+@pytest.mark.parametrize("kind", ["production", "fallback", "Telemetry", "", 1])
+def test_egress_kind_outside_the_choices_is_refused(kind):
+    msg = err(with_(egress=[{"cidr": "198.51.100.0/28", "ports": [443], "kind": kind}]))
+    assert msg.startswith("drill_boundary.egress[0].kind: %r is not one of control_plane, telemetry" % (kind,))
+
+
+def test_ingress_has_no_kind():
+    msg = err(with_(ingress=[{"cidr": "192.0.2.0/28", "ports": [22], "kind": "telemetry"}]))
+    assert msg.startswith("drill_boundary.ingress[0]: unknown key(s) kind")
+
+
+def test_second_telemetry_rule_is_refused():
+    msg = err(with_(egress=[{"cidr": "198.51.100.0/28", "ports": [4317], "kind": "telemetry"},
+                            {"cidr": "198.51.100.16/28", "ports": [4318], "kind": "telemetry"}]))
+    assert msg.startswith("drill_boundary.egress[1].kind: a second telemetry destination")
+    assert "drill_boundary.egress[0]" in msg
+
+
+def fallback_raw(**rule) -> dict:
+    item = {"cidr": "203.0.113.0/28", "protocol": "tcp", "ports": [443], "description": "DR site"}
+    item.update(rule)
+    return with_(egress=[{"cidr": "198.51.100.0/28", "ports": [443]}], fallback=[item])
+
+
+def test_fallback_parses_into_rules_shaped_like_egress():
+    b = parse_boundary(fallback_raw())
+    assert b.fallback == (parse_boundary(fallback_raw()).fallback[0],)
+    rule = b.fallback[0]
+    assert (str(rule.cidr), rule.protocol, rule.ports, rule.description, rule.kind) == (
+        "203.0.113.0/28", "tcp", (PortRange(443, 443),), "DR site", "fallback")
+    assert rule.allows("203.0.113.0/28", "tcp", 443, 443)
+    assert b.to_dict()["fallback"] == [{"cidr": "203.0.113.0/28", "protocol": "tcp", "ports": ["443"],
+                                        "description": "DR site"}]
+    assert parse_boundary({k: v for k, v in b.to_dict().items() if v is not None}) == b
+
+
+def test_no_fallback_by_default():
+    assert parse_boundary(full()).fallback == ()
+    assert parse_boundary(full()).to_dict()["fallback"] == []
+
+
+@pytest.mark.parametrize("cidr", ["10.0.4.0/24", "172.20.0.0/16", "0.0.0.0/0"])
+def test_fallback_overlapping_production_is_refused(cidr):
+    msg = err(fallback_raw(cidr=cidr))
+    assert msg.startswith("drill_boundary.fallback[0]: %s overlaps production CIDR(s)" % cidr)
+
+
+def test_fallback_overlapping_the_sandbox_is_refused():
+    msg = err(fallback_raw(cidr="10.213.9.0/24"))
+    assert msg.startswith("drill_boundary.fallback[0].cidr: 10.213.9.0/24 overlaps the sandbox CIDR 10.213.0.0/16")
+
+
+@pytest.mark.parametrize("ports", [None, []])
+def test_fallback_without_ports_is_refused(ports):
+    raw = fallback_raw(ports=ports)
+    if ports is None:
+        del raw["fallback"][0]["ports"]
+    assert err(raw).startswith("drill_boundary.fallback[0].ports: give a non-empty list")
+
+
+def test_fallback_has_no_kind():
+    assert err(fallback_raw(kind="telemetry")).startswith("drill_boundary.fallback[0]: unknown key(s) kind")
+
+
+def test_picked_sandbox_never_overlaps_a_fallback():
+    b = parse_boundary({"production_cidrs": ["10.0.0.0/8"],
+                        "fallback": [{"cidr": "172.20.0.0/14", "ports": [443]}]})
+    picks = {pick_sandbox_cidr(b, "dr-fb-%d" % i) for i in range(64)}
+    assert not any(p.overlaps(ipaddress.ip_network("172.20.0.0/14")) for p in picks)
+    with pytest.raises(BoundaryError, match=r"^drill_boundary.sandbox_cidr: 172.21.0.0/16 overlaps the "
+                                            r"fallback CIDR 172.20.0.0/14"):
+        b.with_sandbox_cidr("172.21.0.0/16")
+    assert b.with_sandbox_cidr("172.16.0.0/16").fallback == b.fallback
