@@ -3,10 +3,10 @@
 beside the floor (the same provision / prove / teardown work from one plain boto3 script).
 
 Figures, not assertions: prints a table and writes bench/results/drill-<time>.json.
-The teardown gets its own lines: the phase (from the drill's report), the sweep task
-(start to end, as Ansible timed it: process start-up included) and the sweep module's own
-``seconds``, each with its share of the whole drill. The play runs with the
-``ansible.posix.json`` stdout callback so that the sweep's result can be read back.
+The teardown gets its own lines: the phase (from the drill's report), the teardown task
+(``drill_teardown``, start to end, as Ansible timed it: process start-up included), the
+module's own ``seconds`` and each step's, with their share of the whole drill. The play runs
+with the ``ansible.posix.json`` stdout callback so that the module's result can be read back.
 
 ``--sweep-only`` times the sweep module alone instead: each run builds one resource of
 every supported type for a new drill (tests/integration/test_sweep.py's ``build_world``:
@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT / ".collections"), str(ROOT / "tools"), str(ROOT / "tes
 from drillkit import run_drill, seed_world  # noqa: E402
 from emulator import Emulator, child_env  # noqa: E402
 
-SWEEP_ACTIONS = ("drguard.sandbox.sweep", "sweep")
+TEARDOWN_ACTIONS = ("drguard.sandbox.drill_teardown", "drill_teardown")
 
 
 def sweep_only(runs: int) -> int:
@@ -84,20 +84,22 @@ def _when(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def sweep_figures(stdout: str) -> dict:
-    """The sweep task's wall seconds and the module's own ``seconds`` from the json callback's output."""
+def teardown_figures(stdout: str) -> dict:
+    """The teardown task's wall seconds, the module's own ``seconds`` and each step's, from the json callback."""
+    none = {"task_seconds": None, "module_seconds": None, "steps": {}}
     try:
         played = json.loads(stdout[stdout.index("{"):])
     except ValueError:
-        return {"task_seconds": None, "module_seconds": None}
+        return none
     for play in played.get("plays") or []:
         for task in play.get("tasks") or []:
             for result in (task.get("hosts") or {}).values():
-                if result.get("action") in SWEEP_ACTIONS and "counts" in result:
+                if result.get("action") in TEARDOWN_ACTIONS and "steps" in result:
                     duration = task["task"]["duration"]
                     return {"task_seconds": round(_when(duration["end"]) - _when(duration["start"]), 3),
-                            "module_seconds": result.get("seconds"), "counts": result.get("counts")}
-    return {"task_seconds": None, "module_seconds": None}
+                            "module_seconds": result.get("seconds"),
+                            "steps": {k: v.get("seconds") for k, v in result["steps"].items()}}
+    return none
 
 
 def _share(part, whole) -> str:
@@ -131,7 +133,7 @@ def main() -> int:
             phases = {p["name"]: p["seconds"] for p in report["phases"]}
             results.append({"outcome": report["outcome"], "wall_seconds": round(wall, 2),
                             "drill_seconds": report["seconds"], "phases": phases, "api_calls": calls,
-                            "sweep": sweep_figures(run.stdout)})
+                            "teardown": teardown_figures(run.stdout)})
         env_backup = dict(os.environ)
         os.environ.update(child_env(emu.url))
         try:
@@ -151,13 +153,14 @@ def main() -> int:
     print("provision+prove+teardown: %.2f s (target <= 60 s)" % ppt)
     drill_s = last["drill_seconds"]
     print("teardown phase: %s (target <= 3 s)" % _share(last["phases"].get("teardown"), drill_s))
-    print("  sweep task (Ansible, start to end): %s" % _share(last["sweep"]["task_seconds"], drill_s))
-    print("  sweep module (its own seconds): %s" % _share(last["sweep"]["module_seconds"], drill_s))
+    print("  teardown task (Ansible, start to end): %s" % _share(last["teardown"]["task_seconds"], drill_s))
+    print("  drill_teardown module (its own seconds): %s" % _share(last["teardown"]["module_seconds"], drill_s))
+    print("  steps: %s" % ", ".join("%s %.2f s" % (k, v or 0) for k, v in last["teardown"]["steps"].items()))
     if args.runs > 1:
         print("teardown phase over %d runs: %s" % (args.runs, ", ".join(
             "%.2f" % (r["phases"].get("teardown") or 0) for r in results)))
-        print("sweep module over %d runs: %s" % (args.runs, ", ".join(
-            "%.2f" % (r["sweep"]["module_seconds"] or 0) for r in results)))
+        print("drill_teardown module over %d runs: %s" % (args.runs, ", ".join(
+            "%.2f" % (r["teardown"]["module_seconds"] or 0) for r in results)))
     print("AWS API calls served by the emulator during the drill: %d %s" % (
         last["api_calls"]["total"], json.dumps(last["api_calls"]["by_service"], sort_keys=True)))
     print("floor (one boto3 script, same network work): %.2f s, %d calls; drill/floor ratio for "

@@ -1226,6 +1226,28 @@ def _listing_failure(errors: list) -> str:
                 "%s %s (%s)" % (e["type"], e["id"], e["error"]) for e in errors))
 
 
+def run(client_factory: Callable, *, drill_id: str | None = None, expired: bool | None = None,  # noqa: PLR0913
+        as_of: str | None = None, timeout: int = 300, check_mode: bool = False,
+        fail_on_remaining: bool = True) -> tuple:
+    """The whole sweep: check the options, discover, delete, look again.
+
+    ``client_factory(service, config=...)`` returns a (retrying) client. Returns ``(result, failure)`` like
+    :func:`sweep`, ``result`` with ``seconds``. Raises :class:`SweepError` for bad options; a botocore error
+    outside any one resource propagates.
+    """
+    when = check_options(drill_id, expired, as_of, timeout)
+    started = time.monotonic()
+    config = {"max_pool_connections": WORKERS * 2}  # many list/tag calls run in parallel
+    # Built here, in the calling thread, before anything runs: a region or connection problem fails
+    # once, cleanly, instead of inside a worker thread.
+    clients = {service: client_factory(service, config=config) for service in SERVICES}
+    ctx = Context(clients.__getitem__, Selector(drill_id=drill_id, as_of=when), started + timeout)
+    first = discover(ctx)
+    result, failure = sweep(ctx, first, check_mode, fail_on_remaining)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    return result, failure
+
+
 def sweep(ctx: Context, first: Discovery, check_mode: bool, fail_on_remaining: bool) -> tuple:
     """Delete what ``first`` proved to be the drill's, look again, and say what remains.
 

@@ -176,8 +176,6 @@ seconds:
   sample: 12.4
 """
 
-import time
-
 try:
     from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError
@@ -206,23 +204,15 @@ def main():
     )
     params = module.params
     try:
-        as_of = _sweep.check_options(params["drill_id"], params["expired"], params["as_of"], params["timeout"])
+        result, failure = _sweep.run(lambda service, config: aws_client(module, service, config=config),
+                                     drill_id=params["drill_id"], expired=params["expired"], as_of=params["as_of"],
+                                     timeout=params["timeout"], check_mode=module.check_mode,
+                                     fail_on_remaining=params["fail_on_remaining"])
     except _sweep.SweepError as exc:
         module.fail_json(msg=str(exc))
-    started = time.monotonic()
-    config = {"max_pool_connections": _sweep.WORKERS * 2}  # many list/tag calls run in parallel
-    # Built here, in the main thread, before anything runs: a region or connection problem fails
-    # the module once, cleanly, instead of inside a worker thread.
-    clients = {service: aws_client(module, service, config=config) for service in _sweep.SERVICES}
-    ctx = _sweep.Context(clients.__getitem__, _sweep.Selector(drill_id=params["drill_id"], as_of=as_of),
-                         started + params["timeout"])
-    try:
-        first = _sweep.discover(ctx)
-        result, failure = _sweep.sweep(ctx, first, module.check_mode, params["fail_on_remaining"])
     except (BotoCoreError, ClientError) as exc:  # per-resource errors are results; this is anything else
         module.fail_json_aws(exc, msg="The sweep stopped before it could prove that nothing remains; fix the "
                                       "cause and run it again.")
-    result["seconds"] = round(time.monotonic() - started, 3)
     if failure:
         module.fail_json(msg=failure, **result)
     module.exit_json(**result)
