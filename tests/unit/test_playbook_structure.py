@@ -193,16 +193,20 @@ def test_teardown_has_one_owner():
             assert needle not in text, (path, needle)
 
 
-def test_teardown_role_revokes_once_then_secrets_mount_sweep():
+def test_teardown_role_runs_every_step_in_one_module_task():
     tasks = load(ROOT / "roles" / "teardown" / "tasks" / "main.yml")
-    steps = [(m, t[m].get("state")) for t in tasks for m in t if m.startswith("drguard.sandbox.")]
-    assert steps == [("drguard.sandbox.mint_credentials", "revoked"), ("drguard.sandbox.drill_secrets", "absent"),
-                     ("drguard.sandbox.backup_access", "absent"),
-                     ("drguard.sandbox.sweep", None)]
-    # Each step runs whatever happened to the one before: none may stop the role early.
-    assert all(t.get("ignore_errors") is True and t.get("register") for t in tasks
-               if any(m.startswith("drguard.sandbox.") or m == "ansible.builtin.file" for m in t))
+    modules = [m for t in tasks for m in t if m.startswith("drguard.sandbox.")]
+    # One process for revoke, secrets, local data, backup mount and sweep (their order: _teardown.STEPS).
+    assert modules == ["drguard.sandbox.drill_teardown"]
+    (task,) = [t for t in tasks if "drguard.sandbox.drill_teardown" in t]
+    assert task.get("ignore_errors") is True and task.get("register")
     assert "ansible.builtin.fail" in tasks[-1] and "when" in tasks[-1]
+
+
+def test_teardown_steps_revoke_first_and_sweep_last():
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _teardown
+
+    assert _teardown.STEPS == ("revoke", "secrets", "local_data", "backup_mount", "sweep")
 
 
 # -------------------------------------------------------------------------------- names
