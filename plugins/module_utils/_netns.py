@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
@@ -151,6 +152,133 @@ def preflight():
             advice = "fix that and retry."
         raise NetnsError(f"the netns runtime cannot start: {'; '.join(clauses)}; {advice}", missing=missing)
     return {"root": True, "ip": paths["ip"], "nft": paths["nft"]}
+
+
+# ---------------------------------------------------------------- running workloads inside
+
+
+UNPRIVILEGED_UID = 65534
+UNPRIVILEGED_GID = 65534
+_SETPRIV_ARGS = (f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_GID}", "--clear-groups",
+                 "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env(env):
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise NetnsError("env must be a mapping of variable names to strings; fix the call.", field="env")
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise NetnsError(f"env variable name {key!r} is not a valid name ([A-Za-z_][A-Za-z0-9_]*); "
+                             "fix the call.", field="env")
+        if not isinstance(value, str) or "\0" in value:
+            raise NetnsError(f"env variable {key} must be a string without NUL bytes; fix the call.", field="env")
+    return dict(env)
+
+
+def _exec_argv(ns, argv, privileged):
+    """``ip netns exec <ns> [setpriv ... --] <argv>`` after validating ``ns`` and ``argv``."""
+    _check_ns(ns)
+    if (not isinstance(argv, (list, tuple)) or not argv
+            or not all(isinstance(a, str) and "\0" not in a for a in argv)):
+        raise NetnsError("argv must be a non-empty list of strings; fix the call.", field="argv")
+    if privileged:
+        return [_tool("ip"), "netns", "exec", ns, *argv]
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise NetnsError("setpriv not found on PATH, so nothing can run unprivileged inside a namespace; "
+                         "install util-linux (setpriv) and retry.", missing=["setpriv (package util-linux)"])
+    return [_tool("ip"), "netns", "exec", ns, setpriv, *_SETPRIV_ARGS, "--", *argv]
+
+
+def run_in(ns, argv, *, input_text=None, timeout=_TIMEOUT, env=None, privileged=False):
+    """Run ``argv`` inside namespace ``ns`` and wait for it; returns the ``subprocess.CompletedProcess``.
+
+    Unprivileged unless ``privileged=True`` (for the project's own set-up commands only): uid
+    and gid 65534, no supplementary groups, empty inheritable, ambient and bounding capability
+    sets, ``no_new_privs``. The environment is exactly ``env`` (nothing of the caller's own),
+    the working directory ``/``, stdin ``input_text`` (text) or empty. The exit code is the
+    caller's to judge; a run longer than ``timeout`` seconds is killed (its whole process
+    group) and raises :class:`NetnsError` with ``detail["timed_out"]``.
+    """
+    full = _exec_argv(ns, argv, privileged)
+    clean = _check_env(env)
+    proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean, cwd="/", start_new_session=True, close_fds=True)
+    try:
+        out, err = proc.communicate(input=input_text or "", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        proc.communicate()
+        raise NetnsError(f"{argv[0]} in namespace {ns} did not finish within {timeout:g}s and was killed; "
+                         "check the command or give it a longer timeout.", namespace=ns, timed_out=True) from None
+    return subprocess.CompletedProcess(full, proc.returncode, out, err)
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _open_output(path, field):
+    """Open ``path`` for writing as 0600 without following a symlink; its directory must exist."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise NetnsError(f"{field} {path!r} must be an absolute path; fix the call.", field=field)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent) or os.path.islink(parent):
+        raise NetnsError(f"{field} {path} is not inside an existing directory (a real one, not a symlink); "
+                         "create the directory first.", field=field)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise NetnsError(f"{field} {path} cannot be opened for writing ({exc.strerror}); "
+                         "pass a regular file path that is not a symlink.", field=field) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NetnsError(f"{field} {path} is not a regular file; pass a regular file path.", field=field)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+_SPAWNED = {}
+
+
+def spawn(ns, argv, *, env=None, stdout_path=None, stderr_path=None, privileged=False):
+    """Start ``argv`` inside namespace ``ns`` in the background; returns its pid.
+
+    Same confinement and clean environment as :func:`run_in`. The process gets a session of
+    its own (no controlling terminal, not killed with the caller's process group), stdin from
+    ``/dev/null``, stdout / stderr to the files given (opened here, by the caller, as 0600,
+    never through a symlink, truncated; their directory must exist) or ``/dev/null``. The pid
+    is the workload's own (``ip netns exec`` and ``setpriv`` exec, they do not fork), so it
+    shows in ``ip netns pids``; :func:`destroy` kills it with everything else of the prefix.
+    """
+    full = _exec_argv(ns, argv, privileged)
+    clean = _check_env(env)
+    fds = []
+    try:
+        for path, field in ((stdout_path, "stdout_path"), (stderr_path, "stderr_path")):
+            fds.append(subprocess.DEVNULL if path is None else _open_output(path, field))
+        proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[1], env=clean,
+                                cwd="/", start_new_session=True, close_fds=True)
+    finally:
+        for fd in fds:
+            if fd != subprocess.DEVNULL:
+                os.close(fd)
+    _reap()
+    _SPAWNED[proc.pid] = proc  # kept so it is reaped (poll) instead of lingering as a zombie
+    return proc.pid
+
+
+def _reap():
+    """Collect the exit status of spawned processes that ended (so none lingers as a zombie)."""
+    for pid, proc in list(_SPAWNED.items()):
+        if proc.poll() is not None:
+            del _SPAWNED[pid]
 
 
 # ---------------------------------------------------------------- plan validation
@@ -271,6 +399,7 @@ def create(plan):
         _run([ip, "-n", router, "link", "set", host, "up"])
         _run([ip, "-n", ns, "link", "set", peer, "up"])
         _run([ip, "-n", ns, "route", "replace", "default", "via", spec["gateway"], "dev", peer])
+        harden_tier(ns)
     after = read_state(prefix)
     return {"changed": after != before, "state": after}
 
@@ -285,8 +414,45 @@ def _set_only_address(ns, dev, cidr):
 
 
 def _sysctl_forward(ns, on):
-    _run([_tool("ip"), "netns", "exec", ns, "sh", "-c",
-          f"echo {1 if on else 0} > /proc/sys/net/ipv4/ip_forward"], what=f"enabling forwarding in {ns}")
+    _set_sysctls(ns, {"net.ipv4.ip_forward": "1" if on else "0"}, "enabling forwarding")
+
+
+_TIER_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
+_LISTEN_SYSCTLS = {"net.ipv4.ip_unprivileged_port_start": "0"}
+SYSCTLS = ("net.ipv4.ip_forward", *_TIER_SYSCTLS, *_LISTEN_SYSCTLS)
+
+
+def _set_sysctls(ns, values, what):
+    """Write per-namespace sysctls (``/proc/sys/net`` is the namespace's own) in one privileged call."""
+    script = "".join(f"echo {value} > /proc/sys/{key.replace('.', '/')} && " for key, value in values.items())
+    _run([_tool("ip"), "netns", "exec", ns, "sh", "-c", script + "true"], what=f"{what} in {ns}")
+
+
+def harden_tier(ns):
+    """A tier namespace: IPv6 off (``net.ipv6.conf.{all,default}.disable_ipv6=1``) and low ports
+    listenable unprivileged (``net.ipv4.ip_unprivileged_port_start=0``). :func:`create` calls it
+    for every tier; idempotent."""
+    _check_ns(ns)
+    _set_sysctls(ns, {**_TIER_SYSCTLS, **_LISTEN_SYSCTLS}, "hardening the tier")
+
+
+def allow_low_ports(ns):
+    """Let an unprivileged workload in ``ns`` listen on any port (``ip_unprivileged_port_start=0``);
+    :func:`create` calls it for tiers and neighbours; idempotent."""
+    _check_ns(ns)
+    _set_sysctls(ns, _LISTEN_SYSCTLS, "allowing unprivileged low ports")
+
+
+def read_sysctls(ns):
+    """The namespace's values of :data:`SYSCTLS` (forwarding, IPv6 off, unprivileged port start), as strings."""
+    _check_ns(ns)
+    paths = [f"/proc/sys/{key.replace('.', '/')}" for key in SYSCTLS]
+    out = _run([_tool("ip"), "netns", "exec", ns, "cat", *paths], what=f"reading the sysctls of {ns}").stdout
+    values = out.split()
+    if len(values) != len(SYSCTLS):
+        raise NetnsError(f"the sysctls of {ns} could not be read ({len(values)} of {len(SYSCTLS)} values); "
+                         "check the kernel.", namespace=ns)
+    return dict(zip(SYSCTLS, values, strict=True))
 
 
 # ---------------------------------------------------------------- rules
@@ -413,6 +579,7 @@ def destroy(prefix, wait=10.0):
         _run([ip, "netns", "del", ns], check=False)
     for link in before["host_links"]:
         _run([ip, "link", "del", link], check=False)
+    _reap()
     after = read_state(prefix)
     if after["namespaces"] or after["host_links"]:
         remaining = sorted(after["namespaces"]) + after["host_links"]

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -383,3 +384,143 @@ def _run_as_nobody(tmp, prefix):
          tmp, json.dumps(make_plan(prefix))],
         capture_output=True, text=True, timeout=30, cwd="/",
     )
+
+
+# ---------------------------------------------------------------- run_in / spawn
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by uid 65534 (the venv's interpreter may live under /root)
+
+# What a workload sees of itself: ids, groups, capability sets, no_new_privs, environment, cwd.
+WHOAMI = r"""
+import json, os
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+print(json.dumps({
+    "uid": os.getresuid(), "gid": os.getresgid(), "groups": os.getgroups(),
+    "caps": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+    "no_new_privs": status["NoNewPrivs"].strip(), "cwd": os.getcwd(),
+    # The environment as exec'd (Python's own locale coercion adds LC_CTYPE to os.environ later).
+    "env": dict(v.split("=", 1) for v in open("/proc/self/environ").read().split("\0") if v),
+}))
+"""
+
+NO_CAPS = {k: "0000000000000000" for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+
+
+@pytest.fixture
+def one_tier(prefix):
+    plan = make_plan(prefix)
+    netns.create(plan)
+    return plan
+
+
+def test_run_in_runs_unprivileged_with_no_caps_no_new_privs_and_only_the_given_env(one_tier, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "controller-secret")
+    monkeypatch.chdir("/tmp")
+    ns = one_tier["tiers"]["app"]["ns"]
+    out = netns.run_in(ns, [SYSTEM_PYTHON, "-c", WHOAMI], env={"DRILL_TOKEN": "minted"})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["uid"] == [65534, 65534, 65534]
+    assert seen["gid"] == [65534, 65534, 65534]
+    assert seen["groups"] == []
+    assert seen["caps"] == NO_CAPS
+    assert seen["no_new_privs"] == "1"
+    assert seen["env"] == {"DRILL_TOKEN": "minted"}
+    assert seen["cwd"] == "/"
+    # It really ran inside the tier: the tier's veth is the only non-loopback link it sees.
+    links = netns.run_in(ns, ["ip", "-j", "link", "show"], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert sorted(link["ifname"] for link in json.loads(links.stdout)) == sorted(
+        ["lo", one_tier["tiers"]["app"]["veth_peer"]])
+
+
+def test_run_in_passes_stdin_and_returns_the_exit_code(one_tier):
+    ns = one_tier["tiers"]["db"]["ns"]
+    code = "import sys; data = sys.stdin.read(); print(data.upper()); sys.exit(3)"
+    out = netns.run_in(ns, [SYSTEM_PYTHON, "-c", code], input_text="hello")
+    assert (out.returncode, out.stdout.strip()) == (3, "HELLO")
+
+
+def test_run_in_privileged_keeps_root_for_the_projects_own_setup(one_tier):
+    out = netns.run_in(one_tier["router"]["ns"], [SYSTEM_PYTHON, "-c", WHOAMI], privileged=True)
+    seen = json.loads(out.stdout)
+    assert seen["uid"] == [0, 0, 0]
+    assert seen["caps"]["CapEff"] != "0000000000000000"
+    assert seen["env"] == {}
+
+
+def test_run_in_kills_a_run_past_its_timeout(one_tier):
+    ns = one_tier["tiers"]["app"]["ns"]
+    started = time.monotonic()
+    with pytest.raises(netns.NetnsError) as err:
+        netns.run_in(ns, [SYSTEM_PYTHON, "-c", "import time; time.sleep(30)"], timeout=1)
+    assert time.monotonic() - started < 10
+    assert err.value.detail == {"namespace": ns, "timed_out": True}
+    assert netns._pids(ns) == []
+
+
+@pytest.mark.parametrize(("ns", "argv", "env", "reason"), [
+    ("eth0", ["true"], None, "not a drill namespace"),
+    ("drg-zzzzz-none", ["true"], None, "does not exist"),
+    ("{app}", [], None, "argv must be a non-empty list"),
+    ("{app}", "true", None, "argv must be a non-empty list"),
+    ("{app}", ["true"], {"A=B": "x"}, "not a valid name"),
+    ("{app}", ["true"], {"A": 1}, "must be a string"),
+])
+def test_run_in_refuses_bad_calls(one_tier, ns, argv, env, reason):
+    with pytest.raises(netns.NetnsError) as err:
+        netns.run_in(ns.format(app=one_tier["tiers"]["app"]["ns"]), argv, env=env)
+    assert reason in str(err.value)
+
+
+def test_spawn_detaches_writes_0600_files_unprivileged_and_destroy_kills_it(one_tier, tmp_path):
+    ns = one_tier["tiers"]["app"]["ns"]
+    out_path, err_path = tmp_path / "out.jsonl", tmp_path / "err.log"
+    code = WHOAMI + "import sys, time; sys.stdout.flush(); print('to-stderr', file=sys.stderr, flush=True)\n"
+    code += "time.sleep(60)"
+    pid = netns.spawn(ns, [SYSTEM_PYTHON, "-c", code], env={"ONLY": "this"},
+                      stdout_path=str(out_path), stderr_path=str(err_path))
+    deadline = time.monotonic() + 10
+    while not out_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = json.loads(out_path.read_text())
+    assert (seen["uid"], seen["caps"], seen["no_new_privs"], seen["env"]) == (
+        [65534] * 3, NO_CAPS, "1", {"ONLY": "this"})
+    assert err_path.read_text() == "to-stderr\n"
+    for path in (out_path, err_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
+    assert netns._pids(ns) == [pid]  # the pid is the workload's own, inside the namespace
+    assert os.getsid(pid) == pid  # a session of its own
+    assert pid in netns.destroy(one_tier["router"]["ns"][: -len("router")])["removed"]["pids"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_spawn_refuses_a_symlink_a_missing_directory_and_a_relative_path(one_tier, tmp_path):
+    ns = one_tier["tiers"]["app"]["ns"]
+    target = tmp_path / "elsewhere"
+    target.write_text("keep")
+    (tmp_path / "link").symlink_to(target)
+    cases = [(str(tmp_path / "link"), "cannot be opened"), (str(tmp_path / "nodir" / "out"), "existing directory"),
+             ("out.log", "absolute path")]
+    for path, reason in cases:
+        with pytest.raises(netns.NetnsError) as err:
+            netns.spawn(ns, ["true"], stdout_path=path)
+        assert reason in str(err.value) and err.value.detail["field"] == "stdout_path"
+    assert target.read_text() == "keep"
+    assert netns._pids(ns) == []
+
+
+def test_create_hardens_every_tier_ipv6_off_and_low_ports_open_but_not_the_router(one_tier):
+    hardened = {"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.disable_ipv6": "1",
+                "net.ipv6.conf.default.disable_ipv6": "1", "net.ipv4.ip_unprivileged_port_start": "0"}
+    for spec in one_tier["tiers"].values():
+        assert netns.read_sysctls(spec["ns"]) == hardened
+        # An unprivileged workload may listen on port 443 in its tier, and has no IPv6 at all.
+        code = ("import socket\ns = socket.socket(); s.bind(('0.0.0.0', 443)); print('bound')\n"
+                "try:\n    socket.socket(socket.AF_INET6).bind(('::1', 0)); print('v6')\n"
+                "except OSError as e:\n    print('v6 errno', e.errno)\n")
+        out = netns.run_in(spec["ns"], [SYSTEM_PYTHON, "-c", code])
+        assert out.stdout.split("\n", 2)[:2] == ["bound", "v6 errno 99"], out.stderr  # EADDRNOTAVAIL
+    router = netns.read_sysctls(one_tier["router"]["ns"])
+    assert router["net.ipv4.ip_forward"] == "1"
+    assert router["net.ipv4.ip_unprivileged_port_start"] == "1024"
