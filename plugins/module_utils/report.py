@@ -15,6 +15,10 @@ from __future__ import annotations
 
 OUTCOMES = ("passed", "failed", "halted")
 
+# The report's overhead split: seconds spent building and proving the boundary vs recovering.
+BOUNDARY_PHASES = ("network", "prove", "runtime", "probes")
+RECOVERY_PHASES = ("restore", "validate")
+
 
 def _seconds(start, end):
     if start is None or end is None:
@@ -80,6 +84,42 @@ def measure(targets: dict, drill_started: float, recovered_at: float | None,
             "met": None if target is None else (value is not None and value <= float(target)),
         }
     return out
+
+
+def overhead(phases: list) -> dict:
+    """Seconds of boundary work (network, prove, runtime, probes) vs recovery work (restore, validate)."""
+    secs = {p["name"]: p["seconds"] for p in phases if p.get("seconds") is not None}
+    boundary = {n: secs[n] for n in BOUNDARY_PHASES if n in secs}
+    recovery = {n: secs[n] for n in RECOVERY_PHASES if n in secs}
+    b, r = round(sum(boundary.values()), 3), round(sum(recovery.values()), 3)
+    return {"boundary_seconds": b, "recovery_seconds": r, "boundary_phases": boundary, "recovery_phases": recovery,
+            # Of the time the boundary and the recovery took together, the boundary's share.
+            "boundary_share": round(b / (b + r), 3) if b + r > 0 else None}
+
+
+def runtime_section(runtime: dict | None, probes: dict | None, verify: dict | None) -> dict | None:
+    """The report's ``runtime``: what ran inside the boundary, the live verification and the probe matrix."""
+    if not runtime:
+        return None
+    backend = runtime.get("backend")
+    out = {"backend": backend, "prefix": runtime.get("prefix"),
+           "units": [{k: u.get(k) for k in ("tier", "ns", "address")} for u in runtime.get("units") or []],
+           "rules": runtime.get("rules")}
+    if backend == "none":
+        out["note"] = "runtime backend none: nothing ran inside the boundary; no live probes"
+        return out
+    if verify is not None:
+        out["isolated"] = verify.get("isolated")
+        out["findings"] = verify.get("findings") or []
+    if probes is not None:
+        out["probes"] = probes.get("rows") or []
+        out["counters"] = probes.get("counters") or {}
+        out["violations"] = len(probes.get("violations") or [])
+    return out
+
+
+def _cell(value) -> str:
+    return str(value if value is not None else "").replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(report: dict) -> str:
@@ -152,6 +192,48 @@ def render_markdown(report: dict) -> str:
                   "Drill role %s, session expiring %s; secrets (%s): %s."
                   % (ident["role_arn"], ident.get("expiration"), ident.get("secret_store"),
                      ", ".join(ident.get("secret_names") or []) or "none")]
+
+    rt = report.get("runtime")
+    lines += ["", "## Sandbox runtime", ""]
+    if not rt:
+        lines.append("Not reached.")
+    elif rt.get("note"):
+        lines.append(rt["note"] + ".")
+    else:
+        lines.append("Backend %s; %d unit(s): %s." % (rt.get("backend"), len(rt.get("units") or []), ", ".join(
+            "%s %s" % (u.get("tier"), u.get("address")) for u in rt.get("units") or [])))
+        if "isolated" in rt:
+            lines.append("Live rules verified: isolated **%s**." % rt["isolated"])
+            if rt.get("findings"):
+                lines += ["", "| code | resource | detail |", "|---|---|---|"]
+                lines += ["| %s | %s | %s |" % (_cell(f.get("code")), _cell(f.get("resource")), _cell(f.get("detail")))
+                          for f in rt["findings"]]
+        if "probes" in rt:
+            lines += ["", "Probe matrix: %d row(s), %d violation(s)." % (len(rt["probes"]), rt.get("violations", 0)),
+                      "", "| from | to | address | expected | observed | reason | ms |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += ["| %s | %s | %s | %s | %s | %s | %s |" % tuple(_cell(row.get(k)) for k in (
+                "src", "dst", "address", "expected", "observed", "reason", "latency_ms")) for row in rt["probes"]]
+            delta = (rt.get("counters") or {}).get("delta") or {}
+            if delta:
+                lines += ["", "Counters during the probes: " + ", ".join(
+                    "%s +%s" % (k, v) for k, v in sorted(delta.items()))]
+
+    tel = report.get("telemetry")
+    if tel:
+        lines += ["", "## Telemetry", "", "%s event(s) received by the drill's collector, %s rejected."
+                  % (tel.get("events"), tel.get("rejected")), ""]
+        lines += ["| type | events |", "|---|---|"]
+        lines += ["| %s | %s |" % (k, v) for k, v in sorted((tel.get("by_type") or {}).items())]
+
+    o = report.get("overhead") or {}
+    if o:
+        lines += ["", "## Boundary overhead", "",
+                  "Boundary work %s s (%s); recovery work %s s (%s); boundary share %s."
+                  % (o.get("boundary_seconds"), ", ".join("%s %s" % kv for kv in o.get("boundary_phases", {}).items())
+                     or "none", o.get("recovery_seconds"),
+                     ", ".join("%s %s" % kv for kv in o.get("recovery_phases", {}).items()) or "none",
+                     o.get("boundary_share"))]
 
     r = report.get("recovery") or {}
     lines += ["", "## RTO / RPO", "", "| | measured (s) | target (s) | met |", "|---|---|---|---|"]

@@ -101,6 +101,20 @@ options:
   teardown_error:
     description: The teardown's error message, when it failed.
     type: str
+  runtime:
+    description:
+      - The result of M(drguard.sandbox.sandbox_runtime) (backend, units, rules). Absent when the runtime never
+        started; with backend V(none) the report says that nothing ran inside the boundary.
+    type: dict
+  runtime_verify:
+    description: The result of M(drguard.sandbox.runtime_verify) (isolated, findings).
+    type: dict
+  probes:
+    description: The result of M(drguard.sandbox.runtime_probe) (rows, counters, violations).
+    type: dict
+  telemetry:
+    description: The telemetry collector's summary, C({events, by_type, rejected}).
+    type: dict
   extra:
     description: Further sections to include as they are (for example identity or validation summaries).
     type: dict
@@ -165,7 +179,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcno
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import build_phases
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import decide_outcome
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import measure
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import overhead
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import render_markdown
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import runtime_section
 
 ARGUMENT_SPEC = dict(
     output_dir=dict(type="path", required=True),
@@ -186,6 +202,10 @@ ARGUMENT_SPEC = dict(
     teardown_started=dict(type="float"),
     teardown=dict(type="dict"),
     teardown_error=dict(type="str"),
+    runtime=dict(type="dict"),
+    runtime_verify=dict(type="dict"),
+    probes=dict(type="dict"),
+    telemetry=dict(type="dict"),
     extra=dict(type="dict", default={}),
 )
 
@@ -237,6 +257,9 @@ def main():
         "artifacts": _pick(p["artifacts"], _ARTIFACT_KEYS),
         "quarantine": p["quarantine"],
         "recovery": recovery,
+        "runtime": runtime_section(p["runtime"], p["probes"], p["runtime_verify"]),
+        "telemetry": p["telemetry"],
+        "overhead": overhead(phases),
         "teardown": teardown,
     }
     report.update({k: v for k, v in p["extra"].items() if k not in report})
@@ -261,6 +284,10 @@ def main():
         "rpo_seconds": recovery["rpo"]["measured_seconds"],
         "artifacts_verified": (report["artifacts"] or {}).get("verified"),
         "boundary_isolated": (report["boundary"] or {}).get("isolated"),
+        "runtime_backend": (report["runtime"] or {}).get("backend"),
+        "probe_violations": (report["runtime"] or {}).get("violations"),
+        "boundary_seconds": report["overhead"]["boundary_seconds"],
+        "recovery_seconds": report["overhead"]["recovery_seconds"],
         "teardown_remaining": (teardown or {}).get("remaining"),
         "report_path": report_path,
     }

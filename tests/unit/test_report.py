@@ -15,6 +15,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.report import (
     build_phases,
     decide_outcome,
     measure,
+    overhead,
     render_markdown,
 )
 
@@ -243,3 +244,53 @@ def test_decide_outcome(given, expected):
             "teardown_error": None, "recovery": {"rto": {"met": True}, "rpo": {"met": None}}}
     args.update(given)
     assert decide_outcome(**args) == expected
+
+
+def test_overhead_splits_boundary_work_from_recovery_work():
+    phases = [{"name": "network", "seconds": 1.5}, {"name": "prove", "seconds": 0.5},
+              {"name": "runtime", "seconds": 1.0}, {"name": "probes", "seconds": 2.0},
+              {"name": "identity", "seconds": 9.0},
+              {"name": "restore", "seconds": 3.0}, {"name": "validate", "seconds": 2.0},
+              {"name": "teardown", "seconds": None}]
+    assert overhead(phases) == {
+        "boundary_seconds": 5.0, "recovery_seconds": 5.0, "boundary_share": 0.5,
+        "boundary_phases": {"network": 1.5, "prove": 0.5, "runtime": 1.0, "probes": 2.0},
+        "recovery_phases": {"restore": 3.0, "validate": 2.0}}
+    assert overhead([])["boundary_share"] is None
+
+
+ROWS = [{"src": "app", "dst": "production", "address": "10.0.0.1:5432", "layer": "l4", "expected": "deny",
+         "observed": "deny", "reason": "timed out", "latency_ms": 1000.0},
+        {"src": "app", "dst": "db", "address": "10.9.0.18:5432", "layer": "l4", "expected": "allow",
+         "observed": "allow", "reason": "connected", "latency_ms": 0.4}]
+
+
+def test_report_carries_runtime_probes_telemetry_and_overhead(tmp_path):
+    res = run_module("drill_report", _report_args(
+        tmp_path, phases=[{"name": "network", "started": 1001.0}, {"name": "runtime", "started": 1002.0},
+                          {"name": "restore", "started": 1004.0}],
+        runtime={"backend": "netns", "prefix": "drg-abc123-", "rules": 14, "changed": True,
+                 "units": [{"tier": "app", "ns": "drg-abc123-app", "address": "10.9.0.2", "veth": "x"}]},
+        runtime_verify={"isolated": True, "findings": []},
+        probes={"rows": ROWS, "violations": [], "counters": {"delta": {"production_drop": 3}}},
+        telemetry={"events": 7, "by_type": {"drguard.probe.result": 2, "drguard.phase.finished": 5},
+                   "rejected": 0}))
+    assert not res.failed, res
+    rt = res["report"]["runtime"]
+    assert rt["backend"] == "netns" and rt["isolated"] is True and rt["violations"] == 0
+    assert rt["units"] == [{"tier": "app", "ns": "drg-abc123-app", "address": "10.9.0.2"}]
+    assert rt["probes"] == ROWS and rt["counters"]["delta"] == {"production_drop": 3}
+    assert res["report"]["telemetry"]["by_type"]["drguard.probe.result"] == 2
+    assert res["report"]["overhead"]["boundary_phases"] == {"network": 1.0, "runtime": 2.0}
+    assert res["headline"]["runtime_backend"] == "netns" and res["headline"]["probe_violations"] == 0
+    md = (tmp_path / "drill-report.md").read_text()
+    assert "| app | production | 10.0.0.1:5432 | deny | deny | timed out | 1000.0 |" in md
+    assert "production_drop +3" in md and "| drguard.probe.result | 2 |" in md
+    assert "## Boundary overhead" in md
+
+
+def test_report_says_when_nothing_ran_inside(tmp_path):
+    res = run_module("drill_report", _report_args(tmp_path, runtime={"backend": "none", "units": []}))
+    assert res["report"]["runtime"]["note"].startswith("runtime backend none: nothing ran inside the boundary")
+    assert "nothing ran inside the boundary" in (tmp_path / "drill-report.md").read_text()
+    assert run_module("drill_report", _report_args(tmp_path))["report"]["runtime"] is None
