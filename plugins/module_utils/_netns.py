@@ -361,6 +361,99 @@ def validate_plan(plan):
     return prefix, router, tiers
 
 
+WAN_ADDRESS = "169.254.0.1"  # the wan end of every neighbour's veth (/32), the neighbours' default gateway
+
+
+def validate_world(plan, prefix, tiers):
+    """Check the plan's embedded world (``uplink`` + ``world``); returns it normalised, or ``None``.
+
+    Only a plan holding both ``uplink`` and ``world`` has a world (an ``uplink`` alone is left
+    unbuilt). Names: under the plan's prefix, ``[a-z0-9-]``, devices within IFNAMSIZ, none used
+    twice (tiers included). Addresses: the uplink's ``gateway`` (router end) and ``address`` (wan
+    end) distinct hosts of its subnet, inside ``sandbox_cidr``; every neighbour address a unique
+    IPv4 address outside the sandbox CIDR and not the wan's own ``169.254.0.1``.
+    """
+    if not (isinstance(plan.get("uplink"), dict) and isinstance(plan.get("world"), dict)):
+        return None
+    world, up = plan["world"], plan["uplink"]
+    try:
+        sandbox = ipaddress.IPv4Network(plan.get("sandbox_cidr"), strict=True)
+    except (ValueError, TypeError):
+        raise NetnsError(f"sandbox_cidr {plan.get('sandbox_cidr')!r} is not an IPv4 network; the wan routes it "
+                         "back through the uplink, fix the plan.", field="sandbox_cidr") from None
+    seen = {plan["router"]["ns"]} | {t[f] for t in tiers.values() for f in ("ns", "veth_host", "veth_peer")}
+
+    def name(value, field, limit):
+        _check_name(value, field, limit, prefix)
+        if value in seen:
+            raise NetnsError(f"{field} {value!r} is used twice; fix the plan.", field=field)
+        seen.add(value)
+
+    name(world.get("ns"), "world.ns", NS_NAME_MAX)
+    name(up.get("veth_host"), "uplink.veth_host", IFNAMSIZ)
+    name(up.get("veth_peer"), "uplink.veth_peer", IFNAMSIZ)
+    try:
+        subnet = ipaddress.IPv4Network(up.get("subnet"), strict=True)
+    except (ValueError, TypeError):
+        raise NetnsError(f"uplink.subnet {up.get('subnet')!r} is not an IPv4 network; fix the plan.",
+                         field="uplink.subnet") from None
+    if subnet.prefixlen > 30 or not subnet.subnet_of(sandbox):
+        raise NetnsError(f"uplink.subnet {subnet} must hold two hosts inside the sandbox CIDR {sandbox}; "
+                         "fix the plan.", field="uplink.subnet")
+    if any(subnet.overlaps(ipaddress.IPv4Network(t["subnet"])) for t in tiers.values()):
+        raise NetnsError(f"uplink.subnet {subnet} overlaps a tier's subnet; fix the plan.", field="uplink.subnet")
+    hosts = {}
+    for field in ("address", "gateway"):
+        try:
+            host = ipaddress.IPv4Address(str(up.get(field)).split("/")[0])
+        except ValueError:
+            raise NetnsError(f"uplink.{field} {up.get(field)!r} is not an IPv4 address; fix the plan.",
+                             field=f"uplink.{field}") from None
+        if host not in subnet or host in (subnet.network_address, subnet.broadcast_address):
+            raise NetnsError(f"uplink.{field} {host} is not a host of uplink.subnet {subnet}; fix the plan.",
+                             field=f"uplink.{field}")
+        hosts[field] = host
+    if hosts["address"] == hosts["gateway"]:
+        raise NetnsError(f"uplink.gateway {hosts['gateway']} is the same as uplink.address; fix the plan.",
+                         field="uplink.gateway")
+    neighbours, used = {}, {}
+    raw = world.get("neighbours")
+    if not isinstance(raw, dict):
+        raise NetnsError("world.neighbours must be a mapping of neighbour kinds; fix the plan.",
+                         field="world.neighbours")
+    for kind, spec in sorted(raw.items()):
+        base = f"world.neighbours.{kind}"
+        if not isinstance(spec, dict):
+            raise NetnsError(f"{base} must be a mapping; fix the plan.", field=base)
+        name(spec.get("ns"), f"{base}.ns", NS_NAME_MAX)
+        name(spec.get("veth_host"), f"{base}.veth_host", IFNAMSIZ)
+        name(spec.get("veth_peer"), f"{base}.veth_peer", IFNAMSIZ)
+        addresses = spec.get("addresses")
+        if not isinstance(addresses, (list, tuple)) or not addresses:
+            raise NetnsError(f"{base}.addresses must list at least one address; fix the plan.",
+                             field=f"{base}.addresses")
+        clean = []
+        for value in addresses:
+            try:
+                address = ipaddress.IPv4Address(value)
+            except ValueError:
+                raise NetnsError(f"{base}.addresses: {value!r} is not an IPv4 address; fix the plan.",
+                                 field=f"{base}.addresses") from None
+            if address in sandbox or str(address) == WAN_ADDRESS or address.is_loopback or address.is_multicast \
+                    or address.is_unspecified or address == ipaddress.IPv4Address("255.255.255.255"):
+                raise NetnsError(f"{base}.addresses: {address} must be a unicast address outside the sandbox "
+                                 f"CIDR {sandbox} and not {WAN_ADDRESS}; fix the plan.", field=f"{base}.addresses")
+            if str(address) in used:
+                raise NetnsError(f"{base}.addresses: {address} is also {used[str(address)]}'s; every neighbour "
+                                 "address must be unique, fix the plan.", field=f"{base}.addresses")
+            used[str(address)] = kind
+            clean.append(str(address))
+        neighbours[kind] = dict(spec, addresses=clean)
+    return {"ns": world["ns"], "sandbox_cidr": str(sandbox), "neighbours": neighbours,
+            "uplink": dict(up, address=str(hosts["address"]), gateway=str(hosts["gateway"]),
+                           subnet=str(subnet), prefixlen=subnet.prefixlen)}
+
+
 # ---------------------------------------------------------------- create
 
 
@@ -372,27 +465,22 @@ def create(plan):
     validated and :func:`preflight` passes before anything is created.
     """
     prefix, router, tiers = validate_plan(plan)
+    world = validate_world(plan, prefix, tiers)
     preflight()
     before = read_state(prefix)
     existing = set(_namespaces())
     ip = _tool("ip")
-    for ns in [router] + [t["ns"] for t in tiers.values()]:
+    namespaces = [router] + [t["ns"] for t in tiers.values()]
+    if world:
+        namespaces += [world["ns"]] + [n["ns"] for n in world["neighbours"].values()]
+    for ns in namespaces:
         if ns not in existing:
             _run([ip, "netns", "add", ns], what=f"creating namespace {ns}")
         _run([ip, "-n", ns, "link", "set", "lo", "up"])
     _sysctl_forward(router, True)
     for spec in tiers.values():
         host, peer, ns = spec["veth_host"], spec["veth_peer"], spec["ns"]
-        host_links = {link["ifname"] for link in _ip_json("link", "show", ns=router)}
-        peer_links = {link["ifname"] for link in _ip_json("link", "show", ns=ns)}
-        if host in host_links and peer not in peer_links:
-            _run([ip, "-n", router, "link", "del", host])
-            host_links.discard(host)
-        if host not in host_links:
-            if peer in peer_links:
-                _run([ip, "-n", ns, "link", "del", peer])
-            _run([ip, "-n", router, "link", "add", host, "type", "veth", "peer", "name", peer, "netns", ns],
-                 what=f"creating veth pair {host}/{peer}")
+        _ensure_veth(router, host, ns, peer)
         plen = spec["prefixlen"]
         _set_only_address(router, host, f"{spec['gateway']}/{plen}")
         _set_only_address(ns, peer, f"{spec['address']}/{plen}")
@@ -400,17 +488,66 @@ def create(plan):
         _run([ip, "-n", ns, "link", "set", peer, "up"])
         _run([ip, "-n", ns, "route", "replace", "default", "via", spec["gateway"], "dev", peer])
         harden_tier(ns)
+    if world:
+        _create_world(router, world)
     after = read_state(prefix)
     return {"changed": after != before, "state": after}
 
 
-def _set_only_address(ns, dev, cidr):
+def _ensure_veth(outer, host, inner, peer):
+    """A veth pair created inside ``outer`` with its peer moved straight into ``inner`` (never in the
+    host namespace); a half-built pair (one end missing) is rebuilt."""
+    ip = _tool("ip")
+    host_links = {link["ifname"] for link in _ip_json("link", "show", ns=outer)}
+    peer_links = {link["ifname"] for link in _ip_json("link", "show", ns=inner)}
+    if host in host_links and peer not in peer_links:
+        _run([ip, "-n", outer, "link", "del", host])
+        host_links.discard(host)
+    if host not in host_links:
+        if peer in peer_links:
+            _run([ip, "-n", inner, "link", "del", peer])
+        _run([ip, "-n", outer, "link", "add", host, "type", "veth", "peer", "name", peer, "netns", inner],
+             what=f"creating veth pair {host}/{peer}")
+
+
+def _create_world(router, world):
+    """The wan namespace behind the router's uplink and the neighbours joined to it (see :func:`validate_world`)."""
+    ip = _tool("ip")
+    wan, up = world["ns"], world["uplink"]
+    _ensure_veth(router, up["veth_host"], wan, up["veth_peer"])
+    _set_only_address(router, up["veth_host"], f"{up['gateway']}/{up['prefixlen']}")
+    _set_only_address(wan, up["veth_peer"], f"{up['address']}/{up['prefixlen']}")
+    _run([ip, "-n", router, "link", "set", up["veth_host"], "up"])
+    _run([ip, "-n", wan, "link", "set", up["veth_peer"], "up"])
+    _run([ip, "-n", router, "route", "replace", "default", "via", up["address"], "dev", up["veth_host"]])
+    _run([ip, "-n", wan, "route", "replace", world["sandbox_cidr"], "via", up["gateway"], "dev", up["veth_peer"]])
+    _sysctl_forward(wan, True)
+    for spec in world["neighbours"].values():
+        near, far, ns = spec["veth_host"], spec["veth_peer"], spec["ns"]
+        _ensure_veth(wan, near, ns, far)
+        _set_only_address(wan, near, f"{WAN_ADDRESS}/32")
+        _set_only_address(ns, far, *(f"{a}/32" for a in spec["addresses"]))
+        _run([ip, "-n", wan, "link", "set", near, "up"])
+        _run([ip, "-n", ns, "link", "set", far, "up"])
+        _run([ip, "-n", ns, "route", "replace", "default", "via", WAN_ADDRESS, "dev", far, "onlink"])
+        wanted = {f"{a}/32" for a in spec["addresses"]}
+        for route in _ip_json("-4", "route", "show", "dev", near, ns=wan):
+            dst = route["dst"] if "/" in route["dst"] else f"{route['dst']}/32"
+            if dst not in wanted:
+                _run([ip, "-n", wan, "route", "del", route["dst"], "dev", near])
+        for address in spec["addresses"]:
+            _run([ip, "-n", wan, "route", "replace", f"{address}/32", "dev", near])
+        allow_low_ports(ns)
+
+
+def _set_only_address(ns, dev, *cidrs):
     ip = _tool("ip")
     links = _ip_json("addr", "show", "dev", dev, ns=ns)
     for info in (links[0].get("addr_info", []) if links else []):
-        if info.get("family") == "inet" and f"{info['local']}/{info['prefixlen']}" != cidr:
+        if info.get("family") == "inet" and f"{info['local']}/{info['prefixlen']}" not in cidrs:
             _run([ip, "-n", ns, "addr", "del", f"{info['local']}/{info['prefixlen']}", "dev", dev])
-    _run([ip, "-n", ns, "addr", "replace", cidr, "dev", dev])
+    for cidr in cidrs:
+        _run([ip, "-n", ns, "addr", "replace", cidr, "dev", dev])
 
 
 def _sysctl_forward(ns, on):

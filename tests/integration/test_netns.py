@@ -524,3 +524,153 @@ def test_create_hardens_every_tier_ipv6_off_and_low_ports_open_but_not_the_route
     router = netns.read_sysctls(one_tier["router"]["ns"])
     assert router["net.ipv4.ip_forward"] == "1"
     assert router["net.ipv4.ip_unprivileged_port_start"] == "1024"
+
+
+# ---------------------------------------------------------------- the embedded world (wan, neighbours)
+
+WORLD_BOUNDARY = {
+    "sandbox_cidr": "10.213.0.0/16",
+    "production_cidrs": ["10.0.0.0/16"],
+    "egress": [{"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
+               {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"}],
+    "ingress": [],
+    "tiers": ["app", "db"],
+    "tier_rules": [],
+}
+
+
+def world_of(plan, neighbours):
+    """The contract's world, by hand: ``neighbours`` maps a kind to (short name, letter, addresses)."""
+    prefix = plan["prefix"]
+    return {"ns": f"{prefix}wan", "neighbours": {
+        kind: {"ns": prefix + short, "veth_host": f"{prefix}{x}w", "veth_peer": f"{prefix}{x}n", "addresses": addrs}
+        for kind, (short, x, addrs) in neighbours.items()}}
+
+
+def translated_world_plan():
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
+    from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+    boundary = parse_boundary(WORLD_BOUNDARY)
+    plan = nft_policy.address_plan(boundary, f"dr-netns-world-{uuid.uuid4().hex}")
+    plan["world"] = world_of(plan, {"production": ("prod", "p", ["10.0.0.1"]),
+                                    "control_plane": ("cp", "c", ["198.51.100.1"]),
+                                    "telemetry": ("tel", "t", ["198.51.100.17"])})
+    return boundary, plan
+
+
+@pytest.fixture
+def world():
+    boundary, plan = translated_world_plan()
+    assert host_names(plan["prefix"]) == ([], [])
+    try:
+        yield boundary, plan
+    finally:
+        netns.destroy(plan["prefix"])
+        assert host_names(plan["prefix"]) == ([], [])
+
+
+@pytest.fixture
+def spawned_listener(tmp_path):
+    """A listener started with netns.spawn (unprivileged): waits until it reports ``ready``."""
+    def start(ns, address, *ports):
+        out = tmp_path / f"listener-{ns}-{address}.out"
+        netns.spawn(ns, [SYSTEM_PYTHON, "-c", SERVER, address, *map(str, ports)], stdout_path=str(out),
+                    stderr_path=str(out) + ".err")
+        deadline = time.monotonic() + 10
+        while "ready" not in out.read_text():
+            assert time.monotonic() < deadline, (tmp_path / (out.name + ".err")).read_text()
+            time.sleep(0.05)
+    return start
+
+
+def test_create_builds_the_wan_uplink_and_neighbours_exactly_and_idempotently(world):
+    _, plan = world
+    result = netns.create(plan)
+    assert result["changed"] is True
+    state = result["state"]["namespaces"]
+    p, up = plan["prefix"], plan["uplink"]
+    assert sorted(state) == sorted([f"{p}router", f"{p}app", f"{p}db", f"{p}validation", f"{p}wan",
+                                    f"{p}prod", f"{p}cp", f"{p}tel"])
+    router = state[f"{p}router"]
+    assert router["links"][up["veth_host"]] == {"up": True, "addresses": [f"{up['gateway']}/28"]}
+    assert {"dst": "default", "dev": up["veth_host"], "gateway": up["address"]} in router["routes"]
+    wan = state[f"{p}wan"]
+    assert wan["ip_forward"] is True
+    assert wan["links"] == {
+        up["veth_peer"]: {"up": True, "addresses": [f"{up['address']}/28"]},
+        f"{p}pw": {"up": True, "addresses": ["169.254.0.1/32"]},
+        f"{p}cw": {"up": True, "addresses": ["169.254.0.1/32"]},
+        f"{p}tw": {"up": True, "addresses": ["169.254.0.1/32"]},
+    }
+    assert wan["routes"] == sorted([
+        {"dst": "10.213.0.0/16", "dev": up["veth_peer"], "gateway": up["gateway"]},
+        {"dst": up["subnet"], "dev": up["veth_peer"], "gateway": None},
+        {"dst": "10.0.0.1", "dev": f"{p}pw", "gateway": None},
+        {"dst": "198.51.100.1", "dev": f"{p}cw", "gateway": None},
+        {"dst": "198.51.100.17", "dev": f"{p}tw", "gateway": None},
+    ], key=lambda r: r["dst"])
+    assert state[f"{p}prod"] == {"ip_forward": False,
+                                 "links": {f"{p}pn": {"up": True, "addresses": ["10.0.0.1/32"]}},
+                                 "routes": [{"dst": "default", "dev": f"{p}pn", "gateway": "169.254.0.1"}]}
+    assert netns.read_sysctls(f"{p}prod")["net.ipv4.ip_unprivileged_port_start"] == "0"
+    assert result["state"]["host_links"] == [] and host_names(p)[1] == []
+    again = netns.create(plan)
+    assert again["changed"] is False
+    assert again["state"] == result["state"]
+
+
+def test_a_tier_reaches_neighbours_until_the_router_ruleset_governs_it(world, spawned_listener):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
+
+    boundary, plan = world
+    netns.create(plan)
+    p = plan["prefix"]
+    spawned_listener(f"{p}prod", "10.0.0.1", 5432, 443)
+    spawned_listener(f"{p}cp", "198.51.100.1", 443, 8443)
+    spawned_listener(f"{p}tel", "198.51.100.17", 4317)
+    app = plan["tiers"]["app"]["ns"]
+    # No ruleset: every neighbour is reachable through router and wan, both ways of the path work.
+    for address, port in (("10.0.0.1", 5432), ("10.0.0.1", 443), ("198.51.100.1", 443), ("198.51.100.1", 8443),
+                          ("198.51.100.17", 4317)):
+        assert probe(app, address, port) == "connected", (address, port)
+    netns.apply_ruleset(plan["router"]["ns"], nft_policy.router_ruleset(boundary, plan, plan["table"]))
+    assert probe(app, "10.0.0.1", 5432, timeout=0.5) == "timeout"
+    assert probe(app, "10.0.0.1", 443, timeout=0.5) == "timeout"
+    assert probe(app, "198.51.100.1", 443) == "connected"
+    assert probe(app, "198.51.100.1", 8443, timeout=0.5) == "timeout"
+    assert probe(plan["tiers"]["validation"]["ns"], "198.51.100.17", 4317) == "connected"
+    assert nft_policy.verify_ruleset(boundary, plan, netns.read_ruleset(plan["router"]["ns"])) == []
+
+
+@pytest.mark.parametrize(("edit", "field", "reason"), [
+    (lambda plan: plan["world"]["neighbours"]["production"].update(addresses=["198.51.100.1"]),
+     "world.neighbours.production.addresses", "must be unique"),
+    (lambda plan: plan["world"]["neighbours"]["production"].update(addresses=["10.213.0.9"]),
+     "world.neighbours.production.addresses", "outside the sandbox CIDR"),
+    (lambda plan: plan["world"]["neighbours"]["production"].update(addresses=["169.254.0.1"]),
+     "world.neighbours.production.addresses", "outside the sandbox CIDR"),
+    (lambda plan: plan["world"]["neighbours"]["production"].update(addresses=[]),
+     "world.neighbours.production.addresses", "at least one address"),
+    (lambda plan: plan["world"]["neighbours"]["telemetry"].update(veth_host=plan["prefix"] + "pw"),
+     "world.neighbours.telemetry.veth_host", "used twice"),
+    (lambda plan: plan["world"]["neighbours"]["telemetry"].update(ns="drg-other-tel"),
+     "world.neighbours.telemetry.ns", "does not start with the plan's prefix"),
+    (lambda plan: plan["world"].update(ns=plan["prefix"] + "wan-" + "x" * 60),
+     "world.ns", "longer than 63"),
+    (lambda plan: plan["uplink"].update(gateway=plan["uplink"]["address"]), "uplink.gateway", "same as"),
+    (lambda plan: plan["uplink"].update(veth_peer=plan["prefix"] + "uplink-peer"), "uplink.veth_peer",
+     "longer than 15"),
+    (lambda plan: plan.update(sandbox_cidr="10.213.0.1/16"), "sandbox_cidr", "not an IPv4 network"),
+])
+def test_a_bad_world_fails_before_anything_is_created(edit, field, reason):
+    _, plan = translated_world_plan()
+    edit(plan)
+    try:
+        with pytest.raises(netns.NetnsError) as err:
+            netns.create(plan)
+        assert reason in str(err.value)
+        assert err.value.detail["field"] == field
+        assert host_names(plan["prefix"]) == ([], [])
+    finally:
+        netns.destroy(plan["prefix"])
