@@ -45,6 +45,7 @@ FINDING_CODES = (
     "endpoint_service_offered", "load_balancer_internet_facing",
     "resolver_rule_associated", "resolver_endpoint_present", "resolver_query_logging",
     "private_hosted_zone_associated", "lattice_service_network_associated",
+    "fallback_blocked",
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
@@ -83,6 +84,9 @@ _DHCP_HARMLESS = frozenset({"domain-name", "ipv6-address-preferred-lease-time"})
 _ACTION_NAMES = {"list_hosted_zones_by_vpc": "ListHostedZonesByVPC"}
 _PROTOCOL_NAMES = {"-1": "all", "6": "tcp", "17": "udp", "1": "icmp", "58": "icmpv6"}
 _NACL_DEFAULT_RULE = 32767
+# The ports replies to the sandbox arrive on: the ephemeral range AWS documents for network ACLs
+# (it covers every client's choice: Linux, Windows, NAT gateways, load balancers).
+_RETURN_PORTS = (1024, 65535)
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 
 
@@ -553,7 +557,7 @@ def _judge_sg_peer(ctx: _SgContext, rule: tuple, kind: str, item: dict) -> str |
             return None  # intra-sandbox
         if net.prefixlen == 0 or proto == "all":
             return open_code
-        declared = boundary.egress if direction == "egress" else boundary.ingress
+        declared = boundary.egress + boundary.fallback if direction == "egress" else boundary.ingress
         return None if _declared_covers(declared, net, proto, start, end) else undeclared_code
     if kind == "cidr6":
         net = _net(item.get("CidrIpv6"))
@@ -622,7 +626,7 @@ def _check_production_deny(prod, entries: list, direction: str, aid: str, f: _Fi
 def _check_nacls(boundary, nacls: list, subnets: list | None, allowed: dict, f: _Findings) -> int:
     """``allowed``: {"vpc": [cidr], "s3": [cidr]} - the live VPC CIDRs and the S3 prefix list's CIDRs."""
     vpc_nets = [n for n in (_net(c) for c in allowed["vpc"]) if n is not None]
-    declared_nets = [r.cidr for r in boundary.ingress + boundary.egress]
+    declared_nets = [r.cidr for r in boundary.ingress + boundary.egress + boundary.fallback]
     s3_nets = []
     if boundary.s3_read or boundary.s3_write:
         s3_nets = [n for n in (_net(c) for c in allowed["s3"]) if n is not None]
@@ -664,6 +668,136 @@ def _check_nacls(boundary, nacls: list, subnets: list | None, allowed: dict, f: 
                     continue
                 f.add("nacl_allow_undeclared", aid, _nacl_entry_text(e))
     return entries_seen
+
+
+# ------------------------------------------------- fallback paths: allowed, not merely not leaking
+
+# A box of traffic: (IPv4 network, first port, last port).
+
+def _box_minus(box: tuple, cut: tuple) -> list:
+    """The boxes of ``box`` that ``cut`` does not cover."""
+    net, start, end = box
+    cnet, cstart, cend = cut
+    if not net.overlaps(cnet) or end < cstart or start > cend:
+        return [box]
+    if net.subnet_of(cnet):
+        inside, out = net, []
+    else:
+        inside, out = cnet, [(n, start, end) for n in net.address_exclude(cnet)]
+    if start < cstart:
+        out.append((inside, start, cstart - 1))
+    if end > cend:
+        out.append((inside, cend + 1, end))
+    return out
+
+
+def _boxes_minus(boxes: list, cut: tuple) -> list:
+    return [piece for box in boxes for piece in _box_minus(box, cut)]
+
+
+def _boxes_text(boxes: list) -> str:
+    by_ports = {}
+    for net, start, end in boxes:
+        by_ports.setdefault((start, end), []).append(net)
+    parts = []
+    for (start, end), nets in sorted(by_ports.items()):
+        ports = "port %d" % start if start == end else "ports %d-%d" % (start, end)
+        parts += ["%s %s" % (n, ports) for n in ipaddress.collapse_addresses(nets)]
+    return ", ".join(parts)
+
+
+def _fallback_flows(boundary):
+    """``(index, rule, port range)`` for every declared fallback port range."""
+    for i, rule in enumerate(boundary.fallback):
+        for port in rule.ports:
+            yield i, rule, port
+
+
+def _flow_text(direction: str, i: int, rule, port) -> str:
+    ports = "port %d" % port.start if port.start == port.end else "ports %d-%d" % (port.start, port.end)
+    return "%s %s %s to %s (drill_boundary.fallback[%d])" % (direction, rule.protocol, ports, rule.cidr, i)
+
+
+def _workload_group(sg: dict, tiers) -> bool:
+    """A group a tier's workloads sit in: not the default one; it sends traffic or is named for a tier.
+
+    A group without any egress rule whose name is no tier's (an interface endpoint's, which only
+    receives) holds no workload, so a fallback is not expected there.
+    """
+    name = sg.get("GroupName") or ""
+    if name == "default":
+        return False
+    return bool(sg.get("IpPermissionsEgress")) or any(name == t or name.endswith("-" + t) for t in tiers)
+
+
+def _check_fallback_groups(boundary, groups: list, f: _Findings) -> None:
+    """Every workload group must allow egress to every declared fallback port (security groups are stateful)."""
+    for sg in groups:
+        if not _workload_group(sg, boundary.tiers):
+            continue
+        gid = sg.get("GroupId", "?")
+        allows = []
+        for perm in sg.get("IpPermissionsEgress") or []:
+            proto = _proto(perm.get("IpProtocol", "-1"))
+            start, end = 0, 65535
+            if proto in ("tcp", "udp") and int(perm.get("FromPort", -1)) != -1:
+                start, end = int(perm["FromPort"]), int(perm.get("ToPort", perm["FromPort"]))
+            for rng in perm.get("IpRanges") or []:
+                net = _net(rng.get("CidrIp"))
+                if net is not None and net.version == 4:
+                    allows.append((proto, (net, start, end)))
+        for i, rule, port in _fallback_flows(boundary):
+            left = [(rule.cidr, port.start, port.end)]
+            for proto, box in allows:
+                if proto in ("all", rule.protocol):
+                    left = _boxes_minus(left, box)
+            if left:
+                f.add("fallback_blocked", gid, "%s is not allowed by security group %s (%s); not allowed: %s"
+                      % (_flow_text("egress", i, rule, port), gid, sg.get("GroupName"), _boxes_text(left)))
+
+
+def _nacl_blocked(entries: list, egress: bool, protocol: str, box: tuple) -> list:
+    """The parts of ``box`` the ACL does not allow, walking entries in rule-number order as AWS does."""
+    open_part, blocked = [box], []
+    for e in sorted(entries, key=lambda e: e.get("RuleNumber", 0)):
+        if bool(e.get("Egress")) != egress or e.get("RuleNumber") == _NACL_DEFAULT_RULE or not open_part:
+            continue
+        proto = _proto(e.get("Protocol", "-1"))
+        net = _net(e.get("CidrBlock"))
+        if net is None or net.version != 4 or proto not in ("all", protocol):
+            continue
+        pr = e.get("PortRange") or {}
+        start, end = (0, 65535) if proto == "all" or not pr else (int(pr.get("From", 0)), int(pr.get("To", 65535)))
+        cut = (net, start, end)
+        if e.get("RuleAction") != "allow":
+            blocked += _overlap(open_part, cut)
+        open_part = _boxes_minus(open_part, cut)
+    return blocked + open_part  # what no entry allowed meets the implicit deny
+
+
+def _overlap(boxes: list, cut: tuple) -> list:
+    """The parts of ``boxes`` inside ``cut`` (two IPv4 networks that overlap: one holds the other)."""
+    cnet, cstart, cend = cut
+    return [(net if net.subnet_of(cnet) else cnet, max(start, cstart), min(end, cend))
+            for net, start, end in boxes
+            if net.overlaps(cnet) and start <= cend and cstart <= end]
+
+
+def _check_fallback_nacls(boundary, nacls: list, f: _Findings) -> None:
+    """Every associated ACL must let each fallback flow out and its replies back in."""
+    for acl in nacls:
+        if not acl.get("Associations"):
+            continue
+        aid = acl.get("NetworkAclId", "?")
+        entries = acl.get("Entries") or []
+        for i, rule, port in _fallback_flows(boundary):
+            for egress, box, direction in ((True, (rule.cidr, port.start, port.end), "egress"),
+                                           (False, (rule.cidr,) + _RETURN_PORTS, "ingress (the return path)")):
+                left = _nacl_blocked(entries, egress, rule.protocol, box)
+                if left:
+                    f.add("fallback_blocked", aid, "%s is not allowed by network ACL %s; not allowed: %s"
+                          % (_flow_text(direction, i, rule, port), aid, _boxes_text(left)))
+                    break
 
 
 def _as_list(value) -> list:
@@ -947,12 +1081,14 @@ def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = Tr
         checked["security_groups"] = len(groups)
         checked["security_group_rules"] = _check_security_groups(
             boundary, groups, vpc_cidrs, s3_pl.get("PrefixListId") if s3_pl else None, f)
+        _check_fallback_groups(boundary, groups, f)
 
     nacls = _readable(snapshot, "network_acls", f, vpc_id)
     if nacls is not None:
         checked["network_acls"] = len(nacls)
         allowed = {"vpc": vpc_cidrs, "s3": (s3_pl or {}).get("Cidrs") or []}
         checked["network_acl_entries"] = _check_nacls(boundary, nacls, subnets, allowed, f)
+        _check_fallback_nacls(boundary, nacls, f)
 
     if "dhcp_options" in snapshot:  # absent only when the VPC itself was not read (already a finding)
         dopts = _readable(snapshot, "dhcp_options", f, vpc_id)

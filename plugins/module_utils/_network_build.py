@@ -116,11 +116,14 @@ def desired_sg_rules(boundary, tier: str, group_ids: dict, s3_prefix_list: str |
     such rules are keyed with the tier's name instead).
     """
     rules = {}
-    for direction, source in (("ingress", boundary.ingress), ("egress", boundary.egress)):
+    # A fallback path (a DR site) goes out exactly like a declared egress destination.
+    for direction, source in (("ingress", boundary.ingress), ("egress", boundary.egress),
+                              ("egress", boundary.fallback)):
         for rule in source:
+            label = "fallback" if rule.kind == "fallback" else direction
             for port in rule.ports:
                 key = (direction, rule.protocol, port.start, port.end, "cidr", str(rule.cidr))
-                rules.setdefault(key, _description(rule.description, "drguard %s %s" % (direction, rule.cidr)))
+                rules.setdefault(key, _description(rule.description, "drguard %s %s" % (label, rule.cidr)))
     if s3_prefix_list and (boundary.s3_read or boundary.s3_write):
         rules[("egress", "tcp", 443, 443, "pl", s3_prefix_list)] = "drguard S3 via the gateway endpoint"
     for tr in boundary.tier_rules:
@@ -249,8 +252,9 @@ def desired_nacl_entries(boundary, sandbox_cidr, s3_cidrs=()) -> set:
 
     Production CIDRs are denied (all protocols, both directions) with the lowest rule
     numbers; then narrow allows: the sandbox itself, ingress sources on their ports,
-    egress destinations on their ports, S3 (when granted) on 443, and the ephemeral
-    return ports in the opposite directions. Everything else meets the implicit deny.
+    egress destinations and fallback paths on their ports, S3 (when granted) on 443, and
+    the ephemeral return ports in the opposite directions. Everything else meets the
+    implicit deny. No route is added for a fallback path.
 
     AWS allows 20 entries per direction by default (docs/boundary-policy.md, "Limits"), so
     the entries are fitted first: ports of one peer merge into ranges, an allow inside another
@@ -271,7 +275,7 @@ def desired_nacl_entries(boundary, sandbox_cidr, s3_cidrs=()) -> set:
         for port in rule.ports:
             allow(False, rule.protocol, rule.cidr, port.start, port.end)
         allow(True, rule.protocol, rule.cidr, *EPHEMERAL)
-    for rule in boundary.egress:
+    for rule in boundary.egress + boundary.fallback:
         for port in rule.ports:
             allow(True, rule.protocol, rule.cidr, port.start, port.end)
         allow(False, rule.protocol, rule.cidr, *EPHEMERAL)

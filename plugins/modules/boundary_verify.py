@@ -38,7 +38,10 @@ description:
     C(carrier_gateway_present), C(eni_public_ip), C(eni_source_dest_check_off), C(traffic_mirror_session),
     C(traffic_mirror_target), C(endpoint_service_offered), C(load_balancer_internet_facing),
     C(resolver_rule_associated), C(resolver_endpoint_present), C(resolver_query_logging),
-    C(private_hosted_zone_associated), C(lattice_service_network_associated)."
+    C(private_hosted_zone_associated), C(lattice_service_network_associated), C(fallback_blocked)."
+  - A declared fallback path (C(drill_boundary.fallback), a DR site or secondary region) counts as declared
+    egress, and must be allowed. Every workload security group must allow it out on its ports and every
+    network ACL in use must let it out and its replies back in, else C(fallback_blocked).
 attributes:
   check_mode:
     support: full

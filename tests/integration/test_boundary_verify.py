@@ -823,3 +823,78 @@ def test_pure_subnet_customer_owned_ips_are_public_addresses():
     res = judge(snapshot(subnets=[subnet], network_acls=[acl]))
     assert {f["code"] for f in res["findings"]} == {"subnet_public_ip"}
     assert "ipv4pool-coip-1" in res["findings"][0]["detail"]
+
+
+# ------------------------------------------------------------ fallback paths (drill_boundary.fallback)
+
+DR_SITE = "203.0.113.0/28"
+FALLBACK = [{"cidr": DR_SITE, "protocol": "tcp", "ports": [443], "description": "DR site"}]
+
+
+def _fallback_sg(gid="sg-1", name="app", *extra):
+    perm = {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": DR_SITE}]}
+    return dict(_sg(perm, *extra), GroupId=gid, GroupName=name)
+
+
+def _fallback_entries(out=(443, 443), back=(1024, 65535), number=150):
+    return [{"RuleNumber": number, "RuleAction": "allow", "Protocol": "6", "Egress": True, "CidrBlock": DR_SITE,
+             "PortRange": {"From": out[0], "To": out[1]}},
+            {"RuleNumber": number, "RuleAction": "allow", "Protocol": "6", "Egress": False, "CidrBlock": DR_SITE,
+             "PortRange": {"From": back[0], "To": back[1]}}]
+
+
+def _fallback_snap(groups=None, entries=None):
+    return snapshot(subnets=[{"SubnetId": "subnet-1", "VpcId": VPC}],
+                    security_groups=[_fallback_sg()] if groups is None else groups,
+                    network_acls=[_nacl(*(_fallback_entries() if entries is None else entries))])
+
+
+def _fallback_findings(snap, **overrides):
+    overrides.setdefault("fallback", FALLBACK)
+    return [(f["code"], f["resource"], f["detail"]) for f in judge(snap, **overrides)["findings"]]
+
+
+def test_pure_declared_fallback_counts_as_declared():
+    assert _fallback_findings(_fallback_snap()) == []
+    # without the declaration the same rules are undeclared egress
+    assert {f["code"] for f in judge(_fallback_snap())["findings"]} == {"sg_egress_undeclared",
+                                                                         "nacl_allow_undeclared"}
+
+
+def test_pure_fallback_missing_from_a_security_group_is_blocked():
+    snap = _fallback_snap(groups=[_fallback_sg(), dict(_sg(), GroupId="sg-2", GroupName="drguard-dr-x-db")])
+    assert _fallback_findings(snap) == [
+        ("fallback_blocked", "sg-2", "egress tcp port 443 to %s (drill_boundary.fallback[0]) is not allowed by "
+                                     "security group sg-2 (drguard-dr-x-db); not allowed: %s port 443"
+         % (DR_SITE, DR_SITE))]
+
+
+def test_pure_fallback_covered_by_the_union_of_rules_is_not_blocked():
+    halves = {"IpProtocol": "tcp", "FromPort": 440, "ToPort": 450,
+              "IpRanges": [{"CidrIp": "203.0.113.0/29"}, {"CidrIp": "203.0.113.8/29"}]}
+    fallback = [dict(FALLBACK[0], ports=["440-450"])]
+    snap = _fallback_snap(groups=[_sg(halves)], entries=_fallback_entries(out=(440, 450)))
+    assert _fallback_findings(snap, fallback=fallback) == []
+    halves["IpRanges"].pop()
+    assert [c for c, _r, _d in _fallback_findings(snap, fallback=fallback)] == ["fallback_blocked"]
+
+
+def test_pure_group_without_egress_rules_not_named_for_a_tier_is_not_a_workload_group():
+    receiving_only = dict(_sg(ingress=[{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443,
+                                        "IpRanges": [{"CidrIp": SANDBOX}]}]), GroupId="sg-e", GroupName="endpoints")
+    assert _fallback_findings(_fallback_snap(groups=[_fallback_sg(), receiving_only])) == []
+
+
+@pytest.mark.parametrize("entries, direction, left", [
+    ([], "egress", "%s port 443" % DR_SITE),
+    (_fallback_entries()[1:], "egress", "%s port 443" % DR_SITE),
+    (_fallback_entries()[:1], "ingress (the return path)", "%s ports 1024-65535" % DR_SITE),
+    (_fallback_entries(back=(32768, 65535)), "ingress (the return path)", "%s ports 1024-32767" % DR_SITE),
+    (_fallback_entries(out=(443, 443)) + [_deny(120, "203.0.113.8/29", egress=True)], "egress",
+     "203.0.113.8/29 port 443"),
+])
+def test_pure_fallback_the_network_acl_does_not_allow_is_blocked(entries, direction, left):
+    found = _fallback_findings(_fallback_snap(entries=entries))
+    assert [(c, r) for c, r, _d in found] == [("fallback_blocked", "acl-1")], found
+    assert found[0][2] == ("%s tcp port 443 to %s (drill_boundary.fallback[0]) is not allowed by network ACL acl-1; "
+                           "not allowed: %s" % (direction, DR_SITE, left))

@@ -656,3 +656,57 @@ def test_fitted_boundary_builds_and_boundary_verify_proves_it_isolated(aws_env, 
     assert len(ingress) <= 20
     proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary, "fail_on_findings": False})
     assert proof["findings"] == [] and proof["isolated"] is True, proof["findings"]
+
+
+# --------------------------------------------------------------- fallback paths (drill_boundary.fallback)
+
+DR_SITE = "203.0.113.0/28"
+
+
+def test_fallback_is_allowed_out_like_egress_and_verifies_as_declared(aws_env, aws):
+    drill_id = _drill_id("fallback")
+    boundary = _boundary(fallback=[{"cidr": DR_SITE, "protocol": "tcp", "ports": [443, "8443-8444"],
+                                    "description": "DR site"}])
+    res = _build(drill_id, boundary, flow_logs=False)
+    ec2 = aws("ec2")
+    for group in ec2.describe_security_groups(GroupIds=list(res["security_groups"].values()))["SecurityGroups"]:
+        mine = {r for r in _sg_rules(group) if r[-1] == DR_SITE}
+        assert mine == {("out", "tcp", 443, 443, DR_SITE), ("out", "tcp", 8443, 8444, DR_SITE)}
+    acl = ec2.describe_network_acls(NetworkAclIds=[res["network_acl_id"]])["NetworkAcls"][0]
+    fallback = {(e["Egress"], e["RuleAction"], str(e["Protocol"]), e["PortRange"]["From"], e["PortRange"]["To"])
+                for e in acl["Entries"] if e["CidrBlock"] == DR_SITE}
+    assert fallback == {(True, "allow", "6", 443, 443), (True, "allow", "6", 8443, 8444),
+                        (False, "allow", "6", 1024, 65535)}
+    # no route: the fallback is filtered like egress, never routed by the builder
+    rt = ec2.describe_route_tables(RouteTableIds=[res["route_table_id"]])["RouteTables"][0]
+    assert not [r for r in rt["Routes"] if r.get("DestinationCidrBlock") == DR_SITE]
+    assert _build(drill_id, boundary, flow_logs=False)["changed"] is False
+    proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary,
+                                           "require_flow_logs": False, "fail_on_findings": False})
+    assert proof["findings"] == [] and proof["isolated"] is True, proof["findings"]
+
+    # the live configuration loses the app tier's fallback rule: the boundary now blocks the failover path
+    app = res["security_groups"]["app"]
+    ec2.revoke_security_group_egress(GroupId=app, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": DR_SITE}]}])
+    proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary,
+                                           "require_flow_logs": False, "fail_on_findings": False})
+    assert [(f["code"], f["resource"]) for f in proof["findings"]] == [("fallback_blocked", app)], proof["findings"]
+    assert "egress tcp port 443 to %s (drill_boundary.fallback[0])" % DR_SITE in proof["findings"][0]["detail"]
+
+
+def test_fallback_rules_count_toward_the_network_acl_quota(aws_env, aws):
+    drill_id = _drill_id("fbquota")
+    before = _managed_count(aws)
+    boundary = _boundary(production_cidrs=TWELVE, ingress=[
+        {"cidr": "192.0.2.0/28", "ports": [22, 443]}, {"cidr": "192.0.2.16/28", "ports": [22, 9100]},
+        {"cidr": "192.0.2.32/28", "ports": [22, 8443]}], egress=[{"cidr": "198.51.100.0/28", "ports": [443]}],
+        s3_read=[], s3_write=[])
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build as nb
+    assert nb.nacl_entries_per_direction(nb.desired_nacl_entries(parse_boundary(boundary), "10.213.0.0/16")) == 20
+    boundary["fallback"] = [{"cidr": DR_SITE, "ports": [443]}]
+    res = run_module("sandbox_network", _args(drill_id, boundary))
+    assert res.failed
+    assert res["msg"].startswith("the boundary needs 21 network ACL entries per direction; AWS allows 20 by default")
+    assert _drill_resources(aws, drill_id) == []
+    assert _managed_count(aws) == before
