@@ -316,7 +316,8 @@ def run_probes(rows, plan, timeout=1.0):
     ``deny`` when it times out or is unreachable; a UDP probe is ``allow`` when a reply (or
     an ICMP port unreachable) comes back. A probe that could not run is ``error`` and a
     violation (fail closed). The router table's named counters are read before and after;
-    ``production_drop`` must rise by at least the number of production rows.
+    ``production_drop`` must rise by at least the number of production rows. ``counters``
+    holds packet counts per counter name: ``before``, ``after`` and ``delta``.
     Violations: ``{"code", "detail"}`` plus the row (``row`` index) when one row is at fault.
     """
     if not isinstance(timeout, (int, float)) or not 0.05 <= timeout <= 30:
@@ -365,10 +366,9 @@ def run_probes(rows, plan, timeout=1.0):
 
     delta = None
     if before is not None and after is not None:
-        delta = {name: {"packets": after[name]["packets"] - before.get(name, {}).get("packets", 0),
-                        "bytes": after[name]["bytes"] - before.get(name, {}).get("bytes", 0)} for name in after}
+        delta = {name: after[name]["packets"] - before.get(name, {}).get("packets", 0) for name in after}
         production_rows = sum(1 for r in rows if "production" in (r["src"], r["dst"]))
-        counted = delta.get("production_drop", {}).get("packets")
+        counted = delta.get("production_drop")
         if counted is None or counted < production_rows:
             violations.append({"code": "production_drop_not_counted",
                                "detail": f"the production_drop counter rose by {counted} packet(s) during "
@@ -376,7 +376,10 @@ def run_probes(rows, plan, timeout=1.0):
                                          "dropped by the drill's production rule"})
     summary = {"rows": len(rows), "allow": sum(1 for r in rows if r["observed"] == "allow"),
                "deny": sum(1 for r in rows if r["observed"] == "deny"), "violations": len(violations)}
-    return {"rows": rows, "counters": {"before": before, "after": after, "delta": delta},
+    def packets(counters):
+        return None if counters is None else {name: c["packets"] for name, c in counters.items()}
+
+    return {"rows": rows, "counters": {"before": packets(before), "after": packets(after), "delta": delta},
             "violations": violations, "summary": summary}
 
 
