@@ -9,6 +9,7 @@ import pytest
 from faults import throttle
 from test_boundary_verify import assert_leak
 from test_boundary_verify import build_compliant
+from test_boundary_verify import sample_boundary
 from test_boundary_verify import verify
 
 
@@ -314,3 +315,34 @@ def test_lattice_read_that_fails_is_unreadable(aws_env, sandbox):
         res = verify(sandbox["vpc"])
     assert_leak(res, "unreadable")
     assert [f["resource"] for f in res["findings"]] == ["vpc-lattice:ListServiceNetworkVpcAssociations"]
+
+
+# ------------------------------------------------------------------- declared fallback paths
+
+DR_SITE = "203.0.113.0/28"
+
+
+def _open_fallback(ec2, sandbox):
+    """What sandbox_network adds for a fallback: egress in every tier's group, the ACL both ways."""
+    for gid in sandbox["sg"].values():
+        ec2.authorize_security_group_egress(GroupId=gid, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": DR_SITE}]}])
+    for egress, ports in ((True, (443, 443)), (False, (1024, 65535))):
+        ec2.create_network_acl_entry(NetworkAclId=sandbox["acl"], RuleNumber=130, Protocol="6", RuleAction="allow",
+                                     Egress=egress, CidrBlock=DR_SITE, PortRange={"From": ports[0], "To": ports[1]})
+
+
+def test_declared_fallback_is_declared_and_its_blocked_return_path_is_reported(aws_env, sandbox, ec2):
+    boundary = sample_boundary(fallback=[{"cidr": DR_SITE, "ports": [443], "description": "DR site"}])
+    _open_fallback(ec2, sandbox)
+    assert verify(sandbox["vpc"], boundary)["findings"] == []
+    # undeclared, the same rules leak
+    assert_leak(verify(sandbox["vpc"]), "sg_egress_undeclared", "nacl_allow_undeclared")
+    # the return path goes: a DENY now meets the replies before any allow
+    ec2.replace_network_acl_entry(NetworkAclId=sandbox["acl"], RuleNumber=130, Protocol="-1", RuleAction="deny",
+                                  Egress=False, CidrBlock=DR_SITE)
+    res = verify(sandbox["vpc"], boundary)
+    assert_leak(res, "fallback_blocked")
+    assert [(f["resource"], f["detail"]) for f in res["findings"]] == [
+        (sandbox["acl"], "ingress (the return path) tcp port 443 to %s (drill_boundary.fallback[0]) is not allowed "
+                         "by network ACL %s; not allowed: %s ports 1024-65535" % (DR_SITE, sandbox["acl"], DR_SITE))]
