@@ -12,12 +12,23 @@ short_description: Prove that restored backup artifacts are usable, not just int
 version_added: 0.1.0
 description:
   - A digest proves the bytes are the ones that were signed; this module proves they
-    restore into something usable. Each artifact is recognised by its content.
-  - SQLite databases are opened read-only and must pass C(PRAGMA integrity_check); the
-    tables and their row counts are returned.
-  - Tar archives are read member by member; an absolute path, a C(..) component, a link
-    or device entry is a failure (it could write outside the restore directory).
+    restore into something usable. Each artifact is recognised by its content (magic bytes,
+    never its name). See C(docs/validation.md).
+  - SQLite databases are opened read-only and must pass C(PRAGMA integrity_check) (exactly C(ok));
+    the tables and their row counts are returned. When the manifest declares C(expect.tables)
+    for the artifact, each table must exist with at least the declared number of rows.
+  - Tar archives, plain or compressed with gzip, bzip2 or xz, are extracted member by member into
+    a fresh private directory (0700) beside the archive inside the restore directory. Every member
+    is checked before anything of it is written - no absolute name, no C(..), no symlink or hard
+    link whose target leaves the extraction root, no device or fifo, no setuid, setgid or sticky
+    bit - and the archive must stay within O(max_members), O(max_total_bytes) and O(max_ratio).
+    Each refusal names the member and the rule; the extraction is then removed whole.
+  - A gzip, bzip2 or xz stream that is not a tar is decompressed to its end within the same caps
+    (its own checksum is verified); kind C(compressed).
   - Anything else is C(raw) and counts as valid once restored (its digest was verified).
+  - The manifest's declared C(kind) (passed on by M(drguard.sandbox.restore_artifacts)) must agree
+    with the content when it is C(tar) or C(sqlite); an artifact declared C(raw) is checked as what
+    its content is, so a declaration never switches a check off.
   - Each path is opened without following a symlink (a symlink or anything but a regular file fails), and SQLite
     gets a percent-encoded C(file:) URI, so an artifact name such as C(%2E%2E/x.db) opens exactly that file.
 attributes:
@@ -37,6 +48,28 @@ options:
     description: Minimum total number of rows a restored SQLite database must hold.
     type: int
     default: 1
+  max_members:
+    description: Most members one tar archive may hold.
+    type: int
+    default: 100000
+  max_total_bytes:
+    description:
+      - Most bytes the members of one tar archive may unpack to, and most bytes a compressed stream may
+        decompress to. Judged from each member's header before it is written.
+    type: int
+    default: 10737418240
+  max_ratio:
+    description:
+      - Most times its own size an archive or compressed stream may unpack to (decompression bombs).
+        Judged from each member's header and while reading, so a bomb stops early.
+    type: int
+    default: 200
+  keep_extracted:
+    description:
+      - Leave a valid archive's extraction in place (returned as C(extracted_to)) instead of removing it.
+      - Nothing is extracted in check mode; archives are read through without writing.
+    type: bool
+    default: false
 author:
   - drguard maintainers
 extends_documentation_fragment:
@@ -55,29 +88,51 @@ valid:
   returned: always
   type: bool
 results:
-  description: One entry per artifact with C(name), C(kind), C(valid), C(detail) and kind-specific figures.
+  description:
+    - One entry per artifact with C(name), C(kind) (C(sqlite), C(tar), C(compressed), C(raw), or C(unknown)
+      when it cannot be opened), C(valid), C(detail) and kind-specific figures - C(tables) for SQLite;
+      C(members), C(bytes), C(compression) and C(read_bytes) (decompressed bytes read) for archives and
+      streams; C(declared_kind) when the manifest declared one; C(extracted_to) with O(keep_extracted).
   returned: always
   type: list
   elements: dict
-  sample: [{name: orders.sqlite, kind: sqlite, valid: true, detail: ok, tables: {orders: 500}}]
+  sample: [{name: orders.sqlite, kind: sqlite, valid: true, detail: ok, tables: {orders: 500}},
+           {name: files.tar.gz, kind: tar, compression: gzip, valid: true, detail: ok, members: 12, bytes: 40960,
+            read_bytes: 51200}]
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import Caps
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_MEMBERS
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_RATIO
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_TOTAL_BYTES
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import validate
 
 ARGUMENT_SPEC = dict(
     restored=dict(type="list", elements="dict", required=True),
     min_rows=dict(type="int", default=1),
+    max_members=dict(type="int", default=DEFAULT_MAX_MEMBERS),
+    max_total_bytes=dict(type="int", default=DEFAULT_MAX_TOTAL_BYTES),
+    max_ratio=dict(type="int", default=DEFAULT_MAX_RATIO),
+    keep_extracted=dict(type="bool", default=False),
 )
 
 
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    outcome = validate(module.params["restored"], module.params["min_rows"])
+    p = module.params
+    caps = Caps(max_members=p["max_members"], max_total_bytes=p["max_total_bytes"], max_ratio=p["max_ratio"])
+    try:
+        outcome = validate(p["restored"], p["min_rows"], caps, extract=not module.check_mode,
+                           keep=p["keep_extracted"])
+    except RestoreError as exc:
+        module.fail_json(msg=str(exc))
     if not outcome.valid:
         module.fail_json(msg=outcome.message, valid=False, results=outcome.results)
-    module.exit_json(changed=False, valid=True, results=outcome.results)
+    kept = any(r.get("extracted_to") for r in outcome.results)
+    module.exit_json(changed=kept, valid=True, results=outcome.results)
 
 
 if __name__ == "__main__":

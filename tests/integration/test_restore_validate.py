@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
+import lzma
 import os
 import sqlite3
 import stat
@@ -113,15 +116,72 @@ def test_restore_local_and_validate_tar(tmp_path, module_runner):
 
 
 @pytest.mark.parametrize("members,detail", [
-    ([("../../etc/cron.d/x", b"x", "file")], "unsafe member path"),
-    ([("/abs", b"x", "file")], "unsafe member path"),
-    ([("link", b"", "sym")], "link or device"),
+    ([("../../etc/cron.d/x", b"x", "file")], "tar member '../../etc/cron.d/x' climbs out of the target with '..'"),
+    ([("/abs", b"x", "file")], "tar member '/abs' has an absolute name"),
+    ([("link", b"", "sym")], "tar member 'link' escapes the target through a symlink (to '/etc/passwd')"),
 ])
 def test_validate_rejects_dangerous_tar(tmp_path, members, detail):
     path = tmp_path / "bad.tar"
     path.write_bytes(_tar_bytes(members))
     val = run_module("validate_restore", {"restored": [{"name": "bad.tar", "path": str(path)}]})
-    assert val.failed and detail in val["msg"]
+    assert val.failed and val["msg"] == "Restored backup does not validate: bad.tar (%s)" % detail
+    assert sorted(os.listdir(tmp_path)) == ["bad.tar"]
+
+
+def test_restore_passes_the_declared_kind_on_and_a_tar_gz_is_validated_as_a_tar(tmp_path, module_runner):
+    body = gzip.compress(_tar_bytes([("config/app.yml", b"a: 1\n", "file")]))
+    src = tmp_path / "files.tgz"
+    src.write_bytes(body)
+    entry = {"name": "files.tgz", "verified": True, "sha256": _sha(body), "size": len(body),
+             "source": str(src), "version_id": None, "kind": "tar"}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert not res.failed, res
+    assert res["restored"][0]["kind"] == "tar"
+    val = run_module("validate_restore", {"restored": res["restored"]})
+    assert not val.failed, val
+    got = val["results"][0]
+    assert (got["kind"], got["compression"], got["declared_kind"], got["members"]) == ("tar", "gzip", "tar", 1)
+    assert val["changed"] is False and sorted(os.listdir(tmp_path / "r")) == ["files.tgz"]
+
+
+def test_restore_passes_sqlite_expectations_on_to_validation(tmp_path, module_runner):
+    body = _sqlite_bytes(tmp_path, rows=3)
+    src = tmp_path / "db.src"
+    src.write_bytes(body)
+    entry = {"name": "db.sqlite", "verified": True, "sha256": _sha(body), "size": len(body), "source": str(src),
+             "version_id": None, "kind": "sqlite", "expect": {"tables": {"t": 4}}}
+    res = module_runner("restore_artifacts", {"artifacts": [entry], "dest": str(tmp_path / "r")})
+    assert not res.failed, res
+    val = run_module("validate_restore", {"restored": res["restored"]})
+    assert val.failed
+    assert val["results"][0]["detail"] == "table 't' has 3 row(s), but the manifest expects at least 4"
+
+
+def test_validate_caps_are_options(tmp_path):
+    path = tmp_path / "r" / "many.tar.xz"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(lzma.compress(_tar_bytes([("f%d" % i, b"x", "file") for i in range(5)])))
+    restored = [{"name": "many.tar.xz", "path": str(path)}]
+    val = run_module("validate_restore", {"restored": restored, "max_members": 4})
+    assert val.failed and val["results"][0]["detail"] == "the archive has more than max_members 4 members"
+    val = run_module("validate_restore", {"restored": restored, "max_total_bytes": 4})
+    assert val["results"][0]["detail"] == "tar member 'f4' would bring the unpacked size past max_total_bytes 4"
+    val = run_module("validate_restore", {"restored": restored, "max_ratio": 0})
+    assert val.failed and val["msg"] == "max_ratio must be at least 1"
+    val = run_module("validate_restore", {"restored": restored, "keep_extracted": True})
+    assert not val.failed and val["changed"] is True
+    kept = val["results"][0]["extracted_to"]
+    assert sorted(os.listdir(kept)) == ["f%d" % i for i in range(5)]
+    assert stat.S_IMODE(os.lstat(kept).st_mode) == 0o700
+
+
+def test_validate_in_check_mode_extracts_nothing(tmp_path):
+    path = tmp_path / "set.tar.bz2"
+    path.write_bytes(bz2.compress(_tar_bytes([("a/b", b"x", "file")])))
+    val = run_module("validate_restore", {"restored": [{"name": "set", "path": str(path)}], "keep_extracted": True},
+                     check_mode=True)
+    assert not val.failed and val["changed"] is False and val["results"][0]["members"] == 1
+    assert os.listdir(tmp_path) == ["set.tar.bz2"]
 
 
 def test_validate_rejects_corrupt_and_empty_sqlite(tmp_path):
