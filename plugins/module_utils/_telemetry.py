@@ -323,7 +323,7 @@ def main(argv):
     lines = [line for line in sys.stdin.buffer.read().split(b"\n") if line.strip()]
     summary = {"sent": len(lines), "acknowledged": 0, "rejected": []}
     if not lines:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        sys.stdout.write(json.dumps({"sent": 0, "acknowledged": 0}) + "\n")
         return
     deadline = time.monotonic() + connect_timeout
     while True:
@@ -566,10 +566,11 @@ def summarise(path):
                              "or wrote elsewhere.", path=str(path)) from None
     summary = {"events": 0, "by_type": {}, "rejected": 0, "rejected_reasons": {}, "corrupt": 0,
                "corrupt_lines": []}
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TelemetryError(f"telemetry file {path} is not a regular file; point the collector's stdout "
+                             "at a file in the run's output directory.", path=str(path))
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TelemetryError(f"telemetry file {path} is not a regular file; point the collector's stdout "
-                                 "at a file in the run's output directory.", path=str(path))
         for number, raw, complete in _lines(fh):
             kind, what, count = _judge_file_line(raw, complete)
             if kind == "event":

@@ -1,0 +1,437 @@
+"""_telemetry: event shape and validation, summarise (corrupt lines fail closed), and the collector
+and sender programs run for real on 127.0.0.1 inside a network namespace of the test's own.
+
+The socket tests need root (``ip netns add``) and are skipped with the reason otherwise; the
+namespace is deleted in a ``finally``. Nothing listens on the host's own loopback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry as tel
+
+PY = sys.executable
+PORT = 4317
+
+
+def ev(i=0, **over):
+    event = tel.cloud_event("drguard.probe.result", "/drguard/drill/t", "app", {"i": i})
+    event.update(over)
+    return event
+
+
+def line(obj):
+    return json.dumps(obj).encode()
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_cloud_event_has_the_cloudevents_1_0_attributes_a_fresh_id_and_utc_time():
+    a = tel.cloud_event("drguard.phase.finished", "/drguard/drill/d1", "network", {"seconds": 1.5})
+    b = tel.cloud_event("drguard.phase.finished", "/drguard/drill/d1", "network", {"seconds": 1.5})
+    assert set(a) == {"specversion", "id", "source", "type", "time", "datacontenttype", "subject", "data"}
+    assert a["specversion"] == "1.0" and a["datacontenttype"] == "application/json"
+    assert a["type"] == "drguard.phase.finished" and a["subject"] == "network" and a["data"] == {"seconds": 1.5}
+    assert a["id"] != b["id"] and uuid.UUID(a["id"])
+    assert a["time"].endswith("Z")
+    when = datetime.datetime.fromisoformat(a["time"].replace("Z", "+00:00"))
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 5
+    assert tel.validate_event(a) is None
+
+
+def test_cloud_event_keeps_a_given_time_and_id_and_omits_a_missing_subject():
+    e = tel.cloud_event("drguard.validation.output", "/s", None, [1, 2], time="2026-01-02T03:04:05Z", id="x-1")
+    assert e["time"] == "2026-01-02T03:04:05Z" and e["id"] == "x-1" and "subject" not in e
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"type": "phase.finished"}, "type_not_drguard"),
+    ({"type": "drguard.telemetry.rejected"}, "type_reserved"),
+    ({"source": ""}, "bad_attribute:source"),
+    ({"subject": ""}, "bad_attribute:subject"),
+    ({"time": "yesterday"}, "bad_attribute:time"),
+    ({"id": ""}, "bad_attribute:id"),
+    ({"data": float("nan")}, "not_utf8"),
+    ({"data": "\ud800"}, "not_utf8"),
+    ({"data": "x" * tel.MAX_LINE}, "line_too_long"),
+])
+def test_cloud_event_refuses_what_the_collector_would_reject(kwargs, reason):
+    args = {"type": "drguard.phase.finished", "source": "/s", "subject": "x", "data": {}}
+    extra = {k: kwargs.pop(k) for k in ("time", "id") if k in kwargs}
+    args.update(kwargs)
+    with pytest.raises(tel.TelemetryError) as err:
+        tel.cloud_event(args["type"], args["source"], args["subject"], args["data"], **extra)
+    assert err.value.detail["reason"] == reason
+
+
+@pytest.mark.parametrize(("mutate", "reason"), [
+    (lambda e: [1, 2], "not_object"),
+    (lambda e: {k: v for k, v in e.items() if k != "time"}, "missing_attribute:time"),
+    (lambda e: {k: v for k, v in e.items() if k != "specversion"}, "missing_attribute:specversion"),
+    (lambda e: {**e, "specversion": "0.3"}, "specversion_not_1.0"),
+    (lambda e: {**e, "specversion": 1.0}, "specversion_not_1.0"),
+    (lambda e: {**e, "type": "com.example.x"}, "type_not_drguard"),
+    (lambda e: {**e, "type": 7}, "bad_attribute:type"),
+    (lambda e: {**e, "source": None}, "bad_attribute:source"),
+    (lambda e: {**e, "datacontenttype": "text/plain"}, "bad_attribute:datacontenttype"),
+    (lambda e: {**e, "data_base64": "AA=="}, "bad_attribute:data_base64"),
+    (lambda e: {**e, "Bad-Name": "x"}, "bad_extension"),
+    (lambda e: {**e, "nested": {"a": 1}}, "bad_extension"),
+    (lambda e: {**e, "ratio": 0.5}, "bad_extension"),
+    (lambda e: {**e, "traceparent": "00-ab-cd-01", "attempt": 2}, None),
+])
+def test_validate_event_names_the_exact_reason(mutate, reason):
+    assert tel.validate_event(mutate(ev())) == reason
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"\xff\xfe{}", "not_utf8"),
+    (b"{not json", "not_json"),
+    (b'{"a": 1} {"b": 2}', "not_json"),
+    (b'{"a": NaN}', "not_json"),
+    (b'{"a": 1, "a": 2}', "duplicate_key"),
+    (b"[" * 5000 + b"]" * 5000, "too_deep"),
+    (b"x" * (tel.MAX_LINE + 1), "line_too_long"),
+    (b'"just a string"', "not_object"),
+])
+def test_the_collectors_line_parser_names_the_exact_reason(raw, reason):
+    assert tel._CHECKS["parse_line"](raw) == (None, reason)
+
+
+def test_the_collector_refuses_events_of_its_own_reserved_types():
+    raw = line(ev(type="drguard.telemetry.rejected"))
+    assert tel._CHECKS["parse_line"](raw) == (None, "type_reserved")
+    assert tel._CHECKS["parse_line"](line(ev()))[1] is None
+
+
+def test_the_collectors_line_cap_is_the_modules():
+    assert tel._CHECKS["MAX_LINE"] == tel.MAX_LINE
+    assert f"\nMAX_LINE = {tel.MAX_LINE}\n" in tel.COLLECTOR_SOURCE
+
+
+def test_encode_events_writes_one_ascii_line_per_event_and_refuses_an_invalid_one():
+    events = [ev(0), ev(1, data={"name": "caf\u00e9 \U0001f600"})]
+    text = tel.encode_events(events)
+    assert text.isascii() and text.count("\n") == 2
+    assert [json.loads(x) for x in text.splitlines()] == events
+    with pytest.raises(tel.TelemetryError) as err:
+        tel.encode_events([ev(0), {"type": "x"}])
+    assert err.value.detail == {"index": 1, "reason": "missing_attribute:specversion"}
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda: tel.collector_argv(PY, "localhost", PORT), "address"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", 0), "port"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", True), "port"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", "4317"), "port"),
+    (lambda: tel.collector_argv("python3", "127.0.0.1", PORT), "python"),
+    (lambda: tel.sender_argv(PY, "127.0.0.1; rm", PORT), "address"),
+    (lambda: tel.sender_argv(PY, "127.0.0.1", PORT, read_timeout=0), "timeouts"),
+])
+def test_argv_builders_refuse_bad_input(call, field):
+    with pytest.raises(tel.TelemetryError) as err:
+        call()
+    assert err.value.detail["field"] == field
+
+
+def test_collector_and_sender_argv_run_isolated_python_with_their_own_source():
+    argv = tel.collector_argv("/usr/bin/python3", "10.0.0.7", 4317, max_total=1000, max_connections=3,
+                              idle_timeout=5)
+    assert argv == ["/usr/bin/python3", "-I", "-S", "-c", tel.COLLECTOR_SOURCE, "10.0.0.7", "4317", "1000", "3", "5"]
+    argv = tel.sender_argv("/usr/bin/python3", "10.0.0.7", 4317, connect_timeout=2, read_timeout=3)
+    assert argv == ["/usr/bin/python3", "-I", "-S", "-c", tel.SENDER_SOURCE, "10.0.0.7", "4317", "2", "3"]
+
+
+# ---------------------------------------------------------------- summarise
+
+
+def collector_line(event):
+    return json.dumps({**event, "receivedat": "2026-01-01T00:00:00.000001Z"}, separators=(",", ":")) + "\n"
+
+
+def rejected_line(reason, count=1, source=tel.COLLECTOR_EVENT_SOURCE):
+    return json.dumps({"specversion": "1.0", "id": uuid.uuid4().hex, "source": source,
+                       "type": tel.REJECTED_TYPE, "time": "2026-01-01T00:00:00Z",
+                       "data": {"reason": reason, "bytes": 10, "count": count}}) + "\n"
+
+
+def test_summarise_counts_events_by_type_and_rejections_by_reason(tmp_path):
+    path = tmp_path / "telemetry.jsonl"
+    path.write_text(collector_line(ev(1)) + collector_line(ev(2, type="drguard.phase.finished"))
+                    + rejected_line("not_json") + collector_line(ev(3)) + rejected_line("collector_full", 4))
+    assert tel.summarise(str(path)) == {
+        "events": 3, "by_type": {"drguard.probe.result": 2, "drguard.phase.finished": 1},
+        "rejected": 5, "rejected_reasons": {"not_json": 1, "collector_full": 4},
+        "corrupt": 0, "corrupt_lines": []}
+
+
+def test_summarise_counts_every_line_the_collector_cannot_have_written_as_corrupt(tmp_path):
+    path = tmp_path / "telemetry.jsonl"
+    good = collector_line(ev(0))
+    path.write_text(
+        good
+        + "not json at all\n"                                          # 2
+        + json.dumps(ev(1)) + "\n"                                     # 3: never received (no receivedat)
+        + rejected_line("not_json", source="/somebody/else")           # 4: a forged rejection
+        + collector_line(ev(2, type="drguard.telemetry.status"))       # 5: a reserved type
+        + collector_line(ev(3, specversion="0.3"))                     # 6
+        + "\n"                                                         # 7: empty
+        + "x" * (8 * tel.MAX_LINE + 10) + "\n"                         # 8: longer than any event
+        + good
+        + good[:40]                                                    # 10: cut short
+    )
+    got = tel.summarise(str(path))
+    assert got["events"] == 2 and got["rejected"] == 0 and got["corrupt"] == 8
+    assert got["corrupt_lines"] == [
+        {"line": 2, "reason": "not_json"}, {"line": 3, "reason": "not_received"},
+        {"line": 4, "reason": "bad_rejected_record"}, {"line": 5, "reason": "type_reserved"},
+        {"line": 6, "reason": "specversion_not_1.0"}, {"line": 7, "reason": "not_json"},
+        {"line": 8, "reason": "line_too_long"}, {"line": 10, "reason": "truncated"}]
+
+
+def test_summarise_of_an_empty_file_is_zero(tmp_path):
+    path = tmp_path / "telemetry.jsonl"
+    path.write_bytes(b"")
+    assert tel.summarise(str(path)) == {"events": 0, "by_type": {}, "rejected": 0, "rejected_reasons": {},
+                                        "corrupt": 0, "corrupt_lines": []}
+
+
+def test_summarise_refuses_a_missing_file_a_symlink_and_a_directory(tmp_path):
+    real = tmp_path / "real.jsonl"
+    real.write_text(collector_line(ev()))
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    for path in (tmp_path / "missing.jsonl", link, tmp_path):
+        with pytest.raises(tel.TelemetryError) as err:
+            tel.summarise(str(path))
+        assert err.value.detail["path"] == str(path)
+
+
+# ---------------------------------------------------------------- the programs, in a namespace
+
+_ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
+netns_only = pytest.mark.skipif(not _ROOT, reason="the collector tests bind inside a network namespace of their "
+                                "own, which needs root and ip (iproute2); euid %d" % os.geteuid())
+
+
+@pytest.fixture
+def ns():
+    name = f"drg-t{uuid.uuid4().hex[:5]}-tel"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@pytest.fixture
+def collector(ns, tmp_path):
+    """Start a collector in ``ns`` on 127.0.0.1; returns (process, output path); always stopped."""
+    procs = []
+
+    def start(**limits):
+        out = tmp_path / f"telemetry-{len(procs)}.jsonl"
+        with open(out, "wb") as fh:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT, **limits)],
+                                    stdout=fh, stderr=subprocess.PIPE)
+        procs.append(proc)
+        ready = proc.stderr.readline().decode()
+        assert ready == f"telemetry collector listening on 127.0.0.1:{PORT}\n", ready + proc.stderr.read().decode()
+        return proc, out
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            proc.stderr.close()
+
+
+def send(ns, text, connect_timeout=5, read_timeout=5):
+    return subprocess.run(["ip", "netns", "exec", ns, *tel.sender_argv(PY, "127.0.0.1", PORT,
+                                                                      connect_timeout=connect_timeout,
+                                                                      read_timeout=read_timeout)],
+                          input=text.encode() if isinstance(text, str) else text, capture_output=True, timeout=60)
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(10)
+
+
+@netns_only
+def test_every_acknowledged_event_is_already_in_the_file_with_receivedat(ns, collector):
+    proc, out = collector()
+    events = [ev(i) for i in range(50)]
+    res = send(ns, tel.encode_events(events))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"sent": 50, "acknowledged": 50}
+    written = [json.loads(x) for x in out.read_text().splitlines()]  # before the collector stops
+    assert [e["id"] for e in written] == [e["id"] for e in events]
+    assert all(tel.validate_event(e) is None and e["receivedat"].endswith("Z") for e in written)
+    assert stop(proc) == 0
+    assert tel.summarise(str(out)) == {"events": 50, "by_type": {"drguard.probe.result": 50}, "rejected": 0,
+                                       "rejected_reasons": {}, "corrupt": 0, "corrupt_lines": []}
+
+
+@netns_only
+def test_invalid_lines_are_rejected_by_reason_without_their_content_and_the_sender_fails(ns, collector):
+    proc, out = collector()
+    bait = "SECRET-LOOKING-BAIT-" + uuid.uuid4().hex
+    text = (tel.encode_events([ev(0)])
+            + json.dumps({"specversion": "1.0", "id": "1", "source": "/s", "type": "com.bait", "time": "x",
+                          "data": bait}) + "\n"
+            + bait + "\n"
+            + '{"a": 1, "a": "' + bait + '"}\n'
+            + tel.encode_events([ev(1)]))
+    res = send(ns, text)
+    assert res.returncode == 1
+    summary = json.loads(res.stdout)
+    assert summary["acknowledged"] == 2 and summary["sent"] == 5
+    assert summary["rejected"] == [{"event": 2, "reason": "type_not_drguard"}, {"event": 3, "reason": "not_json"},
+                                   {"event": 4, "reason": "duplicate_key"}]
+    assert res.stderr.decode().count("\n") == 1
+    assert "3 of 5 event(s) not acknowledged" in res.stderr.decode() and "event 2, type_not_drguard" in \
+        res.stderr.decode()
+    assert stop(proc) == 0
+    content = out.read_text()
+    assert bait not in content
+    got = tel.summarise(str(out))
+    assert (got["events"], got["rejected"], got["corrupt"]) == (2, 3, 0)
+    assert got["rejected_reasons"] == {"type_not_drguard": 1, "not_json": 1, "duplicate_key": 1}
+
+
+@netns_only
+def test_the_collector_writes_only_ascii_json_whatever_it_is_sent(ns, collector):
+    proc, out = collector()
+    text = (tel.encode_events([ev(0, data={"s": "caf\u00e9 \U0001f600 \u2028"})]).encode()
+            + b'{"x": "\xc3\x28"}\n'       # invalid UTF-8
+            + line(ev(1, data="SURROGATE")).replace(b"SURROGATE", b"\\ud800") + b"\n"  # a lone surrogate
+            + b"\x00\x01\x02\n"
+            + b"\r\n")  # blank: the sender does not send it
+    res = send(ns, text)
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["rejected"] == [{"event": 2, "reason": "not_utf8"},
+                                                  {"event": 3, "reason": "not_utf8"},
+                                                  {"event": 4, "reason": "not_json"}]
+    assert stop(proc) == 0
+    raw = out.read_bytes()
+    assert raw.isascii()
+    lines = raw.split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(x) for x in lines[:-1])
+    assert json.loads(lines[0])["data"]["s"] == "caf\u00e9 \U0001f600 \u2028"
+    assert tel.summarise(str(out))["rejected"] == 3
+
+
+@netns_only
+def test_a_line_over_the_cap_is_rejected_and_the_next_line_still_counts(ns, collector):
+    proc, out = collector()
+    text = tel.encode_events([ev(0)]) + "x" * (3 * tel.MAX_LINE) + "\n" + tel.encode_events([ev(1)])
+    res = send(ns, text)
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["rejected"] == [{"event": 2, "reason": "line_too_long"}]
+    assert stop(proc) == 0
+    got = tel.summarise(str(out))
+    assert (got["events"], got["rejected_reasons"]) == (2, {"line_too_long": 1})
+
+
+@netns_only
+def test_past_the_total_cap_events_are_rejected_and_counted_when_the_collector_stops(ns, collector):
+    one = len(tel.encode_events([ev(0)])) + 60  # receivedat adds 43 bytes: three fit, a fourth does not
+    proc, out = collector(max_total=3 * one)
+    res = send(ns, tel.encode_events([ev(i) for i in range(6)]))
+    assert res.returncode == 1
+    summary = json.loads(res.stdout)
+    assert summary["acknowledged"] == 3
+    assert {r["reason"] for r in summary["rejected"]} == {"collector_full"} and len(summary["rejected"]) == 3
+    assert stop(proc) == 0
+    got = tel.summarise(str(out))
+    assert (got["events"], got["rejected"], got["rejected_reasons"]) == (3, 3, {"collector_full": 3})
+
+
+@netns_only
+def test_a_sender_past_the_connection_cap_is_refused(ns, collector):
+    proc, _ = collector(max_connections=1)
+    holder = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c",
+                               "import socket,sys,time; s=socket.create_connection(('127.0.0.1', %d)); "
+                               "print('held', flush=True); time.sleep(20)" % PORT],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        time.sleep(0.3)
+        res = send(ns, tel.encode_events([ev(0)]))
+        assert res.returncode == 1
+        assert json.loads(res.stdout)["rejected"] == [{"event": 1, "reason": "collector_busy"}]
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert stop(proc) == 0
+
+
+@netns_only
+def test_the_sender_fails_with_one_line_when_no_collector_listens(ns):
+    started = time.monotonic()
+    res = send(ns, tel.encode_events([ev(0)]), connect_timeout=1)
+    assert res.returncode == 1
+    assert time.monotonic() - started < 10
+    err = res.stderr.decode()
+    assert err.count("\n") == 1 and "cannot connect to the collector at 127.0.0.1:4317 within 1s" in err
+    assert json.loads(res.stdout) == {"sent": 1, "acknowledged": 0, "rejected": []}
+
+
+@netns_only
+def test_a_sender_with_nothing_to_send_succeeds_without_connecting(ns):
+    res = send(ns, "\n\n", connect_timeout=1)
+    assert res.returncode == 0 and json.loads(res.stdout) == {"sent": 0, "acknowledged": 0}
+
+
+@netns_only
+def test_the_sender_gives_up_on_a_silent_collector_within_its_read_timeout(ns):
+    # A peer that accepts and never answers: the sender must not hang.
+    silent = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c",
+                               "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(); "
+                               "c,_=s.accept(); print('ok', flush=True); time.sleep(30)" % PORT],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        res = send(ns, tel.encode_events([ev(0)]), read_timeout=1)
+        assert time.monotonic() - started < 10
+        assert res.returncode == 1
+        assert "1 unanswered (no acknowledgement within 1s)" in res.stderr.decode()
+    finally:
+        silent.kill()
+        silent.wait(10)
+
+
+@netns_only
+def test_sigterm_stops_the_collector_with_exit_0_and_a_complete_file(ns, collector):
+    proc, out = collector()
+    assert send(ns, tel.encode_events([ev(i) for i in range(20)])).returncode == 0
+    started = time.monotonic()
+    assert stop(proc) == 0
+    assert time.monotonic() - started < 5
+    assert out.read_bytes().endswith(b"\n") and tel.summarise(str(out))["events"] == 20
