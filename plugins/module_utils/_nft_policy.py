@@ -43,7 +43,7 @@ FINDING_CODES = (
     "runtime_unreadable", "runtime_table_missing", "runtime_table_unexpected", "runtime_chain_missing",
     "runtime_chain_unexpected", "runtime_policy_not_drop", "runtime_production_not_dropped_first",
     "runtime_ipv6_not_dropped", "runtime_dns_not_dropped", "runtime_rule_undeclared",
-    "runtime_rule_unsupported", "runtime_rule_missing", "runtime_counter_missing",
+    "runtime_rule_unsupported", "runtime_rule_missing", "runtime_counter_missing", "runtime_fallback_blocked",
 )
 
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
@@ -137,13 +137,13 @@ def _tier(plan: dict, name: str) -> dict:
 
 
 def _fallback_rules(boundary: Boundary) -> tuple:
-    """Fallback paths (extension point): ``Boundary`` declares no ``fallback`` yet.
+    """The declared fallback paths (``drill_boundary.fallback``), egress-shaped ``boundary.Rule`` objects.
 
-    When it does, return its rules here as ``boundary.Rule`` objects (egress-shaped):
-    :func:`router_ruleset` counts them as ``fallback_allow`` and :func:`verify_ruleset`
-    accepts them as declared.
+    :func:`router_ruleset` lets them out from every tier under ``fallback_allow``;
+    :func:`verify_ruleset` accepts them as declared and reports one the live rules do not
+    let through as ``runtime_fallback_blocked``.
     """
-    return tuple(getattr(boundary, "fallback", ()) or ())
+    return tuple(boundary.fallback)
 
 
 def router_ruleset(boundary: Boundary, plan: dict, table_name: str) -> str:
@@ -436,9 +436,9 @@ def _flows(boundary: Boundary, plan: dict) -> list:
     for t in boundary.tier_rules:
         flows.append(("tier_allow", "tier %s -> %s %s/%s" % (t.source, t.dest, t.protocol, ",".join(map(str, t.ports))),
                       subnet[t.source], subnet[t.dest], t.protocol, t.ports))
-    for r in _fallback_rules(boundary):
-        flows.append(("fallback_allow", "fallback to %s %s/%s" % (r.cidr, r.protocol, ",".join(map(str, r.ports))),
-                      sandbox, [r.cidr], r.protocol, r.ports))
+    for i, r in enumerate(_fallback_rules(boundary)):
+        flows.append(("fallback_allow", "fallback to %s %s/%s (drill_boundary.fallback[%d])"
+                      % (r.cidr, r.protocol, ",".join(map(str, r.ports)), i), sandbox, [r.cidr], r.protocol, r.ports))
     return flows
 
 
@@ -462,6 +462,42 @@ def _allows(rule: _Rule, flow) -> bool:
             and rule.sports is None
             and (rule.dports is None or all(any(lo <= p.start and p.end <= hi for lo, hi in rule.dports)
                                             for p in ports)))
+
+
+def _may_drop(rule: _Rule, flow) -> bool:
+    """``rule`` is a drop that could match a packet of ``flow`` (a narrowing match we do not model still could)."""
+    _, _, src, dst, proto, ports = flow
+    return (rule.verdict == "drop" and not rule.unsupported
+            and (rule.families is None or "ipv4" in rule.families)
+            and (rule.ct is None or "new" in rule.ct)
+            and (rule.saddr is None or any(n.overlaps(s) for n in rule.saddr for s in src))
+            and (rule.daddr is None or any(n.overlaps(d) for n in rule.daddr for d in dst))
+            and (rule.not_daddr is None or not all(any(d.subnet_of(n) for n in rule.not_daddr) for d in dst))
+            and (rule.protos is None or proto in rule.protos)
+            and (rule.dports is None or any(lo <= p.end and p.start <= hi for lo, hi in rule.dports for p in ports)))
+
+
+def _fallback_blocked(rules: list, flow) -> str | None:
+    """Why the forward chain does not let all of a declared fallback ``flow`` through (None: it does).
+
+    Each declared port range is walked through the rules in order, as the kernel does: an
+    accept of all of it lets it through; a drop that could match it first blocks it.
+    """
+    judged = [r for r in rules if not r.unsupported]  # unsupported rules are findings of their own
+    for port in flow[5]:
+        one = flow[:5] + ((port,),)
+        for i, rule in enumerate(rules):
+            if rule.unsupported:
+                continue
+            if _allows(rule, one):
+                break
+            if _may_drop(rule, one):
+                if any(_allows(r, one) for r in judged[judged.index(rule) + 1:]):
+                    return "is dropped by rule %d of chain forward before any rule accepts it" % (i + 1)
+                return "is not allowed by any live rule"
+        else:
+            return "is not allowed by any live rule"
+    return None
 
 
 def _dns_dropped(rule: _Rule, sandbox) -> bool:
@@ -585,6 +621,13 @@ def _judge_chain(name, where, rules, *, prod, sandbox, flows) -> list:
                                      "no rule accepts established/related traffic; replies to declared "
                                      "flows are dropped; apply the ruleset again"))
         for flow in flows:
+            if flow[0] == "fallback_allow":
+                why = _fallback_blocked(rules, flow)
+                if why:
+                    findings.append(_finding("runtime_fallback_blocked", where,
+                                             "the declared %s %s: the failover path is blocked; apply the "
+                                             "ruleset again" % (flow[1], why)))
+                continue
             if not any(_allows(r, flow) for r in accepts):
                 findings.append(_finding("runtime_rule_missing", where,
                                          "the declared %s is not allowed by any live rule; apply the ruleset "

@@ -643,3 +643,95 @@ def test_every_emitted_code_is_documented():
         doc = fh.read()
     for code in FINDING_CODES:
         assert "`%s`" % code in doc, code
+
+
+# --- fallback paths (drill_boundary.fallback) ---------------------------------------------
+
+DR_SITE = "203.0.113.0/28"
+FALLBACK_RAW = dict(RAW, fallback=[{"cidr": DR_SITE, "ports": [443, "8443-8444"], "description": "DR site"}])
+FALLBACK_BOUNDARY = parse_boundary(FALLBACK_RAW)
+
+
+def with_fallback_rule() -> dict:
+    """The clean fixture plus the fallback accept the translator writes (the egress accept's shape)."""
+    doc = live()
+    egress = [r for r in rules_of(doc, "forward") if {"counter": "egress_allow"} in r["rule"]["expr"]][0]
+    fallback = copy.deepcopy(egress)
+    fallback["rule"]["handle"] = 90
+    for e in fallback["rule"]["expr"]:
+        if "match" in e and e["match"]["left"].get("payload", {}).get("field") == "daddr":
+            e["match"]["right"] = prefix(DR_SITE)
+        if "match" in e and e["match"]["left"].get("payload", {}).get("field") == "dport":
+            e["match"]["right"] = {"set": [443, {"range": [8443, 8444]}]}
+        if e == {"counter": "egress_allow"}:
+            e["counter"] = "fallback_allow"
+    forward = rules_of(doc, "forward")
+    insert_after(doc, "forward", len(forward) - 2, fallback)  # after the tier rule, before the default drop
+    return doc
+
+
+def fallback_rule_of(doc: dict) -> dict:
+    return [r for r in rules_of(doc, "forward") if {"counter": "fallback_allow"} in r["rule"]["expr"]][0]
+
+
+def test_ruleset_emits_fallback_paths_under_fallback_allow():
+    text = router_ruleset(FALLBACK_BOUNDARY, PLAN, TABLE)
+    forward = chain_lines(text, "forward")
+    line = ('iifname { "drg-c3f70e-0r", "drg-c3f70e-1r", "drg-c3f70e-2r" } ip saddr 10.213.0.0/16 '
+            'ip daddr %s tcp dport { 443, 8443-8444 } counter name "fallback_allow" accept' % DR_SITE)
+    assert line in forward
+    assert forward.index(line) < forward.index('counter name "default_drop" drop')
+    assert 'fallback_allow' not in router_ruleset(BOUNDARY, PLAN, TABLE).split("chain forward")[1]
+
+
+def test_verify_accepts_a_declared_fallback():
+    assert verify_ruleset(FALLBACK_BOUNDARY, PLAN, with_fallback_rule()) == []
+
+
+def test_verify_fallback_accept_without_the_declaration_is_undeclared():
+    found = verify_ruleset(BOUNDARY, PLAN, with_fallback_rule())
+    assert codes(found) == ["runtime_rule_undeclared"]
+    assert "to %s proto tcp dport 443,8443-8444" % DR_SITE in found[0]["detail"]
+
+
+def test_verify_missing_fallback_is_blocked():
+    found = verify_ruleset(FALLBACK_BOUNDARY, PLAN, live())
+    assert [(f["code"], f["resource"]) for f in found] == [("runtime_fallback_blocked", "inet %s chain forward"
+                                                            % TABLE)]
+    assert found[0]["detail"].startswith("the declared fallback to %s tcp/443,8443-8444 (drill_boundary.fallback[0])"
+                                         " is not allowed by any live rule" % DR_SITE)
+
+
+def test_verify_fallback_dropped_before_its_accept_is_blocked():
+    doc = with_fallback_rule()
+    drop = rule("forward", [match("ip", "daddr", prefix("203.0.113.8/29")), {"drop": None}])
+    forward = rules_of(doc, "forward")
+    insert_after(doc, "forward", forward.index(fallback_rule_of(doc)) - 1, drop)
+    found = verify_ruleset(FALLBACK_BOUNDARY, PLAN, doc)
+    assert codes(found) == ["runtime_fallback_blocked"]
+    assert "is dropped by rule %d of chain forward before any rule accepts it" % (
+        rules_of(doc, "forward").index(drop) + 1) in found[0]["detail"]
+
+
+def test_verify_fallback_narrowed_to_part_of_its_ports_is_blocked():
+    doc = with_fallback_rule()
+    for e in fallback_rule_of(doc)["rule"]["expr"]:
+        if "match" in e and e["match"]["left"].get("payload", {}).get("field") == "dport":
+            e["match"]["right"] = 443
+    assert codes(verify_ruleset(FALLBACK_BOUNDARY, PLAN, doc)) == ["runtime_fallback_blocked"]
+
+
+@pytest.mark.skipif(not shutil.which("nft") or not shutil.which("unshare"), reason="needs nft and unshare")
+def test_verify_fallback_round_trip_through_a_real_kernel(tmp_path):
+    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user/network namespaces here")
+    path = tmp_path / "router.nft"
+    path.write_text(router_ruleset(FALLBACK_BOUNDARY, PLAN, TABLE))
+    done = subprocess.run(["unshare", "-rn", "sh", "-c", 'nft -f "$1" && nft -j list ruleset', "sh", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert verify_ruleset(FALLBACK_BOUNDARY, PLAN, done.stdout) == []
+    # the same kernel ruleset without the fallback accept (the rule removed after it was built)
+    doc = json.loads(done.stdout)
+    doc["nftables"].remove(fallback_rule_of(doc))
+    assert codes(verify_ruleset(FALLBACK_BOUNDARY, PLAN, doc)) == ["runtime_fallback_blocked"]
