@@ -23,11 +23,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
-
-# The production bait every production address holds (besides every declared port).
-BAIT_PORTS = (5432, 443, 6514)
-DNS_PORT = 53
-UNDECLARED_FROM = 1025  # an undeclared port is the lowest above 1024 not declared for the tier
+from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import BAIT
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import DNS_PORT
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import SandboxRuntimeError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import undeclared_port as _undeclared_port
 
 # Codes of the violations run_probes reports (docs/runtime.md, "Live probes").
 VIOLATION_CODES = (
@@ -154,16 +154,11 @@ def _address_in(plan, kind, cidr):
 
 
 def undeclared_port(boundary, tier):
-    """The lowest port above 1024 that neither an ingress rule nor a tier rule towards ``tier`` declares."""
-    ranges = [p for r in boundary.ingress for p in r.ports]
-    ranges += [p for t in boundary.tier_rules if t.dest == tier for p in t.ports]
-    port = UNDECLARED_FROM
-    while any(p.start <= port <= p.end for p in ranges):
-        port = min(p.end for p in ranges if p.start <= port <= p.end) + 1
-    if port > 65535:
-        raise ProbeError(f"every port above 1024 is declared for tier {tier}, so no undeclared port can be "
-                         "probed; narrow the declared port ranges.", tier=tier)
-    return port
+    """The port the world's tier listens on undeclared (``_runtime.undeclared_port``), as a :class:`ProbeError`."""
+    try:
+        return _undeclared_port(boundary, tier)
+    except SandboxRuntimeError as exc:
+        raise ProbeError(exc.msg, **exc.detail) from None
 
 
 def _row(src, dst, address, port, flow):
@@ -188,7 +183,7 @@ def probe_matrix(boundary, plan):
     production = (_neighbour(plan, "production") or {}).get("addresses") or []
     if not production:
         raise ProbeError("the plan's world has no production address; build the plan with _runtime.full_plan.")
-    bait = list(BAIT_PORTS)
+    bait = [port for port, _name in BAIT]
     for port in ([p for r in boundary.egress for p in _ends(r.ports)]
                  + [p for t in boundary.tier_rules for p in _ends(t.ports)]
                  + [item["port"] for item in plan["world"].get("listeners", ())
@@ -381,6 +376,32 @@ def run_probes(rows, plan, timeout=1.0):
 
     return {"rows": rows, "counters": {"before": packets(before), "after": packets(after), "delta": delta},
             "violations": violations, "summary": summary}
+
+
+def send_events(rows, plan, drill_id, address, port):
+    """Send every row as a ``drguard.probe.result`` event to the collector at ``address:port``.
+
+    The drill is the control plane, so the sender runs in the control-plane neighbour's
+    namespace, unprivileged. Returns ``{"sent", "acknowledged"}`` and, when not every event
+    was acknowledged, ``error`` (one sentence); never raises for a delivery problem.
+    """
+    source = f"/drguard/drill/{drill_id}/probes"
+    try:
+        events = [_telemetry.cloud_event("drguard.probe.result", source, f"{r['src']}->{r['dst']} {r['address']}",
+                                         {k: r[k] for k in r if k != "src_address"}) for r in rows]
+        argv = _telemetry.sender_argv(python_executable(), address, port)
+        proc = _netns.run_in(_source_ns(plan, "control_plane"), argv, input_text=_telemetry.encode_events(events),
+                             timeout=60, env={})
+    except (_telemetry.TelemetryError, _netns.NetnsError, ProbeError) as exc:
+        return {"sent": 0, "acknowledged": 0, "error": exc.msg}
+    try:
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = {"sent": int(summary["sent"]), "acknowledged": int(summary["acknowledged"])}
+    except (ValueError, KeyError, IndexError, TypeError):
+        out = {"sent": len(rows), "acknowledged": 0}
+    if proc.returncode != 0:
+        out["error"] = ((proc.stderr or "").strip().splitlines() or ["the sender exited %d" % proc.returncode])[-1]
+    return out
 
 
 def _describe(row):

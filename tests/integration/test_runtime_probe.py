@@ -15,8 +15,10 @@ import subprocess
 import uuid
 
 import pytest
+from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import probe_matrix
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
@@ -55,25 +57,6 @@ while True:
 """
 
 
-def full_plan(boundary, drill_id):
-    try:
-        from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
-    except ImportError:  # TEMPORARY until _runtime.full_plan lands: the world by hand, in the contract's shape
-        from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
-        plan = address_plan(boundary, drill_id)
-        p = plan["prefix"]
-
-        def neighbour(short, x, addresses):
-            return {"ns": p + short, "veth_host": f"{p}{x}w", "veth_peer": f"{p}{x}n", "addresses": addresses}
-        plan["world"] = {"ns": p + "wan", "listeners": [], "telemetry": {"address": "198.51.100.17", "port": 4317},
-                         "neighbours": {"production": neighbour("prod", "p", ["10.0.0.1"]),
-                                        "control_plane": neighbour("cp", "c", ["192.0.2.1", "198.51.100.1"]),
-                                        "telemetry": neighbour("tel", "t", ["198.51.100.17"]),
-                                        "fallback": neighbour("fb", "f", ["203.0.113.1"])}}
-        return plan
-    return _runtime.full_plan(boundary, drill_id)
-
-
 def nft(ns, *args):
     return subprocess.run(["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=True).stdout
 
@@ -95,7 +78,7 @@ def runtime():
 
     def build(raw=RAW):
         boundary = parse_boundary(raw)
-        plan = full_plan(boundary, f"dr-probe-{uuid.uuid4().hex[:10]}")
+        plan = _runtime.full_plan(boundary, f"dr-probe-{uuid.uuid4().hex[:10]}")
         built.append(plan["prefix"])
         assert not _netns.read_state(plan["prefix"])["namespaces"], "prefix already in use"
         _netns.create(plan)
@@ -174,3 +157,37 @@ def test_production_drop_not_counted_when_production_is_left_unrouted(runtime):
     result = run_probes(probe_matrix(boundary, plan), plan, timeout=0.5)
     codes = [v["code"] for v in result["violations"]]
     assert "production_drop_not_counted" in codes, (codes, prod)
+
+
+def test_module_returns_rows_counters_and_fails_naming_the_violation(runtime):
+    boundary, plan = runtime()
+    args = {"drill_id": plan["drill_id"], "boundary": RAW, "timeout": 1.0}
+    ok = run_module("runtime_probe", args)
+    assert not ok.failed, ok.get("msg")
+    assert ok["summary"]["violations"] == 0 and ok["summary"]["rows"] == len(probe_matrix(boundary, plan))
+    assert ok["counters"]["delta"]["production_drop"] > 0 and ok["changed"] is False
+
+    nft(plan["router"]["ns"], "delete", "rule", "inet", plan["table"], "forward", "handle",
+        str(rule_handle(plan, "fallback_allow")))
+    bad = run_module("runtime_probe", args)
+    assert bad.failed and "fallback_blocked" in bad["msg"] and "203.0.113.1:443" in bad["msg"]
+    assert {v["code"] for v in bad["violations"]} == {"fallback_blocked"}
+    assert len(bad["rows"]) == ok["summary"]["rows"]
+
+
+def test_module_sends_every_row_to_the_collector(runtime, tmp_path):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry
+
+    boundary, plan = runtime()
+    tel = plan["world"]["telemetry"]
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    _netns.spawn(plan["world"]["neighbours"]["telemetry"]["ns"],
+                 _telemetry.collector_argv(python_executable(), tel["address"], tel["port"]),
+                 stdout_path=str(out / "telemetry.jsonl"))
+    result = run_module("runtime_probe", {"drill_id": plan["drill_id"], "boundary": RAW,
+                                          "telemetry": {"address": tel["address"], "port": tel["port"]}})
+    assert not result.failed, result.get("msg")
+    rows = result["summary"]["rows"]
+    assert result["telemetry"] == {"sent": rows, "acknowledged": rows}
+    assert _telemetry.summarise(str(out / "telemetry.jsonl"))["by_type"] == {"drguard.probe.result": rows}

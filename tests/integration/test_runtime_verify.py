@@ -13,8 +13,10 @@ import subprocess
 import uuid
 
 import pytest
+from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_verify import verify
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
@@ -38,25 +40,6 @@ RAW = {
 }
 
 
-def full_plan(boundary, drill_id):
-    try:
-        from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
-    except ImportError:  # TEMPORARY until _runtime.full_plan lands: the world by hand, in the contract's shape
-        from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
-        plan = address_plan(boundary, drill_id)
-        p = plan["prefix"]
-
-        def neighbour(short, x, addresses):
-            return {"ns": p + short, "veth_host": f"{p}{x}w", "veth_peer": f"{p}{x}n", "addresses": addresses}
-        plan["world"] = {"ns": p + "wan", "listeners": [], "telemetry": {"address": "198.51.100.17", "port": 4317},
-                         "neighbours": {"production": neighbour("prod", "p", ["10.0.0.1"]),
-                                        "control_plane": neighbour("cp", "c", ["192.0.2.1", "198.51.100.1"]),
-                                        "telemetry": neighbour("tel", "t", ["198.51.100.17"]),
-                                        "fallback": neighbour("fb", "f", ["203.0.113.1"])}}
-        return plan
-    return _runtime.full_plan(boundary, drill_id)
-
-
 @pytest.fixture
 def runtime():
     """Build the runtime for a drill id of this test's own; destroyed whatever happens."""
@@ -64,7 +47,7 @@ def runtime():
 
     def build():
         boundary = parse_boundary(RAW)
-        plan = full_plan(boundary, f"dr-verify-{uuid.uuid4().hex[:10]}")
+        plan = _runtime.full_plan(boundary, f"dr-verify-{uuid.uuid4().hex[:10]}")
         built.append(plan["prefix"])
         assert not _netns.read_state(plan["prefix"])["namespaces"], "prefix already in use"
         _netns.create(plan)
@@ -156,3 +139,19 @@ def test_unreadable_is_a_finding_not_a_pass(runtime, monkeypatch):
     assert {f["resource"] for f in result["findings"]} == {plan["router"]["ns"]} | {
         t["ns"] for t in plan["tiers"].values()}
     assert result["isolated"] is False
+
+
+def test_module_reports_and_fails_closed(runtime):
+    boundary, plan = runtime()
+    args = {"drill_id": plan["drill_id"], "boundary": RAW}
+    ok = run_module("runtime_verify", args)
+    assert not ok.failed, ok.get("msg")
+    assert ok["isolated"] is True and ok["findings"] == [] and ok["prefix"] == plan["prefix"]
+
+    sh("ip", "netns", "exec", plan["router"]["ns"], "nft", "insert", "rule", "inet", plan["table"], "forward",
+       "ip", "daddr", "10.0.0.1", "accept")
+    bad = run_module("runtime_verify", args)
+    assert bad.failed and "runtime_production_not_dropped_first" in bad["msg"]
+    assert bad["isolated"] is False
+    audit = run_module("runtime_verify", dict(args, fail_on_findings=False))
+    assert not audit.failed and audit["isolated"] is False and audit["findings"] == bad["findings"]

@@ -115,8 +115,9 @@ def test_undeclared_port_skips_declared_ranges():
 
 def test_every_port_declared_is_one_clear_error():
     raw = dict(RAW, ingress=[{"cidr": "192.0.2.0/28", "ports": ["1-65535"]}])
-    with pytest.raises(ProbeError, match="every port above 1024 is declared for tier app"):
+    with pytest.raises(ProbeError, match="every port above 1024 is declared for tier app") as raised:
         undeclared_port(parse_boundary(raw), "app")
+    assert raised.value.detail == {"tier": "app"}
 
 
 def test_range_probed_at_both_ends_and_world_listener_ports_become_bait():
@@ -147,3 +148,22 @@ def test_no_control_plane_neighbour_dns_goes_to_the_uplink():
     rows = probe_matrix(boundary, plan)
     assert {r["address"] for r in rows if r["dst"] == "dns"} == {plan["uplink"]["address"] + ":53"}
     assert not [r for r in rows if r["expected"] == "allow"]
+
+
+def test_every_row_meets_a_listener_of_the_planned_world():
+    """Against the world planner's own plan: every allow row and every undeclared-port row has a listener
+    (so an allow row connects, and a hole shows as 'connected', not only as a refusal)."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import full_plan
+
+    boundary = parse_boundary(RAW)
+    plan = full_plan(boundary, DRILL)
+    rows = probe_matrix(boundary, plan)
+    listening = {(item["address"], item["port"], item["protocol"]) for item in plan["world"]["listeners"]}
+
+    def target(row):
+        host, port = row["address"].rsplit(":", 1)
+        return host, int(port), row["protocol"]
+
+    assert [r for r in rows if r["expected"] == "allow" and target(r) not in listening] == []
+    assert [r for r in rows if r["dst"] in ("production", "dns") and target(r) not in listening] == []
+    assert [r for r in rows if r["dst"] in plan["tiers"] and target(r) not in listening] == []
