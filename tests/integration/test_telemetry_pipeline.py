@@ -1,0 +1,190 @@
+"""The telemetry pipeline in the embedded world: the collector runs unprivileged in the telemetry
+namespace on the declared telemetry destination, senders run unprivileged in the tiers (through the
+router and its ruleset) and in the control-plane namespace (where the drill sends from).
+
+Root only (``ip netns``, nftables), skipped with the reason otherwise. Each test builds the world
+of a drill id of its own and destroys its prefix even when it fails. Traffic only ever goes
+between namespaces these tests create.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
+from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry as tel
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or bool(_MISSING) or not os.path.exists("/usr/bin/python3"),
+    reason=("the telemetry pipeline runs in network namespaces: needs root, ip/nft/setpriv and /usr/bin/python3 "
+            f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'})"),
+)
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # runnable by uid 65534 (the venv's interpreter may live under /root)
+BOUNDARY = {
+    "sandbox_cidr": "10.214.0.0/16",
+    "production_cidrs": ["10.0.0.0/16"],
+    "egress": [{"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
+               {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"}],
+    "ingress": [],
+    "tiers": ["app", "db"],
+    "tier_rules": [],
+}
+
+
+def leftovers(prefix):
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[0] for line in listed.splitlines() if line.startswith(prefix))
+
+
+@pytest.fixture
+def world(tmp_path):
+    """The embedded world of a fresh drill, ruled by the translator's ruleset; always destroyed."""
+    boundary = parse_boundary(BOUNDARY)
+    plan = runtime.full_plan(boundary, f"dr-telemetry-{uuid.uuid4().hex}")
+    assert leftovers(plan["prefix"]) == []
+    try:
+        netns.create(plan)
+        netns.apply_ruleset(plan["router"]["ns"], nft_policy.router_ruleset(boundary, plan, plan["table"]))
+        yield plan
+    finally:
+        netns.destroy(plan["prefix"])
+        assert leftovers(plan["prefix"]) == [], f"left behind under {plan['prefix']}"
+
+
+def start_collector(plan, out_dir):
+    """Spawn the collector unprivileged on the plan's telemetry destination; returns (pid, output path)."""
+    where = plan["world"]["telemetry"]
+    ns = plan["world"]["neighbours"]["telemetry"]["ns"]
+    out, err = out_dir / "telemetry.jsonl", out_dir / "collector.err"
+    pid = netns.spawn(ns, tel.collector_argv(SYSTEM_PYTHON, where["address"], where["port"]),
+                      stdout_path=str(out), stderr_path=str(err))
+    deadline = time.monotonic() + 10
+    while "listening" not in err.read_text():
+        assert time.monotonic() < deadline, err.read_text()
+        time.sleep(0.05)
+    return pid, out
+
+
+def stop_collector(pid):
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def send_from(ns, plan, events_text, connect_timeout=5):
+    where = plan["world"]["telemetry"]
+    return netns.run_in(ns, tel.sender_argv(SYSTEM_PYTHON, where["address"], where["port"],
+                                            connect_timeout=connect_timeout), input_text=events_text, timeout=60)
+
+
+def events(sender, count, kind="drguard.probe.result"):
+    return [tel.cloud_event(kind, f"/drguard/test/{sender}", sender, {"n": i}) for i in range(count)]
+
+
+def proc_status(pid):
+    fields = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return fields
+
+
+def test_four_senders_of_200_events_from_tiers_and_control_plane_are_all_counted(world, tmp_path):
+    plan = world
+    out_dir = tmp_path / "run"
+    out_dir.mkdir(mode=0o700)
+    pid, out = start_collector(plan, out_dir)
+    status = proc_status(pid)
+    assert status["Uid"][:2] == ["65534", "65534"] and status["CapEff"] == ["0000000000000000"]
+    assert status["NoNewPrivs"] == ["1"]
+    senders = [("app-1", plan["tiers"]["app"]["ns"]), ("app-2", plan["tiers"]["app"]["ns"]),
+               ("db", plan["tiers"]["db"]["ns"]), ("drill", plan["world"]["neighbours"]["control_plane"]["ns"])]
+    batches = {name: events(name, 200, "drguard.phase.finished" if name == "drill" else "drguard.probe.result")
+               for name, _ in senders}
+    with ThreadPoolExecutor(len(senders)) as pool:
+        results = list(pool.map(lambda s: send_from(s[1], plan, tel.encode_events(batches[s[0]])), senders))
+    for (name, _), res in zip(senders, results, strict=True):
+        assert res.returncode == 0, (name, res.stderr)
+        assert json.loads(res.stdout) == {"sent": 200, "acknowledged": 200}
+    assert stop_collector(pid) == 0
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    assert tel.summarise(str(out)) == {
+        "events": 800, "by_type": {"drguard.probe.result": 600, "drguard.phase.finished": 200},
+        "rejected": 0, "rejected_reasons": {}, "corrupt": 0, "corrupt_lines": []}
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(e["id"] for batch in batches.values() for e in batch)
+
+
+def test_invalid_events_from_a_tier_are_counted_as_rejected_and_the_sender_fails(world, tmp_path):
+    plan = world
+    pid, out = start_collector(plan, tmp_path)
+    good = events("app", 3)
+    text = (tel.encode_events(good[:2]) + "not json\n"
+            + json.dumps({**good[2], "type": "drguard.telemetry.rejected"}) + "\n"
+            + json.dumps({k: v for k, v in good[2].items() if k != "time"}) + "\n"
+            + tel.encode_events(good[2:]))
+    res = send_from(plan["tiers"]["app"]["ns"], plan, text)
+    assert res.returncode == 1
+    assert json.loads(res.stdout) == {"sent": 6, "acknowledged": 3, "rejected": [
+        {"event": 3, "reason": "not_json"}, {"event": 4, "reason": "type_reserved"},
+        {"event": 5, "reason": "missing_attribute:time"}]}
+    assert res.stderr.startswith("telemetry sender: 3 of 6 event(s) not acknowledged")
+    assert stop_collector(pid) == 0
+    got = tel.summarise(str(out))
+    assert (got["events"], got["rejected"], got["corrupt"]) == (3, 3, 0)
+    assert got["rejected_reasons"] == {"not_json": 1, "type_reserved": 1, "missing_attribute:time": 1}
+
+
+def test_a_killed_collector_makes_the_sender_fail_non_zero(world, tmp_path):
+    plan = world
+    pid, out = start_collector(plan, tmp_path)
+    assert send_from(plan["tiers"]["app"]["ns"], plan, tel.encode_events(events("app", 5))).returncode == 0
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    res = send_from(plan["tiers"]["app"]["ns"], plan, tel.encode_events(events("app", 5)), connect_timeout=1)
+    assert time.monotonic() - started < 10
+    assert res.returncode == 1
+    where = plan["world"]["telemetry"]
+    assert f"cannot connect to the collector at {where['address']}:{where['port']} within 1s" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert tel.summarise(str(out))["events"] == 5  # what was acknowledged before the kill is in the file
+
+
+def test_the_collector_cannot_be_reached_on_the_telemetry_address_from_a_tier_outside_the_declared_port(
+        world, tmp_path):
+    # A collector listening on an undeclared port of the telemetry address: the router drops the tier's
+    # connection, so the sender fails; from the control plane (outside the router) it connects.
+    plan = world
+    where = dict(plan["world"]["telemetry"], port=4318)
+    ns = plan["world"]["neighbours"]["telemetry"]["ns"]
+    err = tmp_path / "collector.err"
+    pid = netns.spawn(ns, tel.collector_argv(SYSTEM_PYTHON, where["address"], where["port"]),
+                      stdout_path=str(tmp_path / "telemetry.jsonl"), stderr_path=str(err))
+    deadline = time.monotonic() + 10
+    while "listening" not in err.read_text():
+        assert time.monotonic() < deadline, err.read_text()
+        time.sleep(0.05)
+    argv = tel.sender_argv(SYSTEM_PYTHON, where["address"], where["port"], connect_timeout=1.5)
+    text = tel.encode_events(events("app", 1))
+    blocked = netns.run_in(plan["tiers"]["app"]["ns"], argv, input_text=text)
+    assert blocked.returncode == 1 and "cannot connect to the collector" in blocked.stderr
+    reached = netns.run_in(plan["world"]["neighbours"]["control_plane"]["ns"], argv, input_text=text)
+    assert reached.returncode == 0, reached.stderr
+    assert stop_collector(pid) == 0
