@@ -78,6 +78,9 @@ _SUBJECT_KEYS = {"name", "digest"}
 _PREDICATE_REQUIRED = {"backup_set", "sequence", "created_at", "expires_at", "artifacts"}
 _PREDICATE_KEYS = _PREDICATE_REQUIRED | {"tier"}
 _ARTIFACT_KEYS = {"size", "kind", "version_id"}
+_ARTIFACT_OPTIONAL = {"expect"}
+_EXPECT_KEYS = {"tables"}
+MAX_TABLE_NAME = 1024
 MAX_NAME_BYTES = 1024  # the S3 key limit; a longer name cannot be stored anywhere we read
 
 
@@ -228,9 +231,13 @@ class Artifact:
     size: int
     kind: str = "raw"
     version_id: str | None = None
+    expect: dict | None = None  # what validation must find (sqlite only): {"tables": {name: min rows}}
 
     def predicate_entry(self) -> dict:
-        return {"size": self.size, "kind": self.kind, "version_id": self.version_id}
+        entry = {"size": self.size, "kind": self.kind, "version_id": self.version_id}
+        if self.expect is not None:
+            entry["expect"] = self.expect
+        return entry
 
 
 @dataclass
@@ -354,8 +361,9 @@ def parse_statement(payload: bytes) -> Statement:
     for name, sha in digests.items():
         entry = entries[name]
         where = "predicate.artifacts[%r]" % name
-        if not isinstance(entry, dict) or set(entry) != _ARTIFACT_KEYS:
-            raise _malformed("%s must have exactly %s" % (where, sorted(_ARTIFACT_KEYS)))
+        if not isinstance(entry, dict) or not _ARTIFACT_KEYS <= set(entry) <= _ARTIFACT_KEYS | _ARTIFACT_OPTIONAL:
+            raise _malformed("%s must have exactly %s, and optionally %s"
+                             % (where, sorted(_ARTIFACT_KEYS), sorted(_ARTIFACT_OPTIONAL)))
         if not _is_int(entry["size"]) or entry["size"] < 0:
             raise _malformed("%s.size must be a non-negative integer" % where)
         if entry["kind"] not in KINDS:
@@ -363,9 +371,37 @@ def parse_statement(payload: bytes) -> Statement:
         vid = entry["version_id"]
         if vid is not None and (not isinstance(vid, str) or not vid):
             raise _malformed("%s.version_id must be a non-empty string or null" % where)
-        artifacts[name] = Artifact(name, sha, entry["size"], entry["kind"], vid)
+        problem = expect_problem(entry["expect"], entry["kind"]) if "expect" in entry else None
+        if problem:
+            raise _malformed("%s.%s" % (where, problem))
+        artifacts[name] = Artifact(name, sha, entry["size"], entry["kind"], vid, entry.get("expect"))
     return Statement(pred["backup_set"], pred["sequence"], pred["created_at"], pred["expires_at"],
                      tier, artifacts)
+
+
+def expect_problem(expect, kind: str) -> str | None:
+    """Why ``expect`` is not a valid artifact expectation for an artifact of ``kind``, or None.
+
+    ``{"tables": {"<table>": <minimum rows, int >= 0>, ...}}``, for kind ``sqlite`` only;
+    any other key is refused, like every unknown field of the manifest.
+    """
+    if not isinstance(expect, dict) or not expect:
+        return "expect must be a non-empty object"
+    unknown = sorted(set(expect) - _EXPECT_KEYS)
+    if unknown:
+        return "expect has unknown field(s) %s; only %s" % (", ".join(unknown), ", ".join(sorted(_EXPECT_KEYS)))
+    if kind != "sqlite":
+        return "expect is only for kind sqlite, not %s" % kind
+    tables = expect["tables"]
+    if not isinstance(tables, dict) or not tables:
+        return "expect.tables must be a non-empty object of table name to minimum row count"
+    for table, least in tables.items():
+        if not table or len(table) > MAX_TABLE_NAME or "\x00" in table:
+            return "expect.tables has a table name that is empty, longer than %d characters or holds a NUL" \
+                % MAX_TABLE_NAME
+        if not _is_int(least) or least < 0:
+            return "expect.tables[%r] must be an integer >= 0" % table
+    return None
 
 
 # --------------------------------------------------------------------------- names

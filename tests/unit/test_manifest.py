@@ -163,6 +163,41 @@ def test_parse_statement_malformed(mutation, words):
     assert err.value.reason == "manifest_malformed"
 
 
+def _sqlite_expect(expect, kind="sqlite"):
+    def mutation(s):
+        s["predicate"]["artifacts"]["a.bin"].update(kind=kind, expect=expect)
+    return mutation
+
+
+def test_parse_statement_sqlite_expectation_is_optional_and_read():
+    st = mf.parse_statement(_mutate(_sqlite_expect({"tables": {"orders": 1, "audit": 0}})))
+    assert st.artifacts["a.bin"].expect == {"tables": {"orders": 1, "audit": 0}}
+    assert st.artifacts["dir/b.bin"].expect is None
+    # An artifact without one encodes exactly as before the field existed (signatures stay valid).
+    assert b"expect" not in statement_bytes()
+
+
+@pytest.mark.parametrize("mutation, detail", [
+    (_sqlite_expect({"tables": {"t": 1}}, kind="raw"), "expect is only for kind sqlite, not raw"),
+    (_sqlite_expect({"tables": {"t": 1}}, kind="tar"), "expect is only for kind sqlite, not tar"),
+    (_sqlite_expect({"tables": {"t": 1}, "views": {}}), "expect has unknown field(s) views; only tables"),
+    (_sqlite_expect({"rows": 3}), "expect has unknown field(s) rows; only tables"),
+    (_sqlite_expect({}), "expect must be a non-empty object"),
+    (_sqlite_expect(None), "expect must be a non-empty object"),
+    (_sqlite_expect({"tables": {}}), "expect.tables must be a non-empty object of table name to minimum row count"),
+    (_sqlite_expect({"tables": ["t"]}), "expect.tables must be a non-empty object of table name to minimum row count"),
+    (_sqlite_expect({"tables": {"t": -1}}), "expect.tables['t'] must be an integer >= 0"),
+    (_sqlite_expect({"tables": {"t": True}}), "expect.tables['t'] must be an integer >= 0"),
+    (_sqlite_expect({"tables": {"t": 1.5}}), "expect.tables['t'] must be an integer >= 0"),
+    (_sqlite_expect({"tables": {"": 1}}), "expect.tables has a table name that is empty"),
+])
+def test_parse_statement_malformed_expectation(mutation, detail):
+    with pytest.raises(mf.ManifestError) as err:
+        mf.parse_statement(_mutate(mutation))
+    assert err.value.reason == "manifest_malformed"
+    assert err.value.detail.startswith("predicate.artifacts['a.bin'].%s" % detail), err.value.detail
+
+
 def test_parse_statement_duplicate_key():
     payload = statement_bytes().replace(b'"sequence":5', b'"sequence":5,"sequence":6')
     with pytest.raises(mf.ManifestError, match="duplicate"):
