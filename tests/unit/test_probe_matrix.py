@@ -10,11 +10,13 @@ from __future__ import annotations
 import collections
 
 import pytest
+from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import ProbeError
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import probe_matrix
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import undeclared_port
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import full_plan
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 
 DRILL = "dr-20261130200000-a1b2c3"
@@ -153,8 +155,6 @@ def test_no_control_plane_neighbour_dns_goes_to_the_uplink():
 def test_every_row_meets_a_listener_of_the_planned_world():
     """Against the world planner's own plan: every allow row and every undeclared-port row has a listener
     (so an allow row connects, and a hole shows as 'connected', not only as a refusal)."""
-    from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import full_plan
-
     boundary = parse_boundary(RAW)
     plan = full_plan(boundary, DRILL)
     rows = probe_matrix(boundary, plan)
@@ -167,3 +167,28 @@ def test_every_row_meets_a_listener_of_the_planned_world():
     assert [r for r in rows if r["expected"] == "allow" and target(r) not in listening] == []
     assert [r for r in rows if r["dst"] in ("production", "dns") and target(r) not in listening] == []
     assert [r for r in rows if r["dst"] in plan["tiers"] and target(r) not in listening] == []
+
+
+def test_module_check_mode_plans_the_rows_and_sends_nothing():
+    result = run_module("runtime_probe", {"drill_id": DRILL, "boundary": RAW}, check_mode=True)
+    assert not result.failed, result.get("msg")
+    boundary = parse_boundary(RAW)
+    assert result["rows"] == probe_matrix(boundary, full_plan(boundary, DRILL))
+    assert {r["observed"] for r in result["rows"]} == {None} and result["violations"] == []
+    assert result["changed"] is False
+
+
+@pytest.mark.parametrize("module", ["runtime_probe", "runtime_verify"])
+def test_modules_refuse_a_bad_boundary_before_anything(module):
+    raw = dict(RAW, tier_rules=[{"from": "app", "to": "cache", "ports": [6379]}])
+    result = run_module(module, {"drill_id": DRILL, "boundary": raw})
+    assert result.failed
+    assert result["msg"].startswith("boundary is invalid for the netns runtime: drill_boundary.tier_rules[0].to: "
+                                    "'cache' is not a declared tier")
+    assert "rows" not in result and "findings" not in result
+
+
+def test_probe_timeout_out_of_range_is_refused():
+    result = run_module("runtime_probe", {"drill_id": DRILL, "boundary": RAW, "timeout": 0})
+    assert result.failed and result["msg"] == ("timeout 0.0 is outside 0.05-30 seconds; pass a probe timeout in "
+                                               "that range")
