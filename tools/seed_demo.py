@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 PRODUCTION_CIDRS = ["10.0.0.0/16", "10.1.0.0/16"]
 CONTROL_PLANE = "192.0.2.0/28"
 TELEMETRY = "198.51.100.0/28"
+DR_SITE = "203.0.113.0/28"  # the fallback path (TEST-NET-3): only ever a namespace of the embedded world
 BACKUP_SET = "orders-db"
 
 
@@ -162,7 +163,9 @@ def main() -> int:
             "ingress": [{"cidr": CONTROL_PLANE, "protocol": "tcp", "ports": [22, 443],
                          "description": "control plane"}],
             "egress": [{"cidr": CONTROL_PLANE, "protocol": "tcp", "ports": [443], "description": "control plane"},
-                       {"cidr": TELEMETRY, "protocol": "tcp", "ports": [443, 4317], "description": "telemetry"}],
+                       {"cidr": TELEMETRY, "protocol": "tcp", "ports": [443, 4317], "kind": "telemetry",
+                        "description": "telemetry"}],
+            "fallback": [{"cidr": DR_SITE, "protocol": "tcp", "ports": [443], "description": "DR site"}],
             "tiers": ["app", "db"],
             "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
             "s3_read": [{"bucket": backups, "prefix": prefix}],
