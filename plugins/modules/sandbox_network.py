@@ -20,13 +20,14 @@ description:
     C(control_plane_route). No internet gateway, NAT gateway, peering, transit gateway or VPN gateway otherwise, and
     routes that are not declared are removed.
   - One security group per tier, named C(drguard-<drill_id>-<tier>), with the default allow-all egress revoked;
-    egress only to the declared C(egress) destinations (and tcp/443 to the S3 prefix list when S3 grants are
-    declared), ingress only from the declared C(ingress) sources, C(tier_rules) as security-group-to-security-group
-    rules. Rules that are not declared are revoked. The VPC's default security group is stripped of every rule.
+    egress only to the declared C(egress) destinations and C(fallback) paths (and tcp/443 to the S3 prefix list when
+    S3 grants are declared), ingress only from the declared C(ingress) sources, C(tier_rules) as
+    security-group-to-security-group rules. Rules that are not declared are revoked. The VPC's default security
+    group is stripped of every rule.
   - A network ACL for both subnets, with DENY entries for every production CIDR in both directions with the lowest rule
     numbers (1..N), then narrow ALLOWs from rule 100 (the sandbox CIDR itself, ingress sources on their ports, egress
-    destinations on their ports, S3 on 443 when granted, and ephemeral return ports 1024-65535 in the opposite
-    direction). Everything else meets the implicit deny.
+    destinations and fallback paths on their ports, S3 on 443 when granted, and ephemeral return ports 1024-65535 in
+    the opposite direction). Everything else meets the implicit deny.
   - When C(s3_read) or C(s3_write) is declared, an S3 gateway endpoint on the route table whose policy allows only
     reading the C(s3_read) grants and writing (C(s3:PutObject)) the C(s3_write) grants; never C(*) actions or
     resources. Without S3 grants no endpoint is created, so the sandbox has no path to S3 at all.
@@ -63,7 +64,8 @@ options:
   boundary:
     description:
       - The drill's boundary policy (C(drill_boundary)) - C(sandbox_cidr), C(production_cidrs), C(ingress),
-        C(egress), C(control_plane_route), C(tiers), C(tier_rules), C(s3_read), C(s3_write). Unknown keys are errors.
+        C(egress) (with C(kind)), C(fallback), C(control_plane_route), C(tiers), C(tier_rules), C(s3_read),
+        C(s3_write). Unknown keys are errors.
     type: dict
     required: true
   expires_at:
