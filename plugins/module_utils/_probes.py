@@ -228,7 +228,10 @@ def probe_matrix(boundary, plan):
             for port in _ends(r.ports):
                 rows.append(_row("control_plane", dst, addr[dst], port, (r.protocol, "allow", cp_address)))
                 rows.append(_row("production", dst, addr[dst], port, (r.protocol, "deny", production[0])))
-    return rows
+    unique = {}  # two rules naming the same flow give one row
+    for row in rows:
+        unique.setdefault((row["src"], row["dst"], row["address"], row["protocol"], row["src_address"]), row)
+    return list(unique.values())
 
 
 # ---------------------------------------------------------------- running them

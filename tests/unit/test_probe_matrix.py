@@ -192,3 +192,14 @@ def test_probe_timeout_out_of_range_is_refused():
     result = run_module("runtime_probe", {"drill_id": DRILL, "boundary": RAW, "timeout": 0})
     assert result.failed and result["msg"] == ("timeout 0.0 is outside 0.05-30 seconds; pass a probe timeout in "
                                                "that range")
+
+
+def test_two_rules_naming_the_same_flow_give_one_row():
+    raw = dict(RAW, tier_rules=[{"from": "app", "to": "db", "ports": [5432]},
+                                {"from": "app", "to": "db", "ports": ["5432-5432"], "description": "again"}],
+               ingress=[{"cidr": "192.0.2.0/28", "ports": [22]}, {"cidr": "192.0.2.0/28", "ports": [22]}])
+    boundary, plan = make_plan(raw)
+    rows = probe_matrix(boundary, plan)
+    keys = [key(r) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert keys.count(("app", "db", plan["tiers"]["db"]["address"] + ":5432", "tcp", "allow")) == 1
