@@ -15,10 +15,17 @@ Every failure raises :class:`SandboxRuntimeError` (one sentence: what was wrong,
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
+import os
+import time
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _io
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import NftPolicyError
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
+from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset
+from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import verify_ruleset
 
 WAN_ADDRESS = "169.254.0.1"  # the wan end of every neighbour's veth; never a neighbour address
 BAIT = ((5432, "db"), (443, "webhook"), (6514, "log-intake"))  # production bait listeners (TCP)
@@ -198,3 +205,400 @@ def full_plan(boundary, drill_id):
         raise SandboxRuntimeError(str(exc).rstrip(".") + ".") from None
     plan["world"] = world_plan(boundary, plan)
     return plan
+
+
+# ---------------------------------------------------------------- build and teardown (root)
+
+STATE_FILE = "state.json"  # <output_dir>/runtime/state.json: the prefix, written before anything is created
+BAIT_HITS = "bait-hits.jsonl"  # <output_dir>/runtime/bait-hits.jsonl: one line per accepted bait connection
+TELEMETRY_FILE = "telemetry.jsonl"  # <output_dir>/telemetry.jsonl: the collector's events
+READY_TIMEOUT = 10.0  # seconds every listener has to come up
+
+# One unprivileged process per namespace serves all of its listeners (TCP accept-and-close, UDP echo).
+# Production bait writes one JSON line per accepted connection to its stdout (bait-hits.jsonl).
+LISTENER_SOURCE = r"""
+import json, selectors, socket, sys, time
+spec = json.loads(sys.argv[1])
+sel = selectors.DefaultSelector()
+for item in spec:
+    kind = socket.SOCK_STREAM if item["protocol"] == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((item["address"], item["port"]))
+    except OSError as exc:
+        sys.stderr.write("cannot listen on %s:%d/%s (%s)\n" % (item["address"], item["port"], item["protocol"],
+                                                             exc.strerror))
+        sys.exit(2)
+    if kind == socket.SOCK_STREAM:
+        s.listen(128)
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, item)
+sys.stderr.write("listening on %d socket(s)\n" % len(spec))
+sys.stderr.flush()
+out = sys.stdout
+while True:
+    for key, _ in sel.select():
+        item, s = key.data, key.fileobj
+        try:
+            if item["protocol"] == "tcp":
+                conn, peer = s.accept()
+                if item["kind"] == "production":
+                    out.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "name": item["name"], "address": item["address"], "port": item["port"],
+                                          "peer": "%s:%d" % peer}) + "\n")
+                    out.flush()
+                conn.close()
+            else:
+                data, peer = s.recvfrom(2048)
+                s.sendto(data[:512] or b"ok", peer)
+        except OSError:
+            pass
+"""
+
+
+def _netns_mod():
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _netns  # noqa: PLC0415
+    return _netns
+
+
+def prefix_of(drill_id):
+    """The drill's name prefix ``drg-<short>-`` (the same as :func:`address_plan`'s), from the drill id alone."""
+    if not isinstance(drill_id, str) or not drill_id:
+        raise SandboxRuntimeError("drill_id must be a non-empty string; pass the drill's id.")
+    return "drg-%s-" % hashlib.sha256(drill_id.encode()).hexdigest()[:6]
+
+
+def _runtime_dir(output_dir):
+    if not isinstance(output_dir, str) or not os.path.isabs(output_dir):
+        raise SandboxRuntimeError(f"output_dir {output_dir!r} must be an absolute path; pass the run's output "
+                                  "directory.")
+    return os.path.join(output_dir, "runtime")
+
+
+def read_state_file(output_dir):
+    """The runtime's ``state.json`` under ``output_dir`` (``None`` when there is none)."""
+    path = os.path.join(_runtime_dir(output_dir), STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SandboxRuntimeError(f"{path} cannot be read ({exc}); remove it only after checking "
+                                  "nothing of the drill runs any more.") from None
+
+
+def _write_state(output_dir, state):
+    rdir = _runtime_dir(output_dir)
+    try:
+        _io.ensure_private_dir(output_dir, parents=True)
+        _io.ensure_private_dir(rdir)
+        _io.atomic_write_json(os.path.join(rdir, STATE_FILE), state)
+    except OSError as exc:
+        raise SandboxRuntimeError(f"the runtime state cannot be written under {rdir} ({exc}); pass an output "
+                                  "directory the drill owns.") from None
+
+
+def _sockets(netns, ns, python):
+    """``{(protocol, address, port)}`` bound in ``ns`` (TCP listening, UDP bound), read from its /proc/net."""
+    script = ("import sys\n"
+              "for proto, path, st in (('tcp', '/proc/net/tcp', '0A'), ('udp', '/proc/net/udp', '07')):\n"
+              "    for line in open(path).read().splitlines()[1:]:\n"
+              "        f = line.split()\n"
+              "        if f[3] == st:\n"
+              "            a, p = f[1].split(':')\n"
+              "            ip = '.'.join(str(int(a[i:i + 2], 16)) for i in (6, 4, 2, 0))\n"
+              "            print(proto, ip, int(p, 16))\n")
+    proc = netns.run_in(ns, [python, "-I", "-S", "-c", script], timeout=15)
+    if proc.returncode != 0:
+        raise SandboxRuntimeError(f"the sockets of namespace {ns} cannot be read ({proc.stderr.strip()[:160]}); "
+                                  "check the namespace and retry.", namespace=ns)
+    out = set()
+    for line in proc.stdout.splitlines():
+        proto, ip, port = line.split()
+        out.add((proto, ip, int(port)))
+    return out
+
+
+def _alive(netns, ns, pid):
+    """True when ``pid`` runs inside namespace ``ns``."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return pid in netns._pids(ns)  # noqa: SLF001  (the manager's own reading of ip netns pids)
+
+
+def _groups(plan):
+    """``{ns: [listener, ...]}`` served by one listener process each (the collector runs on its own)."""
+    groups = {}
+    for item in plan["world"]["listeners"]:
+        if item["kind"] == "telemetry" and item["name"] == "collector":
+            continue
+        groups.setdefault(item["ns"], []).append(item)
+    return groups
+
+
+def _keep_aside(path):
+    """Move a non-empty evidence file aside (``<path>.<n>``) before a restart truncates it; returns the new name."""
+    try:
+        if os.path.getsize(path) == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    n = 1
+    while os.path.exists(f"{path}.{n}"):
+        n += 1
+    os.rename(path, f"{path}.{n}")
+    return f"{path}.{n}"
+
+
+def _start_processes(netns, plan, output_dir, python, previous):
+    """Start every listener process (and the collector) not already alive; returns (processes, started)."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry  # noqa: PLC0415
+    rdir = _runtime_dir(output_dir)
+    processes, started = {}, []
+    prod_ns = plan["world"]["neighbours"]["production"]["ns"]
+    for ns, items in sorted(_groups(plan).items()):
+        key = f"listeners:{ns}"
+        old = (previous or {}).get(key, {})
+        if _alive(netns, ns, old.get("pid")):
+            processes[key] = old
+            continue
+        stdout = None
+        if ns == prod_ns:
+            stdout = os.path.join(rdir, BAIT_HITS)
+            _keep_aside(stdout)
+        spec = [{k: x[k] for k in ("kind", "name", "address", "protocol", "port")} for x in items]
+        pid = netns.spawn(ns, [python, "-I", "-S", "-c", LISTENER_SOURCE, json.dumps(spec)],
+                          stdout_path=stdout, stderr_path=os.path.join(rdir, f"{ns[len(plan['prefix']):]}.log"))
+        processes[key] = {"ns": ns, "pid": pid, "role": "listeners"}
+        started.append(key)
+    tel = plan["world"]["telemetry"]
+    if tel is not None:
+        ns = plan["world"]["neighbours"]["telemetry"]["ns"]
+        key = "collector"
+        old = (previous or {}).get(key, {})
+        if _alive(netns, ns, old.get("pid")):
+            processes[key] = old
+        else:
+            path = os.path.join(output_dir, TELEMETRY_FILE)
+            _keep_aside(path)
+            try:
+                argv = _telemetry.collector_argv(python, tel["address"], tel["port"])
+            except _telemetry.TelemetryError as exc:
+                raise SandboxRuntimeError(f"the telemetry collector cannot be started: {exc}") from None
+            pid = netns.spawn(ns, argv, stdout_path=path, stderr_path=os.path.join(rdir, "collector.log"))
+            processes[key] = {"ns": ns, "pid": pid, "role": "collector"}
+            started.append(key)
+    return processes, started
+
+
+def _wait_ready(netns, plan, python, output_dir, timeout=None):
+    """Wait until every listener of the plan is bound; a clear error names the first that is not."""
+    timeout = READY_TIMEOUT if timeout is None else timeout
+    wanted = {}
+    for item in plan["world"]["listeners"]:
+        wanted.setdefault(item["ns"], []).append(item)
+    deadline = time.monotonic() + timeout
+    pending = dict(wanted)
+    while True:
+        for ns in list(pending):
+            bound = _sockets(netns, ns, python)
+            missing = [x for x in pending[ns] if (x["protocol"], x["address"], x["port"]) not in bound]
+            if missing:
+                pending[ns] = missing
+            else:
+                del pending[ns]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            ns, items = sorted(pending.items())[0]
+            x = items[0]
+            log = "collector.log" if x["name"] == "collector" else f"{ns[len(plan['prefix']):]}.log"
+            raise SandboxRuntimeError(
+                f"the {x['kind']} listener {x['name']} on {x['address']}:{x['port']}/{x['protocol']} in namespace "
+                f"{ns} did not come up within {timeout:g}s; see {os.path.join(_runtime_dir(output_dir), log)} "
+                "and retry.", namespace=ns, listener=x)
+        time.sleep(0.05)
+
+
+def _rules(netns, router, table):
+    return sum(1 for item in netns.read_ruleset(router)
+               if "rule" in item and item["rule"].get("table") == table)
+
+
+def _result(plan, processes, rules, output_dir, changed):
+    tel = plan["world"]["telemetry"]
+    return {
+        "changed": changed,
+        "backend": "netns",
+        "prefix": plan["prefix"],
+        "table": plan["table"],
+        "units": [{"tier": t, "ns": s["ns"], "address": s["address"]} for t, s in plan["tiers"].items()],
+        "world": plan["world"],
+        "listeners": len(plan["world"]["listeners"]),
+        "rules": rules,
+        "collector": None if tel is None else {"address": tel["address"], "port": tel["port"],
+                                               "path": os.path.join(output_dir, TELEMETRY_FILE)},
+        "processes": sorted(p["pid"] for p in processes.values()),
+    }
+
+
+def prepare(boundary, drill_id):
+    """Everything that can be refused before anything is created: the plan, its names, the host (root, ip, nft)."""
+    netns = _netns_mod()
+    plan = full_plan(boundary, drill_id)
+    try:
+        prefix, _router, tiers = netns.validate_plan(plan)
+        netns.validate_world(plan, prefix, tiers)
+        netns.preflight()
+    except netns.NetnsError as exc:
+        raise SandboxRuntimeError(exc.msg, **exc.detail) from None
+    return plan
+
+
+def status(boundary, plan, output_dir, python):
+    """Whether the runtime of ``plan`` is complete: namespaces, a compliant ruleset, live processes, bound listeners."""
+    netns = _netns_mod()
+    state = read_state_file(output_dir) or {}
+    try:
+        live = netns.read_state(plan["prefix"])
+        wanted = {plan["router"]["ns"], plan["world"]["ns"]} | {t["ns"] for t in plan["tiers"].values()} \
+            | {n["ns"] for n in plan["world"]["neighbours"].values()}
+        if set(live["namespaces"]) != wanted:
+            return False
+        if verify_ruleset(boundary, plan, netns.read_ruleset(plan["router"]["ns"])):
+            return False
+        for proc in (state.get("processes") or {}).values():
+            if not _alive(netns, proc.get("ns"), proc.get("pid")):
+                return False
+        if set(state.get("processes") or {}) != set(_expected_processes(plan)):
+            return False
+        _wait_ready(netns, plan, python, output_dir, timeout=0)
+    except (netns.NetnsError, SandboxRuntimeError):
+        return False
+    return True
+
+
+def _expected_processes(plan):
+    keys = [f"listeners:{ns}" for ns in _groups(plan)]
+    return keys + (["collector"] if plan["world"]["telemetry"] is not None else [])
+
+
+def _namespaces(plan):
+    return sorted({plan["router"]["ns"], plan["world"]["ns"]} | {t["ns"] for t in plan["tiers"].values()}
+                  | {n["ns"] for n in plan["world"]["neighbours"].values()})
+
+
+def up(boundary, drill_id, output_dir, python, *, check_mode=False):
+    """Build (or complete) the drill's ``netns`` runtime and return the runtime result (docs/runtime.md).
+
+    Refused before anything is created when the plan, the names or the host do not allow it
+    (:func:`prepare`). Then ``<output_dir>/runtime/state.json`` records the prefix, the
+    namespaces are built (``_netns.create``), the router ruleset is applied unless the live one
+    already verifies against ``boundary`` (so a second run keeps the counters), every listener
+    process not alive is started unprivileged, and every listener must be bound within
+    :data:`READY_TIMEOUT` seconds. Idempotent: ``changed`` is false when nothing had to be done.
+    A failure after creation began removes everything of the prefix again before it raises.
+    """
+    netns = _netns_mod()
+    plan = prepare(boundary, drill_id)
+    rdir = _runtime_dir(output_dir)
+    previous = read_state_file(output_dir) if os.path.isdir(rdir) else None
+    if previous and previous.get("prefix") not in (None, plan["prefix"]):
+        raise SandboxRuntimeError(f"{os.path.join(rdir, STATE_FILE)} belongs to another drill's runtime "
+                                  f"({previous.get('prefix')}); use this run's own output directory.")
+    if check_mode:
+        complete = status(boundary, plan, output_dir, python)
+        return _result(plan, (previous or {}).get("processes") or {}, None, output_dir, not complete)
+    state = {"backend": "netns", "drill_id": drill_id, "prefix": plan["prefix"], "table": plan["table"],
+             "namespaces": _namespaces(plan), "state": "creating",
+             "processes": (previous or {}).get("processes") or {}}
+    _write_state(output_dir, state)  # before anything exists: teardown and the reaper find the prefix after a kill
+    try:
+        created = netns.create(plan)
+        router = plan["router"]["ns"]
+        rules_changed = False
+        if verify_ruleset(boundary, plan, netns.read_ruleset(router)):
+            netns.apply_ruleset(router, router_ruleset(boundary, plan, plan["table"]))
+            rules_changed = True
+            findings = verify_ruleset(boundary, plan, netns.read_ruleset(router))
+            if findings:
+                raise SandboxRuntimeError(f"the router ruleset read back after applying it does not match "
+                                          f"drill_boundary ({findings[0]['code']}: {findings[0]['detail']}); "
+                                          "report this as a bug.", findings=findings)
+        processes, started = _start_processes(netns, plan, output_dir, python, state["processes"])
+        state["processes"] = processes
+        _write_state(output_dir, state)
+        _wait_ready(netns, plan, python, output_dir)
+        rules = _rules(netns, router, plan["table"])
+    except (netns.NetnsError, SandboxRuntimeError, OSError) as exc:
+        error = exc if isinstance(exc, SandboxRuntimeError) else SandboxRuntimeError(
+            getattr(exc, "msg", None) or f"the runtime could not be built: {exc}; check the host and retry.",
+            **getattr(exc, "detail", {}))
+        try:
+            down(drill_id, output_dir)
+        except SandboxRuntimeError as cleanup:
+            error.detail["cleanup"] = cleanup.msg
+        raise error from None
+    state["state"] = "present"
+    _write_state(output_dir, state)
+    return _result(plan, processes, rules, output_dir, created["changed"] or rules_changed or bool(started))
+
+
+def leftovers(prefix, pids=()):
+    """What of ``prefix`` still exists: namespaces (``ip netns``), nft tables of the host, mounts
+    (``/proc/mounts``), processes among ``pids`` still running. Empty lists: nothing remains."""
+    netns = _netns_mod()
+    netns.check_prefix(prefix)
+    out = {"namespaces": [], "tables": [], "mounts": [], "processes": []}
+    try:
+        out["namespaces"] = [n for n in netns._namespaces() if n.startswith(prefix)]  # noqa: SLF001
+        nft = netns._tool("nft")  # noqa: SLF001
+        tables = netns._run([nft, "list", "tables"]).stdout  # noqa: SLF001
+    except netns.NetnsError as exc:
+        raise SandboxRuntimeError(f"what remains of {prefix} cannot be read ({exc.msg}); check the host.") from None
+    out["tables"] = [line.split()[-1] for line in tables.splitlines() if line.split()[-1:]
+                     and line.split()[-1].startswith(prefix)]
+    with open("/proc/mounts", encoding="utf-8") as handle:
+        out["mounts"] = [line.split()[1] for line in handle if prefix in line.split()[1]]
+    for pid in pids:
+        try:
+            with open(f"/proc/{int(pid)}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except (OSError, ValueError):
+            continue
+        if b"selectors" in cmdline or b"telemetry" in cmdline:  # one of ours, not a recycled pid
+            out["processes"].append(int(pid))
+    return out
+
+
+def down(drill_id, output_dir=None):
+    """Remove the drill's runtime (processes, namespaces, veths, the router table with its namespace)
+    and prove it gone (:func:`leftovers`); idempotent. ``{"changed", "prefix", "removed"}``."""
+    netns = _netns_mod()
+    prefix = prefix_of(drill_id)
+    state = None
+    if output_dir is not None and os.path.isdir(_runtime_dir(output_dir)):
+        state = read_state_file(output_dir)
+        if state and state.get("prefix") != prefix:
+            raise SandboxRuntimeError(f"the runtime state under {output_dir} belongs to {state.get('prefix')}, not "
+                                      f"to drill {drill_id} ({prefix}); pass the drill's own output directory.")
+    pids = [p.get("pid") for p in ((state or {}).get("processes") or {}).values()]
+    try:
+        removed = netns.destroy(prefix)
+    except netns.NetnsError as exc:
+        raise SandboxRuntimeError(exc.msg, **exc.detail) from None
+    remaining = leftovers(prefix, pids)
+    if any(remaining.values()):
+        names = [f"{k}: {', '.join(map(str, v))}" for k, v in remaining.items() if v]
+        raise SandboxRuntimeError(f"the runtime of {prefix} is not gone after teardown ({'; '.join(names)}); "
+                                  "remove them by hand or run teardown again.", remaining=remaining)
+    if state is not None and state.get("state") != "absent":
+        state.update(state="absent", processes={})
+        _write_state(output_dir, state)
+    return {"changed": removed["changed"], "prefix": prefix, "removed": removed["removed"]}

@@ -1,0 +1,187 @@
+"""The netns runtime (plugins/module_utils/_runtime.py up/down), real namespaces, always cleaned up.
+
+Root only (CI runs as root, with iproute2 and nftables installed by ``make venv``). Every test
+uses a drill id of its own, so its prefix (``drg-<short>-``) is its own; the ``drill`` fixture
+tears that prefix down even when the test fails. Traffic only ever goes between namespaces the
+test's runtime created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or bool(_MISSING),
+    reason=(
+        "network namespaces need root and ip/nft/setpriv on PATH "
+        f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"
+    ),
+)
+
+RAW = {
+    "sandbox_cidr": "10.213.0.0/16",
+    "production_cidrs": ["10.0.0.0/16"],
+    "ingress": [{"cidr": "192.0.2.0/28", "protocol": "tcp", "ports": [22]}],
+    "egress": [
+        {"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
+        {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"},
+    ],
+    "tiers": ["app", "db"],
+    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
+}
+PYTHON = python_executable()
+
+CONNECT = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("connected")
+except socket.timeout:
+    print("timeout")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print("error: %s" % e)
+"""
+
+
+def connect(ns, address, port, timeout=1.0):
+    proc = netns.run_in(ns, [PYTHON, "-I", "-S", "-c", CONNECT, address, str(port), str(timeout)], timeout=15)
+    return proc.stdout.strip()
+
+
+@pytest.fixture
+def drill(tmp_path):
+    drill_id = f"dr-test-{uuid.uuid4().hex[:12]}"
+    out = tmp_path / "out"
+    yield drill_id, str(out)
+    netns.destroy(runtime.prefix_of(drill_id))
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def read_json(path):
+    return json.loads(read_text(path))
+
+
+def host_tables():
+    return subprocess.run([shutil.which("nft"), "list", "tables"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_up_builds_the_world_and_down_leaves_nothing(drill):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    result = runtime.up(boundary, drill_id, out, PYTHON)
+    prefix = runtime.prefix_of(drill_id)
+    assert result["changed"] is True
+    assert result["prefix"] == prefix and result["backend"] == "netns"
+    assert {u["tier"] for u in result["units"]} == {"app", "db", "validation"}
+    assert result["rules"] > 0
+    assert result["collector"] == {"address": "198.51.100.17", "port": 4317,
+                                   "path": os.path.join(out, "telemetry.jsonl")}
+    state = read_json(os.path.join(out, "runtime", "state.json"))
+    assert state["prefix"] == prefix and state["state"] == "present"
+    assert oct(os.stat(os.path.join(out, "runtime")).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(os.path.join(out, "runtime", "state.json")).st_mode & 0o777) == "0o600"
+    # every listener process runs unprivileged
+    for pid in result["processes"]:
+        status = read_text(f"/proc/{pid}/status")
+        assert "Uid:\t65534\t65534\t65534\t65534" in status
+        assert "CapBnd:\t0000000000000000" in status
+
+    removed = runtime.down(drill_id, out)
+    assert removed["changed"] is True
+    assert runtime.leftovers(prefix, result["processes"]) == {"namespaces": [], "tables": [], "mounts": [],
+                                                               "processes": []}
+    listed = subprocess.run([shutil.which("ip"), "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix not in listed
+    assert prefix not in host_tables()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in result["processes"])
+    assert read_json(os.path.join(out, "runtime", "state.json"))["state"] == "absent"
+    # idempotent
+    assert runtime.down(drill_id, out)["changed"] is False
+
+
+def test_second_up_changes_nothing_and_keeps_the_listeners(drill):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    first = runtime.up(boundary, drill_id, out, PYTHON)
+    second = runtime.up(boundary, drill_id, out, PYTHON)
+    assert second["changed"] is False
+    assert second["processes"] == first["processes"]
+    assert runtime.up(boundary, drill_id, out, PYTHON, check_mode=True)["changed"] is False
+
+
+def test_a_dead_listener_is_restarted(drill):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    first = runtime.up(boundary, drill_id, out, PYTHON)
+    state = read_json(os.path.join(out, "runtime", "state.json"))
+    victim = state["processes"][f"listeners:{first['units'][1]['ns']}"]["pid"]
+    os.kill(victim, 9)
+    assert runtime.up(boundary, drill_id, out, PYTHON, check_mode=True)["changed"] is True
+    second = runtime.up(boundary, drill_id, out, PYTHON)
+    assert second["changed"] is True
+    assert victim not in second["processes"]
+
+
+def test_listeners_reachable_per_rules_and_bait_never(drill):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    result = runtime.up(boundary, drill_id, out, PYTHON)
+    units = {u["tier"]: u for u in result["units"]}
+    app, db = units["app"], units["db"]
+    assert connect(app["ns"], db["address"], 5432) == "connected"  # the declared tier rule
+    assert connect(app["ns"], "198.51.100.1", 443) == "connected"  # control plane egress
+    assert connect(app["ns"], "198.51.100.17", 4317) == "connected"  # the telemetry collector
+    assert connect(db["ns"], app["address"], 5432) == "timeout"  # no rule db -> app
+    assert connect(app["ns"], db["address"], 1025) == "timeout"  # undeclared port on a declared peer
+    for port in (5432, 443, 6514):
+        assert connect(app["ns"], "10.0.0.1", port) == "timeout"
+    hits = os.path.join(out, "runtime", "bait-hits.jsonl")
+    assert os.path.getsize(hits) == 0
+    # the bait does log a connection that reaches it (from inside production itself)
+    prod = result["world"]["neighbours"]["production"]["ns"]
+    assert connect(prod, "10.0.0.1", 6514) == "connected"
+    line = json.loads(read_text(hits).splitlines()[0])
+    assert (line["name"], line["address"], line["port"]) == ("log-intake", "10.0.0.1", 6514)
+
+
+def test_unknown_tier_is_refused_before_anything_is_created(drill):
+    drill_id, out = drill
+    from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError  # noqa: PLC0415
+    with pytest.raises(BoundaryError):
+        parse_boundary(dict(RAW, tier_rules=[{"from": "app", "to": "cache", "protocol": "tcp", "ports": [1]}]))
+    raw = dict(RAW, tiers=["app", "wan"], tier_rules=[])
+    with pytest.raises(runtime.SandboxRuntimeError) as err:
+        runtime.up(parse_boundary(raw), drill_id, out, PYTHON)
+    assert "'wan' is reserved" in err.value.msg
+    assert not os.path.exists(out)
+    assert runtime.leftovers(runtime.prefix_of(drill_id))["namespaces"] == []
+
+
+def test_a_listener_that_cannot_come_up_is_named_and_nothing_is_left(drill, monkeypatch):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    monkeypatch.setattr(runtime, "LISTENER_SOURCE", "import sys; sys.exit(3)")
+    monkeypatch.setattr(runtime, "READY_TIMEOUT", 1.0)
+    with pytest.raises(runtime.SandboxRuntimeError) as err:
+        runtime.up(boundary, drill_id, out, PYTHON)
+    assert " did not come up within 1s; see " in err.value.msg
+    assert runtime.leftovers(runtime.prefix_of(drill_id))["namespaces"] == []
