@@ -11,6 +11,7 @@ envelope with a local key or AWS KMS, or adds a signature to an existing envelop
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -22,6 +23,7 @@ except ImportError:
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import sniff
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
@@ -35,6 +37,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcno
 
 MAX_KEY_FILE = 1024 * 1024
 MAX_ENVELOPE = 64 * 1024 * 1024
+# Enough of a compressed artifact to decode its first tar header: a whole bzip2 block
+# (at most 900 kB of input) decodes before its first byte comes out.
+SNIFF_COMPRESSED = 1024 * 1024
 
 
 class SignError(Exception):
@@ -71,7 +76,8 @@ class Signer:
         if self.workers < 1:
             raise SignError("workers must be at least 1")
         if p["envelope"]:
-            given = [k for k in ("created_at", "expires_at", "ttl", "tier", "kinds") if p[k] is not None]
+            given = [k for k in ("created_at", "expires_at", "ttl", "tier", "kinds", "expect")
+                     if p.get(k) is not None]
             if given:
                 raise SignError("%s cannot be given with envelope: the first signer fixed them" % ", ".join(given))
             return
@@ -142,14 +148,44 @@ class Signer:
             raise SignError("cannot read the %s %s: %s" % (what, location, exc.strerror)) from None
 
     # ------------------------------------------------------------------ hashing
+    @staticmethod
+    def _pattern_for(name: str, mapping: dict):
+        """The key of ``mapping`` that applies to ``name``: the exact name, else the first matching glob."""
+        if name in mapping:
+            return name
+        return next((pattern for pattern in mapping if fnmatch.fnmatchcase(name, pattern)), None)
+
     def kind_for(self, name: str, detected: str) -> str:
         kinds = self.p["kinds"] or {}
-        if name in kinds:
-            return kinds[name]
-        for pattern, kind in kinds.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return kind
-        return detected
+        pattern = self._pattern_for(name, kinds)
+        return detected if pattern is None else kinds[pattern]
+
+    def content_kind(self, item, read_head) -> str:
+        """``tar`` for a tar inside gzip, bzip2 or xz (the hashing saw only raw bytes), else the kind detected."""
+        if item.kind != "raw":
+            return item.kind
+        head = read_head(item.name, 6)
+        if not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+            return item.kind
+        kind, _compression = sniff(io.BytesIO(read_head(item.name, SNIFF_COMPRESSED)))
+        return "tar" if kind == "tar" else item.kind
+
+    def apply_expectations(self, artifacts: list) -> None:
+        """Attach ``expect`` (name or glob -> expectation) to the artifacts; a bad or unmatched one is refused."""
+        expect = self.p.get("expect") or {}
+        used = set()
+        for item in artifacts:
+            pattern = self._pattern_for(item.name, expect)
+            if pattern is None:
+                continue
+            problem = mf.expect_problem(expect[pattern], item.kind)
+            if problem:
+                raise SignError("expect[%r] cannot apply to %s: %s" % (pattern, item.name, problem))
+            item.expect = expect[pattern]
+            used.add(pattern)
+        unused = [pattern for pattern in expect if pattern not in used]
+        if unused:
+            raise SignError("expect[%r] matches no artifact of the source; check the name" % unused[0])
 
     def hash_source(self, pinned: dict | None = None) -> list:
         """Hash every artifact of the source; ``pinned`` (name -> S3 version id) when co-signing."""
@@ -172,17 +208,37 @@ class Signer:
 
             def one(name):
                 return art.hash_s3(self.s3, loc.bucket, loc.key, name, pinned.get(name))
+
+            def read_head(name, size):
+                _resp, chunks = art.s3_get_chunks(self.s3, loc.bucket, loc.key + name, versions[name], size - 1)
+                return b"".join(chunks)[:size]
         else:
             names = art.local_names(p["source"], [x for x in skip if not is_s3(x)])
 
             def one(name):
                 return art.hash_local(p["source"], name)
+
+            def read_head(name, size):
+                with open(os.path.join(p["source"], *name.split("/")), "rb") as handle:
+                    return handle.read(size)
         if not names:
             raise SignError("source %s holds no artifact; nothing to sign" % p["source"])
+        kinds = p["kinds"] or {}
+
+        def kind_of(item):
+            # Co-signers keep the envelope's kinds, and a kind given in kinds is not sniffed.
+            if p["envelope"] or self._pattern_for(item.name, kinds) is not None:
+                return item.kind
+            return self.content_kind(item, read_head)
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             artifacts = list(pool.map(one, names))
-        for item in artifacts:
-            item.kind = self.kind_for(item.name, item.kind)
+            versions = {a.name: a.version_id for a in artifacts}
+            detected = list(pool.map(kind_of, artifacts))
+        for item, kind in zip(artifacts, detected, strict=True):
+            item.kind = self.kind_for(item.name, kind)
+        if not p["envelope"]:
+            self.apply_expectations(artifacts)
         return artifacts
 
     # ------------------------------------------------------------------ signing

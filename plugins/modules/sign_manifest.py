@@ -13,7 +13,8 @@ version_added: 0.1.0
 description:
   - Producer side of the artifact gate. Run it in the backup job right after the artifacts are
     stored. It hashes every artifact of the backup set in parallel (streaming SHA-256), records
-    its size, its kind (C(sqlite), C(tar) or C(raw), from magic bytes unless given in O(kinds))
+    its size, its kind (C(sqlite), C(tar) or C(raw), from magic bytes unless given in O(kinds); a tar
+    compressed with gzip, bzip2 or xz is C(tar), any other compressed stream C(raw))
     and, for S3, the version id it read, and signs the manifest that
     M(drguard.sandbox.verify_artifacts) checks before any restore. See C(docs/manifest.md).
   - "Schemes by key type: Ed25519; ECDSA P-256 with SHA-256 (DER signature); RSA (>= 2048 bits)
@@ -78,6 +79,15 @@ options:
       - Artifact kinds that override detection from magic bytes - a mapping of artifact name or
         shell glob (for example C(*.db)) to C(sqlite), C(tar) or C(raw). Exact names win over globs.
     type: dict
+  expect:
+    description:
+      - "What M(drguard.sandbox.validate_restore) must find in an artifact once restored, recorded in
+        the signed manifest - a mapping of artifact name or shell glob (exact names win over globs) to
+        C({tables: {<table>: <minimum rows>}})."
+      - Only for artifacts of kind C(sqlite); any other key, another kind, a negative count or a name or
+        glob that matches no artifact is refused before anything is signed.
+      - Must not be given with O(envelope) (the first signer fixed it).
+    type: dict
   private_key_path:
     description:
       - PEM private key file (PKCS#8 or traditional; Ed25519, EC P-256 or RSA >= 2048).
@@ -95,7 +105,7 @@ options:
   envelope:
     description:
       - An existing envelope (local path or C(s3://bucket/key)) to add this key's signature to.
-        O(created_at), O(expires_at), O(ttl), O(tier) and O(kinds) must not be given then.
+        O(created_at), O(expires_at), O(ttl), O(tier), O(kinds) and O(expect) must not be given then.
     type: str
   workers:
     description:
@@ -140,6 +150,9 @@ EXAMPLES = r"""
     expires_at: "2026-12-05T01:00:00Z"
     kinds:
       "*.dump": raw
+    expect:
+      orders.sqlite:
+        tables: {orders: 1000, customers: 1}
     private_key_path: /etc/drguard/signing-key.pem
     private_key_passphrase: "{{ vault_signing_key_passphrase }}"
   no_log: false   # the passphrase option is already no_log
@@ -222,6 +235,7 @@ ARGUMENT_SPEC = dict(
     ttl=dict(type="int"),
     tier=dict(type="str"),
     kinds=dict(type="dict"),
+    expect=dict(type="dict"),
     private_key_path=dict(type="path", no_log=False),
     private_key_passphrase=dict(type="str", no_log=True),
     kms_key_id=dict(type="str", no_log=False),

@@ -581,9 +581,58 @@ def test_verifier_backend_asks_for_the_kms_client_of_the_key_region(local_gate):
 def _sign_params(**kwargs):
     params = {"source": None, "dest": None, "backup_set": "orders-db", "sequence": 1, "created_at": None,
               "expires_at": None, "ttl": 3600, "tier": None, "kinds": None, "private_key_path": None,
-              "private_key_passphrase": None, "kms_key_id": None, "envelope": None, "workers": 2}
+              "private_key_passphrase": None, "kms_key_id": None, "envelope": None, "workers": 2, "expect": None}
     params.update(kwargs)
     return params
+
+
+def _signed_predicate(dest) -> dict:
+    envelope = mf.parse_envelope(Path(dest).read_bytes())
+    return json.loads(envelope.payload)["predicate"]["artifacts"]
+
+
+def test_signer_detects_compressed_tars_by_content_and_records_sqlite_expectations(tmp_path, keys):
+    import bz2
+    import gzip
+    import lzma
+
+    from ansible_collections.drguard.sandbox.plugins.module_utils._sign import Signer
+    from helpers_artifacts import tar_bytes
+    tar = tar_bytes()
+    files = {"orders.sqlite": sample_files("x")["orders.sqlite"], "files.tgz": gzip.compress(tar),
+             "files.tar.bz2": bz2.compress(tar), "files.bin": lzma.compress(tar),
+             "dump.sql.gz": gzip.compress(b"COPY orders FROM stdin;\n"), "plain.tar": tar}
+    root = write_local_set(str(tmp_path / "set"), files)
+    dest = tmp_path / "out.dsse.json"
+    key_path = keys["ed25519"].write_private(str(tmp_path / "key.pem"))
+    params = _sign_params(source=root, dest=str(dest), private_key_path=key_path,
+                          expect={"*.sqlite": {"tables": {"orders": 10}}})
+    Signer(params, _no_client).run()
+    entries = _signed_predicate(dest)
+    assert {n: e["kind"] for n, e in entries.items()} == {
+        "orders.sqlite": "sqlite", "files.tgz": "tar", "files.tar.bz2": "tar", "files.bin": "tar",
+        "dump.sql.gz": "raw", "plain.tar": "tar"}
+    assert entries["orders.sqlite"]["expect"] == {"tables": {"orders": 10}}
+    assert [n for n, e in entries.items() if "expect" in e] == ["orders.sqlite"]
+
+
+@pytest.mark.parametrize("expect, message", [
+    ({"files.tar": {"tables": {"t": 1}}}, "expect['files.tar'] cannot apply to files.tar: expect is only for kind "
+                                          "sqlite, not tar"),
+    ({"orders.sqlite": {"tables": {"t": 1}, "views": {}}},
+     "expect['orders.sqlite'] cannot apply to orders.sqlite: expect has unknown field(s) views; only tables"),
+    ({"*.db": {"tables": {"t": 1}}}, "expect['*.db'] matches no artifact of the source; check the name"),
+])
+def test_signer_refuses_a_bad_expectation_before_signing(tmp_path, keys, expect, message):
+    from ansible_collections.drguard.sandbox.plugins.module_utils._sign import SignError
+    from ansible_collections.drguard.sandbox.plugins.module_utils._sign import Signer
+    root = write_local_set(str(tmp_path / "set"), sample_files("e"))
+    dest = tmp_path / "out.dsse.json"
+    key_path = keys["ed25519"].write_private(str(tmp_path / "key.pem"))
+    with pytest.raises(SignError) as err:
+        Signer(_sign_params(source=root, dest=str(dest), private_key_path=key_path, expect=expect), _no_client).run()
+    assert str(err.value) == message
+    assert not dest.exists()
 
 
 def test_signer_backend_without_a_module(tmp_path, keys):
