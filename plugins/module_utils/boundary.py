@@ -264,8 +264,16 @@ def _rules(raw: dict, key: str, production: tuple, sandbox) -> tuple:
     return tuple(out)
 
 
+DNS_PORT = 53
+
+
 def _kind(item: dict, key: str, where: str) -> str:
     if key == "fallback":
+        for text, port in zip(item["ports"], _ports(item["ports"], where), strict=True):
+            if port.covers(DNS_PORT, DNS_PORT):
+                raise BoundaryError("%s.ports: %s covers port 53 (DNS), but DNS to the outside is always dropped "
+                                    "(names resolve inside the sandbox only), so that fallback could never be "
+                                    "proven; declare the DR site's other ports" % (where, text))
         return FALLBACK_KIND
     kind = item.get("kind")
     if kind is None:

@@ -443,3 +443,10 @@ def test_picked_sandbox_never_overlaps_a_fallback():
                                             r"fallback CIDR 172.20.0.0/14"):
         b.with_sandbox_cidr("172.21.0.0/16")
     assert b.with_sandbox_cidr("172.16.0.0/16").fallback == b.fallback
+
+
+@pytest.mark.parametrize("ports", [[53], ["1-1024"], [443, "50-60"]])
+def test_fallback_on_the_dns_port_is_refused(ports):
+    msg = err(fallback_raw(protocol="udp", ports=ports))
+    assert msg.startswith("drill_boundary.fallback[0].ports: %s covers port 53 (DNS)" % ports[-1])
+    assert "DNS to the outside is always dropped" in msg
