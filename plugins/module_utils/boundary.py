@@ -256,8 +256,10 @@ def _rules(raw: dict, key: str, production: tuple, sandbox) -> tuple:
         if sandbox is not None and net.overlaps(sandbox):
             raise BoundaryError("%s.cidr: %s overlaps the sandbox CIDR %s; %s rules name peers outside the "
                                 "sandbox (traffic inside it is governed by tier_rules)" % (where, net, sandbox, key))
-        out.append(Rule(net, _protocol(item.get("protocol"), where),
-                        _ports(item.get("ports"), where), str(item.get("description", "")),
+        ports = _ports(item.get("ports"), where)
+        if key == "fallback":
+            _fallback_off_dns(item["ports"], ports, where)
+        out.append(Rule(net, _protocol(item.get("protocol"), where), ports, str(item.get("description", "")),
                         _kind(item, key, where)))
     if key == "egress":
         _one_telemetry(out)
@@ -267,13 +269,17 @@ def _rules(raw: dict, key: str, production: tuple, sandbox) -> tuple:
 DNS_PORT = 53
 
 
+def _fallback_off_dns(texts: list, ports: tuple, where: str) -> None:
+    """DNS to the outside is always dropped, so a fallback on port 53 could never be proven reachable."""
+    for text, port in zip(texts, ports, strict=True):
+        if port.covers(DNS_PORT, DNS_PORT):
+            raise BoundaryError("%s.ports: %s covers port 53 (DNS), but DNS to the outside is always dropped "
+                                "(names resolve inside the sandbox only), so that fallback could never be "
+                                "proven; declare the DR site's other ports" % (where, text))
+
+
 def _kind(item: dict, key: str, where: str) -> str:
     if key == "fallback":
-        for text, port in zip(item["ports"], _ports(item["ports"], where), strict=True):
-            if port.covers(DNS_PORT, DNS_PORT):
-                raise BoundaryError("%s.ports: %s covers port 53 (DNS), but DNS to the outside is always dropped "
-                                    "(names resolve inside the sandbox only), so that fallback could never be "
-                                    "proven; declare the DR site's other ports" % (where, text))
         return FALLBACK_KIND
     kind = item.get("kind")
     if kind is None:
