@@ -1,0 +1,214 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drguard maintainers
+# Apache License 2.0
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: sandbox_runtime
+short_description: Start or remove a drill's sandbox runtime (tiers as network namespaces with their embedded world)
+version_added: 0.1.0
+description:
+  - Builds the compute a drill runs inside its boundary, or removes it. The backend is chosen by O(backend).
+  - "V(netns) (the default): one Linux network namespace per tier (C(drill_boundary.tiers) plus C(validation)),
+    joined through a router namespace that holds the drill's nft table, translated from the same C(drill_boundary)
+    (see C(docs/runtime.md)). Behind the router's uplink sits the embedded world: a C(wan) namespace and neighbour
+    namespaces for production (bait listeners on a database port, a webhook and a log intake), the control plane,
+    the telemetry collector and, when declared, the fallback paths. Every listener runs as an unprivileged process
+    (uid 65534, no capabilities, no_new_privs, a clean environment)."
+  - V(none) runs nothing inside the sandbox and returns no units; the drill's report then says so.
+  - V(ec2) is not available yet; choosing it fails with one sentence saying to choose V(netns) or V(none).
+  - With O(state=present), C(<output_dir>/runtime/state.json) records the drill's prefix before anything is
+    created, so teardown and the reaper find the runtime after a kill. Production bait connections are written to
+    C(<output_dir>/runtime/bait-hits.jsonl) (it must stay empty) and the collector's events to
+    C(<output_dir>/telemetry.jsonl). Files are 0600 in 0700 directories and hold no secret.
+  - Idempotent. A second run changes nothing (C(changed) false) while the namespaces exist, the live router
+    ruleset verifies against the boundary (so its counters are kept) and every listener process is alive and bound;
+    what is missing is rebuilt or restarted. In check mode nothing is created or changed and C(changed) says
+    whether a real run would change something.
+  - Bad input (the boundary, a tier named like a namespace of the embedded world, a CIDR with no free host) and a
+    host that cannot run the runtime (not root, so no CAP_NET_ADMIN; C(ip), C(nft) or C(setpriv) missing) fail
+    before anything is created. A failure after creation began removes everything of the drill's prefix again.
+  - With O(state=absent), every process, namespace, veth and the router's nft table of the drill are removed and
+    proven gone (C(ip netns), C(nft list tables), C(/proc/mounts), the process table); removing a runtime that does
+    not exist changes nothing.
+author:
+  - drguard maintainers
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
+options:
+  drill_id:
+    description:
+      - The drill's id (4-40 lowercase letters, digits and hyphens); the runtime's names carry
+        C(drg-<first 6 hex digits of its SHA-256>-).
+    type: str
+    required: true
+  state:
+    description:
+      - V(present) builds or completes the runtime, V(absent) removes it.
+    type: str
+    default: present
+    choices: [present, absent]
+  backend:
+    description:
+      - Where the workloads run. V(netns) is the embedded default; V(none) runs nothing inside; V(ec2) is not
+        available yet.
+    type: str
+    default: netns
+    choices: [netns, none, ec2]
+  boundary:
+    description:
+      - The drill's boundary policy (C(drill_boundary), see C(docs/boundary-policy.md)). Required with
+        O(state=present) and O(backend=netns).
+    type: dict
+  output_dir:
+    description:
+      - The run's output directory (absolute). Required with O(state=present) and O(backend=netns); with
+        O(state=absent) its C(runtime/state.json) is checked to belong to this drill and marked absent.
+    type: path
+notes:
+  - Needs root (namespaces and nftables need CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2, nftables and
+    util-linux (C(setpriv)) on C(PATH); C(make venv) as root installs them.
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+seealso:
+  - module: drguard.sandbox.runtime_verify
+  - module: drguard.sandbox.runtime_probe
+"""
+
+EXAMPLES = r"""
+- name: Start the drill's runtime
+  drguard.sandbox.sandbox_runtime:
+    drill_id: "{{ drill.drill_id }}"
+    boundary: "{{ drill_boundary }}"
+    output_dir: "{{ drill_output_dir }}"
+  register: runtime
+
+- name: Nothing runs inside the sandbox (said in the report)
+  drguard.sandbox.sandbox_runtime:
+    drill_id: dr-20261130200000-a1b2c3
+    backend: none
+
+- name: Remove the runtime
+  drguard.sandbox.sandbox_runtime:
+    drill_id: dr-20261130200000-a1b2c3
+    output_dir: /var/lib/drguard/runs/dr-20261130200000-a1b2c3
+    state: absent
+"""
+
+RETURN = r"""
+backend:
+  description: The backend used.
+  returned: always
+  type: str
+  sample: netns
+units:
+  description: One entry per tier namespace (empty for V(none) and O(state=absent)).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"tier": "app", "ns": "drg-ab12cd-app", "address": "10.213.0.2"}]
+prefix:
+  description: The drill's name prefix; everything of the runtime carries it.
+  returned: with backend netns
+  type: str
+  sample: drg-ab12cd-
+table:
+  description: The drill's nft table (family inet) in the router namespace.
+  returned: with backend netns and state present
+  type: str
+  sample: drg-ab12cd-router
+world:
+  description: The embedded world (the wan namespace, the neighbours with their addresses, every listener, the
+    telemetry destination), as laid out in C(docs/runtime.md).
+  returned: with backend netns and state present
+  type: dict
+listeners:
+  description: How many listeners the world has.
+  returned: with backend netns and state present
+  type: int
+  sample: 24
+rules:
+  description: How many rules the drill's table holds, read back from the router namespace (null in check mode).
+  returned: with backend netns and state present
+  type: int
+  sample: 31
+collector:
+  description: The telemetry collector (null when no egress rule has C(kind=telemetry)).
+  returned: with backend netns and state present
+  type: dict
+  sample: {"address": "198.51.100.17", "port": 4317, "path": "/runs/dr-1/telemetry.jsonl"}
+processes:
+  description: The pids of the runtime's listener processes and collector.
+  returned: with backend netns and state present
+  type: list
+  elements: int
+removed:
+  description: What O(state=absent) removed (namespaces, host links, pids).
+  returned: with state absent and backend netns
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
+
+ARGUMENT_SPEC = dict(
+    drill_id=dict(type="str", required=True),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    backend=dict(type="str", default="netns", choices=["netns", "none", "ec2"]),
+    boundary=dict(type="dict"),
+    output_dir=dict(type="path"),
+)
+
+EC2_UNAVAILABLE = ("backend ec2 is not available yet (instances reached through SSM come in a later release); "
+                   "choose backend netns or none.")
+
+
+def run(params, check_mode):
+    """The module's work; raises :class:`_runtime.SandboxRuntimeError` (or ``ValueError`` for bad input)."""
+    drill_id = validate_drill_id(params["drill_id"])
+    backend = params["backend"]
+    if backend == "ec2":
+        raise _runtime.SandboxRuntimeError(EC2_UNAVAILABLE)
+    if backend == "none":
+        return {"changed": False, "backend": "none", "units": []}
+    if params["state"] == "absent":
+        if check_mode:
+            remaining = _runtime.leftovers(_runtime.prefix_of(drill_id))
+            return {"changed": bool(remaining["namespaces"]), "backend": "netns", "units": [],
+                    "prefix": _runtime.prefix_of(drill_id), "removed": {}}
+        result = _runtime.down(drill_id, params["output_dir"])
+        return dict(result, backend="netns", units=[])
+    missing = [name for name in ("boundary", "output_dir") if not params[name]]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required to start the "
+                         "netns runtime; pass the drill's boundary and output directory.")
+    boundary = parse_boundary(params["boundary"])
+    return _runtime.up(boundary, drill_id, params["output_dir"], python_executable(), check_mode=check_mode)
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    try:
+        result = run(module.params, module.check_mode)
+    except _runtime.SandboxRuntimeError as exc:
+        module.fail_json(msg=exc.msg, **{k: v for k, v in exc.detail.items() if k in ("cleanup", "remaining")})
+    except (BoundaryError, ValueError) as exc:
+        module.fail_json(msg=f"sandbox_runtime: {str(exc).rstrip('.')}.")
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
