@@ -25,9 +25,14 @@ them as part of its program text and this module executes the same text for
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import stat
+import sys
 import uuid
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
+from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy
 
 # Limits of the collector (docs/runtime.md, "Telemetry").
 MAX_LINE = 64 * 1024  # bytes of one event line as sent
@@ -455,7 +460,8 @@ def encode_events(events):
     return "".join(lines)
 
 
-def _endpoint(address, port):
+def check_endpoint(address, port):
+    """``(address, port)`` as argv strings; raises :class:`TelemetryError` naming the bad field."""
     try:
         ip = ipaddress.ip_address(address)
     except (TypeError, ValueError):
@@ -482,7 +488,7 @@ def collector_argv(python, address, port, *, max_total=MAX_TOTAL, max_connection
     ``<output_dir>/telemetry.jsonl``; it prints ``telemetry collector listening on ...`` to
     stderr once bound, and exits 0 on SIGTERM after flushing.
     """
-    addr, port_text = _endpoint(address, port)
+    addr, port_text = check_endpoint(address, port)
     if not (isinstance(max_total, int) and max_total > 0 and isinstance(max_connections, int)
             and max_connections > 0 and idle_timeout > 0):
         raise TelemetryError("collector limits must be positive numbers; fix the call.", field="limits")
@@ -499,11 +505,65 @@ def sender_argv(python, address, port, *, connect_timeout=CONNECT_TIMEOUT, read_
     It keeps trying to connect for ``connect_timeout`` seconds and waits at most
     ``read_timeout`` seconds for any one acknowledgement.
     """
-    addr, port_text = _endpoint(address, port)
+    addr, port_text = check_endpoint(address, port)
     if not (connect_timeout > 0 and read_timeout > 0):
         raise TelemetryError("sender timeouts must be positive; fix the call.", field="timeouts")
     return [_python(python), "-I", "-S", "-c", SENDER_SOURCE, addr, port_text, f"{float(connect_timeout):g}",
             f"{float(read_timeout):g}"]
+
+
+def drill_prefix(drill_id):
+    """``drg-<short>-``: the prefix of every namespace of the drill (as ``address_plan`` names them)."""
+    return f"drg-{_nft_policy._hex(drill_id, 6)}-"
+
+
+def build_events(drill_id, specs):
+    """Events for the drill from short specs ``{type, subject?, data?, source?, time?, id?}``.
+
+    ``source`` defaults to ``/drguard/drill/<drill_id>``. Raises :class:`TelemetryError`
+    naming the spec (1-based) and the reason when one is invalid.
+    """
+    events = []
+    for index, spec in enumerate(specs, start=1):
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise TelemetryError(f"event {index} needs a type (a string starting with 'drguard.'); fix events.",
+                                 index=index, reason="missing_attribute:type")
+        try:
+            events.append(cloud_event(spec["type"], spec.get("source") or f"/drguard/drill/{drill_id}",
+                                      spec.get("subject"), spec.get("data"), time=spec.get("time"),
+                                      id=spec.get("id")))
+        except TelemetryError as exc:
+            raise TelemetryError(f"event {index}: {exc.msg}", index=index, **exc.detail) from None
+    return events
+
+
+def deliver(ns, events, address, port, *, python=None, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT):
+    """Send ``events`` to the collector from namespace ``ns``, unprivileged (``_netns.run_in``).
+
+    Returns ``{"sent": n, "acknowledged": n}`` when every event was acknowledged; otherwise
+    raises :class:`TelemetryError` with the sender's one-line reason and ``sent``,
+    ``acknowledged``, ``rejected`` in ``detail``. ``python`` defaults to this interpreter's
+    real file (the venv's symlink resolved).
+    """
+    argv = sender_argv(python or os.path.realpath(sys.executable), address, port,
+                       connect_timeout=connect_timeout, read_timeout=read_timeout)
+    text = encode_events(events)
+    try:
+        proc = _netns.run_in(ns, argv, input_text=text, timeout=connect_timeout + read_timeout * 3 + 30, env={})
+    except _netns.NetnsError as exc:
+        raise TelemetryError(f"cannot run the telemetry sender in namespace {ns}: {exc.msg}", namespace=ns,
+                             **exc.detail) from None
+    try:
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        sent, acknowledged = int(summary["sent"]), int(summary["acknowledged"])
+        rejected = list(summary.get("rejected", []))
+    except (ValueError, KeyError, IndexError, TypeError):
+        sent, acknowledged, rejected = len(events), 0, []
+    if proc.returncode != 0 or acknowledged != len(events):
+        why = ((proc.stderr or "").strip().splitlines() or [f"the sender exited {proc.returncode}"])[-1]
+        raise TelemetryError(why.removeprefix("telemetry sender: ").rstrip(".") + ".", namespace=ns, sent=sent,
+                             acknowledged=acknowledged, rejected=rejected)
+    return {"sent": sent, "acknowledged": acknowledged}
 
 
 def _lines(fh):

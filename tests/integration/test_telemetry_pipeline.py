@@ -20,6 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
@@ -188,3 +189,25 @@ def test_the_collector_cannot_be_reached_on_the_telemetry_address_from_a_tier_ou
     reached = netns.run_in(plan["world"]["neighbours"]["control_plane"]["ns"], argv, input_text=text)
     assert reached.returncode == 0, reached.stderr
     assert stop_collector(pid) == 0
+
+
+def test_drill_telemetry_sends_phase_events_from_the_control_plane_and_fails_without_a_collector(world, tmp_path):
+    plan = world
+    drill_id = plan["drill_id"]
+    where = plan["world"]["telemetry"]
+    args = {"drill_id": drill_id, "namespace": plan["world"]["neighbours"]["control_plane"]["ns"],
+            "address": where["address"], "port": where["port"], "connect_timeout": 1.0,
+            "events": [{"type": "drguard.phase.finished", "subject": "network", "data": {"seconds": 1.5}},
+                       {"type": "drguard.phase.finished", "subject": "runtime", "data": {"seconds": 0.8}}]}
+    res = run_module("drill_telemetry", args)
+    assert res.get("failed") is True and res["sent"] == 2 and res["acknowledged"] == 0
+    assert f"at {where['address']}:{where['port']}: cannot connect to the collector" in res["msg"]
+    pid, out = start_collector(plan, tmp_path)
+    res = run_module("drill_telemetry", args)
+    assert not res.get("failed"), res
+    assert res["changed"] is True and (res["sent"], res["acknowledged"]) == (2, 2)
+    assert stop_collector(pid) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["id"] for e in written] == [e["id"] for e in res["events"]]
+    assert {e["source"] for e in written} == {f"/drguard/drill/{drill_id}"}
+    assert tel.summarise(str(out))["by_type"] == {"drguard.phase.finished": 2}

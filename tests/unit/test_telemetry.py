@@ -18,6 +18,7 @@ import time
 import uuid
 
 import pytest
+from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry as tel
 
@@ -435,3 +436,58 @@ def test_sigterm_stops_the_collector_with_exit_0_and_a_complete_file(ns, collect
     assert stop(proc) == 0
     assert time.monotonic() - started < 5
     assert out.read_bytes().endswith(b"\n") and tel.summarise(str(out))["events"] == 20
+
+
+# ---------------------------------------------------------------- drill_telemetry (no packet sent)
+
+DRILL = "dr-20260101000000-abc123"
+
+
+def test_drill_prefix_is_the_address_plans_prefix():
+    from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
+    from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+    boundary = parse_boundary({"sandbox_cidr": "10.9.0.0/16", "production_cidrs": ["10.0.0.0/16"], "egress": [],
+                               "ingress": [], "tiers": ["app"], "tier_rules": []})
+    assert tel.drill_prefix(DRILL) == address_plan(boundary, DRILL)["prefix"]
+
+
+def test_build_events_fills_source_and_names_the_bad_spec():
+    built = tel.build_events(DRILL, [{"type": "drguard.phase.finished", "subject": "restore", "data": {"s": 1}},
+                                     {"type": "drguard.validation.output", "source": "/x",
+                                      "time": "2026-01-01T00:00:00Z"}])
+    assert [e["source"] for e in built] == [f"/drguard/drill/{DRILL}", "/x"]
+    assert built[1]["time"] == "2026-01-01T00:00:00Z" and "subject" not in built[1] and built[1]["data"] is None
+    with pytest.raises(tel.TelemetryError) as err:
+        tel.build_events(DRILL, [{"type": "drguard.ok"}, {"type": "phase.finished"}])
+    assert err.value.detail == {"index": 2, "reason": "type_not_drguard"} and err.value.msg.startswith("event 2:")
+
+
+def module_args(**over):
+    args = {"drill_id": DRILL, "namespace": tel.drill_prefix(DRILL) + "cp", "address": "198.51.100.17",
+            "port": 4317, "events": [{"type": "drguard.phase.finished", "subject": "network", "data": {"s": 1.5}}]}
+    args.update(over)
+    return args
+
+
+def test_drill_telemetry_check_mode_builds_the_events_and_sends_nothing():
+    res = run_module("drill_telemetry", module_args(), check_mode=True)
+    assert not res.get("failed"), res
+    assert res["changed"] is True and res["sent"] == 0 and res["acknowledged"] == 0
+    (event,) = res["events"]
+    assert event["type"] == "drguard.phase.finished" and event["source"] == f"/drguard/drill/{DRILL}"
+    assert tel.validate_event(event) is None
+
+
+@pytest.mark.parametrize(("over", "says"), [
+    ({"namespace": "drg-ffffff-cp"}, "is not one of drill"),
+    ({"events": [{"type": "com.example.x"}]}, "(type_not_drguard)"),
+    ({"events": [{"type": "drguard.telemetry.rejected"}]}, "(type_reserved)"),
+    ({"address": "collector.local"}, "is not an IP address"),
+    ({"port": 70000}, "is not a port number"),
+    ({"connect_timeout": 0}, "is outside 0.1-120 seconds"),
+])
+def test_drill_telemetry_refuses_bad_input_before_sending(over, says):
+    res = run_module("drill_telemetry", module_args(**over))  # not check mode: it must fail before sending
+    assert res.get("failed") is True and says in res["msg"], res
+    assert "sent" not in res
