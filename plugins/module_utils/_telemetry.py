@@ -280,6 +280,10 @@ def main(argv):
             time.sleep(0.05)
             continue
         if not slots.acquire(blocking=False):
+            with lock:  # counted, so the report shows a sender was turned away
+                line = dumps_line(rejected_record("collector_busy", 0))
+                if fits(line):
+                    write(line)
             try:
                 conn.sendall(b"rejected collector_busy\n")
                 conn.close()

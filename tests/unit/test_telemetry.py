@@ -375,7 +375,7 @@ def test_past_the_total_cap_events_are_rejected_and_counted_when_the_collector_s
 
 @netns_only
 def test_a_sender_past_the_connection_cap_is_refused(ns, collector):
-    proc, _ = collector(max_connections=1)
+    proc, out = collector(max_connections=1)
     holder = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c",
                                "import socket,sys,time; s=socket.create_connection(('127.0.0.1', %d)); "
                                "print('held', flush=True); time.sleep(20)" % PORT],
@@ -390,6 +390,27 @@ def test_a_sender_past_the_connection_cap_is_refused(ns, collector):
         holder.kill()
         holder.wait(10)
     assert stop(proc) == 0
+    assert tel.summarise(str(out))["rejected_reasons"] == {"collector_busy": 1}  # the refused connection
+
+
+@netns_only
+def test_a_collector_that_cannot_write_rejects_every_event_as_write_failed(ns):
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT)],
+                                stdout=full, stderr=subprocess.PIPE)
+    try:
+        assert b"listening" in proc.stderr.readline()
+        res = send(ns, tel.encode_events([ev(0), ev(1)]))
+        assert res.returncode == 1
+        assert json.loads(res.stdout)["rejected"] == [{"event": 1, "reason": "write_failed"},
+                                                      {"event": 2, "reason": "write_failed"}]
+        assert stop(proc) == 0
+        assert proc.stderr.read().decode().startswith("telemetry collector: cannot write events")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
 
 
 @netns_only
