@@ -19,7 +19,6 @@ from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
-from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import probe_matrix
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import run_probes
@@ -45,18 +44,6 @@ RAW = {
     "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
 }
 
-# A TCP listener: accepts and closes, forever (destroy kills it with its namespace).
-LISTENER = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(16)
-while True:
-    s.accept()[0].close()
-"""
-
-
 def nft(ns, *args):
     return subprocess.run(["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=True).stdout
 
@@ -72,27 +59,33 @@ def rule_handle(plan, counter):
 
 
 @pytest.fixture
-def runtime():
-    """Build the runtime for a drill id of this test's own; destroyed whatever happens."""
+def runtime(tmp_path):
+    """Build the runtime with its world and listeners (``_runtime.up``) for a drill id of this test's own;
+    removed (``_runtime.down``, which proves nothing remains) whatever happens."""
     built = []
 
     def build(raw=RAW):
         boundary = parse_boundary(raw)
-        plan = _runtime.full_plan(boundary, f"dr-probe-{uuid.uuid4().hex[:10]}")
-        built.append(plan["prefix"])
+        drill_id = f"dr-probe-{uuid.uuid4().hex[:10]}"
+        plan = _runtime.full_plan(boundary, drill_id)
         assert not _netns.read_state(plan["prefix"])["namespaces"], "prefix already in use"
-        _netns.create(plan)
-        _netns.apply_ruleset(plan["router"]["ns"], router_ruleset(boundary, plan, plan["table"]))
-        db = plan["tiers"]["db"]
-        _netns.spawn(db["ns"], [python_executable(), "-I", "-S", "-c", LISTENER, db["address"], "5432"])
+        out = tmp_path / drill_id
+        built.append((drill_id, str(out)))
+        _runtime.up(boundary, drill_id, str(out), python_executable())
+        plan["output_dir"] = str(out)
         return boundary, plan
 
     try:
         yield build
     finally:
-        for prefix in built:
-            _netns.destroy(prefix)
-            assert not _netns.read_state(prefix)["namespaces"], f"left behind under {prefix}"
+        for drill_id, out in built:
+            _runtime.down(drill_id, out)
+
+
+def bait_hits(plan):
+    path = os.path.join(plan["output_dir"], "runtime", "bait-hits.jsonl")
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def by_key(rows):
@@ -112,7 +105,9 @@ def test_correct_runtime_every_row_as_expected_and_production_counted(runtime):
                                  "deny": sum(r["expected"] == "deny" for r in rows), "violations": 0}
     app_db = by_key(result["rows"])[("app", "db", plan["tiers"]["db"]["address"] + ":5432")]
     assert app_db["reason"] == "connected", "the declared tier rule reaches the db listener"
+    assert {r["reason"] for r in result["rows"] if r["expected"] == "allow"} == {"connected"}
     assert {r["reason"] for r in result["rows"] if r["dst"] == "production"} == {"timed out"}
+    assert bait_hits(plan) == [], "no connection ever reached a production bait"
 
 
 def test_injected_rule_to_production_bait_is_a_violation_row(runtime):
@@ -124,6 +119,8 @@ def test_injected_rule_to_production_bait_is_a_violation_row(runtime):
     leaked = {(v["code"], result["rows"][v["row"]]["src"], result["rows"][v["row"]]["address"])
               for v in result["violations"] if "row" in v}
     assert leaked == {("production_reachable", tier, "10.0.0.1:5432") for tier in ("app", "db", "validation")}
+    assert {r["reason"] for r in result["rows"] if r["address"] == "10.0.0.1:5432"} == {"connected"}
+    assert len(bait_hits(plan)) >= 3, "the bait logged the connections that reached it"
 
 
 def test_blocked_fallback_gives_a_fallback_blocked_row(runtime):
@@ -175,19 +172,15 @@ def test_module_returns_rows_counters_and_fails_naming_the_violation(runtime):
     assert len(bad["rows"]) == ok["summary"]["rows"]
 
 
-def test_module_sends_every_row_to_the_collector(runtime, tmp_path):
+def test_module_sends_every_row_to_the_collector(runtime):
     from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry
 
     boundary, plan = runtime()
     tel = plan["world"]["telemetry"]
-    out = tmp_path / "out"
-    out.mkdir(mode=0o700)
-    _netns.spawn(plan["world"]["neighbours"]["telemetry"]["ns"],
-                 _telemetry.collector_argv(python_executable(), tel["address"], tel["port"]),
-                 stdout_path=str(out / "telemetry.jsonl"))
     result = run_module("runtime_probe", {"drill_id": plan["drill_id"], "boundary": RAW,
                                           "telemetry": {"address": tel["address"], "port": tel["port"]}})
     assert not result.failed, result.get("msg")
     rows = result["summary"]["rows"]
     assert result["telemetry"] == {"sent": rows, "acknowledged": rows}
-    assert _telemetry.summarise(str(out / "telemetry.jsonl"))["by_type"] == {"drguard.probe.result": rows}
+    summary = _telemetry.summarise(os.path.join(plan["output_dir"], "telemetry.jsonl"))
+    assert summary["by_type"] == {"drguard.probe.result": rows}

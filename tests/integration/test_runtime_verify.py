@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 
@@ -17,7 +18,7 @@ from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
-from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset
+from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_verify import verify
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 
@@ -41,25 +42,26 @@ RAW = {
 
 
 @pytest.fixture
-def runtime():
-    """Build the runtime for a drill id of this test's own; destroyed whatever happens."""
+def runtime(tmp_path):
+    """Build the runtime with its world (``_runtime.up``) for a drill id of this test's own; removed
+    (``_runtime.down``, which proves nothing remains) whatever happens."""
     built = []
 
     def build():
         boundary = parse_boundary(RAW)
-        plan = _runtime.full_plan(boundary, f"dr-verify-{uuid.uuid4().hex[:10]}")
-        built.append(plan["prefix"])
+        drill_id = f"dr-verify-{uuid.uuid4().hex[:10]}"
+        plan = _runtime.full_plan(boundary, drill_id)
         assert not _netns.read_state(plan["prefix"])["namespaces"], "prefix already in use"
-        _netns.create(plan)
-        _netns.apply_ruleset(plan["router"]["ns"], router_ruleset(boundary, plan, plan["table"]))
+        out = tmp_path / drill_id
+        built.append((drill_id, str(out)))
+        _runtime.up(boundary, drill_id, str(out), python_executable())
         return boundary, plan
 
     try:
         yield build
     finally:
-        for prefix in built:
-            _netns.destroy(prefix)
-            assert not _netns.read_state(prefix)["namespaces"], f"left behind under {prefix}"
+        for drill_id, out in built:
+            _runtime.down(drill_id, out)
 
 
 def sh(*argv):
@@ -113,6 +115,8 @@ def test_namespaces_addresses_and_host_links_are_reported(runtime):
     boundary, plan = runtime()
     p, app, fb = plan["prefix"], plan["tiers"]["app"], plan["world"]["neighbours"]["fallback"]
     sh("ip", "netns", "add", p + "stray")
+    for pid in subprocess.run(["ip", "netns", "pids", fb["ns"]], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)  # the fallback's listener, so the namespace really goes
     sh("ip", "netns", "del", fb["ns"])
     sh("ip", "-n", app["ns"], "addr", "add", "10.214.0.9/28", "dev", app["veth_peer"])
     sh("ip", "link", "add", p + "hx", "type", "veth", "peer", "name", p + "hy")  # in the host namespace
