@@ -25,6 +25,7 @@ STATE_CODES = (
     "runtime_namespace_missing", "runtime_namespace_unexpected", "runtime_link_missing",
     "runtime_link_unexpected", "runtime_address_mismatch", "runtime_route_missing", "runtime_route_unexpected",
     "runtime_tier_forwarding", "runtime_tier_ruleset", "runtime_ipv6_enabled", "runtime_host_link",
+    "runtime_tier_process_privileged",
 )
 FINDING_CODES = RULESET_CODES + STATE_CODES
 
@@ -62,13 +63,39 @@ def _read_ipv6(ns):
     return {"sysctl": sysctl, "addresses": addresses}
 
 
+def _read_processes(ns):
+    """Every process inside ``ns``: ``{"pid", "uids", "caps": {"CapInh", ..., "CapAmb": int}, "no_new_privs"}``.
+
+    A capability set missing from ``/proc/<pid>/status`` reads as full (fail closed).
+    """
+    processes = []
+    for pid in _netns._pids(ns):  # noqa: SLF001 - the manager's own listing of a namespace's processes
+        try:
+            with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended between the listing and the read
+        except OSError as exc:
+            raise _netns.NetnsError(f"the status of process {pid} in {ns} could not be read "
+                                    f"({exc.strerror}).") from None
+        processes.append({
+            "pid": pid,
+            "uids": sorted({int(u) for u in fields.get("Uid", "0").split()}),
+            "caps": {k: int(fields.get(k, "ffffffffffffffff").strip(), 16)
+                     for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+            "no_new_privs": fields.get("NoNewPrivs", "0").strip() == "1",
+        })
+    return processes
+
+
 def read_live(plan):
     """What exists under the plan's prefix, read from the kernel; reading errors are kept, never raised.
 
     ``{"state": _netns.read_state(prefix) or None, "router_ruleset": list or None,
-    "tier_rulesets": {tier: list or None}, "ipv6": {tier: dict or None}, "errors": [(resource, message)]}``.
+    "tier_rulesets": {tier: list}, "ipv6": {tier: dict}, "processes": {tier: list}, "errors": [(resource, message)]}``
+    (a tier whose read failed is missing from its mapping and named in ``errors``).
     """
-    live = {"state": None, "router_ruleset": None, "tier_rulesets": {}, "ipv6": {}, "errors": []}
+    live = {"state": None, "router_ruleset": None, "tier_rulesets": {}, "ipv6": {}, "processes": {}, "errors": []}
     prefix = plan["prefix"]
     try:
         live["state"] = _netns.read_state(prefix)
@@ -91,6 +118,10 @@ def read_live(plan):
             live["errors"].append((spec["ns"], exc.msg))
         try:
             live["ipv6"][tier] = _read_ipv6(spec["ns"])
+        except _netns.NetnsError as exc:
+            live["errors"].append((spec["ns"], exc.msg))
+        try:
+            live["processes"][tier] = _read_processes(spec["ns"])
         except _netns.NetnsError as exc:
             live["errors"].append((spec["ns"], exc.msg))
     return live
@@ -165,6 +196,7 @@ def compare(boundary, plan, live, *, world=True):
                                      "set net.ipv4.ip_forward=0 there or build the runtime again"))
         findings += _tier_ruleset(ns, tier, live["tier_rulesets"].get(tier, []))
         findings += _ipv6(ns, tier, live["ipv6"].get(tier))
+        findings += _privileged(ns, tier, live.get("processes", {}).get(tier) or [])
     router = plan["router"]["ns"]
     if router in state["namespaces"] and live["router_ruleset"] is not None:
         findings += verify_ruleset(boundary, plan, live["router_ruleset"])
@@ -230,6 +262,25 @@ def _ipv6(ns, tier, info):
                      "net.ipv6.conf.all.disable_ipv6=1 there or build the runtime again")]
 
 
+def _privileged(ns, tier, processes):
+    findings = []
+    for proc in processes:
+        what = []
+        if 0 in proc["uids"]:
+            what.append("runs as root")
+        held = sorted(k for k, v in proc["caps"].items() if v)
+        if held:
+            what.append("holds capabilities (%s)" % ", ".join(held))
+        if not proc["no_new_privs"]:
+            what.append("may gain privileges (no_new_privs off)")
+        if what:
+            findings.append(_finding("runtime_tier_process_privileged", f"{ns} pid {proc['pid']}",
+                                     f"process {proc['pid']} in tier {tier} {'; '.join(what)}: a compromised "
+                                     "workload could change its namespace or leave it; run everything inside a "
+                                     "tier through _netns.run_in / spawn (unprivileged) and kill this one"))
+    return findings
+
+
 def verify(boundary, plan, *, world=True):
     """Read the live runtime of ``plan`` and judge it: ``{"findings", "isolated", "checked"}``."""
     live = read_live(plan)
@@ -241,5 +292,6 @@ def verify(boundary, plan, *, world=True):
         "routes": sum(len(n["routes"]) for n in state["namespaces"].values()),
         "router_rules": sum(1 for item in live["router_ruleset"] or () if "rule" in item),
         "tier_rulesets": len(live["tier_rulesets"]),
+        "tier_processes": sum(len(p) for p in live["processes"].values()),
     }
     return {"findings": findings, "isolated": not findings, "checked": checked}

@@ -13,9 +13,9 @@ version_added: 0.1.0
 description:
   - Reads the B(live) state of a drill's C(netns) sandbox runtime back from the kernel, everything under the drill's
     prefix C(drg-<short>-) - namespaces, links, IPv4 addresses, routes and forwarding of every namespace, the nft
-    ruleset of the router namespace, the nft ruleset and IPv6 settings of every tier namespace, and host links
-    carrying the prefix - and compares it with the declared boundary policy (C(drill_boundary)). It never relies
-    on what the builder meant to create.
+    ruleset of the router namespace, the nft ruleset, IPv6 settings and processes (uid, capabilities,
+    no_new_privs) of every tier namespace, and host links carrying the prefix - and compares it with the
+    declared boundary policy (C(drill_boundary)). It never relies on what the builder meant to create.
   - The router's ruleset is judged by meaning (what each rule can let through), as described in
     C(docs/runtime.md) ("Verifying the live rules").
   - Fails closed. A namespace, ruleset or setting that cannot be read is a C(runtime_unreadable) finding,
@@ -30,7 +30,7 @@ description:
     C(runtime_namespace_missing), C(runtime_namespace_unexpected), C(runtime_link_missing),
     C(runtime_link_unexpected), C(runtime_address_mismatch), C(runtime_route_missing),
     C(runtime_route_unexpected), C(runtime_tier_forwarding), C(runtime_tier_ruleset), C(runtime_ipv6_enabled),
-    C(runtime_host_link)."
+    C(runtime_host_link), C(runtime_tier_process_privileged)."
 attributes:
   check_mode:
     support: full
@@ -118,7 +118,7 @@ checked:
   description: How many of each kind were read.
   returned: always
   type: dict
-  sample: {"namespaces": 9, "links": 14, "routes": 12, "router_rules": 31, "tier_rulesets": 3}
+  sample: {"namespaces": 9, "links": 14, "routes": 12, "router_rules": 31, "tier_rulesets": 3, "tier_processes": 3}
 prefix:
   description: The drill's prefix; everything read carries it.
   returned: always

@@ -159,3 +159,13 @@ def test_module_reports_and_fails_closed(runtime):
     assert bad["isolated"] is False
     audit = run_module("runtime_verify", dict(args, fail_on_findings=False))
     assert not audit.failed and audit["isolated"] is False and audit["findings"] == bad["findings"]
+
+
+def test_privileged_process_in_a_tier_is_reported(runtime):
+    boundary, plan = runtime()
+    app = plan["tiers"]["app"]
+    assert verify(boundary, plan)["checked"]["tier_processes"] > 0, "the tiers' own listeners were read"
+    pid = _netns.spawn(app["ns"], ["/bin/sleep", "60"], privileged=True)
+    result = verify(boundary, plan)
+    assert codes(result) == [("runtime_tier_process_privileged", f"{app['ns']} pid {pid}")]
+    assert "runs as root" in result["findings"][0]["detail"]
