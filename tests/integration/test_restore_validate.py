@@ -287,3 +287,61 @@ def test_restore_refuses_no_artifacts_and_no_workers_before_touching_dest(tmp_pa
                                               "workers": 0})
     assert res.failed and res["msg"] == "workers must be at least 1"
     assert not (tmp_path / "r").exists()
+
+
+def test_signed_expectations_and_kinds_reach_validation_through_the_gate(tmp_path, module_runner):
+    """sign_manifest -> verify_artifacts -> restore_artifacts -> validate_restore, all local."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers_artifacts import generate_key
+    from helpers_artifacts import write_trust_policy
+
+    key = generate_key("ed25519")
+    key_path = key.write_private(str(tmp_path / "key.pem"))
+    source = tmp_path / "set"
+    source.mkdir()
+    (source / "orders.sqlite").write_bytes(_sqlite_bytes(tmp_path, rows=3))
+    (source / "files.tgz").write_bytes(gzip.compress(_tar_bytes([("config/app.yml", b"a: 1\n", "file")])))
+    manifest = str(tmp_path / "manifest.dsse.json")
+    signed = module_runner("sign_manifest", {"source": str(source), "dest": manifest, "backup_set": "orders-db",
+                                             "sequence": 1, "ttl": 3600, "private_key_path": key_path,
+                                             "expect": {"*.sqlite": {"tables": {"t": 4}}}})
+    assert not signed.failed, signed
+    verified = module_runner("verify_artifacts", {"manifest": manifest, "source": str(source),
+                                                  "trust_policy": write_trust_policy(str(tmp_path / "trust.json"),
+                                                                                     [key]),
+                                                  "trusted_state": str(tmp_path / "state" / "trusted.json")})
+    assert not verified.failed, verified
+    kinds = {a["name"]: (a["kind"], a["expect"]) for a in verified["artifacts"]}
+    assert kinds == {"orders.sqlite": ("sqlite", {"tables": {"t": 4}}), "files.tgz": ("tar", None)}
+    restored = module_runner("restore_artifacts", {"artifacts": verified["artifacts"], "dest": str(tmp_path / "r")})
+    assert not restored.failed, restored
+    val = run_module("validate_restore", {"restored": restored["restored"]})
+    assert val.failed
+    results = {r["name"]: (r["kind"], r["valid"], r["detail"]) for r in val["results"]}
+    assert results == {
+        "orders.sqlite": ("sqlite", False, "table 't' has 3 row(s), but the manifest expects at least 4"),
+        "files.tgz": ("tar", True, "ok")}
+
+
+def test_sign_from_s3_detects_a_compressed_tar_in_the_pinned_version(bucket, tmp_path, module_runner):
+    import base64
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers_artifacts import generate_key
+
+    s3, name = bucket
+    tgz = bz2.compress(_tar_bytes([("a.txt", b"a\n", "file")]))
+    s3.put_object(Bucket=name, Key="set/files.bin", Body=tgz)
+    s3.put_object(Bucket=name, Key="set/dump.gz", Body=gzip.compress(b"not a tar\n"))
+    key_path = generate_key("ed25519").write_private(str(tmp_path / "key.pem"))
+    dest = tmp_path / "m.dsse.json"
+    signed = module_runner("sign_manifest", {"source": "s3://%s/set/" % name, "dest": str(dest), "backup_set": "b",
+                                             "sequence": 1, "ttl": 60, "private_key_path": key_path})
+    assert not signed.failed, signed
+    payload = json.loads(base64.b64decode(json.loads(dest.read_bytes())["payload"]))
+    assert {n: e["kind"] for n, e in payload["predicate"]["artifacts"].items()} == {"files.bin": "tar",
+                                                                                    "dump.gz": "raw"}
