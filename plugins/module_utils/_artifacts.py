@@ -335,7 +335,7 @@ def _result(art: Artifact, source, version_id, findings: list, started: float, o
     observed = observed or {}
     entry = {"name": art.name, "verified": not findings, "sha256": art.sha256, "size": art.size,
              "seconds": round(time.monotonic() - started, 3), "reason": None, "source": source,
-             "version_id": version_id}
+             "version_id": version_id, "kind": art.kind, "expect": art.expect}
     if not findings:
         return entry, None
     findings.sort(key=lambda f: _PRIORITY.index(f[0]))

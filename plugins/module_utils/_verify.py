@@ -248,7 +248,8 @@ class Verifier:
                 safe.append(item)
                 continue
             entries[name] = {"name": name, "verified": False, "sha256": item.sha256, "size": item.size,
-                             "seconds": 0.0, "reason": "unsafe_name", "source": None, "version_id": None}
+                             "seconds": 0.0, "reason": "unsafe_name", "source": None, "version_id": None,
+                             "kind": item.kind, "expect": item.expect}
             failures.append(art.failure(name, "unsafe_name", "artifact name %r is unsafe: %s; the manifest that "
                                         "lists it is the source" % (name, problem), manifest_source))
         return entries, failures, safe

@@ -210,7 +210,9 @@ artifacts:
   description:
     - One entry per artifact of the manifest - C(name), C(verified), C(sha256) and C(size) as signed,
       C(seconds), C(reason) (null when verified), C(source) (exact location, with C(?versionId=)
-      on S3) and C(version_id). Empty when a manifest-level check failed.
+      on S3) and C(version_id), and the signed C(kind) and C(expect) (null when not declared), which
+      M(drguard.sandbox.restore_artifacts) passes on to M(drguard.sandbox.validate_restore).
+      Empty when a manifest-level check failed.
   returned: always
   type: list
   elements: dict

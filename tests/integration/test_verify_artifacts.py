@@ -37,7 +37,7 @@ from helpers_artifacts import write_local_set
 from helpers_artifacts import write_trust_policy
 
 FAILURE_KEYS = {"name", "reason", "detail", "source", "version_id", "observed_sha256", "observed_size"}
-ARTIFACT_KEYS = {"name", "verified", "sha256", "size", "seconds", "reason", "source", "version_id"}
+ARTIFACT_KEYS = {"name", "verified", "sha256", "size", "seconds", "reason", "source", "version_id", "kind", "expect"}
 SEEDED_STATE = {"some-other-set": {"sequence": 7, "manifest_sha256": "ab" * 32, "accepted_at": "2026-01-01T00:00:00Z"}}
 
 
