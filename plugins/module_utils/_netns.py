@@ -38,6 +38,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 
 IFNAMSIZ = 15
@@ -47,6 +48,7 @@ _PREFIX = re.compile(r"^drg-[a-z0-9]+-$")
 _PLAN_PREFIX = re.compile(r"^(drg-[a-z0-9]+-)")
 _TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+([A-Za-z_][A-Za-z0-9_./-]*)\s*\{", re.MULTILINE)
 _TOOLS = (("ip", "iproute2"), ("nft", "nftables"))
+_ROOTLESS_TOOLS = (("unshare", "util-linux"), ("nsenter", "util-linux"), ("setpriv", "util-linux"))
 _TIMEOUT = 30
 
 
@@ -75,7 +77,8 @@ def _tool(name):
 
 def _run(argv, input_text=None, check=True, what=None):
     try:
-        proc = subprocess.run(argv, input=input_text, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+        proc = subprocess.run(_through_holder(argv), input=input_text, capture_output=True, text=True,
+                              timeout=_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise NetnsError(f"{what or argv[0]} did not finish within {_TIMEOUT}s; check the host and retry.",
                          command=argv[:4]) from None
@@ -95,63 +98,299 @@ def _ip_json(*args, ns=None):
 
 
 def _namespaces():
+    if os.geteuid() != 0 and _current() is None:
+        return []  # not root and no holder: this user has no namespaces (root's are not its own)
     return sorted(item["name"] for item in _ip_json("netns", "list"))
 
 
 # ---------------------------------------------------------------- preflight
 
 
-def _userns_allowed():
+def _userns_allowed(proc="/proc"):
+    """``(True, "")`` when this user can create user namespaces here, else ``(False, why)``."""
     def read(path, default):
         try:
-            with open(path) as handle:
+            with open(os.path.join(proc, path)) as handle:
                 return handle.read().strip()
         except OSError:
             return default
 
-    return (read("/proc/sys/kernel/unprivileged_userns_clone", "1") == "1"
-            and read("/proc/sys/user/max_user_namespaces", "0") not in ("", "0")
-            and read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "0") == "0")
+    if read("sys/kernel/unprivileged_userns_clone", "1") != "1":
+        return False, "kernel.unprivileged_userns_clone is 0 (set it to 1)"
+    if read("sys/user/max_user_namespaces", "0") in ("", "0"):
+        return False, "user.max_user_namespaces is 0 (set it above 0)"
+    if read("sys/kernel/apparmor_restrict_unprivileged_userns", "0") != "0":
+        return False, "kernel.apparmor_restrict_unprivileged_userns is 1 (set it to 0)"
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False, "unshare (package util-linux) not found on PATH"
+    try:
+        probe = subprocess.run([unshare, "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "true"],
+                               capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return False, "unshare --user did not finish"
+    if probe.returncode != 0:
+        return False, f"unshare --user failed ({probe.stderr.strip()[:120]})"
+    return True, ""
 
 
 def preflight():
     """Check, before anything is created, that namespaces and nftables can be used here.
 
-    Returns ``{"root": True, "ip": path, "nft": path}``; raises :class:`NetnsError` naming
-    every missing piece (``detail["missing"]``): root, the ``ip`` / ``nft`` tools, ``ip -j``,
-    the kernel's nf_tables.
+    Returns ``{"root": bool, "mode": "root" | "rootless", "ip": path, "nft": path}``: as root the
+    manager works directly; otherwise, where this user may create user namespaces, rootless
+    (through a holder process, see :func:`start_holder`). Raises :class:`NetnsError` naming every
+    missing piece (``detail["missing"]``): root or unprivileged user namespaces (and which sysctl
+    forbids them), the ``ip`` / ``nft`` tools (and ``unshare`` / ``nsenter`` / ``setpriv`` when
+    rootless), ``ip -j``, the kernel's nf_tables.
     """
     missing, clauses = [], []
-    if os.geteuid() != 0:
-        why = ("unprivileged user namespaces are allowed here, but this manager does not run rootless yet"
-               if _userns_allowed() else "and unprivileged user namespaces are not allowed on this host")
-        missing.append("root")
-        clauses.append(f"not running as root (ip netns needs CAP_SYS_ADMIN and CAP_NET_ADMIN; {why})")
-    paths = {name: shutil.which(name) for name, _ in _TOOLS}
-    tools = [f"{name} (package {package})" for name, package in _TOOLS if paths[name] is None]
+    root = os.geteuid() == 0
+    if not root:
+        allowed, why = _userns_allowed()
+        if not allowed:
+            missing.append("root or unprivileged user namespaces")
+            clauses.append("not running as root (ip netns needs CAP_SYS_ADMIN and CAP_NET_ADMIN) and unprivileged "
+                           f"user namespaces are not available: {why}")
+    wanted = _TOOLS if root else _TOOLS + _ROOTLESS_TOOLS
+    paths = {name: shutil.which(name) for name, _ in wanted}
+    tools = [f"{name} (package {package})" for name, package in wanted if paths[name] is None]
     if tools:
         missing.extend(tools)
         clauses.append(f"{', '.join(tools)} not found on PATH")
     if not missing:
-        probe = _run([paths["ip"], "-j", "link", "show", "dev", "lo"], check=False)
+        probe = _run_plain([paths["ip"], "-j", "link", "show", "dev", "lo"])
         try:
             json.loads(probe.stdout)
         except ValueError:
             missing.append("ip -j")
             clauses.append("ip gives no JSON output (iproute2 4.14 or newer is needed)")
-        tables = _run([paths["nft"], "list", "tables"], check=False)
+        inside = [] if root else [paths["unshare"], "--user", "--map-root-user", "--net"]
+        tables = _run_plain(inside + [paths["nft"], "list", "tables"])
         if tables.returncode != 0:
             missing.append("nf_tables")
             clauses.append(f"the kernel has no usable nf_tables (nft list tables: {tables.stderr.strip()[:120]})")
     if missing:
         if tools:
             advice = "install what is missing (make venv as root installs iproute2 and nftables) and retry."
-        elif missing == ["root"]:
-            advice = "run it as root and retry."
+        elif missing == ["root or unprivileged user namespaces"]:
+            advice = ("run it as root, or allow unprivileged user namespaces (kernel.unprivileged_userns_clone=1, "
+                      "user.max_user_namespaces above 0, kernel.apparmor_restrict_unprivileged_userns=0), and retry.")
         else:
             advice = "fix that and retry."
         raise NetnsError(f"the netns runtime cannot start: {'; '.join(clauses)}; {advice}", missing=missing)
-    return {"root": True, "ip": paths["ip"], "nft": paths["nft"]}
+    return {"root": root, "mode": "root" if root else "rootless", "ip": paths["ip"], "nft": paths["nft"]}
+
+
+def _run_plain(argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, -9, "", f"did not finish within {_TIMEOUT}s")
+
+
+# ---------------------------------------------------------------- rootless: the holder
+#
+# Without root, every namespace of a drill lives inside one user namespace held open by a
+# holder process: ``unshare --user --map-root-user --net --mount --pid --fork --mount-proc
+# --kill-child`` running ``sh`` (argv marker ``<prefix>holder``), which mounts a tmpfs on /run
+# (so ``ip netns`` has a /run/netns of its own), hides the user's credential files, prints
+# ``ready`` and sleeps. Every ip / nft / workload call enters its user, mount, network and pid
+# namespaces (``nsenter -t <its child> -U -m -n -p --preserve-credentials``): one choke point,
+# :func:`_through_holder`. Killing the holder kills its pid namespace, and with it every process,
+# mount and network namespace of the drill. The holder is found again by its marker
+# (:func:`find_holders`), so another process (a later module, the reaper) needs no memory.
+
+_HOLDER_MARK = re.compile(r"^(drg-[a-z0-9]+-)holder$")
+_HOLDERS = {}  # prefix -> {"pid": unshare's pid, "target": the pid namespace's init (the child)}
+_LOCAL = threading.local()
+_HOLDER_SCRIPT = """set -e
+mount -t tmpfs -o mode=0755,size=4m drg-run /run
+mkdir -p /run/netns
+for path in "$@"; do
+  if [ -d "$path" ] && [ ! -L "$path" ]; then mount -t tmpfs -o mode=0700,size=64k drg-hidden "$path"
+  elif [ -f "$path" ] && [ ! -L "$path" ]; then mount --bind /dev/null "$path"; fi
+done
+echo ready
+exec sleep infinity
+"""
+_CREDENTIAL_ENV = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
+_CREDENTIAL_DIRS = (".aws", ".ssh", ".ansible", ".config", ".docker", ".kube", ".gnupg")
+
+
+def _current():
+    return getattr(_LOCAL, "holder", None)
+
+
+def _through_holder(argv):
+    holder = _current()
+    if holder is None:
+        return list(argv)
+    return [_tool("nsenter"), "-t", str(holder["target"]), "-U", "-m", "-n", "-p", "--preserve-credentials",
+            "--", *argv]
+
+
+def _read(path, binary=False):
+    try:
+        with open(path, "rb" if binary else "r") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _holder_children(pid):
+    raw = _read(f"/proc/{pid}/task/{pid}/children") or ""
+    return [int(p) for p in raw.split() if p.isdigit()]
+
+
+def find_holders(prefix=None):
+    """Rootless holders alive on this host: ``[{"pid", "prefix", "uid"}]``, found by their argv marker.
+
+    Not root: only this user's own. ``prefix`` narrows to one drill.
+    """
+    if prefix is not None:
+        check_prefix(prefix)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        raw = _read(f"/proc/{entry}/cmdline", binary=True)
+        if not raw:
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if not argv or os.path.basename(argv[0]) != "unshare":
+            continue
+        marks = [m.group(1) for m in (_HOLDER_MARK.match(a) for a in argv) if m]
+        if not marks or (prefix is not None and marks[0] != prefix):
+            continue
+        try:
+            uid = os.stat(f"/proc/{entry}").st_uid
+        except OSError:
+            continue
+        if os.geteuid() != 0 and uid != os.geteuid():
+            continue
+        found.append({"pid": int(entry), "prefix": marks[0], "uid": uid})
+    return sorted(found, key=lambda h: h["pid"])
+
+
+def _use(prefix):
+    """Make this thread's calls go through ``prefix``'s holder (rootless) or directly (root)."""
+    if os.geteuid() == 0:
+        _LOCAL.holder = None
+        return None
+    holder = _HOLDERS.get(prefix)
+    if holder is not None and _holder_children(holder["pid"]) != [holder["target"]]:
+        del _HOLDERS[prefix]  # gone (or not ours any more): look again
+        holder = None
+    if holder is None:
+        alive = find_holders(prefix)
+        for item in alive:
+            children = _holder_children(item["pid"])
+            if len(children) == 1:
+                holder = _HOLDERS[prefix] = {"pid": item["pid"], "target": children[0]}
+                break
+    _LOCAL.holder = holder
+    return holder
+
+
+def start_holder(prefix, wait=10.0):
+    """Start ``prefix``'s rootless holder (idempotent: an alive one is reused); returns its pid.
+
+    Hidden from everything that runs through it (a tmpfs or ``/dev/null`` mounted over them in its
+    mount namespace): ``~/.aws``, ``~/.ssh``, ``~/.ansible``, ``~/.config``, ``~/.docker``,
+    ``~/.kube``, ``~/.gnupg`` and the files ``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_CONFIG_FILE``,
+    ``AWS_WEB_IDENTITY_TOKEN_FILE`` name. Its own pid namespace hides the controller's processes.
+    """
+    check_prefix(prefix)
+    if os.geteuid() == 0:
+        raise NetnsError("start_holder is for rootless mode; as root the namespaces are created directly.",
+                         prefix=prefix)
+    holder = _use(prefix)
+    if holder is not None:
+        return holder["pid"]
+    home = os.path.expanduser("~")
+    hidden = [os.path.join(home, d) for d in _CREDENTIAL_DIRS] if home not in ("", "/") else []
+    hidden += [os.environ[k] for k in _CREDENTIAL_ENV if os.environ.get(k, "").startswith("/")]
+    argv = [_tool("unshare"), "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc",
+            "--propagation", "private", "--kill-child", "--", _tool("sh"), "-c", _HOLDER_SCRIPT,
+            f"{prefix}holder", *hidden]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd="/", start_new_session=True, close_fds=True, env={"PATH": os.environ.get("PATH", "")})
+    deadline = time.monotonic() + wait
+    line = b""
+    import select  # noqa: PLC0415 - only the rootless path needs it
+    while time.monotonic() < deadline and not line.endswith(b"\n"):
+        if select.select([proc.stdout], [], [], 0.1)[0]:
+            chunk = os.read(proc.stdout.fileno(), 64)
+            if not chunk:
+                break
+            line += chunk
+    if line.strip() != b"ready":
+        _kill_group(proc.pid)
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.wait(timeout=5) is not None else ""
+        raise NetnsError(f"the rootless holder for {prefix} did not start ({err[:160] or 'no ready signal'}); "
+                         "check that unprivileged user namespaces work here (unshare -Urn true) and retry.",
+                         prefix=prefix)
+    proc.stdout.close()
+    proc.stderr.close()
+    _SPAWNED[proc.pid] = proc
+    children = _holder_children(proc.pid)
+    if len(children) != 1:
+        _kill_group(proc.pid)
+        raise NetnsError(f"the rootless holder for {prefix} has {len(children)} children instead of one; "
+                         "run destroy and retry.", prefix=prefix)
+    _HOLDERS[prefix] = {"pid": proc.pid, "target": children[0]}
+    _LOCAL.holder = _HOLDERS[prefix]
+    return proc.pid
+
+
+def _ns_inodes(pid):
+    out = {}
+    for kind in ("user", "pid", "net", "mnt"):
+        try:
+            out[kind] = os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+        except OSError:
+            pass
+    return out
+
+
+def _stop_holder(prefix, holder, wait):
+    """SIGKILL the holder (its pid namespace dies with it) and prove nothing of it remains."""
+    inodes = _ns_inodes(holder["target"])
+    netns_inodes = set()
+    if _current() is holder:
+        script = "cd /run/netns && for f in *; do [ -e \"$f\" ] && stat -L -c '%i' \"$f\"; done; true"
+        listed = _run([_tool("sh"), "-c", script], check=False).stdout
+        netns_inodes = {int(i) for i in listed.split() if i.isdigit()}
+    members = [pid for pid in _all_pids() if _ns_inodes(pid).get("pid") == inodes.get("pid")]
+    _kill_group(holder["pid"])
+    try:
+        os.kill(holder["pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    watched = {inodes.get("user"), inodes.get("pid"), inodes.get("mnt"), inodes.get("net")} | netns_inodes
+    watched.discard(None)
+    deadline = time.monotonic() + wait
+    while True:
+        _reap()
+        left = [pid for pid in _all_pids() if watched & set(_ns_inodes(pid).values())]
+        if holder["pid"] in _all_pids():
+            left.append(holder["pid"])
+        if not left:
+            break
+        if time.monotonic() > deadline:
+            raise NetnsError(f"processes {sorted(set(left))} of {prefix}'s rootless holder are still alive "
+                             f"{wait:g}s after SIGKILL; check them and run teardown again.", prefix=prefix,
+                             pids=sorted(set(left)))
+        time.sleep(0.05)
+    _HOLDERS.pop(prefix, None)
+    if _current() is holder:
+        _LOCAL.holder = None
+    return sorted(set(members) | {holder["pid"]})
+
+
+def _all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
 # ---------------------------------------------------------------- running workloads inside
@@ -161,6 +400,11 @@ UNPRIVILEGED_UID = 65534
 UNPRIVILEGED_GID = 65534
 _SETPRIV_ARGS = (f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_GID}", "--clear-groups",
                  "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs")
+# Rootless: the user namespace maps one uid (the invoking user's, as 0), so there is no other uid to
+# switch to; the workload keeps uid 0 of the holder's namespace and loses every capability the
+# same way (securebits noroot: exec gives uid 0 no capability back).
+_SETPRIV_ROOTLESS_ARGS = ("--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
+                          "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -180,17 +424,18 @@ def _check_env(env):
 
 def _exec_argv(ns, argv, privileged):
     """``ip netns exec <ns> [setpriv ... --] <argv>`` after validating ``ns`` and ``argv``."""
-    _check_ns(ns)
+    _check_ns(ns, use=True)
     if (not isinstance(argv, (list, tuple)) or not argv
             or not all(isinstance(a, str) and "\0" not in a for a in argv)):
         raise NetnsError("argv must be a non-empty list of strings; fix the call.", field="argv")
     if privileged:
-        return [_tool("ip"), "netns", "exec", ns, *argv]
+        return _through_holder([_tool("ip"), "netns", "exec", ns, *argv])
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         raise NetnsError("setpriv not found on PATH, so nothing can run unprivileged inside a namespace; "
                          "install util-linux (setpriv) and retry.", missing=["setpriv (package util-linux)"])
-    return [_tool("ip"), "netns", "exec", ns, setpriv, *_SETPRIV_ARGS, "--", *argv]
+    drop = _SETPRIV_ARGS if _current() is None else _SETPRIV_ROOTLESS_ARGS
+    return _through_holder([_tool("ip"), "netns", "exec", ns, setpriv, *drop, "--", *argv])
 
 
 def run_in(ns, argv, *, input_text=None, timeout=_TIMEOUT, env=None, privileged=False):
@@ -461,12 +706,15 @@ def create(plan):
     """Build the router namespace and one namespace per tier, joined by veth pairs.
 
     Idempotent: what exists is kept, addresses and routes are replaced, a half-built veth
-    pair is rebuilt. Returns ``{"changed": bool, "state": read_state(prefix)}``. The plan is
-    validated and :func:`preflight` passes before anything is created.
+    pair is rebuilt. Returns ``{"changed": bool, "state": read_state(prefix), "mode": "root" |
+    "rootless", "holder_pid": int | None}``. The plan is validated and :func:`preflight` passes
+    before anything is created. Not root: everything is built inside the drill's rootless holder
+    (:func:`start_holder`, started here when it is not alive).
     """
     prefix, router, tiers = validate_plan(plan)
     world = validate_world(plan, prefix, tiers)
-    preflight()
+    mode = preflight()["mode"]
+    holder = start_holder(prefix) if mode == "rootless" else None
     before = read_state(prefix)
     existing = set(_namespaces())
     ip = _tool("ip")
@@ -491,7 +739,7 @@ def create(plan):
     if world:
         _create_world(router, world)
     after = read_state(prefix)
-    return {"changed": after != before, "state": after}
+    return {"changed": after != before, "state": after, "mode": mode, "holder_pid": holder}
 
 
 def _ensure_veth(outer, host, inner, peer):
@@ -595,11 +843,14 @@ def read_sysctls(ns):
 # ---------------------------------------------------------------- rules
 
 
-def _check_ns(ns):
+def _check_ns(ns, use=True):
     _check_name(ns, "namespace", NS_NAME_MAX)
-    if not _PLAN_PREFIX.match(ns):
+    match = _PLAN_PREFIX.match(ns)
+    if not match:
         raise NetnsError(f"namespace {ns!r} is not a drill namespace (drg-<short id>-...); pass one of the "
                          "drill's namespaces.", namespace=ns)
+    if use:
+        _use(match.group(1))
     if ns not in _namespaces():
         raise NetnsError(f"namespace {ns} does not exist; create the plan first.", namespace=ns)
 
@@ -662,6 +913,7 @@ def read_state(prefix):
     (loopback left out; IPv4 addresses and main-table routes).
     """
     check_prefix(prefix)
+    _use(prefix)
     ip = _tool("ip")
     namespaces = {}
     for ns in (n for n in _namespaces() if n.startswith(prefix)):
@@ -678,7 +930,9 @@ def read_state(prefix):
                          for r in _ip_json("-4", "route", "show", ns=ns)), key=lambda r: r["dst"])
         forward = _run([ip, "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip()
         namespaces[ns] = {"ip_forward": forward == "1", "links": links, "routes": routes}
-    host_links = sorted(link["ifname"] for link in _ip_json("link", "show") if link["ifname"].startswith(prefix))
+    host_links = []
+    if os.geteuid() == 0 or _current() is not None:
+        host_links = sorted(link["ifname"] for link in _ip_json("link", "show") if link["ifname"].startswith(prefix))
     return {"prefix": prefix, "namespaces": namespaces, "host_links": host_links}
 
 
@@ -691,9 +945,14 @@ def destroy(prefix, wait=10.0):
     """Remove everything under ``prefix``: processes inside, namespaces, host links; prove none remain.
 
     Idempotent. Returns ``{"changed", "removed": {"namespaces", "host_links", "pids"}}``;
-    raises :class:`NetnsError` naming whatever is still there afterwards.
+    raises :class:`NetnsError` naming whatever is still there afterwards. Rootless: SIGKILLs the
+    drill's holder (found by its marker), whose pid namespace takes every process, mount and
+    namespace of the drill with it, and proves that no process is left in any of its namespaces.
+    As root it also stops a rootless holder left under the prefix (the reaper's case).
     """
     check_prefix(prefix)
+    if os.geteuid() != 0:
+        return _destroy_rootless(prefix, wait)
     ip = _tool("ip")
     before = read_state(prefix)
     killed = []
@@ -716,6 +975,9 @@ def destroy(prefix, wait=10.0):
         _run([ip, "netns", "del", ns], check=False)
     for link in before["host_links"]:
         _run([ip, "link", "del", link], check=False)
+    for item in find_holders(prefix):
+        killed.extend(_stop_holder(prefix, {"pid": item["pid"], "target": (_holder_children(item["pid"]) or [0])[0]},
+                                   wait))
     _reap()
     after = read_state(prefix)
     if after["namespaces"] or after["host_links"]:
@@ -728,3 +990,18 @@ def destroy(prefix, wait=10.0):
         "removed": {"namespaces": sorted(before["namespaces"]), "host_links": before["host_links"],
                     "pids": sorted(killed)},
     }
+
+
+def _destroy_rootless(prefix, wait):
+    holder = _use(prefix)
+    if holder is None:
+        return {"changed": False, "removed": {"namespaces": [], "host_links": [], "pids": []}}
+    before = read_state(prefix)
+    killed = _stop_holder(prefix, holder, wait)
+    left = find_holders(prefix)
+    if left:
+        raise NetnsError(f"the rootless holder of {prefix} is still there after destroy (pids "
+                         f"{[h['pid'] for h in left]}); kill it and run teardown again.", prefix=prefix)
+    return {"changed": True,
+            "removed": {"namespaces": sorted(before["namespaces"]), "host_links": before["host_links"],
+                        "pids": killed}}

@@ -329,7 +329,7 @@ def test_preflight_names_both_tools_when_both_are_missing(tmp_path, monkeypatch)
 
 
 def test_preflight_passes_as_root_with_the_tools():
-    assert netns.preflight() == {"root": True, "ip": shutil.which("ip"), "nft": shutil.which("nft")}
+    assert netns.preflight() == {"root": True, "mode": "root", "ip": shutil.which("ip"), "nft": shutil.which("nft")}
 
 
 @pytest.mark.parametrize(
@@ -357,33 +357,173 @@ def test_a_bad_plan_fails_before_anything_is_created(prefix, field, value, reaso
         netns.destroy(other)
 
 
-@pytest.mark.skipif(shutil.which("runuser") is None or not os.path.exists("/usr/bin/python3"),
-                    reason="needs runuser and /usr/bin/python3 to run the preflight as the nobody user")
-def test_preflight_as_non_root_says_root_is_needed_and_creates_nothing(prefix):
-    # The module alone (it needs only the standard library), where nobody can read it.
+_AS_NOBODY = shutil.which("runuser") is not None and os.path.exists("/usr/bin/python3")
+
+
+@pytest.mark.skipif(not _AS_NOBODY, reason="needs runuser and /usr/bin/python3 to run as the nobody user")
+def test_preflight_without_root_or_user_namespaces_names_both_and_creates_nothing(prefix):
+    # This host allows unprivileged user namespaces, so the "not allowed" verdict is forced here;
+    # the sysctl reading behind it is tested on its own below.
+    patch = "n._userns_allowed = lambda proc='/proc': (False, 'user.max_user_namespaces is 0 (set it above 0)')\n"
+    out = _run_as_nobody(prefix, patch)
+    result = json.loads(out.stdout or "{}")
+    assert result.get("missing") == ["root or unprivileged user namespaces"], out.stderr
+    assert result["msg"] == (
+        "the netns runtime cannot start: not running as root (ip netns needs CAP_SYS_ADMIN and CAP_NET_ADMIN) "
+        "and unprivileged user namespaces are not available: user.max_user_namespaces is 0 (set it above 0); "
+        "run it as root, or allow unprivileged user namespaces (kernel.unprivileged_userns_clone=1, "
+        "user.max_user_namespaces above 0, kernel.apparmor_restrict_unprivileged_userns=0), and retry."
+    )
+    assert host_names(prefix) == ([], []) and netns.find_holders(prefix) == []
+
+
+@pytest.mark.parametrize(("files", "reason"), [
+    ({"kernel/unprivileged_userns_clone": "0"}, "kernel.unprivileged_userns_clone is 0 (set it to 1)"),
+    ({"user/max_user_namespaces": "0"}, "user.max_user_namespaces is 0 (set it above 0)"),
+    ({"kernel/apparmor_restrict_unprivileged_userns": "1"},
+     "kernel.apparmor_restrict_unprivileged_userns is 1 (set it to 0)"),
+    ({}, ""),
+])
+def test_userns_allowed_names_the_sysctl_that_forbids_user_namespaces(tmp_path, files, reason):
+    values = {"kernel/unprivileged_userns_clone": "1", "user/max_user_namespaces": "100",
+              "kernel/apparmor_restrict_unprivileged_userns": "0", **files}
+    for name, value in values.items():
+        path = tmp_path / "sys" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+    assert netns._userns_allowed(str(tmp_path)) == (not reason, reason)
+
+
+def _run_as_nobody(prefix, code, home=None, timeout=60):
+    """Run ``code`` as nobody with the module alone (standard library only) importable as ``n``."""
+    head = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import _netns as n\n"
+        "prefix, plan = sys.argv[2], json.loads(sys.argv[3])\n"
+    )
+    tail = (
+        "try:\n    n.create(plan)\nexcept n.NetnsError as e:\n"
+        "    print(json.dumps({'msg': str(e), 'missing': e.detail.get('missing')}))\n"
+    ) if "n.create" not in code else ""
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(netns.__file__, os.path.join(tmp, "_netns.py"))
         os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)  # noqa: S103 - nobody reads it
         os.chmod(os.path.join(tmp, "_netns.py"), stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
-        out = _run_as_nobody(tmp, prefix)
-    result = json.loads(out.stdout or "{}")
-    assert result.get("missing") == ["root"], out.stderr
-    assert result["msg"].startswith("the netns runtime cannot start: not running as root (ip netns needs CAP_SYS_ADMIN")
-    assert result["msg"].endswith("; run it as root and retry.")
-    assert host_names(prefix) == ([], [])
+        return subprocess.run(
+            ["runuser", "-u", "nobody", "--", "env", "-i", f"PATH={os.environ['PATH']}",
+             f"HOME={home or '/nonexistent'}", "/usr/bin/python3", "-c", head + code + tail, tmp, prefix,
+             json.dumps(make_plan(prefix))],
+            capture_output=True, text=True, timeout=timeout, cwd="/",
+        )
 
 
-def _run_as_nobody(tmp, prefix):
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import _netns as n\n"
-        "try:\n    n.create(json.loads(sys.argv[2]))\nexcept n.NetnsError as e:\n"
-        "    print(json.dumps({'msg': str(e), 'missing': e.detail.get('missing')}))\n"
-    )
-    return subprocess.run(
-        ["runuser", "-u", "nobody", "--", "env", f"PATH={os.environ['PATH']}", "/usr/bin/python3", "-c", code,
-         tmp, json.dumps(make_plan(prefix))],
-        capture_output=True, text=True, timeout=30, cwd="/",
-    )
+# Rootless, as nobody: build, rule, probe, try to escape, destroy; report what happened as JSON.
+ROOTLESS = r"""
+import os, tempfile, time
+report = {"preflight": n.preflight()}
+app, db, router = plan["tiers"]["app"]["ns"], plan["tiers"]["db"]["ns"], plan["router"]["ns"]
+db_address = plan["tiers"]["db"]["address"]
+try:
+    created = n.create(plan)
+    report["created"] = {"mode": created["mode"], "holder": created["holder_pid"] is not None,
+                         "namespaces": sorted(created["state"]["namespaces"])}
+    report["again_changed"] = n.create(plan)["changed"]
+    report["holders"] = [h["prefix"] for h in n.find_holders()]
+    report["sysctls"] = n.read_sysctls(app)
+    n.apply_ruleset(router, RULESET)
+    out = tempfile.mkdtemp(prefix="drg-rootless-")
+    n.spawn(db, [PY, "-c", SERVER, db_address, str(ALLOWED), str(DROPPED)], stdout_path=out + "/listener")
+    deadline = time.monotonic() + 10
+    while "ready" not in open(out + "/listener").read() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    def probe(port, timeout):
+        return n.run_in(app, [PY, "-c", CLIENT, db_address, str(port), str(timeout)]).stdout.strip()
+    report["probes"] = {"allowed": probe(ALLOWED, 3), "dropped": probe(DROPPED, 0.5)}
+    who = n.run_in(app, [PY, "-c", WHOAMI], env={"ONLY": "this"})
+    report["whoami"] = json.loads(who.stdout)
+    path = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    report["escape"] = {
+        "nft flush": n.run_in(app, ["nft", "flush", "ruleset"], env=path).stderr.strip().splitlines()[:1],
+        "nft flush router": n.run_in(app, ["nsenter", "--net=/run/netns/" + router, "nft", "flush", "ruleset"],
+                                     env=path).stderr.strip().splitlines()[:1],
+        "route add": n.run_in(app, ["ip", "route", "add", "10.9.9.0/24", "dev", plan["tiers"]["app"]["veth_peer"]],
+                              env=path).stderr.strip().splitlines()[:1],
+        "credentials": n.run_in(app, [PY, "-c", READ, os.path.join(os.environ["HOME"], ".aws", "credentials"),
+                                      "/proc/%d/environ" % os.getpid()]).stdout.strip(),
+    }
+    report["ruleset_rules"] = len([i for i in n.read_ruleset(router) if "rule" in i])
+    report["probes_after"] = {"allowed": probe(ALLOWED, 3), "dropped": probe(DROPPED, 0.5)}
+finally:
+    destroyed = n.destroy(prefix)
+    report["destroyed"] = {"changed": destroyed["changed"], "namespaces": destroyed["removed"]["namespaces"],
+                           "pids": len(destroyed["removed"]["pids"])}
+    report["holders_after"] = n.find_holders(prefix)
+    report["state_after"] = n.read_state(prefix)
+print(json.dumps(report))
+"""
+
+READ = r"""
+import errno, sys
+out = []
+for path in sys.argv[1:]:
+    try:
+        open(path).read()
+        out.append("readable")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+print(" ".join(out))
+"""
+
+
+@pytest.mark.skipif(not _AS_NOBODY or not netns._userns_allowed()[0],
+                    reason="rootless needs runuser, /usr/bin/python3 and unprivileged user namespaces")
+def test_rootless_as_nobody_builds_rules_probes_confines_and_destroys_to_nothing(prefix):
+    import pathlib
+
+    home = pathlib.Path(tempfile.mkdtemp(prefix="drg-nobody-home-"))  # traversable, unlike pytest's tmp_path
+    credentials = home / ".aws" / "credentials"
+    credentials.parent.mkdir()
+    credentials.write_text("[default]\naws_secret_access_key = controller-secret\n")
+    os.chmod(credentials, 0o600)
+    os.chmod(home, 0o755)  # noqa: S103 - nobody's home
+    subprocess.run(["chown", "-R", "nobody", str(home)], check=True)
+    # Without the holder, nobody (the controller here) reads its own credentials: hiding them is what counts.
+    assert subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(credentials)], capture_output=True,
+                          text=True, check=False).returncode == 0
+    consts = (f"PY = {SYSTEM_PYTHON!r}\nSERVER = {SERVER!r}\nCLIENT = {CLIENT!r}\nWHOAMI = {WHOAMI!r}\n"
+              f"READ = {READ!r}\nALLOWED, DROPPED = {ALLOWED_PORT}, {DROPPED_PORT}\n"
+              f"RULESET = {ruleset(prefix + 'router')!r}\n")
+    try:
+        out = _run_as_nobody(prefix, consts + ROOTLESS, home=str(home), timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        report = json.loads(out.stdout)
+    finally:
+        netns.destroy(prefix)  # as root this also stops a holder the run left behind
+        shutil.rmtree(home)
+    names = sorted([f"{prefix}router", *(f"{prefix}{t}" for t in TIERS)])
+    assert report["preflight"]["mode"] == "rootless" and report["preflight"]["root"] is False
+    assert report["created"] == {"mode": "rootless", "holder": True, "namespaces": names}
+    assert report["again_changed"] is False
+    assert report["holders"] == [prefix]
+    assert report["sysctls"]["net.ipv6.conf.all.disable_ipv6"] == "1"
+    assert report["probes"] == {"allowed": "connected", "dropped": "timeout"}
+    # uid 0 of the holder's user namespace (the only uid it maps), and no capability at all.
+    assert report["whoami"]["caps"] == NO_CAPS and report["whoami"]["no_new_privs"] == "1"
+    assert report["whoami"]["env"] == {"ONLY": "this"} and report["whoami"]["cwd"] == "/"
+    assert report["escape"] == {
+        "nft flush": ["Error: Could not process rule: Operation not permitted"],
+        "nft flush router": ["nsenter: reassociate to namespace 'ns/net' failed: Operation not permitted"],
+        "route add": ["RTNETLINK answers: Operation not permitted"],
+        # ~/.aws is hidden by the holder; the controller's /proc entry is outside the holder's pid namespace.
+        "credentials": "ENOENT ENOENT",
+    }
+    assert report["ruleset_rules"] == 2
+    assert report["probes_after"] == {"allowed": "connected", "dropped": "timeout"}
+    assert report["destroyed"]["changed"] is True and report["destroyed"]["namespaces"] == names
+    assert report["destroyed"]["pids"] >= 3  # the holder, its child and the listener at least
+    assert report["holders_after"] == []
+    assert report["state_after"] == {"prefix": prefix, "namespaces": {}, "host_links": []}
+    assert netns.find_holders(prefix) == []
+    assert subprocess.run(["pgrep", "-u", "nobody", "-f", f"{prefix}holder"], check=False).returncode == 1
 
 
 # ---------------------------------------------------------------- run_in / spawn
