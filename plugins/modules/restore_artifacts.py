@@ -68,7 +68,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 restored:
-  description: One entry per artifact written.
+  description:
+    - One entry per artifact written - C(name), C(path), C(sha256), C(size), and the manifest's C(kind) and
+      C(expect) when the input entry carries them (for M(drguard.sandbox.validate_restore)).
   returned: success
   type: list
   elements: dict
