@@ -394,6 +394,30 @@ def test_a_sender_past_the_connection_cap_is_refused(ns, collector):
 
 
 @netns_only
+def test_an_event_is_acknowledged_only_once_it_is_written(ns):
+    # The collector's stdout is a pipe nobody reads: once it is full the collector's write blocks,
+    # and no event may be acknowledged that is not already complete in the pipe.
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"listening" in proc.stderr.readline()
+        events = [ev(i, data={"pad": "x" * 400}) for i in range(400)]  # about 200 KiB, the pipe holds 64 KiB
+        res = send(ns, tel.encode_events(events), read_timeout=1)
+        assert res.returncode == 1 and "unanswered (no acknowledgement within 1s)" in res.stderr.decode()
+        acknowledged = json.loads(res.stdout)["acknowledged"]
+        os.set_blocking(proc.stdout.fileno(), False)
+        in_pipe = os.read(proc.stdout.fileno(), 1 << 20)
+        complete = [json.loads(x)["id"] for x in in_pipe.split(b"\n")[:-1]]
+        assert 0 < acknowledged <= len(complete) < len(events)
+        assert complete[:acknowledged] == [e["id"] for e in events[:acknowledged]]
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@netns_only
 def test_a_collector_that_cannot_write_rejects_every_event_as_write_failed(ns):
     with open("/dev/full", "wb") as full:
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT)],
