@@ -362,7 +362,7 @@ def _stop_holder(prefix, holder, wait):
         script = "cd /run/netns && for f in *; do [ -e \"$f\" ] && stat -L -c '%i' \"$f\"; done; true"
         listed = _run([_tool("sh"), "-c", script], check=False).stdout
         netns_inodes = {int(i) for i in listed.split() if i.isdigit()}
-    members = [pid for pid in _all_pids() if _ns_inodes(pid).get("pid") == inodes.get("pid")]
+    members = [pid for pid in _all_pids() if inodes.get("pid") and _ns_inodes(pid).get("pid") == inodes["pid"]]
     _kill_group(holder["pid"])
     try:
         os.kill(holder["pid"], signal.SIGKILL)
@@ -374,7 +374,7 @@ def _stop_holder(prefix, holder, wait):
     while True:
         _reap()
         left = [pid for pid in _all_pids() if watched & set(_ns_inodes(pid).values())]
-        if holder["pid"] in _all_pids():
+        if _alive(holder["pid"]):
             left.append(holder["pid"])
         if not left:
             break
@@ -391,6 +391,12 @@ def _stop_holder(prefix, holder, wait):
 
 def _all_pids():
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _alive(pid):
+    """Running (a zombie, dead and waiting for its parent to collect it, does not count)."""
+    stat_line = _read(f"/proc/{pid}/stat") or ""
+    return bool(stat_line) and stat_line.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 # ---------------------------------------------------------------- running workloads inside

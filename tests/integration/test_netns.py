@@ -814,3 +814,19 @@ def test_a_bad_world_fails_before_anything_is_created(edit, field, reason):
         assert host_names(plan["prefix"]) == ([], [])
     finally:
         netns.destroy(plan["prefix"])
+
+
+@pytest.mark.skipif(not _AS_NOBODY or not netns._userns_allowed()[0],
+                    reason="rootless needs runuser, /usr/bin/python3 and unprivileged user namespaces")
+def test_a_rootless_drill_left_behind_is_found_by_its_marker_and_removed_by_roots_destroy(prefix):
+    # nobody builds and exits without destroying (a killed drill): the holder outlives it.
+    out = _run_as_nobody(prefix, "r = n.create(plan)\nprint(json.dumps(r['holder_pid']))\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    holder = json.loads(out.stdout)
+    found = netns.find_holders(prefix)
+    assert [(h["pid"], h["prefix"], h["uid"]) for h in found] == [(holder, prefix, 65534)]
+    # The reaper's case: root, with no memory of the drill, destroys by prefix.
+    result = netns.destroy(prefix)
+    assert holder in result["removed"]["pids"]
+    assert netns.find_holders(prefix) == []
+    assert not netns._alive(holder)
