@@ -218,12 +218,6 @@ def sniff(handle) -> tuple:
     return ("tar" if _is_tar_header(block) else "compressed"), compression
 
 
-def kind_of(path: str) -> str:
-    """The artifact's kind from its content (see :func:`sniff`); a symlink or anything but a regular file is refused."""
-    with _open_regular(path) as handle:
-        return sniff(handle)[0]
-
-
 def _open_regular(path: str):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -352,15 +346,15 @@ class _Extraction:
         self._parents(os.path.dirname(name))
         if info.isdir():
             if not os.path.isdir(target) or os.path.islink(target):
-                self._clear(target)
+                self._clear(target, info.name)
                 os.mkdir(target, 0o700)
             return
-        self._clear(target)
+        self._clear(target, info.name)
         if info.issym():
             os.symlink(info.linkname, target)
         elif info.islnk():
             source = os.path.join(self.root, info.linkname)
-            if not stat.S_ISREG(os.lstat(source).st_mode):
+            if not os.path.lexists(source) or not stat.S_ISREG(os.lstat(source).st_mode):
                 raise Refused("tar member %r is a hard link to %r, which is not a file extracted before"
                               % (info.name, info.linkname))
             os.link(source, target, follow_symlinks=False)
@@ -379,20 +373,20 @@ class _Extraction:
         for part in [p for p in rel.split("/") if p not in ("", ".")]:
             path = os.path.join(path, part)
             if not os.path.isdir(path):
-                self._clear(path)
+                self._clear(path, rel)
                 os.mkdir(path, 0o700)
             if not _inside(self.root, os.path.realpath(path)):
                 raise Refused("tar member directory %r leads outside the target" % rel)
 
     @staticmethod
-    def _clear(path: str) -> None:
+    def _clear(path: str, name: str) -> None:
         # A later member of the same name replaces the earlier one; a directory is never removed.
         try:
             info = os.lstat(path)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
-            raise Refused("tar member %r would replace a directory" % path)
+            raise Refused("tar member %r would replace a directory" % name)
         os.unlink(path)
 
 

@@ -209,6 +209,31 @@ def test_safe_archive_is_extracted_privately_inside_the_restore_dir_when_kept(re
     assert os.stat(os.path.join(root, "conf", "again")).st_ino == os.stat(os.path.join(root, "conf/app.yml")).st_ino
 
 
+def test_archive_of_dot_with_a_repeated_member_extracts_its_last_copy(restore_dir):
+    # As `tar -C dir -czf set.tgz .` writes it, then the same file appended once more.
+    data = gzip.compress(_tar([(".", None, {"type": tarfile.DIRTYPE, "mode": 0o755}),
+                               ("./conf", None, {"type": tarfile.DIRTYPE, "mode": 0o755}),
+                               _file("./conf/app.yml", b"old\n"), _file("./conf/app.yml", b"new\n")]))
+    result = _one(restore_dir, "set.tgz", data, keep=True)
+    assert result["valid"] and result["members"] == 4, result
+    with open(os.path.join(result["extracted_to"], "conf", "app.yml"), "rb") as handle:
+        assert handle.read() == b"new\n"
+
+
+def test_hard_link_to_nothing_extracted_before_is_refused(tmp_path, restore_dir):
+    data = _tar([("hl", None, {"type": tarfile.LNKTYPE, "linkname": "later"}), _file("later")])
+    result = _one(restore_dir, "set.tar", data)
+    assert result["detail"] == "tar member 'hl' is a hard link to 'later', which is not a file extracted before"
+    assert _tree(tmp_path) == {"restore", "restore/set.tar"}
+
+
+def test_a_file_member_never_replaces_a_directory(tmp_path, restore_dir):
+    data = _tar([_file("conf/app.yml"), _file("conf")])
+    result = _one(restore_dir, "set.tar", data)
+    assert result["detail"] == "tar member 'conf' would replace a directory"
+    assert _tree(tmp_path) == {"restore", "restore/set.tar"}
+
+
 def test_extraction_is_removed_unless_kept_and_check_mode_writes_nothing(tmp_path, restore_dir):
     data = _tar([_file("a/b.txt")])
     assert _one(restore_dir, "set.tar", data)["valid"]
