@@ -244,3 +244,40 @@ def test_module_without_nft_fails_before_anything_is_created(drill, monkeypatch,
     monkeypatch.undo()
     assert runtime.leftovers(runtime.prefix_of(drill_id))["namespaces"] == []
 
+
+
+def test_state_records_the_prefix_before_anything_is_created_and_a_failed_build_leaves_nothing(drill, monkeypatch):
+    drill_id, out = drill
+    seen = {}
+    real_create = netns.create
+
+    def create_then_fail(plan):
+        seen["state"] = read_json(os.path.join(out, "runtime", "state.json"))
+        seen["namespaces_before"] = runtime.leftovers(plan["prefix"])["namespaces"]
+        real_create(plan)
+        raise netns.NetnsError("simulated failure after the namespaces were built; retry.")
+
+    monkeypatch.setattr(netns, "create", create_then_fail)
+    with pytest.raises(runtime.SandboxRuntimeError) as err:
+        runtime.up(parse_boundary(RAW), drill_id, out, PYTHON)
+    assert err.value.msg == "simulated failure after the namespaces were built; retry."
+    assert seen["state"]["prefix"] == runtime.prefix_of(drill_id)
+    assert seen["state"]["state"] == "creating"
+    assert seen["namespaces_before"] == []
+    assert runtime.leftovers(runtime.prefix_of(drill_id))["namespaces"] == []
+    assert read_json(os.path.join(out, "runtime", "state.json"))["state"] == "absent"
+
+
+def test_state_of_another_drill_is_refused(drill):
+    drill_id, out = drill
+    os.makedirs(os.path.join(out, "runtime"), mode=0o700)
+    with open(os.path.join(out, "runtime", "state.json"), "w", encoding="utf-8") as handle:
+        json.dump({"prefix": "drg-000000-", "state": "present"}, handle)
+    with pytest.raises(runtime.SandboxRuntimeError) as err:
+        runtime.up(parse_boundary(RAW), drill_id, out, PYTHON)
+    assert err.value.msg == (f"{out}/runtime/state.json belongs to another drill's runtime (drg-000000-); use this "
+                             "run's own output directory.")
+    with pytest.raises(runtime.SandboxRuntimeError) as err:
+        runtime.down(drill_id, out)
+    assert err.value.msg.startswith(f"the runtime state under {out} belongs to drg-000000-, not to drill {drill_id}")
+    assert runtime.leftovers(runtime.prefix_of(drill_id))["namespaces"] == []
