@@ -457,7 +457,8 @@ def run_in(ns, argv, *, input_text=None, timeout=_TIMEOUT, env=None, privileged=
     full = _exec_argv(ns, argv, privileged)
     clean = _check_env(env)
     proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=clean, cwd="/", start_new_session=True, close_fds=True)
+                            text=True, errors="replace", env=clean, cwd="/", start_new_session=True,
+                            close_fds=True)
     try:
         out, err = proc.communicate(input=input_text or "", timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -580,6 +580,12 @@ def test_run_in_passes_stdin_and_returns_the_exit_code(one_tier):
     assert (out.returncode, out.stdout.strip()) == (3, "HELLO")
 
 
+def test_run_in_returns_output_that_is_not_utf8_replaced_not_as_a_crash(one_tier):
+    code = "import sys; sys.stdout.buffer.write(b'ok \\xff\\n'); sys.stderr.buffer.write(b'\\xfe')"
+    out = netns.run_in(one_tier["tiers"]["app"]["ns"], [SYSTEM_PYTHON, "-c", code])
+    assert (out.returncode, out.stdout, out.stderr) == (0, "ok \ufffd\n", "\ufffd")
+
+
 def test_run_in_privileged_keeps_root_for_the_projects_own_setup(one_tier):
     out = netns.run_in(one_tier["router"]["ns"], [SYSTEM_PYTHON, "-c", WHOAMI], privileged=True)
     seen = json.loads(out.stdout)
