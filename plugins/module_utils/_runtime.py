@@ -174,6 +174,11 @@ def world_plan(boundary, plan):
     if "telemetry" in neighbours:
         tel = neighbours["telemetry"]
         rule = _cidrs(boundary, "telemetry")[0][1]
+        if rule.protocol != "tcp":
+            raise SandboxRuntimeError(
+                f"drill_boundary.egress[{list(boundary.egress).index(rule)}]: the telemetry collector listens on TCP, "
+                f"so a {rule.protocol} telemetry destination would never be reached; declare it with protocol tcp.",
+                field="egress")
         address = at[("telemetry", str(rule.cidr))]
         telemetry = {"address": address, "port": rule.ports[0].start}
         listen("telemetry", "collector", tel["ns"], address, protocol=rule.protocol, port=telemetry["port"])

@@ -183,3 +183,11 @@ def test_full_plan_is_deterministic_and_address_plan_errors_become_runtime_error
     with pytest.raises(SandboxRuntimeError) as err:
         plan_of(dict(RAW, tiers=["router"], tier_rules=[]))
     assert "reserved for the router namespace" in err.value.msg
+
+
+def test_a_udp_telemetry_destination_is_refused_the_collector_speaks_tcp():
+    raw = dict(RAW, egress=[RAW["egress"][0], dict(RAW["egress"][1], protocol="udp")])
+    with pytest.raises(SandboxRuntimeError) as err:
+        plan_of(raw)
+    assert err.value.msg == ("drill_boundary.egress[1]: the telemetry collector listens on TCP, so a udp telemetry "
+                             "destination would never be reached; declare it with protocol tcp.")
