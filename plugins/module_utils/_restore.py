@@ -213,7 +213,7 @@ def sniff(handle) -> tuple:
     handle.seek(0)
     try:
         block = _decompressor(compression, handle).read(512)
-    except (OSError, EOFError, lzma.LZMAError, ValueError):
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError):
         block = b""
     return ("tar" if _is_tar_header(block) else "compressed"), compression
 

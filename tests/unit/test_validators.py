@@ -102,6 +102,15 @@ def test_truncated_gzip_stream_is_invalid_with_its_reason(restore_dir):
     assert result["detail"].startswith("the gzip stream is truncated or corrupt: ")
 
 
+@pytest.mark.parametrize("compression", ["gzip", "bzip2", "xz"])
+def test_stream_corrupt_right_after_its_magic_is_invalid_with_its_reason(restore_dir, compression):
+    data = COMPRESS[compression](b"x" * 1000)
+    keep = {"gzip": 10, "bzip2": 4, "xz": 12}[compression]
+    result = _one(restore_dir, "broken", data[:keep] + b"\xff" * 64)
+    assert (result["kind"], result["valid"]) == ("compressed", False)
+    assert result["detail"].startswith("the %s stream is truncated or corrupt: " % compression), result
+
+
 def test_compressed_stream_bomb_is_stopped_by_the_ratio_cap_before_it_is_all_read(restore_dir):
     unpacked = 64 * 1024 * 1024
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
