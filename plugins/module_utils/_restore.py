@@ -143,7 +143,7 @@ def restore(artifacts: list, dest: str, *, client, workers: int = 4, check_mode:
 
 
 # --------------------------------------------------------------------------- validate
-#: Kinds of content :func:`kind_of` tells apart; the manifest declares only sqlite, tar or raw.
+#: The compressed formats :func:`sniff` recognises, by their magic bytes.
 COMPRESSIONS = {"gzip": b"\x1f\x8b", "bzip2": b"BZh", "xz": b"\xfd7zXZ\x00"}
 
 DEFAULT_MAX_MEMBERS = 100_000

@@ -23,6 +23,7 @@ except ImportError:
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts as art
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import COMPRESSIONS
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import sniff
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
@@ -165,7 +166,7 @@ class Signer:
         if item.kind != "raw":
             return item.kind
         head = read_head(item.name, 6)
-        if not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+        if not head.startswith(tuple(COMPRESSIONS.values())):
             return item.kind
         kind, _compression = sniff(io.BytesIO(read_head(item.name, SNIFF_COMPRESSED)))
         return "tar" if kind == "tar" else item.kind
