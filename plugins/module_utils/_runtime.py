@@ -517,6 +517,10 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False):
     if previous and previous.get("prefix") not in (None, plan["prefix"]):
         raise SandboxRuntimeError(f"{os.path.join(rdir, STATE_FILE)} belongs to another drill's runtime "
                                   f"({previous.get('prefix')}); use this run's own output directory.")
+    if not (previous and previous.get("state") != "absent") and leftovers(plan["prefix"])["namespaces"]:
+        raise SandboxRuntimeError(f"the runtime {plan['prefix']} already exists but {os.path.join(rdir, STATE_FILE)} "
+                                  "does not record it; pass the output directory it was built with, or remove it "
+                                  "first (state absent).", prefix=plan["prefix"])
     if check_mode:
         complete = status(boundary, plan, output_dir, python)
         return _result(plan, (previous or {}).get("processes") or {}, None, output_dir, not complete)

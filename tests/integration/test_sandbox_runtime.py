@@ -281,3 +281,17 @@ def test_state_of_another_drill_is_refused(drill):
         runtime.down(drill_id, out)
     assert err.value.msg.startswith(f"the runtime state under {out} belongs to drg-000000-, not to drill {drill_id}")
     assert runtime.leftovers(runtime.prefix_of(drill_id))["namespaces"] == []
+
+
+def test_a_runtime_built_with_another_output_dir_is_refused_and_kept(drill, tmp_path):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    first = runtime.up(boundary, drill_id, out, PYTHON)
+    other = str(tmp_path / "other")
+    with pytest.raises(runtime.SandboxRuntimeError) as err:
+        runtime.up(boundary, drill_id, other, PYTHON)
+    prefix = runtime.prefix_of(drill_id)
+    assert err.value.msg == (f"the runtime {prefix} already exists but {other}/runtime/state.json does not record it; "
+                             "pass the output directory it was built with, or remove it first (state absent).")
+    assert not os.path.exists(other)
+    assert all(os.path.exists(f"/proc/{pid}") for pid in first["processes"])
