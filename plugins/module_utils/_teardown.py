@@ -6,6 +6,7 @@ The steps, in this order, each running whatever happened to the one before (its 
 recorded, never raised)::
 
     revoke        deny every session of the drill role issued so far (``_minter``)
+    runtime       remove the sandbox runtime - processes, namespaces, rules - and prove it gone (``_runtime``)
     secrets       remove the drill's secrets from its store (``_secrets``)
     local_data    remove the local files and directories the drill wrote
     backup_mount  withdraw the read-only mount of a local backup set (``_backup_access``)
@@ -24,6 +25,7 @@ import time
 
 from ansible_collections.amazon.aws.plugins.module_utils.exceptions import AnsibleAWSError
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._backup_access import POLICY_NAME
@@ -33,11 +35,12 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._secrets import Se
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
-STEPS = ("revoke", "secrets", "local_data", "backup_mount", "sweep")
+STEPS = ("revoke", "runtime", "secrets", "local_data", "backup_mount", "sweep")
 
 # What each step is called in the failure message.
 _LABELS = {
     "revoke": "revoking its credentials failed",
+    "runtime": "removing its sandbox runtime failed",
     "secrets": "removing its secrets failed",
     "local_data": "removing its local data failed",
     "backup_mount": "withdrawing the backup access failed",
@@ -108,6 +111,8 @@ class Teardown:
             raise TeardownError("%s." % exc) from None
         if self.p["timeout"] <= 0:
             raise TeardownError("timeout must be a positive number of seconds, got %d." % self.p["timeout"])
+        if self.p["output_dir"] is not None and not os.path.isabs(self.p["output_dir"]):
+            raise TeardownError("output_dir must be an absolute path, got %s." % self.p["output_dir"])
         bad = [p for p in self.p["remove_paths"] if not os.path.isabs(p)]
         if bad:
             raise TeardownError("remove_paths must be absolute paths; not absolute: %s." % ", ".join(bad))
@@ -120,6 +125,14 @@ class Teardown:
                         diff=False, hide=self.hide)
         out = minter.revoked()
         return {"changed": out["changed"], "role_name": out["role_name"], "revoked_at": out.get("revoked_at")}
+
+    def runtime(self):
+        if self.p["runtime_backend"] != "netns":
+            return None  # none: nothing ran; ec2: the instances are tagged resources, the sweep deletes them
+        if self.check_mode:
+            return {"changed": bool(_runtime.leftovers(_runtime.prefix_of(self.p["drill_id"]))["namespaces"])}
+        out = _runtime.down(self.p["drill_id"], self.p["output_dir"])
+        return {"changed": out["changed"], "prefix": out["prefix"], "removed": out["removed"]}
 
     def secrets(self):
         if not self.p["secret_store"]:

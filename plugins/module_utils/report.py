@@ -220,9 +220,11 @@ def render_markdown(report: dict) -> str:
                     "%s +%s" % (k, v) for k, v in sorted(delta.items()))]
 
     tel = report.get("telemetry")
-    if tel:
-        lines += ["", "## Telemetry", "", "%s event(s) received by the drill's collector, %s rejected."
-                  % (tel.get("events"), tel.get("rejected")), ""]
+    if tel and tel.get("error"):
+        lines += ["", "## Telemetry", "", "Not counted: %s" % tel["error"]]
+    elif tel:
+        lines += ["", "## Telemetry", "", "%s event(s) received by the drill's collector, %s rejected, %s corrupt "
+                  "line(s)." % (tel.get("events"), tel.get("rejected"), tel.get("corrupt", 0)), ""]
         lines += ["| type | events |", "|---|---|"]
         lines += ["| %s | %s |" % (k, v) for k, v in sorted((tel.get("by_type") or {}).items())]
 

@@ -112,9 +112,12 @@ options:
   probes:
     description: The result of M(drguard.sandbox.runtime_probe) (rows, counters, violations).
     type: dict
-  telemetry:
-    description: The telemetry collector's summary, C({events, by_type, rejected}).
-    type: dict
+  telemetry_path:
+    description:
+      - The drill's telemetry collector file (C(<output_dir>/telemetry.jsonl)); the report counts its events by
+        type, the events the collector rejected and any line it cannot have written (C(corrupt)). A missing or
+        unreadable file is reported as the section's C(error).
+    type: path
   extra:
     description: Further sections to include as they are (for example identity or validation summaries).
     type: dict
@@ -169,6 +172,8 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
+from ansible_collections.drguard.sandbox.plugins.module_utils._telemetry import TelemetryError
+from ansible_collections.drguard.sandbox.plugins.module_utils._telemetry import summarise
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write_json
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
@@ -205,12 +210,21 @@ ARGUMENT_SPEC = dict(
     runtime=dict(type="dict"),
     runtime_verify=dict(type="dict"),
     probes=dict(type="dict"),
-    telemetry=dict(type="dict"),
+    telemetry_path=dict(type="path"),
     extra=dict(type="dict", default={}),
 )
 
 _BOUNDARY_KEYS = ("isolated", "vpc_id", "vpc_cidrs", "findings", "checked")
 _ARTIFACT_KEYS = ("verified", "failures", "artifacts", "manifest", "bytes_hashed", "trusted_state_updated")
+
+
+def _telemetry_summary(path):
+    if not path:
+        return None
+    try:
+        return summarise(path)
+    except TelemetryError as exc:
+        return {"events": None, "error": str(exc)}
 
 
 def _pick(result, keys):
@@ -258,7 +272,7 @@ def main():
         "quarantine": p["quarantine"],
         "recovery": recovery,
         "runtime": runtime_section(p["runtime"], p["probes"], p["runtime_verify"]),
-        "telemetry": p["telemetry"],
+        "telemetry": _telemetry_summary(p["telemetry_path"]),
         "overhead": overhead(phases),
         "teardown": teardown,
     }

@@ -16,6 +16,10 @@ description:
   - C(revoke) - with O(revoke_credentials), denies every session of the drill role issued so far (as
     M(drguard.sandbox.mint_credentials) with C(state=revoked)). Revocation comes first so that nothing can use the
     drill's identity while the rest goes.
+  - C(runtime) - with O(runtime_backend=netns), removes the drill's sandbox runtime (every process, namespace, veth and
+    nft table named C(drg-<short id>-), found from the drill id) and proves that nothing of it remains
+    (docs/runtime.md); with O(output_dir), its C(runtime/state.json) is marked absent. The C(ec2) backend's
+    instances are tagged resources: the sweep deletes them.
   - C(secrets) - with O(secret_store), removes the drill's secrets from it (as M(drguard.sandbox.drill_secrets) with
     C(state=absent)).
   - C(local_data) - removes O(remove_paths) (files, directory trees; a symlink is removed, never followed).
@@ -59,6 +63,13 @@ options:
   backup_path:
     description: The read-only mount point of a local backup set; removed with the mount.
     type: path
+  runtime_backend:
+    description: The drill's sandbox runtime backend; V(none) (or unset) when no runtime ran.
+    type: str
+    choices: [netns, ec2, none]
+  output_dir:
+    description: The drill's output directory (where C(runtime/state.json) lives).
+    type: path
   timeout:
     description: Seconds the sweep may take, retrying dependency errors.
     type: int
@@ -84,12 +95,13 @@ EXAMPLES = r"""
 
 RETURN = r"""
 steps:
-  description: Per step (V(revoke), V(secrets), V(local_data), V(backup_mount), V(sweep)) its C(status) (V(ok),
+  description: Per step (V(revoke), V(runtime), V(secrets), V(local_data), V(backup_mount), V(sweep)) its C(status) (V(ok),
     V(skipped) or V(failed)), C(seconds), C(error) when it failed, and what it did.
   returned: always
   type: dict
   sample:
     revoke: {status: ok, seconds: 0.21, changed: true, role_name: drguard-dr-20261129050000-a1b2c3}
+    runtime: {status: ok, seconds: 0.4, changed: true, prefix: drg-5bca86-, removed: [drg-5bca86-app]}
     secrets: {status: ok, seconds: 0.3, changed: true, store: secretsmanager, secrets: [orders-db]}
     local_data: {status: ok, seconds: 0.01, changed: true, removed: [/srv/drill-runs/dr-1/restore]}
     backup_mount: {status: skipped, seconds: 0.0}
@@ -131,6 +143,8 @@ ARGUMENT_SPEC = dict(
     remove_paths=dict(type="list", elements="path", default=[]),
     backup_source=dict(type="str"),
     backup_path=dict(type="path"),
+    runtime_backend=dict(type="str", choices=["netns", "ec2", "none"]),
+    output_dir=dict(type="path"),
     timeout=dict(type="int", default=300),
 )
 

@@ -48,9 +48,9 @@ def test_every_step_runs_and_nothing_remains(module_runner, aws, drill):
                                            "tmpfs_dir": drill["tmpfs_dir"], "remove_paths": [drill["restore"]]})
     assert not out.failed, out.get("msg")
     steps = out["steps"]
-    assert list(steps) == ["revoke", "secrets", "local_data", "backup_mount", "sweep"]
+    assert list(steps) == ["revoke", "runtime", "secrets", "local_data", "backup_mount", "sweep"]
     assert {k: s["status"] for k, s in steps.items()} == {
-        "revoke": "ok", "secrets": "ok", "local_data": "ok", "backup_mount": "skipped", "sweep": "ok"}
+        "revoke": "ok", "runtime": "skipped", "secrets": "ok", "local_data": "ok", "backup_mount": "skipped", "sweep": "ok"}
     assert steps["revoke"]["changed"] is True and steps["revoke"]["revoked_at"]
     assert steps["secrets"]["secrets"] == ["orders-db"]
     assert steps["local_data"]["removed"] == [drill["restore"]]
@@ -101,3 +101,34 @@ def test_check_mode_removes_nothing(module_runner, aws, drill):
     assert os.path.exists(drill["restore"]) and os.path.exists(drill["tmpfs_dir"])
     assert drill["role"] in _roles(aws)
     assert any(r["type"] == "iam_role" and r["id"] == drill["role"] for r in out["sweep"]["found"])
+
+
+RUNTIME_BOUNDARY = {"sandbox_cidr": "10.231.0.0/16", "production_cidrs": ["10.0.0.0/16"],
+                    "egress": [{"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"}],
+                    "tiers": ["app"]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the netns runtime needs root here")
+def test_the_runtime_step_removes_the_sandbox_runtime_and_proves_it_gone(module_runner, aws, drill, tmp_path):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
+    from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
+    from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+    out_dir = str(tmp_path / "out")
+    prefix = _runtime.prefix_of(drill["id"])
+    try:
+        built = _runtime.up(parse_boundary(RUNTIME_BOUNDARY), drill["id"], out_dir, python_executable())
+        assert built["prefix"] == prefix and _runtime.leftovers(prefix)["namespaces"]
+        out = module_runner("drill_teardown", {"drill_id": drill["id"], "runtime_backend": "netns",
+                                               "output_dir": out_dir})
+        assert not out.failed, out.get("msg")
+        assert out["steps"]["runtime"]["status"] == "ok" and out["steps"]["runtime"]["prefix"] == prefix
+        assert _runtime.leftovers(prefix, built["processes"]) == {"namespaces": [], "tables": [], "mounts": [],
+                                                                   "processes": []}
+        assert _runtime.read_state_file(out_dir)["state"] == "absent"
+        # Nothing left to remove the second time; the step still proves it.
+        again = module_runner("drill_teardown", {"drill_id": drill["id"], "runtime_backend": "netns",
+                                                 "output_dir": out_dir})
+        assert not again.failed and again["steps"]["runtime"]["changed"] is False
+    finally:
+        _runtime.down(drill["id"])

@@ -71,7 +71,7 @@ def yaml_files(*dirs: str) -> list:
 # ------------------------------------------------------------------------------ phases
 def test_each_phase_is_named_once_and_has_its_tasks_file():
     names = phases()
-    assert names == ["network", "prove", "identity", "backup_mount", "verify", "restore", "validate"]
+    assert names == ["network", "prove", "runtime", "probes", "identity", "backup_mount", "verify", "restore", "validate"]
     assert len(set(names)) == len(names)
     files = {p.stem for p in PHASES_DIR.glob("*.yml") if not p.stem.startswith("_")}
     assert files == set(names), "a phase file without a list entry, or the reverse"
@@ -196,7 +196,7 @@ def test_teardown_has_one_owner():
 def test_teardown_role_runs_every_step_in_one_module_task():
     tasks = load(ROOT / "roles" / "teardown" / "tasks" / "main.yml")
     modules = [m for t in tasks for m in t if m.startswith("drguard.sandbox.")]
-    # One process for revoke, secrets, local data, backup mount and sweep (their order: _teardown.STEPS).
+    # One process for revoke, runtime, secrets, local data, backup mount and sweep (their order: _teardown.STEPS).
     assert modules == ["drguard.sandbox.drill_teardown"]
     (task,) = [t for t in tasks if "drguard.sandbox.drill_teardown" in t]
     assert task.get("ignore_errors") is True and task.get("register")
@@ -206,7 +206,7 @@ def test_teardown_role_runs_every_step_in_one_module_task():
 def test_teardown_steps_revoke_first_and_sweep_last():
     from ansible_collections.drguard.sandbox.plugins.module_utils import _teardown
 
-    assert _teardown.STEPS == ("revoke", "secrets", "local_data", "backup_mount", "sweep")
+    assert _teardown.STEPS == ("revoke", "runtime", "secrets", "local_data", "backup_mount", "sweep")
 
 
 # -------------------------------------------------------------------------------- names

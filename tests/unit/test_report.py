@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_module
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._telemetry import cloud_event
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import (
     build_phases,
     decide_outcome,
@@ -265,6 +266,16 @@ ROWS = [{"src": "app", "dst": "production", "address": "10.0.0.1:5432", "layer":
          "observed": "allow", "reason": "connected", "latency_ms": 0.4}]
 
 
+def _collector_file(tmp_path):
+    """A collector's file as the collector writes it: valid events with receivedat, and one corrupt line."""
+    def event(kind):
+        return dict(cloud_event(kind, "/drguard/drill/dr-test-1", "app", {"x": 1}), receivedat="2026-11-30T00:00:00Z")
+    path = tmp_path / "telemetry.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in (
+        event("drguard.probe.result"), event("drguard.probe.result"), event("drguard.phase.finished"))) + "{oops\n")
+    return path
+
+
 def test_report_carries_runtime_probes_telemetry_and_overhead(tmp_path):
     res = run_module("drill_report", _report_args(
         tmp_path, phases=[{"name": "network", "started": 1001.0}, {"name": "runtime", "started": 1002.0},
@@ -273,14 +284,14 @@ def test_report_carries_runtime_probes_telemetry_and_overhead(tmp_path):
                  "units": [{"tier": "app", "ns": "drg-abc123-app", "address": "10.9.0.2", "veth": "x"}]},
         runtime_verify={"isolated": True, "findings": []},
         probes={"rows": ROWS, "violations": [], "counters": {"delta": {"production_drop": 3}}},
-        telemetry={"events": 7, "by_type": {"drguard.probe.result": 2, "drguard.phase.finished": 5},
-                   "rejected": 0}))
+        telemetry_path=str(_collector_file(tmp_path))))
     assert not res.failed, res
     rt = res["report"]["runtime"]
     assert rt["backend"] == "netns" and rt["isolated"] is True and rt["violations"] == 0
     assert rt["units"] == [{"tier": "app", "ns": "drg-abc123-app", "address": "10.9.0.2"}]
     assert rt["probes"] == ROWS and rt["counters"]["delta"] == {"production_drop": 3}
-    assert res["report"]["telemetry"]["by_type"]["drguard.probe.result"] == 2
+    assert res["report"]["telemetry"]["by_type"] == {"drguard.probe.result": 2, "drguard.phase.finished": 1}
+    assert res["report"]["telemetry"]["events"] == 3 and res["report"]["telemetry"]["corrupt"] == 1
     assert res["report"]["overhead"]["boundary_phases"] == {"network": 1.0, "runtime": 2.0}
     assert res["headline"]["runtime_backend"] == "netns" and res["headline"]["probe_violations"] == 0
     md = (tmp_path / "drill-report.md").read_text()
@@ -294,3 +305,10 @@ def test_report_says_when_nothing_ran_inside(tmp_path):
     assert res["report"]["runtime"]["note"].startswith("runtime backend none: nothing ran inside the boundary")
     assert "nothing ran inside the boundary" in (tmp_path / "drill-report.md").read_text()
     assert run_module("drill_report", _report_args(tmp_path))["report"]["runtime"] is None
+
+
+def test_report_says_when_the_telemetry_file_cannot_be_counted(tmp_path):
+    res = run_module("drill_report", _report_args(tmp_path, telemetry_path=str(tmp_path / "missing.jsonl")))
+    assert res["report"]["telemetry"]["events"] is None
+    assert "cannot be read" in res["report"]["telemetry"]["error"]
+    assert "Not counted: telemetry file" in (tmp_path / "drill-report.md").read_text()
