@@ -19,7 +19,7 @@ description:
   - C(runtime) - with O(runtime_backend=netns), removes the drill's sandbox runtime (every process, namespace, veth and
     nft table named C(drg-<short id>-), found from the drill id) and proves that nothing of it remains
     (docs/runtime.md); with O(output_dir), its C(runtime/state.json) is marked absent. The C(ec2) backend's
-    instances are tagged resources: the sweep deletes them.
+    instances are tagged resources, which the sweep deletes.
   - C(secrets) - with O(secret_store), removes the drill's secrets from it (as M(drguard.sandbox.drill_secrets) with
     C(state=absent)).
   - C(local_data) - removes O(remove_paths) (files, directory trees; a symlink is removed, never followed).
@@ -95,8 +95,8 @@ EXAMPLES = r"""
 
 RETURN = r"""
 steps:
-  description: Per step (V(revoke), V(runtime), V(secrets), V(local_data), V(backup_mount), V(sweep)) its C(status) (V(ok),
-    V(skipped) or V(failed)), C(seconds), C(error) when it failed, and what it did.
+  description: Per step (V(revoke), V(runtime), V(secrets), V(local_data), V(backup_mount), V(sweep)) its
+    C(status) (V(ok), V(skipped) or V(failed)), C(seconds), C(error) when it failed, and what it did.
   returned: always
   type: dict
   sample:

@@ -50,7 +50,8 @@ def test_every_step_runs_and_nothing_remains(module_runner, aws, drill):
     steps = out["steps"]
     assert list(steps) == ["revoke", "runtime", "secrets", "local_data", "backup_mount", "sweep"]
     assert {k: s["status"] for k, s in steps.items()} == {
-        "revoke": "ok", "runtime": "skipped", "secrets": "ok", "local_data": "ok", "backup_mount": "skipped", "sweep": "ok"}
+        "revoke": "ok", "runtime": "skipped", "secrets": "ok", "local_data": "ok", "backup_mount": "skipped",
+        "sweep": "ok"}
     assert steps["revoke"]["changed"] is True and steps["revoke"]["revoked_at"]
     assert steps["secrets"]["secrets"] == ["orders-db"]
     assert steps["local_data"]["removed"] == [drill["restore"]]
