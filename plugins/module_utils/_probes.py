@@ -27,6 +27,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import BAIT
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import DNS_PORT
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import SandboxRuntimeError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import port_ends
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import undeclared_port as _undeclared_port
 
 # Codes of the violations run_probes reports (docs/runtime.md, "Live probes").
@@ -118,24 +119,6 @@ class ProbeError(Exception):
 # ---------------------------------------------------------------- the matrix (pure)
 
 
-def _ends(ports):
-    """First and last port of each declared range, once each, in order."""
-    out = []
-    for p in ports:
-        for port in (p.start, p.end):
-            if port not in out:
-                out.append(port)
-    return out
-
-
-def _kind(rule):
-    return getattr(rule, "kind", "control_plane") or "control_plane"
-
-
-def _fallback(boundary):
-    return tuple(getattr(boundary, "fallback", ()) or ())
-
-
 def _neighbour(plan, kind):
     world = plan.get("world")
     if not isinstance(world, dict) or not isinstance(world.get("neighbours"), dict):
@@ -184,8 +167,8 @@ def probe_matrix(boundary, plan):
     if not production:
         raise ProbeError("the plan's world has no production address; build the plan with _runtime.full_plan.")
     bait = [port for port, _name in BAIT]
-    for port in ([p for r in boundary.egress for p in _ends(r.ports)]
-                 + [p for t in boundary.tier_rules for p in _ends(t.ports)]
+    for port in ([p for r in boundary.egress for p in port_ends(r.ports)]
+                 + [p for t in boundary.tier_rules for p in port_ends(t.ports)]
                  + [item["port"] for item in plan["world"].get("listeners", ())
                     if item.get("kind") == "production" and item.get("protocol", "tcp") == "tcp"]):
         if port not in bait:
@@ -195,12 +178,12 @@ def probe_matrix(boundary, plan):
     for a in production:
         outward += [("production", a, port, "tcp", "deny") for port in bait]
     for r in boundary.egress:
-        kind = "telemetry" if _kind(r) == "telemetry" else "control_plane"
+        kind = "telemetry" if r.kind == "telemetry" else "control_plane"
         a = _address_in(plan, kind, r.cidr)
-        outward += [(kind, a, port, r.protocol, "allow") for port in _ends(r.ports) if port != DNS_PORT]
-    for r in _fallback(boundary):
+        outward += [(kind, a, port, r.protocol, "allow") for port in port_ends(r.ports) if port != DNS_PORT]
+    for r in boundary.fallback:
         a = _address_in(plan, "fallback", r.cidr)
-        outward += [("fallback", a, port, r.protocol, "allow") for port in _ends(r.ports) if port != DNS_PORT]
+        outward += [("fallback", a, port, r.protocol, "allow") for port in port_ends(r.ports) if port != DNS_PORT]
     cp = (_neighbour(plan, "control_plane") or {}).get("addresses") or []
     dns_target = cp[0] if cp else plan["uplink"]["address"]
 
@@ -212,20 +195,20 @@ def probe_matrix(boundary, plan):
         for t in boundary.tier_rules:
             if t.source == src:
                 rows += [_row(src, t.dest, addr[t.dest], port, (t.protocol, "allow", addr[src]))
-                         for port in _ends(t.ports)]
+                         for port in port_ends(t.ports)]
         for dst in tiers:
             if dst == src:
                 continue
             if (src, dst) in declared_pairs:
                 rows.append(_row(src, dst, addr[dst], undeclared_port(boundary, dst), ("tcp", "deny", addr[src])))
                 continue
-            ports = [(port, t.protocol) for t in boundary.tier_rules if t.dest == dst for port in _ends(t.ports)]
+            ports = [(port, t.protocol) for t in boundary.tier_rules if t.dest == dst for port in port_ends(t.ports)]
             for port, proto in (list(dict.fromkeys(ports)) or [(undeclared_port(boundary, dst), "tcp")]):
                 rows.append(_row(src, dst, addr[dst], port, (proto, "deny", addr[src])))
     for r in boundary.ingress:
         cp_address = _address_in(plan, "control_plane", r.cidr)
         for dst in tiers:
-            for port in _ends(r.ports):
+            for port in port_ends(r.ports):
                 rows.append(_row("control_plane", dst, addr[dst], port, (r.protocol, "allow", cp_address)))
                 rows.append(_row("production", dst, addr[dst], port, (r.protocol, "deny", production[0])))
     unique = {}  # two rules naming the same flow give one row
@@ -392,19 +375,13 @@ def send_events(rows, plan, drill_id, address, port):
     try:
         events = [_telemetry.cloud_event("drguard.probe.result", source, f"{r['src']}->{r['dst']} {r['address']}",
                                          {k: r[k] for k in r if k != "src_address"}) for r in rows]
-        argv = _telemetry.sender_argv(python_executable(), address, port)
-        proc = _netns.run_in(_source_ns(plan, "control_plane"), argv, input_text=_telemetry.encode_events(events),
-                             timeout=60, env={})
-    except (_telemetry.TelemetryError, _netns.NetnsError, ProbeError) as exc:
+        return _telemetry.deliver(_source_ns(plan, "control_plane"), events, address, port,
+                                  python=python_executable())
+    except ProbeError as exc:
         return {"sent": 0, "acknowledged": 0, "error": exc.msg}
-    try:
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])
-        out = {"sent": int(summary["sent"]), "acknowledged": int(summary["acknowledged"])}
-    except (ValueError, KeyError, IndexError, TypeError):
-        out = {"sent": len(rows), "acknowledged": 0}
-    if proc.returncode != 0:
-        out["error"] = ((proc.stderr or "").strip().splitlines() or ["the sender exited %d" % proc.returncode])[-1]
-    return out
+    except _telemetry.TelemetryError as exc:
+        return {"sent": exc.detail.get("sent", 0), "acknowledged": exc.detail.get("acknowledged", 0),
+                "error": exc.msg}
 
 
 def _describe(row):

@@ -50,15 +50,7 @@ class SandboxRuntimeError(Exception):
 # ---------------------------------------------------------------- the embedded world (pure)
 
 
-def _kind(rule):
-    return getattr(rule, "kind", "control_plane") or "control_plane"
-
-
-def _fallback(boundary):
-    return tuple(getattr(boundary, "fallback", ()) or ())
-
-
-def _ends(ports):
+def port_ends(ports):
     """First and last port of each declared range, once each, in declaration order."""
     out = []
     for p in ports:
@@ -74,10 +66,10 @@ def _cidrs(boundary, kind):
         return [(c, None) for c in boundary.production_cidrs]
     if kind == "control_plane":
         return ([(r.cidr, None) for r in boundary.ingress]
-                + [(r.cidr, r) for r in boundary.egress if _kind(r) == "control_plane"])
+                + [(r.cidr, r) for r in boundary.egress if r.kind == "control_plane"])
     if kind == "telemetry":
-        return [(r.cidr, r) for r in boundary.egress if _kind(r) == "telemetry"]
-    return [(r.cidr, r) for r in _fallback(boundary)]
+        return [(r.cidr, r) for r in boundary.egress if r.kind == "telemetry"]
+    return [(r.cidr, r) for r in boundary.fallback]
 
 
 def _pick(cidr, kind, mine, taken):
@@ -152,8 +144,8 @@ def world_plan(boundary, plan):
 
     prod = neighbours["production"]
     bait = list(BAIT)
-    for port in ([p for r in boundary.egress for p in _ends(r.ports)]
-                 + [p for t in boundary.tier_rules for p in _ends(t.ports)]):
+    for port in ([p for r in boundary.egress for p in port_ends(r.ports)]
+                 + [p for t in boundary.tier_rules for p in port_ends(t.ports)]):
         if port not in [b for b, _ in bait]:
             bait.append((port, "bait"))
     for address in prod["addresses"]:
@@ -165,7 +157,7 @@ def world_plan(boundary, plan):
         for _cidr, rule in _cidrs(boundary, "control_plane"):
             if rule is not None:
                 address = at[("control_plane", str(rule.cidr))]
-                for port in _ends(rule.ports):
+                for port in port_ends(rule.ports):
                     listen("control_plane", "control-plane", cp["ns"], address, protocol=rule.protocol, port=port)
         for address in cp["addresses"]:
             listen("control_plane", "dns", cp["ns"], address, protocol="udp", port=DNS_PORT)
@@ -182,19 +174,19 @@ def world_plan(boundary, plan):
         address = at[("telemetry", str(rule.cidr))]
         telemetry = {"address": address, "port": rule.ports[0].start}
         listen("telemetry", "collector", tel["ns"], address, protocol=rule.protocol, port=telemetry["port"])
-        for port in _ends(rule.ports):
+        for port in port_ends(rule.ports):
             listen("telemetry", "telemetry", tel["ns"], address, protocol=rule.protocol, port=port)
 
     if "fallback" in neighbours:
         fb = neighbours["fallback"]
         for _cidr, rule in _cidrs(boundary, "fallback"):
-            for port in _ends(rule.ports):
+            for port in port_ends(rule.ports):
                 listen("fallback", "fallback", fb["ns"], at[("fallback", str(rule.cidr))],
                        protocol=rule.protocol, port=port)
 
     for tier, spec in plan["tiers"].items():
-        ports = [(p, r.protocol) for r in boundary.ingress for p in _ends(r.ports)]
-        ports += [(p, t.protocol) for t in boundary.tier_rules if t.dest == tier for p in _ends(t.ports)]
+        ports = [(p, r.protocol) for r in boundary.ingress for p in port_ends(r.ports)]
+        ports += [(p, t.protocol) for t in boundary.tier_rules if t.dest == tier for p in port_ends(t.ports)]
         ports.append((undeclared_port(boundary, tier), "tcp"))
         for port, protocol in ports:
             listen("tier", tier, spec["ns"], spec["address"], protocol=protocol, port=port)
