@@ -13,7 +13,32 @@ RTO and RPO as measured here:
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
+import stat
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - AnsibleAWSModule reports missing botocore
+    BotoCoreError = ClientError = Exception
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import check_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._io import ensure_private_dir
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import LocationError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_prefix
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import s3_uri
+
 OUTCOMES = ("passed", "failed", "halted")
+
+# What outlives the job (docs/awx.md): the report, its rendering, the alerts and the drill's state,
+# relative to the drill's output directory. Missing ones (a drill that stopped early) are skipped.
+DURABLE_FILES = ("drill-report.json", "drill-report.md", "alerts.jsonl", "state.json", "runtime/state.json")
+_TAG_DRILL_ID = "drguard:drill-id"
 
 # The report's overhead split: seconds spent building and proving the boundary vs recovering.
 BOUNDARY_PHASES = ("network", "prove", "runtime", "probes")
@@ -244,6 +269,11 @@ def render_markdown(report: dict) -> str:
         lines.append("| %s | %s | %s | %s |"
                      % (key.upper(), v.get("measured_seconds"), v.get("target_seconds"), v.get("met")))
 
+    d = report.get("durable")
+    if d:
+        lines += ["", "## Durable copy", ""]
+        lines.append("Not made: %s" % d["error"] if d.get("error") else "Copied to %s" % d.get("location"))
+
     t = report.get("teardown") or {}
     lines += ["", "## Teardown", ""]
     if t:
@@ -253,3 +283,132 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append("Not run.")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------- durable copy
+class DurableCopyError(Exception):
+    """The durable copy could not be made; the message says what was wrong and what to do."""
+
+
+def durable_location(value: str, drill_id: str, output_dir: str) -> dict:
+    """Where the drill's outputs are copied: ``{"kind": "s3", bucket, prefix, uri}`` or ``{"kind": "local", path,
+    uri}``, with ``<drill_id>/`` appended; checked before anything is written."""
+    if is_s3(value):
+        try:
+            loc = parse_prefix(value if value.endswith("/") else value + "/", "copy_to")
+        except LocationError as exc:
+            raise DurableCopyError("%s; use s3://bucket/prefix/ of an Object Lock bucket" % exc) from None
+        prefix = "%s%s/" % (loc.key, drill_id)
+        return {"kind": "s3", "bucket": loc.bucket, "prefix": prefix, "uri": s3_uri(loc.bucket, prefix)}
+    if not isinstance(value, str) or not os.path.isabs(value) or "\x00" in value:
+        raise DurableCopyError("copy_to %r must be s3://bucket/prefix/ or an absolute directory outside the job's "
+                               "working directory" % (value,))
+    root = os.path.normpath(value)
+    inside = os.path.normpath(output_dir) + os.sep
+    if (root + os.sep).startswith(inside):
+        raise DurableCopyError("copy_to %s lies inside the drill's output directory %s, which dies with the job; "
+                               "name a durable location outside it" % (root, output_dir))
+    path = os.path.join(root, drill_id)
+    return {"kind": "local", "root": root, "path": path, "uri": path + os.sep}
+
+
+def _read_regular(path: str):
+    """The bytes of the regular file ``path`` (a symlink is never followed), or None when it is missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DurableCopyError("%s is a symlink; refusing to copy it" % path) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise DurableCopyError("%s is not a regular file; refusing to copy it" % path)
+        return handle.read()
+
+
+def copy_outputs(dest: dict, output_dir: str, drill_id: str, client=None, check_mode: bool = False) -> list:
+    """Copy :data:`DURABLE_FILES` from ``output_dir`` to ``dest`` (:func:`durable_location`).
+
+    S3: the bucket must have Object Lock enabled (fail closed); every object is written with a SHA-256
+    checksum, the drill id tag and a legal hold, as the quarantine does, and read back with HeadObject to
+    prove the hold. Local: a 0700 directory of 0600 files, written atomically. ``client(service)`` returns a
+    retrying boto3 client. In check mode the location is checked and nothing is written. Returns one
+    ``{name, location, sha256, size, version_id}`` per file copied; raises :class:`DurableCopyError`.
+    """
+    s3 = client("s3") if dest["kind"] == "s3" else None
+    try:
+        if s3 is not None:
+            _check_lock(s3, dest["bucket"])
+        else:
+            for path in (dest["root"], dest["path"]):
+                check_private_dir(path)
+    except OSError as exc:
+        raise DurableCopyError("the durable location is unusable: %s" % exc) from None
+    files = []
+    for name in DURABLE_FILES:
+        try:
+            data = _read_regular(os.path.join(output_dir, name))
+        except OSError as exc:
+            raise DurableCopyError("cannot read %s of the drill's outputs: %s" % (name, exc)) from None
+        if data is None:
+            continue
+        entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "version_id": None}
+        if s3 is not None:
+            key = dest["prefix"] + name
+            entry["location"] = s3_uri(dest["bucket"], key)
+            if not check_mode:
+                entry["version_id"] = _put_locked(s3, dest["bucket"], key, data, drill_id)
+        else:
+            entry["location"] = os.path.join(dest["path"], name)
+            if not check_mode:
+                try:
+                    ensure_private_dir(dest["root"], parents=True)
+                    ensure_private_dir(os.path.dirname(entry["location"]), parents=True)
+                    atomic_write(entry["location"], data, 0o600)
+                except OSError as exc:
+                    raise DurableCopyError("cannot write %s: %s; make the durable directory writable by the "
+                                           "user running the drill" % (entry["location"], exc)) from None
+        files.append(entry)
+    return files
+
+
+def _check_lock(s3, bucket: str) -> None:
+    try:
+        conf = s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
+    except (BotoCoreError, ClientError) as exc:  # after the client's retries
+        raise DurableCopyError("cannot read the Object Lock configuration of bucket %s (%s); the durable copy needs "
+                               "an existing bucket with Object Lock enabled" % (bucket, describe_error(exc))) from None
+    if conf.get("ObjectLockEnabled") != "Enabled":
+        raise DurableCopyError("bucket %s does not have Object Lock enabled; create the report bucket with Object "
+                               "Lock so the drill's outputs cannot be altered or deleted" % bucket)
+
+
+def _put_locked(s3, bucket: str, key: str, data: bytes, drill_id: str):
+    uri = s3_uri(bucket, key)
+    try:
+        put = s3.put_object(Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256",
+                            ObjectLockLegalHoldStatus="ON", Tagging="%s=%s" % (_TAG_DRILL_ID, drill_id),
+                            ContentType="application/json" if key.endswith((".json", ".jsonl")) else "text/markdown")
+        version = put.get("VersionId")
+        head = s3.head_object(Bucket=bucket, Key=key, **({"VersionId": version} if version else {}))
+    except (BotoCoreError, ClientError) as exc:  # after the client's retries
+        raise DurableCopyError("cannot write %s (%s); the role running the drill needs s3:PutObject, "
+                               "s3:PutObjectLegalHold and s3:PutObjectTagging on it"
+                               % (uri, describe_error(exc))) from None
+    if head.get("ObjectLockLegalHoldStatus") != "ON":
+        raise DurableCopyError("%s was written without a legal hold; check the bucket's Object Lock settings" % uri)
+    return version
+
+
+def fail_for_copy(report: dict, message: str) -> None:
+    """A drill whose outputs did not reach the durable location the user named is not ``passed``.
+
+    An earlier verdict (halted, a failed phase) keeps its reason; the copy's error is recorded
+    under ``durable.error`` either way.
+    """
+    report.setdefault("durable", {})["error"] = message
+    if report["outcome"] == "passed":
+        report["outcome"], report["failed_phase"], report["error"] = (
+            "failed", "report", "the durable copy failed: %s" % message)

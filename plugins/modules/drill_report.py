@@ -20,7 +20,12 @@ description:
     ran), V(failed) when an RTO or RPO target was missed, otherwise V(passed).
   - RTO measured is the time from the drill's start to the validated restore; RPO
     measured is the time from the backup set's C(created_at) to the drill's start.
-  - Makes no AWS call. Inputs are results of other modules, which never carry secrets.
+  - With O(copy_to), the report, its rendering, C(alerts.jsonl), C(state.json) and C(runtime/state.json) are also
+    copied to a durable location the user names, so they survive a job whose working directory is thrown away
+    (an AWX execution environment container). When the copy fails, a drill that would have passed is V(failed) with
+    failed phase C(report); an earlier verdict keeps its reason. The copy's error is in the report's C(durable).
+  - Makes no AWS call unless O(copy_to) is an S3 location. Inputs are results of other modules, which never carry
+    secrets.
 attributes:
   check_mode:
     support: full
@@ -40,9 +45,6 @@ options:
     description: The drill's id.
     type: str
     required: true
-  region:
-    description: The AWS region of the drill.
-    type: str
   started_at:
     description: RFC 3339 UTC start of the drill.
     type: str
@@ -122,10 +124,27 @@ options:
     description: Further sections to include as they are (for example identity or validation summaries).
     type: dict
     default: {}
+  copy_to:
+    description:
+      - A durable location for the drill's outputs, V(s3://bucket/prefix/) or an absolute directory outside
+        O(output_dir); they go under C(<drill_id>/) there.
+      - S3 - the bucket must have Object Lock enabled (checked before anything is written); every object carries a
+        SHA-256 checksum, the C(drguard:drill-id) tag and a legal hold (read back to prove it), and the bucket's
+        default retention, when it has one, applies. Needs s3:GetBucketObjectLockConfiguration, s3:PutObject,
+        s3:PutObjectLegalHold and s3:PutObjectTagging.
+      - A directory - created 0700 (a symlink is refused), files 0600, written atomically.
+      - Unset or empty - no copy.
+    type: str
+notes:
+  - The region (O(region)) is the drill's, recorded in the report; with an S3 O(copy_to) it is also where the bucket
+    is reached.
 author:
   - drguard maintainers
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 """
 
 EXAMPLES = r"""
@@ -160,16 +179,26 @@ report:
   returned: always
   type: dict
 headline:
-  description: Headline figures for C(set_stats) (AWX).
+  description:
+    - Headline figures for C(set_stats) (AWX). C(report_location) is the durable copy of C(drill-report.json), null
+      without O(copy_to) or when the copy failed.
   returned: always
   type: dict
-  sample: {drill_id: dr-20261129044000-a1b2c3, outcome: passed, rto_seconds: 41.2, teardown_remaining: 0}
+  sample: {drill_id: dr-20261129044000-a1b2c3, outcome: passed, rto_seconds: 41.2, teardown_remaining: 0,
+           report_location: "s3://drill-reports/drills/dr-20261129044000-a1b2c3/drill-report.json"}
+durable:
+  description: The durable copy - C(location), and C(files) (each C(name), C(location), C(sha256), C(size),
+    C(version_id)).
+  returned: when O(copy_to) is set and the copy succeeded
+  type: dict
 """
 
 import os
 import time
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._io import atomic_write
 from ansible_collections.drguard.sandbox.plugins.module_utils._telemetry import TelemetryError
@@ -182,6 +211,10 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import forma
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcnow
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import build_phases
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import copy_outputs
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import durable_location
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import DurableCopyError
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import fail_for_copy
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import decide_outcome
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import measure
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import overhead
@@ -191,7 +224,6 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.report import runt
 ARGUMENT_SPEC = dict(
     output_dir=dict(type="path", required=True),
     drill_id=dict(type="str", required=True),
-    region=dict(type="str"),
     started_at=dict(type="str", required=True),
     started_epoch=dict(type="float", required=True),
     halted=dict(type="bool", default=False),
@@ -212,6 +244,7 @@ ARGUMENT_SPEC = dict(
     probes=dict(type="dict"),
     telemetry_path=dict(type="path"),
     extra=dict(type="dict", default={}),
+    copy_to=dict(type="str"),
 )
 
 _BOUNDARY_KEYS = ("isolated", "vpc_id", "vpc_cidrs", "findings", "checked")
@@ -234,7 +267,8 @@ def _pick(result, keys):
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    # AnsibleAWSModule for the S3 copy; its common ``region`` option is the drill's region.
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     finished = time.time()
     teardown = p["teardown"]
@@ -276,22 +310,46 @@ def main():
         "overhead": overhead(phases),
         "teardown": teardown,
     }
+    dest = None
+    if p["copy_to"]:
+        try:
+            dest = durable_location(p["copy_to"], p["drill_id"], p["output_dir"])
+            report["durable"] = {"location": dest["uri"], "error": None}
+        except DurableCopyError as exc:
+            report["durable"] = {"location": p["copy_to"], "error": None}
+            fail_for_copy(report, str(exc))
     report.update({k: v for k, v in p["extra"].items() if k not in report})
 
     report_path = os.path.join(p["output_dir"], "drill-report.json")
     summary_path = os.path.join(p["output_dir"], "drill-report.md")
-    try:
-        if module.check_mode:
-            check_private_dir(p["output_dir"])
-        else:
-            ensure_private_dir(p["output_dir"], parents=True)
-            atomic_write_json(report_path, report)
-            atomic_write(summary_path, render_markdown(report).encode())
-    except OSError as exc:
-        module.fail_json(msg="Cannot write the drill report: %s" % exc)
+
+    def write():
+        try:
+            if module.check_mode:
+                check_private_dir(p["output_dir"])
+            else:
+                ensure_private_dir(p["output_dir"], parents=True)
+                atomic_write_json(report_path, report)
+                atomic_write(summary_path, render_markdown(report).encode())
+        except OSError as exc:
+            module.fail_json(msg="Cannot write the drill report: %s" % exc)
+
+    write()
+    durable = None
+    if dest is not None:
+        try:
+            files = copy_outputs(dest, p["output_dir"], p["drill_id"],
+                                 client=lambda service: aws_client(module, service), check_mode=module.check_mode)
+            durable = {"location": dest["uri"], "files": files}
+        except DurableCopyError as exc:
+            # The local report says why the copy failed, and the drill is not passed.
+            fail_for_copy(report, str(exc))
+            write()
+    report_location = next((f["location"] for f in (durable or {}).get("files", [])
+                            if f["name"] == "drill-report.json" and not module.check_mode), None)
     headline = {
         "drill_id": p["drill_id"],
-        "outcome": outcome,
+        "outcome": report["outcome"],
         "failed_phase": report["failed_phase"],
         "seconds": report["seconds"],
         "rto_seconds": recovery["rto"]["measured_seconds"],
@@ -304,9 +362,13 @@ def main():
         "recovery_seconds": report["overhead"]["recovery_seconds"],
         "teardown_remaining": (teardown or {}).get("remaining"),
         "report_path": report_path,
+        "report_location": report_location,
     }
-    module.exit_json(changed=not module.check_mode, report_path=report_path, summary_path=summary_path,
-                     report=report, headline=headline)
+    result = dict(changed=not module.check_mode, report_path=report_path, summary_path=summary_path,
+                  report=report, headline=headline)
+    if durable is not None:
+        result["durable"] = durable
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":
