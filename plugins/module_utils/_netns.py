@@ -937,10 +937,7 @@ def read_state(prefix):
                          for r in _ip_json("-4", "route", "show", ns=ns)), key=lambda r: r["dst"])
         forward = _run([ip, "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip()
         namespaces[ns] = {"ip_forward": forward == "1", "links": links, "routes": routes}
-    host_links = []
-    if os.geteuid() == 0 or _current() is not None:
-        host_links = sorted(link["ifname"] for link in _ip_json("link", "show") if link["ifname"].startswith(prefix))
-    return {"prefix": prefix, "namespaces": namespaces, "host_links": host_links}
+    return {"prefix": prefix, "namespaces": namespaces, "host_links": _host_links(prefix)}
 
 
 def _host_links(prefix):
