@@ -21,7 +21,7 @@ LEAKS = {
     "map_public_ip": {"subnet_public_ip"},
     "endpoint_allow_all": {"endpoint_policy_open"},
 }
-PHASES = ["network", "prove", "identity", "backup_mount", "verify", "restore", "validate"]
+PHASES = ["network", "prove", "runtime", "probes", "identity", "backup_mount", "verify", "restore", "validate"]
 
 
 def _no_leftovers(world, drill_id):
