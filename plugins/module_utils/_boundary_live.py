@@ -41,7 +41,8 @@ FINDING_CODES = (
     "endpoint_policy_open", "endpoint_policy_undeclared", "endpoint_unsupported",
     "flow_logs_missing",
     "dhcp_options_dns", "dhcp_options_unsupported", "egress_only_igw_attached", "carrier_gateway_present",
-    "eni_public_ip", "eni_source_dest_check_off", "traffic_mirror_session", "traffic_mirror_target",
+    "eni_public_ip", "eni_source_dest_check_off", "eni_foreign_service", "traffic_mirror_session",
+    "traffic_mirror_target",
     "endpoint_service_offered", "load_balancer_internet_facing",
     "resolver_rule_associated", "resolver_endpoint_present", "resolver_query_logging",
     "private_hosted_zone_associated", "lattice_service_network_associated",
@@ -88,6 +89,12 @@ _NACL_DEFAULT_RULE = 32767
 # (it covers every client's choice: Linux, Windows, NAT gateways, load balancers).
 _RETURN_PORTS = (1024, 65535)
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
+# Interface types of this account's own instances' interfaces; every other type (vpc_endpoint, lambda,
+# network_load_balancer, transit_gateway, ...) is a service's.
+_INSTANCE_INTERFACE_TYPES = frozenset({"interface", "efa", "efa-only"})
+# Addresses on an interface that are reachable from outside the VPC: the internet, a Wavelength carrier
+# network, an Outpost's on-premises network (through its local gateway).
+_OUTSIDE_ADDRESS_KEYS = ("PublicIp", "CarrierIp", "CustomerOwnedIp")
 
 
 @dataclass(frozen=True)
@@ -897,6 +904,31 @@ def _check_dhcp_options(dopts: list, f: _Findings) -> None:
                       "verifier cannot prove them inside the boundary" % (key, ", ".join(map(str, values))))
 
 
+def _foreign_service(eni: dict) -> str | None:
+    """Why ``eni`` is another service's interface, not one of this account's instances' (None: it is not).
+
+    AWS marks the interfaces it creates in a subnet on a service's behalf (a Client VPN target network
+    association, a Lambda function, a load balancer, an interface endpoint, ...) as requester-managed and
+    names the service in RequesterId and Description; many also carry their own InterfaceType, an operator,
+    or an attachment to something that is not an instance of the interface's own account.
+    """
+    kind = eni.get("InterfaceType") or "interface"
+    if eni.get("RequesterManaged"):
+        return "requester-managed by %s (type %s)" % (eni.get("RequesterId") or "an AWS service", kind)
+    if kind not in _INSTANCE_INTERFACE_TYPES:
+        return "of type %s" % kind
+    operator = eni.get("Operator") or {}
+    if operator.get("Managed"):
+        return "managed by %s" % (operator.get("Principal") or "a service provider")
+    att = eni.get("Attachment") or {}
+    if att and att.get("Status") != "detached" and not (
+            att.get("InstanceId") and att.get("InstanceOwnerId") == eni.get("OwnerId")):
+        return "attached to %s of %s, not to an instance of its owner %s" % (
+            att.get("InstanceId") or "no instance", att.get("InstanceOwnerId") or "an unknown owner",
+            eni.get("OwnerId") or "unknown")
+    return None
+
+
 def _check_outside_reach(vpc_id: str, snap: dict, f: _Findings, checked: dict) -> None:
     """Gateways, interfaces, mirroring and offered services that connect the VPC to the outside."""
     eigws = _readable(snap, "egress_only_igws", f, vpc_id)
@@ -920,6 +952,14 @@ def _check_outside_reach(vpc_id: str, snap: dict, f: _Findings, checked: dict) -
     nat_enis = {a.get("NetworkInterfaceId") for nat in snap.get("nat_gateways") or [] if isinstance(nat, dict)
                 and nat.get("State") not in ("deleted", "failed") for a in nat.get("NatGatewayAddresses") or []} \
         if isinstance(snap.get("nat_gateways"), list) else set()
+    # Interfaces whose owner is judged on its own: an interface endpoint's (endpoint_unsupported) and a transit
+    # gateway attachment's, one in each of its subnets (the declared control-plane target, or tgw_attachment).
+    # Tied only when the owners were read; otherwise they count as any other service's interface (fail closed).
+    endpoint_enis = {i for ep in snap.get("vpc_endpoints") for i in ep.get("NetworkInterfaceIds") or []
+                     if ep.get("VpcId", vpc_id) == vpc_id} if isinstance(snap.get("vpc_endpoints"), list) else set()
+    tgw_subnets = {sn for att in snap.get("tgw_attachments") if att.get("VpcId", vpc_id) == vpc_id
+                   and att.get("State") not in ("deleted", "failed", "rejected")
+                   for sn in att.get("SubnetIds") or []} if isinstance(snap.get("tgw_attachments"), list) else set()
     if enis is not None:
         checked["network_interfaces"] = len(enis)
         for eni in enis:
@@ -928,13 +968,19 @@ def _check_outside_reach(vpc_id: str, snap: dict, f: _Findings, checked: dict) -
             if eid in nat_enis:
                 continue
             kind = eni.get("InterfaceType") or "interface"
-            public = sorted({a.get("Association", {}).get("PublicIp") for a in eni.get("PrivateIpAddresses") or []
-                             if (a.get("Association") or {}).get("PublicIp")}
-                            | ({eni["Association"]["PublicIp"]} if (eni.get("Association") or {}).get("PublicIp")
-                               else set()))
+            public = sorted({str(assoc[key]) for assoc in [eni.get("Association") or {}] + [
+                a.get("Association") or {} for a in eni.get("PrivateIpAddresses") or []]
+                for key in _OUTSIDE_ADDRESS_KEYS if assoc.get(key)})
             if public:
-                f.add("eni_public_ip", eid, "%s %s has public IPv4 address(es) %s: reachable from outside the VPC "
-                      "through any internet gateway" % (kind, eid, ", ".join(public)))
+                f.add("eni_public_ip", eid, "%s %s has public, carrier or customer-owned IPv4 address(es) %s: "
+                      "reachable from outside the VPC" % (kind, eid, ", ".join(public)))
+            foreign = _foreign_service(eni)
+            owned = eid in endpoint_enis or (kind == "transit_gateway" and eni.get("SubnetId") in tgw_subnets)
+            if foreign and not owned:
+                described = " (%s)" % eni["Description"] if eni.get("Description") else ""
+                f.add("eni_foreign_service", eid, "network interface %s%s is %s: an interface of another service "
+                      "(a Client VPN target network association, a Lambda function, a load balancer, ...) can "
+                      "carry traffic into or out of the sandbox" % (eid, described, foreign))
             if eni.get("SourceDestCheck") is False:
                 f.add("eni_source_dest_check_off", eid, "%s %s has source/destination check off, so it can forward "
                       "traffic that is neither from nor to it" % (kind, eid))

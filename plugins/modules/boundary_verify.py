@@ -19,6 +19,9 @@ description:
     the VPC Lattice service networks it joins, and flow logs) and compares it with the declared
     boundary policy (C(drill_boundary)). It never relies on what a builder meant to create, so it can be
     pointed at any VPC.
+  - A network interface of another service in the VPC (requester-managed, such as a Client VPN target network
+    association's, a Lambda function's or a load balancer's) is C(eni_foreign_service), because it can carry
+    traffic into or out of the sandbox.
   - Fails closed. An unknown route target, an unsupported endpoint, a configuration it cannot prove safe,
     or any describe call that fails (for example C(AccessDenied)) is a finding, never a pass.
   - Read-only. C(changed) is always false and check mode behaves exactly like a normal run.
@@ -35,8 +38,9 @@ description:
     C(sg_ingress_undeclared), C(nacl_missing_production_deny), C(nacl_allow_any), C(nacl_allow_undeclared),
     C(subnet_default_nacl), C(endpoint_policy_open), C(endpoint_policy_undeclared), C(endpoint_unsupported),
     C(flow_logs_missing), C(dhcp_options_dns), C(dhcp_options_unsupported), C(egress_only_igw_attached),
-    C(carrier_gateway_present), C(eni_public_ip), C(eni_source_dest_check_off), C(traffic_mirror_session),
-    C(traffic_mirror_target), C(endpoint_service_offered), C(load_balancer_internet_facing),
+    C(carrier_gateway_present), C(eni_public_ip), C(eni_source_dest_check_off), C(eni_foreign_service),
+    C(traffic_mirror_session), C(traffic_mirror_target), C(endpoint_service_offered),
+    C(load_balancer_internet_facing),
     C(resolver_rule_associated), C(resolver_endpoint_present), C(resolver_query_logging),
     C(private_hosted_zone_associated), C(lattice_service_network_associated), C(fallback_blocked)."
   - A declared fallback path (C(drill_boundary.fallback), a DR site or secondary region) counts as declared

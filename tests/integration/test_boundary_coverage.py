@@ -5,6 +5,9 @@ traffic, change name resolution or make something reachable from outside (docs/b
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 from faults import throttle
 from test_boundary_verify import assert_leak
@@ -153,6 +156,52 @@ def test_plain_interface_passes(aws_env, sandbox, ec2):
     res = verify(sandbox["vpc"])
     assert res["isolated"] is True, res["findings"]
     assert res["checked"]["network_interfaces"] >= 1
+
+
+def test_instance_interface_passes(aws_env, sandbox, ec2):
+    # An instance of this account: its interface is attached to an instance of the interface's own owner.
+    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    instance = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, SubnetId=sandbox["subnets"][0],
+                                 SecurityGroupIds=[sandbox["sg"]["app"]])["Instances"][0]
+    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[instance["NetworkInterfaces"][0][
+        "NetworkInterfaceId"]])["NetworkInterfaces"][0]
+    assert eni["Attachment"]["InstanceId"] == instance["InstanceId"]
+    res = verify(sandbox["vpc"])
+    assert res["isolated"] is True, res["findings"]
+    ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+
+
+@contextmanager
+def _as_aws_describes(eni_id, **fields):
+    """DescribeNetworkInterfaces answers for ``eni_id`` with ``fields`` as AWS would (test-only).
+
+    The emulator marks every interface as the caller's own (RequesterManaged false, InterfaceType
+    interface); AWS marks the one a service creates in a subnet on the owner's behalf.
+    """
+    from botocore.client import BaseClient
+    real = BaseClient._make_api_call
+
+    def call(client, name, params):
+        result = real(client, name, params)
+        if name == "DescribeNetworkInterfaces":
+            for eni in result.get("NetworkInterfaces") or []:
+                if eni.get("NetworkInterfaceId") == eni_id:
+                    eni.update(fields)
+        return result
+
+    with mock.patch.object(BaseClient, "_make_api_call", call):
+        yield
+
+
+def test_client_vpn_association_interface_is_a_foreign_service(aws_env, sandbox, ec2):
+    # What a Client VPN target network association leaves in the subnet: a requester-managed interface.
+    eni = _eni(ec2, sandbox, Description="ClientVPN Endpoint resource")
+    with _as_aws_describes(eni, RequesterManaged=True, RequesterId="AROAEXAMPLECLIENTVPN:ClientVPN"):
+        res = verify(sandbox["vpc"])
+    assert_leak(res, "eni_foreign_service")
+    assert [f["resource"] for f in res["findings"]] == [eni]
+    assert "ClientVPN Endpoint resource" in res["findings"][0]["detail"]
+    assert "requester-managed by AROAEXAMPLECLIENTVPN:ClientVPN" in res["findings"][0]["detail"]
 
 
 # ------------------------------------------------------------------- endpoint services offered from the sandbox

@@ -825,6 +825,118 @@ def test_pure_subnet_customer_owned_ips_are_public_addresses():
     assert "ipv4pool-coip-1" in res["findings"][0]["detail"]
 
 
+# ------------------------------------------------ interfaces of other services (Client VPN, Lambda, ...)
+# An AWS service that joins a subnet (a Client VPN target network association, a Lambda function, a load
+# balancer) puts its own network interface there, managed by the service. The emulator marks every
+# interface as the caller's own (RequesterManaged false, InterfaceType interface): judged from snapshots
+# shaped as DescribeNetworkInterfaces answers on AWS.
+
+OWNER = "111122223333"
+
+
+def _iface(eni_id="eni-1", **fields) -> dict:
+    eni = {"NetworkInterfaceId": eni_id, "VpcId": VPC, "SubnetId": "subnet-1", "OwnerId": OWNER,
+           "InterfaceType": "interface", "RequesterManaged": False, "Status": "in-use", "SourceDestCheck": True,
+           "PrivateIpAddresses": [{"PrivateIpAddress": "10.213.1.9", "Primary": True}]}
+    eni.update(fields)
+    return eni
+
+
+def _instance_attachment(owner=OWNER):
+    return {"AttachmentId": "eni-attach-1", "InstanceId": "i-1", "InstanceOwnerId": owner, "Status": "attached",
+            "DeviceIndex": 0}
+
+
+FOREIGN_INTERFACES = {
+    # A Client VPN target network association: the service's interface in the associated subnet.
+    "client_vpn": dict(RequesterManaged=True, RequesterId="AROAEXAMPLE:ClientVPN",
+                       Description="ClientVPN Endpoint resource", Status="in-use"),
+    "lambda": dict(InterfaceType="lambda", RequesterId="AROAEXAMPLE:lambda", Description="AWS Lambda VPC ENI-orders",
+                   Attachment={"AttachmentId": "ela-attach-1", "InstanceOwnerId": "amazon-aws", "Status": "attached"}),
+    "network_load_balancer": dict(InterfaceType="network_load_balancer", Description="ELB net/internal-nlb/1a2b"),
+    "application_load_balancer": dict(Description="ELB app/internal-alb/1a2b", Attachment={
+        "AttachmentId": "ela-attach-2", "InstanceOwnerId": "amazon-elb", "Status": "attached"}),
+    "instance_of_another_account": dict(Attachment=_instance_attachment(owner="444455556666")),
+    "operator_managed": dict(Operator={"Managed": True, "Principal": "eks.amazonaws.com"}),
+    "transit_gateway": dict(InterfaceType="transit_gateway", RequesterManaged=True),
+    "unknown_type": dict(InterfaceType="future_service_managed"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_INTERFACES))
+def test_pure_interface_of_another_service_is_a_finding(kind):
+    res = judge(snapshot(network_interfaces=[_iface(**FOREIGN_INTERFACES[kind])]))
+    assert [(f["code"], f["resource"]) for f in res["findings"]] == [("eni_foreign_service", "eni-1")], res["findings"]
+    detail = res["findings"][0]["detail"]
+    assert "Client VPN" in detail and "can carry traffic into or out of the sandbox" in detail
+    description = FOREIGN_INTERFACES[kind].get("Description")
+    assert description is None or description in detail
+
+
+def test_pure_interfaces_of_instances_of_this_account_are_not_foreign():
+    enis = [_iface("eni-plain", Status="available"), _iface("eni-instance", Attachment=_instance_attachment()),
+            _iface("eni-efa", InterfaceType="efa", Attachment=_instance_attachment()),
+            _iface("eni-efa-only", InterfaceType="efa-only", Attachment=_instance_attachment()),
+            _iface("eni-detached", Attachment={"AttachmentId": "ela-attach-9", "InstanceOwnerId": "amazon-aws",
+                                                "Status": "detached"}, Status="available")]
+    res = judge(snapshot(network_interfaces=enis))
+    assert res["findings"] == [] and res["checked"]["network_interfaces"] == 5
+
+
+def test_pure_interfaces_of_the_vpcs_own_endpoint_and_nat_gateway_are_reported_once():
+    # Their owner is a finding of its own (endpoint_unsupported, nat_gateway_present): no second one per interface.
+    endpoint = {"VpcEndpointId": "vpce-if", "VpcId": VPC, "VpcEndpointType": "Interface", "State": "available",
+                "ServiceName": "com.amazonaws.eu-west-1.ssm", "NetworkInterfaceIds": ["eni-ep"]}
+    nat = {"NatGatewayId": "nat-1", "VpcId": VPC, "State": "available",
+           "NatGatewayAddresses": [{"NetworkInterfaceId": "eni-nat"}]}
+    enis = [_iface("eni-ep", InterfaceType="vpc_endpoint", RequesterManaged=True),
+            _iface("eni-nat", InterfaceType="nat_gateway", RequesterManaged=True)]
+    res = judge(snapshot(vpc_endpoints=[endpoint], nat_gateways=[nat], network_interfaces=enis))
+    assert sorted((f["code"], f["resource"]) for f in res["findings"]) == [
+        ("endpoint_unsupported", "vpce-if"), ("nat_gateway_present", "nat-1")], res["findings"]
+
+
+def test_pure_interfaces_of_the_declared_transit_gateway_attachment_are_expected():
+    # The declared control-plane route's attachment puts a transit_gateway interface in each of its subnets.
+    tgw = "tgw-0123456789abcdef0"
+    att = {"TransitGatewayAttachmentId": "tgw-attach-1", "TransitGatewayId": tgw, "VpcId": VPC, "State": "available",
+           "SubnetIds": ["subnet-1"]}
+    mine = _iface("eni-tgw", InterfaceType="transit_gateway", RequesterManaged=True, SubnetId="subnet-1",
+                  Description="Network Interface for Transit Gateway Attachment tgw-attach-1")
+    stray = dict(mine, NetworkInterfaceId="eni-stray", SubnetId="subnet-2")
+    route = {"DestinationCidrBlock": CONTROL_PLANE, "TransitGatewayId": tgw}
+    snap = with_route(route) | {"tgw_attachments": [att], "network_interfaces": [mine, stray]}
+    res = judge(snap, control_plane_route={"cidr": CONTROL_PLANE, "target": tgw})
+    assert [(f["code"], f["resource"]) for f in res["findings"]] == [("eni_foreign_service", "eni-stray")]
+
+
+def test_pure_endpoint_interface_is_foreign_when_the_endpoints_were_not_read():
+    # Fail closed: an interface can be tied to its endpoint only when the endpoints were read.
+    denied = Unreadable("describe_vpc_endpoints", "UnauthorizedOperation", "You are not authorized")
+    res = judge(snapshot(vpc_endpoints=denied, network_interfaces=[
+        _iface("eni-ep", InterfaceType="vpc_endpoint", RequesterManaged=True)]))
+    assert sorted((f["code"], f["resource"]) for f in res["findings"]) == [
+        ("eni_foreign_service", "eni-ep"), ("unreadable", "ec2:DescribeVpcEndpoints")]
+
+
+def test_pure_interface_of_another_vpcs_endpoint_is_foreign():
+    elsewhere = {"VpcEndpointId": "vpce-x", "VpcId": "vpc-other", "VpcEndpointType": "Interface",
+                 "State": "available", "ServiceName": "com.amazonaws.eu-west-1.ssm", "NetworkInterfaceIds": ["eni-ep"]}
+    res = judge(snapshot(vpc_endpoints=[elsewhere], network_interfaces=[
+        _iface("eni-ep", InterfaceType="vpc_endpoint", RequesterManaged=True)]))
+    assert [(f["code"], f["resource"]) for f in res["findings"]] == [("eni_foreign_service", "eni-ep")]
+
+
+@pytest.mark.parametrize("field, address", [("CarrierIp", "155.146.0.7"), ("CustomerOwnedIp", "192.168.77.5")])
+def test_pure_carrier_and_customer_owned_addresses_are_public_addresses(field, address):
+    # A Wavelength carrier IP (reachable from the carrier network) and an Outposts customer-owned IP (reachable
+    # from the on-premises network through the local gateway) expose the interface like a public IP.
+    eni = _iface(Attachment=_instance_attachment(), Association={field: address})
+    res = judge(snapshot(network_interfaces=[eni]))
+    assert [(f["code"], f["resource"]) for f in res["findings"]] == [("eni_public_ip", "eni-1")]
+    assert address in res["findings"][0]["detail"]
+
+
 # ------------------------------------------------------------ fallback paths (drill_boundary.fallback)
 
 DR_SITE = "203.0.113.0/28"
