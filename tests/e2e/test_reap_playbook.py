@@ -223,10 +223,52 @@ def test_reap_fails_and_names_what_remains(fresh_emulator):
     assert "The reaper did not prove that nothing expired remains" in res.stdout
 
 
+def test_reap_one_drill_whatever_its_expiry(fresh_emulator):
+    """reap_drill_id tears down that drill's resources although they have not expired; another drill's stay.
+    The AWX workflow's reaper node gets the id from the drill's set_stats (reap_drill_from_stats)."""
+    aws = fresh_emulator.client
+    later = rfc3339(datetime.now(UTC) + timedelta(hours=2))
+    target, other = "dr-one-%s" % secrets.token_hex(3), "dr-two-%s" % secrets.token_hex(3)
+    mine = small_world(aws, target, later, 40)
+    theirs = small_world(aws, other, later, 42)
+
+    dry = reap(fresh_emulator, "reap_region=us-east-1", "reap_drill_id=%s" % target, "reap_dry_run=true")
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-2000:]
+    text = summary(dry.stdout)
+    assert "target=drill %s (whatever its expiry)" % target in text
+    assert "found=%d deleted=0 remaining=0" % len(mine) in text
+    assert existing(aws, mine) == mine
+
+    # As the workflow passes it: the drill's set_stats figures as extra vars.
+    stats = ROOT / ".ansible" / ("stats-%s.json" % target)
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    stats.write_text(json.dumps({"drill": {"drill_id": target, "outcome": "failed"}, "reap_drill_from_stats": True}))
+    try:
+        real = reap(fresh_emulator, "reap_region=us-east-1", "@%s" % stats)
+    finally:
+        stats.unlink()
+    assert real.returncode == 0, real.stdout[-4000:] + real.stderr[-2000:]
+    text = summary(real.stdout)
+    assert "target=drill %s (whatever its expiry)" % target in text
+    assert "found=%d deleted=%d remaining=0" % (len(mine), len(mine)) in text
+    assert other not in text
+    assert existing(aws, mine) == set()
+    assert existing(aws, theirs) == theirs
+
+    # No drill id in the stats (the drill died before publishing them): the expired sweep, which spares theirs.
+    fallback = reap(fresh_emulator, "reap_region=us-east-1", "reap_drill_from_stats=true")
+    assert fallback.returncode == 0, fallback.stdout[-4000:]
+    assert "target=expired resources" in summary(fallback.stdout)
+    assert existing(aws, theirs) == theirs
+
+
 @pytest.mark.parametrize(("extra_vars", "env_extra", "message"), [
     (["reap_region=us-east-1", "reap_as_of=yesterday"], {}, "reap_as_of 'yesterday' is not RFC 3339"),
     (["reap_region=us-east-1", "reap_timeout=0"], {}, "reap_timeout must be a positive number"),
     ([], {"AWS_REGION": "", "AWS_DEFAULT_REGION": ""}, "No region: set reap_region"),
+    (["reap_region=us-east-1", "reap_drill_id=dr-x-1", "reap_as_of=2026-11-29T05:00:00Z"], {},
+     "reap_as_of judges expiry, which reap_drill_id ignores"),
+    (["reap_region=us-east-1", "reap_drill_id=../etc"], {}, "reap_drill_id '../etc' is not a drill id"),
 ])
 def test_reap_rejects_bad_input_before_touching_aws(fresh_emulator, extra_vars, env_extra, message):
     res = reap(fresh_emulator, *extra_vars, env_extra=env_extra)
