@@ -30,14 +30,17 @@ is where a drill's forwarding ruleset belongs.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 
@@ -428,23 +431,197 @@ def _check_env(env):
     return dict(env)
 
 
-def _exec_argv(ns, argv, privileged):
-    """``ip netns exec <ns> [setpriv ... --] <argv>`` after validating ``ns`` and ``argv``."""
+def _exec_argv(ns, argv, privileged, spec_fd=None, uid=None):
+    """``ip netns exec <ns> [prelude] [setpriv ... --] <argv>`` after validating ``ns`` and ``argv``.
+
+    With ``spec_fd`` (a memfd holding a :func:`_files_spec`) the privileged prelude runs first: a
+    mount namespace of its own (``unshare --mount``), the workload's tmpfs, then ``setpriv``.
+    """
     _check_ns(ns, use=True)
     if (not isinstance(argv, (list, tuple)) or not argv
             or not all(isinstance(a, str) and "\0" not in a for a in argv)):
         raise NetnsError("argv must be a non-empty list of strings; fix the call.", field="argv")
     if privileged:
+        if spec_fd is not None:
+            raise NetnsError("files are for unprivileged workloads only; drop privileged or files.", field="files")
         return _through_holder([_tool("ip"), "netns", "exec", ns, *argv])
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         raise NetnsError("setpriv not found on PATH, so nothing can run unprivileged inside a namespace; "
                          "install util-linux (setpriv) and retry.", missing=["setpriv (package util-linux)"])
-    drop = _SETPRIV_ARGS if _current() is None else _SETPRIV_ROOTLESS_ARGS
-    return _through_holder([_tool("ip"), "netns", "exec", ns, setpriv, *drop, "--", *argv])
+    if _current() is None:
+        drop = _SETPRIV_ARGS if uid is None else (f"--reuid={uid}", f"--regid={uid}", *_SETPRIV_ARGS[2:])
+    else:
+        drop = _SETPRIV_ROOTLESS_ARGS
+    workload = [setpriv, *drop, "--", *argv]
+    if spec_fd is not None:
+        prelude = [_tool("unshare"), "--mount", "--propagation", "private", "--",
+                   os.path.realpath(sys.executable), "-I", "-S", "-c", _PRELUDE, str(spec_fd)]
+        return _through_holder([_tool("ip"), "netns", "exec", ns, *prelude, *workload])
+    return _through_holder([_tool("ip"), "netns", "exec", ns, *workload])
 
 
-def run_in(ns, argv, *, input_text=None, timeout=_TIMEOUT, env=None, privileged=False):
+# ---------------------------------------------------------------- files for a workload
+#
+# A workload gets files through a private mount namespace: the prelude below runs as root inside
+# ``ip netns exec <ns> unshare --mount --propagation private``, mounts a size-capped tmpfs on /run
+# (nothing of it reaches the host's mount table), puts the files into WORKLOAD_IN owned by the
+# workload's uid, makes WORKLOAD_IN read-only (a read-only bind of itself), adds the writable
+# WORKLOAD_SCRATCH when asked, then execs setpriv. The spec (names, modes, sources, inline data
+# such as secrets) comes on a memfd, never on argv or a disk; the prelude closes it before exec.
+
+WORKLOAD_ROOT = "/run/drguard"
+WORKLOAD_IN = WORKLOAD_ROOT + "/in"
+WORKLOAD_SCRATCH = WORKLOAD_ROOT + "/work"
+FILE_MODES = (0o400, 0o444, 0o600)
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_TMPFS_SLACK = 1024 * 1024  # directories, inodes and rounding on top of the files' bytes
+_PRELUDE = r"""
+import base64, json, os, shutil, stat, subprocess, sys
+fd = int(sys.argv[1])
+with os.fdopen(fd, "rb") as handle:
+    spec = json.loads(handle.read())
+def fail(what):
+    sys.stderr.write("drguard workload set-up: %s\n" % what)
+    sys.exit(125)
+def run(*argv):
+    proc = subprocess.run(list(argv), capture_output=True, text=True)
+    if proc.returncode != 0:
+        fail("%s failed (%s)" % (" ".join(argv[:3]), proc.stderr.strip()[:200]))
+mount, uid, gid = spec["mount"], spec["uid"], spec["gid"]
+run(mount, "-t", "tmpfs", "-o", "size=%d,mode=0755,nosuid,nodev,noexec" % spec["size"], "drguard-workload", "/run")
+os.mkdir("/run/drguard", 0o755)
+inside = "/run/drguard/in"
+os.mkdir(inside, 0o700)
+try:
+    for item in spec["files"]:
+        path = os.path.join(inside, item["name"])
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(out, "wb") as target:
+            if "source" in item:
+                src = os.open(item["source"], os.O_RDONLY | os.O_NOFOLLOW)
+                with os.fdopen(src, "rb") as source:
+                    if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                        fail("%s is not a regular file" % item["source"])
+                    shutil.copyfileobj(source, target, 1024 * 1024)
+            else:
+                target.write(base64.b64decode(item["data"]))
+        os.chown(path, uid, gid)
+        os.chmod(path, item["mode"])
+except OSError as exc:
+    fail("cannot copy %s in (%s)" % (item["name"], exc.strerror))
+os.chown(inside, uid, gid)
+os.chmod(inside, 0o500)
+run(mount, "--bind", inside, inside)
+run(mount, "-o", "remount,bind,ro,nosuid,nodev,noexec", inside)
+if spec["scratch"]:
+    os.mkdir("/run/drguard/work", 0o700)
+    os.chown("/run/drguard/work", uid, gid)
+os.chdir(spec["cwd"])
+argv = sys.argv[2:]
+os.execve(argv[0], argv, spec["env"])  # exactly the caller's env (not this interpreter's locale coercion)
+"""
+
+
+def _files_spec(files, scratch, uid):
+    """Check ``files`` and build the prelude's spec: ``{"files", "size", "scratch", ...}``."""
+    if not isinstance(files, dict) or not files:
+        raise NetnsError("files must be a non-empty mapping of file names to {source | data, mode}; fix the call.",
+                         field="files")
+    if not isinstance(scratch, int) or scratch < 0:
+        raise NetnsError("scratch must be a number of bytes (0 for none); fix the call.", field="files")
+    items, total = [], 0
+    for name, item in sorted(files.items()):
+        if not isinstance(name, str) or not _FILE_NAME.match(name):
+            raise NetnsError(f"files: {name!r} is not a plain file name ([A-Za-z0-9._-], no path); fix the call.",
+                             field="files")
+        if not isinstance(item, dict) or ("source" in item) == ("data" in item):
+            raise NetnsError(f"files[{name}] needs either source (a path on the controller) or data; fix the call.",
+                             field="files")
+        mode = item.get("mode", 0o400)
+        if mode not in FILE_MODES:
+            raise NetnsError(f"files[{name}]: mode must be one of {', '.join(oct(m) for m in FILE_MODES)}; "
+                             "fix the call.", field="files")
+        entry = {"name": name, "mode": mode}
+        if "source" in item:
+            source = item["source"]
+            if not isinstance(source, str) or not os.path.isabs(source):
+                raise NetnsError(f"files[{name}]: source {source!r} must be an absolute path; fix the call.",
+                                 field="files")
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise NetnsError(f"files[{name}]: source {source} is not a regular file that can be read "
+                                 f"({exc.strerror}); pass the restored file itself.", field="files") from None
+            try:
+                info = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NetnsError(f"files[{name}]: source {source} is not a regular file; pass the restored file "
+                                 "itself.", field="files")
+            entry["source"], size = source, info.st_size
+        else:
+            data = item["data"]
+            raw = data.encode() if isinstance(data, str) else data
+            if not isinstance(raw, bytes):
+                raise NetnsError(f"files[{name}]: data must be text or bytes; fix the call.", field="files")
+            entry["data"], size = base64.b64encode(raw).decode(), len(raw)
+        items.append(entry)
+        total += size + 4096
+    owner = (UNPRIVILEGED_UID if uid is None else uid) if _current() is None else 0
+    return {"files": items, "scratch": scratch, "size": total + scratch + _TMPFS_SLACK, "uid": owner,
+            "gid": owner, "cwd": WORKLOAD_IN, "mount": _tool("mount")}
+
+
+def _spec_fd(spec):
+    """A memfd holding ``spec`` (memory only, never a disk), rewound, for the prelude to read."""
+    fd = os.memfd_create("drguard-workload", 0)
+    try:
+        os.write(fd, json.dumps(spec).encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_uid(uid):
+    if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or not 1000 <= uid < 2 ** 31):
+        raise NetnsError(f"uid {uid!r} must be a number from 1000 to 2^31-1; pass workload_uid() or nothing.",
+                         field="uid")
+
+
+def workload_uid():
+    """A fresh uid for one workload (root mode): no file and no other process of the host has it, so
+    no other workload (65534 or another drill's) can read its memory, environment or files."""
+    return WORKLOAD_UID_BASE + secrets.randbelow(WORKLOAD_UID_SPAN)
+
+
+WORKLOAD_UID_BASE = 2_000_000_000
+WORKLOAD_UID_SPAN = 100_000_000
+
+
+def _popen_inside(ns, argv, *, privileged, files, scratch, uid, env, **kwargs):
+    """Validate, build the command line and start it; returns ``(argv, Popen)``. The spec memfd
+    (with ``files``) is handed to the prelude and closed here once the process has started."""
+    _check_uid(uid)
+    _check_ns(ns, use=True)
+    clean = _check_env(env)
+    spec = None if files is None else dict(_files_spec(files, scratch, uid), env=clean)
+    spec_fd = None if spec is None else _spec_fd(spec)
+    try:
+        full = _exec_argv(ns, argv, privileged, spec_fd, uid)
+        proc = subprocess.Popen(full, env=clean, cwd="/", start_new_session=True, close_fds=True,
+                                pass_fds=() if spec_fd is None else (spec_fd,), **kwargs)
+    finally:
+        if spec_fd is not None:
+            os.close(spec_fd)
+    return full, proc
+
+
+def run_in(ns, argv, *, input_text=None, timeout=_TIMEOUT, env=None, privileged=False, files=None, scratch=0,
+           uid=None):
     """Run ``argv`` inside namespace ``ns`` and wait for it; returns the ``subprocess.CompletedProcess``.
 
     Unprivileged unless ``privileged=True`` (for the project's own set-up commands only): uid
@@ -453,12 +630,17 @@ def run_in(ns, argv, *, input_text=None, timeout=_TIMEOUT, env=None, privileged=
     the working directory ``/``, stdin ``input_text`` (text) or empty. The exit code is the
     caller's to judge; a run longer than ``timeout`` seconds is killed (its whole process
     group) and raises :class:`NetnsError` with ``detail["timed_out"]``.
+
+    ``files`` (``{name: {"source": absolute path} | {"data": text or bytes}, "mode": 0o400 |
+    0o444 | 0o600}``) are put into :data:`WORKLOAD_IN`, a read-only directory on a tmpfs of the
+    workload's own mount namespace, owned by its uid; ``scratch`` bytes give it the writable
+    :data:`WORKLOAD_SCRATCH` on the same size-capped tmpfs; the working directory is then
+    :data:`WORKLOAD_IN`. Nothing of it is visible on the host and it vanishes with the process.
+    ``uid`` (root mode, from :func:`workload_uid`) runs it under a uid of its own instead of 65534.
     """
-    full = _exec_argv(ns, argv, privileged)
-    clean = _check_env(env)
-    proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace", env=clean, cwd="/", start_new_session=True,
-                            close_fds=True)
+    full, proc = _popen_inside(ns, argv, privileged=privileged, files=files, scratch=scratch, uid=uid, env=env,
+                               stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     try:
         out, err = proc.communicate(input=input_text or "", timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -499,7 +681,8 @@ def _open_output(path, field):
 _SPAWNED = {}
 
 
-def spawn(ns, argv, *, env=None, stdout_path=None, stderr_path=None, privileged=False):
+def spawn(ns, argv, *, env=None, stdout_path=None, stderr_path=None, privileged=False, files=None, scratch=0,
+          uid=None):
     """Start ``argv`` inside namespace ``ns`` in the background; returns its pid.
 
     Same confinement and clean environment as :func:`run_in`. The process gets a session of
@@ -508,15 +691,21 @@ def spawn(ns, argv, *, env=None, stdout_path=None, stderr_path=None, privileged=
     never through a symlink, truncated; their directory must exist) or ``/dev/null``. The pid
     is the workload's own (``ip netns exec`` and ``setpriv`` exec, they do not fork), so it
     shows in ``ip netns pids``; :func:`destroy` kills it with everything else of the prefix.
+    ``files``, ``scratch`` and ``uid`` as for :func:`run_in` (the prelude execs too: same pid).
     """
-    full = _exec_argv(ns, argv, privileged)
-    clean = _check_env(env)
+    # Bad calls are refused before any output file is opened (and truncated).
+    _exec_argv(ns, argv, privileged)
+    _check_env(env)
+    _check_uid(uid)
+    if files is not None:
+        _files_spec(files, scratch, uid)
     fds = []
     try:
         for path, field in ((stdout_path, "stdout_path"), (stderr_path, "stderr_path")):
             fds.append(subprocess.DEVNULL if path is None else _open_output(path, field))
-        proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[1], env=clean,
-                                cwd="/", start_new_session=True, close_fds=True)
+        _full, proc = _popen_inside(ns, argv, privileged=privileged, files=files, scratch=scratch, uid=uid,
+                                    env=env, stdin=subprocess.DEVNULL,
+                                    stdout=fds[0], stderr=fds[1])
     finally:
         for fd in fds:
             if fd != subprocess.DEVNULL:
@@ -971,6 +1160,44 @@ def _pids_in(names):
 def _pids(ns):
     out = _run([_tool("ip"), "netns", "pids", ns], check=False).stdout
     return sorted(int(p) for p in out.split() if p.isdigit())
+
+
+def host_pids(ns):
+    """The processes in ``ns`` as pids of the caller's own ``/proc``. Rootless, ``ip netns pids``
+    lists pids of the holder's pid namespace: each is matched to the process whose ``NSpid`` holds
+    it at the holder's level and whose parents lead into the holder's pid namespace."""
+    _check_ns(ns)
+    inner = set(_pids(ns))
+    holder = _current()
+    if holder is None or not inner:
+        return sorted(inner)
+    pidns = _ns_inodes(holder["target"]).get("pid")
+    level = len(_nspid(holder["target"])) - 1
+    out = []
+    for pid in _all_pids():
+        nspid = _nspid(pid)
+        if level < 1 or len(nspid) <= level or nspid[level] not in inner:
+            continue
+        walk, seen = pid, set()
+        while walk > 1 and walk not in seen and _ns_inodes(walk).get("pid") != pidns:
+            seen.add(walk)
+            walk = _ppid(walk)
+        if walk > 1 and _ns_inodes(walk).get("pid") == pidns:
+            out.append(pid)
+    return sorted(out)
+
+
+def _nspid(pid):
+    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
+        if line.startswith("NSpid:"):
+            return [int(p) for p in line.split()[1:] if p.isdigit()]
+    return []
+
+
+def _ppid(pid):
+    stat_line = _read(f"/proc/{pid}/stat") or ""
+    fields = stat_line.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
 
 
 def destroy(prefix, wait=10.0):
