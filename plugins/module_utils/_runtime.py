@@ -319,14 +319,18 @@ def _sockets(netns, ns, python):
 
 
 def _alive(netns, ns, pid):
-    """True when ``pid`` runs inside namespace ``ns``."""
+    """True when ``pid`` runs inside namespace ``ns`` (rootless: ``pid`` is the ``nsenter`` that
+    waits for the workload, and its one child is what runs inside)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return pid in netns._pids(ns)  # noqa: SLF001  (the manager's own reading of ip netns pids)
+    inside = netns.host_pids(ns)
+    if pid in inside:
+        return True
+    return netns._current() is not None and any(c in inside for c in netns._holder_children(pid))  # noqa: SLF001
 
 
 def _groups(plan):
@@ -553,14 +557,24 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False):
 
 def leftovers(prefix, pids=()):
     """What of ``prefix`` still exists: namespaces (``ip netns``), nft tables of the host, mounts
-    (``/proc/mounts``), processes among ``pids`` still running. Empty lists: nothing remains."""
+    (``/proc/mounts``), processes among ``pids`` still running, rootless holders of the prefix (any
+    user's as root, this user's otherwise). Empty lists: nothing remains.
+
+    Rootless, the drill's namespaces and tables exist only inside its holder (whose network
+    namespace plays the host's part): they are read there while a holder lives; without one
+    there is nowhere for them to be (the host's own tables are root's, unreadable and untouched).
+    """
     netns = _netns_mod()
     netns.check_prefix(prefix)
-    out = {"namespaces": [], "tables": [], "mounts": [], "processes": []}
+    out = {"namespaces": [], "tables": [], "mounts": [], "processes": [], "holders": []}
     try:
+        out["holders"] = [h["pid"] for h in netns.find_holders(prefix)]
+        netns._use(prefix)  # noqa: SLF001  (rootless: through the holder while it lives)
         out["namespaces"] = [n for n in netns._namespaces() if n.startswith(prefix)]  # noqa: SLF001
-        nft = netns._tool("nft")  # noqa: SLF001
-        tables = netns._run([nft, "list", "tables"]).stdout  # noqa: SLF001
+        tables = ""
+        if os.geteuid() == 0 or netns._current() is not None:  # noqa: SLF001
+            nft = netns._tool("nft")  # noqa: SLF001
+            tables = netns._run([nft, "list", "tables"]).stdout  # noqa: SLF001
     except netns.NetnsError as exc:
         raise SandboxRuntimeError(f"what remains of {prefix} cannot be read ({exc.msg}); check the host.") from None
     out["tables"] = [line.split()[-1] for line in tables.splitlines() if line.split()[-1:]

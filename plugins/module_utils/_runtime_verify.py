@@ -69,7 +69,7 @@ def _read_processes(ns):
     A capability set missing from ``/proc/<pid>/status`` reads as full (fail closed).
     """
     processes = []
-    for pid in _netns._pids(ns):  # noqa: SLF001 - the manager's own listing of a namespace's processes
+    for pid in _netns.host_pids(ns):  # rootless: translated from the holder's pid namespace
         try:
             with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
                 fields = dict(line.split(":", 1) for line in handle if ":" in line)

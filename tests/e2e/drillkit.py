@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ class DrillRun:
 
 
 def run_drill(world: World, out_root: Path, extra: dict | None = None, env_extra: dict | None = None,
-              drop: tuple = (), args: tuple = ()) -> DrillRun:
-    """Run playbooks/drill.yml against the world's emulator; return its exit code and report."""
+              drop: tuple = (), args: tuple = (), command: tuple = (ANSIBLE_PLAYBOOK,)) -> DrillRun:
+    """Run playbooks/drill.yml against the world's emulator; return its exit code and report.
+
+    ``command``: what runs the playbook (e.g. another user's ``setpriv ... python -m ansible playbook``)."""
     drill_id = new_drill_id()
     variables = dict(world.drill_vars, drill_id=drill_id, drill_output_root=str(out_root))
     for key in drop:
@@ -84,7 +87,7 @@ def run_drill(world: World, out_root: Path, extra: dict | None = None, env_extra
     vars_file = out_root / ("vars-%s.yml" % drill_id)
     out_root.mkdir(parents=True, exist_ok=True)
     vars_file.write_text(yaml.safe_dump(variables))
-    proc = subprocess.run([ANSIBLE_PLAYBOOK, "playbooks/drill.yml", "-e", "@%s" % vars_file, *args],
+    proc = subprocess.run([*command, "playbooks/drill.yml", "-e", "@%s" % vars_file, *args],
                           env=ansible_env(world.emu, env_extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     return DrillRun(proc.returncode, proc.stdout, proc.stderr, drill_id, out_root / drill_id)
@@ -101,3 +104,24 @@ def remaining(emu: Emulator, drill_id: str) -> list:
     from leftovers import leftovers
 
     return leftovers(drill_id, emulator_session(), endpoint_url=emu.url)
+
+
+def runtime_prefix(drill_id: str) -> str:
+    """The drill's runtime name prefix ``drg-<short>-``."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import prefix_of
+
+    return prefix_of(drill_id)
+
+
+def runtime_remaining(drill_id: str, pids=()) -> dict:
+    """What of the drill's runtime is left on this host (``_runtime.leftovers``): every list empty when nothing."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import leftovers
+
+    return leftovers(runtime_prefix(drill_id), pids)
+
+
+def path_without(*tools: str) -> str:
+    """This process's PATH without the directories that hold any of ``tools`` (a host where they are missing)."""
+    kept = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not any(os.access(os.path.join(d, t), os.X_OK) for t in tools)]
+    return os.pathsep.join([str(Path(sys.executable).parent)] + kept)
