@@ -602,9 +602,14 @@ WORKLOAD_UID_BASE = 2_000_000_000
 WORKLOAD_UID_SPAN = 100_000_000
 
 
-def _popen_inside(ns, argv, *, privileged, files, scratch, uid, env, **kwargs):
-    """Validate, build the command line and start it; returns ``(argv, Popen)``. The spec memfd
-    (with ``files``) is handed to the prelude and closed here once the process has started."""
+def workload_command(ns, argv, *, files=None, scratch=0, uid=None, env=None, privileged=False):
+    """Everything :func:`run_in` / :func:`spawn` check and build, for a caller that starts the process
+    itself (bounded output reading, say): ``(command line, environment, spec fd or None)``.
+
+    Start it with ``subprocess.Popen(command, env=environment, cwd="/", start_new_session=True,
+    close_fds=True, pass_fds=(spec_fd,) if spec_fd is not None else ())`` and close ``spec_fd``
+    right after (also when the start fails).
+    """
     _check_uid(uid)
     _check_ns(ns, use=True)
     clean = _check_env(env)
@@ -612,6 +617,18 @@ def _popen_inside(ns, argv, *, privileged, files, scratch, uid, env, **kwargs):
     spec_fd = None if spec is None else _spec_fd(spec)
     try:
         full = _exec_argv(ns, argv, privileged, spec_fd, uid)
+    except NetnsError:
+        if spec_fd is not None:
+            os.close(spec_fd)
+        raise
+    return full, clean, spec_fd
+
+
+def _popen_inside(ns, argv, *, privileged, files, scratch, uid, env, **kwargs):
+    """:func:`workload_command`, started; returns ``(argv, Popen)``."""
+    full, clean, spec_fd = workload_command(ns, argv, files=files, scratch=scratch, uid=uid, env=env,
+                                            privileged=privileged)
+    try:
         proc = subprocess.Popen(full, env=clean, cwd="/", start_new_session=True, close_fds=True,
                                 pass_fds=() if spec_fd is None else (spec_fd,), **kwargs)
     finally:

@@ -238,9 +238,13 @@ class _Extraction:
                 while source.read(_CHUNK):
                     pass
             return
+        # The standard library's own data filter where this Python has it (3.11.4 and later): a second
+        # opinion after the checks above, which alone already refuse everything it would.
+        data_filter = getattr(tarfile, "data_filter", None)
         try:
-            tarfile.data_filter(info, self.root)
-        except tarfile.FilterError as exc:
+            if data_filter is not None:
+                data_filter(info, self.root)
+        except getattr(tarfile, "FilterError", ()) as exc:
             raise Refused("tar member %r is refused by the tar data filter: %s" % (info.name, exc)) from None
         name = info.name.rstrip("/")
         target = os.path.join(self.root, name)
@@ -600,6 +604,227 @@ def main(argv) -> int:
         return 0
     sys.stderr.write("usage: validate | serve-db <file> <address> <port>\n")
     return 64
+
+
+# --------------------------------------------------------------------------- the controller's side
+# These run on the controller only: they import the namespace manager when called, never at import,
+# so this file stays a standard-library program inside.
+PROGRAM = "workloads.py"  # the file name of program() in a workload's files
+SCRATCH_SLACK = 16 * 1024 * 1024  # directories and per-file pages of an extraction, on top of its bytes
+INSIDE_TIMEOUT = 3600
+
+
+def _netns():
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _netns  # noqa: PLC0415
+    return _netns
+
+
+def _openable(path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (OSError, TypeError):
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
+def scratch_bytes(restored: list, caps: Caps) -> int:
+    """Room for the largest extraction the caps allow (archives are extracted one at a time)."""
+    sizes = [os.lstat(e["path"]).st_size for e in restored if _openable(e.get("path"))]
+    largest = max(sizes, default=0)
+    return min(caps.max_total_bytes, caps.max_ratio * max(largest, 1)) + SCRATCH_SLACK
+
+
+def validate_inside(ns: str, restored: list, min_rows: int = 1, caps: Caps | None = None, *, python: str,
+                    extract: bool = True, timeout: float = INSIDE_TIMEOUT) -> Validation:
+    """:func:`validate`, run inside namespace ``ns`` (the validation tier) as an unprivileged workload.
+
+    Each restored file is copied read-only (0400) into the workload's tmpfs, extractions go to its
+    size-capped scratch, and the workload runs under a uid of its own with an empty environment;
+    the results come back as JSON on stdout and are the ones :func:`validate` gives on the
+    controller. An entry that cannot be opened as a regular file is judged on the controller
+    (it fails there before any of its content is read).
+    """
+    netns = _netns()
+    caps = caps or Caps()
+    caps.check()
+    if not restored:
+        return Validation(False, [])
+    inside, files, order = [], {PROGRAM: {"data": program(), "mode": 0o444}}, []
+    for index, entry in enumerate(restored):
+        if not _openable(entry.get("path")):
+            order.append(("here", validate_one(entry, min_rows, caps, extract=False)))
+            continue
+        name = "artifact-%d" % index
+        files[name] = {"source": os.path.abspath(entry["path"]), "mode": 0o400}
+        inside.append({k: v for k, v in dict(entry, file=name).items() if k != "path"})
+        order.append(("inside", None))
+    results = []
+    if inside:
+        request = {"restored": inside, "min_rows": min_rows, "extract": extract,
+                   "caps": {"max_members": caps.max_members, "max_total_bytes": caps.max_total_bytes,
+                            "max_ratio": caps.max_ratio}}
+        files[REQUEST] = {"data": json.dumps(request), "mode": 0o444}
+        try:
+            proc = netns.run_in(ns, [python, "-I", "-S", os.path.join(INSIDE_DIR, PROGRAM), "validate"],
+                                files=files, scratch=scratch_bytes(restored, caps) if extract else 0,
+                                uid=netns.workload_uid() if os.geteuid() == 0 else None, timeout=timeout)
+        except netns.NetnsError as exc:
+            raise RestoreError("validation inside %s could not run: %s" % (ns, exc.msg)) from None
+        try:
+            answer_ = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            answer_ = None
+        if proc.returncode != 0 or not isinstance(answer_, dict) or "results" not in answer_:
+            why = (answer_ or {}).get("error") if isinstance(answer_, dict) else None
+            why = why or (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+            raise RestoreError("validation inside %s failed: %s" % (ns, why[:300]))
+        results = list(answer_["results"])
+    merged = [result if where == "here" else results.pop(0) for where, result in order]
+    return Validation(bool(merged) and all(r["valid"] for r in merged), merged)
+
+
+def service_argv(python: str, address: str, port: int, database: str = "db.sqlite") -> list:
+    """The db service's command line inside its tier (its files: :func:`service_files`)."""
+    return [python, "-I", "-S", os.path.join(INSIDE_DIR, PROGRAM), "serve-db", database, address, str(port)]
+
+
+def service_files(path: str, database: str = "db.sqlite") -> dict:
+    """The db service's files: this program and the restored database (read-only copies)."""
+    return {PROGRAM: {"data": program(), "mode": 0o444}, database: {"source": os.path.abspath(path), "mode": 0o400}}
+
+
+SERVICE_KEY = "service:db"  # the db service's entry in the runtime's state.json processes
+SERVICE_LOG = "db-service.log"  # <output_dir>/runtime/db-service.log: the service's stderr
+SERVICE_READY = 10.0
+
+
+def _runtime():
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime  # noqa: PLC0415
+    return _runtime
+
+
+def db_target(boundary, plan, tier=None, port=None) -> dict:
+    """Where the db service listens: the destination of the first TCP tier rule (towards ``tier`` when
+    given) on its first port (or ``port``, which that rule must declare); the rule's source is the tier
+    the user's command runs in. ``{"tier", "client_tier", "ns", "address", "port"}``."""
+    rules = [r for r in boundary.tier_rules if r.protocol == "tcp" and (tier is None or r.dest == tier)]
+    if not rules:
+        towards = " towards tier %s" % tier if tier else ""
+        raise RestoreError("drill_boundary declares no tcp tier rule%s, so no tier may reach a db service; declare "
+                           "one (for example app -> db tcp 5432) or validate without a db tier." % towards)
+    rule = rules[0]
+    chosen = rule.ports[0].start if port is None else port
+    if not any(p.start <= chosen <= p.end for p in rule.ports):
+        raise RestoreError("port %d is not declared by the tier rule %s -> %s; pick one of its ports."
+                           % (chosen, rule.source, rule.dest))
+    spec = plan["tiers"][rule.dest]
+    return {"tier": rule.dest, "client_tier": rule.source, "ns": spec["ns"], "address": spec["address"],
+            "port": chosen}
+
+
+def _kill(pid, wait=10.0) -> None:
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        _netns()._reap()  # noqa: SLF001 - collect it if the manager started it in this process
+        time.sleep(0.02)
+    raise RestoreError("process %d did not exit after SIGKILL; check it and run teardown." % pid)
+
+
+def start_db_service(boundary, drill_id: str, output_dir: str, database: str, *, python: str, tier=None,
+                     port=None) -> dict:
+    """Serve the restored ``database`` read-only in the db tier on the tier rule's port.
+
+    The runtime's plain listener already holds that port, so the service replaces it: the tier's
+    listener process is restarted without that one port, and the service (a uid of its own, no
+    capabilities, the database a read-only copy on its tmpfs) takes the port; both must be bound
+    within 10 s. ``state.json`` records the new pids, so teardown and the reaper find them.
+    Idempotent: a service already alive is kept. ``{"changed", "tier", "client_tier", "address",
+    "port", "pid", "address_port"}``.
+    """
+    import time  # noqa: PLC0415
+    netns, runtime = _netns(), _runtime()
+    plan = runtime.full_plan(boundary, drill_id)
+    state = runtime.read_state_file(output_dir)
+    if not state or state.get("prefix") != plan["prefix"] or state.get("state") != "present":
+        raise RestoreError("the runtime of drill %s is not present under %s; start it first (sandbox_runtime)."
+                           % (drill_id, output_dir))
+    target = db_target(boundary, plan, tier, port)
+    out = dict(target, address_port="%s:%d" % (target["address"], target["port"]))
+    out.pop("ns")
+    processes = state.get("processes") or {}
+    old = processes.get(SERVICE_KEY) or {}
+    if runtime._alive(netns, target["ns"], old.get("pid")):  # noqa: SLF001
+        return dict(out, changed=False, pid=old["pid"])
+    if not _openable(database):
+        raise RestoreError("the database %s is not a regular file; pass the restored SQLite file." % database)
+    rdir = os.path.join(output_dir, "runtime")
+    key = "listeners:%s" % target["ns"]
+    taken = ("tcp", target["address"], target["port"])
+    rest = [x for x in plan["world"]["listeners"]
+            if x["ns"] == target["ns"] and (x["protocol"], x["address"], x["port"]) != taken]
+    listener = processes.get(key) or {}
+    if runtime._alive(netns, target["ns"], listener.get("pid")):  # noqa: SLF001
+        _kill(listener["pid"])
+    try:
+        if rest:
+            spec = [{k: x[k] for k in ("kind", "name", "address", "protocol", "port")} for x in rest]
+            pid = netns.spawn(target["ns"], [python, "-I", "-S", "-c", runtime.LISTENER_SOURCE, json.dumps(spec)],
+                              stderr_path=os.path.join(rdir, "%s.log" % target["ns"][len(plan["prefix"]):]))
+            processes[key] = {"ns": target["ns"], "pid": pid, "role": "listeners"}
+        uid = netns.workload_uid() if os.geteuid() == 0 else None
+        pid = netns.spawn(target["ns"], service_argv(python, target["address"], target["port"]),
+                          files=service_files(database), uid=uid, stderr_path=os.path.join(rdir, SERVICE_LOG))
+        processes[SERVICE_KEY] = {"ns": target["ns"], "pid": pid, "role": "db", "port": target["port"]}
+    except netns.NetnsError as exc:
+        raise RestoreError("the db service could not be started in %s: %s" % (target["ns"], exc.msg)) from None
+    finally:
+        state["processes"] = processes
+        runtime._write_state(output_dir, state)  # noqa: SLF001 - the runtime's own record of its processes
+    wanted = {(x["protocol"], x["address"], x["port"]) for x in rest} | {taken}
+    deadline = time.monotonic() + SERVICE_READY
+    while True:
+        missing = wanted - runtime._sockets(netns, target["ns"], python)  # noqa: SLF001
+        if not missing:
+            break
+        if time.monotonic() > deadline or not runtime._alive(netns, target["ns"], pid):  # noqa: SLF001
+            raise RestoreError("the db service on %s did not come up within %gs (%s not bound); see %s."
+                               % (out["address_port"], SERVICE_READY,
+                                  ", ".join("%s:%d/%s" % (a, p, proto) for proto, a, p in sorted(missing)),
+                                  os.path.join(rdir, SERVICE_LOG)))
+        time.sleep(0.05)
+    return dict(out, changed=True, pid=pid)
+
+
+def query_db(ns: str, address_port: str, sql: str, *, python: str, timeout: float = 5.0) -> dict:
+    """One query to the db service from namespace ``ns`` (unprivileged): the service's JSON answer, or
+    ``{"ok": false, "error": "unreachable: ..."}`` when no connection was made."""
+    host, port = address_port.rsplit(":", 1)
+    code = ("import json, socket, sys\n"
+            "try:\n"
+            "    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))\n"
+            "    c.sendall(sys.stdin.read().encode() + b'\\n')\n"
+            "    print(c.makefile('rb').readline().decode().strip())\n"
+            "except OSError as exc:\n"
+            "    print(json.dumps({'ok': False, 'error': 'unreachable: %s' % (exc.strerror or exc)}))\n")
+    proc = _netns().run_in(ns, [python, "-I", "-S", "-c", code, host, port, str(timeout)], input_text=sql,
+                           timeout=timeout + 15)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "error": "no answer (%s)" % proc.stderr.strip()[:200]}
 
 
 def program() -> str:

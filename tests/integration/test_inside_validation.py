@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import io
 import shutil
+import sqlite3
+import tarfile
 import time
 import uuid
 
 import pytest
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils import _workloads as wl
+from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import Caps
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import validate
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 
 _MISSING = [tool for tool in ("ip", "nft", "setpriv", "unshare", "mount") if shutil.which(tool) is None]
 pytestmark = pytest.mark.skipif(
@@ -27,6 +36,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by any uid
+PYTHON = python_executable()
+RAW = {
+    "sandbox_cidr": "10.214.0.0/16",
+    "production_cidrs": ["10.0.0.0/16"],
+    "ingress": [{"cidr": "192.0.2.0/28", "protocol": "tcp", "ports": [22]}],
+    "egress": [
+        {"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
+        {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"},
+    ],
+    "tiers": ["app", "db"],
+    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
+}
 
 # What a workload sees of its private files: each name, owner, mode, content; whether it can write.
 LOOK = r"""
@@ -122,7 +143,8 @@ def test_a_secret_given_as_a_file_is_not_in_argv_environment_or_the_host(tier):
         while time.monotonic() < deadline:
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 cmdline = handle.read()
-            if not cmdline.startswith(b"/usr/sbin/ip") and b"unshare" not in cmdline and b"setpriv" not in cmdline:
+            wrapped = cmdline.startswith(b"/usr/sbin/ip") or b"unshare" in cmdline or b"setpriv" in cmdline
+            if cmdline and not wrapped:
                 break  # the workload itself, past ip netns exec, the prelude and setpriv
             time.sleep(0.05)
         assert cmdline.split(b"\0")[:2] == [SYSTEM_PYTHON.encode(), b"-I"]
@@ -179,3 +201,113 @@ def test_a_workload_with_a_uid_of_its_own_is_out_of_reach_of_other_workloads(tie
     out = netns.run_in(tier, [SYSTEM_PYTHON, "-I", "-S", "-c", thief, f"/proc/{pid}/environ",
                               f"/proc/{pid}/root/run/drguard/in/token"])
     assert out.stdout.split("\n")[:2] == ["Permission denied", "Permission denied"], out.stdout + out.stderr
+
+
+
+def make_orders(path, rows=5):
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, amount_cents INTEGER)")
+    con.executemany("INSERT INTO orders (amount_cents) VALUES (?)", [(100 * i,) for i in range(1, rows + 1)])
+    con.commit()
+    con.close()
+    os.chmod(path, 0o400)
+
+
+def add(tar, name, data=b"x", **fields):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def restored_set(directory):
+    """A good SQLite (with expectations), a good tar.gz, a tar with '..', a corrupt gzip, raw bytes, a symlink."""
+    directory.mkdir(mode=0o700)
+    make_orders(str(directory / "orders.sqlite"))
+    with tarfile.open(directory / "files.tar.gz", "w:gz") as tar:
+        add(tar, "etc/app.conf", b"key=value\n")
+        add(tar, "data/blob", b"y" * 5000)
+    with tarfile.open(directory / "evil.tar", "w") as tar:
+        add(tar, "../escape", b"boom")
+    good = (directory / "files.tar.gz").read_bytes()
+    (directory / "broken.tar.gz").write_bytes(good[:40])
+    (directory / "notes.bin").write_bytes(b"\x00\x01 just bytes")
+    (directory / "link.sqlite").symlink_to(directory / "orders.sqlite")
+    names = ["orders.sqlite", "files.tar.gz", "evil.tar", "broken.tar.gz", "notes.bin", "link.sqlite"]
+    entries = [{"name": n, "path": str(directory / n)} for n in names]
+    entries[0]["expect"] = {"tables": {"orders": 5}}
+    entries[0]["kind"] = "sqlite"
+    return entries
+
+
+def test_validators_inside_give_the_controllers_results(tier, tmp_path):
+    entries = restored_set(tmp_path / "restore")
+    caps = Caps(max_members=10, max_total_bytes=1_000_000, max_ratio=200)
+    here = validate(entries, 1, caps)
+    inside = wl.validate_inside(tier, entries, 1, caps, python=PYTHON)
+    assert inside.results == here.results
+    assert inside.valid is here.valid is False
+    by_name = {r["name"]: r for r in inside.results}
+    assert by_name["orders.sqlite"]["valid"] and by_name["orders.sqlite"]["tables"] == {"orders": 5}
+    assert by_name["files.tar.gz"]["valid"] and by_name["files.tar.gz"]["members"] == 2
+    assert "climbs out of the target" in by_name["evil.tar"]["detail"]
+    assert "truncated or corrupt" in by_name["broken.tar.gz"]["detail"]
+    assert "symlink" in by_name["link.sqlite"]["detail"]
+    # Nothing was extracted on the controller's side.
+    assert sorted(os.listdir(tmp_path / "restore")) == sorted(e["name"] for e in entries)
+
+
+def test_the_caps_hold_inside_the_tier(tier, tmp_path, monkeypatch):
+    entries = restored_set(tmp_path / "restore")[1:2]
+    monkeypatch.setattr(wl, "SCRATCH_SLACK", 0)
+    inside = wl.validate_inside(tier, entries, 1, Caps(max_total_bytes=1000), python=PYTHON)
+    assert inside.valid is False
+    assert inside.results[0]["detail"] == ("tar member 'data/blob' would bring the unpacked size past "
+                                           "max_total_bytes 1000")
+
+
+@pytest.fixture
+def drill(tmp_path):
+    drill_id = f"dr-inside-{uuid.uuid4().hex[:10]}"
+    out = tmp_path / "out"
+    yield drill_id, str(out)
+    netns.destroy(runtime.prefix_of(drill_id))
+
+
+def test_the_db_service_answers_the_app_tier_over_the_tier_rule_and_refuses_the_rest(drill, tmp_path):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    built = runtime.up(boundary, drill_id, out, PYTHON)
+    units = {u["tier"]: u for u in built["units"]}
+    database = tmp_path / "orders.sqlite"
+    make_orders(str(database), rows=7)
+    started = wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON)
+    assert (started["changed"], started["tier"], started["client_tier"], started["address_port"]) == (
+        True, "db", "app", f"{units['db']['address']}:5432")
+    # The declared topology: app reaches db over the tier rule.
+    answer = wl.query_db(units["app"]["ns"], started["address_port"], "SELECT count(*), sum(amount_cents) FROM orders",
+                         python=PYTHON)
+    assert answer == {"ok": True, "columns": ["count(*)", "sum(amount_cents)"], "rows": [[7, 2800]],
+                      "truncated": False}
+    # The validation tier has no tier rule towards db: the same query never arrives.
+    refused = wl.query_db(units["validation"]["ns"], started["address_port"], "SELECT 1", python=PYTHON, timeout=1)
+    assert refused == {"ok": False, "error": "unreachable: timed out"}
+    # Only a single read-only SELECT is answered.
+    for sql, reason in [("DELETE FROM orders", "only a single SELECT is answered"),
+                        ("SELECT 1; DELETE FROM orders", "refused: You can only execute one statement at a time."),
+                        ("SELECT * FROM pragma_table_info('orders')", "refused: not authorized"),
+                        ("SELECT load_extension('x')", "refused: not authorized")]:
+        got = wl.query_db(units["app"]["ns"], started["address_port"], sql, python=PYTHON)
+        assert (got["ok"], got["error"]) == (False, reason), sql
+    assert wl.query_db(units["app"]["ns"], started["address_port"], "SELECT count(*) FROM orders",
+                       python=PYTHON)["rows"] == [[7]]
+    # The tier's other listeners still serve (the undeclared port still answers inside the tier).
+    state = runtime.read_state_file(out)
+    assert state["processes"][wl.SERVICE_KEY]["pid"] == started["pid"]
+    assert runtime._alive(netns, units["db"]["ns"], state["processes"][f"listeners:{units['db']['ns']}"]["pid"])
+    # Idempotent, and the runtime itself still counts as complete.
+    assert wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON)["changed"] is False
+    assert runtime.up(boundary, drill_id, out, PYTHON)["changed"] is False
+    removed = runtime.down(drill_id, out)
+    assert started["pid"] in removed["removed"]["pids"]
