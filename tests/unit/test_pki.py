@@ -355,3 +355,68 @@ def _crl_serials(store):
         crl = x509.load_pem_x509_crl(block)
         serials |= {"%X" % r.serial_number for r in crl}
     return serials
+
+
+# ---------------------------------------------------------------- the module
+
+def _run(args, check_mode=False):
+    from conftest import run_module
+    return run_module("drill_pki", args, check_mode=check_mode)
+
+
+def test_module_present_rotated_retired_absent_never_returns_key_material(shm_dir):
+    args = {"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"), "tiers": ["app", "db"]}
+    planned = _run(args, check_mode=True)
+    assert planned["changed"] is True and planned["actions"][0] == "create CA"
+    assert not os.path.exists(args["dir"])
+    first = _run(args)
+    assert first["changed"] is True and sorted(first["leaves"]) == ["app", "db", "validation"]
+    assert first["trust_domain"] == DOMAIN
+    again = _run(args)
+    assert again["changed"] is False and again["leaves"] == first["leaves"]
+    rotated = _run(dict(args, state="rotated"))
+    assert all(rotated["leaves"][t]["serial"] != first["leaves"][t]["serial"] for t in first["leaves"])
+    assert sorted(rotated["superseded"]) == sorted(v["serial"] for v in first["leaves"].values())
+    retired = _run(dict(args, state="retired"))
+    assert retired["superseded"] == [] and sorted(retired["revoked"]) == sorted(rotated["superseded"])
+    ca_rotated = _run(dict(args, state="rotated", ca=True))
+    assert len(ca_rotated["trusted_cas"]) == 2 and ca_rotated["ca"] != first["ca"]
+    ca_retired = _run(dict(args, state="retired"))
+    assert ca_retired["trusted_cas"] == [ca_rotated["ca"]]
+    # Key material: no PEM marker and no private scalar in any result.
+    json_text = repr([planned, first, again, rotated, retired, ca_rotated, ca_retired])
+    scalars = []
+    for tier in ("app", "db", "validation"):
+        with open(os.path.join(args["dir"], "%s.pem" % tier), "rb") as handle:
+            key = serialization.load_pem_private_key(handle.read(), None)
+        scalars.append(key.private_numbers().private_value)
+    assert "BEGIN" not in json_text and "PRIVATE" not in json_text
+    assert not any(("%x" % s) in json_text or ("%X" % s) in json_text or str(s) in json_text for s in scalars)
+    gone = _run(dict(args, state="absent"))
+    assert gone["changed"] is True and not os.path.exists(args["dir"])
+    assert _run(dict(args, state="absent"))["changed"] is False
+
+
+def test_module_refuses_ca_rotation_outside_state_rotated(shm_dir):
+    res = _run({"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"), "ca": True})
+    assert res["failed"] is True and res["field"] == "ca"
+    assert not os.path.exists(os.path.join(shm_dir, "pki"))
+
+
+def test_module_delivers_one_tiers_identity_only(shm_dir):
+    os.makedirs(shm_dir, mode=0o700)
+    dest = os.path.join(shm_dir, "app-identity")
+    res = _run({"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"),
+                "deliver": [{"tier": "app", "path": dest}]})
+    assert res["delivered"]["app"] == {"identity": os.path.join(dest, "identity.pem"),
+                                       "trust": os.path.join(dest, "trust.pem")}
+    assert sorted(os.listdir(dest)) == ["identity.pem", "trust.pem"]
+    assert stat.S_IMODE(os.lstat(dest).st_mode) == 0o700
+    with open(os.path.join(dest, "identity.pem"), "rb") as handle:
+        delivered = x509.load_pem_x509_certificate(handle.read())
+    assert _pki.serial_hex(delivered) == res["leaves"]["app"]["serial"]
+    with open(os.path.join(dest, "trust.pem"), "rb") as handle:
+        assert b"PRIVATE KEY" not in handle.read()
+    bad = _run({"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"),
+                "deliver": [{"tier": "nope", "path": dest}]})
+    assert bad["failed"] is True and bad["field"] == "deliver"
