@@ -68,8 +68,17 @@ options:
     description:
       - Leave a valid archive's extraction in place (returned as C(extracted_to)) instead of removing it.
       - Nothing is extracted in check mode; archives are read through without writing.
+      - Not with O(namespace) (an extraction inside the sandbox vanishes with its workload).
     type: bool
     default: false
+  namespace:
+    description:
+      - Run the validators inside this namespace of the drill's netns runtime (its validation tier,
+        C(drg-<short>-validation)) instead of on the controller. Each restored file is copied read-only
+        into a tmpfs of the workload's own mount namespace, extractions go to a size-capped scratch on
+        the same tmpfs, and the workload runs unprivileged (a uid of its own, no capabilities, an empty
+        environment). The results are the same as on the controller. See C(docs/runtime.md).
+    type: str
 author:
   - drguard maintainers
 extends_documentation_fragment:
@@ -99,16 +108,23 @@ results:
   sample: [{name: orders.sqlite, kind: sqlite, valid: true, detail: ok, tables: {orders: 500}},
            {name: files.tar.gz, kind: tar, compression: gzip, valid: true, detail: ok, members: 12, bytes: 40960,
             read_bytes: 51200}]
+inside:
+  description: The namespace the validators ran in.
+  returned: with O(namespace)
+  type: str
+  sample: drg-1a2b3c-validation
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import Caps
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_MEMBERS
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_RATIO
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_TOTAL_BYTES
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import validate
+from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import validate_inside
 
 ARGUMENT_SPEC = dict(
     restored=dict(type="list", elements="dict", required=True),
@@ -117,6 +133,7 @@ ARGUMENT_SPEC = dict(
     max_total_bytes=dict(type="int", default=DEFAULT_MAX_TOTAL_BYTES),
     max_ratio=dict(type="int", default=DEFAULT_MAX_RATIO),
     keep_extracted=dict(type="bool", default=False),
+    namespace=dict(type="str"),
 )
 
 
@@ -124,15 +141,24 @@ def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     caps = Caps(max_members=p["max_members"], max_total_bytes=p["max_total_bytes"], max_ratio=p["max_ratio"])
+    inside = p["namespace"]
     try:
-        outcome = validate(p["restored"], p["min_rows"], caps, extract=not module.check_mode,
-                           keep=p["keep_extracted"])
+        if inside and p["keep_extracted"]:
+            raise RestoreError("keep_extracted cannot be used with namespace: an extraction inside the sandbox "
+                               "vanishes with its workload; drop one of them")
+        if inside:
+            outcome = validate_inside(inside, p["restored"], p["min_rows"], caps, python=python_executable(),
+                                      extract=not module.check_mode)
+        else:
+            outcome = validate(p["restored"], p["min_rows"], caps, extract=not module.check_mode,
+                               keep=p["keep_extracted"])
     except RestoreError as exc:
         module.fail_json(msg=str(exc))
+    where = {"inside": inside} if inside else {}
     if not outcome.valid:
-        module.fail_json(msg=outcome.message, valid=False, results=outcome.results)
+        module.fail_json(msg=outcome.message, valid=False, results=outcome.results, **where)
     kept = any(r.get("extracted_to") for r in outcome.results)
-    module.exit_json(changed=kept, valid=True, results=outcome.results)
+    module.exit_json(changed=kept, valid=True, results=outcome.results, **where)
 
 
 if __name__ == "__main__":

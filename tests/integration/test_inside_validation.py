@@ -311,3 +311,40 @@ def test_the_db_service_answers_the_app_tier_over_the_tier_rule_and_refuses_the_
     assert runtime.up(boundary, drill_id, out, PYTHON)["changed"] is False
     removed = runtime.down(drill_id, out)
     assert started["pid"] in removed["removed"]["pids"]
+
+
+def test_validate_restore_module_runs_the_validators_inside(tier, tmp_path):
+    from conftest import run_module  # noqa: PLC0415
+
+    entries = restored_set(tmp_path / "restore")
+    good = [entries[0], entries[1]]
+    result = run_module("validate_restore", {"restored": good, "namespace": tier})
+    assert (result.failed, result["valid"], result["inside"]) == (False, True, tier)
+    assert result["results"] == validate(good).results
+    bad = run_module("validate_restore", {"restored": entries, "namespace": tier})
+    assert bad.failed and bad["results"] == validate(entries).results
+    assert bad["msg"].startswith("Restored backup does not validate: evil.tar (tar member '../escape' climbs out")
+    refused = run_module("validate_restore", {"restored": good, "namespace": tier, "keep_extracted": True})
+    assert refused.failed and refused["msg"].startswith("keep_extracted cannot be used with namespace")
+    outside = run_module("validate_restore", {"restored": good, "namespace": "eth0"})
+    assert outside.failed and "is not a drill namespace" in outside["msg"]
+
+
+def test_runtime_service_module_check_mode_start_and_idempotence(drill, tmp_path):
+    from conftest import run_module  # noqa: PLC0415
+
+    drill_id, out = drill
+    runtime.up(parse_boundary(RAW), drill_id, out, PYTHON)
+    database = tmp_path / "orders.sqlite"
+    make_orders(str(database))
+    args = {"drill_id": drill_id, "boundary": RAW, "output_dir": out, "database": str(database)}
+    planned = run_module("runtime_service", args, check_mode=True)
+    assert (planned.failed, planned["changed"], planned["pid"], planned["client_tier"]) == (False, True, None, "app")
+    started = run_module("runtime_service", args)
+    assert (started.failed, started["changed"], started["tier"], started["port"]) == (False, True, "db", 5432)
+    again = run_module("runtime_service", args)
+    assert (again["changed"], again["pid"]) == (False, started["pid"])
+    assert run_module("runtime_service", args, check_mode=True)["changed"] is False
+    wrong = run_module("runtime_service", dict(args, port=5433))
+    assert wrong.failed
+    assert wrong["msg"] == "port 5433 is not declared by the tier rule app -> db; pick one of its ports."
