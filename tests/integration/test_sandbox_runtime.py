@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 
 import pytest
-from conftest import run_module
+from conftest import COLLECTIONS, run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
@@ -295,3 +296,78 @@ def test_a_runtime_built_with_another_output_dir_is_refused_and_kept(drill, tmp_
                              "pass the output directory it was built with, or remove it first (state absent).")
     assert not os.path.exists(other)
     assert all(os.path.exists(f"/proc/{pid}") for pid in first["processes"])
+
+
+# Rootless, as nobody: the runtime built twice, read back by runtime_verify, a privileged process
+# in a tier found, then removed; what happened comes back as JSON.
+ROOTLESS = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as n
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as rt
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_verify as rv
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+drill_id, out, boundary = sys.argv[2], sys.argv[3], parse_boundary(json.loads(sys.argv[4]))
+python = os.path.realpath(sys.executable)
+plan = rt.full_plan(boundary, drill_id)
+report = {}
+
+def cmdline(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as handle:
+        return handle.read().split(b"\0")
+
+try:
+    first = rt.up(boundary, drill_id, out, python)
+    second = rt.up(boundary, drill_id, out, python)
+    report.update(first_changed=first["changed"], second_changed=second["changed"],
+                  same_processes=first["processes"] == second["processes"], first_pids=first["processes"],
+                  complete=rt.status(boundary, plan, out, python))
+    live = rv.read_live(plan)
+    report["tiers"] = {tier: [{"uids": p["uids"], "caps": sorted(set(p["caps"].values())), "nnp": p["no_new_privs"],
+                               "listener": b"selectors" in b" ".join(cmdline(p["pid"]))} for p in procs]
+                       for tier, procs in live["processes"].items()}
+    report["findings"] = [f["code"] for f in rv.compare(boundary, plan, live)]
+    n.spawn(plan["tiers"]["app"]["ns"], ["sleep", "300"], privileged=True)
+    report["findings_privileged"] = sorted({f["code"] for f in rv.compare(boundary, plan, rv.read_live(plan))})
+    report["while_up"] = rt.leftovers(plan["prefix"])
+finally:
+    report["down"] = rt.down(drill_id, out)["changed"]
+    report["after"] = rt.leftovers(plan["prefix"], report.get("first_pids", ()))
+    report["down_again"] = rt.down(drill_id, out)["changed"]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3")
+                    or subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                                       "unshare", "--user", "--map-root-user", "--net", "true"],
+                                      check=False, capture_output=True).returncode != 0,
+                    reason="rootless needs setpriv, /usr/bin/python3 and unprivileged user namespaces")
+def test_rootless_up_is_idempotent_verified_and_down_leaves_nothing(drill):
+    drill_id, _ = drill
+    prefix = runtime.prefix_of(drill_id)
+    base = tempfile.mkdtemp(prefix="drg-rootless-rt-")  # traversable, unlike pytest's tmp_path
+    try:
+        os.chmod(base, 0o755)  # noqa: S103 - nobody's own directory below
+        out = os.path.join(base, "out")
+        os.mkdir(out, 0o700)
+        os.chown(out, 65534, 65534)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "env", "-i",
+             f"PATH={os.environ['PATH']}", f"HOME={base}", "/usr/bin/python3", "-c", ROOTLESS, str(COLLECTIONS),
+             drill_id, out, json.dumps(RAW)], capture_output=True, text=True, timeout=180, cwd="/")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert report["first_changed"] is True and report["second_changed"] is False
+    assert report["same_processes"] is True and report["complete"] is True
+    # Each tier's one listener, found on the host from the holder's pid: the user's own uid, no capability.
+    assert report["tiers"] == {t: [{"uids": [65534], "caps": [0], "nnp": True, "listener": True}]
+                               for t in ("app", "db", "validation")}
+    assert report["findings"] == []
+    assert report["findings_privileged"] == ["runtime_tier_process_privileged"]
+    assert report["while_up"]["holders"] and report["while_up"]["namespaces"] and report["while_up"]["tables"] == []
+    assert report["down"] is True and report["down_again"] is False
+    assert report["after"] == {"namespaces": [], "tables": [], "mounts": [], "processes": [], "holders": []}
+    assert netns.find_holders(prefix) == []
