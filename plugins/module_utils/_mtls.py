@@ -152,7 +152,9 @@ _VERIFY_REASONS = {2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca", 20: "unk
                    7: "bad_signature", 9: "not_yet_valid", 10: "expired", 3: "crl_missing", 12: "crl_expired",
                    23: "revoked", 24: "ca_certificate", 26: "wrong_purpose", 47: "name_constraint_violation",
                    48: "name_constraint_violation", 49: "name_constraint_violation",
-                   51: "name_constraint_violation", 53: "name_constraint_violation"}
+                   51: "name_constraint_violation", 53: "name_constraint_violation", 79: "invalid_ca",
+                   84: "subject_name_empty", 85: "missing_key_identifier", 86: "missing_key_identifier",
+                   87: "bad_san", 88: "bad_san", 89: "invalid_ca"}
 _ALERT_REASONS = (("PEER_DID_NOT_RETURN_A_CERTIFICATE", "no_client_certificate"),
                   ("CERTIFICATE_REQUIRED", "no_client_certificate"),
                   ("UNKNOWN_CA", "unknown_ca"), ("CERTIFICATE_EXPIRED", "expired"),

@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import stat
 import tempfile
 
@@ -113,8 +114,11 @@ def new_ca(drill_id: str, ttl: int, *, now=None) -> CA:
                        % (ttl, MIN_LEAF_LIFETIME), field="ttl")
     now = _now(now)
     key = ec.generate_private_key(ec.SECP256R1())
+    # A subject of its own per CA: during a CA rotation two CAs are trusted at once, and OpenSSL finds
+    # a CRL by its issuer's name (the same name twice would check one CA's CRL with the other's key).
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "drguard"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "drguard drill CA %s" % drill_id)])
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, drill_id),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "drill CA %s" % secrets.token_hex(4))])
     constraints = x509.NameConstraints(
         permitted_subtrees=[x509.UniformResourceIdentifier(domain)],
         excluded_subtrees=[x509.DNSName(""), x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
@@ -470,9 +474,15 @@ class Store:
     def save(self, state) -> None:
         self._save_state(state)
 
-    def deliver(self, tier: str, directory: str, *, uid=None, gid=None) -> dict:
+    def deliver(self, tier: str, directory: str, *, uid=None, gid=None, parts=("trust", "identity")) -> dict:
         """Copy ``tier``'s identity (``identity.pem``) and ``trust.pem`` into ``directory`` (0700,
-        files 0600, owned by ``uid``/``gid``: the tier's workload). Nothing of another tier, no CA key."""
+        files 0600, owned by ``uid``/``gid``: the tier's workload). Nothing of another tier, no CA key.
+
+        ``trust`` is written before ``identity``: a reader never holds a leaf of a CA its trust
+        lacks. A CA rotation delivers ``parts=("trust",)`` to every tier (and reloads) before
+        any identity of the new CA (docs/mtls.md, "Rotation")."""
+        if not parts or set(parts) - {"trust", "identity"}:
+            raise PkiError("deliver parts %r must be trust and/or identity; fix the call" % (parts,), field="parts")
         if self.check_tmpfs:
             _require_tmpfs(directory)
         uid = os.geteuid() if uid is None else uid
@@ -490,11 +500,12 @@ class Store:
                            dir=directory)
         os.chown(directory, uid, gid, follow_symlinks=False)
         os.chmod(directory, 0o700, follow_symlinks=False)
-        paths = {"identity": os.path.join(directory, "identity.pem"), "trust": os.path.join(directory, TRUST_FILE)}
-        with open(self.tier_file(tier), "rb") as handle:
-            write_private(paths["identity"], handle.read(), uid=uid, gid=gid)
-        with open(self.trust_file(), "rb") as handle:
-            write_private(paths["trust"], handle.read(), uid=uid, gid=gid)
+        paths = {"trust": os.path.join(directory, TRUST_FILE), "identity": os.path.join(directory, "identity.pem")}
+        sources = {"trust": self.trust_file(), "identity": self.tier_file(tier)}
+        for part in ("trust", "identity"):
+            if part in parts:
+                with open(sources[part], "rb") as handle:
+                    write_private(paths[part], handle.read(), uid=uid, gid=gid)
         return paths
 
     # -------------------------------------------------------------- the life cycle

@@ -101,6 +101,14 @@ options:
         description:
           - Numeric gid of the tier's workload; the group running the module when omitted.
         type: int
+      parts:
+        description:
+          - What to copy. C(trust) is always written before C(identity). During a CA rotation deliver
+            V(trust) to every tier (and reload its server) before any V(identity) of the new CA.
+        type: list
+        elements: str
+        choices: [trust, identity]
+        default: [trust, identity]
 author:
   - drguard maintainers
 extends_documentation_fragment:
@@ -203,6 +211,7 @@ ARGUMENT_SPEC = dict(
         path=dict(type="path", required=True),
         owner=dict(type="int"),
         group=dict(type="int"),
+        parts=dict(type="list", elements="str", choices=["trust", "identity"], default=["trust", "identity"]),
     )),
 )
 
@@ -242,7 +251,7 @@ def run(p, check_mode):
                 raise _pki.PkiError("deliver: tier %r has no leaf (tiers: %s); deliver one of those"
                                     % (item["tier"], ", ".join(tiers)), field="deliver")
             result["delivered"][item["tier"]] = store.deliver(item["tier"], item["path"], uid=item["owner"],
-                                                              gid=item["group"])
+                                                              gid=item["group"], parts=tuple(item["parts"]))
         result["changed"] = True
     return result
 
