@@ -1,17 +1,42 @@
 #!/usr/bin/env python3
-"""Demo validation command, run inside the sandbox by secret_exec after the restore.
+"""Demo validation command, run by secret_exec after the restore.
 
 It plays the application: logs in with the drill's synthetic database credentials
-(environment) and API token (a 0600 file on tmpfs), opens the restored orders database
-read-only and checks that it answers queries. It never prints a secret.
+(environment) and API token (a 0600 file on tmpfs), then checks that the restored orders
+database answers queries. With the netns runtime it runs in the app tier and asks the db
+tier's service at DRGUARD_DB_ADDRESS (host:port) through the declared tier rule; without a
+runtime (backend none) it opens the restored file in its working directory read-only. It
+never prints a secret.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import sys
+
+QUERY = "SELECT count(*), sum(amount_cents) FROM orders"
+
+
+def ask_db_service(address: str):
+    """``(rows, total)`` from the db tier's service (one SELECT per line, one JSON answer per line)."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(QUERY.encode() + b"\n")
+        answer = json.loads(conn.makefile("rb").readline() or b"{}")
+    if not answer.get("ok"):
+        raise RuntimeError("the db service refused the query: %s" % answer.get("error", "no answer"))
+    return tuple(answer["rows"][0])
+
+
+def read_local_file():
+    con = sqlite3.connect("file:orders.sqlite?mode=ro", uri=True)
+    try:
+        return con.execute(QUERY).fetchone()
+    finally:
+        con.close()
 
 
 def main() -> int:
@@ -28,13 +53,18 @@ def main() -> int:
     if not token.startswith("ghp_") or len(token) != 40:
         print("masked API token does not keep the production token's shape")
         return 1
-    con = sqlite3.connect("file:orders.sqlite?mode=ro", uri=True)
-    rows, total = con.execute("SELECT count(*), sum(amount_cents) FROM orders").fetchone()
-    con.close()
+    address = os.environ.get("DRGUARD_DB_ADDRESS")
+    try:
+        rows, total = ask_db_service(address) if address else read_local_file()
+    except (OSError, RuntimeError, ValueError, sqlite3.Error) as exc:
+        where = "the db service at %s" % address if address else "orders.sqlite"
+        print("cannot query %s: %s" % (where, exc))
+        return 1
     if not rows:
         print("orders table is empty")
         return 1
-    print("orders: %d rows, %d cents; login as synthetic user ok; token shape ok" % (rows, total))
+    via = "db tier %s" % address if address else "local file"
+    print("orders: %d rows, %d cents (%s); login as synthetic user ok; token shape ok" % (rows, total, via))
     return 0
 
 

@@ -133,6 +133,11 @@ def _userns_allowed(proc="/proc"):
     except subprocess.TimeoutExpired:
         return False, "unshare --user did not finish"
     if probe.returncode != 0:
+        status = read("self/status", "")
+        if "Operation not permitted" in probe.stderr and re.search(r"^Seccomp:\s*2$", status, re.MULTILINE):
+            return False, ("a seccomp filter on this process refuses to create them (a container runtime's default "
+                           "profile does; run the drill under a profile that allows unshare and clone with "
+                           "CLONE_NEWUSER)")
         return False, f"unshare --user failed ({probe.stderr.strip()[:120]})"
     return True, ""
 
@@ -525,11 +530,11 @@ os.execve(argv[0], argv, spec["env"])  # exactly the caller's env (not this inte
 
 def _files_spec(files, scratch, uid):
     """Check ``files`` and build the prelude's spec: ``{"files", "size", "scratch", ...}``."""
-    if not isinstance(files, dict) or not files:
-        raise NetnsError("files must be a non-empty mapping of file names to {source | data, mode}; fix the call.",
-                         field="files")
     if not isinstance(scratch, int) or scratch < 0:
         raise NetnsError("scratch must be a number of bytes (0 for none); fix the call.", field="files")
+    if not isinstance(files, dict) or not (files or scratch):
+        raise NetnsError("files must be a mapping of file names to {source | data, mode}, not empty unless a "
+                         "scratch is asked for; fix the call.", field="files")
     items, total = [], 0
     for name, item in sorted(files.items()):
         if not isinstance(name, str) or not _FILE_NAME.match(name):

@@ -49,6 +49,11 @@ RESERVED_ENV = frozenset(FIXED_ENV) | {"HOME", SECRETS_DIR_ENV}
 CONTROLLER_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                              "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "EC2_ACCESS_KEY",
                              "EC2_SECRET_KEY", "EC2_SECURITY_TOKEN")
+# Inside a namespace (docs/runtime.md): the workload's read-only files, its scratch as HOME, a fixed PATH.
+INSIDE_DIR = "/run/drguard/in"  # _netns.WORKLOAD_IN
+INSIDE_HOME = "/run/drguard/work"  # _netns.WORKLOAD_SCRATCH
+INSIDE_PATH = "/usr/local/bin:/usr/bin:/bin"
+INSIDE_HOME_BYTES = 16 * 1024 * 1024
 MAX_OUTPUT_BYTES = 1024 * 1024  # per stream; the rest is read and dropped
 DRAIN_SECONDS = 2.0  # after the command exited or was killed, how long its pipes may stay open
 TRUNCATED_MARK = "\n[output truncated at %d bytes]" % MAX_OUTPUT_BYTES
@@ -84,6 +89,25 @@ def check_params(params: dict) -> None:
             raise SecretError("file_secrets[%s] names secret %r, which is not a valid secret name" % (filename, name))
     if p["chdir"] and not os.path.isdir(p["chdir"]):
         raise SecretError("chdir %s is not a directory" % p["chdir"])
+    for var, value in (p.get("env") or {}).items():
+        if not ENV_NAME_RE.match(var) or var in RESERVED_ENV or var in p["env_secrets"]:
+            raise SecretError("env key %r is not a usable environment variable name (%s are set by the module, and "
+                              "env_secrets names cannot be repeated)" % (var, ", ".join(sorted(RESERVED_ENV))))
+        if not isinstance(value, str):
+            raise SecretError("env[%s] must be a string" % var)
+    if p.get("namespace"):
+        if p["chdir"]:
+            raise SecretError("chdir cannot be used with namespace: inside, the command runs in %s, where its files "
+                              "and file secrets are; drop chdir" % INSIDE_DIR)
+        taken = set(p["file_secrets"])
+        for filename, path in (p.get("files") or {}).items():
+            if not sec.NAME_RE.match(filename) or filename in taken:
+                raise SecretError("files key %r is not a plain file name (letters, digits, '.', '_', '-') or is also "
+                                  "a file_secrets name" % filename)
+            if not isinstance(path, str) or not os.path.isabs(path) or not os.path.isfile(path):
+                raise SecretError("files[%s] %s is not an existing file given by its absolute path" % (filename, path))
+    elif p.get("files"):
+        raise SecretError("files are copied into a namespace: pass namespace, or use chdir on the controller")
     if p["pass_aws_credentials"] and drill_session(p) is None:
         raise SecretError("pass_aws_credentials needs the drill's session as explicit access_key and secret_key "
                           "(and session_token) arguments, not the controller's environment, profile or files; "
@@ -180,7 +204,7 @@ def _kill_group(proc) -> None:
     proc.poll()
 
 
-def run(argv, env, cwd, timeout, limit=MAX_OUTPUT_BYTES):
+def run(argv, env, cwd, timeout, limit=MAX_OUTPUT_BYTES, *, pass_fds=()):
     """Run ``argv``; returns ``(rc, out, err, seconds, timed_out, dropped_out, dropped_err, lingering)``.
 
     Reading is bounded in time and size: each stream keeps its first ``limit`` bytes (the
@@ -191,7 +215,7 @@ def run(argv, env, cwd, timeout, limit=MAX_OUTPUT_BYTES):
     """
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, pass_fds=pass_fds)
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     kept = {out_fd: bytearray(), err_fd: bytearray()}
     dropped = {out_fd: 0, err_fd: 0}
@@ -259,6 +283,56 @@ def tmpfs_private_dir(kind: str, drill_id: str) -> str:
     return directory
 
 
+def inside_environment(params: dict, injected: dict, region=None) -> tuple:
+    """``(env, credential values)`` of a command run inside a namespace: nothing of the controller's
+    environment, a fixed ``PATH``, ``HOME`` on the workload's scratch, the fixed AWS variables, ``env``,
+    the injected secrets and (when asked) the drill's session."""
+    env = {"PATH": INSIDE_PATH, "LANG": "C.UTF-8", "HOME": INSIDE_HOME}
+    env.update(FIXED_ENV)
+    env.update(params.get("env") or {})
+    extra_values = []
+    if params["pass_aws_credentials"]:
+        for name, value in (drill_session(params) or {}).items():
+            if value:
+                env[name] = value
+                extra_values.append(value)
+        if region:
+            env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
+    env.update(injected)
+    return env, extra_values
+
+
+def execute_inside(params: dict, values: dict, injected: dict, *, region=None, hide=None):
+    """Run the command inside ``namespace`` (``_netns``): unprivileged under a uid of its own, its files
+    and file secrets read-only on a tmpfs of its own mount namespace (:data:`INSIDE_DIR`, 0444 / 0600),
+    never on a disk or argv. Returns :func:`run`'s tuple and the credential values to hide."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _netns  # noqa: PLC0415
+    p = params
+    files = {name: {"source": os.path.abspath(path), "mode": 0o444} for name, path in (p.get("files") or {}).items()}
+    for filename, name in p["file_secrets"].items():
+        files[filename] = {"data": values[name], "mode": 0o600}
+    if p["file_secrets"]:
+        injected = dict(injected, **{SECRETS_DIR_ENV: INSIDE_DIR})
+    env, extra = inside_environment(p, injected, region)
+    for value in extra:
+        hide(value)
+    try:
+        command, clean, spec_fd = _netns.workload_command(
+            p["namespace"], p["argv"], files=files, scratch=INSIDE_HOME_BYTES,
+            uid=_netns.workload_uid() if os.geteuid() == 0 else None, env=env)
+    except _netns.NetnsError as exc:
+        raise SecretError("cannot run %s inside %s: %s" % (p["argv"][0], p["namespace"], exc.msg)) from None
+    try:
+        outcome = run(command, clean, "/", p["timeout"], pass_fds=() if spec_fd is None else (spec_fd,))
+    except OSError as exc:
+        raise SecretError("cannot run %s inside %s: %s" % (p["argv"][0], p["namespace"], exc.strerror),
+                          argv=p["argv"]) from None
+    finally:
+        if spec_fd is not None:
+            os.close(spec_fd)
+    return outcome, extra
+
+
 def execute(params: dict, client=None, *, region=None, hide=None, warn=None) -> dict:
     """Read the secrets, run the command with them, and return the module's result.
 
@@ -275,6 +349,10 @@ def execute(params: dict, client=None, *, region=None, hide=None, warn=None) -> 
     for value in values.values():
         hide(value)
     injected = {var: values[name] for var, name in p["env_secrets"].items()}
+    if p.get("namespace"):
+        outcome, extra = execute_inside(p, values, injected, region=region, hide=hide)
+        return _finish(p, values, extra, warn, outcome)
+    injected.update(p.get("env") or {})
     secrets_dir = home = None
     try:
         try:
@@ -293,14 +371,19 @@ def execute(params: dict, client=None, *, region=None, hide=None, warn=None) -> 
         for value in extra:
             hide(value)
         try:
-            rc, out, err, seconds, timed_out, cut_out, cut_err, lingering = run(
-                p["argv"], env, p["chdir"], p["timeout"])
+            outcome = run(p["argv"], env, p["chdir"], p["timeout"])
         except OSError as exc:
             raise SecretError("cannot run %s: %s" % (p["argv"][0], exc.strerror), argv=p["argv"]) from None
     finally:
         for directory in (secrets_dir, home):
             if directory:
                 sec.wipe_dir(directory)
+    return _finish(p, values, extra, warn, outcome)
+
+
+def _finish(p, values, extra, warn, outcome):
+    """The module's result from :func:`run`'s ``outcome``: outputs redacted; a timeout or non-zero exit raises."""
+    rc, out, err, seconds, timed_out, cut_out, cut_err, lingering = outcome
     if lingering:
         warn("a process started by %s outside its process group still held the output open %d seconds after the "
              "command ended; the rest of its output was not read" % (p["argv"][0], DRAIN_SECONDS))
@@ -308,6 +391,8 @@ def execute(params: dict, client=None, *, region=None, hide=None, warn=None) -> 
     result = dict(changed=False, argv=p["argv"], rc=rc, stdout=bounded_redacted(out, cut_out, hidden),
                   stderr=bounded_redacted(err, cut_err, hidden), stdout_truncated=bool(cut_out),
                   stderr_truncated=bool(cut_err), seconds=round(seconds, 3))
+    if p.get("namespace"):
+        result["inside"] = p["namespace"]
     if timed_out:
         raise SecretError("command %s did not finish within %d seconds and was killed" % (p["argv"][0], p["timeout"]),
                           **result)

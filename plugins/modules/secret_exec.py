@@ -75,6 +75,32 @@ options:
       - Seconds after which the command (its whole process group) is killed and the task fails.
     type: int
     default: 600
+  namespace:
+    description:
+      - Run the command inside this namespace of the drill's netns runtime (a tier, C(drg-<short>-<tier>))
+        instead of on the controller. See C(docs/runtime.md), "Restore and validation inside".
+      - It runs unprivileged under a uid of its own (no capabilities, no_new_privs), with none of the
+        controller's environment - only C(PATH=/usr/local/bin:/usr/bin:/bin), C(LANG=C.UTF-8), C(HOME) on its
+        own writable scratch, the fixed AWS variables above, O(env), the injected secrets and (with
+        O(pass_aws_credentials)) the drill's session.
+      - O(files) and the O(file_secrets) are placed on a tmpfs of the workload's own mount namespace,
+        C(/run/drguard/in) (read-only; files 0444, secrets 0600, owned by the workload), which is its
+        working directory and its C(DRGUARD_SECRETS_DIR). Nothing of it is on a disk, on the command line
+        or visible on the host, and it vanishes with the command.
+      - O(chdir) cannot be combined with it.
+    type: str
+  files:
+    description:
+      - File name -> absolute path of a file on the controller, copied read-only into the command's
+        directory (only with O(namespace)). For example the validation script and, without a db service,
+        the restored database.
+    type: dict
+    default: {}
+  env:
+    description:
+      - Plain (not secret) environment variables for the command, for example C(DRGUARD_DB_ADDRESS).
+    type: dict
+    default: {}
   pass_aws_credentials:
     description:
       - Give the command the drill's session - the credentials passed explicitly as O(access_key),
@@ -138,6 +164,10 @@ argv:
   returned: always
   type: list
   elements: str
+inside:
+  description: The namespace the command ran in.
+  returned: with O(namespace), when the command ran
+  type: str
 """
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
@@ -158,6 +188,9 @@ ARGUMENT_SPEC = dict(
     chdir=dict(type="path"),
     timeout=dict(type="int", default=600),
     pass_aws_credentials=dict(type="bool", default=False, no_log=False),
+    namespace=dict(type="str"),
+    files=dict(type="dict", default={}),
+    env=dict(type="dict", default={}),
 )
 
 

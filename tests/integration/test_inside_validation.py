@@ -348,3 +348,87 @@ def test_runtime_service_module_check_mode_start_and_idempotence(drill, tmp_path
     wrong = run_module("runtime_service", dict(args, port=5433))
     assert wrong.failed
     assert wrong["msg"] == "port 5433 is not declared by the tier rule app -> db; pick one of its ports."
+
+
+CHECK_ORDERS = os.path.join(os.path.dirname(__file__), "..", "..", "playbooks", "files", "check_orders.py")
+
+# Run next to the user's command: what a workload inside can see of secrets and of the controller.
+SNOOP = r"""
+import json, os, sys
+token = open(os.path.join(os.environ["DRGUARD_SECRETS_DIR"], "api-token")).read()
+tries = {}
+for path in sys.argv[1:]:
+    try:
+        open(path, "rb").read(1)
+        tries[path] = "read"
+    except OSError as exc:
+        tries[path] = exc.strerror
+print(json.dumps({
+    "token_in_cmdline": token in open("/proc/self/cmdline").read(),
+    "env_names": sorted(os.environ),
+    "tries": tries,
+}))
+"""
+
+
+@pytest.fixture
+def secrets_store(module_runner):
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _secrets as sec  # noqa: PLC0415
+
+    drill_id = f"dr-sec-{uuid.uuid4().hex[:10]}"
+    token = "ghp_" + uuid.uuid4().hex + "abcd"
+    args = {"drill_id": drill_id, "expires_at": "2099-01-01T00:00:00Z", "store": "tmpfs",
+            "masking_key": "k" * 32,
+            "secrets": [{"name": "orders-db", "kind": "synthetic_db"},
+                        {"name": "api-token", "kind": "masked", "value": token}]}
+    created = module_runner("drill_secrets", args)
+    assert not created.failed, created.get("msg")
+    values = {n: sec.read_secret_file(created["tmpfs_dir"], n) for n in ("orders-db", "api-token")}
+    yield drill_id, values
+    module_runner("drill_secrets", {"drill_id": drill_id, "state": "absent", "store": "tmpfs"})
+
+
+def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not_from_validation(
+        drill, tmp_path, module_runner, secrets_store, monkeypatch):
+    drill_id, out = drill
+    store_id, values = secrets_store
+    boundary = parse_boundary(RAW)
+    built = runtime.up(boundary, drill_id, out, PYTHON)
+    units = {u["tier"]: u for u in built["units"]}
+    database = tmp_path / "orders.sqlite"
+    make_orders(str(database), rows=3)
+    service = wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "controller-secret-key")
+    args = {"drill_id": store_id, "store": "tmpfs", "argv": [PYTHON, "check_orders.py"],
+            "files": {"check_orders.py": os.path.abspath(CHECK_ORDERS)},
+            "env": {"DRGUARD_DB_ADDRESS": service["address_port"]},
+            "env_secrets": {"ORDERS_DB_CREDENTIALS": "orders-db"}, "file_secrets": {"api-token": "api-token"}}
+    ok = module_runner("secret_exec", dict(args, namespace=units["app"]["ns"]))
+    assert not ok.failed, (ok.get("msg"), ok.get("stdout"), ok.get("stderr"))
+    assert ok["inside"] == units["app"]["ns"]
+    assert ok["stdout"].strip() == (f"orders: 3 rows, 600 cents (db tier {service['address_port']}); "
+                                    "login as synthetic user ok; token shape ok")
+    # The same command from the validation tier: no tier rule towards db, the query never arrives.
+    refused = module_runner("secret_exec", dict(args, namespace=units["validation"]["ns"]))
+    assert refused.failed and refused["rc"] == 1
+    assert refused["stdout"].strip() == f"cannot query the db service at {service['address_port']}: timed out"
+    # No secret in argv, in the module's results or the controller's credentials inside.
+    other = tmp_path / "other-drill" / "out"
+    other.mkdir(parents=True, mode=0o700)
+    (other / "report.json").write_text("another drill's")
+    os.chmod(other.parent, 0o700)
+    snoop = module_runner("secret_exec", dict(args, argv=[PYTHON, "-I", "-c", SNOOP, f"/proc/{os.getpid()}/environ",
+                                                          str(other / "report.json"), "/root/.npmrc"],
+                                              namespace=units["app"]["ns"]))
+    assert not snoop.failed, snoop.get("stderr")
+    seen = json.loads(snoop["stdout"])
+    assert seen["token_in_cmdline"] is False
+    assert seen["env_names"] == sorted(["AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE",
+                                        "DRGUARD_DB_ADDRESS", "DRGUARD_SECRETS_DIR", "HOME", "LANG",
+                                        "ORDERS_DB_CREDENTIALS", "PATH"])
+    assert set(seen["tries"].values()) == {"Permission denied"}
+    for result in (ok, refused, snoop):
+        dumped = json.dumps(dict(result))
+        for value in values.values():
+            assert value not in dumped
+        assert "controller-secret-key" not in dumped
