@@ -157,3 +157,51 @@ def test_a_drill_passes_rootless_and_leaves_nothing(e2e_emulator, user_dir):
                                                "user_ps", "user_netns")}
     assert remaining(world.emu, run.drill_id) == []
     print(f"rootless drill: {seconds:.1f}s wall")  # noqa: T201 - the figure, read with -s
+
+
+# A seccomp filter that refuses new user namespaces, as a container runtime's default profile does
+# (x86_64): unshare(2) and clone(2) with CLONE_NEWUSER fail with EPERM, clone3 with ENOSYS (callers
+# fall back to clone). Installed with no_new_privs by the process itself, then argv[1:] is executed.
+NO_USERNS = r"""
+import ctypes, os, struct, sys
+prog = [(0x20, 0, 0, 4), (0x15, 0, 9, 0xC000003E), (0x20, 0, 0, 0), (0x15, 6, 0, 435), (0x15, 1, 0, 272),
+        (0x15, 0, 5, 56), (0x20, 0, 0, 16), (0x54, 0, 0, 0x10000000), (0x15, 2, 0, 0), (0x06, 0, 0, 0x50001),
+        (0x06, 0, 0, 0x50026), (0x06, 0, 0, 0x7FFF0000)]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Prog(len(prog), ctypes.addressof(code))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):
+    sys.exit("seccomp: " + os.strerror(ctypes.get_errno()))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter is written for x86_64")
+def test_without_user_namespaces_the_drill_fails_before_anything_is_created_naming_what_it_needs(
+        e2e_emulator, user_dir):
+    world = _user_world(e2e_emulator, user_dir)
+    env = _user_env(user_dir)
+    command = (*_user_command(user_dir), )
+    blocked = (*command[:-1], sys.executable, "-c", NO_USERNS)
+    # The simulation is real: under the filter the user cannot create a user namespace.
+    probe = subprocess.run([*blocked, shutil.which("unshare"), "--user", "--map-root-user", "true"],
+                           capture_output=True, text=True, check=False, env=env)
+    assert probe.returncode != 0 and "Operation not permitted" in probe.stderr, probe.stderr
+    run = run_drill(world, user_dir / "runs", env_extra=env, command=(*blocked, command[-1]))
+    prefix = "drg-%s-" % hashlib.sha256(run.drill_id.encode()).hexdigest()[:6]
+    assert run.rc != 0
+    report = run.report
+    assert report["outcome"] == "failed"
+    assert "the netns runtime cannot start: not running as root" in report["error"], report["error"]
+    assert ("unprivileged user namespaces are not available: a seccomp filter on this process refuses to create "
+            "them") in report["error"], report["error"]
+    assert "run it as root, or allow unprivileged user namespaces" in report["error"]
+    # Nothing was created: no phase ran, nothing in the emulator, nothing on the host.
+    assert "Phase network" not in run.stdout
+    assert [p["name"] for p in report["phases"]] == ["teardown"], report["phases"]
+    assert remaining(world.emu, run.drill_id) == []
+    assert not (run.output_dir / "runtime").exists()
+    assert _traces(prefix) == {k: [] for k in ("root_ps", "root_netns", "root_tables", "mounts", "run_netns",
+                                               "user_ps", "user_netns")}
