@@ -334,9 +334,13 @@ import time
 def connect(cfg):
     """One connection: TCP, TLS handshake, server identity; returns (tls or None, row)."""
     row = {"ok": False, "reason": None, "server_id": None, "server_serial": None}
-    start = time.perf_counter()
     try:
         ctx = client_context(cfg.get("identity"), cfg["trust"])
+    except (OSError, ValueError) as exc:
+        row["reason"] = "identity_unreadable:" + type(exc).__name__
+        return None, row
+    start = time.perf_counter()  # connect_ms: TCP only; handshake_ms: TCP + TLS, from the same start
+    try:
         sock = socket.create_connection((cfg["address"], cfg["port"]), timeout=cfg["timeout"])
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         row["connect_ms"] = round((time.perf_counter() - start) * 1000, 3)
