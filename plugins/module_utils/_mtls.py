@@ -222,6 +222,7 @@ import time
 import uuid
 
 _LOCK = threading.Lock()
+_SLOTS = threading.BoundedSemaphore(256)  # connections served at once; one more is refused server_busy
 
 
 def emit(cfg, type_, data):
@@ -247,6 +248,13 @@ def linger_close(sock):
 
 
 def handle(cfg, ctx, local_serial, conn, peer, port):
+    try:
+        serve(cfg, ctx, local_serial, conn, peer, port)
+    finally:
+        _SLOTS.release()
+
+
+def serve(cfg, ctx, local_serial, conn, peer, port):
     start = time.perf_counter()
     data = {"local_tier": cfg["tier"], "local_serial": local_serial, "port": port, "peer_address": peer[0],
             "peer_id": None, "peer_tier": None, "serial": None, "accepted": False, "reason": None}
@@ -316,6 +324,13 @@ def main(argv):
             except (BlockingIOError, InterruptedError):
                 continue
             conn.setblocking(True)
+            if not _SLOTS.acquire(blocking=False):
+                emit(cfg, "drguard.tls.handshake", {"local_tier": cfg["tier"], "local_serial": local_serial,
+                                                     "port": key.data, "peer_address": peer[0], "peer_id": None,
+                                                     "peer_tier": None, "serial": None, "accepted": False,
+                                                     "reason": "server_busy", "latency_ms": 0.0})
+                conn.close()
+                continue
             threading.Thread(target=handle, args=(cfg, ctx, local_serial, conn, peer, key.data),
                              daemon=True).start()
     return 0

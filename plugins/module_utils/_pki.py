@@ -526,7 +526,8 @@ class Store:
 
         Returns the actions taken (or, in check mode, that would be taken)."""
         tiers = tier_list(tiers)
-        self.prepare() if not check_mode else None
+        if not check_mode:
+            self.prepare()
         state = self.state()
         actions = []
         if not state["cas"]:

@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls
 from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
+from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry
 
 DRILL = "dr-unit-mtls"
 DOMAIN = DRILL + ".drguard.internal"
@@ -178,6 +179,8 @@ def test_server_program_allows_by_identity_and_logs_every_handshake(pki, server)
     assert rows == [("app", True, "allowed"), ("web", False, "identity_not_allowed"),
                     (None, False, "no_client_certificate")]
     assert all(e["type"] == "drguard.tls.handshake" and e["specversion"] == "1.0" for e in events)
+    # Valid CloudEvents for the drill's collector, exactly as it judges them.
+    assert [_telemetry.validate_event(e) for e in events] == [None, None, None]
     assert events[0]["data"]["serial"] == pki.state()["leaves"]["app"]["serial"]
     assert events[0]["data"]["latency_ms"] > 0
 
