@@ -186,8 +186,10 @@ def main() -> int:
         ],
         "drill_masking_key": secrets.token_urlsafe(32),
         "drill_validation": {
-            "argv": [sys.executable, str(Path(__file__).resolve().parent.parent / "playbooks" / "files"
-                                         / "check_orders.py")],
+            # python3 from PATH: the controller's on the controller, the system's inside a tier (a workload
+            # cannot read a virtualenv under the controller's home).
+            "argv": ["python3", str(Path(__file__).resolve().parent.parent / "playbooks" / "files"
+                                    / "check_orders.py")],
             "env_secrets": {"ORDERS_DB_CREDENTIALS": "orders-db"},
             "file_secrets": {"api-token": "api-token"},
         },
