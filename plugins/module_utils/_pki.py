@@ -145,6 +145,9 @@ def issue_leaf(ca: CA, drill_id: str, tier: str, lifetime: int = DEFAULT_LEAF_LI
                        % (lifetime, MIN_LEAF_LIFETIME), field="leaf_lifetime")
     now = _now(now)
     not_after = min(now + datetime.timedelta(seconds=lifetime), ca.cert.not_valid_after_utc)
+    if not_after - now < datetime.timedelta(seconds=MIN_LEAF_LIFETIME):
+        raise PkiError("the drill's CA expires at %s, too soon for a new leaf; rotate the CA (state rotated, ca true)"
+                       % ca.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), field="ca")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -502,11 +505,17 @@ class Store:
         os.chmod(directory, 0o700, follow_symlinks=False)
         paths = {"trust": os.path.join(directory, TRUST_FILE), "identity": os.path.join(directory, "identity.pem")}
         sources = {"trust": self.trust_file(), "identity": self.tier_file(tier)}
+        changed = False
         for part in ("trust", "identity"):
-            if part in parts:
-                with open(sources[part], "rb") as handle:
-                    write_private(paths[part], handle.read(), uid=uid, gid=gid)
-        return paths
+            if part not in parts:
+                continue
+            with open(sources[part], "rb") as handle:
+                data = handle.read()
+            if _same_file(paths[part], data, uid, gid):
+                continue
+            write_private(paths[part], data, uid=uid, gid=gid)
+            changed = True
+        return dict(paths, changed=changed)
 
     # -------------------------------------------------------------- the life cycle
     def summary(self, state=None) -> dict:
@@ -604,6 +613,20 @@ class Store:
         self.write_trust(state, now=now)
         self.save(state)
         return actions
+
+
+def _same_file(path, data, uid, gid) -> bool:
+    """True when ``path`` is a regular 0600 file of ``uid``/``gid`` holding exactly ``data``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if (not stat.S_ISREG(info.st_mode) or stat.S_IMODE(info.st_mode) != 0o600
+                or (info.st_uid, info.st_gid) != (uid, gid)):
+            return False
+        return handle.read() == data
 
 
 def _wipe_file(path):

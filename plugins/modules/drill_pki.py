@@ -250,9 +250,12 @@ def run(p, check_mode):
             if item["tier"] not in tiers:
                 raise _pki.PkiError("deliver: tier %r has no leaf (tiers: %s); deliver one of those"
                                     % (item["tier"], ", ".join(tiers)), field="deliver")
-            result["delivered"][item["tier"]] = store.deliver(item["tier"], item["path"], uid=item["owner"],
-                                                              gid=item["group"], parts=tuple(item["parts"]))
-        result["changed"] = True
+            paths = store.deliver(item["tier"], item["path"], uid=item["owner"], gid=item["group"],
+                                  parts=tuple(item["parts"]))
+            if paths.pop("changed"):
+                result["changed"] = True
+                result["actions"].append("deliver %s to %s" % (item["tier"], item["path"]))
+            result["delivered"][item["tier"]] = paths
     return result
 
 

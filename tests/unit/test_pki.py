@@ -131,6 +131,13 @@ def test_bad_tier_names_are_refused(ca, value, field):
     assert err.value.detail == {"field": field}
 
 
+def test_no_leaf_from_a_ca_about_to_expire():
+    short = _pki.new_ca(DRILL, 120, now=NOW)
+    with pytest.raises(_pki.PkiError) as err:
+        _pki.issue_leaf(short, DRILL, "db", 900, now=NOW + datetime.timedelta(seconds=100))
+    assert err.value.detail == {"field": "ca"} and "rotate the CA" in err.value.msg
+
+
 def test_bad_drill_id_and_ttl_are_refused():
     with pytest.raises(_pki.PkiError) as err:
         _pki.new_ca("Bad Drill", 3600)
@@ -417,6 +424,9 @@ def test_module_delivers_one_tiers_identity_only(shm_dir):
     assert _pki.serial_hex(delivered) == res["leaves"]["app"]["serial"]
     with open(os.path.join(dest, "trust.pem"), "rb") as handle:
         assert b"PRIVATE KEY" not in handle.read()
+    assert res["changed"] is True and res["actions"][-1] == "deliver app to %s" % dest
+    again = _run({"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"), "deliver": [{"tier": "app", "path": dest}]})
+    assert again["changed"] is False and again["actions"] == []
     bad = _run({"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"),
                 "deliver": [{"tier": "nope", "path": dest}]})
     assert bad["failed"] is True and bad["field"] == "deliver"
