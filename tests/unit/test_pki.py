@@ -11,6 +11,7 @@ import ssl
 import stat
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -21,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 
+ROOT = Path(__file__).resolve().parents[2]
 DRILL = "dr-unit-pki"
 DOMAIN = "dr-unit-pki.drguard.internal"
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.timezone.utc)
@@ -392,13 +394,12 @@ def test_module_present_rotated_retired_absent_never_returns_key_material(shm_di
     assert ca_retired["trusted_cas"] == [ca_rotated["ca"]]
     # Key material: no PEM marker and no private scalar in any result.
     json_text = repr([planned, first, again, rotated, retired, ca_rotated, ca_retired])
-    scalars = []
-    for tier in ("app", "db", "validation"):
-        with open(os.path.join(args["dir"], "%s.pem" % tier), "rb") as handle:
-            key = serialization.load_pem_private_key(handle.read(), None)
-        scalars.append(key.private_numbers().private_value)
+    forms = []
+    for name in os.listdir(args["dir"]):
+        if name.endswith(".key") or (name.endswith(".pem") and not name.startswith(("ca-", "trust"))):
+            forms += _key_forms(os.path.join(args["dir"], name))
     assert "BEGIN" not in json_text and "PRIVATE" not in json_text
-    assert not any(("%x" % s) in json_text or ("%X" % s) in json_text or str(s) in json_text for s in scalars)
+    assert [f for f in forms if f in json_text or f.upper() in json_text] == []
     gone = _run(dict(args, state="absent"))
     assert gone["changed"] is True and not os.path.exists(args["dir"])
     assert _run(dict(args, state="absent"))["changed"] is False
@@ -430,3 +431,46 @@ def test_module_delivers_one_tiers_identity_only(shm_dir):
     bad = _run({"drill_id": DRILL, "dir": os.path.join(shm_dir, "pki"),
                 "deliver": [{"tier": "nope", "path": dest}]})
     assert bad["failed"] is True and bad["field"] == "deliver"
+
+
+def test_no_key_material_in_ansible_output_at_vvvv(shm_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ansible_env
+    pki_dir = os.path.join(shm_dir, "pki")
+    playbook = tmp_path / "pki.yml"
+    playbook.write_text(f"""
+- hosts: localhost
+  gather_facts: false
+  tasks:
+    - drguard.sandbox.drill_pki: {{drill_id: {DRILL}, dir: {pki_dir}, tiers: [app, db]}}
+    - drguard.sandbox.drill_pki: {{drill_id: {DRILL}, dir: {pki_dir}, tiers: [app, db], state: rotated, ca: true}}
+""")
+    ansible = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+    out = subprocess.run([ansible, "-vvvv", str(playbook)], capture_output=True, cwd=str(ROOT),
+                         text=True, env=ansible_env(), timeout=120, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "serial" in text  # the results were printed
+    secrets = []
+    for name in os.listdir(pki_dir):
+        if name.endswith(".key") or (name.endswith(".pem") and not name.startswith(("ca-", "trust"))):
+            secrets += _key_forms(os.path.join(pki_dir, name))
+    assert len(secrets) >= 5 * 4  # two CAs' keys and three leaves' keys at least
+    assert "PRIVATE KEY" not in text
+    assert [s for s in secrets if s in text] == []
+
+
+def _key_forms(path):
+    """The ways a file's private key could leak: its scalar in hex and decimal, its DER in hex and base64,
+    and each PEM line after the first (the first is the PKCS#8 header, the same for every P-256 key)."""
+    import base64
+    with open(path, "rb") as handle:
+        pem = b"-----BEGIN PRIVATE KEY-----" + handle.read().split(b"-----BEGIN PRIVATE KEY-----", 1)[1]
+    key = serialization.load_pem_private_key(pem, None)
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    scalar = key.private_numbers().private_value
+    body = pem.decode().split("-----")[2].split()
+    return ["%x" % scalar, str(scalar), der.hex(), base64.b64encode(der).decode()[48:]] + body[1:]
