@@ -83,7 +83,7 @@ extends_documentation_fragment:
   - amazon.aws.region.modules
   - amazon.aws.boto3
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 notes:
   - "IAM permissions needed: ec2:DescribeVpcs, ec2:DescribeRouteTables, ec2:DescribeInternetGateways,
     ec2:DescribeNatGateways, ec2:DescribeVpnGateways, ec2:DescribeVpcPeeringConnections,

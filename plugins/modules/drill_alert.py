@@ -57,7 +57,7 @@ extends_documentation_fragment:
   - amazon.aws.boto3
   - drguard.sandbox.alert_sink
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""

@@ -54,7 +54,7 @@ options:
     type: str
     required: true
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 """

@@ -110,7 +110,7 @@ options:
         choices: [trust, identity]
         default: [trust, identity]
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 seealso:

@@ -139,7 +139,7 @@ notes:
   - The region (O(region)) is the drill's, recorded in the report; with an S3 O(copy_to) it is also where the bucket
     is reached.
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules

@@ -91,7 +91,7 @@ options:
     type: float
     default: 10.0
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 seealso:

@@ -107,7 +107,7 @@ extends_documentation_fragment:
   - amazon.aws.region.modules
   - amazon.aws.boto3
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""

@@ -73,7 +73,7 @@ options:
         type: int
         required: true
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 seealso:

@@ -56,7 +56,7 @@ options:
     description: The port to serve on; it must be declared by that tier rule. Default the rule's first port.
     type: int
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 """

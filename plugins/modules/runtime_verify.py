@@ -66,7 +66,7 @@ options:
     type: bool
     default: true
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 seealso:

@@ -43,7 +43,7 @@ description:
     nothing is created or changed and RV(actions) lists what a real run would do.
   - Bad input (drill id, expiry, boundary) fails before any AWS call.
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 attributes:
   check_mode:
     support: full

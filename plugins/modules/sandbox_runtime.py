@@ -35,7 +35,7 @@ description:
     proven gone (C(ip netns), C(nft list tables), C(/proc/mounts), the process table); removing a runtime that does
     not exist changes nothing.
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 attributes:
   check_mode:
     support: full

@@ -42,7 +42,7 @@ description:
     with the reason.
   - In check mode, nothing is deleted and RV(found) lists what a real run would delete.
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 attributes:
   check_mode:
     support: full

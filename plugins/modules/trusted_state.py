@@ -66,7 +66,7 @@ extends_documentation_fragment:
 seealso:
   - module: drguard.sandbox.verify_artifacts
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""

@@ -80,7 +80,7 @@ options:
         environment). The results are the same as on the controller. See C(docs/runtime.md).
     type: str
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 """

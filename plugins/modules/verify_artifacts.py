@@ -133,7 +133,7 @@ notes:
   - An artifact whose manifest entry has C(version_id=null) (signed from a local copy) is read at its
     current version; the version actually read is returned in C(source) and C(version_id).
 author:
-  - drguard maintainers
+  - drguard maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""
