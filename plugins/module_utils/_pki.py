@@ -15,7 +15,7 @@ Trust domain ``<drill id>.drguard.internal``; tier identity
   the profile above and the name constraint) - Python's ``ssl`` checks no URI SAN itself and
   ``cryptography``'s verifier refuses URI name constraints as unsupported.
 - :class:`Store`: the drill's PKI directory on a tmpfs (0700, files 0600): CA keys, one
-  ``<tier>.pem`` (leaf chain and key in one file, so a reader never sees a new certificate
+  ``tier-<tier>.pem`` (leaf chain and key in one file, so a reader never sees a new certificate
   with an old key), ``trust.pem`` (trusted CA certificates and their CRLs) and ``state.json``
   (serials, fingerprints, expiry: never key material). :func:`destroy` overwrites and unlinks.
 
@@ -378,7 +378,7 @@ def _load_key(path):
 
 
 class Store:
-    """A drill's PKI directory: ``state.json``, ``ca-<serial>.pem`` / ``.key``, ``<tier>.pem``, ``trust.pem``.
+    """A drill's PKI directory: ``state.json``, ``ca-<serial>.pem`` / ``.key``, ``tier-<tier>.pem``, ``trust.pem``.
 
     ``state.json``: ``drill_id``, ``cas`` (trusted CA serials, the issuing one last), ``leaves``
     (tier -> ``{serial, ca}``), ``superseded`` (leaves replaced but not yet revoked, same shape),
@@ -442,7 +442,7 @@ class Store:
 
     def tier_file(self, tier: str) -> str:
         spiffe_id(self.drill_id, tier)
-        return os.path.join(self.dir, "%s.pem" % tier)
+        return os.path.join(self.dir, "tier-%s.pem" % tier)  # a prefix of its own: a tier may be named "trust"
 
     def trust_file(self) -> str:
         return os.path.join(self.dir, TRUST_FILE)
@@ -571,6 +571,8 @@ class Store:
         if not state["cas"]:
             raise PkiError("drill %s has no PKI in %s to rotate; create it first (state present)"
                            % (self.drill_id, self.dir), dir=self.dir)
+        if not check_mode:
+            self.prepare()
         actions = []
         if ca:
             actions.append("create CA (overlap with %s)" % ", ".join(state["cas"]))
@@ -600,6 +602,7 @@ class Store:
         actions.extend("retire CA %s" % s for s in retiring)
         if not actions or check_mode:
             return actions
+        self.prepare()
         for serial in keep:
             mine = [old["serial"] for old in state["superseded"] if old["ca"] == serial]
             state["revoked"][serial] = sorted(set(state["revoked"].get(serial, [])) | set(mine))

@@ -271,8 +271,8 @@ def test_store_present_writes_private_files_and_results_carry_no_key(shm_dir):
     assert actions == ["create CA", "issue leaf app", "issue leaf db", "issue leaf validation"]
     assert stat.S_IMODE(os.lstat(store.dir).st_mode) == 0o700
     names = sorted(os.listdir(store.dir))
-    assert [n for n in names if not n.startswith("ca-")] == ["app.pem", "db.pem", "state.json", "trust.pem",
-                                                             "validation.pem"]
+    assert [n for n in names if not n.startswith("ca-")] == ["state.json", "tier-app.pem", "tier-db.pem",
+                                                             "tier-validation.pem", "trust.pem"]
     for name in names:
         assert stat.S_IMODE(os.lstat(os.path.join(store.dir, name)).st_mode) == 0o600, name
     summary = store.summary()
@@ -396,7 +396,7 @@ def test_module_present_rotated_retired_absent_never_returns_key_material(shm_di
     json_text = repr([planned, first, again, rotated, retired, ca_rotated, ca_retired])
     forms = []
     for name in os.listdir(args["dir"]):
-        if name.endswith(".key") or (name.endswith(".pem") and not name.startswith(("ca-", "trust"))):
+        if name.endswith(".key") or name.startswith("tier-"):
             forms += _key_forms(os.path.join(args["dir"], name))
     assert "BEGIN" not in json_text and "PRIVATE" not in json_text
     assert [f for f in forms if f in json_text or f.upper() in json_text] == []
@@ -455,7 +455,7 @@ def test_no_key_material_in_ansible_output_at_vvvv(shm_dir, tmp_path):
     assert "serial" in text  # the results were printed
     secrets = []
     for name in os.listdir(pki_dir):
-        if name.endswith(".key") or (name.endswith(".pem") and not name.startswith(("ca-", "trust"))):
+        if name.endswith(".key") or name.startswith("tier-"):
             secrets += _key_forms(os.path.join(pki_dir, name))
     assert len(secrets) >= 5 * 4  # two CAs' keys and three leaves' keys at least
     assert "PRIVATE KEY" not in text
@@ -474,3 +474,11 @@ def _key_forms(path):
     scalar = key.private_numbers().private_value
     body = pem.decode().split("-----")[2].split()
     return ["%x" % scalar, str(scalar), der.hex(), base64.b64encode(der).decode()[48:]] + body[1:]
+
+
+def test_a_tier_named_trust_or_state_does_not_clobber_the_stores_files(shm_dir):
+    store = _pki.Store(DRILL, os.path.join(shm_dir, "pki"))
+    store.present(["trust", "state"], 3600)
+    assert store.state()["drill_id"] == DRILL
+    assert _trust_subjects(store) == 1 and _crl_serials(store) == set()
+    assert _pki.serial_hex(store.leaf_cert("trust")) == store.state()["leaves"]["trust"]["serial"]
