@@ -587,7 +587,8 @@ def leftovers(prefix, pids=()):
                 cmdline = handle.read()
         except (OSError, ValueError):
             continue
-        if b"selectors" in cmdline or b"telemetry" in cmdline:  # one of ours, not a recycled pid
+        # One of ours (listeners, collector, a workload run from its files), not a recycled pid.
+        if b"selectors" in cmdline or b"telemetry" in cmdline or b"/run/drguard/in/" in cmdline:
             out["processes"].append(int(pid))
     return out
 

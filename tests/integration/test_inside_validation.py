@@ -432,3 +432,15 @@ def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not
         for value in values.values():
             assert value not in dumped
         assert "controller-secret-key" not in dumped
+
+
+def test_the_runtimes_leftovers_proof_counts_a_live_db_service(drill, tmp_path):
+    drill_id, out = drill
+    boundary = parse_boundary(RAW)
+    runtime.up(boundary, drill_id, out, PYTHON)
+    database = tmp_path / "orders.sqlite"
+    make_orders(str(database))
+    pid = wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON)["pid"]
+    assert runtime.leftovers(runtime.prefix_of(drill_id), [pid])["processes"] == [pid]
+    runtime.down(drill_id, out)
+    assert runtime.leftovers(runtime.prefix_of(drill_id), [pid])["processes"] == []
