@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from drillkit import remaining, run_drill, runtime_remaining
+from drillkit import path_without, remaining, run_drill, runtime_remaining
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or any(shutil.which(t) is None for t in ("ip", "nft", "setpriv")),
@@ -73,3 +73,40 @@ def test_runtime_leak_halts_before_backup_is_read(world, tmp_path, leak):
     assert remaining(world.emu, run.drill_id) == []
     left = runtime_remaining(run.drill_id)
     assert {"namespaces", "tables", "mounts", "processes"} <= set(left) and not any(left.values()), left
+
+
+def _boundary(world, **change):
+    return {"drill_boundary": dict(world.drill_vars["drill_boundary"], **change)}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tier_rules": [{"from": "app", "to": "cache", "protocol": "tcp", "ports": [6379]}]},
+     "drill_boundary.tier_rules[0].to: 'cache' is not a declared tier (app, db)"),
+    ({"fallback": [{"cidr": "10.0.5.0/24", "protocol": "tcp", "ports": [443]}]},
+     "drill_boundary.fallback[0]: 10.0.5.0/24 overlaps production CIDR(s) 10.0.0.0/16"),
+], ids=["unknown_tier", "fallback_overlaps_production"])
+def test_bad_runtime_input_fails_before_anything_is_created(world, tmp_path, change, message):
+    run = run_drill(world, tmp_path, extra=_boundary(world, **change))
+    assert run.rc != 0
+    assert message in run.stdout, run.stdout[-3000:]
+    assert not (tmp_path / run.drill_id).exists()
+    assert "Phase network" not in run.stdout
+    assert remaining(world.emu, run.drill_id) == []
+    assert not any(runtime_remaining(run.drill_id).values())
+
+
+def test_runtime_that_cannot_be_created_fails_before_the_network_is_built(world, tmp_path):
+    """nft missing from PATH (the namespace manager looks tools up on PATH only, and PATH is all it is given
+    here: every directory holding an nft is left out): the runtime's host check, run before any phase,
+    refuses before any VPC or namespace exists."""
+    run = run_drill(world, tmp_path, env_extra={"PATH": path_without("nft")})
+    assert run.rc != 0
+    report = run.report
+    assert report["outcome"] == "failed" and report["failed_phase"] == "init", report["error"]
+    assert ("the netns runtime cannot start: nft (package nftables) not found on PATH; install what is missing"
+            in report["error"]), report["error"]
+    assert [p["name"] for p in report["phases"]] == ["teardown"]
+    assert "TASK [Phase network" not in run.stdout
+    assert report["teardown"]["remaining"] == 0 and report["teardown"]["deleted"] == 0
+    assert remaining(world.emu, run.drill_id) == []
+    assert not any(runtime_remaining(run.drill_id).values())
