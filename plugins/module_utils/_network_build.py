@@ -34,6 +34,8 @@ from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pick_sandbox_cidr
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import SSM_ENDPOINT_SERVICES
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import ssm_endpoints_declared
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils import _quotas
@@ -84,7 +86,21 @@ def names(drill_id: str) -> dict:
         "flow_log": base + "-flow-logs",
         "log_group": "/drguard/%s/flow-logs" % drill_id,
         "role": base + "-flowlogs",
+        "ssm_sg": base + "-ssm-endpoints",
+        "ssm_endpoints": {s: "%s-%s" % (base, s) for s in SSM_ENDPOINT_SERVICES},
     }
+
+
+VALIDATION_TIER = "validation"
+
+
+def workload_tiers(boundary) -> list:
+    """The tiers that get a security group: the declared ones, plus ``validation`` when the ec2 runtime's SSM
+    endpoints are declared (its validation instance needs a group of its own, like the netns runtime's tier)."""
+    tiers = list(boundary.tiers)
+    if ssm_endpoints_declared(boundary) and VALIDATION_TIER not in tiers:
+        tiers.append(VALIDATION_TIER)
+    return tiers
 
 
 def sg_name(drill_id: str, tier: str) -> str:
@@ -109,13 +125,18 @@ def _description(text: str, fallback: str) -> str:
 #   kind: "cidr" | "sg" | "pl"; target: CIDR, group id or prefix list id.
 
 
-def desired_sg_rules(boundary, tier: str, group_ids: dict, s3_prefix_list: str | None) -> dict:
+def desired_sg_rules(boundary, tier: str, group_ids: dict, s3_prefix_list: str | None,
+                     ssm_group: str | None = None) -> dict:
     """``{rule tuple: description}`` for the security group of ``tier``.
 
     ``group_ids`` maps tier -> security group id (None while planned in check mode;
-    such rules are keyed with the tier's name instead).
+    such rules are keyed with the tier's name instead). ``ssm_group``: the SSM endpoints' group
+    (declared endpoints only), which every workload group reaches on tcp 443.
     """
     rules = {}
+    if ssm_endpoints_declared(boundary):
+        rules[("egress", "tcp", 443, 443, "sg", ssm_group or "planned:ssm-endpoints")] = \
+            "drguard SSM interface endpoints"
     # A fallback path (a DR site) goes out exactly like a declared egress destination.
     for direction, source in (("ingress", boundary.ingress), ("egress", boundary.egress),
                               ("egress", boundary.fallback)):
@@ -208,6 +229,20 @@ def live_sg_rules(group: dict) -> set:
                 out.add((direction, proto, start, end, "sg", pair["GroupId"]))
             for pl in perm.get("PrefixListIds") or []:
                 out.add((direction, proto, start, end, "pl", pl["PrefixListId"]))
+    return out
+
+
+def _rule_descriptions(group: dict) -> dict:
+    """``{rule tuple: description}`` of the group's security-group-reference rules that carry one."""
+    out = {}
+    for direction, field in (("ingress", "IpPermissions"), ("egress", "IpPermissionsEgress")):
+        for perm in group.get(field) or []:
+            proto = str(perm.get("IpProtocol"))
+            proto = {"6": "tcp", "17": "udp"}.get(proto, proto)
+            start, end = (None, None) if proto == "-1" else (perm.get("FromPort"), perm.get("ToPort"))
+            for pair in perm.get("UserIdGroupPairs") or []:
+                if pair.get("Description"):
+                    out[(direction, proto, start, end, "sg", pair["GroupId"])] = pair["Description"]
     return out
 
 
@@ -580,10 +615,12 @@ class NetworkBuilder:
             then(self._vpc)
             then(self._subnets)
             then(self._route_table)
+            then(self._ssm_endpoint_group)
             then(self._security_groups, s3["id"])
             then(self._default_security_group)
             then(self._network_acl, s3["cidrs"])
             then(self._endpoint)
+            then(self._interface_endpoints)
             then(self._routes)
             if logs_future is not None:
                 self.step = "flow log prerequisites (log group, IAM role)"
@@ -603,6 +640,9 @@ class NetworkBuilder:
         resources.append({"type": "network_acl", "id": r.get("network_acl_id")})
         if r.get("s3_endpoint_id"):
             resources.append({"type": "vpc_endpoint", "id": r["s3_endpoint_id"]})
+        resources += [{"type": "vpc_endpoint", "id": e} for e in (r.get("ssm_endpoint_ids") or {}).values()]
+        if r.get("ssm_endpoint_security_group_id"):
+            resources.append({"type": "security_group", "id": r["ssm_endpoint_security_group_id"]})
         if self.flow_logs:
             resources.append({"type": "flow_log", "id": r.get("flow_log_id")})
             if prereq.get("log_group_arn"):
@@ -618,6 +658,8 @@ class NetworkBuilder:
             default_security_group_id=r.get("default_security_group_id"),
             network_acl_id=r.get("network_acl_id"),
             s3_endpoint_id=r.get("s3_endpoint_id"),
+            ssm_endpoint_ids=dict(r.get("ssm_endpoint_ids") or {}),
+            ssm_endpoint_security_group_id=r.get("ssm_endpoint_security_group_id"),
             flow_log_id=r.get("flow_log_id"),
             log_group_name=self.names["log_group"] if self.flow_logs else None,
             flow_logs_role_name=self.names["role"] if self.flow_logs else None,
@@ -652,6 +694,7 @@ class NetworkBuilder:
                 self._record("enable DNS support on vpc %s" % vpc["VpcId"])
                 if not self.check:
                     self.ec2.modify_vpc_attribute(VpcId=vpc["VpcId"], EnableDnsSupport={"Value": True})
+            self._dns_hostnames(vpc["VpcId"])
             self.result.update(vpc_id=vpc["VpcId"], sandbox_cidr=str(cidr))
             return
         if self.boundary.sandbox_cidr is not None:
@@ -674,7 +717,18 @@ class NetworkBuilder:
             self.ec2.get_waiter("vpc_available").wait(VpcIds=[vpc_id])
             # DNS support is on for a new VPC; set it explicitly anyway (the boundary relies on it).
             self.ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsSupport={"Value": True})
+            self._dns_hostnames(vpc_id)
         self.result.update(vpc_id=vpc_id, sandbox_cidr=str(cidr))
+
+    def _dns_hostnames(self, vpc_id: str) -> None:
+        """Private DNS of the SSM interface endpoints needs DNS hostnames on (declared endpoints only)."""
+        if not ssm_endpoints_declared(self.boundary):
+            return
+        attr = self.ec2.describe_vpc_attribute(VpcId=vpc_id, Attribute="enableDnsHostnames")
+        if not (attr.get("EnableDnsHostnames") or {}).get("Value"):
+            self._record("enable DNS hostnames on vpc %s (private DNS of the SSM endpoints)" % vpc_id)
+            if not self.check:
+                self.ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
 
     # ---------------------------------------------------------------- subnets
 
@@ -867,7 +921,7 @@ class NetworkBuilder:
             # Read back: the new group carries AWS' default allow-all egress, which must go.
             return self.ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
 
-        tiers = list(self.boundary.tiers)
+        tiers = workload_tiers(self.boundary)
         for tier, group in zip(tiers, _parallel(ensure, tiers), strict=True):
             groups[tier] = group
         ids = {tier: g["GroupId"] for tier, g in groups.items()}
@@ -875,16 +929,21 @@ class NetworkBuilder:
         self.result["security_groups"] = ids
 
     def _sync_sg_rules(self, group: dict, tier: str, ids: dict, s3_prefix_list: str | None) -> None:
-        desired = desired_sg_rules(self.boundary, tier, ids, s3_prefix_list)
+        desired = desired_sg_rules(self.boundary, tier, ids, s3_prefix_list,
+                                   self.result.get("ssm_endpoint_security_group_id"))
+        self._sync_rules(group, sg_name(self.drill_id, tier), desired)
+
+    def _sync_rules(self, group: dict, label: str, desired: dict) -> None:
         live = live_sg_rules(group)
-        label = sg_name(self.drill_id, tier)
+        described = _rule_descriptions(group)
         gid = group["GroupId"]
         extra = sorted((r for r in live if r not in desired), key=repr)
         missing = sorted((r for r in desired if r not in live), key=repr)
         if extra or missing:
             self._record_diff("security_groups", label, sg_rules_view(live), sg_rules_view(desired))
         for direction in ("ingress", "egress"):
-            revoke = [ip_permission(r) for r in extra if r[0] == direction]
+            # A rule is revoked as it stands, with its description (as amazon.aws' ec2_security_group does).
+            revoke = [ip_permission(r, described.get(r)) for r in extra if r[0] == direction]
             add = [ip_permission(r, desired[r]) for r in missing if r[0] == direction]
             if revoke:
                 self._record("revoke %d %s rule(s) from %s" % (len(revoke), direction, label))
@@ -898,6 +957,96 @@ class NetworkBuilder:
                     fn = self.ec2.authorize_security_group_ingress if direction == "ingress" \
                         else self.ec2.authorize_security_group_egress
                     fn(GroupId=gid, IpPermissions=add)
+
+    def _ssm_endpoint_group(self) -> None:
+        """The SSM interface endpoints' group: tcp 443 in from the sandbox CIDR only, nothing out (declared only)."""
+        self.step = "SSM endpoint security group"
+        self.result["ssm_endpoint_security_group_id"] = None
+        if not ssm_endpoints_declared(self.boundary):
+            return
+        vpc_id, gname = self.result["vpc_id"], self.names["ssm_sg"]
+        found = []
+        if vpc_id:
+            found = [g for g in _paginate(self.ec2, "describe_security_groups", "SecurityGroups",
+                                          Filters=self._drill_filter(vpc_id=vpc_id)) if g["GroupName"] == gname]
+        group = self._one(found, "security groups named %s" % gname, "GroupId")
+        if group is None:
+            self._record("create security group %s" % gname)
+            if self.check:
+                return
+            gid = self.ec2.create_security_group(
+                VpcId=vpc_id, GroupName=gname,
+                Description="drguard drill %s SSM interface endpoints (443 from the sandbox only)" % self.drill_id,
+                TagSpecifications=ec2_tag_specs("security-group", self.tags, gname))["GroupId"]
+            self.created.append({"type": "security_group", "id": gid})
+            group = self.ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
+        else:
+            self._ensure_ec2_tags(group["GroupId"], group.get("Tags"), "security group", gname)
+        self.result["ssm_endpoint_security_group_id"] = group["GroupId"]
+        want = {("ingress", "tcp", 443, 443, "cidr", self.result["sandbox_cidr"]): "drguard sandbox to SSM endpoints"}
+        self._sync_rules(group, gname, want)
+
+    def _interface_endpoints(self) -> None:
+        """ssm, ssmmessages and ec2messages interface endpoints with private DNS, only when declared.
+
+        In both sandbox subnets, in the endpoints' own group. Undeclared, the drill's own ones are deleted.
+        """
+        self.step = "SSM interface endpoints"
+        vpc_id = self.result["vpc_id"]
+        declared = ssm_endpoints_declared(self.boundary)
+        ids = {}
+        group = self.result.get("ssm_endpoint_security_group_id")
+        subnets = [s for s in self.result.get("subnet_ids") or [] if s]
+        for service, name in self.names["ssm_endpoints"].items():
+            service_name = "com.amazonaws.%s.%s" % (self.region, service)
+            existing = []
+            if vpc_id:
+                existing = [e for e in _paginate(self.ec2, "describe_vpc_endpoints", "VpcEndpoints",
+                                                 Filters=self._drill_filter(name, vpc_id))
+                            if e.get("State", "").lower() not in ("deleted", "deleting", "failed")]
+            ep = self._one(existing, "endpoints named %s" % name, "VpcEndpointId")
+            if ep is not None and (not declared or ep.get("ServiceName") != service_name
+                                   or ep.get("VpcEndpointType") != "Interface" or not ep.get("PrivateDnsEnabled")):
+                why = "not declared" if not declared else "not a %s interface endpoint with private DNS" % service_name
+                self._record("delete endpoint %s (%s)" % (ep["VpcEndpointId"], why))
+                if not self.check:
+                    self.ec2.delete_vpc_endpoints(VpcEndpointIds=[ep["VpcEndpointId"]])
+                ep = None
+                if declared:
+                    raise BuildError("endpoint %s named %s was %s and is being deleted; run the build again once "
+                                     "it is gone" % (existing[0]["VpcEndpointId"], name, why))
+            if not declared:
+                continue
+            if ep is None:
+                self._record("create %s interface endpoint %s" % (service, name))
+                ep_id = None
+                if not self.check:
+                    ep_id = self.ec2.create_vpc_endpoint(
+                        VpcEndpointType="Interface", VpcId=vpc_id, ServiceName=service_name, SubnetIds=subnets,
+                        SecurityGroupIds=[group], PrivateDnsEnabled=True,
+                        TagSpecifications=ec2_tag_specs("vpc-endpoint", self.tags, name))["VpcEndpoint"][
+                        "VpcEndpointId"]
+                    self.created.append({"type": "vpc_endpoint", "id": ep_id})
+                ids[service] = ep_id
+                continue
+            ep_id = ep["VpcEndpointId"]
+            ids[service] = ep_id
+            self._ensure_ec2_tags(ep_id, ep.get("Tags"), "endpoint", name)
+            have_groups = {g.get("GroupId") for g in ep.get("Groups") or []}
+            have_subnets = set(ep.get("SubnetIds") or [])
+            changes = {}
+            if group and have_groups != {group}:
+                changes.update(AddSecurityGroupIds=[group] if group not in have_groups else [],
+                               RemoveSecurityGroupIds=sorted(have_groups - {group}))
+            if have_subnets != set(subnets):
+                changes.update(AddSubnetIds=sorted(set(subnets) - have_subnets),
+                               RemoveSubnetIds=sorted(have_subnets - set(subnets)))
+            changes = {k: v for k, v in changes.items() if v}
+            if changes:
+                self._record("update endpoint %s (%s)" % (ep_id, ", ".join(sorted(changes))))
+                if not self.check:
+                    self.ec2.modify_vpc_endpoint(VpcEndpointId=ep_id, **changes)
+        self.result["ssm_endpoint_ids"] = ids
 
     def _default_security_group(self) -> None:
         """The VPC's default security group: stripped of every rule (and tagged)."""

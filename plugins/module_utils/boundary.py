@@ -27,6 +27,7 @@ Schema (every key not listed is an error)::
     s3_read:  [{bucket: backups, prefix: orders/}]   # via the S3 gateway endpoint
     s3_write: [{bucket: telemetry, prefix: dr-.../}]
     quotas: {nacl_rules_per_direction: 40}          # optional: AWS quotas this account raised
+    ssm_endpoints: true                # optional (default false): the ec2 runtime's SSM interface endpoints
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ EGRESS_KINDS = ("control_plane", "telemetry")
 FALLBACK_KIND = "fallback"  # the kind of every drill_boundary.fallback rule
 
 _TOP_KEYS = {"sandbox_cidr", "production_cidrs", "ingress", "egress", "fallback", "control_plane_route",
-             "tiers", "tier_rules", "s3_read", "s3_write", "quotas"}
+             "tiers", "tier_rules", "s3_read", "s3_write", "quotas", "ssm_endpoints"}
 _RULE_KEYS = {"cidr", "protocol", "ports", "description"}
 _EGRESS_KEYS = _RULE_KEYS | {"kind"}
 _TIER_RULE_KEYS = {"from", "to", "protocol", "ports", "description"}
@@ -407,6 +408,9 @@ def parse_boundary(raw) -> Boundary:
 
     s3_read, s3_write = _s3(raw, "s3_read"), _s3(raw, "s3_write")
     _check_read_only(s3_read, s3_write)
+    if not isinstance(raw.get("ssm_endpoints", False), bool):
+        raise BoundaryError("drill_boundary.ssm_endpoints: %r is not true or false; set it true only for the ec2 "
+                            "runtime (docs/runtime.md)" % (raw.get("ssm_endpoints"),))
     boundary = Boundary(sandbox, production, ingress, egress, route, tiers, tuple(tier_rules),
                         s3_read, s3_write, dict(raw), fallback)
     if sandbox is None and not _free_candidates(boundary):
@@ -414,6 +418,16 @@ def parse_boundary(raw) -> Boundary:
                             "drill_boundary.sandbox_cidr outside production (for example 192.168.0.0/16)"
                             % (", ".join(str(p) for p in production), " or ".join(str(r) for r in _CANDIDATE_RANGES)))
     return boundary
+
+
+# The interface endpoints the ec2 runtime reaches its instances through (SSM Run Command).
+SSM_ENDPOINT_SERVICES = ("ssm", "ssmmessages", "ec2messages")
+
+
+def ssm_endpoints_declared(boundary: Boundary) -> bool:
+    """Whether ``drill_boundary.ssm_endpoints`` is true: the network gets (and the verifier accepts) the three
+    SSM interface endpoints, a group for them and the ``validation`` tier's group (docs/runtime.md)."""
+    return (boundary.raw or {}).get("ssm_endpoints") is True
 
 
 def _check_read_only(s3_read: tuple, s3_write: tuple) -> None:

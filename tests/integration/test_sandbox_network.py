@@ -710,3 +710,63 @@ def test_fallback_rules_count_toward_the_network_acl_quota(aws_env, aws):
     assert res["msg"].startswith("the boundary needs 21 network ACL entries per direction; AWS allows 20 by default")
     assert _drill_resources(aws, drill_id) == []
     assert _managed_count(aws) == before
+
+
+SSM_SERVICES = ("ssm", "ssmmessages", "ec2messages")
+
+
+def _interface_endpoints(ec2, vpc_id: str) -> dict:
+    return {e["ServiceName"].rsplit(".", 1)[1]: e for e in ec2.describe_vpc_endpoints(
+        Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["VpcEndpoints"]
+        if e["VpcEndpointType"] == "Interface" and e["State"].lower() not in ("deleted", "deleting")}
+
+
+def test_ssm_endpoints_only_when_declared_with_private_dns_and_443_from_the_sandbox_only(aws_env, aws):
+    ec2 = aws("ec2")
+    plain_id, ssm_id = _drill_id("nossm"), _drill_id("ssm")
+    plain = _build(plain_id, flow_logs=False)
+    assert _interface_endpoints(ec2, plain["vpc_id"]) == {}
+    assert "validation" not in plain["security_groups"] and plain["ssm_endpoint_ids"] == {}
+
+    boundary = _boundary(ssm_endpoints=True)
+    res = _build(ssm_id, boundary, flow_logs=False)
+    eps = _interface_endpoints(ec2, res["vpc_id"])
+    assert sorted(eps) == sorted(SSM_SERVICES)
+    assert res["ssm_endpoint_ids"] == {s: eps[s]["VpcEndpointId"] for s in SSM_SERVICES}
+    group_id = res["ssm_endpoint_security_group_id"]
+    for service, ep in eps.items():
+        assert ep["ServiceName"] == "com.amazonaws.us-east-1.%s" % service
+        assert ep["PrivateDnsEnabled"] is True
+        assert sorted(ep["SubnetIds"]) == sorted(res["subnet_ids"])
+        assert [g["GroupId"] for g in ep["Groups"]] == [group_id]
+        tags = {t["Key"]: t["Value"] for t in ep["Tags"]}
+        assert tags["Name"] == "drguard-%s-%s" % (ssm_id, service) and all(k in tags for k in CONTRACT)
+    group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
+    assert group["GroupName"] == "drguard-%s-ssm-endpoints" % ssm_id
+    ingress = [(p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]],
+                p.get("UserIdGroupPairs")) for p in group["IpPermissions"]]
+    assert ingress == [("tcp", 443, 443, [res["sandbox_cidr"]], [])]
+    assert group["IpPermissionsEgress"] == []
+    dns = ec2.describe_vpc_attribute(VpcId=res["vpc_id"], Attribute="enableDnsHostnames")
+    assert dns["EnableDnsHostnames"]["Value"] is True
+    # every workload group (the tiers and validation) reaches the endpoints on 443 through their group, nothing else new
+    assert sorted(res["security_groups"]) == ["app", "db", "validation"]
+    for tier, gid in res["security_groups"].items():
+        g = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
+        to_endpoints = [p for p in g["IpPermissionsEgress"]
+                        if [x["GroupId"] for x in p.get("UserIdGroupPairs") or []] == [group_id]]
+        assert [(p["IpProtocol"], p["FromPort"], p["ToPort"]) for p in to_endpoints] == [("tcp", 443, 443)], tier
+    assert _build(ssm_id, boundary, flow_logs=False)["changed"] is False
+
+    # declared no more: the endpoints go again
+    again = _build(ssm_id, _boundary(), flow_logs=False)
+    assert again["changed"] is True and again["ssm_endpoint_ids"] == {}
+    assert _interface_endpoints(ec2, res["vpc_id"]) == {}
+
+
+def test_ssm_endpoints_must_be_a_boolean(aws_env, aws):
+    drill_id = _drill_id("ssmbad")
+    res = run_module("sandbox_network", _args(drill_id, _boundary(ssm_endpoints="yes")))
+    assert res.failed
+    assert "drill_boundary.ssm_endpoints: 'yes' is not true or false" in res["msg"]
+    assert _drill_resources(aws, drill_id) == []
