@@ -13,7 +13,7 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.collections
 export ANSIBLE_LOCAL_TEMP := $(CURDIR)/.ansible/tmp
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv system-packages drill drill-tampered test lint unit integration molecule e2e bench clean
+.PHONY: help venv system-packages drill drill-tampered test lint sanity unit integration molecule e2e runner bench clean
 
 help:
 	@echo "make drill   - run a complete drill on the embedded AWS emulator"
@@ -63,6 +63,11 @@ lint: venv
 	$(BIN)/ansible-lint --offline -q
 	$(PY) tools/check_docs.py
 
+# ansible-test sanity (validate-modules, pylint, pep8, ansible-doc, ...) on the built collection,
+# offline: tools/sanity.py stages it and bootstraps ansible-test's virtualenvs from the package index.
+sanity: venv
+	$(PY) tools/sanity.py
+
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
@@ -75,6 +80,11 @@ molecule: venv
 e2e: venv
 	$(BIN)/pytest -q -n 2 --dist loadgroup tests/e2e
 
+# Jobs the way AWX runs them (ansible-runner, transmit | worker | process) from a git archive with
+# the collection installed from its tarball; part of e2e.
+runner: venv
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests/e2e/test_runner_jobs.py
+
 test: venv
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest -q -n 2 tests/unit tests/integration
@@ -86,4 +96,4 @@ bench: venv
 	$(PY) bench/artifact_bench.py
 
 clean:
-	rm -rf $(VENV) .collections .pytest_cache .ruff_cache drill-runs bench/results .ansible
+	rm -rf $(VENV) .collections .pytest_cache .ruff_cache drill-runs bench/results .ansible collections/ansible_collections

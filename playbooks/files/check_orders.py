@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Demo validation command, run by secret_exec after the restore.
 
 It plays the application: logs in with the drill's synthetic database credentials

@@ -204,7 +204,7 @@ ARGUMENT_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent"]),
     expires_at=dict(type="str"),
     store=dict(type="str", default="secretsmanager", choices=["secretsmanager", "tmpfs"]),
-    secrets=dict(type="list", elements="dict", default=[], options=dict(
+    secrets=dict(type="list", elements="dict", default=[], no_log=False, options=dict(  # value is no_log
         name=dict(type="str", required=True),
         kind=dict(type="str", required=True, choices=["synthetic_db", "synthetic_token", "masked"]),
         value=dict(type="str", no_log=True),

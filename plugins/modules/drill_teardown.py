@@ -28,7 +28,7 @@ description:
     policy lives on the drill role, revoked first and deleted by the sweep.
   - C(sweep) - deletes every resource of the drill that proves, read again, that it is the drill's, and looks again
     (as M(drguard.sandbox.sweep) with O(drill_id)); fails when anything remains or a service could not be listed.
-  - One process for the whole teardown: each Ansible module task costs about half a second of start-up alone.
+  - "One process for the whole teardown: each Ansible module task costs about half a second of start-up alone."
 attributes:
   check_mode:
     support: full

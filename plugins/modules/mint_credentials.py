@@ -30,7 +30,7 @@ description:
   - Idempotence - C(changed) reports changes to AWS state (the role, its policies, tags, boundary). Minting
     a new session is not a change of AWS state, so a run that only mints reports C(changed=false). In check
     mode nothing is created and no credentials are minted.
-  - The result holds live credentials - run this module in a task with C(no_log: true).
+  - "The result holds live credentials - run this module in a task with C(no_log: true)."
 attributes:
   check_mode:
     support: full

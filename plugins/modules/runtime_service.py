@@ -24,7 +24,7 @@ description:
   - The runtime's plain listener already holds that port; the service replaces it (the tier's listener
     process is restarted without that one port). The runtime's C(state.json) records both new processes,
     so teardown and the reaper remove them with the runtime.
-  - Idempotent; in check mode nothing is started and RV(changed) says whether a run would start it.
+  - Idempotent; in check mode nothing is started and C(changed) says whether a run would start it.
 attributes:
   check_mode:
     support: full

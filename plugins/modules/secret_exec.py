@@ -180,8 +180,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._secrets import Se
 
 ARGUMENT_SPEC = dict(
     argv=dict(type="list", elements="str", required=True),
-    env_secrets=dict(type="dict", default={}),
-    file_secrets=dict(type="dict", default={}),
+    env_secrets=dict(type="dict", default={}, no_log=False),  # names of secrets, not values
+    file_secrets=dict(type="dict", default={}, no_log=False),  # names of secrets, not values
     drill_id=dict(type="str", required=True),
     store=dict(type="str", default="secretsmanager", choices=["secretsmanager", "tmpfs"]),
     tmpfs_dir=dict(type="path"),

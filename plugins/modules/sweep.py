@@ -114,10 +114,10 @@ found:
   type: list
   elements: dict
   contains:
-    type: {description: Resource type (for example V(vpc), V(iam_role), V(s3_bucket)), type: str}
+    type: {description: "Resource type (for example V(vpc), V(iam_role), V(s3_bucket))", type: str}
     id: {description: Resource id as its service names it., type: str}
-    drill_id: {description: Its C(drguard:drill-id) tag, if any., type: str}
-    expires_at: {description: Its C(drguard:expires-at) tag, if any., type: str}
+    drill_id: {description: "Its C(drguard:drill-id) tag, if any.", type: str}
+    expires_at: {description: "Its C(drguard:expires-at) tag, if any.", type: str}
   sample: [{type: vpc, id: vpc-0a1b2c3d, drill_id: dr-20261129044000-a1b2c3, expires_at: "2026-11-29T08:40:00Z"}]
 deleted:
   description: Resources found and gone after the sweep. Empty in check mode.

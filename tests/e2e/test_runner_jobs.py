@@ -34,7 +34,6 @@ from test_secret_leaks import Scan
 
 from emulator import child_env
 
-pytestmark = pytest.mark.xdist_group("runner_jobs")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
