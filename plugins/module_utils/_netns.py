@@ -734,6 +734,18 @@ def spawn(ns, argv, *, env=None, stdout_path=None, stderr_path=None, privileged=
                 os.close(fd)
     _reap()
     _SPAWNED[proc.pid] = proc  # kept so it is reaped (poll) instead of lingering as a zombie
+    return proc.pid if _current() is None else _workload_pid(proc)
+
+
+def _workload_pid(proc, wait=5.0):
+    """Rootless: nsenter forks to enter the holder's pid namespace, so the workload is its one child;
+    that child's pid, so a signal to it reaches the workload (nsenter waits for it and ends with it)."""
+    deadline = time.monotonic() + wait
+    while proc.poll() is None and time.monotonic() < deadline:
+        children = _holder_children(proc.pid)
+        if children:
+            return children[0]
+        time.sleep(0.002)
     return proc.pid
 
 

@@ -319,18 +319,14 @@ def _sockets(netns, ns, python):
 
 
 def _alive(netns, ns, pid):
-    """True when ``pid`` runs inside namespace ``ns`` (rootless: ``pid`` is the ``nsenter`` that
-    waits for the workload, and its one child is what runs inside)."""
+    """True when ``pid`` runs inside namespace ``ns`` (rootless too: pids as the host sees them)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    inside = netns.host_pids(ns)
-    if pid in inside:
-        return True
-    return netns._current() is not None and any(c in inside for c in netns._holder_children(pid))  # noqa: SLF001
+    return pid in netns.host_pids(ns)
 
 
 def _groups(plan):

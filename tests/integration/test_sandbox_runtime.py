@@ -301,7 +301,7 @@ def test_a_runtime_built_with_another_output_dir_is_refused_and_kept(drill, tmp_
 # Rootless, as nobody: the runtime built twice, read back by runtime_verify, a privileged process
 # in a tier found, then removed; what happened comes back as JSON.
 ROOTLESS = r"""
-import json, os, sys
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as n
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as rt
@@ -330,6 +330,17 @@ try:
     n.spawn(plan["tiers"]["app"]["ns"], ["sleep", "300"], privileged=True)
     report["findings_privileged"] = sorted({f["code"] for f in rv.compare(boundary, plan, rv.read_live(plan))})
     report["while_up"] = rt.leftovers(plan["prefix"])
+    # The recorded pid is the listener itself: killing it stops the listener, and up starts a new one.
+    db = plan["tiers"]["db"]["ns"]
+    victim = rt.read_state_file(out)["processes"]["listeners:" + db]["pid"]
+    os.kill(victim, 9)
+    for _ in range(200):
+        if not n.host_pids(db):
+            break
+        time.sleep(0.025)
+    report["left_in_db"] = n.host_pids(db)
+    third = rt.up(boundary, drill_id, out, python)
+    report["restarted"] = third["changed"] and rt.status(boundary, plan, out, python) and len(n.host_pids(db)) == 1
 finally:
     report["down"] = rt.down(drill_id, out)["changed"]
     report["after"] = rt.leftovers(plan["prefix"], report.get("first_pids", ()))
@@ -368,6 +379,7 @@ def test_rootless_up_is_idempotent_verified_and_down_leaves_nothing(drill):
     assert report["findings"] == []
     assert report["findings_privileged"] == ["runtime_tier_process_privileged"]
     assert report["while_up"]["holders"] and report["while_up"]["namespaces"] and report["while_up"]["tables"] == []
+    assert report["left_in_db"] == [] and report["restarted"] is True
     assert report["down"] is True and report["down_again"] is False
     assert report["after"] == {"namespaces": [], "tables": [], "mounts": [], "processes": [], "holders": []}
     assert netns.find_holders(prefix) == []
