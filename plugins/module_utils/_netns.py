@@ -470,7 +470,8 @@ def _exec_argv(ns, argv, privileged, spec_fd=None, uid=None):
 #
 # A workload gets files through a private mount namespace: the prelude below runs as root inside
 # ``ip netns exec <ns> unshare --mount --propagation private``, mounts a size-capped tmpfs on /run
-# (nothing of it reaches the host's mount table), puts the files into WORKLOAD_IN owned by the
+# (nothing of it reaches the host's mount table) and private, size-capped ones on /tmp, /var/tmp and
+# /dev/shm (a workload cannot fill or plant files in the host's), puts the files into WORKLOAD_IN owned by the
 # workload's uid, makes WORKLOAD_IN read-only (a read-only bind of itself), adds the writable
 # WORKLOAD_SCRATCH when asked, then execs setpriv. The spec (names, modes, sources, inline data
 # such as secrets) comes on a memfd, never on argv or a disk; the prelude closes it before exec.
@@ -481,6 +482,7 @@ WORKLOAD_SCRATCH = WORKLOAD_ROOT + "/work"
 FILE_MODES = (0o400, 0o444, 0o600)
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _TMPFS_SLACK = 1024 * 1024  # directories, inodes and rounding on top of the files' bytes
+TMP_BYTES = 16 * 1024 * 1024  # each of the workload's private /tmp, /var/tmp, /dev/shm
 _PRELUDE = r"""
 import base64, json, os, shutil, stat, subprocess, sys
 fd = int(sys.argv[1])
@@ -494,6 +496,16 @@ def run(*argv):
     if proc.returncode != 0:
         fail("%s failed (%s)" % (" ".join(argv[:3]), proc.stderr.strip()[:200]))
 mount, uid, gid = spec["mount"], spec["uid"], spec["gid"]
+sources = {}  # opened before anything is mounted over the paths they live under (/run, /tmp, ...)
+for item in spec["files"]:
+    if "source" in item:
+        try:
+            src = os.open(item["source"], os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            fail("cannot open %s (%s)" % (item["source"], exc.strerror))
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            fail("%s is not a regular file" % item["source"])
+        sources[item["name"]] = src
 run(mount, "-t", "tmpfs", "-o", "size=%d,mode=0755,nosuid,nodev,noexec" % spec["size"], "drguard-workload", "/run")
 os.mkdir("/run/drguard", 0o755)
 inside = "/run/drguard/in"
@@ -503,11 +515,8 @@ try:
         path = os.path.join(inside, item["name"])
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(out, "wb") as target:
-            if "source" in item:
-                src = os.open(item["source"], os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(src, "rb") as source:
-                    if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
-                        fail("%s is not a regular file" % item["source"])
+            if item["name"] in sources:
+                with os.fdopen(sources[item["name"]], "rb") as source:
                     shutil.copyfileobj(source, target, 1024 * 1024)
             else:
                 target.write(base64.b64decode(item["data"]))
@@ -515,6 +524,9 @@ try:
         os.chmod(path, item["mode"])
 except OSError as exc:
     fail("cannot copy %s in (%s)" % (item["name"], exc.strerror))
+for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        run(mount, "-t", "tmpfs", "-o", "size=%d,mode=1777,nosuid,nodev,noexec" % spec["tmp_size"], "drguard-tmp", tmp)
 os.chown(inside, uid, gid)
 os.chmod(inside, 0o500)
 run(mount, "--bind", inside, inside)
@@ -575,7 +587,8 @@ def _files_spec(files, scratch, uid):
         items.append(entry)
         total += size + 4096
     owner = (UNPRIVILEGED_UID if uid is None else uid) if _current() is None else 0
-    return {"files": items, "scratch": scratch, "size": total + scratch + _TMPFS_SLACK, "uid": owner,
+    return {"files": items, "scratch": scratch, "size": total + scratch + _TMPFS_SLACK, "tmp_size": TMP_BYTES,
+            "uid": owner,
             "gid": owner, "cwd": WORKLOAD_IN, "mount": _tool("mount")}
 
 

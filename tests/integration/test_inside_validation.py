@@ -426,7 +426,11 @@ def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not
     assert seen["env_names"] == sorted(["AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE",
                                         "DRGUARD_DB_ADDRESS", "DRGUARD_SECRETS_DIR", "HOME", "LANG",
                                         "ORDERS_DB_CREDENTIALS", "PATH"])
-    assert set(seen["tries"].values()) == {"Permission denied"}
+    # The controller's process and its home: refused; another drill's output under /tmp: not even there
+    # (the workload has a /tmp of its own).
+    assert seen["tries"] == {f"/proc/{os.getpid()}/environ": "Permission denied",
+                             str(other / "report.json"): "No such file or directory",
+                             "/root/.npmrc": "Permission denied"}
     for result in (ok, refused, snoop):
         dumped = json.dumps(dict(result))
         for value in values.values():
@@ -444,3 +448,23 @@ def test_the_runtimes_leftovers_proof_counts_a_live_db_service(drill, tmp_path):
     assert runtime.leftovers(runtime.prefix_of(drill_id), [pid])["processes"] == [pid]
     runtime.down(drill_id, out)
     assert runtime.leftovers(runtime.prefix_of(drill_id), [pid])["processes"] == []
+
+
+def test_a_workload_with_files_gets_private_temporary_directories(tier, tmp_path):
+    marker = f"drguard-host-{uuid.uuid4().hex}"
+    with open(os.path.join("/tmp", marker), "w") as handle:  # noqa: S108 - the host's own /tmp, on purpose
+        handle.write("host")
+    os.chmod(os.path.join("/tmp", marker), 0o644)  # noqa: S108
+    written = f"drguard-workload-{uuid.uuid4().hex}"
+    code = ("import os, sys\n"
+            "seen = {d: sorted(os.listdir(d)) for d in ('/tmp', '/var/tmp', '/dev/shm')}\n"
+            "for d in seen:\n"
+            "    open(os.path.join(d, sys.argv[1]), 'w').write('x')\n"
+            "print(sum(len(v) for v in seen.values()))\n")
+    try:
+        out = netns.run_in(tier, [SYSTEM_PYTHON, "-I", "-S", "-c", code, written], files={"a": {"data": "x"}})
+        assert (out.returncode, out.stdout.strip()) == (0, "0"), out.stderr
+        for directory in ("/tmp", "/var/tmp", "/dev/shm"):  # noqa: S108
+            assert not os.path.exists(os.path.join(directory, written))
+    finally:
+        os.unlink(os.path.join("/tmp", marker))  # noqa: S108
