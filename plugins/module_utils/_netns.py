@@ -161,7 +161,7 @@ def preflight():
             clauses.append("not running as root (ip netns needs CAP_SYS_ADMIN and CAP_NET_ADMIN) and unprivileged "
                            f"user namespaces are not available: {why}")
     wanted = _TOOLS if root else _TOOLS + _ROOTLESS_TOOLS
-    paths = {name: shutil.which(name) for name, _ in wanted}
+    paths = {name: shutil.which(name) for name, _package in wanted}
     tools = [f"{name} (package {package})" for name, package in wanted if paths[name] is None]
     if tools:
         missing.extend(tools)
@@ -471,10 +471,11 @@ def _exec_argv(ns, argv, privileged, spec_fd=None, uid=None):
 # A workload gets files through a private mount namespace: the prelude below runs as root inside
 # ``ip netns exec <ns> unshare --mount --propagation private``, mounts a size-capped tmpfs on /run
 # (nothing of it reaches the host's mount table) and private, size-capped ones on /tmp, /var/tmp and
-# /dev/shm (a workload cannot fill or plant files in the host's), puts the files into WORKLOAD_IN owned by the
-# workload's uid, makes WORKLOAD_IN read-only (a read-only bind of itself), adds the writable
-# WORKLOAD_SCRATCH when asked, then execs setpriv. The spec (names, modes, sources, inline data
-# such as secrets) comes on a memfd, never on argv or a disk; the prelude closes it before exec.
+# /dev/shm (a workload cannot fill or plant files in the host's), puts the files into WORKLOAD_IN owned
+# by the workload's uid, makes WORKLOAD_IN read-only (a read-only bind of itself), adds the writable
+# WORKLOAD_SCRATCH when asked, remounts the rest of the host read-only, then execs setpriv. The spec
+# (names, modes, sources, inline data such as secrets) comes on a memfd, never on argv or a disk; the
+# prelude closes it before exec.
 
 WORKLOAD_ROOT = "/run/drguard"
 WORKLOAD_IN = WORKLOAD_ROOT + "/in"
@@ -534,6 +535,21 @@ run(mount, "-o", "remount,bind,ro,nosuid,nodev,noexec", inside)
 if spec["scratch"]:
     os.mkdir("/run/drguard/work", 0o700)
     os.chown("/run/drguard/work", uid, gid)
+# Everything else of the host read-only for the workload: each mount of this namespace remounted
+# read-only (per-mount flags only; nosuid, nodev, noexec and the atime flags kept), except its own
+# tmpfs mounts. Shadowed mounts under /run are unreachable anyway.
+keep, done = ("/run", "/tmp", "/var/tmp", "/dev/shm"), set()
+with open("/proc/self/mountinfo") as handle:
+    mounts = [line.split() for line in handle]
+for fields in mounts:
+    point = fields[4].encode().decode("unicode_escape")
+    options = fields[5].split(",")
+    if point in done or point in keep or point.startswith("/run/") or "ro" in options:
+        continue
+    done.add(point)
+    flags = [o for o in options if o in ("nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime",
+                                         "strictatime")]
+    run(mount, "-o", ",".join(["remount", "bind", "ro"] + flags), point)
 os.chdir(spec["cwd"])
 argv = sys.argv[2:]
 os.execve(argv[0], argv, spec["env"])  # exactly the caller's env (not this interpreter's locale coercion)
@@ -893,7 +909,7 @@ def validate_world(plan, prefix, tiers):
     hosts = {}
     for field in ("address", "gateway"):
         try:
-            host = ipaddress.IPv4Address(str(up.get(field)).split("/")[0])
+            host = ipaddress.IPv4Address(str(up.get(field)).split("/", maxsplit=1)[0])
         except ValueError:
             raise NetnsError(f"uplink.{field} {up.get(field)!r} is not an IPv4 address; fix the plan.",
                              field=f"uplink.{field}") from None

@@ -468,3 +468,26 @@ def test_a_workload_with_files_gets_private_temporary_directories(tier, tmp_path
             assert not os.path.exists(os.path.join(directory, written))
     finally:
         os.unlink(os.path.join("/tmp", marker))  # noqa: S108
+
+
+def test_a_workload_with_files_sees_the_rest_of_the_host_read_only(tier):
+    shared = f"/var/lib/drguard-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)  # noqa: S103 - world-writable on the host: still not for a workload
+    code = ("import os, sys\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        open(path, 'w').write('x')\n"
+            "        print('written')\n"
+            "    except OSError as exc:\n"
+            "        print(exc.strerror)\n")
+    try:
+        out = netns.run_in(tier, [SYSTEM_PYTHON, "-I", "-S", "-c", code, f"{shared}/x", "/tmp/x", "/dev/null",
+                                  "/run/drguard/work/x"], files={"a": {"data": "x"}}, scratch=4096)
+        assert out.stdout.split("\n")[:4] == ["Read-only file system", "written", "written", "written"], out.stderr
+        assert os.listdir(shared) == []
+        # Without files (the runtime's own listeners and probes) nothing changes.
+        plain = netns.run_in(tier, [SYSTEM_PYTHON, "-I", "-S", "-c", code, f"{shared}/y"])
+        assert plain.stdout.strip() == "written"
+    finally:
+        shutil.rmtree(shared)
