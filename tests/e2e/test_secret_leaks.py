@@ -281,6 +281,10 @@ class Drills:
                 {"name": "api-token", "kind": "masked", "value": production_value},
             ],
             "drill_masking_key": masking_key,
+            # The capture needs a file the test can read afterwards: on the controller (backend none). Inside
+            # the netns runtime a workload sees the host read-only and its own /tmp, so it could not write one;
+            # that path's secrets are covered by tests/integration/test_inside_validation.py.
+            "drill_runtime": {"backend": "none"},
             # Both stores are covered: Secrets Manager (+ a drill KMS key) passes, tmpfs fails.
             "drill_secret_store": STORES[mode],
             "drill_validation": {
