@@ -19,7 +19,13 @@ description:
     the telemetry collector and, when declared, the fallback paths. Every listener runs as an unprivileged process
     (uid 65534, no capabilities, no_new_privs, a clean environment)."
   - V(none) runs nothing inside the sandbox and returns no units; the drill's report then says so.
-  - V(ec2) is not available yet; choosing it fails with one sentence saying to choose V(netns) or V(none).
+  - "V(ec2) (real AWS): one instance per tier (plus C(validation)) in the drill's sandbox subnets, in the tier's
+    security group, without a public address, IMDSv2 required (hop limit 1), with the instance profile
+    C(drguard-<drill_id>-runtime) (path C(/drguard/), tagged) holding the drill's role. The network must have been
+    built with C(drill_boundary.ssm_endpoints=true) (the ssm, ssmmessages and ec2messages interface endpoints and
+    the C(validation) tier's group); the instances are reached only through SSM Run Command. Found again by tags and
+    names, so a second run changes nothing. O(state=absent) terminates the instances, waits until they are gone and
+    deletes the instance profile. The emulator runs no SSM command (see C(docs/runtime.md))."
   - With O(state=present), C(<output_dir>/runtime/state.json) records the drill's prefix before anything is
     created, so teardown and the reaper find the runtime after a kill. Production bait connections are written to
     C(<output_dir>/runtime/bait-hits.jsonl) (it must stay empty) and the collector's events to
@@ -58,26 +64,67 @@ options:
     choices: [present, absent]
   backend:
     description:
-      - Where the workloads run. V(netns) is the embedded default; V(none) runs nothing inside; V(ec2) is not
-        available yet.
+      - Where the workloads run. V(netns) is the embedded default; V(none) runs nothing inside; V(ec2) runs one
+        instance per tier on AWS, reached through SSM.
     type: str
     default: netns
     choices: [netns, none, ec2]
   boundary:
     description:
       - The drill's boundary policy (C(drill_boundary), see C(docs/boundary-policy.md)). Required with
-        O(state=present) and O(backend=netns).
+        O(state=present) and O(backend=netns) or O(backend=ec2).
     type: dict
   output_dir:
     description:
       - The run's output directory (absolute). Required with O(state=present) and O(backend=netns); with
         O(state=absent) its C(runtime/state.json) is checked to belong to this drill and marked absent.
     type: path
+  expires_at:
+    description:
+      - With O(backend=ec2), the RFC 3339 time the drill's resources expire (their C(drguard:expires-at) tag). By
+        default the drill's VPC's own C(drguard:expires-at) tag.
+    type: str
+  ec2:
+    description:
+      - Settings of O(backend=ec2).
+    type: dict
+    default: {}
+    suboptions:
+      instance_role:
+        description:
+          - The IAM role the instance profile holds. Default the drill's minted role C(drguard-<drill_id>). It must
+            carry the drill's C(drguard:drill-id) tag and trust C(ec2.amazonaws.com), or the run fails before any
+            instance starts.
+        type: str
+      ami:
+        description:
+          - The AMI. Default the value of O(ec2.ami_parameter).
+        type: str
+      ami_parameter:
+        description:
+          - The SSM public parameter the AMI is read from when O(ec2.ami) is not given.
+        type: str
+        default: /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64
+      instance_type:
+        description:
+          - The instance type of every tier.
+        type: str
+        default: t3.micro
+      wait_timeout:
+        description:
+          - Seconds to wait for the instances to run (or, with O(state=absent), to be terminated).
+        type: int
+        default: 600
 notes:
-  - Needs root (namespaces and nftables need CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2, nftables and
-    util-linux (C(setpriv)) on C(PATH); C(make venv) as root installs them.
+  - With O(backend=ec2) the module uses amazon.aws' connection options (module_defaults group
+    C(group/drguard.sandbox.aws)); every AWS call is retried on transient errors.
+  - With O(backend=netns), needs root (namespaces and nftables need CAP_SYS_ADMIN and CAP_NET_ADMIN) and
+    iproute2, nftables and util-linux (C(setpriv)) on C(PATH); C(make venv) as root installs them.
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 seealso:
   - module: drguard.sandbox.runtime_verify
   - module: drguard.sandbox.runtime_probe
@@ -96,6 +143,12 @@ EXAMPLES = r"""
     drill_id: dr-20261130200000-a1b2c3
     backend: none
 
+- name: The runtime on AWS (the network built with drill_boundary.ssm_endpoints true)
+  drguard.sandbox.sandbox_runtime:
+    drill_id: "{{ drill.drill_id }}"
+    backend: ec2
+    boundary: "{{ drill_boundary | combine({'ssm_endpoints': true}) }}"
+
 - name: Remove the runtime
   drguard.sandbox.sandbox_runtime:
     drill_id: dr-20261130200000-a1b2c3
@@ -110,7 +163,8 @@ backend:
   type: str
   sample: netns
 units:
-  description: One entry per tier namespace (empty for V(none) and O(state=absent)).
+  description: One entry per tier namespace (V(ec2) - C(tier), C(instance_id), C(address), C(subnet_id),
+    C(security_group_id)); empty for V(none) and O(state=absent).
   returned: always
   type: list
   elements: dict
@@ -151,17 +205,40 @@ processes:
   type: list
   elements: int
 removed:
-  description: What O(state=absent) removed (namespaces, host links, pids).
-  returned: with state absent and backend netns
+  description: What O(state=absent) removed (netns - namespaces, host links, pids; ec2 - instances and the instance
+    profile).
+  returned: with state absent and backend netns or ec2
   type: dict
+instance_profile:
+  description: The instance profile of the tiers' instances.
+  returned: with backend ec2 and state present
+  type: str
+  sample: drguard-dr-20261130200000-a1b2c3-runtime
+ami:
+  description: The AMI the instances were launched from.
+  returned: with backend ec2 and state present
+  type: str
+vpc_id:
+  description: The drill's VPC the instances run in.
+  returned: with backend ec2 and state present
+  type: str
+actions:
+  description: What the ec2 backend did (or would do in check mode).
+  returned: with backend ec2
+  type: list
+  elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
+from ansible_collections.drguard.sandbox.plugins.module_utils import _identity
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
 ARGUMENT_SPEC = dict(
@@ -170,18 +247,48 @@ ARGUMENT_SPEC = dict(
     backend=dict(type="str", default="netns", choices=["netns", "none", "ec2"]),
     boundary=dict(type="dict"),
     output_dir=dict(type="path"),
+    expires_at=dict(type="str"),
+    ec2=dict(type="dict", default={}, options=dict(
+        instance_role=dict(type="str"),
+        ami=dict(type="str"),
+        ami_parameter=dict(type="str", default=_runtime_ec2.AMI_PARAMETER),
+        instance_type=dict(type="str", default=_runtime_ec2.INSTANCE_TYPE),
+        wait_timeout=dict(type="int", default=600),
+    )),
 )
 
-EC2_UNAVAILABLE = ("backend ec2 is not available yet (instances reached through SSM come in a later release); "
-                   "choose backend netns or none.")
+
+def run_ec2(params, check_mode, client):
+    """The ec2 backend; ``client(service)`` gives a retrying client. Raises :class:`_runtime_ec2.Ec2RuntimeError`."""
+    drill_id = validate_drill_id(params["drill_id"])
+    opts = params.get("ec2") or {}
+    if not 1 <= int(opts.get("wait_timeout") or 600) <= 3600:
+        raise ValueError("ec2.wait_timeout %r must be between 1 and 3600 seconds" % opts.get("wait_timeout"))
+    if params["state"] == "absent":
+        clients = {"ec2": client("ec2"), "iam": client("iam")}
+        return _runtime_ec2.down(clients, drill_id, wait_timeout=opts.get("wait_timeout") or 600,
+                                 check_mode=check_mode)
+    if not params["boundary"]:
+        raise ValueError("boundary is required to start the ec2 runtime; pass the drill's boundary")
+    # Bad input fails before any client exists.
+    boundary = parse_boundary(params["boundary"])
+    _runtime_ec2.require_ssm_endpoints(boundary)
+    clients = {"ec2": client("ec2"), "iam": client("iam"), "ssm": client("ssm")}
+    expires = params.get("expires_at")
+    if not expires:
+        expires = _runtime_ec2.find_network(clients["ec2"], drill_id, boundary)["expires_at"]
+    tags = drill_tags(drill_id, expires)
+    return _runtime_ec2.up(clients, drill_id, boundary, tags,
+                           role_name=opts.get("instance_role") or _identity.role_name(drill_id),
+                           ami=opts.get("ami"), ami_parameter=opts.get("ami_parameter") or _runtime_ec2.AMI_PARAMETER,
+                           instance_type=opts.get("instance_type") or _runtime_ec2.INSTANCE_TYPE,
+                           wait_timeout=opts.get("wait_timeout") or 600, check_mode=check_mode)
 
 
 def run(params, check_mode):
     """The module's work; raises :class:`_runtime.SandboxRuntimeError` (or ``ValueError`` for bad input)."""
     drill_id = validate_drill_id(params["drill_id"])
     backend = params["backend"]
-    if backend == "ec2":
-        raise _runtime.SandboxRuntimeError(EC2_UNAVAILABLE)
     if backend == "none":
         return {"changed": False, "backend": "none", "units": []}
     if params["state"] == "absent":
@@ -200,13 +307,22 @@ def run(params, check_mode):
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    _aws.hide_session_credentials(module)
     try:
-        result = run(module.params, module.check_mode)
+        if module.params["backend"] == "ec2":
+            result = run_ec2(module.params, module.check_mode, lambda service: _aws.aws_client(module, service))
+        else:
+            result = run(module.params, module.check_mode)
+    except _runtime_ec2.Ec2RuntimeError as exc:
+        module.fail_json(msg="sandbox_runtime: %s." % exc.msg.rstrip("."),
+                         **{k: v for k, v in exc.detail.items() if k in ("instances", "remaining", "problems")})
+    except _aws.ClientError as exc:
+        module.fail_json_aws(exc, msg="sandbox_runtime: the ec2 runtime's AWS call failed")
+    except (DrillError, BoundaryError, ValueError) as exc:
+        module.fail_json(msg=f"sandbox_runtime: {str(exc).rstrip('.')}.")
     except _runtime.SandboxRuntimeError as exc:
         module.fail_json(msg=exc.msg, **{k: v for k, v in exc.detail.items() if k in ("cleanup", "remaining")})
-    except (BoundaryError, ValueError) as exc:
-        module.fail_json(msg=f"sandbox_runtime: {str(exc).rstrip('.')}.")
     module.exit_json(**result)
 
 

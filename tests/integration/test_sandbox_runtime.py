@@ -214,8 +214,9 @@ def test_module_none_and_ec2_backends(drill):
     none = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "none"})
     assert dict(none) == {"changed": False, "backend": "none", "units": [], "invocation": none["invocation"]}
     ec2 = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": RAW, "output_dir": "/x"})
-    assert ec2["msg"] == ("backend ec2 is not available yet (instances reached through SSM come in a later release); "
-                          "choose backend netns or none.")
+    assert ec2["msg"] == ("sandbox_runtime: the ec2 runtime is reached through SSM interface endpoints, which the "
+                          "boundary does not declare; set drill_boundary.ssm_endpoints true and build the network "
+                          "again.")
 
 
 def test_module_bad_input_fails_before_anything_is_created(drill):

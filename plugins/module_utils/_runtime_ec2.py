@@ -1,0 +1,543 @@
+# Copyright: drguard maintainers
+# Apache License 2.0
+"""The ``ec2`` backend of ``drguard.sandbox.sandbox_runtime``: one instance per tier on real AWS (docs/runtime.md).
+
+Every tier (``drill_boundary.tiers`` plus ``validation``) gets one instance in a sandbox subnet of
+the drill's VPC, in the tier's security group, without a public address, IMDSv2 required (hop
+limit 1), with an instance profile holding the drill's own role. The instances are reached only
+through SSM Run Command, over the ssm / ssmmessages / ec2messages interface endpoints that
+``sandbox_network`` builds when ``drill_boundary.ssm_endpoints`` is true. Probes and validators
+run through ``SendCommand``; a command whose result does not come back is ``unknown`` (fail
+closed). The emulator accepts commands but runs none: there every probe is ``unknown``.
+
+Everything is found again by tags and names (``drguard-<drill id>-<tier>``), so a second run
+changes nothing and teardown (this module's ``down`` or the sweep) finds what a killed run left.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    from botocore.exceptions import ClientError
+except ImportError:  # handled by AnsibleAWSModule
+    ClientError = Exception
+
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
+from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
+from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build
+from ansible_collections.drguard.sandbox.plugins.module_utils import _probes
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import port_ends
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import ssm_endpoints_declared
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
+
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+INSTANCE_TYPE = "t3.micro"
+IAM_PATH = "/drguard/"
+EC2_PRINCIPAL = "ec2.amazonaws.com"
+VALIDATION_TIER = _network_build.VALIDATION_TIER
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+# SSM command invocation states that are final; anything else after the deadline is "unknown".
+FINAL_STATUSES = ("Success", "Failed", "Cancelled", "TimedOut", "Undeliverable", "Terminated",
+                  "DeliveryTimedOut", "ExecutionTimedOut")
+PROFILE_PROPAGATION_WAIT = 60
+OUTPUT_LIMIT = 2000
+# A workload never runs as root: uid/gid 65534, no capability, no_new_privs, an empty environment.
+UNPRIVILEGED = ("setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --ambient-caps=-all "
+                "--bounding-set=-all --no-new-privs -- env -i")
+
+
+class Ec2RuntimeError(Exception):
+    """The ec2 runtime cannot be built, reached or removed; ``msg`` says what to change."""
+
+    def __init__(self, msg, **detail):
+        super().__init__(msg)
+        self.msg = msg
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- names and the launch request (pure)
+
+
+def instance_name(drill_id: str, tier: str) -> str:
+    return "drguard-%s-%s" % (drill_id, tier)
+
+
+def profile_name(drill_id: str) -> str:
+    return "drguard-%s-runtime" % drill_id
+
+
+def runtime_tiers(boundary) -> list:
+    """The declared tiers, then ``validation`` (always), as the netns backend."""
+    tiers = list(boundary.tiers)
+    return tiers if VALIDATION_TIER in tiers else tiers + [VALIDATION_TIER]
+
+
+def launch_request(drill_id: str, tier: str, *, ami: str, instance_type: str, subnet_id: str, group_id: str,
+                   profile: str, tags: dict) -> dict:
+    """The ``RunInstances`` arguments of ``tier``'s instance.
+
+    No public address on the one interface, IMDSv2 only with a hop limit of 1, the drill's
+    instance profile, tagged in the call (instance, volume, interface) and an idempotency token
+    derived from the drill and tier, so a retried call never starts a second instance.
+    """
+    name = instance_name(drill_id, tier)
+    token = hashlib.sha256(("%s/%s/%s" % (drill_id, tier, tags.get(TAG_EXPIRES_AT, ""))).encode()).hexdigest()[:64]
+    return {
+        "ImageId": ami, "InstanceType": instance_type, "MinCount": 1, "MaxCount": 1,
+        "ClientToken": token,
+        "NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet_id, "Groups": [group_id],
+                               "AssociatePublicIpAddress": False, "DeleteOnTermination": True}],
+        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
+        "IamInstanceProfile": {"Name": profile},
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "TagSpecifications": (ec2_tag_specs("instance", tags, name) + ec2_tag_specs("volume", tags, name)
+                              + ec2_tag_specs("network-interface", tags, name)),
+    }
+
+
+def instance_problems(instance: dict, *, subnet_id: str, group_id: str, profile_arn: str | None) -> list:
+    """What makes a live instance not the one :func:`launch_request` asks for (empty: none)."""
+    problems = []
+    if instance.get("PublicIpAddress"):
+        problems.append("it has the public address %s" % instance["PublicIpAddress"])
+    for eni in instance.get("NetworkInterfaces") or []:
+        if (eni.get("Association") or {}).get("PublicIp"):
+            problems.append("interface %s has a public address" % eni.get("NetworkInterfaceId"))
+    meta = instance.get("MetadataOptions") or {}
+    if meta.get("HttpTokens") != "required":
+        problems.append("IMDSv2 is not required (HttpTokens %s)" % meta.get("HttpTokens"))
+    if int(meta.get("HttpPutResponseHopLimit") or 0) != 1:
+        problems.append("the metadata hop limit is %s, not 1" % meta.get("HttpPutResponseHopLimit"))
+    if instance.get("SubnetId") != subnet_id:
+        problems.append("it is in subnet %s, not %s" % (instance.get("SubnetId"), subnet_id))
+    groups = sorted({g.get("GroupId") for g in instance.get("SecurityGroups") or []}
+                    | {g.get("GroupId") for e in instance.get("NetworkInterfaces") or []
+                       for g in e.get("Groups") or []})
+    if groups != [group_id]:
+        problems.append("its security groups are %s, not %s" % (", ".join(groups) or "none", group_id))
+    have_profile = (instance.get("IamInstanceProfile") or {}).get("Arn")
+    if profile_arn and have_profile != profile_arn:
+        problems.append("its instance profile is %s, not %s" % (have_profile, profile_arn))
+    return problems
+
+
+# ---------------------------------------------------------------- the network the instances go in
+
+
+def find_network(ec2, drill_id: str, boundary) -> dict:
+    """The drill's VPC, subnets and workload groups, found by tags and names (what ``sandbox_network`` built)."""
+    names = _network_build.names(drill_id)
+    flt = [{"Name": "tag:%s" % TAG_DRILL_ID, "Values": [drill_id]}]
+    vpcs = paginate(ec2, "describe_vpcs", "Vpcs", Filters=flt + [{"Name": "tag:Name", "Values": [names["vpc"]]}])
+    if len(vpcs) != 1:
+        raise Ec2RuntimeError("drill %s has %d VPCs named %s where there must be one; build the network first "
+                              "(sandbox_network) with drill_boundary.ssm_endpoints true"
+                              % (drill_id, len(vpcs), names["vpc"]), vpc_count=len(vpcs))
+    vpc = vpcs[0]
+    vflt = flt + [{"Name": "vpc-id", "Values": [vpc["VpcId"]]}]
+    subnets = {boto3_tag_list_to_ansible_dict(s.get("Tags")).get("Name"): s["SubnetId"]
+               for s in paginate(ec2, "describe_subnets", "Subnets", Filters=vflt)}
+    subnet_ids = [subnets[n] for n in names["subnets"] if n in subnets]
+    if len(subnet_ids) != len(names["subnets"]):
+        raise Ec2RuntimeError("drill %s's VPC %s lacks its sandbox subnets (%s); build the network again "
+                              "(sandbox_network)" % (drill_id, vpc["VpcId"], ", ".join(names["subnets"])))
+    groups = {g["GroupName"]: g["GroupId"] for g in paginate(ec2, "describe_security_groups", "SecurityGroups",
+                                                             Filters=vflt)}
+    tiers = runtime_tiers(boundary)
+    missing = [t for t in tiers if _network_build.sg_name(drill_id, t) not in groups]
+    if missing or names["ssm_sg"] not in groups:
+        raise Ec2RuntimeError("drill %s's network has no security group for %s; the ec2 runtime needs the network "
+                              "built with drill_boundary.ssm_endpoints true (its SSM endpoints and the validation "
+                              "tier's group)" % (drill_id, ", ".join(missing + ([] if names["ssm_sg"] in groups
+                                                                                 else ["the SSM endpoints"]))))
+    endpoints = [e for e in paginate(ec2, "describe_vpc_endpoints", "VpcEndpoints",
+                                     Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])
+                 if e.get("VpcEndpointType") == "Interface"
+                 and e.get("State", "").lower() not in ("deleted", "deleting")]
+    have = {e["ServiceName"].rsplit(".", 1)[-1] for e in endpoints if e.get("PrivateDnsEnabled")}
+    lacking = [s for s in ("ssm", "ssmmessages", "ec2messages") if s not in have]
+    if lacking:
+        raise Ec2RuntimeError("drill %s's VPC %s has no %s interface endpoint(s) with private DNS, so SSM cannot "
+                              "reach the instances; build the network with drill_boundary.ssm_endpoints true"
+                              % (drill_id, vpc["VpcId"], ", ".join(lacking)))
+    tags = boto3_tag_list_to_ansible_dict(vpc.get("Tags"))
+    return {"vpc_id": vpc["VpcId"], "subnet_ids": subnet_ids, "expires_at": tags.get(TAG_EXPIRES_AT),
+            "groups": {t: groups[_network_build.sg_name(drill_id, t)] for t in tiers}}
+
+
+# ---------------------------------------------------------------- the instance profile
+
+
+def _trusts_ec2(doc) -> bool:
+    doc = json.loads(doc) if isinstance(doc, str) else (doc or {})
+    for stmt in doc.get("Statement") or []:
+        if stmt.get("Effect") != "Allow":
+            continue
+        actions = stmt.get("Action")
+        actions = actions if isinstance(actions, list) else [actions]
+        service = (stmt.get("Principal") or {}).get("Service") if isinstance(stmt.get("Principal"), dict) else None
+        services = service if isinstance(service, list) else [service]
+        if EC2_PRINCIPAL in services and "sts:AssumeRole" in actions:
+            return True
+    return False
+
+
+def ensure_profile(iam, drill_id: str, role_name: str, tags: dict, *, check_mode: bool, actions: list) -> dict:
+    """The drill's instance profile ``drguard-<drill id>-runtime`` (path /drguard/, tagged), holding ``role_name`` only.
+
+    The role must be the drill's (its ``drguard:drill-id`` tag) and trust ``ec2.amazonaws.com``,
+    or instances could not use it: refused with one sentence (fail closed).
+    """
+    try:
+        role = iam.get_role(RoleName=role_name)["Role"]
+    except ClientError as exc:
+        if is_not_found(exc):
+            raise Ec2RuntimeError("the instance role %s does not exist; mint the drill's identity first or pass "
+                                  "the drill's role as ec2.instance_role" % role_name) from None
+        raise
+    role_tags = boto3_tag_list_to_ansible_dict(paginate(iam, "list_role_tags", "Tags", RoleName=role_name))
+    if role_tags.get(TAG_DRILL_ID) != drill_id:
+        raise Ec2RuntimeError("the instance role %s is not drill %s's (its drguard:drill-id tag is %r); pass the "
+                              "drill's own role" % (role_name, drill_id, role_tags.get(TAG_DRILL_ID)))
+    if not _trusts_ec2(role.get("AssumeRolePolicyDocument")):
+        raise Ec2RuntimeError("the instance role %s does not trust %s, so its instances would get no credentials; "
+                              "let the drill's role trust %s (sts:AssumeRole)" % (role_name, EC2_PRINCIPAL,
+                                                                                  EC2_PRINCIPAL))
+    name = profile_name(drill_id)
+    try:
+        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except ClientError as exc:
+        if not is_not_found(exc):
+            raise
+        profile = None
+    if profile is None:
+        actions.append("create instance profile %s" % name)
+        if check_mode:
+            return {"name": name, "arn": None, "changed": True}
+        profile = iam.create_instance_profile(InstanceProfileName=name, Path=IAM_PATH,
+                                              Tags=ansible_dict_to_boto3_tag_list(tags))["InstanceProfile"]
+        profile["Roles"] = []
+    else:
+        have = boto3_tag_list_to_ansible_dict(profile.get("Tags"))
+        if have.get(TAG_DRILL_ID) != drill_id or profile.get("Path") != IAM_PATH:
+            raise Ec2RuntimeError("instance profile %s exists but is not drill %s's (tag %r, path %s); remove it or "
+                                  "use another drill id" % (name, drill_id, have.get(TAG_DRILL_ID),
+                                                            profile.get("Path")))
+    changed = profile.get("Arn") is None or "create instance profile %s" % name in actions
+    for other in profile.get("Roles") or []:
+        if other["RoleName"] != role_name:
+            actions.append("remove role %s from instance profile %s" % (other["RoleName"], name))
+            changed = True
+            if not check_mode:
+                iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=other["RoleName"])
+    if role_name not in [r["RoleName"] for r in profile.get("Roles") or []]:
+        actions.append("add role %s to instance profile %s" % (role_name, name))
+        changed = True
+        if not check_mode:
+            iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=role_name)
+    return {"name": name, "arn": profile.get("Arn"), "changed": changed}
+
+
+# ---------------------------------------------------------------- up / down
+
+
+def _instances(ec2, drill_id: str, states=LIVE_STATES) -> list:
+    flt = [{"Name": "tag:%s" % TAG_DRILL_ID, "Values": [drill_id]},
+           {"Name": "instance-state-name", "Values": list(states)}]
+    found = [i for r in paginate(ec2, "describe_instances", "Reservations", Filters=flt) for i in r.get("Instances")
+             or []]
+    # Re-filtered here: a filter an endpoint ignored must not let another drill's instance in.
+    prefix = instance_name(drill_id, "")
+    return [i for i in found if boto3_tag_list_to_ansible_dict(i.get("Tags")).get(TAG_DRILL_ID) == drill_id
+            and str(boto3_tag_list_to_ansible_dict(i.get("Tags")).get("Name", "")).startswith(prefix)
+            and (i.get("State") or {}).get("Name") in states]
+
+
+def resolve_ami(ssm, ami: str | None, parameter: str) -> str:
+    if ami:
+        return ami
+    try:
+        return ssm.get_parameter(Name=parameter)["Parameter"]["Value"]
+    except ClientError as exc:
+        raise Ec2RuntimeError("the AMI could not be read from the SSM public parameter %s (%s); pass ec2.ami"
+                              % (parameter, describe_error(exc))) from None
+
+
+def _profile_not_ready(exc: BaseException) -> bool:
+    """What RunInstances answers while a new instance profile has not reached EC2 yet."""
+    text = describe_error(exc).lower()
+    return error_code(exc) in ("InvalidParameterValue", "NoSuchEntity") and "profile" in text
+
+
+def require_ssm_endpoints(boundary) -> None:
+    """Refuse a boundary without ``ssm_endpoints: true``: nothing could reach the instances (before any call)."""
+    if not ssm_endpoints_declared(boundary):
+        raise Ec2RuntimeError("the ec2 runtime is reached through SSM interface endpoints, which the boundary does "
+                              "not declare; set drill_boundary.ssm_endpoints true and build the network again")
+
+
+def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str, ami: str | None = None,
+       ami_parameter: str = AMI_PARAMETER, instance_type: str = INSTANCE_TYPE, wait_timeout: int = 600,
+       check_mode: bool = False) -> dict:
+    """One instance per tier (plus ``validation``) of the drill, running; idempotent (found by tags and names).
+
+    ``clients``: ``ec2``, ``iam``, ``ssm`` from ``_aws.aws_client``. ``tags``: the drill's tags.
+    """
+    require_ssm_endpoints(boundary)
+    ec2, iam = clients["ec2"], clients["iam"]
+    actions: list = []
+    network = find_network(ec2, drill_id, boundary)
+    profile = ensure_profile(iam, drill_id, role_name, tags, check_mode=check_mode, actions=actions)
+    image = resolve_ami(clients["ssm"], ami, ami_parameter)
+    tiers = runtime_tiers(boundary)
+    live = {}
+    for inst in _instances(ec2, drill_id):
+        name = boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name")
+        live.setdefault(name, []).append(inst)
+    units, started = [], []
+    for i, tier in enumerate(tiers):
+        name = instance_name(drill_id, tier)
+        subnet_id, group_id = network["subnet_ids"][i % len(network["subnet_ids"])], network["groups"][tier]
+        have = live.pop(name, [])
+        if len(have) > 1:
+            raise Ec2RuntimeError("drill %s has %d instances named %s where there must be one; tear the runtime "
+                                  "down (state absent) and start it again" % (drill_id, len(have), name))
+        if have:
+            inst = have[0]
+            problems = instance_problems(inst, subnet_id=subnet_id, group_id=group_id, profile_arn=profile["arn"])
+            if problems:
+                raise Ec2RuntimeError("instance %s (%s) is not what the runtime launches: %s; tear the runtime down "
+                                      "(state absent) and start it again" % (inst["InstanceId"], name,
+                                                                              "; ".join(problems)),
+                                      instance_id=inst["InstanceId"], problems=problems)
+            if inst["State"]["Name"] in ("stopping", "stopped"):
+                actions.append("start instance %s (%s)" % (inst["InstanceId"], name))
+                if not check_mode:
+                    ec2.get_waiter("instance_stopped").wait(InstanceIds=[inst["InstanceId"]])
+                    ec2.start_instances(InstanceIds=[inst["InstanceId"]])
+                started.append(inst["InstanceId"])
+            units.append({"tier": tier, "instance_id": inst["InstanceId"], "address": inst.get("PrivateIpAddress"),
+                          "subnet_id": subnet_id, "security_group_id": group_id})
+            continue
+        actions.append("launch instance %s in %s" % (name, subnet_id))
+        if check_mode:
+            units.append({"tier": tier, "instance_id": None, "address": None, "subnet_id": subnet_id,
+                          "security_group_id": group_id})
+            continue
+        request = launch_request(drill_id, tier, ami=image, instance_type=instance_type, subnet_id=subnet_id,
+                                 group_id=group_id, profile=profile["name"], tags=tags)
+        inst = retry_while(lambda r=request: ec2.run_instances(**r)["Instances"][0], _profile_not_ready,
+                           PROFILE_PROPAGATION_WAIT)
+        started.append(inst["InstanceId"])
+        units.append({"tier": tier, "instance_id": inst["InstanceId"], "address": inst.get("PrivateIpAddress"),
+                      "subnet_id": subnet_id, "security_group_id": group_id})
+    strays = [inst["InstanceId"] for group in live.values() for inst in group]
+    if strays:
+        raise Ec2RuntimeError("drill %s has instances that are no tier's (%s); tear the runtime down (state absent) "
+                              "and start it again" % (drill_id, ", ".join(strays)), instances=strays)
+    if started and not check_mode:
+        _wait(ec2, "instance_running", started, wait_timeout)
+    return {"changed": bool(actions), "backend": "ec2", "units": units, "vpc_id": network["vpc_id"],
+            "instance_profile": profile["name"], "ami": image, "actions": actions}
+
+
+def _wait(ec2, waiter: str, ids: list, timeout: int) -> None:
+    delay = 5
+    try:
+        ec2.get_waiter(waiter).wait(InstanceIds=ids, WaiterConfig={"Delay": delay,
+                                                                   "MaxAttempts": max(1, int(timeout) // delay)})
+    except Exception as exc:  # botocore WaiterError: the instances did not get there in time
+        raise Ec2RuntimeError("instances %s did not reach %s within %d s (%s); look at them in the EC2 console, "
+                              "then tear the runtime down" % (", ".join(ids), waiter.split("_", 1)[1], timeout,
+                                                              str(exc)[:200]), instances=ids) from None
+
+
+def down(clients: dict, drill_id: str, *, wait_timeout: int = 600, check_mode: bool = False) -> dict:
+    """Terminate the drill's instances, wait until they are gone and delete its instance profile."""
+    ec2, iam = clients["ec2"], clients["iam"]
+    ids = [i["InstanceId"] for i in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",))]
+    actions = []
+    if ids:
+        actions.append("terminate instances %s" % ", ".join(ids))
+        if not check_mode:
+            ec2.terminate_instances(InstanceIds=ids)
+            _wait(ec2, "instance_terminated", ids, wait_timeout)
+    name = profile_name(drill_id)
+    try:
+        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except ClientError as exc:
+        if not is_not_found(exc):
+            raise
+        profile = None
+    if profile is not None:
+        if boto3_tag_list_to_ansible_dict(profile.get("Tags")).get(TAG_DRILL_ID) != drill_id:
+            raise Ec2RuntimeError("instance profile %s is not drill %s's (its drguard:drill-id tag differs); it was "
+                                  "left as it is" % (name, drill_id))
+        actions.append("delete instance profile %s" % name)
+        if not check_mode:
+            for role in profile.get("Roles") or []:
+                iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=role["RoleName"])
+            iam.delete_instance_profile(InstanceProfileName=name)
+    if not check_mode:
+        left = [i["InstanceId"] for i in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",))]
+        if left:
+            raise Ec2RuntimeError("instances %s of drill %s are still there after termination; run the sweep for "
+                                  "the drill" % (", ".join(left), drill_id), remaining=left)
+    return {"changed": bool(actions), "backend": "ec2", "units": [], "removed": {"instances": ids,
+            "instance_profile": name if profile is not None else None}, "actions": actions}
+
+
+# ---------------------------------------------------------------- SSM Run Command
+
+
+def run_command(ssm, instance_ids: list, commands: list, *, timeout: float = 60, poll: float = 2.0,
+                comment: str = "drguard", sleep=time.sleep, clock=time.monotonic) -> list:
+    """Run ``commands`` (shell lines) on every instance through SSM and wait at most ``timeout`` seconds.
+
+    Returns one ``{"instance_id", "command_id", "status", "response_code", "stdout", "stderr"}`` per
+    instance. ``status`` is SSM's final status, or ``unknown`` when none came back in time (the
+    caller must treat ``unknown`` as a failure: fail closed). Output is cut to 2000 characters.
+    """
+    cmd = ssm.send_command(InstanceIds=list(instance_ids), DocumentName="AWS-RunShellScript",
+                           Parameters={"commands": list(commands)}, TimeoutSeconds=max(30, int(timeout)),
+                           Comment=comment[:100])["Command"]
+    command_id = cmd["CommandId"]
+    deadline = clock() + timeout
+    results = {}
+    pending = list(instance_ids)
+    while pending:
+        for iid in list(pending):
+            try:
+                inv = ssm.get_command_invocation(CommandId=command_id, InstanceId=iid)
+            except ClientError as exc:
+                if error_code(exc) != "InvocationDoesNotExist":  # not registered yet, right after SendCommand
+                    raise
+                continue
+            if inv.get("Status") in FINAL_STATUSES:
+                results[iid] = {"instance_id": iid, "command_id": command_id, "status": inv["Status"],
+                                "response_code": inv.get("ResponseCode"),
+                                "stdout": (inv.get("StandardOutputContent") or "")[:OUTPUT_LIMIT],
+                                "stderr": (inv.get("StandardErrorContent") or "")[:OUTPUT_LIMIT]}
+                pending.remove(iid)
+        if not pending or clock() + poll > deadline:
+            break
+        sleep(poll)
+    for iid in pending:
+        results[iid] = {"instance_id": iid, "command_id": command_id, "status": "unknown", "response_code": None,
+                        "stdout": "", "stderr": ""}
+    return [results[i] for i in instance_ids]
+
+
+def unprivileged_command(python_source: str, stdin_json: dict) -> str:
+    """One shell line running ``python_source`` unprivileged (uid 65534, no capability, empty environment) with
+    ``stdin_json`` on its stdin; both travel base64-encoded, so nothing in them is shell syntax."""
+    src = base64.b64encode(python_source.encode()).decode()
+    data = base64.b64encode(json.dumps(stdin_json).encode()).decode()
+    return ("echo %s | base64 -d | %s /usr/bin/python3 -I -S -c \"$(echo %s | base64 -d)\""
+            % (data, UNPRIVILEGED, src))
+
+
+# ---------------------------------------------------------------- probes through SSM
+
+
+def _first_host(cidr) -> str:
+    net = ipaddress.ip_network(str(cidr))
+    return str(net.network_address) if net.num_addresses == 1 else str(next(net.hosts()))
+
+
+def probe_matrix(boundary, units: list) -> list:
+    """The probe rows of the ec2 runtime (the report's row shape, as ``_probes.probe_matrix``).
+
+    From every instance: production (the first host of each production CIDR, TCP 5432, 443, 6514:
+    deny), every declared egress and fallback port on the first host of its CIDR (allow; port 53
+    left out), every tier rule to the destination tier's instance (allow).
+    """
+    by_tier = {u["tier"]: u for u in units}
+    rows = []
+    for unit in units:
+        src, src_address = unit["tier"], unit.get("address") or ""
+        for cidr in boundary.production_cidrs:
+            for port in (5432, 443, 6514):
+                rows.append(_probes._row(src, "production", _first_host(cidr), port, ("tcp", "deny", src_address)))
+        for rule in boundary.egress + boundary.fallback:
+            dst = "fallback" if rule.kind == "fallback" else rule.kind
+            for port in port_ends(rule.ports):
+                if port != 53:
+                    rows.append(_probes._row(src, dst, _first_host(rule.cidr), port,
+                                             (rule.protocol, "allow", src_address)))
+        for tr in boundary.tier_rules:
+            if tr.source == src and by_tier.get(tr.dest, {}).get("address"):
+                for port in port_ends(tr.ports):
+                    rows.append(_probes._row(src, tr.dest, by_tier[tr.dest]["address"], port,
+                                             (tr.protocol, "allow", src_address)))
+    return rows
+
+
+def run_probes(ssm, rows: list, units: list, *, timeout: float = 1.0, command_timeout: float = 60, **kw) -> dict:
+    """Every row probed from its tier's instance through SSM (unprivileged); ``{rows, violations, summary}``.
+
+    A row whose result does not come back (no final status in time, a failed command, no or
+    unreadable output) is ``unknown`` and a ``probe_failed`` violation: the drill never passes on
+    what it could not observe. The emulator runs no command, so there every row is ``unknown``.
+    """
+    rows = [dict(r) for r in rows]
+    by_tier = {u["tier"]: u["instance_id"] for u in units}
+    groups = {}
+    for i, row in enumerate(rows):
+        host, port = row["address"].rsplit(":", 1)
+        groups.setdefault(by_tier.get(row["src"]), []).append(
+            (i, {"host": host, "port": int(port), "protocol": row["protocol"],
+                 "bind": row.get("src_address") or ""}))
+
+    def one(item):
+        iid, probes = item
+        if not iid:
+            return None, "no instance for this tier"
+        spec = {"timeout": timeout, "probes": [p for _, p in probes]}
+        res = run_command(ssm, [iid], [unprivileged_command(_probes.PROBE_SOURCE, spec)],
+                          timeout=command_timeout, comment="drguard probes", **kw)[0]
+        if res["status"] != "Success":
+            return None, "SSM command %s on %s: %s" % (res["command_id"], iid, res["status"])
+        try:
+            out = json.loads(res["stdout"])
+            if not isinstance(out, list) or len(out) != len(probes):
+                raise ValueError("wrong length")
+        except ValueError:
+            return None, "SSM command %s on %s ended %s with no probe result in its output" % (
+                res["command_id"], iid, res["status"])
+        return out, None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(groups)))) as pool:
+        answers = dict(zip(groups, pool.map(one, groups.items()), strict=True))
+    violations = []
+    for iid, items in groups.items():
+        out, error = answers[iid]
+        for k, (i, _) in enumerate(items):
+            if out is None:
+                rows[i].update(observed="unknown", reason="no result (%s)" % error, latency_ms=None)
+            else:
+                rows[i].update(out[k])
+    for i, row in enumerate(rows):
+        if row["observed"] in ("unknown", "error"):
+            violations.append({"code": "probe_failed", "row": i, "detail": _probes._describe(row)})
+            continue
+        code = _probes._violation(row)
+        if code:
+            violations.append({"code": code, "row": i, "detail": _probes._describe(row)})
+    summary = {"rows": len(rows), "allow": sum(1 for r in rows if r["observed"] == "allow"),
+               "deny": sum(1 for r in rows if r["observed"] == "deny"),
+               "unknown": sum(1 for r in rows if r["observed"] == "unknown"), "violations": len(violations)}
+    return {"rows": rows, "violations": violations, "summary": summary}

@@ -1,0 +1,214 @@
+"""sandbox_runtime backend ec2 against the emulator, as far as the API goes.
+
+The emulator starts no real machine and runs no SSM command (SendCommand is accepted and every
+invocation answers ``Success`` with empty output): the instances' attributes, idempotence,
+teardown and the fail-closed reading of commands are tested here; what runs on an instance is not.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from conftest import run_module
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+EXPIRES = "2026-11-29T09:00:00Z"
+CONTRACT = {"drguard:managed": "true", "drguard:expires-at": EXPIRES}
+EC2_TRUST = {"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+BOUNDARY = {
+    "production_cidrs": ["10.0.0.0/16"],
+    "egress": [{"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"}],
+    "tiers": ["app", "db"],
+    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
+    "ssm_endpoints": True,
+}
+
+
+def _drill_id(tag: str) -> str:
+    return "t-%s-%s" % (tag, uuid.uuid4().hex[:10])
+
+
+def _role(iam, drill_id: str, trust=None, owner=None) -> str:
+    name = "drguard-%s" % drill_id
+    iam.create_role(RoleName=name, Path="/drguard/", AssumeRolePolicyDocument=json.dumps(trust or EC2_TRUST),
+                    Tags=[{"Key": "drguard:managed", "Value": "true"},
+                          {"Key": "drguard:drill-id", "Value": owner or drill_id},
+                          {"Key": "drguard:expires-at", "Value": EXPIRES}])
+    return name
+
+
+def _world(aws, tag: str, **boundary):
+    drill_id = _drill_id(tag)
+    raw = dict(BOUNDARY, **boundary)
+    net = run_module("sandbox_network", {"drill_id": drill_id, "boundary": raw, "expires_at": EXPIRES,
+                                         "flow_logs": False})
+    assert not net.failed, net.get("msg")
+    _role(aws("iam"), drill_id)
+    return drill_id, raw, net
+
+
+def _instances(ec2, drill_id: str) -> list:
+    res = ec2.describe_instances(Filters=[{"Name": "tag:drguard:drill-id", "Values": [drill_id]}])
+    return [i for r in res["Reservations"] for i in r["Instances"] if i["State"]["Name"] != "terminated"]
+
+
+def test_one_instance_per_tier_private_imdsv2_profile_subnet_group_tags_and_idempotent(aws_env, aws):
+    ec2, iam = aws("ec2"), aws("iam")
+    drill_id, raw, net = _world(aws, "ec2up")
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert not res.failed, res.get("msg")
+    assert (res["changed"], res["backend"]) == (True, "ec2")
+    assert [u["tier"] for u in res["units"]] == ["app", "db", "validation"]
+    profile = iam.get_instance_profile(InstanceProfileName="drguard-%s-runtime" % drill_id)["InstanceProfile"]
+    assert profile["Path"] == "/drguard/" and [r["RoleName"] for r in profile["Roles"]] == ["drguard-%s" % drill_id]
+    assert {t["Key"]: t["Value"] for t in profile["Tags"]} == dict(CONTRACT, **{"drguard:drill-id": drill_id})
+    live = {i["InstanceId"]: i for i in _instances(ec2, drill_id)}
+    assert sorted(live) == sorted(u["instance_id"] for u in res["units"])
+    for n, unit in enumerate(res["units"]):
+        inst = live[unit["instance_id"]]
+        assert inst["State"]["Name"] == "running"
+        assert "PublicIpAddress" not in inst and not any((e.get("Association") or {}).get("PublicIp")
+                                                         for e in inst["NetworkInterfaces"])
+        assert inst["MetadataOptions"]["HttpTokens"] == "required"
+        assert inst["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        assert inst["IamInstanceProfile"]["Arn"] == profile["Arn"]
+        assert inst["SubnetId"] == net["subnet_ids"][n % 2] == unit["subnet_id"]
+        # the interface's groups (the emulator leaves the instance's own SecurityGroups empty)
+        assert [[g["GroupId"] for g in e["Groups"]] for e in inst["NetworkInterfaces"]] == [
+            [net["security_groups"][unit["tier"]]]]
+        assert inst["PrivateIpAddress"] == unit["address"]
+        tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+        assert tags == dict(CONTRACT, **{"drguard:drill-id": drill_id, "Name": "drguard-%s-%s" % (drill_id,
+                                                                                                  unit["tier"])})
+    # the expiry came from the drill's VPC; a second run finds everything and changes nothing
+    again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert (again.failed, again["changed"], again["actions"]) == (False, False, [])
+    assert again["units"] == res["units"]
+    assert len(_instances(ec2, drill_id)) == 3
+    # check mode of the removal changes nothing
+    plan = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"}, check_mode=True)
+    assert plan["changed"] is True and len(_instances(ec2, drill_id)) == 3
+    gone = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+    assert (gone.failed, gone["changed"]) == (False, True)
+    assert sorted(gone["removed"]["instances"]) == sorted(live)
+    assert _instances(ec2, drill_id) == []
+    assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
+                                                   for p in iam.list_instance_profiles()["InstanceProfiles"]]
+    assert run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})[
+        "changed"] is False
+
+
+def test_sweep_of_the_drill_leaves_no_instance_or_profile(aws_env, aws):
+    ec2, iam = aws("ec2"), aws("iam")
+    drill_id, raw, _ = _world(aws, "ec2sweep")
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert not res.failed, res.get("msg")
+    swept = run_module("sweep", {"drill_id": drill_id})
+    assert not swept.failed, swept.get("msg")
+    assert _instances(ec2, drill_id) == []
+    names = [p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"]]
+    assert "drguard-%s-runtime" % drill_id not in names
+    left = ec2.describe_vpcs(Filters=[{"Name": "tag:drguard:drill-id", "Values": [drill_id]}])["Vpcs"]
+    assert left == []
+
+
+def test_refused_before_any_instance_without_declared_endpoints_or_a_usable_role(aws_env, aws):
+    ec2, iam = aws("ec2"), aws("iam")
+    # no ssm_endpoints in the boundary: one sentence, no AWS call creates anything
+    drill_id = _drill_id("ec2nossm")
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2",
+                                         "boundary": dict(BOUNDARY, ssm_endpoints=False)})
+    assert res["msg"] == ("sandbox_runtime: the ec2 runtime is reached through SSM interface endpoints, which the "
+                          "boundary does not declare; set drill_boundary.ssm_endpoints true and build the network "
+                          "again.")
+    # a network built without the endpoints is refused too
+    plain = _drill_id("ec2plain")
+    assert not run_module("sandbox_network", {"drill_id": plain, "boundary": dict(BOUNDARY, ssm_endpoints=False),
+                                              "expires_at": EXPIRES, "flow_logs": False}).failed
+    _role(iam, plain)
+    res = run_module("sandbox_runtime", {"drill_id": plain, "backend": "ec2", "boundary": BOUNDARY})
+    assert "needs the network built with drill_boundary.ssm_endpoints true" in res["msg"], res["msg"]
+    # a role that EC2 cannot assume, and another drill's role
+    drill_id, raw, _ = _world(aws, "ec2trust")
+    controller = {"AWS": "arn:aws:iam::123456789012:root"}
+    iam.update_assume_role_policy(RoleName="drguard-%s" % drill_id, PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": controller,
+                                                "Action": "sts:AssumeRole"}]}))
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert res["msg"] == ("sandbox_runtime: the instance role drguard-%s does not trust ec2.amazonaws.com, so its "
+                          "instances would get no credentials; let the drill's role trust ec2.amazonaws.com "
+                          "(sts:AssumeRole)." % drill_id)
+    other = _role(iam, _drill_id("other"), owner="someone-else")
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw,
+                                         "ec2": {"instance_role": other}})
+    assert "is not drill %s's (its drguard:drill-id tag is 'someone-else')" % drill_id in res["msg"]
+    for d in (drill_id, plain):
+        assert _instances(ec2, d) == []
+        assert "drguard-%s-runtime" % d not in [p["InstanceProfileName"]
+                                                for p in iam.list_instance_profiles()["InstanceProfiles"]]
+
+
+def test_an_instance_that_drifted_is_refused_not_used(aws_env, aws):
+    ec2 = aws("ec2")
+    drill_id, raw, _ = _world(aws, "ec2drift")
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    app = res["units"][0]["instance_id"]
+    ec2.modify_instance_metadata_options(InstanceId=app, HttpTokens="optional")
+    again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert again.failed
+    assert again["problems"] == ["IMDSv2 is not required (HttpTokens optional)"]
+    assert again["msg"].startswith("sandbox_runtime: instance %s (drguard-%s-app) is not what the runtime launches"
+                                   % (app, drill_id))
+    run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+
+
+def test_send_command_is_accepted_and_probes_on_the_emulator_are_unknown_never_a_pass(aws_env, aws):
+    ssm = aws("ssm")
+    drill_id, raw, _ = _world(aws, "ec2probe")
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    units = res["units"]
+    ids = [u["instance_id"] for u in units]
+    out = _runtime_ec2.run_command(ssm, ids, ["echo hello"], timeout=5, poll=0.1)
+    assert [o["instance_id"] for o in out] == ids
+    command = ssm.list_commands(CommandId=out[0]["command_id"])["Commands"][0]
+    assert command["DocumentName"] == "AWS-RunShellScript" and command["Parameters"]["commands"] == ["echo hello"]
+    assert set(ids) <= set(command["InstanceIds"])  # the emulator lists more instances than were named
+    # the emulator answers Success with no output: nothing ran, so no probe may read as observed
+    rows = _runtime_ec2.probe_matrix(parse_boundary(raw), units)
+    assert {(r["src"], r["dst"], r["expected"]) for r in rows} >= {
+        ("app", "production", "deny"), ("app", "telemetry", "allow"), ("app", "db", "allow"),
+        ("validation", "production", "deny")}
+    result = _runtime_ec2.run_probes(ssm, rows, units, command_timeout=5, poll=0.1)
+    assert {r["observed"] for r in result["rows"]} == {"unknown"}
+    assert result["summary"]["unknown"] == len(rows) and result["summary"]["allow"] == 0
+    assert {v["code"] for v in result["violations"]} == {"probe_failed"}
+    assert len(result["violations"]) == len(rows)
+    assert "with no probe result in its output" in result["rows"][0]["reason"]
+    # the command itself drops every privilege before python runs
+    sent = ssm.list_commands()["Commands"]
+    probe_cmds = [c for c in sent if c.get("Comment") == "drguard probes"]
+    assert len(probe_cmds) >= 3
+    for c in probe_cmds:
+        assert c["Parameters"]["commands"][0].split("| ", 2)[2].startswith(
+            "setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --ambient-caps=-all "
+            "--bounding-set=-all --no-new-privs -- env -i /usr/bin/python3 -I -S -c")
+    run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+
+
+def test_run_command_without_a_final_status_in_time_is_unknown():
+    class Pending:
+        def send_command(self, **kw):
+            return {"Command": {"CommandId": "c-1"}}
+
+        def get_command_invocation(self, **kw):
+            return {"Status": "InProgress"}
+
+    ticks = iter(range(0, 1000))
+    out = _runtime_ec2.run_command(Pending(), ["i-1"], ["true"], timeout=3, poll=1, sleep=lambda s: None,
+                                   clock=lambda: next(ticks))
+    assert out == [{"instance_id": "i-1", "command_id": "c-1", "status": "unknown", "response_code": None,
+                    "stdout": "", "stderr": ""}]
