@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - AnsibleAWSModule reports the missing S
     BotoCoreError = ClientError = Exception
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import ssm_endpoints_declared
 
 # Every code evaluate() can emit. docs/boundary-policy.md explains each one.
 FINDING_CODES = (
@@ -50,6 +51,7 @@ FINDING_CODES = (
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
+SSM_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.(ssm|ssmmessages|ec2messages)$")
 S3_ARN_RE = re.compile(r"^arn:aws[a-z-]*:s3:::(.+)$")
 
 # Actions an S3 endpoint policy may allow on s3_read grants / s3_write grants
@@ -879,6 +881,14 @@ def _check_endpoints(boundary, endpoints: list, f: _Findings) -> set:
         if etype == "Gateway" and S3_SERVICE_RE.match(service):
             s3_gateways.add(eid)
             _check_endpoint_policy(boundary, ep, f)
+        elif etype == "Interface" and SSM_SERVICE_RE.match(service):
+            # The ec2 runtime's way in (docs/runtime.md): accepted only when declared, with private DNS.
+            if not ssm_endpoints_declared(boundary):
+                f.add("endpoint_unsupported", eid, "Interface endpoint for %s: the boundary does not declare "
+                      "drill_boundary.ssm_endpoints (the ec2 runtime's SSM endpoints)" % service)
+            elif not ep.get("PrivateDnsEnabled"):
+                f.add("endpoint_unsupported", eid, "Interface endpoint for %s has private DNS off: the declared "
+                      "SSM endpoints must have private DNS" % service)
         else:
             f.add("endpoint_unsupported", eid, "%s endpoint for %s: only S3 gateway endpoints are verifiable"
                   % (etype or "unknown", service or "unknown service"))

@@ -1010,3 +1010,43 @@ def test_pure_fallback_the_network_acl_does_not_allow_is_blocked(entries, direct
     assert [(c, r) for c, r, _d in found] == [("fallback_blocked", "acl-1")], found
     assert found[0][2] == ("%s tcp port 443 to %s (drill_boundary.fallback[0]) is not allowed by network ACL acl-1; "
                            "not allowed: %s" % (direction, DR_SITE, left))
+
+
+# ------------------------------------------------------------- SSM interface endpoints (ec2 runtime)
+
+
+def _ssm_endpoints(ec2, sandbox, private_dns=True) -> dict:
+    group = ec2.create_security_group(VpcId=sandbox["vpc"], GroupName="ssm-%s" % uuid.uuid4().hex[:8],
+                                      Description="ssm endpoints")["GroupId"]
+    ec2.revoke_security_group_egress(GroupId=group, IpPermissions=[
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": SANDBOX}]}])
+    return {service: ec2.create_vpc_endpoint(
+        VpcId=sandbox["vpc"], ServiceName="com.amazonaws.%s.%s" % (REGION, service), VpcEndpointType="Interface",
+        SubnetIds=sandbox["subnets"], SecurityGroupIds=[group],
+        PrivateDnsEnabled=private_dns if service != "ssm" else True)["VpcEndpoint"]["VpcEndpointId"]
+        for service in ("ssm", "ssmmessages", "ec2messages")}
+
+
+def test_ssm_interface_endpoints_accepted_only_when_declared(aws_env, sandbox, ec2):
+    eps = _ssm_endpoints(ec2, sandbox)
+    declared = verify(sandbox["vpc"], sample_boundary(ssm_endpoints=True))
+    assert declared["findings"] == [] and declared["isolated"] is True, declared["findings"]
+    undeclared = verify(sandbox["vpc"])
+    assert sorted((f["code"], f["resource"]) for f in undeclared["findings"]) == sorted(
+        ("endpoint_unsupported", e) for e in eps.values())
+    assert "drill_boundary.ssm_endpoints" in undeclared["findings"][0]["detail"]
+    # declared, another interface endpoint stays unsupported
+    sts = ec2.create_vpc_endpoint(VpcId=sandbox["vpc"], ServiceName="com.amazonaws.%s.sts" % REGION,
+                                  VpcEndpointType="Interface", SubnetIds=[sandbox["subnets"][0]])["VpcEndpoint"]
+    res = verify(sandbox["vpc"], sample_boundary(ssm_endpoints=True))
+    assert [(f["code"], f["resource"]) for f in res["findings"]] == [("endpoint_unsupported", sts["VpcEndpointId"])]
+
+
+def test_declared_ssm_endpoint_without_private_dns_is_unsupported(aws_env, sandbox, ec2):
+    eps = _ssm_endpoints(ec2, sandbox, private_dns=False)
+    res = verify(sandbox["vpc"], sample_boundary(ssm_endpoints=True))
+    assert sorted((f["code"], f["resource"]) for f in res["findings"]) == sorted(
+        [("endpoint_unsupported", eps["ssmmessages"]), ("endpoint_unsupported", eps["ec2messages"])])
+    assert all("private DNS" in f["detail"] for f in res["findings"]), res["findings"]
