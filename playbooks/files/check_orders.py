@@ -22,7 +22,7 @@ QUERY = "SELECT count(*), sum(amount_cents) FROM orders"
 
 def ask_db_service(address: str):
     """``(rows, total)`` from the db tier's service (one SELECT per line, one JSON answer per line)."""
-    host, _, port = address.rpartition(":")
+    host, _sep, port = address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(QUERY.encode() + b"\n")
         answer = json.loads(conn.makefile("rb").readline() or b"{}")

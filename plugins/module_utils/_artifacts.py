@@ -50,7 +50,6 @@ _PRIORITY = ("artifact_missing", "unsafe_name", "size_mismatch", "digest_mismatc
 _COMPOSITE_RE = re.compile(r"-\d+$")
 
 
-
 def _boto():
     """``botocore.exceptions``, imported on first use: verifying a local set never needs the AWS SDK
     (its import is a large part of a module's start-up), and S3 code has it loaded already."""
@@ -270,7 +269,7 @@ def hash_s3(s3, bucket: str, prefix: str, name: str, version_id: str | None = No
     hashed = hash_chunks(chunks)
     if hashed.size != head["ContentLength"]:
         raise LocationError("s3://%s/%s changed while it was read (%d bytes read, %d expected); sign again"
-                          % (bucket, key, hashed.size, head["ContentLength"]))
+                            % (bucket, key, hashed.size, head["ContentLength"]))
     return Artifact(name, hashed.sha256, hashed.size, detect_kind(hashed.head), version)
 
 

@@ -67,6 +67,8 @@ NEED_PRIVILEGE = ("mounting the backup read-only needs root or CAP_SYS_ADMIN; ru
                   "(become: true) or give the controller container CAP_SYS_ADMIN, or use an S3 backup source")
 
 _AWS_ERRORS = tuple(e for e in (ClientError, BotoCoreError) if e is not None)
+# Empty only without botocore, when AnsibleAWSModule has failed before any call (pylint cannot tell).
+# pylint: disable=catching-non-exception,bad-exception-cause
 
 
 class AccessError(AnsibleAWSError):
@@ -258,7 +260,7 @@ def local_present(run_command, source, path, check_mode=False):
 def local_absent(run_command, path, check_mode=False):
     """Unmount everything at ``path`` and remove the then empty mount point; whether anything changed."""
     changed = False
-    for _ in range(MAX_STACKED_MOUNTS):
+    for _attempt in range(MAX_STACKED_MOUNTS):
         if not os.path.isdir(path) or mount_entry(path) is None:
             break
         changed = True

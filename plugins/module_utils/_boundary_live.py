@@ -1072,7 +1072,7 @@ def _check_name_resolution(vpc_id: str, snap: dict, f: _Findings, checked: dict)
     if zones is not None:
         checked["private_hosted_zones"] = len(zones)
         for z in zones:
-            f.add("private_hosted_zone_associated", str(z.get("HostedZoneId", "?")).split("/")[-1],
+            f.add("private_hosted_zone_associated", str(z.get("HostedZoneId", "?")).rsplit("/", maxsplit=1)[-1],
                   "private hosted zone %s (owner %s) is associated with %s and answers its names"
                   % (z.get("Name"), (z.get("Owner") or {}).get("OwningAccount") or (z.get("Owner") or {}).get(
                       "OwningService"), vpc_id))
@@ -1083,7 +1083,7 @@ def _check_flow_logs(logs: list, vpc_id: str, f: _Findings) -> None:
             and fl.get("TrafficType") == "ALL" and fl.get("DeliverLogsStatus") != "FAILED"]
     if not good:
         seen = ", ".join("%s (%s, %s, delivery %s)" % (fl.get("FlowLogId"), fl.get("FlowLogStatus"),
-                                                        fl.get("TrafficType"), fl.get("DeliverLogsStatus"))
+                                                       fl.get("TrafficType"), fl.get("DeliverLogsStatus"))
                          for fl in logs) or "none"
         f.add("flow_logs_missing", vpc_id, "no ACTIVE flow log of ALL traffic covers the VPC (found: %s)" % seen)
 

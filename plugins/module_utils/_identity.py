@@ -172,10 +172,10 @@ def _action_overlaps(action: str, patterns) -> list:
     Service and action name are compared separately (an action name never holds a
     colon), so ``ec2:Describe*`` does not overlap ``*:Get*Credential*``.
     """
-    service, _, name = action.partition(":") if action != "*" else ("*", ":", "*")
+    service, _sep, name = action.partition(":") if action != "*" else ("*", ":", "*")
     hits = []
     for pattern in patterns:
-        p_service, _, p_name = pattern.partition(":")
+        p_service, _sep, p_name = pattern.partition(":")
         if _globs_intersect(service, p_service) and _globs_intersect(name, p_name):
             hits.append(pattern)
     return hits
@@ -415,7 +415,7 @@ def build_role_policy(resources: dict, partition: str, region: str, account_id: 
             "Sid": "ReadDrillSecrets", "Effect": "Allow",
             "Action": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"],
             "Resource": "arn:%s:secretsmanager:%s:%s:secret:%s*" % (partition, region, account_id,
-                                                                     res["secrets_prefix"]),
+                                                                    res["secrets_prefix"]),
         })
     if res["kms_key_arns"]:
         statements.append({"Sid": "DecryptDrillKeys", "Effect": "Allow", "Action": ["kms:Decrypt"],

@@ -46,6 +46,8 @@ PROPAGATION_WAIT_CHANGED = 45
 PROPAGATION_WAIT_UNCHANGED = 10
 
 _AWS_ERRORS = (ClientError, BotoCoreError) if ClientError else ()
+# Empty only without botocore, when AnsibleAWSModule has failed before any call (pylint cannot tell).
+# pylint: disable=catching-non-exception,bad-exception-cause
 
 
 class MintError(AnsibleAWSError):
@@ -103,7 +105,7 @@ class Minter:
             raise MintError(
                 "IAM role %s exists but is not this drill's (path %r, tag %s=%r); refusing to touch it - "
                 "use another drill id or remove that role" % (self.name, role.get("Path"), TAG_DRILL_ID,
-                                                            tags.get(TAG_DRILL_ID)))
+                                                              tags.get(TAG_DRILL_ID)))
         role["_tags"] = tags
         return role
 
@@ -263,10 +265,10 @@ class Minter:
         try:
             current = None
             if ident.POLICY_NAME in names:
-                current = ident.policy_document(self.iam.get_role_policy(RoleName=self.name,
-                                                             PolicyName=ident.POLICY_NAME)["PolicyDocument"])
-            if (current is None or ident.policies_differ(current, policy)) and self.act("put inline policy %s"
-                                                                                 % ident.POLICY_NAME):
+                current = ident.policy_document(self.iam.get_role_policy(
+                    RoleName=self.name, PolicyName=ident.POLICY_NAME)["PolicyDocument"])
+            if (current is None or ident.policies_differ(current, policy)) and self.act(
+                    "put inline policy %s" % ident.POLICY_NAME):
                 self.iam.put_role_policy(RoleName=self.name, PolicyName=ident.POLICY_NAME,
                                          PolicyDocument=json.dumps(policy))
             for name in names:

@@ -24,10 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 try:
-    from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError
 except ImportError:  # handled by AnsibleAWSModule
-    BotoCoreError = ClientError = Exception
+    ClientError = Exception
 
 from ansible_collections.amazon.aws.plugins.module_utils.policy import compare_policies
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
@@ -1124,7 +1123,7 @@ class NetworkBuilder:
         if not self.check:
             # Deletions first: an undeclared allow must not outlive the run, and its number may be reused.
             _parallel(lambda s: self.ec2.delete_network_acl_entry(NetworkAclId=acl_id, Egress=s[0],
-                                                                         RuleNumber=s[1]), deletes)
+                                                                  RuleNumber=s[1]), deletes)
             _parallel(lambda e: self.ec2.replace_network_acl_entry(**nacl_entry_args(acl_id, e)), replaces)
             _parallel(lambda e: self.ec2.create_network_acl_entry(**nacl_entry_args(acl_id, e)), creates)
 
@@ -1356,5 +1355,3 @@ def _parallel(fn, items: list) -> list:
     with ThreadPoolExecutor(max_workers=min(WORKERS, len(items))) as pool:
         futures = [pool.submit(fn, i) for i in items]
     return [f.result() for f in futures]
-
-

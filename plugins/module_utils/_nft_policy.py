@@ -444,7 +444,7 @@ def _flows(boundary: Boundary, plan: dict) -> list:
 
 def _within(rule: _Rule, flow) -> bool:
     """Everything ``rule`` accepts is inside the declared ``flow`` (other matches only narrow)."""
-    _, _, src, dst, proto, ports = flow
+    _kind, _text, src, dst, proto, ports = flow
     return (rule.saddr is not None and rule.daddr is not None and rule.ipv4_only
             and all(any(n.subnet_of(s) for s in src) for n in rule.saddr)
             and all(any(n.subnet_of(d) for d in dst) for n in rule.daddr)
@@ -453,7 +453,7 @@ def _within(rule: _Rule, flow) -> bool:
 
 def _allows(rule: _Rule, flow) -> bool:
     """``rule`` accepts all of the declared ``flow`` (interface matches aside)."""
-    _, _, src, dst, proto, ports = flow
+    _kind, _text, src, dst, proto, ports = flow
     return (rule.verdict == "accept" and not rule.unsupported and (rule.ct is None or "new" in rule.ct)
             and (rule.families is None or "ipv4" in rule.families)
             and (rule.saddr is None or all(any(s.subnet_of(n) for n in rule.saddr) for s in src))
@@ -466,7 +466,7 @@ def _allows(rule: _Rule, flow) -> bool:
 
 def _may_drop(rule: _Rule, flow) -> bool:
     """``rule`` is a drop that could match a packet of ``flow`` (a narrowing match we do not model still could)."""
-    _, _, src, dst, proto, ports = flow
+    _kind, _text, src, dst, proto, ports = flow
     return (rule.verdict == "drop" and not rule.unsupported
             and (rule.families is None or "ipv4" in rule.families)
             and (rule.ct is None or "new" in rule.ct)
@@ -642,5 +642,5 @@ def _describe(rule: _Rule) -> str:
     def ports(v):
         return "any" if v is None else ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in v)
     return "from %s to %s proto %s dport %s" % (nets(rule.saddr), nets(rule.daddr),
-                                                 "any" if rule.protos is None else ",".join(sorted(rule.protos)),
-                                                 ports(rule.dports))
+                                                "any" if rule.protos is None else ",".join(sorted(rule.protos)),
+                                                ports(rule.dports))

@@ -574,6 +574,7 @@ class Store:
         if not check_mode:
             self.prepare()
         actions = []
+        issuer = None  # set below unless in check mode, where no leaf is written
         if ca:
             actions.append("create CA (overlap with %s)" % ", ".join(state["cas"]))
             if not check_mode:

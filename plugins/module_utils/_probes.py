@@ -18,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -237,7 +236,7 @@ def python_executable():
 
 def read_counters(plan):
     """The router table's named counters: ``{name: {"packets": n, "bytes": n}}`` (privileged read)."""
-    nft = shutil.which("nft")
+    nft = _netns.which("nft")
     if nft is None:
         raise ProbeError("nft not found on PATH; install nftables (make venv as root does) and retry.")
     table = plan["table"]
@@ -266,7 +265,7 @@ def _run_namespace(ns, probes, timeout):
         return None, exc.msg
     if proc.returncode != 0:
         return None, "the probe process in %s exited %d: %s" % (ns, proc.returncode,
-                                                               (proc.stderr or "").strip()[-200:])
+                                                                (proc.stderr or "").strip()[-200:])
     try:
         results = json.loads(proc.stdout)
         if not isinstance(results, list) or len(results) != len(probes):
@@ -318,11 +317,11 @@ def run_probes(rows, plan, timeout=1.0):
         violations.append({"code": "counters_unreadable", "detail": exc.msg})
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(groups)))) as pool:
-        futures = {ns: pool.submit(_run_namespace, ns, [p for _, p in items], timeout)
+        futures = {ns: pool.submit(_run_namespace, ns, [p for _index, p in items], timeout)
                    for ns, items in groups.items()}
     for ns, items in groups.items():
         results, error = futures[ns].result()
-        for k, (i, _) in enumerate(items):
+        for k, (i, _probe) in enumerate(items):
             if results is None:
                 rows[i].update(observed="error", reason=f"probe did not run ({error})", latency_ms=None)
             else:
@@ -357,6 +356,7 @@ def run_probes(rows, plan, timeout=1.0):
                                          "dropped by the drill's production rule"})
     summary = {"rows": len(rows), "allow": sum(1 for r in rows if r["observed"] == "allow"),
                "deny": sum(1 for r in rows if r["observed"] == "deny"), "violations": len(violations)}
+
     def packets(counters):
         return None if counters is None else {name: c["packets"] for name, c in counters.items()}
 

@@ -143,7 +143,7 @@ class Source:
 
 def _split_s3(text: str) -> tuple:
     """``(bucket, rest)`` of an ``s3://`` location, the bucket checked by the one bucket rule."""
-    bucket, _, rest = text[len("s3://"):].partition("/")
+    bucket, _sep, rest = text[len("s3://"):].partition("/")
     check_bucket(bucket)
     return bucket, rest
 
@@ -483,7 +483,7 @@ class Quarantiner:
         recorded or alerted again.
         """
         stored = {}
-        for _, f in items:
+        for _index, f in items:
             rleaf = leaf_for(f["name"])
             if (rleaf, f["reason"]) not in stored:
                 stored[(rleaf, f["reason"])] = self.load_record(rleaf, f["reason"])
@@ -546,8 +546,8 @@ class Quarantiner:
 
     # S3 source -------------------------------------------------------------------------
     def _s3_group(self, src, leaf, items, stored) -> dict:
-        reasons = [f["reason"] for _, f in items]
-        sha = next((f["observed_sha256"] for _, f in items if f["observed_sha256"]), None)
+        reasons = [f["reason"] for _index, f in items]
+        sha = next((f["observed_sha256"] for _index, f in items if f["observed_sha256"]), None)
         head = self.head_s3_source(src)
         if head is None:
             return {"changed": False, "original": "missing", "version_id": src.version_id,
@@ -665,8 +665,8 @@ class Quarantiner:
 
     def _local_to_s3(self, src, leaf, items) -> dict:
         bucket, key = self.dest["bucket"], self.base() + leaf
-        reasons = [f["reason"] for _, f in items]
-        sha = next((f["observed_sha256"] for _, f in items if f["observed_sha256"]), None)
+        reasons = [f["reason"] for _index, f in items]
+        sha = next((f["observed_sha256"] for _index, f in items if f["observed_sha256"]), None)
         existing = self.head_destination(bucket, key)
         changed = False
         if existing is None:
@@ -794,8 +794,8 @@ class Quarantine:
         except Exception as exc:  # noqa: BLE001 - unknown state is a failure, reported per source
             error = "%s: unexpected %s: %s" % (src.location, type(exc).__name__, exc)
         self._failed_event(src, items, error)
-        return [], {"source": src.location, "names": [f["name"] for _, f in items],
-                    "reasons": [f["reason"] for _, f in items], "error": error}
+        return [], {"source": src.location, "names": [f["name"] for _index, f in items],
+                    "reasons": [f["reason"] for _index, f in items], "error": error}
 
     def _failed_event(self, src, items, error: str) -> None:
         q = self.quarantiner
@@ -804,7 +804,7 @@ class Quarantine:
         try:
             event = q.sink.emit(EVENT_TYPE_FAILED, src.location, {
                 "drill_id": q.drill_id, "source": src.location,
-                "failures": [{"name": f["name"], "reason": f["reason"]} for _, f in items],
+                "failures": [{"name": f["name"], "reason": f["reason"]} for _index, f in items],
                 "error": error})
             with q._lock:
                 q.alerts.append(event["id"])

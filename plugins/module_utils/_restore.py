@@ -33,6 +33,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location impor
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3
 # The validators run inside the sandbox too, so they live in the standard-library-only _workloads;
 # their names stay importable from here.
+# pylint: disable=unused-import
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import COMPRESSIONS  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import DEFAULT_MAX_MEMBERS  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import DEFAULT_MAX_RATIO  # noqa: F401
@@ -47,6 +48,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import 
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import sqlite_uri  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import validate  # noqa: F401
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import validate_one  # noqa: F401
+# pylint: enable=unused-import
 
 RESTORED_MODE = 0o400
 
@@ -137,5 +139,3 @@ def restore(artifacts: list, dest: str, *, client, workers: int = 4, check_mode:
     except (RestoreError, LocationError, OSError) as exc:
         raise RestoreError("Restore failed: %s" % exc) from None
     return {"changed": True, "restored": restored, "bytes_restored": sum(r["size"] for r in restored)}
-
-

@@ -112,7 +112,7 @@ def world_plan(boundary, plan):
     :class:`SandboxRuntimeError` when a CIDR has no free host or a tier's name is taken by the world.
     """
     prefix = plan["prefix"]
-    reserved = {prefix + WAN} | {prefix + suffix for _, suffix, _ in NEIGHBOURS}
+    reserved = {prefix + WAN} | {prefix + suffix for _tier, suffix, _letter in NEIGHBOURS}
     for tier, spec in plan["tiers"].items():
         if spec["ns"] in reserved:
             raise SandboxRuntimeError(
@@ -146,7 +146,7 @@ def world_plan(boundary, plan):
     bait = list(BAIT)
     for port in ([p for r in boundary.egress for p in port_ends(r.ports)]
                  + [p for t in boundary.tier_rules for p in port_ends(t.ports)]):
-        if port not in [b for b, _ in bait]:
+        if port not in [b for b, _what in bait]:
             bait.append((port, "bait"))
     for address in prod["addresses"]:
         for port, name in bait:

@@ -12,7 +12,6 @@ ruleset is judged by ``_nft_policy.verify_ruleset``. Anything that cannot be rea
 
 from __future__ import annotations
 
-import shutil
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import FINDING_CODES as RULESET_CODES
@@ -38,7 +37,7 @@ def _finding(code, resource, detail):
 
 
 def _tool(name):
-    path = shutil.which(name)
+    path = _netns.which(name)
     if path is None:
         raise _netns.NetnsError(f"{name} not found on PATH; install it and retry.")
     return path
@@ -53,7 +52,7 @@ def _read_ipv6(ns):
     if proc.stdout.strip() != "absent":
         sysctl = {}
         for line in proc.stdout.splitlines():
-            path, _, value = line.rpartition(":")
+            path, _sep, value = line.rpartition(":")
             sysctl[path.split("/")[-2]] = value.strip()
     addr = _netns.run_in(ns, [_tool("ip"), "-6", "-o", "addr", "show"], privileged=True, timeout=15, env={})
     if addr.returncode != 0:

@@ -101,7 +101,7 @@ def synthetic_password(length: int = 32) -> str:
     """A random password with upper, lower, digits and a few shell-safe symbols."""
     alphabet = string.ascii_letters + string.digits + "-_.~"
     while True:
-        value = "".join(secrets.choice(alphabet) for _ in range(length))
+        value = "".join(secrets.choice(alphabet) for _char in range(length))
         if (any(c.islower() for c in value) and any(c.isupper() for c in value)
                 and any(c.isdigit() for c in value)):
             return value
@@ -109,7 +109,7 @@ def synthetic_password(length: int = 32) -> str:
 
 def synthetic_db() -> str:
     """A synthetic database login as JSON ``{"username": ..., "password": ...}``."""
-    user = "drguard_" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(10))
+    user = "drguard_" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _char in range(10))
     return json.dumps({"username": user, "password": synthetic_password()}, sort_keys=True)
 
 
@@ -402,6 +402,8 @@ KEY_DELETION_DAYS = 7
 KEY_POLICY_WAIT = 45
 _ROLE_ARN_RE = re.compile(r"^arn:(aws[a-z-]*):iam::(\d{12}):role/[\w+=,.@/-]+$")
 _AWS_ERRORS = (ClientError, BotoCoreError) if ClientError else ()
+# Empty only without botocore, when AnsibleAWSModule has failed before any call (pylint cannot tell).
+# pylint: disable=catching-non-exception,bad-exception-cause
 
 
 def secret_prefix(drill_id: str) -> str:

@@ -353,7 +353,7 @@ class Signer:
                 result["keyids"] = envelope.keyids + [signer.keyid]
                 return True, result
             envelope.signatures.append(mf.Signature(signer.keyid, signer.sign(mf.pae(envelope.payload_type,
-                                                                                       envelope.payload))))
+                                                                                     envelope.payload))))
             data = envelope.to_bytes()
         else:
             data = unchanged_bytes

@@ -797,6 +797,7 @@ class IamPolicy(Kind):
     def delete(self, ctx, res):
         iam = ctx.client("iam")
         arn = res.id
+
         def listing(what):
             op, key, extra = what
             return _paginate(iam, op, key, PolicyArn=arn, **extra)
@@ -844,13 +845,13 @@ class KmsKey(Kind):
     name, service = "kms_key", "kms"
     _gone_states = ("PendingDeletion", "PendingReplicaDeletion")
 
-    def fetch(self, ctx, key_id):
+    def fetch(self, ctx, rid):
         """The customer key, or None for an AWS-managed key or one pending deletion."""
         kms = ctx.client("kms")
-        meta = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+        meta = kms.describe_key(KeyId=rid)["KeyMetadata"]
         if meta.get("KeyManager") != "CUSTOMER" or meta.get("KeyState") in self._gone_states:
             return None
-        tags = _tag_map(_paginate(kms, "list_resource_tags", "Tags", KeyId=key_id), "TagKey", "TagValue")
+        tags = _tag_map(_paginate(kms, "list_resource_tags", "Tags", KeyId=rid), "TagKey", "TagValue")
         return Resource(self.name, meta["KeyId"], tags, meta)
 
     def discover(self, ctx):

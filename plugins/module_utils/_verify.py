@@ -189,7 +189,7 @@ class Verifier:
             reasons = sorted({f["reason"] for f in failures})
             raise VerifyError("Backup set %s sequence %d failed verification: %d failure(s) (%s); quarantine the "
                               "failing objects and do not restore them" % (statement.backup_set, statement.sequence,
-                                                                          len(failures), ", ".join(reasons)))
+                                                                           len(failures), ", ".join(reasons)))
         self._verified = (store, statement, state, now)
 
     def finish(self) -> str:

@@ -839,4 +839,5 @@ def program() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run as a program inside the sandbox (not as an Ansible module): its exit code is the result.
+    sys.exit(main(sys.argv[1:]))  # pylint: disable=ansible-bad-function
