@@ -770,3 +770,18 @@ def test_ssm_endpoints_must_be_a_boolean(aws_env, aws):
     assert res.failed
     assert "drill_boundary.ssm_endpoints: 'yes' is not true or false" in res["msg"]
     assert _drill_resources(aws, drill_id) == []
+
+
+def test_built_ssm_endpoints_verify_isolated_when_declared_and_unsupported_when_not(aws_env, aws):
+    drill_id = _drill_id("ssmprove")
+    boundary = _boundary(ssm_endpoints=True, fallback=[{"cidr": "203.0.113.0/28", "ports": [443]}])
+    res = _build(drill_id, boundary, flow_logs=False)
+    proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary,
+                                           "require_flow_logs": False, "fail_on_findings": False})
+    assert proof["findings"] == [] and proof["isolated"] is True, proof["findings"]
+    assert proof["checked"]["vpc_endpoints"] == 4
+    undeclared = run_module("boundary_verify", {"vpc_id": res["vpc_id"],
+                                                "boundary": dict(boundary, ssm_endpoints=False),
+                                                "require_flow_logs": False, "fail_on_findings": False})
+    assert sorted((f["code"], f["resource"]) for f in undeclared["findings"]) == sorted(
+        ("endpoint_unsupported", e) for e in res["ssm_endpoint_ids"].values())
