@@ -148,7 +148,7 @@ def judge(prefix, records, as_of, drill_id=None):
     if parse_time(record["expires_at"]) > as_of:
         return None, {"reason": NOT_EXPIRED, "drill_id": record["drill_id"],
                       "detail": "drill %s expires at %s, after %s" % (record["drill_id"], record["expires_at"],
-                                                                     format_time(as_of))}
+                                                                      format_time(as_of))}
     return record, None
 
 
