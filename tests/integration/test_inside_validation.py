@@ -368,6 +368,10 @@ print(json.dumps({
     "env_names": sorted(os.environ),
     "tries": tries,
 }))
+# A careless command: the secrets in its output, plain and base64 (secret_exec redacts both).
+import base64
+print("careless", token, base64.b64encode(token.encode()).decode(), os.environ["ORDERS_DB_CREDENTIALS"])
+print("careless", token, file=sys.stderr)
 """
 
 
@@ -421,7 +425,9 @@ def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not
                                                           str(other / "report.json"), "/root/.npmrc"],
                                               namespace=units["app"]["ns"]))
     assert not snoop.failed, snoop.get("stderr")
-    seen = json.loads(snoop["stdout"])
+    seen = json.loads(snoop["stdout"].splitlines()[0])
+    assert snoop["stdout"].splitlines()[1] == "careless ******** ******** ********"
+    assert snoop["stderr"].strip() == "careless ********"
     assert seen["token_in_cmdline"] is False
     assert seen["env_names"] == sorted(["AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE",
                                         "DRGUARD_DB_ADDRESS", "DRGUARD_SECRETS_DIR", "HOME", "LANG",
