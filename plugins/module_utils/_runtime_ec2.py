@@ -162,7 +162,7 @@ def find_network(ec2, drill_id: str, boundary) -> dict:
         raise Ec2RuntimeError("drill %s's network has no security group for %s; the ec2 runtime needs the network "
                               "built with drill_boundary.ssm_endpoints true (its SSM endpoints and the validation "
                               "tier's group)" % (drill_id, ", ".join(missing + ([] if names["ssm_sg"] in groups
-                                                                                 else ["the SSM endpoints"]))))
+                                                                                else ["the SSM endpoints"]))))
     endpoints = [e for e in paginate(ec2, "describe_vpc_endpoints", "VpcEndpoints",
                                      Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])
                  if e.get("VpcEndpointType") == "Interface"
@@ -321,7 +321,7 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str, am
             if problems:
                 raise Ec2RuntimeError("instance %s (%s) is not what the runtime launches: %s; tear the runtime down "
                                       "(state absent) and start it again" % (inst["InstanceId"], name,
-                                                                              "; ".join(problems)),
+                                                                             "; ".join(problems)),
                                       instance_id=inst["InstanceId"], problems=problems)
             if inst["State"]["Name"] in ("stopping", "stopped"):
                 actions.append("start instance %s (%s)" % (inst["InstanceId"], name))
@@ -506,7 +506,7 @@ def run_probes(ssm, rows: list, units: list, *, timeout: float = 1.0, command_ti
         iid, probes = item
         if not iid:
             return None, "no instance for this tier"
-        spec = {"timeout": timeout, "probes": [p for _, p in probes]}
+        spec = {"timeout": timeout, "probes": [p for _index, p in probes]}
         res = run_command(ssm, [iid], [unprivileged_command(_probes.PROBE_SOURCE, spec)],
                           timeout=command_timeout, comment="drguard probes", **kw)[0]
         if res["status"] != "Success":
@@ -525,7 +525,7 @@ def run_probes(ssm, rows: list, units: list, *, timeout: float = 1.0, command_ti
     violations = []
     for iid, items in groups.items():
         out, error = answers[iid]
-        for k, (i, _) in enumerate(items):
+        for k, (i, _probe) in enumerate(items):
             if out is None:
                 rows[i].update(observed="unknown", reason="no result (%s)" % error, latency_ms=None)
             else:
