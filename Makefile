@@ -87,6 +87,7 @@ runner: venv
 
 test: venv
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory sanity
 	$(BIN)/pytest -q -n 2 tests/unit tests/integration
 	$(MAKE) --no-print-directory molecule
 	$(BIN)/pytest -q -n 2 --dist loadgroup tests/e2e
