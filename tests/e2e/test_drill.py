@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
+from conftest import ROOT
 
-from drillkit import remaining, run_drill, seed_world
+from drillkit import remaining, run_drill, runtime_remaining, seed_world
 
 # Each leak and exactly the finding codes it must produce (a route to 0.0.0.0/0 also
 # reaches production; a rule on the default group is also judged as a rule).
@@ -21,11 +23,15 @@ LEAKS = {
     "map_public_ip": {"subnet_public_ip"},
     "endpoint_allow_all": {"endpoint_policy_open"},
 }
-PHASES = ["network", "prove", "runtime", "probes", "identity", "backup_mount", "verify", "restore", "validate"]
+# The phase list as playbooks/drill.yml names it (phases are added there, e.g. mtls); the passing drill
+# checks the order that matters: the runtime and its probes right after the proof, before any backup is read.
+PHASES = yaml.safe_load((ROOT / "playbooks" / "drill.yml").read_text())[0]["vars"]["_drill_phases"]
 
 
 def _no_leftovers(world, drill_id):
     assert remaining(world.emu, drill_id) == []
+    left = runtime_remaining(drill_id)
+    assert not any(left.values()), left
 
 
 def test_drill_passes_and_leaves_nothing(world, tmp_path):
@@ -34,8 +40,17 @@ def test_drill_passes_and_leaves_nothing(world, tmp_path):
     report = run.report
     assert report["outcome"] == "passed"
     assert [p["name"] for p in report["phases"]] == PHASES + ["teardown"]
+    assert PHASES[:4] == ["network", "prove", "runtime", "probes"]
+    assert PHASES[-5:] == ["identity", "backup_mount", "verify", "restore", "validate"]
     assert all(p["status"] == "passed" for p in report["phases"])
     assert report["boundary"]["isolated"] is True
+    runtime = report["runtime"]
+    assert runtime["backend"] == "netns" and runtime["isolated"] is True and runtime["findings"] == []
+    assert {u["tier"] for u in runtime["units"]} == {"app", "db", "validation"}
+    assert runtime["probes"] and runtime["violations"] == 0
+    assert [r for r in runtime["probes"] if r["observed"] != r["expected"]] == []
+    targets = {r["dst"] for r in runtime["probes"]}
+    assert {"production", "control_plane", "telemetry", "fallback", "dns", "db"} <= targets, targets
     assert report["artifacts"]["verified"] is True
     assert {a["name"] for a in report["artifacts"]["artifacts"]} == {"orders.sqlite", "files.tar"}
     assert report["teardown"]["remaining"] == 0 and report["teardown"]["deleted"] > 0
