@@ -226,6 +226,7 @@ def ensure_profile(iam, drill_id: str, role_name: str, tags: dict, *, check_mode
     if profile is None:
         actions.append("create instance profile %s" % name)
         if check_mode:
+            actions.append("add role %s to instance profile %s" % (role_name, name))
             return {"name": name, "arn": None, "changed": True}
         profile = iam.create_instance_profile(InstanceProfileName=name, Path=IAM_PATH,
                                               Tags=ansible_dict_to_boto3_tag_list(tags))["InstanceProfile"]

@@ -212,3 +212,17 @@ def test_run_command_without_a_final_status_in_time_is_unknown():
                                    clock=lambda: next(ticks))
     assert out == [{"instance_id": "i-1", "command_id": "c-1", "status": "unknown", "response_code": None,
                     "stdout": "", "stderr": ""}]
+
+
+def test_check_mode_plans_and_creates_nothing(aws_env, aws):
+    ec2, iam = aws("ec2"), aws("iam")
+    drill_id, raw, _ = _world(aws, "ec2check")
+    plan = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw}, check_mode=True)
+    assert not plan.failed, plan.get("msg")
+    assert plan["changed"] is True
+    assert plan["actions"][0] == "create instance profile drguard-%s-runtime" % drill_id
+    assert [a.split(" in ")[0] for a in plan["actions"][2:]] == [
+        "launch instance drguard-%s-%s" % (drill_id, t) for t in ("app", "db", "validation")]
+    assert _instances(ec2, drill_id) == []
+    assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
+                                                   for p in iam.list_instance_profiles()["InstanceProfiles"]]
