@@ -6,7 +6,8 @@ The steps, in this order, each running whatever happened to the one before (its 
 recorded, never raised)::
 
     revoke        deny every session of the drill role issued so far (``_minter``)
-    runtime       remove the sandbox runtime - processes, namespaces, rules - and prove it gone (``_runtime``)
+    runtime       remove the sandbox runtime - processes, namespaces, rules - and prove it gone (``_runtime``),
+                  then destroy the drill's PKI (CA keys) and delivered identities (``_mtls_drill``)
     secrets       remove the drill's secrets from its store (``_secrets``)
     local_data    remove the local files and directories the drill wrote
     backup_mount  withdraw the read-only mount of a local backup set (``_backup_access``)
@@ -25,6 +26,7 @@ import time
 
 from ansible_collections.amazon.aws.plugins.module_utils.exceptions import AnsibleAWSError
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils import _sweep
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
@@ -132,7 +134,13 @@ class Teardown:
         if self.check_mode:
             return {"changed": bool(_runtime.leftovers(_runtime.prefix_of(self.p["drill_id"]))["namespaces"])}
         out = _runtime.down(self.p["drill_id"], self.p["output_dir"])
-        return {"changed": out["changed"], "prefix": out["prefix"], "removed": out["removed"]}
+        # The drill's PKI (CA keys included) and every tier's delivered identity: overwritten, removed, proven gone.
+        pki = _mtls_drill.root_dir(self.p["drill_id"])
+        destroyed = _mtls_drill.destroy(self.p["drill_id"])
+        if os.path.lexists(pki):
+            raise OSError("the drill's PKI directory %s is still there after teardown; remove it by hand" % pki)
+        return {"changed": out["changed"] or destroyed, "prefix": out["prefix"], "removed": out["removed"],
+                "pki_destroyed": pki if destroyed else None}
 
     def secrets(self):
         if not self.p["secret_store"]:

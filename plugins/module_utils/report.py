@@ -143,6 +143,34 @@ def runtime_section(runtime: dict | None, probes: dict | None, verify: dict | No
     return out
 
 
+def mtls_section(mtls: dict | None) -> dict | None:
+    """The report's ``mtls`` (docs/mtls.md): the CA, every handshake the tiers' servers saw (peer id, serial,
+    accepted, reason), the handshake probes, the leaf and CA rotations. None when the phase did not run."""
+    if not mtls:
+        return None
+    if mtls.get("skipped"):
+        return {"skipped": True, "note": mtls.get("note")}
+    keys = ("local_tier", "port", "peer_id", "peer_tier", "serial", "accepted", "reason", "latency_ms")
+    handshakes = [{k: h.get(k) for k in keys} for h in mtls.get("handshakes") or []]
+    by_reason = {}
+    for h in handshakes:
+        by_reason[h["reason"]] = by_reason.get(h["reason"], 0) + 1
+    accepted = sum(1 for h in handshakes if h["accepted"])
+    ca = mtls.get("ca") or {}
+    return {"trust_domain": mtls.get("trust_domain"),
+            "ca": {k: ca.get(k) for k in ("serial", "sha256", "not_after")},
+            "servers": mtls.get("servers") or [],
+            "handshakes": handshakes,
+            "counts": {"handshakes": len(handshakes), "accepted": accepted, "refused": len(handshakes) - accepted,
+                       "by_reason": by_reason},
+            "probes": mtls.get("rows") or [],
+            "violations": len(mtls.get("violations") or []),
+            "unexpected": len(mtls.get("unexpected") or []),
+            "rotation": mtls.get("rotation"),
+            "ca_rotation": mtls.get("ca_rotation"),
+            "telemetry": mtls.get("telemetry")}
+
+
 def _cell(value) -> str:
     return str(value if value is not None else "").replace("|", "\\|").replace("\n", " ")
 
@@ -243,6 +271,29 @@ def render_markdown(report: dict) -> str:
             if delta:
                 lines += ["", "Counters during the probes: " + ", ".join(
                     "%s +%s" % (k, v) for k, v in sorted(delta.items()))]
+
+    m = report.get("mtls")
+    if m and m.get("skipped"):
+        lines += ["", "## mTLS between the tiers", "", "Not run: %s." % m.get("note")]
+    elif m:
+        c, ca = m.get("counts") or {}, m.get("ca") or {}
+        lines += ["", "## mTLS between the tiers", "",
+                  "Trust domain %s; CA %s, sha256 %s, valid until %s." % (
+                      m.get("trust_domain"), ca.get("serial"), ca.get("sha256"), ca.get("not_after")),
+                  "%s handshake(s): %s accepted, %s refused (%s)." % (
+                      c.get("handshakes"), c.get("accepted"), c.get("refused"),
+                      ", ".join("%s %s" % kv for kv in sorted((c.get("by_reason") or {}).items())) or "none"),
+                  "", "Handshake probes: %d row(s), %d violation(s), %d refused for another reason." % (
+                      len(m.get("probes") or []), m.get("violations", 0), m.get("unexpected", 0)),
+                  "", "| case | from | to | expected | observed | reason | ms |", "|---|---|---|---|---|---|---|"]
+        lines += ["| %s | %s | %s | %s | %s | %s | %s |" % tuple(_cell(row.get(k)) for k in (
+            "case", "src", "dst", "expected", "observed", "reason", "latency_ms")) for row in m.get("probes") or []]
+        rot, car = m.get("rotation") or {}, m.get("ca_rotation") or {}
+        lines += ["", "Leaf rotation (%s): rotated %s, dropped connections %s, failed handshakes %s, serials %s." % (
+            rot.get("pair"), rot.get("rotated"), rot.get("dropped_connections"), rot.get("failed_handshakes"),
+            " -> ".join(rot.get("new_serials") or []) or "none"),
+            "CA rotation: rotated %s (%s -> %s), old CA key destroyed %s." % (
+                car.get("rotated"), car.get("old_ca"), car.get("new_ca"), car.get("old_ca_key_destroyed"))]
 
     tel = report.get("telemetry")
     if tel and tel.get("error"):

@@ -114,6 +114,11 @@ options:
   probes:
     description: The result of M(drguard.sandbox.runtime_probe) (rows, counters, violations).
     type: dict
+  mtls:
+    description:
+      - The result of M(drguard.sandbox.runtime_mtls) (CA, handshakes, probe rows, rotations); the report's
+        C(mtls) section. Absent when the phase did not run.
+    type: dict
   telemetry_path:
     description:
       - The drill's telemetry collector file (C(<output_dir>/telemetry.jsonl)); the report counts its events by
@@ -219,6 +224,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.report import deci
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import measure
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import overhead
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import render_markdown
+from ansible_collections.drguard.sandbox.plugins.module_utils.report import mtls_section
 from ansible_collections.drguard.sandbox.plugins.module_utils.report import runtime_section
 
 ARGUMENT_SPEC = dict(
@@ -242,6 +248,7 @@ ARGUMENT_SPEC = dict(
     runtime=dict(type="dict"),
     runtime_verify=dict(type="dict"),
     probes=dict(type="dict"),
+    mtls=dict(type="dict"),
     telemetry_path=dict(type="path"),
     extra=dict(type="dict", default={}),
     copy_to=dict(type="str"),
@@ -306,6 +313,7 @@ def main():
         "quarantine": p["quarantine"],
         "recovery": recovery,
         "runtime": runtime_section(p["runtime"], p["probes"], p["runtime_verify"]),
+        "mtls": mtls_section(p["mtls"]),
         "telemetry": _telemetry_summary(p["telemetry_path"]),
         "overhead": overhead(phases),
         "teardown": teardown,

@@ -18,7 +18,9 @@ description:
     drill's identity while the rest goes.
   - C(runtime) - with O(runtime_backend=netns), removes the drill's sandbox runtime (every process, namespace, veth and
     nft table named C(drg-<short id>-), found from the drill id) and proves that nothing of it remains
-    (docs/runtime.md); with O(output_dir), its C(runtime/state.json) is marked absent. The C(ec2) backend's
+    (docs/runtime.md); with O(output_dir), its C(runtime/state.json) is marked absent. Then the drill's PKI
+    directory (C(/dev/shm/drguard-<drill_id>-mtls) - CA keys, leaves, every tier's delivered identity) is overwritten,
+    removed and proven gone (docs/mtls.md); the step returns its path as C(pki_destroyed). The C(ec2) backend's
     instances are tagged resources, which the sweep deletes.
   - C(secrets) - with O(secret_store), removes the drill's secrets from it (as M(drguard.sandbox.drill_secrets) with
     C(state=absent)).

@@ -71,8 +71,8 @@ def yaml_files(*dirs: str) -> list:
 # ------------------------------------------------------------------------------ phases
 def test_each_phase_is_named_once_and_has_its_tasks_file():
     names = phases()
-    assert names == ["network", "prove", "runtime", "probes", "identity", "backup_mount", "verify", "restore",
-                     "validate"]
+    assert names == ["network", "prove", "runtime", "probes", "mtls", "identity", "backup_mount", "verify",
+                     "restore", "validate"]
     assert len(set(names)) == len(names)
     files = {p.stem for p in PHASES_DIR.glob("*.yml") if not p.stem.startswith("_")}
     assert files == set(names), "a phase file without a list entry, or the reverse"
