@@ -67,8 +67,20 @@ class NetnsError(Exception):
 # ---------------------------------------------------------------- running ip and nft
 
 
+_SBIN = "/usr/sbin:/sbin"  # where Debian installs nft: on root's PATH, not on a normal user's
+
+
+def which(name):
+    """``name`` on PATH; not root, else in /usr/sbin or /sbin (a normal user's PATH has neither, and
+    nft lives there; root's PATH is taken as it is)."""
+    found = shutil.which(name)
+    if found is None and os.geteuid() != 0:
+        found = shutil.which(name, path=_SBIN)
+    return found
+
+
 def _tool(name):
-    path = shutil.which(name)
+    path = which(name)
     if path is None:
         package = dict(_TOOLS).get(name, name)
         raise NetnsError(
@@ -161,7 +173,7 @@ def preflight():
             clauses.append("not running as root (ip netns needs CAP_SYS_ADMIN and CAP_NET_ADMIN) and unprivileged "
                            f"user namespaces are not available: {why}")
     wanted = _TOOLS if root else _TOOLS + _ROOTLESS_TOOLS
-    paths = {name: shutil.which(name) for name, _package in wanted}
+    paths = {name: which(name) for name, _package in wanted}
     tools = [f"{name} (package {package})" for name, package in wanted if paths[name] is None]
     if tools:
         missing.extend(tools)
@@ -537,14 +549,19 @@ if spec["scratch"]:
     os.chown("/run/drguard/work", uid, gid)
 # Everything else of the host read-only for the workload: each mount of this namespace remounted
 # read-only (per-mount flags only; nosuid, nodev, noexec and the atime flags kept), except its own
-# tmpfs mounts. Shadowed mounts under /run are unreachable anyway.
+# tmpfs mounts. Shadowed mounts are unreachable and skipped: those under /run, and those under a
+# path mounted again later (ip netns exec mounts a new /sys; rootless, the old one's submounts
+# stay listed under it, and remounting them by path fails).
 keep, done = ("/run", "/tmp", "/var/tmp", "/dev/shm"), set()
 with open("/proc/self/mountinfo") as handle:
     mounts = [line.split() for line in handle]
-for fields in mounts:
-    point = fields[4].encode().decode("unicode_escape")
+points = [fields[4].encode().decode("unicode_escape") for fields in mounts]
+for index, fields in enumerate(mounts):
+    point = points[index]
     options = fields[5].split(",")
     if point in done or point in keep or point.startswith("/run/") or "ro" in options:
+        continue
+    if any(later != point and point.startswith(later.rstrip("/") + "/") for later in points[index + 1:]):
         continue
     done.add(point)
     flags = [o for o in options if o in ("nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime",

@@ -30,7 +30,8 @@ from drillkit import ANSIBLE_PLAYBOOK, remaining, run_drill, seed_world
 ANSIBLE_BIN = str(Path(ANSIBLE_PLAYBOOK).parent)
 
 USER_UID = USER_GID = 65534  # nobody
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A normal user's PATH on Debian (/etc/profile, login.defs): no sbin directories, where nft lives.
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 SETPRIV = ("setpriv", f"--reuid={USER_UID}", f"--regid={USER_GID}", "--clear-groups", "--")
 # Run as root in a private mount namespace: $1 (the interpreter's prefix) stays reachable under $3
 # (the directory the user cannot enter) by way of $2, then the rest of argv runs.
@@ -88,7 +89,7 @@ def _user_env(base):
     for path in (home, tmp, base / "runs"):
         path.mkdir(mode=0o700, exist_ok=True)
     subprocess.run(["chown", "-R", f"{USER_UID}:{USER_GID}", str(base)], check=True)
-    return {"HOME": str(home), "USER": "nobody", "LOGNAME": "nobody", "PATH": f"{ANSIBLE_BIN}:{SYSTEM_PATH}",
+    return {"HOME": str(home), "USER": "nobody", "LOGNAME": "nobody", "PATH": f"{ANSIBLE_BIN}:{USER_PATH}",
             "ANSIBLE_LOCAL_TEMP": str(tmp), "ANSIBLE_REMOTE_TEMP": str(home / ".ansible-remote")}
 
 

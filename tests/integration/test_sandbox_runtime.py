@@ -331,6 +331,9 @@ try:
     n.spawn(plan["tiers"]["app"]["ns"], ["sleep", "300"], privileged=True)
     report["findings_privileged"] = sorted({f["code"] for f in rv.compare(boundary, plan, rv.read_live(plan))})
     report["while_up"] = rt.leftovers(plan["prefix"])
+    got = n.run_in(plan["tiers"]["validation"]["ns"], [python, "-I", "-S", "-c", "print(open('x').read())"],
+                   files={"x": {"data": "hello", "mode": 0o444}})
+    report["files"] = [got.returncode, got.stdout.strip() or got.stderr.strip()[-300:]]
     # The recorded pid is the listener itself: killing it stops the listener, and up starts a new one.
     db = plan["tiers"]["db"]["ns"]
     victim = rt.read_state_file(out)["processes"]["listeners:" + db]["pid"]
@@ -381,6 +384,7 @@ def test_rootless_up_is_idempotent_verified_and_down_leaves_nothing(drill):
     assert report["findings_privileged"] == ["runtime_tier_process_privileged"]
     assert report["while_up"]["holders"] and report["while_up"]["namespaces"] and report["while_up"]["tables"] == []
     assert report["left_in_db"] == [] and report["restarted"] is True
+    assert report["files"] == [0, "hello"]  # a workload's files (read-only host, own tmpfs) work rootless too
     assert report["down"] is True and report["down_again"] is False
     assert report["after"] == {"namespaces": [], "tables": [], "mounts": [], "processes": [], "holders": []}
     assert netns.find_holders(prefix) == []
