@@ -96,9 +96,9 @@ def test_bad_runtime_input_fails_before_anything_is_created(world, tmp_path, cha
 
 
 def test_runtime_that_cannot_be_created_fails_before_the_network_is_built(world, tmp_path):
-    """nft missing from PATH (the namespace manager looks tools up on PATH only, and PATH is all it is given
-    here: every directory holding an nft is left out): the runtime's host check, run before any phase,
-    refuses before any VPC or namespace exists."""
+    """nft missing from PATH: as root the namespace manager looks tools up on PATH only (a user's drill also
+    looks in /usr/sbin and /sbin), and every directory holding an nft is left out of the PATH given here.
+    The runtime's host check, run before any phase, refuses before any VPC or namespace exists."""
     run = run_drill(world, tmp_path, env_extra={"PATH": path_without("nft")})
     assert run.rc != 0
     report = run.report
