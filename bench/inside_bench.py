@@ -13,9 +13,9 @@ then does what the drill's restore and validate phases do with the netns backend
 3. the db tier's service started on the restored database (``start_db_service``: it replaces
    the runtime's plain listener) and ``--queries`` queries from the app tier over the tier rule.
 
-First with the router's ruleset applied, then with the drill's rules gone (``nft delete table
-inet <table>`` in the router namespace: a flush alone would keep the base chains' ``policy
-drop`` and forward nothing), each the median of ``--runs`` runs. The ratio rules / flushed is
+Alternately with the router's ruleset applied and with the drill's rules gone (``nft delete
+table inet <table>`` in the router namespace: a flush alone would keep the base chains'
+``policy drop`` and forward nothing), each the median of ``--runs`` runs. The ratio rules / flushed is
 the boundary's overhead on recovery work.
 
 Root only (iproute2, nftables, setpriv, unshare installed by make venv as root).
@@ -50,6 +50,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _netns  # n
 from ansible_collections.drguard.sandbox.plugins.module_utils import _restore  # noqa: E402
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime  # noqa: E402
 from ansible_collections.drguard.sandbox.plugins.module_utils import _workloads  # noqa: E402
+from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset  # noqa: E402
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable  # noqa: E402
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary  # noqa: E402
 
@@ -146,27 +147,31 @@ def main(argv=None):
         return 2
     policy, python = parse_boundary(BOUNDARY), python_executable()
     drill_id = f"dr-bench-{uuid.uuid4().hex[:10]}"
-    figures = {}
     with tempfile.TemporaryDirectory(prefix="drguard-inside-bench-") as workdir:
         os.chmod(workdir, 0o700)
         out = os.path.join(workdir, "out")
         entries = backup_set(workdir, args.rows, args.tar_mib)
         try:
             built = _runtime.up(policy, drill_id, out, python)
-            router, table = _runtime.full_plan(policy, drill_id)["router"]["ns"], built["table"]
-            for mode in ("rules", "flushed"):
-                if mode == "flushed":
-                    _netns.run_in(router, [_netns._tool("nft"), "delete", "table", "inet", table],  # noqa: SLF001
-                                  privileged=True)
-                runs = []
-                for i in range(args.runs):
-                    runs.append(one_run(policy, drill_id, out, entries, queries=args.queries, python=python,
-                                        workdir=workdir))
-                    r = runs[-1]
+            plan = _runtime.full_plan(policy, drill_id)
+            router, table = plan["router"]["ns"], built["table"]
+            ruleset = router_ruleset(policy, plan, table)
+            runs = {"rules": [], "flushed": []}
+            # Alternating, so a machine shared with other work weighs on both modes alike.
+            for i in range(args.runs):
+                for mode in ("rules", "flushed"):
+                    if mode == "rules":
+                        _netns.apply_ruleset(router, ruleset)
+                    else:
+                        _netns.run_in(router, [_netns._tool("nft"), "delete", "table", "inet", table],  # noqa: SLF001
+                                      privileged=True)
+                    runs[mode].append(one_run(policy, drill_id, out, entries, queries=args.queries, python=python,
+                                              workdir=workdir))
+                    r = runs[mode][-1]
                     print(f"{mode} run {i + 1}/{args.runs}: restore {r['restore']:.2f} s, validate inside "
                           f"{r['validate']:.2f} s, db service + {args.queries} queries {r['db_and_queries']:.2f} s, "
                           f"total {r['total']:.2f} s", flush=True)
-                figures[mode] = {"runs": runs, "median": median(runs)}
+            figures = {mode: {"runs": runs[mode], "median": median(runs[mode])} for mode in runs}
         finally:
             _runtime.down(drill_id, out)
     ratio = {k: figures["rules"]["median"][k] / max(figures["flushed"]["median"][k], 1e-9)
