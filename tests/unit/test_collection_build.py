@@ -121,3 +121,9 @@ def test_galaxy_metadata_is_real(galaxy):
     project = yaml.safe_load((ROOT / "collections/requirements.yml").read_text())
     by_name = {c["name"]: c for c in project["collections"]}
     assert by_name["amazon.aws"]["version"] == galaxy["dependencies"]["amazon.aws"]
+    assert by_name["drguard.sandbox"] == {"name": "drguard.sandbox", "type": "dir", "source": "."}
+    # The execution environment's image asks for the same amazon.aws.
+    ee = ROOT / "execution-environment.yml"
+    if ee.exists():
+        image = {c["name"]: c for c in yaml.safe_load(ee.read_text())["dependencies"]["galaxy"]["collections"]}
+        assert image["amazon.aws"]["version"] == galaxy["dependencies"]["amazon.aws"]
