@@ -393,7 +393,9 @@ def _stop_holder(prefix, holder, wait):
     deadline = time.monotonic() + wait
     while True:
         _reap()
-        left = [pid for pid in _all_pids() if watched & set(_ns_inodes(pid).values())]
+        # A zombie (ended, not yet reaped by its parent) still shows its user and pid namespace but
+        # runs nothing and holds no other namespace of the drill: it does not count as alive.
+        left = [pid for pid in _all_pids() if watched & set(_ns_inodes(pid).values()) and _alive(pid)]
         if _alive(holder["pid"]):
             left.append(holder["pid"])
         if not left:
