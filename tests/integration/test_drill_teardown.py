@@ -125,7 +125,7 @@ def test_the_runtime_step_removes_the_sandbox_runtime_and_proves_it_gone(module_
         assert not out.failed, out.get("msg")
         assert out["steps"]["runtime"]["status"] == "ok" and out["steps"]["runtime"]["prefix"] == prefix
         assert _runtime.leftovers(prefix, built["processes"]) == {"namespaces": [], "tables": [], "mounts": [],
-                                                                   "processes": []}
+                                                                   "processes": [], "holders": []}
         assert _runtime.read_state_file(out_dir)["state"] == "absent"
         # Nothing left to remove the second time; the step still proves it.
         again = module_runner("drill_teardown", {"drill_id": drill["id"], "runtime_backend": "netns",

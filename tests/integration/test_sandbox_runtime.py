@@ -110,7 +110,7 @@ def test_up_builds_the_world_and_down_leaves_nothing(drill):
     removed = runtime.down(drill_id, out)
     assert removed["changed"] is True
     assert runtime.leftovers(prefix, result["processes"]) == {"namespaces": [], "tables": [], "mounts": [],
-                                                               "processes": []}
+                                                               "processes": [], "holders": []}
     listed = subprocess.run([shutil.which("ip"), "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in listed
     assert prefix not in host_tables()
@@ -204,7 +204,7 @@ def test_module_present_idempotent_check_mode_and_absent(drill):
     gone = run_module("sandbox_runtime", {"drill_id": drill_id, "output_dir": out, "state": "absent"})
     assert (gone.failed, gone["changed"]) == (False, True)
     assert runtime.leftovers(runtime.prefix_of(drill_id), first["processes"]) == {
-        "namespaces": [], "tables": [], "mounts": [], "processes": []}
+        "namespaces": [], "tables": [], "mounts": [], "processes": [], "holders": []}
     again = run_module("sandbox_runtime", {"drill_id": drill_id, "output_dir": out, "state": "absent"})
     assert (again.failed, again["changed"]) == (False, False)
 
