@@ -82,6 +82,7 @@ def _kill(pid):
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
+
     def gone():
         _netns._reap()  # noqa: SLF001 - collect it when this process started it
         try:
@@ -451,7 +452,7 @@ class Phase:
         result.update(
             trust_domain=summary["trust_domain"],
             ca={k: summary["ca"][k] for k in ("serial", "sha256", "not_before", "not_after")},
-            leaves={t: {k: v for k, v in leaf.items()} for t, leaf in summary["leaves"].items()},
+            leaves={t: dict(leaf) for t, leaf in summary["leaves"].items()},
             servers=[{"tier": t, "address": self.plan["tiers"][t]["address"], "ports": p}
                      for t, p in sorted(dests.items())],
             rows=self.rows,
