@@ -22,6 +22,8 @@ import os
 import re
 import stat
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
+from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import format_time
@@ -190,7 +192,8 @@ def reap(output_root, *, as_of=None, drill_id=None, check_mode=False):
             continue
         try:
             result = _runtime.down(record["drill_id"], record["output_dir"])
-        except _runtime.SandboxRuntimeError as exc:
+            _mtls_drill.destroy(record["drill_id"])  # its PKI (CA keys) and delivered identities (docs/mtls.md)
+        except (_runtime.SandboxRuntimeError, _pki.PkiError) as exc:
             errors.append(dict(entry, error=exc.msg))
             continue
         removed.append(dict(entry, removed=result.get("removed")))

@@ -86,3 +86,29 @@ def test_a_server_accepting_an_identity_tier_rules_does_not_allow_is_a_violation
                                inject_allow=[{"from": "validation", "to": "db", "ports": [5432]}]).run()
     assert [(r["case"], r["expected"], r["observed"], r["reason"]) for r in result["violations"]] == [
         ("identity_not_allowed:validation", "deny", "allow", "round_trip")]
+
+
+def test_the_reaper_destroys_the_pki_of_a_drill_killed_in_the_mtls_phase(tmp_path):
+    import json  # noqa: PLC0415
+
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_reap  # noqa: PLC0415
+    drill_id = f"dr-mtlsrp-{uuid.uuid4().hex[:10]}"
+    root = tmp_path / "runs"
+    out = root / drill_id
+    out.mkdir(parents=True)
+    (out / "state.json").write_text(json.dumps({"drill_id": drill_id, "expires_at": "2026-01-01T00:00:00Z"}))
+    try:
+        boundary = parse_boundary(RAW)
+        runtime.up(boundary, drill_id, str(out), PYTHON)
+        phase = _mtls_drill.Phase(boundary, drill_id, str(out), python=PYTHON, ttl=3600)
+        phase.make_root()
+        phase.store.present(["app", "db"], 3600)
+        phase.deliver()
+        phase.start_servers()  # ... and the controller is killed here: no teardown
+        assert os.path.exists(os.path.join(phase.store.dir, "ca-%s.key" % phase.store.state()["cas"][0]))
+        result = _runtime_reap.reap(str(root))
+        assert [e["drill_id"] for e in result["removed"]] == [drill_id]
+        assert not os.path.lexists(_mtls_drill.root_dir(drill_id))
+    finally:
+        netns.destroy(runtime.prefix_of(drill_id))
+        _mtls_drill.destroy(drill_id)
