@@ -270,7 +270,7 @@ def test_caps_below_one_are_refused(restore_dir):
     ("tar", gzip.compress(b"not a tar"), "a gzip stream that is not a tar"),
     ("sqlite", bz2.compress(b"not a database"), "a bzip2 stream that is not a tar"),
     ("sqlite", _tar([_file("a")]), "a tar archive"),
-])
+], ids=["bytes-declared-tar", "gzip-declared-tar", "bzip2-declared-sqlite", "tar-declared-sqlite"])
 def test_declared_kind_must_agree_with_the_content(restore_dir, declared, data, content):
     result = _one(restore_dir, "x", data, {"kind": declared})
     assert not result["valid"]
