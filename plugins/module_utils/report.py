@@ -41,7 +41,7 @@ DURABLE_FILES = ("drill-report.json", "drill-report.md", "alerts.jsonl", "state.
 _TAG_DRILL_ID = "drguard:drill-id"
 
 # The report's overhead split: seconds spent building and proving the boundary vs recovering.
-BOUNDARY_PHASES = ("network", "prove", "runtime", "probes")
+BOUNDARY_PHASES = ("network", "prove", "runtime", "probes", "mtls")
 RECOVERY_PHASES = ("restore", "validate")
 
 
@@ -112,7 +112,7 @@ def measure(targets: dict, drill_started: float, recovered_at: float | None,
 
 
 def overhead(phases: list) -> dict:
-    """Seconds of boundary work (network, prove, runtime, probes) vs recovery work (restore, validate)."""
+    """Seconds of boundary work (network, prove, runtime, probes, mtls) vs recovery work (restore, validate)."""
     secs = {p["name"]: p["seconds"] for p in phases if p.get("seconds") is not None}
     boundary = {n: secs[n] for n in BOUNDARY_PHASES if n in secs}
     recovery = {n: secs[n] for n in RECOVERY_PHASES if n in secs}

@@ -250,12 +250,12 @@ def test_decide_outcome(given, expected):
 def test_overhead_splits_boundary_work_from_recovery_work():
     phases = [{"name": "network", "seconds": 1.5}, {"name": "prove", "seconds": 0.5},
               {"name": "runtime", "seconds": 1.0}, {"name": "probes", "seconds": 2.0},
-              {"name": "identity", "seconds": 9.0},
+              {"name": "mtls", "seconds": 1.0}, {"name": "identity", "seconds": 9.0},
               {"name": "restore", "seconds": 3.0}, {"name": "validate", "seconds": 2.0},
               {"name": "teardown", "seconds": None}]
     assert overhead(phases) == {
-        "boundary_seconds": 5.0, "recovery_seconds": 5.0, "boundary_share": 0.5,
-        "boundary_phases": {"network": 1.5, "prove": 0.5, "runtime": 1.0, "probes": 2.0},
+        "boundary_seconds": 6.0, "recovery_seconds": 5.0, "boundary_share": 0.545,
+        "boundary_phases": {"network": 1.5, "prove": 0.5, "runtime": 1.0, "probes": 2.0, "mtls": 1.0},
         "recovery_phases": {"restore": 3.0, "validate": 2.0}}
     assert overhead([])["boundary_share"] is None
 
