@@ -228,8 +228,10 @@ diff:
 
 try:
     import botocore.config
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
 except ImportError:
-    pass  # handled by AnsibleAWSModule
+    BotoCoreError = ClientError = Exception  # handled by AnsibleAWSModule
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build
@@ -292,8 +294,7 @@ def main():
         flow_logs=module.params["flow_logs"], check_mode=module.check_mode, diff=module._diff)
     try:
         result = builder.build()
-    except (_network_build.BuildError, BoundaryError, _network_build.ClientError,
-            _network_build.BotoCoreError) as exc:
+    except (_network_build.BuildError, BoundaryError, ClientError, BotoCoreError) as exc:
         created = list(builder.created)
         hint = (" %d resource(s) created by this run are tagged drguard:drill-id=%s; tear them down with "
                 "drguard.sandbox.sweep (drill_id: %s)." % (len(created), drill_id, drill_id)) if created else ""
