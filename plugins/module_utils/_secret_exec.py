@@ -169,11 +169,8 @@ def read_secrets(params: dict, names: set, client=None) -> dict:
     return values
 
 
-def child_environment(params: dict, injected: dict, home: str, region=None) -> tuple:
-    """``(env, credential values)``: the allow-listed controller variables, the fixed ones, the injected ones."""
-    env = {k: v for k, v in os.environ.items() if k in ALLOWED_ENV or k.startswith(ALLOWED_ENV_PREFIXES)}
-    env.update(FIXED_ENV)
-    env["HOME"] = home
+def _finish_environment(env: dict, params: dict, injected: dict, region) -> tuple:
+    """Add the drill's session (when asked) and the injected secrets to ``env``; ``(env, credential values)``."""
     extra_values = []
     if params["pass_aws_credentials"]:
         for name, value in (drill_session(params) or {}).items():
@@ -184,6 +181,14 @@ def child_environment(params: dict, injected: dict, home: str, region=None) -> t
             env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
     env.update(injected)
     return env, extra_values
+
+
+def child_environment(params: dict, injected: dict, home: str, region=None) -> tuple:
+    """``(env, credential values)``: the allow-listed controller variables, the fixed ones, the injected ones."""
+    env = {k: v for k, v in os.environ.items() if k in ALLOWED_ENV or k.startswith(ALLOWED_ENV_PREFIXES)}
+    env.update(FIXED_ENV)
+    env["HOME"] = home
+    return _finish_environment(env, params, injected, region)
 
 
 def _exited(proc) -> bool:
@@ -292,16 +297,7 @@ def inside_environment(params: dict, injected: dict, region=None) -> tuple:
     env = {"PATH": INSIDE_PATH, "LANG": "C.UTF-8", "HOME": INSIDE_HOME}
     env.update(FIXED_ENV)
     env.update(params.get("env") or {})
-    extra_values = []
-    if params["pass_aws_credentials"]:
-        for name, value in (drill_session(params) or {}).items():
-            if value:
-                env[name] = value
-                extra_values.append(value)
-        if region:
-            env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
-    env.update(injected)
-    return env, extra_values
+    return _finish_environment(env, params, injected, region)
 
 
 def execute_inside(params: dict, values: dict, injected: dict, *, region=None, hide=None):
