@@ -61,6 +61,11 @@ def _hex(text: str, n: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+def drill_prefix(drill_id: str) -> str:
+    """``drg-<short>-``: the prefix of every namespace, device and table of the drill's runtime."""
+    return "drg-%s-" % _hex(drill_id, 6)
+
+
 def address_plan(boundary: Boundary, drill_id: str) -> dict:
     """The deterministic addressing and naming of a drill's netns runtime.
 
@@ -90,8 +95,8 @@ def address_plan(boundary: Boundary, drill_id: str) -> dict:
         raise NftPolicyError("drill_boundary.sandbox_cidr: %s holds %d /%d blocks, %d are needed "
                              "(one per tier, validation and the uplink); use a larger sandbox CIDR or "
                              "fewer tiers" % (sandbox, len(blocks), TIER_PREFIXLEN, len(tiers) + 1))
-    short = _hex(drill_id, 6)
-    prefix = "drg-%s-" % short
+    prefix = drill_prefix(drill_id)
+    short = prefix[len("drg-"):-1]
     out_tiers = {}
     for i, tier in enumerate(tiers):
         hosts = list(blocks[i].hosts())

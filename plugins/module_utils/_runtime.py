@@ -15,7 +15,6 @@ Every failure raises :class:`SandboxRuntimeError` (one sentence: what was wrong,
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -23,6 +22,7 @@ import time
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _io
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import NftPolicyError
+from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import drill_prefix
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import router_ruleset
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import verify_ruleset
@@ -263,7 +263,7 @@ def prefix_of(drill_id):
     """The drill's name prefix ``drg-<short>-`` (the same as :func:`address_plan`'s), from the drill id alone."""
     if not isinstance(drill_id, str) or not drill_id:
         raise SandboxRuntimeError("drill_id must be a non-empty string; pass the drill's id.")
-    return "drg-%s-" % hashlib.sha256(drill_id.encode()).hexdigest()[:6]
+    return drill_prefix(drill_id)
 
 
 def _runtime_dir(output_dir):

@@ -518,7 +518,7 @@ def sender_argv(python, address, port, *, connect_timeout=CONNECT_TIMEOUT, read_
 
 def drill_prefix(drill_id):
     """``drg-<short>-``: the prefix of every namespace of the drill (as ``address_plan`` names them)."""
-    return f"drg-{_nft_policy._hex(drill_id, 6)}-"
+    return _nft_policy.drill_prefix(drill_id)
 
 
 def build_events(drill_id, specs):
