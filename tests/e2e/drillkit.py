@@ -125,3 +125,44 @@ def path_without(*tools: str) -> str:
     kept = [d for d in os.environ.get("PATH", "").split(os.pathsep)
             if d and not any(os.access(os.path.join(d, t), os.X_OK) for t in tools)]
     return os.pathsep.join([str(Path(sys.executable).parent)] + kept)
+
+
+@dataclass
+class MultiRun:
+    rc: int
+    stdout: str
+    stderr: str
+    reports: dict  # host -> its drill-report.json (hosts whose drill wrote one)
+
+    def recap(self) -> dict:
+        """The play recap: host -> {"ok": n, "failed": n, ...}."""
+        rows = {}
+        for line in self.stdout.split("PLAY RECAP", 1)[-1].splitlines():
+            name, sep, counts = line.partition(" : ")
+            if sep:
+                rows[name.strip()] = {k: int(v) for k, v in (kv.split("=") for kv in counts.split())}
+        return rows
+
+
+def run_drills(world: World, out_root: Path, hosts: dict, forks: int = 8, env_extra: dict | None = None,
+               args: tuple = ()) -> MultiRun:
+    """Run playbooks/drill.yml once for many drills: one inventory host per drill in the group ``drills``.
+
+    ``hosts``: host name -> that drill's own variables (the world's drill variables are the group's).
+    """
+    out_root.mkdir(parents=True, exist_ok=True)
+    group_vars = dict(world.drill_vars, drill_output_root=str(out_root), ansible_connection="local",
+                      ansible_python_interpreter="{{ ansible_playbook_python }}")
+    inventory = out_root / "drills.yml"
+    inventory.write_text(yaml.safe_dump({"drills": {"hosts": {h: dict(v) for h, v in hosts.items()},
+                                                    "vars": group_vars}}))
+    env = ansible_env(world.emu, {"ANSIBLE_SHOW_CUSTOM_STATS": "true", "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+                                  **(env_extra or {})})
+    proc = subprocess.run([ANSIBLE_PLAYBOOK, "-i", str(inventory), "-f", str(forks), "playbooks/drill.yml", *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    reports = {}
+    for path in out_root.glob("*/drill-report.json"):
+        report = json.loads(path.read_text())
+        host = next((h for h in hosts if report.get("drill_id") == hosts[h].get("drill_id")), None)
+        reports[host or report["drill_id"]] = report
+    return MultiRun(proc.returncode, proc.stdout, proc.stderr, reports)
