@@ -243,3 +243,17 @@ def test_no_var_naming_suppressions():
     for path in (ROOT / d for d in ("playbooks", "roles", "molecule")):
         for file in path.rglob("*.yml"):
             assert "noqa: var-naming" not in file.read_text(), file
+
+
+def test_every_host_of_the_example_drills_inventory_passes_the_drill_input_check():
+    """inventory/drills.example.yml (docs/scale-out.md): each host, its group's vars under its own, is a valid drill."""
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+
+    group = load(ROOT / "inventory" / "drills.example.yml")["drills"]
+    assert len(group["hosts"]) >= 2
+    for host, own in group["hosts"].items():
+        given = {k: v for k, v in {**group["vars"], **(own or {})}.items() if k.startswith("drill_")}
+        result = ArgumentSpecValidator(spec_options()).validate(given)
+        assert not result.error_messages, (host, result.error_messages)
+    backups = [own["drill_backup"]["manifest"] for own in group["hosts"].values()]
+    assert len(set(backups)) == len(backups), "one host per backup set"
