@@ -44,6 +44,7 @@ REFERENCES = {
     "notification_templates_success": "notification_template",
     "notification_templates_error": "notification_template",
     "notification_templates_started": "notification_template",
+    "hosts": "host",
 }
 CREATES = {
     "awx.awx.organization": "organization", "awx.awx.execution_environment": "execution_environment",
@@ -51,6 +52,7 @@ CREATES = {
     "awx.awx.project": "project", "awx.awx.inventory": "inventory", "awx.awx.host": "host",
     "awx.awx.notification_template": "notification_template", "awx.awx.job_template": "job_template",
     "awx.awx.workflow_job_template": "workflow_job_template", "awx.awx.schedule": "schedule",
+    "awx.awx.group": "group",
 }
 
 
@@ -94,6 +96,7 @@ def _lookup(kind, *terms, **kwargs):
 
 _ENV = NativeEnvironment(undefined=StrictUndefined)
 _ENV.filters["combine"] = _combine
+_ENV.filters["dict2items"] = lambda d: [{"key": k, "value": v} for k, v in d.items()]
 _ENV.globals["lookup"] = _lookup
 
 
@@ -141,7 +144,14 @@ def tasks(play, context):
     out = []
     for task in play["tasks"]:
         module = next(k for k in task if k.startswith("awx.awx."))
-        out.append((module, render(task[module], context), task))
+        local = dict(context, **render(task.get("vars", {}), context))
+        if "loop" not in task:
+            out.append((module, render(task[module], local), task))
+            continue
+        items = _ENV.from_string(task["loop"]).render(**local)
+        assert items, "%s loops over nothing with the example inputs" % task["name"]
+        for item in items:  # one entry per item, as Ansible runs it
+            out.append((module, render(task[module], dict(local, item=item)), task))
     return out
 
 
@@ -166,8 +176,10 @@ def _job_templates(tasks):
     return [a for m, a, _ in tasks if m == "awx.awx.job_template"]
 
 
-def _drill_templates(tasks):
-    return [a for a in _job_templates(tasks) if a["playbook"] == "drill.yml"]
+def _drill_templates(tasks, scale_out=False):
+    """The job templates that run one drill (``scale_out``: the one that runs many)."""
+    return [a for a in _job_templates(tasks) if a["playbook"] == "drill.yml"
+            and (a["name"].startswith("drguard drills - ") == scale_out)]
 
 
 # ------------------------------------------------------------------------------ awx.awx module options
@@ -473,7 +485,7 @@ def _parse_rrule(text: str):
 def test_schedules_parse_and_keep_firing(tasks, context):
     schedules = {a["unified_job_template"]: a for m, a, _ in tasks if m == "awx.awx.schedule"}
     names = context["_awx"]
-    assert set(schedules) == {names["workflow"], names["reaper"]}
+    assert set(schedules) == {names["workflow"], names["reaper"], names["scale_out"]}
     now = datetime.now(UTC)
     for schedule in schedules.values():
         rule = _parse_rrule(schedule["rrule"])
@@ -486,9 +498,10 @@ def test_schedules_parse_and_keep_firing(tasks, context):
     assert (b - a).total_seconds() <= 3600
     assert (b - a).total_seconds() < _drill_spec()["drill_ttl_minutes"]["default"] * 60
     # The drill runs at least monthly (a drill that never runs proves nothing).
-    drill = _parse_rrule(schedules[names["workflow"]]["rrule"])
-    a = drill.after(now)
-    assert (drill.after(a) - a).days <= 31
+    for name in (names["workflow"], names["scale_out"]):
+        drill = _parse_rrule(schedules[name]["rrule"])
+        a = drill.after(now)
+        assert (drill.after(a) - a).days <= 31, name
 
 
 def test_the_rrule_check_refuses_what_awx_refuses():
@@ -541,3 +554,59 @@ def test_every_drill_template_notifies(tasks, context):
     for jt in _drill_templates(tasks):
         assert jt["notification_templates_success"] == [context["_awx"]["notification"]]
         assert jt["notification_templates_error"] == [context["_awx"]["notification"]]
+
+
+# ------------------------------------------------------------------------------ scale-out (docs/scale-out.md)
+def test_scale_out_runs_each_backup_set_as_a_host_of_the_group_drills(tasks, context):
+    names, scale = context["_awx"], context["awx_scale_out"]
+    hosts = [a for m, a, _ in tasks if m == "awx.awx.host" and a["inventory"] == names["scale_out_inventory"]]
+    assert sorted(h["name"] for h in hosts) == sorted(scale["hosts"])
+    group = next(a for m, a, _ in tasks if m == "awx.awx.group")
+    assert group["name"] == "drills" and group["inventory"] == names["scale_out_inventory"]
+    assert sorted(group["hosts"]) == sorted(scale["hosts"])
+    assert group["variables"]["ansible_connection"] == "local"
+    assert isinstance(group["variables"]["ansible_python_interpreter"], Unsafe)
+    # Its own inventory: a group `drills` beside the single-drill templates' localhost would make them run all.
+    assert names["scale_out_inventory"] != names["inventory"]
+    jt = _by_name(tasks, "awx.awx.job_template", names["scale_out"])
+    assert jt["inventory"] == names["scale_out_inventory"]
+    assert (jt["forks"], jt["job_slice_count"]) == (scale["forks"], scale["job_slice_count"]) == (4, 2)
+    assert "extra_vars" not in jt, "extra vars would override every host's own drill variables"
+    assert sorted(jt["credentials"]) == sorted([names["aws_credential"], names["masking_credential"],
+                                                names["trust_credential"]])
+    assert _drill_templates(tasks, scale_out=True) == [jt]
+
+
+def test_every_scale_out_host_is_a_valid_drill_of_its_own(tasks, context):
+    spec = _drill_spec()
+    group = next(a for m, a, _ in tasks if m == "awx.awx.group")
+    hosts = [a for m, a, _ in tasks if m == "awx.awx.host" and a["inventory"] == context["_awx"]["scale_out_inventory"]]
+    manifests = []
+    for host in hosts:
+        given = {k: v for k, v in {**group["variables"], **host["variables"]}.items() if k.startswith("drill_")}
+        given["drill_masking_key"] = "injected"
+        result = ArgumentSpecValidator(spec).validate(given)
+        assert result.error_messages == [], (host["name"], result.error_messages)
+        assert given["drill_backup"]["trust_policy"] == "{{ drguard_trust_policy_file }}"
+        assert "drill_id" not in given, "a shared drill_id would be refused; each drill generates its own"
+        manifests.append(given["drill_backup"]["manifest"])
+    assert len(set(manifests)) == len(manifests) >= 2
+
+
+def test_scale_out_notification_lists_every_drill(tasks, context, headline):
+    names = context["_awx"]
+    note = _by_name(tasks, "awx.awx.notification_template", names["scale_out_notification"])
+    jt = _by_name(tasks, "awx.awx.job_template", names["scale_out"])
+    assert jt["notification_templates_success"] == jt["notification_templates_error"] == [note["name"]]
+    failed = dict(headline, drill_id="dr-awx-2", outcome="failed", failed_phase="restore")
+    drills = {"orders-db": headline, "billing-db": failed}
+    for event in ("success", "error"):
+        message, body = note["messages"][event]["message"], note["messages"][event]["body"]
+        assert isinstance(message, Unsafe) and isinstance(body, Unsafe)
+        text = _render_notification(message, {"drills": drills})
+        assert "orders-db=passed (dr-awx-1, failed_phase=none, teardown_remaining=0)" in text, text
+        assert "billing-db=failed (dr-awx-2, failed_phase=restore" in text
+        assert json.loads(_render_notification(body, {"drills": drills}))["drills"]["billing-db"]["outcome"] == \
+            "failed"
+        assert "outcome=unknown" in _render_notification(message, {})
+        assert json.loads(_render_notification(body, {}))["drills"] == {}
