@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,7 @@ def test_drills_run_side_by_side_and_one_failure_stops_only_itself(world, tmp_pa
         assert reports[drill_id]["teardown"]["remaining"] == 0, drill_id
         assert remaining(world.emu, drill_id) == []
         assert all(not v for v in runtime_remaining(drill_id).values()), drill_id
+        assert not Path("/dev/shm/drguard-%s" % drill_id).exists(), drill_id  # secret store and PKI
     assert reports[ids["db-broken"]]["failed_phase"] == "restore"
 
 
