@@ -154,7 +154,7 @@ def judge(prefix, records, as_of, drill_id=None):
     return record, None
 
 
-def reap(output_root, *, as_of=None, drill_id=None, check_mode=False):
+def reap(output_root, *, as_of=None, drill_id=None, check_mode=False, drill_ids=None):
     """Remove the runtimes of expired (or the targeted) drills; see the module docstring.
 
     Returns ``{"changed", "as_of", "found", "removed", "refused", "errors", "skipped", "counts"}``.
@@ -168,21 +168,24 @@ def reap(output_root, *, as_of=None, drill_id=None, check_mode=False):
         when = utcnow() if as_of is None else parse_time(as_of)
     except DrillError as exc:
         raise RuntimeReapError(f"as_of: {exc}; use for example 2026-11-29T05:00:00Z.") from None
-    if drill_id is not None:
+    targets = None  # prefix -> the drill id it is reaped for (drill_id / drill_ids), None: by expiry
+    ids = [drill_id] if drill_id is not None else drill_ids
+    if ids is not None:
+        if not ids:
+            raise RuntimeReapError("drill_ids is empty and selects nothing; give at least one drill id.")
         try:
-            drill_id = validate_drill_id(drill_id)
+            targets = {_runtime.prefix_of(validate_drill_id(i)): i for i in ids}
         except DrillError as exc:
             raise RuntimeReapError(f"drill_id: {exc}.") from None
     live = live_prefixes()
-    if drill_id is not None:
-        target = _runtime.prefix_of(drill_id)
-        live = {p: v for p, v in live.items() if p == target}
+    if targets is not None:
+        live = {p: v for p, v in live.items() if p in targets}
     records, skipped = drill_records(output_root) if live else ({}, [])
     found, removed, refused, errors = [], [], [], []
     for prefix in sorted(live):
         entry = {"prefix": prefix, "namespaces": sorted(live[prefix]["namespaces"]),
                  "holders": sorted(live[prefix]["holders"])}
-        record, refusal = judge(prefix, records.get(prefix, []), when, drill_id)
+        record, refusal = judge(prefix, records.get(prefix, []), when, None if targets is None else targets[prefix])
         if refusal is not None:
             refused.append(dict(entry, **refusal))
             continue

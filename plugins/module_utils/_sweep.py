@@ -129,20 +129,21 @@ class Resource:
 
 
 class Selector:
-    """Which tagged resources a sweep considers: one drill's, or every expired managed one.
+    """Which tagged resources a sweep considers: one drill's (or several drills'), or every expired managed one.
 
     ``matches`` only picks candidates from a listing; :func:`prove` decides, on a fresh read,
     whether a candidate may be deleted.
     """
 
-    def __init__(self, drill_id: str | None = None, as_of=None):
-        self.drill_id = drill_id
+    def __init__(self, drill_id: str | None = None, as_of=None, drill_ids=None):
+        ids = [drill_id] if drill_id is not None else list(drill_ids or [])
+        self.drill_ids = frozenset(ids) if ids else None  # None: the reaper's expired mode
         self.as_of = as_of
 
     def matches(self, tags: dict) -> bool:
-        """A candidate: the drill's id (teardown), or managed and not known to expire later (reaper)."""
-        if self.drill_id is not None:
-            return tags.get(TAG_DRILL_ID) == self.drill_id
+        """A candidate: one of the drills' ids (teardown), or managed and not known to expire later (reaper)."""
+        if self.drill_ids is not None:
+            return tags.get(TAG_DRILL_ID) in self.drill_ids
         if tags.get(TAG_MANAGED) != "true":
             return False
         expiry = expiry_of(tags)
@@ -150,28 +151,34 @@ class Selector:
 
     def tag_problem(self, tags: dict) -> str | None:
         """Why ``tags`` do not make a resource deletable by this sweep (None: they do)."""
-        problem = tag_problem(tags, self.drill_id)
-        if problem is None and self.drill_id is None and expiry_of(tags) > self.as_of:
-            problem = "tag %s %s is later than %s" % (TAG_EXPIRES_AT, tags[TAG_EXPIRES_AT], format_time(self.as_of))
-        return problem
+        if self.drill_ids is None:
+            problem = tag_problem(tags)
+            if problem is None and expiry_of(tags) > self.as_of:
+                problem = "tag %s %s is later than %s" % (TAG_EXPIRES_AT, tags[TAG_EXPIRES_AT],
+                                                          format_time(self.as_of))
+            return problem
+        owner = tags.get(TAG_DRILL_ID)
+        if owner not in self.drill_ids and len(self.drill_ids) > 1:
+            return "tag %s is %r, not one of %s" % (TAG_DRILL_ID, owner, ", ".join(sorted(self.drill_ids)))
+        return tag_problem(tags, owner if owner in self.drill_ids else next(iter(self.drill_ids)))
 
     def owns(self, tags: dict) -> bool:
-        """Whether a refused resource still counts as *remaining*: it carries the swept drill's id
+        """Whether a refused resource still counts as *remaining*: it carries a swept drill's id
         (teardown), or a complete tag set whose expiry has passed (reaper)."""
-        if self.drill_id is not None:
-            return tags.get(TAG_DRILL_ID) == self.drill_id
+        if self.drill_ids is not None:
+            return tags.get(TAG_DRILL_ID) in self.drill_ids
         return tag_problem(tags) is None and expiry_of(tags) <= self.as_of
 
     @property
     def tag_key(self) -> str:
-        return TAG_DRILL_ID if self.drill_id is not None else TAG_MANAGED
+        return TAG_DRILL_ID if self.drill_ids is not None else TAG_MANAGED
 
     @property
-    def tag_value(self) -> str:
-        return self.drill_id if self.drill_id is not None else "true"
+    def tag_values(self) -> list:
+        return sorted(self.drill_ids) if self.drill_ids is not None else ["true"]
 
     def ec2_filters(self) -> list:
-        return [{"Name": "tag:%s" % self.tag_key, "Values": [self.tag_value]}]
+        return [{"Name": "tag:%s" % self.tag_key, "Values": self.tag_values}]
 
 
 def parallel(fn: Callable, items: list, workers: int = WORKERS) -> list:
@@ -1000,20 +1007,24 @@ SERVICES = sorted({k.service for k in KINDS.values()})
 # --------------------------------------------------------------------------- sweep
 
 
-def check_options(drill_id: str | None, expired: bool | None, as_of: str | None, timeout: int):
+def check_options(drill_id: str | None, expired: bool | None, as_of: str | None, timeout: int,
+                  drill_ids: list | None = None):
     """The sweep's options, checked before any AWS call; returns the time expiry is judged against.
 
     Raises :class:`SweepError` with a one-sentence message for anything wrong.
     """
-    if drill_id is not None:
+    if drill_ids is not None and not drill_ids:
+        raise SweepError("drill_ids is empty and selects nothing; give at least one drill id.")
+    targets = [drill_id] if drill_id is not None else list(drill_ids or [])
+    for target in targets:
         try:
-            validate_drill_id(drill_id)
+            validate_drill_id(target)
         except DrillError as exc:
             raise SweepError("%s." % exc) from None
-    elif expired is not True:
+    if not targets and expired is not True:
         raise SweepError("expired=false selects nothing; set expired: true to reap every expired drill "
                          "resource, or give drill_id to tear down one drill.")
-    if as_of is not None and drill_id is not None:
+    if as_of is not None and targets:
         raise SweepError("as_of only applies to expired: true; remove it when tearing down by drill_id.")
     try:
         when = parse_time(as_of) if as_of is not None else utcnow()
@@ -1229,20 +1240,20 @@ def _listing_failure(errors: list) -> str:
 
 def run(client_factory: Callable, *, drill_id: str | None = None, expired: bool | None = None,  # noqa: PLR0913
         as_of: str | None = None, timeout: int = 300, check_mode: bool = False,
-        fail_on_remaining: bool = True) -> tuple:
+        fail_on_remaining: bool = True, drill_ids: list | None = None) -> tuple:
     """The whole sweep: check the options, discover, delete, look again.
 
     ``client_factory(service, config=...)`` returns a (retrying) client. Returns ``(result, failure)`` like
     :func:`sweep`, ``result`` with ``seconds``. Raises :class:`SweepError` for bad options; a botocore error
     outside any one resource propagates.
     """
-    when = check_options(drill_id, expired, as_of, timeout)
+    when = check_options(drill_id, expired, as_of, timeout, drill_ids)
     started = time.monotonic()
     config = {"max_pool_connections": WORKERS * 2}  # many list/tag calls run in parallel
     # Built here, in the calling thread, before anything runs: a region or connection problem fails
     # once, cleanly, instead of inside a worker thread.
     clients = {service: client_factory(service, config=config) for service in SERVICES}
-    ctx = Context(clients.__getitem__, Selector(drill_id=drill_id, as_of=when), started + timeout)
+    ctx = Context(clients.__getitem__, Selector(drill_id=drill_id, as_of=when, drill_ids=drill_ids), started + timeout)
     first = discover(ctx)
     result, failure = sweep(ctx, first, check_mode, fail_on_remaining)
     result["seconds"] = round(time.monotonic() - started, 3)

@@ -51,6 +51,12 @@ options:
       - Reap only this drill's runtime, whatever its expiry (its drill directory must still record it). Other
         prefixes are not looked at.
     type: str
+  drill_ids:
+    description:
+      - Reap only these drills' runtimes, whatever their expiry, as O(drill_id) does for one (the drills of a run with
+        many drill hosts). Mutually exclusive with O(drill_id).
+    type: list
+    elements: str
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 seealso:
@@ -119,15 +125,17 @@ ARGUMENT_SPEC = dict(
     output_root=dict(type="path", required=True),
     as_of=dict(type="str"),
     drill_id=dict(type="str"),
+    drill_ids=dict(type="list", elements="str"),
 )
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True,
+                           mutually_exclusive=[("drill_id", "drill_ids")])
     p = module.params
     try:
         result = _runtime_reap.reap(p["output_root"], as_of=p["as_of"], drill_id=p["drill_id"],
-                                    check_mode=module.check_mode)
+                                    drill_ids=p["drill_ids"], check_mode=module.check_mode)
     except _runtime_reap.RuntimeReapError as exc:
         module.fail_json(msg=exc.msg)
     if result["errors"]:

@@ -54,12 +54,20 @@ options:
   drill_id:
     description:
       - Delete every resource whose C(drguard:drill-id) tag equals this drill id.
-      - Exactly one of O(drill_id) and O(expired) is required.
+      - Exactly one of O(drill_id), O(drill_ids) and O(expired) is required.
     type: str
+  drill_ids:
+    description:
+      - Delete every resource whose C(drguard:drill-id) tag is one of these drill ids, in one pass (the drills of a
+        run with many drill hosts; the reaper after such a run). The proof is the same as with O(drill_id), for the
+        resource's own drill.
+      - Exactly one of O(drill_id), O(drill_ids) and O(expired) is required.
+    type: list
+    elements: str
   expired:
     description:
       - When V(true), delete every managed resource whose C(drguard:expires-at) is at or before O(as_of) (the reaper).
-      - Exactly one of O(drill_id) and O(expired) is required.
+      - Exactly one of O(drill_id), O(drill_ids) and O(expired) is required.
     type: bool
   as_of:
     description:
@@ -188,6 +196,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_cl
 
 ARGUMENT_SPEC = dict(
     drill_id=dict(type="str"),
+    drill_ids=dict(type="list", elements="str"),
     expired=dict(type="bool"),
     as_of=dict(type="str"),
     timeout=dict(type="int", default=300),
@@ -198,14 +207,15 @@ ARGUMENT_SPEC = dict(
 def main():
     module = AnsibleAWSModule(
         argument_spec=ARGUMENT_SPEC,
-        mutually_exclusive=[("drill_id", "expired")],
-        required_one_of=[("drill_id", "expired")],
+        mutually_exclusive=[("drill_id", "drill_ids", "expired")],
+        required_one_of=[("drill_id", "drill_ids", "expired")],
         supports_check_mode=True,
     )
     params = module.params
     try:
         result, failure = _sweep.run(lambda service, config: aws_client(module, service, config=config),
-                                     drill_id=params["drill_id"], expired=params["expired"], as_of=params["as_of"],
+                                     drill_id=params["drill_id"], drill_ids=params["drill_ids"],
+                                     expired=params["expired"], as_of=params["as_of"],
                                      timeout=params["timeout"], check_mode=module.check_mode,
                                      fail_on_remaining=params["fail_on_remaining"])
     except _sweep.SweepError as exc:

@@ -262,6 +262,32 @@ def test_reap_one_drill_whatever_its_expiry(fresh_emulator):
     assert existing(aws, theirs) == theirs
 
 
+def test_reap_the_drills_of_a_many_drill_run_from_its_stats(fresh_emulator):
+    """After a run of many drill hosts the workflow passes set_stats `drills`: every drill named there goes, in one
+    sweep, whatever its expiry; a drill not named there stays."""
+    aws = fresh_emulator.client
+    later = rfc3339(datetime.now(UTC) + timedelta(hours=2))
+    one, two, other = ("dr-%s-%s" % (n, secrets.token_hex(3)) for n in ("many", "more", "else"))
+    worlds = {d: small_world(aws, d, later, octet) for d, octet in ((one, 44), (two, 46), (other, 48))}
+    stats = ROOT / ".ansible" / ("stats-%s.json" % one)
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    stats.write_text(json.dumps({"drills": {"orders-db": {"drill_id": one, "outcome": "passed"},
+                                            "billing-db": {"drill_id": two, "outcome": "failed"}},
+                                 "reap_drill_from_stats": True}))
+    try:
+        real = reap(fresh_emulator, "reap_region=us-east-1", "@%s" % stats)
+    finally:
+        stats.unlink()
+    assert real.returncode == 0, real.stdout[-4000:] + real.stderr[-2000:]
+    text = summary(real.stdout)
+    assert "target=drill %s (whatever its expiry)" % ", ".join([one, two]) in text or \
+        "target=drill %s (whatever its expiry)" % ", ".join([two, one]) in text, text
+    gone = len(worlds[one]) + len(worlds[two])
+    assert "found=%d deleted=%d remaining=0" % (gone, gone) in text
+    assert existing(aws, worlds[one]) == existing(aws, worlds[two]) == set()
+    assert existing(aws, worlds[other]) == worlds[other]
+
+
 @pytest.mark.parametrize(("extra_vars", "env_extra", "message"), [
     (["reap_region=us-east-1", "reap_as_of=yesterday"], {}, "reap_as_of 'yesterday' is not RFC 3339"),
     (["reap_region=us-east-1", "reap_timeout=0"], {}, "reap_timeout must be a positive number"),

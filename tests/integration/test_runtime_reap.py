@@ -220,6 +220,24 @@ def test_check_mode_lists_and_removes_nothing_then_a_targeted_drill_goes_whateve
 
 
 @root_only
+def test_drill_ids_reaps_several_targeted_drills_whatever_their_expiry_and_no_other(tmp_path, drills):
+    """The reaper after a run of many drill hosts: their runtimes go in one call; a bare namespace of another
+    prefix (half-built, bare ``ip netns add``, no proof) is not even looked at."""
+    one, _ = build(drills, tmp_path, stamp(NOW + timedelta(hours=1)))
+    two, _ = build(drills, tmp_path, stamp(NOW + timedelta(hours=1)))
+    other = new_id()
+    drills.append(other)
+    write_drill_state(tmp_path, other, stamp(NOW - timedelta(minutes=1)))
+    subprocess.run(["ip", "netns", "add", runtime.prefix_of(other) + "app"], check=True)
+    result = reaper.reap(str(tmp_path), drill_ids=[one, two])
+    assert sorted(e["drill_id"] for e in result["removed"]) == sorted([one, two])
+    assert result["refused"] == []
+    assert alive(one) == alive(two) == [] and alive(other)
+    with pytest.raises(reaper.RuntimeReapError, match="drill_ids is empty"):
+        reaper.reap(str(tmp_path), drill_ids=[])
+
+
+@root_only
 def test_a_half_built_runtime_of_a_killed_drill_is_reaped(tmp_path, drills):
     """A bare namespace of the prefix (a build killed half-way, no runtime state.json) still goes on the
     drill directory's proof."""

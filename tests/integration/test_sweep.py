@@ -372,6 +372,10 @@ def test_dependency_outside_the_drill_is_retried_until_timeout_then_reported(aws
     ({"drill_id": "dr-abcd", "as_of": "2026-11-29T05:00:00Z"}, "as_of only applies"),
     ({"drill_id": "dr-abcd", "timeout": 0}, "timeout must be a positive"),
     ({"drill_id": "dr-abcd", "extra_resources": []}, "Unsupported parameters"),
+    ({"drill_ids": []}, "drill_ids is empty"),
+    ({"drill_ids": ["dr-abcd", "Not_A_Drill"]}, "Not_A_Drill"),
+    ({"drill_ids": ["dr-abcd"], "drill_id": "dr-abcd"}, "mutually exclusive"),
+    ({"drill_ids": ["dr-abcd"], "as_of": "2026-11-29T05:00:00Z"}, "as_of only applies"),
 ])
 def test_bad_input_fails_clearly(module_runner, args, message):
     res = module_runner("sweep", args)
@@ -728,3 +732,31 @@ def test_a_dependency_that_goes_while_the_sweep_waits_is_retried_then_deleted(aw
     assert not res.failed, res
     assert keys_of(res["deleted"]) == {("vpc", vpc)}
     assert res["seconds"] >= 1.5
+
+
+def test_drill_ids_sweeps_several_drills_in_one_pass_and_nothing_else(aws, module_runner):
+    """The reaper after a run of many drill hosts: their resources go in one sweep; another drill's stay."""
+    one, two, other = new_id("drm"), new_id("drn"), new_id("drk")
+    nets = {d: small_network(aws, d, octet) for d, octet in ((one, 161), (two, 162), (other, 163))}
+    res = module_runner("sweep", sweep_args(drill_ids=[one, two]))
+    assert not res.failed, res
+    deleted = keys_of(res["deleted"])
+    for drill in (one, two):
+        assert {("vpc", nets[drill]["vpc"])} | nets[drill]["children"] <= deleted, drill
+    assert {r["drill_id"] for r in res["deleted"]} == {one, two}
+    assert res["remaining"] == [] and res["counts"]["remaining"] == 0
+    left = module_runner("sweep", sweep_args(drill_id=other), check_mode=True)
+    assert {("vpc", nets[other]["vpc"])} | nets[other]["children"] <= keys_of(left["found"])
+    module_runner("sweep", sweep_args(drill_id=other))
+
+
+def test_drill_ids_refuses_a_resource_named_for_another_of_its_drills(aws, module_runner):
+    """Each resource proves it belongs to its *own* drill: tagged for one drill, named for the other, refused."""
+    one, two = new_id("drp"), new_id("drq")
+    logs = aws("logs")
+    logs.create_log_group(logGroupName="/drguard/%s/x" % two, tags=drill_tags(one, FUTURE))
+    res = module_runner("sweep", sweep_args(drill_ids=[one, two]))
+    assert res.failed
+    assert [(r["type"], r["id"]) for r in res["refused"]] == [("log_group", "/drguard/%s/x" % two)]
+    assert logs.describe_log_groups(logGroupNamePrefix="/drguard/%s/x" % two)["logGroups"]
+    logs.delete_log_group(logGroupName="/drguard/%s/x" % two)
