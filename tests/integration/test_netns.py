@@ -418,8 +418,9 @@ def _run_as_nobody(prefix, code, home=None, timeout=60):
 
 # Rootless, as nobody: build, rule, probe, try to escape, destroy; report what happened as JSON.
 ROOTLESS = r"""
-import os, tempfile, time
+import os, shutil, tempfile, time
 report = {"preflight": n.preflight()}
+out = None
 app, db, router = plan["tiers"]["app"]["ns"], plan["tiers"]["db"]["ns"], plan["router"]["ns"]
 db_address = plan["tiers"]["db"]["address"]
 try:
@@ -458,6 +459,8 @@ finally:
                            "pids": len(destroyed["removed"]["pids"])}
     report["holders_after"] = n.find_holders(prefix)
     report["state_after"] = n.read_state(prefix)
+    if out:
+        shutil.rmtree(out, ignore_errors=True)
 print(json.dumps(report))
 """
 
