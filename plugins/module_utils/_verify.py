@@ -28,8 +28,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import utcno
 MAX_DOCUMENT = 64 * 1024 * 1024
 
 # The AWS SDK (boto3, botocore, amazon.aws: most of a module's start-up) and the trusted
-# state (which imports it) are loaded on first use, so that a local backup set can be
-# verified while the SDK is still being imported (see verify_artifacts' main()).
+# state (which imports it) are loaded on first use: a local backup set without a trusted
+# state is verified without ever importing them (see verify_artifacts' main()).
 _TRUSTED_STATE = "ansible_collections.drguard.sandbox.plugins.module_utils._trusted_state"
 
 
@@ -86,7 +86,6 @@ class Verifier:
             if self.p[key] and not is_s3(self.p[key]):
                 self.p[key] = os.path.abspath(os.path.expanduser(self.p[key]))
         self.workers = self.p["workers"] or os.cpu_count() or 1
-        self.before_artifacts = None  # called once the manifest passed, before the first artifact byte
         self._s3 = None
         self.result = {"changed": False, "verified": False, "failures": [], "artifacts": [],
                        "manifest": {"location": self.p["manifest"], "sha256": None, "payload_sha256": None,
@@ -174,8 +173,6 @@ class Verifier:
             self.manifest_failures(problems, manifest_source)
 
         entries, failures, safe = self.check_names(statement, manifest_source)
-        if self.before_artifacts is not None:
-            self.before_artifacts()
         results = self.check_artifacts(safe, source_loc)
         for entry, fail in results:
             entries[entry["name"]] = entry
@@ -309,9 +306,9 @@ class NeedsAws(Exception):
 class EarlyRun:
     """A verification of a local backup set started before the module object exists.
 
-    ``verify_artifacts``' main() starts it from the raw module arguments while amazon.aws and
-    the AWS SDK are imported in another thread: that import (0.1-0.2 s) then overlaps the
-    hashing instead of delaying the first byte. The run is read-only (:meth:`Verifier.verify`:
+    ``verify_artifacts``' main() starts it from the raw module arguments, so that a local set
+    needs neither amazon.aws' AnsibleAWSModule nor the AWS SDK (importing them takes longer than
+    everything else before the first artifact byte). The run is read-only (:meth:`Verifier.verify`:
     every check in the usual order, manifest first, nothing written); the module uses its result
     only when its own validated options are exactly those the run used (:meth:`matches`), and
     records the trusted state itself afterwards. Anything else (an S3 location, a KMS key in
@@ -323,14 +320,8 @@ class EarlyRun:
         self.params, self.verifier, self.warnings, self.error = params, verifier, warnings, error
 
     @classmethod
-    def start(cls, raw, spec: dict, hashing_started=None) -> EarlyRun | None:
-        """The early run of the raw arguments ``raw`` (None when there is none).
-
-        ``hashing_started()`` is called when the manifest passed and artifacts are about to be
-        read: the moment to start the SDK import, which then runs while hashing (in C, without
-        the GIL) leaves the interpreter free; started earlier it would compete with this run's
-        own Python work for the GIL and delay the first byte.
-        """
+    def start(cls, raw, spec: dict) -> EarlyRun | None:
+        """The early run of the raw arguments ``raw`` (None when there is none)."""
         from ansible.module_utils.common.arg_spec import ArgumentSpecValidator  # noqa: PLC0415
 
         if not isinstance(raw, dict):
@@ -347,7 +338,6 @@ class EarlyRun:
             raise NeedsAws(service)
         warnings = []
         verifier = Verifier(dict(params), no_client, warn=warnings.append)
-        verifier.before_artifacts = hashing_started
         error = None
         try:
             verifier.verify()
@@ -366,7 +356,7 @@ class EarlyRun:
     def adopt(self, client, *, warn, check_mode: bool) -> Verifier:
         """The run's Verifier, bound to the module (client factory, warnings, check mode); warnings replayed."""
         v = self.verifier
-        v._client, v.warn, v.check_mode, v.before_artifacts = client, warn, check_mode, None
+        v._client, v.warn, v.check_mode = client, warn, check_mode
         for msg in self.warnings:
             warn(msg)
         return v

@@ -254,21 +254,14 @@ trusted_state_updated:
   type: bool
 """
 
-import importlib
-import sys
-import threading
 import traceback
 
 from ansible.module_utils import basic
+from ansible.module_utils.basic import env_fallback
 from ansible_collections.drguard.sandbox.plugins.module_utils import _manifest as mf
 from ansible_collections.drguard.sandbox.plugins.module_utils._verify import EarlyRun
 from ansible_collections.drguard.sandbox.plugins.module_utils._verify import Verifier
 from ansible_collections.drguard.sandbox.plugins.module_utils._verify import VerifyError
-
-# amazon.aws and the AWS SDK: imported in a thread while a local backup set is already being
-# verified (see main()), then by main() itself.
-AWS_IMPORTS = ("ansible_collections.amazon.aws.plugins.module_utils.modules",
-               "ansible_collections.drguard.sandbox.plugins.module_utils._aws")
 
 ARGUMENT_SPEC = dict(
     manifest=dict(type="str", required=True),
@@ -286,56 +279,86 @@ ARGUMENT_SPEC = dict(
 )
 
 
-def _import_aws():
-    for name in AWS_IMPORTS:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001, S110 - main() imports it again and reports the error
-            pass
+def aws_options() -> dict:
+    """amazon.aws' common module options (its ``aws_argument_spec()``), ``access_key`` censored.
+
+    A copy, because amazon.aws defines them next to its boto3 imports: a local backup set is
+    verified by a plain AnsibleModule that accepts, validates and censors exactly what
+    AnsibleAWSModule would, without importing the AWS SDK (most of the module's start-up).
+    ``access_key`` is ``no_log`` as ``_aws.hide_session_credentials`` makes it for the AWS module.
+    tests/unit/test_verify_artifacts_options.py keeps the copy equal to amazon.aws'.
+    """
+    return dict(
+        access_key=dict(aliases=["aws_access_key_id", "aws_access_key"],
+                        fallback=(env_fallback, ["AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY"]), no_log=True),
+        secret_key=dict(aliases=["aws_secret_access_key", "aws_secret_key"],
+                        fallback=(env_fallback, ["AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY"]), no_log=True),
+        session_token=dict(aliases=["aws_session_token"], fallback=(env_fallback, ["AWS_SESSION_TOKEN"]),
+                           no_log=True),
+        profile=dict(aliases=["aws_profile"], fallback=(env_fallback, ["AWS_PROFILE", "AWS_DEFAULT_PROFILE"])),
+        endpoint_url=dict(aliases=["aws_endpoint_url"], fallback=(env_fallback, ["AWS_URL"])),
+        validate_certs=dict(type="bool", default=True),
+        aws_ca_bundle=dict(type="path", fallback=(env_fallback, ["AWS_CA_BUNDLE"])),
+        aws_config=dict(type="dict"),
+        debug_botocore_endpoint_logs=dict(type="bool", default=False,
+                                          fallback=(env_fallback, ["ANSIBLE_DEBUG_BOTOCORE_LOGS"])),
+        region=dict(aliases=["aws_region"], fallback=(env_fallback, ["AWS_REGION", "AWS_DEFAULT_REGION"])),
+    )
 
 
 def _early_run():
-    """A local backup set's read-only verification, run before the AWS SDK is imported.
+    """A local backup set's read-only verification, run before the module object exists (None if none).
 
-    The SDK import is most of the module's start-up, and a local set does not need it until
-    the module object exists: it is imported in a thread once hashing starts (hashing runs in
-    C without the GIL, so the import then costs no time before the first byte). None when
-    there is no early run.
+    Such a set never needs the AWS SDK: the module that adopts the run is a plain AnsibleModule
+    (see :func:`_new_module`), so boto3, botocore and amazon.aws are never imported. An option
+    that the copy of amazon.aws' options does not know (a newer amazon.aws?) gives no early run:
+    AnsibleAWSModule then accepts or refuses it.
     """
-    def hashing_started():
-        # A short switch interval: a hashing thread back from C gets the GIL from the import
-        # thread within 0.2 ms instead of 5 ms (main() restores the interval).
-        sys.setswitchinterval(0.0002)
-        threading.Thread(target=_import_aws, name="aws-imports", daemon=True).start()
     try:
         raw = basic._load_params()  # the raw arguments, the documented way for dynamic modules
     except Exception:  # noqa: BLE001 - AnsibleModule reports unreadable arguments itself
         return None
-    return EarlyRun.start(raw, ARGUMENT_SPEC, hashing_started) if mf.HAS_CRYPTOGRAPHY else None
+    if not isinstance(raw, dict) or not mf.HAS_CRYPTOGRAPHY:
+        return None
+    spec = dict(aws_options(), **ARGUMENT_SPEC)
+    known = set(spec) | {alias for option in spec.values() for alias in option.get("aliases", ())}
+    if any(name not in known and not name.startswith("_ansible_") for name in raw):
+        return None
+    return EarlyRun.start(raw, ARGUMENT_SPEC)
 
 
-def main():
-    interval = sys.getswitchinterval()
-    try:
-        early = _early_run()
-    finally:
-        sys.setswitchinterval(interval)
+def _new_module(local: bool):
+    """The module object: a plain AnsibleModule for an adopted local run, else AnsibleAWSModule."""
+    if local:
+        spec = aws_options()
+        spec.update(ARGUMENT_SPEC)
+        return basic.AnsibleModule(argument_spec=spec, supports_check_mode=True)
     from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule  # noqa: PLC0415
-    from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client  # noqa: PLC0415
     from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials  # noqa: PLC0415
 
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     hide_session_credentials(module)
+    return module
+
+
+def main():
+    early = _early_run()
+    module = _new_module(local=early is not None)
+    if early is not None and not early.matches(module.params):
+        early = None
+        module = _new_module(local=False)
     if not mf.HAS_CRYPTOGRAPHY:
         module.fail_json(msg="verify_artifacts needs the Python library cryptography: %s"
                          % mf.CRYPTOGRAPHY_IMPORT_ERROR)
+    # A local run made no AWS call: its (empty) list of actions, as AnsibleAWSModule would report it.
+    extra = {"resource_actions": []} if early is not None and module.params["debug_botocore_endpoint_logs"] else {}
 
     def client(service, **kwargs):
+        from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client  # noqa: PLC0415
         return aws_client(module, service, **kwargs)
-    if early is not None and early.matches(module.params):
+    if early is not None:
         verifier = early.adopt(client, warn=module.warn, check_mode=module.check_mode)
     else:
-        early = None
         verifier = Verifier(module.params, client, warn=module.warn, check_mode=module.check_mode)
     try:
         if early is None:
@@ -344,15 +367,15 @@ def main():
             raise early.error
         else:
             msg = verifier.finish()
-        module.exit_json(msg=msg, **verifier.result)
+        module.exit_json(msg=msg, **extra, **verifier.result)
     except VerifyError as exc:
-        if exc.aws_error is not None:
+        if exc.aws_error is not None and hasattr(module, "fail_json_aws"):
             module.fail_json_aws(exc.aws_error, msg=str(exc), **verifier.result)
-        module.fail_json(msg=str(exc), **verifier.result)
+        module.fail_json(msg=str(exc), **extra, **verifier.result)
     except Exception as exc:  # noqa: BLE001 - fail closed with the structured result, never a bare traceback
         verifier.result["verified"] = False
         module.fail_json(msg="Verification could not be completed (%s: %s); nothing was accepted"
-                         % (type(exc).__name__, exc), exception=traceback.format_exc(), **verifier.result)
+                         % (type(exc).__name__, exc), exception=traceback.format_exc(), **extra, **verifier.result)
 
 
 if __name__ == "__main__":
