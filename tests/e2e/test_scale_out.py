@@ -20,7 +20,11 @@ def _custom_stats(stdout: str) -> dict:
 
 
 def test_drills_run_side_by_side_and_one_failure_stops_only_itself(world, tmp_path):
-    hosts = {"db-eu": {}, "db-us": {}, "db-broken": {"drill_fault_phase": "restore"}}
+    # Two drills declare the same sandbox CIDR (separate VPCs, separate namespaces: nothing shared); the third
+    # gets one derived from its id.
+    same = dict(world.drill_vars["drill_boundary"], sandbox_cidr="10.77.0.0/16")
+    hosts = {"db-eu": {"drill_boundary": same}, "db-us": {"drill_boundary": same},
+             "db-broken": {"drill_fault_phase": "restore"}}
     run = run_drills(world, tmp_path, hosts, forks=3)
     recap = run.recap()
     # One drill failed; the job says which, and the others passed all the same.
