@@ -20,8 +20,10 @@ import base64
 import binascii
 import hashlib
 import os
+import queue
 import re
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,9 +37,13 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location impor
 CHUNK = 1024 * 1024  # S3 body reads
 # Local files: one reused buffer of this size per reader (os.readv into it, no new bytes per
 # read). 8 MiB reads keep the Python work per byte negligible (128 steps per GiB), and hashlib
-# releases the GIL while it hashes them, so workers hash in parallel and each GIL hand-over
-# (the SDK import of an early run, another worker) is rare. Bounded: one buffer per worker.
+# releases the GIL while it hashes them, so workers hash in parallel. Bounded: one buffer per worker.
 FILE_CHUNK = 8 * 1024 * 1024
+# With a read-ahead thread (a spare worker): this many buffers of this size circulate between
+# the reader and the hasher; chunks small enough that the hasher finds them still in the CPU's
+# cache after the reader's copy (docs/benchmarks.md).
+READ_AHEAD_CHUNK = 1024 * 1024
+READ_AHEAD_BUFFERS = 4
 SNIFF = 512
 # Reads of one S3 object whose body ends early (or stalls) before it is artifact_missing.
 STREAM_ATTEMPTS = 3
@@ -116,34 +122,89 @@ def hash_chunks(chunks, limit: int | None = None, digest: Digest | None = None) 
     return Hashed(digest.hexdigest(), digest.size, digest.head, False)
 
 
-def hash_file(fd: int, limit: int | None) -> Hashed:
-    """SHA-256 of an open file descriptor from its current offset, read into one reused buffer.
+def hash_file(fd: int, limit: int | None, read_ahead: bool = False) -> Hashed:
+    """SHA-256 of an open file descriptor from its current offset, read into reused buffers.
 
     With ``limit``, at most ``limit + 1`` bytes are read (a longer file shows, never read whole).
+    With ``read_ahead``, a second thread reads the next chunks while this one hashes (both in C,
+    without the GIL): reading (the kernel's copy from the page cache) and hashing then overlap
+    instead of taking turns. A read error is raised here either way.
     """
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass  # only a hint
-    buf = bytearray(FILE_CHUNK)
-    view = memoryview(buf)
-    sha, size, head = hashlib.sha256(), 0, b""
     cap = None if limit is None else limit + 1
-    while True:
-        want = FILE_CHUNK if cap is None else min(FILE_CHUNK, cap - size)
-        if want <= 0:
-            break
-        n = os.readv(fd, [view[:want]])
-        if not n:
-            break
-        sha.update(view[:n])
+    sha, size, head = hashlib.sha256(), 0, b""
+    for view in (_reads_ahead(fd, cap) if read_ahead else _reads(fd, cap)):
+        sha.update(view)
         if len(head) < SNIFF:
-            head += bytes(view[:min(n, SNIFF - len(head))])
-        size += n
+            head += bytes(view[:SNIFF - len(head)])
+        size += len(view)
     if cap is not None and size > limit:
         return Hashed(None, size, head, True)
     return Hashed(sha.hexdigest(), size, head, False)
+
+
+def _read_into(fd: int, view: memoryview, cap: int | None, done: int) -> int:
+    """One read into ``view``, never past ``cap`` bytes in all (``done`` read so far); 0 at the end."""
+    want = len(view) if cap is None else min(len(view), cap - done)
+    return os.readv(fd, [view[:want]]) if want > 0 else 0
+
+
+def _reads(fd: int, cap: int | None):
+    """Views of the bytes read, in order, all in one reused buffer (each valid until the next)."""
+    view = memoryview(bytearray(FILE_CHUNK))
+    done = 0
+    while True:
+        n = _read_into(fd, view, cap, done)
+        if not n:
+            return
+        done += n
+        yield view[:n]
+
+
+def _reads_ahead(fd: int, cap: int | None):
+    """As :func:`_reads`, read by a thread of its own up to READ_AHEAD_BUFFERS chunks ahead.
+
+    The thread never outlives the generator: closing it (or an error) stops the reader and
+    joins it before the caller closes the descriptor.
+    """
+    free, full, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for _i in range(READ_AHEAD_BUFFERS):
+        free.put(memoryview(bytearray(READ_AHEAD_CHUNK)))
+
+    def reader():
+        done = 0
+        try:
+            while True:
+                view = free.get()
+                if stop.is_set():
+                    return
+                n = _read_into(fd, view, cap, done)
+                full.put((view, n))
+                if not n:
+                    return
+                done += n
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, raised there
+            full.put((None, exc))
+
+    thread = threading.Thread(target=reader, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            view, n = full.get()
+            if view is None:
+                raise n
+            if not n:
+                return
+            yield view[:n]
+            free.put(view)
+    finally:
+        stop.set()
+        free.put(memoryview(b""))  # wakes a reader waiting for a buffer
+        thread.join()
 
 
 def file_chunks(handle, limit: int | None):
@@ -477,8 +538,11 @@ def _checksum_words(exc) -> str:
     return "ChecksumSHA256 of the store %s, of the bytes %s" % (hexed(match.group(1)), hexed(match.group(2)))
 
 
-def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
-    """Check one artifact under a local directory; never reads more than ``size + 1`` bytes."""
+def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list, read_ahead: bool = False):
+    """Check one artifact under a local directory; never reads more than ``size + 1`` bytes.
+
+    ``read_ahead``: read with a second thread while this one hashes (see :func:`hash_file`).
+    """
     started = time.monotonic()
     path = os.path.join(root, *art.name.split("/"))
     real_root = os.path.realpath(root)
@@ -504,7 +568,7 @@ def verify_local(root: str, art: Artifact, check: Check, bytes_counter: list):
             findings.append(("size_mismatch", "%s is %d bytes, signed size %d" % (path, st.st_size, art.size)))
         elif check.mode == "full":
             try:
-                hashed = hash_file(fd, art.size)
+                hashed = hash_file(fd, art.size, read_ahead=read_ahead)
             except OSError as exc:
                 findings.append(("artifact_missing", "%s could not be read completely: %s" % (path, exc.strerror)))
             else:

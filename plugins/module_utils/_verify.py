@@ -258,8 +258,12 @@ class Verifier:
             def one(item):
                 return art.verify_s3(self.s3, source_loc.bucket, source_loc.key, item, check, counter)
         else:
+            # ``workers`` bounds the threads that read and hash: with two of them for each
+            # artifact, each artifact's reads run in a thread of their own next to its hashing.
+            read_ahead = self.workers >= 2 * len(items)
+
             def one(item):
-                return art.verify_local(self.p["source"], item, check, counter)
+                return art.verify_local(self.p["source"], item, check, counter, read_ahead=read_ahead)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             results = list(pool.map(one, items))
         self.result["bytes_hashed"] = sum(counter)

@@ -1194,28 +1194,71 @@ def test_local_set_with_a_kms_trust_policy_is_verified_by_the_module(module_runn
     assert result["bytes_hashed"] == sum(len(b) for b in case.files.values())  # hashed once, by the module
 
 
-@pytest.mark.parametrize("limit", [0, 5, 1024 * 1024 - 1, 1024 * 1024, 3 * 1024 * 1024 + 7])
-def test_hash_file_reads_at_most_size_plus_one_bytes(tmp_path, limit):
-    """The local hash loop (one reused buffer) stops one byte past the signed size, wherever that falls."""
+@pytest.mark.parametrize("read_ahead", [False, True], ids=["one-thread", "read-ahead"])
+@pytest.mark.parametrize("limit", [0, 5, 1024 * 1024 - 1, 1024 * 1024, 3 * 1024 * 1024 + 7, 9 * 1024 * 1024])
+def test_hash_file_reads_at_most_size_plus_one_bytes(tmp_path, limit, read_ahead):
+    """The local hash loop (reused buffers, with or without a read-ahead thread) stops one byte past
+    the signed size, wherever that falls, and leaves no thread behind."""
+    import threading
+
     from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts
     body = os.urandom(limit + 2 * 1024 * 1024)
     path = tmp_path / "grown.bin"
     path.write_bytes(body)
+    threads = threading.active_count()
     fd = os.open(path, os.O_RDONLY)
     try:
-        hashed = _artifacts.hash_file(fd, limit)
+        hashed = _artifacts.hash_file(fd, limit, read_ahead=read_ahead)
         assert os.lseek(fd, 0, os.SEEK_CUR) == limit + 1  # bytes read from the file
     finally:
         os.close(fd)
+    assert threading.active_count() == threads
     assert hashed.over_limit is True and hashed.sha256 is None and hashed.size == limit + 1
     assert hashed.head == body[:min(limit + 1, 512)]
     fd = os.open(path, os.O_RDONLY)
     try:
-        whole = _artifacts.hash_file(fd, len(body))
+        whole = _artifacts.hash_file(fd, len(body), read_ahead=read_ahead)
     finally:
         os.close(fd)
+    assert threading.active_count() == threads
     assert whole.over_limit is False and whole.sha256 == hashlib.sha256(body).hexdigest()
     assert whole.size == len(body) and whole.head == body[:512]
+
+
+@pytest.mark.parametrize("read_ahead", [False, True], ids=["one-thread", "read-ahead"])
+def test_hash_file_read_error_is_raised_to_the_caller(tmp_path, read_ahead):
+    """A read that fails (here: the descriptor is a directory) raises OSError where the artifact is
+    hashed (verify_local turns it into artifact_missing), also when the read-ahead thread hit it."""
+    import threading
+
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts
+    threads = threading.active_count()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(IsADirectoryError):
+            _artifacts.hash_file(fd, 10, read_ahead=read_ahead)
+    finally:
+        os.close(fd)
+    assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize(("workers", "count", "read_ahead"), [(1, 1, False), (2, 1, True), (2, 2, False),
+                                                              (3, 2, False), (4, 2, True), (8, 3, True)])
+def test_local_read_ahead_only_with_a_spare_worker_per_artifact(module_runner, tmp_path, key, monkeypatch,
+                                                                  workers, count, read_ahead):
+    """``workers`` bounds the threads that read and hash: an artifact gets a read-ahead thread only
+    when there are at least two workers for each artifact."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _artifacts
+    seen, real = [], _artifacts.hash_file
+
+    def hash_file(fd, limit, read_ahead=False):
+        seen.append(read_ahead)
+        return real(fd, limit, read_ahead=read_ahead)
+    monkeypatch.setattr(_artifacts, "hash_file", hash_file)
+    c = Case(tmp_path, key, files={"f%d.bin" % i: os.urandom(1000 + i) for i in range(count)})
+    result = module_runner("verify_artifacts", c.args(workers=workers))
+    assert result["verified"] is True, result.get("msg")
+    assert seen == [read_ahead] * count
 
 
 def test_relative_local_paths_give_absolute_sources(module_runner, case, monkeypatch, quarantine):
