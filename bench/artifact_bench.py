@@ -247,6 +247,15 @@ def bench_pair(tmp: str, gib: float, rounds: int, key, policy: str) -> dict:
             "speedup_2_vs_1": round(best[1] / best[2], 3)}
 
 
+def bytecode_state() -> dict:
+    """Whether the children compile the collection's sources on every run (as a play does: AnsiballZ
+    imports the module and its module_utils from a zip, where no bytecode is cached) or reuse cached
+    bytecode (``__pycache__`` under ``plugins/``, written unless PYTHONDONTWRITEBYTECODE is set):
+    a few tens of milliseconds of start-up either way, so the figures say which."""
+    cached = any(part == "__pycache__" for path in (ROOT / "plugins").rglob("*.pyc") for part in path.parts)
+    return {"PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"), "plugins_pycache": cached}
+
+
 def assert_equal(got, want, what: str) -> None:
     if got != want:
         raise SystemExit("%s: got %r, expected %r" % (what, got, want))
@@ -351,7 +360,8 @@ def main() -> int:
               "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "openssl": subprocess.run(["openssl", "version"], capture_output=True, text=True,
                                                  check=False).stdout.strip(),
-                       "loadavg_before": [round(x, 2) for x in load_before]}}
+                       "loadavg_before": [round(x, 2) for x in load_before]},
+              "bytecode": bytecode_state()}
     key = generate_key("ed25519")
     with tempfile.TemporaryDirectory(prefix="drguard-artifact-bench-", dir=args.tmp) as tmp:
         policy = write_trust_policy(os.path.join(tmp, "trust.json"), [key])
@@ -376,6 +386,9 @@ def main() -> int:
     print()
     print("== summary (load average before %s, after %s)" % (result["host"]["loadavg_before"],
                                                               result["host"]["loadavg_after"]))
+    cached = result["bytecode"]["plugins_pycache"]
+    print("collection bytecode: %s" % ("cached under plugins/ (a faster start-up than in a play)" if cached
+                                       else "compiled on every run, as in a play"))
     big = result.get("big_file")
     if big:
         print("big file %.2f GiB: openssl %.0f MiB/s, module %.0f MiB/s (hash loop alone %.0f MiB/s)" % (

@@ -117,7 +117,9 @@ options:
     default: full
   workers:
     description:
-      - Artifacts verified in parallel. Default is the number of CPUs.
+      - Threads that read and hash at once - artifacts are verified in parallel, up to this many.
+        With at least two workers for each artifact of a local O(source), each artifact is also read
+        ahead by a thread of its own while it is hashed. Default is the number of CPUs.
     type: int
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
