@@ -146,3 +146,11 @@ def test_s3_set_imports_the_sdk_and_verifies(tmp_path, emulator, aws):
     assert result.get("verified") is True, out[-2000:]
     assert {a["name"]: a["version_id"] for a in result["artifacts"]} == versions
     assert {"boto3", "botocore"} <= modules
+
+
+def test_local_set_with_botocore_endpoint_logs_reports_no_aws_action(tmp_path, local_set):
+    """debug_botocore_endpoint_logs lists the AWS actions made: none for a local set, and the SDK stays unloaded."""
+    result, modules, out = run_child(tmp_path, local_args(local_set, debug_botocore_endpoint_logs=True), no_aws_env())
+    assert result.get("verified") is True, out[-2000:]
+    assert result["resource_actions"] == []
+    assert sdk_loaded(modules) == []
