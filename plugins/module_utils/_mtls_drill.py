@@ -417,7 +417,7 @@ class Phase:
         ns = cp["ns"] if cp else self.plan["tiers"][_pki.VALIDATION_TIER]["ns"]
         try:
             return _telemetry.deliver(ns, events, self.telemetry["address"], int(self.telemetry["port"]),
-                                      python=self.python)
+                                      drill_id=self.drill_id, python=self.python)
         except _telemetry.TelemetryError as exc:
             return {"error": exc.msg, "sent": exc.detail.get("sent"), "acknowledged": exc.detail.get("acknowledged")}
 

@@ -656,3 +656,28 @@ def tier_list(tiers) -> list:
         if tier not in out:
             out.append(tier)
     return out
+
+
+def service_id(drill_id: str, name: str) -> str:
+    """``spiffe://<drill id>.drguard.internal/<name>``: a drill service that is not a tier (``control-plane``,
+    ``telemetry``); inside the CA's name constraint, and refused by every tier's authorisation (not ``/tier/``)."""
+    if not isinstance(name, str) or not TIER_RE.fullmatch(name):
+        raise PkiError("service name %r is not valid (lowercase letters, digits, hyphens); fix the call" % (name,),
+                       field="name")
+    return "spiffe://%s/%s" % (trust_domain(drill_id), name)
+
+
+def issue_service_leaf(ca: CA, drill_id: str, name: str, lifetime: int, *, now=None) -> Leaf:
+    """A leaf for the drill service ``name`` (:func:`service_id`), the profile of :func:`issue_leaf`: exactly one
+    URI SAN, KeyUsage digitalSignature, EKU serverAuth + clientAuth, cA false; never past the CA."""
+    uri = service_id(drill_id, name)
+    template = issue_leaf(ca, drill_id, VALIDATION_TIER, lifetime, now=now)  # validity and profile checks
+    cert = (x509.CertificateBuilder().subject_name(template.cert.subject).issuer_name(template.cert.issuer)
+            .public_key(template.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(template.cert.not_valid_before_utc).not_valid_after(template.cert.not_valid_after_utc))
+    for ext in template.cert.extensions:
+        value = ext.value
+        if isinstance(value, x509.SubjectAlternativeName):
+            value = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
+        cert = cert.add_extension(value, critical=ext.critical)
+    return Leaf(name, template.key, cert.sign(ca.key, hashes.SHA256()))

@@ -376,7 +376,7 @@ def send_events(rows, plan, drill_id, address, port):
         events = [_telemetry.cloud_event("drguard.probe.result", source, f"{r['src']}->{r['dst']} {r['address']}",
                                          {k: r[k] for k in r if k != "src_address"}) for r in rows]
         return _telemetry.deliver(_source_ns(plan, "control_plane"), events, address, port,
-                                  python=python_executable())
+                                  drill_id=drill_id, python=python_executable())
     except ProbeError as exc:
         return {"sent": 0, "acknowledged": 0, "error": exc.msg}
     except _telemetry.TelemetryError as exc:

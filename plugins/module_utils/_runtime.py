@@ -210,6 +210,7 @@ STATE_FILE = "state.json"  # <output_dir>/runtime/state.json: the prefix, writte
 BAIT_HITS = "bait-hits.jsonl"  # <output_dir>/runtime/bait-hits.jsonl: one line per accepted bait connection
 TELEMETRY_FILE = "telemetry.jsonl"  # <output_dir>/telemetry.jsonl: the collector's events
 READY_TIMEOUT = 10.0  # seconds every listener has to come up
+PKI_TTL = 7200  # seconds the drill's CA is valid when the runtime makes it and no TTL is given (drill_pki's default)
 
 # One unprivileged process per namespace serves all of its listeners (TCP accept-and-close, UDP echo).
 # Production bait writes one JSON line per accepted connection to its stdout (bait-hits.jsonl).
@@ -353,8 +354,12 @@ def _keep_aside(path):
     return f"{path}.{n}"
 
 
-def _start_processes(netns, plan, output_dir, python, previous):
-    """Start every listener process (and the collector) not already alive; returns (processes, started)."""
+def _start_processes(netns, plan, output_dir, python, previous, *, drill_id=None, pki_ttl=None):
+    """Start every listener process (and the collector) not already alive; returns (processes, started).
+
+    The collector speaks mTLS: the drill's telemetry channel (``_telemetry.Channel``: the drill's CA,
+    made here valid ``pki_ttl`` seconds when the drill has none yet, and the channel's leaves) is
+    made first, and its identity and trust reach the collector as read-only files of its private mount."""
     from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry  # noqa: PLC0415
     rdir = _runtime_dir(output_dir)
     processes, started = {}, []
@@ -383,12 +388,16 @@ def _start_processes(netns, plan, output_dir, python, previous):
             processes[key] = old
         else:
             path = os.path.join(output_dir, TELEMETRY_FILE)
-            _keep_aside(path)
             try:
-                argv = _telemetry.collector_argv(python, tel["address"], tel["port"])
+                channel = _telemetry.Channel(drill_id)
+                channel.ensure(plan, PKI_TTL if pki_ttl is None else pki_ttl)
+                argv = _telemetry.collector_argv(python, tel["address"], tel["port"], drill_id=drill_id,
+                                                 tiers=list(plan["tiers"]))
+                files = channel.collector_files()
             except _telemetry.TelemetryError as exc:
                 raise SandboxRuntimeError(f"the telemetry collector cannot be started: {exc}") from None
-            pid = netns.spawn(ns, argv, stdout_path=path, stderr_path=os.path.join(rdir, "collector.log"))
+            _keep_aside(path)
+            pid = netns.spawn(ns, argv, stdout_path=path, stderr_path=os.path.join(rdir, "collector.log"), files=files)
             processes[key] = {"ns": ns, "pid": pid, "role": "collector"}
             started.append(key)
     return processes, started
@@ -491,7 +500,7 @@ def _namespaces(plan):
                   | {n["ns"] for n in plan["world"]["neighbours"].values()})
 
 
-def up(boundary, drill_id, output_dir, python, *, check_mode=False):
+def up(boundary, drill_id, output_dir, python, *, check_mode=False, pki_ttl=None):
     """Build (or complete) the drill's ``netns`` runtime and return the runtime result (docs/runtime.md).
 
     Refused before anything is created when the plan, the names or the host do not allow it
@@ -501,6 +510,8 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False):
     process not alive is started unprivileged, and every listener must be bound within
     :data:`READY_TIMEOUT` seconds. Idempotent: ``changed`` is false when nothing had to be done.
     A failure after creation began removes everything of the prefix again before it raises.
+    The drill's PKI gets its CA here (valid ``pki_ttl`` seconds, :data:`PKI_TTL` by default) when it
+    has none yet: the collector speaks mTLS from the start.
     """
     netns = _netns_mod()
     plan = prepare(boundary, drill_id)
@@ -532,7 +543,8 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False):
                 raise SandboxRuntimeError(f"the router ruleset read back after applying it does not match "
                                           f"drill_boundary ({findings[0]['code']}: {findings[0]['detail']}); "
                                           "report this as a bug.", findings=findings)
-        processes, started = _start_processes(netns, plan, output_dir, python, state["processes"])
+        processes, started = _start_processes(netns, plan, output_dir, python, state["processes"], drill_id=drill_id,
+                                              pki_ttl=pki_ttl)
         state["processes"] = processes
         _write_state(output_dir, state)
         _wait_ready(netns, plan, python, output_dir)
@@ -613,4 +625,7 @@ def down(drill_id, output_dir=None):
     if state is not None and state.get("state") != "absent":
         state.update(state="absent", processes={})
         _write_state(output_dir, state)
-    return {"changed": removed["changed"], "prefix": prefix, "removed": removed["removed"]}
+    # The runtime made the drill's PKI (its CA, the telemetry channel): overwritten and removed with it.
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill  # noqa: PLC0415 - a cycle
+    pki = _mtls_drill.destroy(drill_id)
+    return {"changed": removed["changed"] or pki, "prefix": prefix, "removed": removed["removed"]}

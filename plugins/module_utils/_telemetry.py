@@ -24,6 +24,7 @@ them as part of its program text and this module executes the same text for
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
@@ -31,8 +32,12 @@ import stat
 import sys
 import uuid
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _io
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy
+from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
+from ansible_collections.drguard.sandbox.plugins.module_utils import _secrets
 
 # Limits of the collector (docs/runtime.md, "Telemetry").
 MAX_LINE = 64 * 1024  # bytes of one event line as sent
@@ -42,7 +47,14 @@ IDLE_TIMEOUT = 30.0  # seconds a sender may stay silent before the collector clo
 CONNECT_TIMEOUT = 10.0  # seconds the sender keeps trying to connect (the collector may be starting)
 READ_TIMEOUT = 10.0  # seconds the sender waits for any one acknowledgement
 
+HANDSHAKE_TIMEOUT = 5.0  # seconds a sender has for the TLS handshake
+
 REJECTED_TYPE = "drguard.telemetry.rejected"
+REFUSED_TYPE = "drguard.telemetry.refused"  # a connection refused by the TLS handshake or the identity check
+COLLECTOR = "telemetry"  # the collector's identity: spiffe://<drill id>.drguard.internal/telemetry
+CONTROL_PLANE = "control-plane"  # the drill's own identity as a sender: spiffe://<...>/control-plane
+_IN_IDENTITY = _netns.WORKLOAD_IN + "/identity.pem"
+_IN_TRUST = _netns.WORKLOAD_IN + "/trust.pem"
 COLLECTOR_EVENT_SOURCE = "/drguard/telemetry/collector"
 # A line of the collector's file is at most one event re-encoded as ASCII plus receivedat.
 _MAX_FILE_LINE = 8 * MAX_LINE
@@ -156,6 +168,7 @@ def dumps_line(obj):
 '''
 
 _COLLECTOR_MAIN = r'''
+import json
 import os
 import signal
 import socket
@@ -174,8 +187,34 @@ def rejected_record(reason, size, count=1):
             "data": {"reason": reason, "bytes": size, "count": count}}
 
 
+REFUSED_TYPE = "drguard.telemetry.refused"
+
+
+def refused_record(data):
+    return {"specversion": "1.0", "id": uuid.uuid4().hex, "source": SOURCE, "type": REFUSED_TYPE,
+            "time": now_rfc3339(), "datacontenttype": "application/json", "data": data}
+
+
+def judge_sender(der, tls):
+    """(peer_id, serial, reason): reason None for a tier of this drill's plan or one of its services."""
+    tier, serial, peer_id, reason = judge_peer(der, tls["domain"], "client")
+    if reason == "bad_identity_path" and peer_id in tls["services"]:
+        return peer_id, serial, None
+    if reason is None and tier not in tls["tiers"]:
+        reason = "identity_not_allowed"
+    return peer_id, serial, reason
+
+
 def main(argv):
     address, port, max_total, max_conns, idle = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
+    tls_cfg = json.loads(argv[5])
+    try:
+        ctx = server_context(tls_cfg["identity"], tls_cfg["trust"])
+    except (OSError, ValueError) as exc:
+        sys.stderr.write("telemetry collector: cannot load its identity %s and trust %s (%s); start it with the "
+                         "drill's telemetry credentials\n" % (tls_cfg["identity"], tls_cfg["trust"],
+                                                              type(exc).__name__))
+        sys.exit(2)
     out = sys.stdout.buffer
     lock = threading.Lock()
     state = {"written": 0, "dropped_full": 0, "broken": False}
@@ -205,13 +244,14 @@ def main(argv):
             return False
         return True
 
-    def judge(raw, size):
+    def judge(raw, size, sender):
         event, reason = (None, "line_too_long") if raw is None else parse_line(raw)
         with lock:
             if state["broken"]:
                 return b"rejected write_failed\n"
             if event is not None:
                 event["receivedat"] = now_rfc3339()
+                event["receivedfrom"] = sender
                 line = dumps_line(event)
                 if not fits(line):
                     return b"rejected collector_full\n"
@@ -221,8 +261,58 @@ def main(argv):
                 write(line)
             return ("rejected %s\n" % reason).encode("ascii")
 
-    def serve(conn):
+    def refuse(peer, reason, peer_id=None, serial=None):
+        with lock:
+            line = dumps_line(refused_record({"reason": reason, "peer_address": peer, "peer_id": peer_id,
+                                              "serial": serial}))
+            if fits(line):
+                write(line)
+
+    def handshake(conn, peer):
+        """The TLS session of an authorised sender, else None (the refusal recorded, never an event)."""
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(tls_cfg["handshake_timeout"])
         try:
+            if not conn.recv(1, socket.MSG_PEEK):
+                return None  # closed before sending a byte: a bare TCP connect (the probes' connect row)
+        except OSError as exc:
+            refuse(peer, ssl_reason(exc))
+            return None
+        tls = conn
+        try:
+            tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            tls.do_handshake()
+        except (OSError, ValueError) as exc:
+            refuse(peer, ssl_reason(exc))
+            linger_close(tls)
+            return None
+        peer_id, serial, reason = judge_sender(tls.getpeercert(binary_form=True) or b"", tls_cfg)
+        if reason is not None:
+            refuse(peer, reason, peer_id, serial)
+            linger_close(tls)
+            return None
+        return tls, peer_id
+
+    def linger_close(sock):
+        # No reset: the sender still reads the TLS alert (TLS 1.3 shows a refused certificate on the first read).
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(1.0)
+            while sock.recv(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def serve(conn, peer):
+        try:
+            session = handshake(conn, peer)
+            if session is None:
+                return
+            conn, sender = session
             conn.settimeout(idle)
             reader = conn.makefile("rb")
             while not stop.is_set():
@@ -235,13 +325,13 @@ def main(argv):
                     while raw and not raw.endswith(b"\n"):
                         raw = reader.readline(MAX_LINE + 2)
                         size += len(raw)
-                    conn.sendall(judge(None, size))
+                    conn.sendall(judge(None, size, sender))
                     continue
                 if raw.endswith(b"\n"):
                     raw = raw[:-1]
                 if raw.endswith(b"\r"):
                     raw = raw[:-1]
-                conn.sendall(judge(raw, size))
+                conn.sendall(judge(raw, size, sender))
         except OSError:
             pass
         finally:
@@ -271,7 +361,7 @@ def main(argv):
     sys.stderr.flush()
     while not stop.is_set():
         try:
-            conn, _ = server.accept()
+            conn, peer = server.accept()
         except (socket.timeout, InterruptedError):
             continue
         except OSError:
@@ -285,12 +375,11 @@ def main(argv):
                 if fits(line):
                     write(line)
             try:
-                conn.sendall(b"rejected collector_busy\n")
-                conn.close()
+                conn.close()  # no TLS session to answer in: the sender sees the connection closed
             except OSError:
                 pass
             continue
-        thread = threading.Thread(target=serve, args=(conn,), daemon=True)
+        thread = threading.Thread(target=serve, args=(conn, peer[0]), daemon=True)
         thread.start()
         threads[:] = [t for t in threads if t.is_alive()] + [thread]
     server.close()
@@ -314,8 +403,9 @@ _SENDER_MAIN = r'''
 import json
 import socket
 import sys
-import threading
 import time
+
+BATCH = 64  # events sent before their acknowledgements are read (one TLS session is never used by two threads)
 
 
 def fail(message, summary):
@@ -328,12 +418,18 @@ def fail(message, summary):
 
 def main(argv):
     address, port, connect_timeout, read_timeout = argv[0], int(argv[1]), float(argv[2]), float(argv[3])
+    tls_cfg = json.loads(argv[4])
     where = "%s:%d" % (address, port)
     lines = [line for line in sys.stdin.buffer.read().split(b"\n") if line.strip()]
     summary = {"sent": len(lines), "acknowledged": 0, "rejected": []}
     if not lines:
         sys.stdout.write(json.dumps({"sent": 0, "acknowledged": 0}) + "\n")
         return
+    try:
+        ctx = client_context(tls_cfg["identity"], tls_cfg["trust"])
+    except (OSError, ValueError) as exc:
+        fail("cannot load this sender's identity %s and trust %s (%s); send with the drill's telemetry credentials"
+             % (tls_cfg["identity"], tls_cfg["trust"], type(exc).__name__), summary)
     deadline = time.monotonic() + connect_timeout
     while True:
         try:
@@ -344,41 +440,47 @@ def main(argv):
                 fail("cannot connect to the collector at %s within %gs (%s); is it running?"
                      % (where, connect_timeout, exc.strerror or exc), summary)
             time.sleep(0.1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(read_timeout)
-    errors = []
-
-    def send():
-        try:
-            for line in lines:
-                sock.sendall(line + b"\n")
-            sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            errors.append(str(exc.strerror or exc))
-
-    writer = threading.Thread(target=send, daemon=True)
-    writer.start()
-    reader = sock.makefile("rb")
+    try:
+        tls = ctx.wrap_socket(sock)
+    except (OSError, ValueError) as exc:
+        fail("the TLS handshake with the collector at %s failed (%s); the collector was busy, refused this sender or "
+             "is not the drill's: see its file and log" % (where, ssl_reason(exc)), summary)
+    tier, serial, peer_id, reason = judge_peer(tls.getpeercert(binary_form=True) or b"", tls_cfg["domain"], "server")
+    if not (reason == "bad_identity_path" and peer_id == tls_cfg["collector_id"]):
+        tls.close()
+        fail("the collector at %s presented %s, not the drill's telemetry identity %s (%s); nothing was sent"
+             % (where, peer_id, tls_cfg["collector_id"], reason or "server_identity_mismatch"), summary)
+    reader = tls.makefile("rb")
     answered = 0
     problem = None
     try:
-        while answered < len(lines):
-            ack = reader.readline(256)
-            if not ack:
-                problem = "the collector closed the connection"
-                break
-            ack = ack.decode("ascii", "replace").strip()
-            answered += 1
-            if ack == "ok":
-                summary["acknowledged"] += 1
-            else:
-                reason = ack[len("rejected "):] if ack.startswith("rejected ") else "bad acknowledgement"
-                summary["rejected"].append({"event": answered, "reason": reason})
+        while answered < len(lines) and problem is None:
+            batch = lines[answered:answered + BATCH]
+            tls.sendall(b"".join(line + b"\n" for line in batch))
+            for _ in batch:
+                ack = reader.readline(256)
+                if not ack:
+                    problem = "the collector closed the connection; a refused sender is recorded in its file"
+                    break
+                ack = ack.decode("ascii", "replace").strip()
+                answered += 1
+                if ack == "ok":
+                    summary["acknowledged"] += 1
+                else:
+                    reason = ack[len("rejected "):] if ack.startswith("rejected ") else "bad acknowledgement"
+                    summary["rejected"].append({"event": answered, "reason": reason})
     except socket.timeout:
         problem = "no acknowledgement within %gs" % read_timeout
-    except OSError as exc:
-        problem = "the connection failed (%s)" % (exc.strerror or exc)
-    writer.join(1.0)
-    sock.close()
+    except (OSError, ValueError) as exc:
+        why = ssl_reason(exc)
+        problem = ("the collector refused this sender (%s)" % why if why not in ("handshake_failed", "closed_by_peer")
+                   else "the connection failed (%s)" % (getattr(exc, "strerror", None) or exc))
+    try:
+        tls.close()
+    except OSError:
+        pass
     missing = len(lines) - summary["acknowledged"]
     if missing:
         parts = []
@@ -387,8 +489,7 @@ def main(argv):
             parts.append("%d rejected (first: event %d, %s)" % (len(summary["rejected"]), first["event"],
                                                                  first["reason"]))
         if answered < len(lines):
-            why = problem or (errors[0] if errors else "no answer")
-            parts.append("%d unanswered (%s)" % (len(lines) - answered, why))
+            parts.append("%d unanswered (%s)" % (len(lines) - answered, problem or "no answer"))
         del summary["rejected"][20:]
         fail("%d of %d event(s) not acknowledged by the collector at %s: %s; see the collector's file."
              % (missing, len(lines), where, "; ".join(parts)), summary)
@@ -399,8 +500,9 @@ def main(argv):
 main(sys.argv[1:])
 '''
 
-COLLECTOR_SOURCE = _SHARED_SOURCE + _COLLECTOR_MAIN
-SENDER_SOURCE = _SENDER_MAIN
+# TLS 1.3 contexts, reasons and the identity judgement are the mTLS programs' own (docs/mtls.md).
+COLLECTOR_SOURCE = _mtls._SHARED_SOURCE + _SHARED_SOURCE + _COLLECTOR_MAIN  # noqa: SLF001
+SENDER_SOURCE = _mtls._SHARED_SOURCE + _SENDER_MAIN  # noqa: SLF001
 
 # The collector's checks, executed here from the very text the collector runs (one definition).
 _CHECKS: dict = {}
@@ -484,36 +586,185 @@ def _python(python):
     return python
 
 
-def collector_argv(python, address, port, *, max_total=MAX_TOTAL, max_connections=MAX_CONNECTIONS,
-                   idle_timeout=IDLE_TIMEOUT):
-    """The collector's command line: ``python -I -S -c COLLECTOR_SOURCE <address> <port> ...``.
+def _tls_paths(identity, trust):
+    for field, path in (("identity", identity), ("trust", trust)):
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise TelemetryError(f"{field} {path!r} must be the absolute path of a PEM file the process can read "
+                                 "(the drill's telemetry credentials).", field=field)
+    return identity, trust
 
-    Spawn it (unprivileged) in the telemetry namespace with stdout to
+
+def collector_argv(python, address, port, *, drill_id, tiers, identity=None, trust=None, max_total=MAX_TOTAL,
+                   max_connections=MAX_CONNECTIONS, idle_timeout=IDLE_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT):
+    """The collector's command line: ``python -I -S -c COLLECTOR_SOURCE <address> <port> ... <tls>``.
+
+    TLS 1.3 with client certificates required: ``identity`` (its leaf and key, the drill service
+    ``telemetry``) and ``trust`` (the drill's CA and its CRL) default to the files a spawn with
+    :meth:`Channel.collector_files` puts into the workload's ``/run/drguard/in``. A sender is
+    authorised when its identity is one of ``tiers`` of drill ``drill_id`` or its control plane;
+    every other connection that sent a byte is refused and recorded as a ``drguard.telemetry.refused``
+    line. Spawn it (unprivileged) in the telemetry namespace with stdout to
     ``<output_dir>/telemetry.jsonl``; it prints ``telemetry collector listening on ...`` to
     stderr once bound, and exits 0 on SIGTERM after flushing.
     """
     addr, port_text = check_endpoint(address, port)
     if not (isinstance(max_total, int) and max_total > 0 and isinstance(max_connections, int)
-            and max_connections > 0 and idle_timeout > 0):
+            and max_connections > 0 and idle_timeout > 0 and handshake_timeout > 0):
         raise TelemetryError("collector limits must be positive numbers; fix the call.", field="limits")
+    identity, trust = _tls_paths(identity or _IN_IDENTITY, trust or _IN_TRUST)
+    try:
+        names = _pki.tier_list(tiers)
+        tls = {"domain": _pki.trust_domain(drill_id), "tiers": names, "identity": identity, "trust": trust,
+               "services": [_pki.service_id(drill_id, CONTROL_PLANE)], "handshake_timeout": float(handshake_timeout)}
+    except _pki.PkiError as exc:
+        raise TelemetryError(f"the collector cannot be configured: {exc.msg}", **exc.detail) from None
     return [_python(python), "-I", "-S", "-c", COLLECTOR_SOURCE, addr, port_text, str(max_total),
-            str(max_connections), f"{float(idle_timeout):g}"]
+            str(max_connections), f"{float(idle_timeout):g}", json.dumps(tls, sort_keys=True)]
 
 
-def sender_argv(python, address, port, *, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT):
-    """The sender's command line: ``python -I -S -c SENDER_SOURCE <address> <port> ...``.
+def sender_argv(python, address, port, *, drill_id, identity=None, trust=None, connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT):
+    """The sender's command line: ``python -I -S -c SENDER_SOURCE <address> <port> ... <tls>``.
 
-    Run it with :func:`encode_events` on stdin. Exit 0 and ``{"sent": n, "acknowledged": n}``
-    on stdout when every event was acknowledged ``ok``; otherwise exit 1, the same summary
-    plus ``rejected`` (event number and reason, at most 20) on stdout and one line on stderr.
-    It keeps trying to connect for ``connect_timeout`` seconds and waits at most
-    ``read_timeout`` seconds for any one acknowledgement.
+    Run it with :func:`encode_events` on stdin. It presents ``identity`` (its leaf and key),
+    trusts ``trust`` only, and sends nothing unless the collector presents the drill's
+    ``telemetry`` identity. Exit 0 and ``{"sent": n, "acknowledged": n}`` on stdout when every
+    event was acknowledged ``ok``; otherwise exit 1, the same summary plus ``rejected`` (event
+    number and reason, at most 20) on stdout and one line on stderr. It keeps trying to connect
+    for ``connect_timeout`` seconds and waits at most ``read_timeout`` seconds for any one
+    acknowledgement. ``identity`` / ``trust`` default to the files :func:`deliver` hands in.
     """
     addr, port_text = check_endpoint(address, port)
     if not (connect_timeout > 0 and read_timeout > 0):
         raise TelemetryError("sender timeouts must be positive; fix the call.", field="timeouts")
+    identity, trust = _tls_paths(identity or _IN_IDENTITY, trust or _IN_TRUST)
+    try:
+        tls = {"domain": _pki.trust_domain(drill_id), "identity": identity, "trust": trust,
+               "collector_id": _pki.service_id(drill_id, COLLECTOR)}
+    except _pki.PkiError as exc:
+        raise TelemetryError(f"the sender cannot be configured: {exc.msg}", **exc.detail) from None
     return [_python(python), "-I", "-S", "-c", SENDER_SOURCE, addr, port_text, f"{float(connect_timeout):g}",
-            f"{float(read_timeout):g}"]
+            f"{float(read_timeout):g}", json.dumps(tls, sort_keys=True)]
+
+
+class Channel:
+    """The telemetry channel's credentials of one drill, on its tmpfs beside the PKI (docs/runtime.md).
+
+    ``<mTLS root>/telemetry/`` (0700, files 0600): ``trust.pem`` (the drill's CA and its CRL as
+    they were when the channel was made), ``collector.pem`` (the ``telemetry`` service's leaf and
+    key), one sender leaf per namespace that sends (``control-plane.pem`` for the control plane,
+    ``tier-<tier>.pem`` per tier) and ``channel.json`` (namespace -> file, serials; no key).
+    The leaves are issued once by the drill's CA and live as long as it: the collector reads its
+    credentials once, when it starts (they are copied into its private mount), so it keeps this
+    bundle when the ``mtls`` phase rotates the tiers' leaves or the CA.
+    """
+
+    def __init__(self, drill_id, root=None):
+        from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill  # noqa: PLC0415 - a cycle
+        try:
+            _pki.trust_domain(drill_id)
+        except _pki.PkiError as exc:
+            raise TelemetryError(f"the telemetry channel needs a valid drill id: {exc.msg}", **exc.detail) from None
+        self.drill_id = drill_id
+        self.root = root or _mtls_drill.root_dir(drill_id)
+        self.dir = os.path.join(self.root, "telemetry")
+        self.store = _pki.Store(drill_id, os.path.join(self.root, "pki"))
+
+    def _path(self, name):
+        return os.path.join(self.dir, name)
+
+    def read(self):
+        """``channel.json`` or None when the channel was not made."""
+        try:
+            with open(self._path("channel.json"), encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise TelemetryError(f"the telemetry channel {self.dir} cannot be read ({exc}); remove the runtime "
+                                 "and start it again.", dir=self.dir) from None
+
+    def ensure(self, plan, ttl):
+        """The drill's CA (made here, valid ``ttl`` seconds, when the drill has none yet) and the channel's
+        files for ``plan``'s namespaces; idempotent. Returns True when something was written."""
+        tiers = list(plan["tiers"])
+        senders = {plan["tiers"][t]["ns"]: "tier-%s.pem" % t for t in tiers}
+        cp = plan.get("world", {}).get("neighbours", {}).get("control_plane")
+        if cp:
+            senders[cp["ns"]] = CONTROL_PLANE + ".pem"
+        current = self.read()
+        if (current and current.get("drill_id") == self.drill_id and current.get("senders") == senders
+                and all(os.path.isfile(self._path(n)) for n in [*senders.values(), "collector.pem", "trust.pem"])):
+            return False
+        try:
+            self._make_root()
+            state = self.store.state()
+            if not state["cas"]:
+                self.store.prepare()
+                self.store.add_ca(state, int(ttl))
+                self.store.write_trust(state)
+                self.store.save(state)
+            ca = self.store.issuing_ca(state)
+            lifetime = int((ca.cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc))
+                           .total_seconds())
+            _io.ensure_private_dir(self.dir, parents=False)
+            with open(self.store.trust_file(), "rb") as handle:
+                _pki.write_private(self._path("trust.pem"), handle.read())
+            serials = {}
+            leaves = {"collector.pem": _pki.issue_service_leaf(ca, self.drill_id, COLLECTOR, lifetime)}
+            if cp:
+                leaves[CONTROL_PLANE + ".pem"] = _pki.issue_service_leaf(ca, self.drill_id, CONTROL_PLANE, lifetime)
+            for tier in tiers:
+                leaves["tier-%s.pem" % tier] = _pki.issue_leaf(ca, self.drill_id, tier, lifetime)
+            for name, leaf in sorted(leaves.items()):
+                _pki.write_private(self._path(name), _pki.cert_pem(leaf.cert) + _pki.key_pem(leaf.key))
+                serials[name] = _pki.serial_hex(leaf.cert)
+            _io.atomic_write_json(self._path("channel.json"), {
+                "drill_id": self.drill_id, "senders": senders, "serials": serials,
+                "ca": _pki.serial_hex(ca.cert)})
+        except (_pki.PkiError, OSError) as exc:
+            raise TelemetryError(f"the telemetry channel of drill {self.drill_id} cannot be made in {self.dir}: "
+                                 f"{getattr(exc, 'msg', None) or exc}; check the tmpfs and retry.", dir=self.dir) \
+                from None
+        return True
+
+    def _make_root(self):
+        """The drill's mTLS directory on a tmpfs, ours and a real directory (its mode is the mtls phase's)."""
+        try:
+            _secrets.require_tmpfs(self.root)
+        except _secrets.SecretError as exc:
+            raise TelemetryError(f"the drill's telemetry credentials must be on a tmpfs: {exc}", dir=self.root) \
+                from None
+        try:
+            os.mkdir(self.root, 0o700)
+        except FileExistsError:
+            info = os.lstat(self.root)
+            if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise TelemetryError(f"{self.root} exists and is not a directory of this user; remove it and retry.",
+                                     dir=self.root) from None
+
+    def _files(self, name):
+        return {"identity.pem": {"source": self._path(name), "mode": 0o400},
+                "trust.pem": {"source": self._path("trust.pem"), "mode": 0o400}}
+
+    def collector_files(self):
+        """The collector's ``files`` for ``_netns.spawn`` (read-only copies in its private mount)."""
+        if self.read() is None:
+            raise TelemetryError(f"drill {self.drill_id} has no telemetry channel in {self.dir}; start the runtime "
+                                 "(sandbox_runtime) first.", dir=self.dir)
+        return self._files("collector.pem")
+
+    def sender_files(self, ns):
+        """The ``files`` of a sender in namespace ``ns``: the leaf of that namespace's identity and the trust."""
+        channel = self.read()
+        if channel is None:
+            raise TelemetryError(f"drill {self.drill_id} has no telemetry channel in {self.dir}; start the runtime "
+                                 "(sandbox_runtime) first.", dir=self.dir, namespace=ns)
+        name = channel["senders"].get(ns)
+        if name is None:
+            raise TelemetryError(f"namespace {ns} has no telemetry identity of drill {self.drill_id}; send from the "
+                                 "control plane or a tier of the drill.", namespace=ns)
+        return self._files(name)
 
 
 def drill_prefix(drill_id):
@@ -541,19 +792,26 @@ def build_events(drill_id, specs):
     return events
 
 
-def deliver(ns, events, address, port, *, python=None, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT):
-    """Send ``events`` to the collector from namespace ``ns``, unprivileged (``_netns.run_in``).
+def deliver(ns, events, address, port, *, drill_id, python=None, connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT, channel=None):
+    """Send ``events`` to the collector from namespace ``ns``, unprivileged (``_netns.run_in``), over mTLS.
+
+    The sender presents the leaf of ``ns``'s identity in drill ``drill_id``'s telemetry channel
+    (:class:`Channel`: the control plane's or the tier's), handed in as read-only files of its
+    private mount, never on argv or in its environment.
 
     Returns ``{"sent": n, "acknowledged": n}`` when every event was acknowledged; otherwise
     raises :class:`TelemetryError` with the sender's one-line reason and ``sent``,
     ``acknowledged``, ``rejected`` in ``detail``. ``python`` defaults to this interpreter's
     real file (the venv's symlink resolved).
     """
-    argv = sender_argv(python or os.path.realpath(sys.executable), address, port,
+    argv = sender_argv(python or os.path.realpath(sys.executable), address, port, drill_id=drill_id,
                        connect_timeout=connect_timeout, read_timeout=read_timeout)
     text = encode_events(events)
+    files = (channel or Channel(drill_id)).sender_files(ns)
     try:
-        proc = _netns.run_in(ns, argv, input_text=text, timeout=connect_timeout + read_timeout * 3 + 30, env={})
+        proc = _netns.run_in(ns, argv, input_text=text, timeout=connect_timeout + read_timeout * 3 + 30, env={},
+                             files=files)
     except _netns.NetnsError as exc:
         raise TelemetryError(f"cannot run the telemetry sender in namespace {ns}: {exc.msg}", namespace=ns,
                              **exc.detail) from None
@@ -606,6 +864,12 @@ def _judge_file_line(raw, complete):
                 or isinstance(count, bool) or not isinstance(count, int) or count < 1):
             return "corrupt", "bad_rejected_record", 0
         return "rejected", data["reason"], count
+    if obj["type"] == REFUSED_TYPE:
+        data = obj.get("data")
+        if obj["source"] != COLLECTOR_EVENT_SOURCE or not isinstance(data, dict) or not isinstance(data.get("reason"),
+                                                                                                   str):
+            return "corrupt", "bad_refused_record", 0
+        return "refused", data["reason"], 1
     if obj["type"].startswith(_CHECKS["RESERVED_PREFIX"]):
         return "corrupt", "type_reserved", 0
     if "receivedat" not in obj:
@@ -614,10 +878,12 @@ def _judge_file_line(raw, complete):
 
 
 def summarise(path):
-    """Count the collector's file: ``{"events", "by_type", "rejected", "rejected_reasons", "corrupt",
-    "corrupt_lines"}``.
+    """Count the collector's file: ``{"events", "by_type", "rejected", "rejected_reasons", "refused",
+    "refused_reasons", "corrupt", "corrupt_lines"}``.
 
     ``rejected`` counts events the collector refused (by reason in ``rejected_reasons``);
+    ``refused`` counts connections it refused (TLS handshake or identity, by reason in
+    ``refused_reasons``): nothing they sent is in the file;
     ``corrupt`` counts lines the collector cannot have written (not JSON, not a valid event,
     no ``receivedat``, cut short): they are reported, never skipped; ``corrupt_lines`` lists
     the first 20 as ``{"line": n, "reason": ...}``. A missing file, a symlink or anything
@@ -628,8 +894,8 @@ def summarise(path):
     except OSError as exc:
         raise TelemetryError(f"telemetry file {path} cannot be read ({exc.strerror}); the collector did not run "
                              "or wrote elsewhere.", path=str(path)) from None
-    summary = {"events": 0, "by_type": {}, "rejected": 0, "rejected_reasons": {}, "corrupt": 0,
-               "corrupt_lines": []}
+    summary = {"events": 0, "by_type": {}, "rejected": 0, "rejected_reasons": {}, "refused": 0,
+               "refused_reasons": {}, "corrupt": 0, "corrupt_lines": []}
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise TelemetryError(f"telemetry file {path} is not a regular file; point the collector's stdout "
@@ -643,6 +909,9 @@ def summarise(path):
             elif kind == "rejected":
                 summary["rejected"] += count
                 summary["rejected_reasons"][what] = summary["rejected_reasons"].get(what, 0) + count
+            elif kind == "refused":
+                summary["refused"] += 1
+                summary["refused_reasons"][what] = summary["refused_reasons"].get(what, 0) + 1
             else:
                 summary["corrupt"] += 1
                 if len(summary["corrupt_lines"]) < 20:

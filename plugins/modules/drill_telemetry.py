@@ -179,7 +179,7 @@ def main():
     if module.check_mode or not events:
         module.exit_json(changed=bool(events), sent=0, acknowledged=0, events=events)
     try:
-        result = _telemetry.deliver(p["namespace"], events, p["address"], p["port"],
+        result = _telemetry.deliver(p["namespace"], events, p["address"], p["port"], drill_id=p["drill_id"],
                                     connect_timeout=p["connect_timeout"])
     except _telemetry.TelemetryError as exc:
         module.fail_json(msg="events of drill %s were not all delivered to the telemetry collector at %s:%s: %s"

@@ -83,6 +83,8 @@ options:
     description:
       - With O(backend=ec2), the RFC 3339 time the drill's resources expire (their C(drguard:expires-at) tag). By
         default the drill's VPC's own C(drguard:expires-at) tag.
+      - With O(backend=netns), the drill's CA, which the runtime makes for its mTLS telemetry collector when the
+        drill has none yet, is valid until then (at least a minute from now); by default for 120 minutes.
     type: str
   ec2:
     description:
@@ -229,6 +231,9 @@ actions:
   elements: str
 """
 
+from datetime import datetime
+from datetime import timezone
+
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
 from ansible_collections.drguard.sandbox.plugins.module_utils import _identity
@@ -239,6 +244,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import Bo
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
 ARGUMENT_SPEC = dict(
@@ -303,7 +309,14 @@ def run(params, check_mode):
         raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required to start the "
                          "netns runtime; pass the drill's boundary and output directory.")
     boundary = parse_boundary(params["boundary"])
-    return _runtime.up(boundary, drill_id, params["output_dir"], python_executable(), check_mode=check_mode)
+    pki_ttl = None
+    if params.get("expires_at"):
+        pki_ttl = int((parse_time(params["expires_at"]) - datetime.now(timezone.utc)).total_seconds())
+        if pki_ttl < 60:
+            raise ValueError(f"expires_at {params['expires_at']} is less than a minute away; pass the drill's "
+                             "expiry (drill_ctx.expires_at) of a drill that has not expired")
+    return _runtime.up(boundary, drill_id, params["output_dir"], python_executable(), check_mode=check_mode,
+                       pki_ttl=pki_ttl)
 
 
 def main():

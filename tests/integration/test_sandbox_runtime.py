@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import uuid
 
@@ -304,6 +305,7 @@ def test_a_runtime_built_with_another_output_dir_is_refused_and_kept(drill, tmp_
 ROOTLESS = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(1, sys.argv[5])  # the requirements (amazon.aws, cryptography) as the virtualenv has them
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as n
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as rt
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_verify as rv
@@ -378,7 +380,8 @@ def test_rootless_up_is_idempotent_verified_and_down_leaves_nothing(drill):
         proc = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "env", "-i",
              f"PATH={os.environ['PATH']}", f"HOME={base}", "/usr/bin/python3", "-c", ROOTLESS, str(COLLECTIONS),
-             drill_id, out, json.dumps(RAW)], capture_output=True, text=True, timeout=180, cwd="/")
+             drill_id, out, json.dumps(RAW), sysconfig.get_paths()["purelib"]], capture_output=True, text=True,
+            timeout=180, cwd="/")
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(proc.stdout)
     finally:

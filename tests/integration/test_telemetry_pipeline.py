@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import run_module
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
@@ -52,28 +53,42 @@ def leftovers(prefix):
     return sorted(line.split()[0] for line in listed.splitlines() if line.startswith(prefix))
 
 
+def channel_of(plan):
+    """The drill's telemetry channel (its CA and leaves on /dev/shm), made for ``plan``."""
+    channel = tel.Channel(plan["drill_id"])
+    channel.ensure(plan, 600)
+    return channel
+
+
 @pytest.fixture
 def world(tmp_path):
-    """The embedded world of a fresh drill, ruled by the translator's ruleset; always destroyed."""
+    """The embedded world of a fresh drill, ruled by the translator's ruleset, with its telemetry channel;
+    always destroyed (the PKI overwritten and removed too)."""
     boundary = parse_boundary(BOUNDARY)
-    plan = runtime.full_plan(boundary, f"dr-telemetry-{uuid.uuid4().hex}")
+    plan = runtime.full_plan(boundary, f"dr-telemetry-{uuid.uuid4().hex[:12]}")
     assert leftovers(plan["prefix"]) == []
     try:
         netns.create(plan)
         netns.apply_ruleset(plan["router"]["ns"], nft_policy.router_ruleset(boundary, plan, plan["table"]))
+        channel_of(plan)
         yield plan
     finally:
         netns.destroy(plan["prefix"])
+        _mtls_drill.destroy(plan["drill_id"])
         assert leftovers(plan["prefix"]) == [], f"left behind under {plan['prefix']}"
+        assert not os.path.lexists(_mtls_drill.root_dir(plan["drill_id"]))
 
 
-def start_collector(plan, out_dir):
-    """Spawn the collector unprivileged on the plan's telemetry destination; returns (pid, output path)."""
+def start_collector(plan, out_dir, port=None):
+    """Spawn the collector unprivileged on the plan's telemetry destination, its credentials as files of its
+    private mount; returns (pid, output path)."""
     where = plan["world"]["telemetry"]
     ns = plan["world"]["neighbours"]["telemetry"]["ns"]
     out, err = out_dir / "telemetry.jsonl", out_dir / "collector.err"
-    pid = netns.spawn(ns, tel.collector_argv(SYSTEM_PYTHON, where["address"], where["port"]),
-                      stdout_path=str(out), stderr_path=str(err))
+    argv = tel.collector_argv(SYSTEM_PYTHON, where["address"], port or where["port"], drill_id=plan["drill_id"],
+                              tiers=list(plan["tiers"]))
+    pid = netns.spawn(ns, argv, stdout_path=str(out), stderr_path=str(err),
+                      files=tel.Channel(plan["drill_id"]).collector_files())
     deadline = time.monotonic() + 10
     while "listening" not in err.read_text():
         assert time.monotonic() < deadline, err.read_text()
@@ -87,10 +102,12 @@ def stop_collector(pid):
     return os.waitstatus_to_exitcode(status)
 
 
-def send_from(ns, plan, events_text, connect_timeout=5):
+def send_from(ns, plan, events_text, connect_timeout=5, port=None):
     where = plan["world"]["telemetry"]
-    return netns.run_in(ns, tel.sender_argv(SYSTEM_PYTHON, where["address"], where["port"],
-                                            connect_timeout=connect_timeout), input_text=events_text, timeout=60)
+    argv = tel.sender_argv(SYSTEM_PYTHON, where["address"], port or where["port"], drill_id=plan["drill_id"],
+                           connect_timeout=connect_timeout)
+    return netns.run_in(ns, argv, input_text=events_text, timeout=60,
+                        files=tel.Channel(plan["drill_id"]).sender_files(ns))
 
 
 def events(sender, count, kind="drguard.probe.result"):
@@ -127,7 +144,8 @@ def test_four_senders_of_200_events_from_tiers_and_control_plane_are_all_counted
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
     assert tel.summarise(str(out)) == {
         "events": 800, "by_type": {"drguard.probe.result": 600, "drguard.phase.finished": 200},
-        "rejected": 0, "rejected_reasons": {}, "corrupt": 0, "corrupt_lines": []}
+        "rejected": 0, "rejected_reasons": {}, "refused": 0, "refused_reasons": {}, "corrupt": 0,
+        "corrupt_lines": []}
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == sorted(e["id"] for batch in batches.values() for e in batch)
 
@@ -173,20 +191,11 @@ def test_the_collector_cannot_be_reached_on_the_telemetry_address_from_a_tier_ou
     # A collector listening on an undeclared port of the telemetry address: the router drops the tier's
     # connection, so the sender fails; from the control plane (outside the router) it connects.
     plan = world
-    where = dict(plan["world"]["telemetry"], port=4318)
-    ns = plan["world"]["neighbours"]["telemetry"]["ns"]
-    err = tmp_path / "collector.err"
-    pid = netns.spawn(ns, tel.collector_argv(SYSTEM_PYTHON, where["address"], where["port"]),
-                      stdout_path=str(tmp_path / "telemetry.jsonl"), stderr_path=str(err))
-    deadline = time.monotonic() + 10
-    while "listening" not in err.read_text():
-        assert time.monotonic() < deadline, err.read_text()
-        time.sleep(0.05)
-    argv = tel.sender_argv(SYSTEM_PYTHON, where["address"], where["port"], connect_timeout=1.5)
+    pid, _ = start_collector(plan, tmp_path, port=4318)
     text = tel.encode_events(events("app", 1))
-    blocked = netns.run_in(plan["tiers"]["app"]["ns"], argv, input_text=text)
+    blocked = send_from(plan["tiers"]["app"]["ns"], plan, text, connect_timeout=1.5, port=4318)
     assert blocked.returncode == 1 and "cannot connect to the collector" in blocked.stderr
-    reached = netns.run_in(plan["world"]["neighbours"]["control_plane"]["ns"], argv, input_text=text)
+    reached = send_from(plan["world"]["neighbours"]["control_plane"]["ns"], plan, text, connect_timeout=1.5, port=4318)
     assert reached.returncode == 0, reached.stderr
     assert stop_collector(pid) == 0
 
@@ -211,3 +220,73 @@ def test_drill_telemetry_sends_phase_events_from_the_control_plane_and_fails_wit
     assert [e["id"] for e in written] == [e["id"] for e in res["events"]]
     assert {e["source"] for e in written} == {f"/drguard/drill/{drill_id}"}
     assert tel.summarise(str(out))["by_type"] == {"drguard.phase.finished": 2}
+
+
+# ---------------------------------------------------------------- mTLS: who may send
+
+
+def refusals(out):
+    return [json.loads(x)["data"] for x in out.read_text().splitlines()
+            if json.loads(x)["type"] == tel.REFUSED_TYPE]
+
+
+def test_a_tier_holding_another_drills_credentials_is_refused_and_nothing_of_it_lands(world, tmp_path):
+    plan = world
+    other = runtime.full_plan(parse_boundary(BOUNDARY), f"dr-telemetry-{uuid.uuid4().hex[:12]}")
+    pid, out = start_collector(plan, tmp_path)
+    try:
+        stolen = channel_of(other)  # a whole channel of another drill: its leaves, its CA
+        where = plan["world"]["telemetry"]
+        app = plan["tiers"]["app"]["ns"]
+        # The other drill's tier leaf, presented from this drill's app tier (same tier name, another CA).
+        stolen_files = dict(stolen.sender_files(other["tiers"]["app"]["ns"]),
+                            **{"trust.pem": tel.Channel(plan["drill_id"]).sender_files(app)["trust.pem"]})
+        argv = tel.sender_argv(SYSTEM_PYTHON, where["address"], where["port"], drill_id=plan["drill_id"])
+        res = netns.run_in(app, argv, input_text=tel.encode_events(events("STOLEN", 3)), files=stolen_files)
+        assert res.returncode == 1 and json.loads(res.stdout)["acknowledged"] == 0
+        assert "the collector refused this sender (unknown_ca)" in res.stderr
+        # The drill's own app tier right after: accepted, its events land with its identity.
+        ok = tel.deliver(app, events("app", 2), where["address"], where["port"], drill_id=plan["drill_id"],
+                         python=SYSTEM_PYTHON)
+        assert ok == {"sent": 2, "acknowledged": 2}
+    finally:
+        _mtls_drill.destroy(other["drill_id"])
+    assert stop_collector(pid) == 0
+    assert "STOLEN" not in out.read_text()
+    assert [(r["reason"], r["peer_address"]) for r in refusals(out)] == [
+        ("unknown_ca", plan["tiers"]["app"]["address"])]
+    got = tel.summarise(str(out))
+    assert (got["events"], got["refused_reasons"]) == (2, {"unknown_ca": 1})
+    assert {json.loads(x).get("receivedfrom") for x in out.read_text().splitlines()} - {None} == {
+        f"spiffe://{plan['drill_id']}.drguard.internal/tier/app"}
+
+
+def test_a_sender_without_a_certificate_is_refused_and_the_collectors_keys_are_never_on_argv_or_env(world, tmp_path):
+    plan = world
+    pid, out = start_collector(plan, tmp_path)
+    where = plan["world"]["telemetry"]
+    # The collector: TLS 1.3, its key only in the read-only file of its private mount.
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        cmdline = fh.read()
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        environ = fh.read()
+    assert b"PRIVATE KEY" not in cmdline + environ and b"/run/drguard/in/identity.pem" in cmdline
+    channel_dir = tel.Channel(plan["drill_id"]).dir
+    assert all(stat.S_IMODE(os.stat(os.path.join(channel_dir, n)).st_mode) == 0o600 for n in os.listdir(channel_dir))
+    code = ("import socket, ssl\n"
+            "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False\n"
+            "ctx.load_verify_locations('/run/drguard/in/trust.pem')\n"
+            "s = ctx.wrap_socket(socket.create_connection((%r, %d), timeout=5))\n"
+            "print(s.version(), flush=True)\n"
+            "s.sendall(%r)\n"
+            "try:\n    print(s.recv(100))\nexcept OSError as exc:\n    print(type(exc).__name__)\n"
+            % (where["address"], where["port"], tel.encode_events(events("NO-CERT", 1)).encode()))
+    trust_only = {"trust.pem": tel.Channel(plan["drill_id"]).sender_files(plan["tiers"]["db"]["ns"])["trust.pem"]}
+    res = netns.run_in(plan["tiers"]["db"]["ns"], [SYSTEM_PYTHON, "-I", "-S", "-c", code], files=trust_only)
+    assert res.stdout.splitlines()[0] == "TLSv1.3", res.stderr
+    assert res.stdout.splitlines()[1] != "b'ok\\n'", res.stdout
+    assert stop_collector(pid) == 0
+    assert "NO-CERT" not in out.read_text()
+    assert refusals(out) == [{"reason": "no_client_certificate", "peer_address": plan["tiers"]["db"]["address"],
+                              "peer_id": None, "serial": None}]
+    assert tel.summarise(str(out))["events"] == 0

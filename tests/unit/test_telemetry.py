@@ -134,14 +134,23 @@ def test_encode_events_writes_one_ascii_line_per_event_and_refuses_an_invalid_on
     assert err.value.detail == {"index": 1, "reason": "missing_attribute:specversion"}
 
 
+C_ARGS = {"drill_id": "dr-20260101000000-abc123", "tiers": ["app"]}
+S_ARGS = {"drill_id": "dr-20260101000000-abc123"}
+
+
 @pytest.mark.parametrize(("call", "field"), [
-    (lambda: tel.collector_argv(PY, "localhost", PORT), "address"),
-    (lambda: tel.collector_argv(PY, "127.0.0.1", 0), "port"),
-    (lambda: tel.collector_argv(PY, "127.0.0.1", True), "port"),
-    (lambda: tel.collector_argv(PY, "127.0.0.1", "4317"), "port"),
-    (lambda: tel.collector_argv("python3", "127.0.0.1", PORT), "python"),
-    (lambda: tel.sender_argv(PY, "127.0.0.1; rm", PORT), "address"),
-    (lambda: tel.sender_argv(PY, "127.0.0.1", PORT, read_timeout=0), "timeouts"),
+    (lambda: tel.collector_argv(PY, "localhost", PORT, **C_ARGS), "address"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", 0, **C_ARGS), "port"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", True, **C_ARGS), "port"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", "4317", **C_ARGS), "port"),
+    (lambda: tel.collector_argv("python3", "127.0.0.1", PORT, **C_ARGS), "python"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", PORT, identity="collector.pem", **C_ARGS), "identity"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", PORT, trust="trust.pem", **C_ARGS), "trust"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", PORT, drill_id="Not A Drill", tiers=["app"]), "drill_id"),
+    (lambda: tel.collector_argv(PY, "127.0.0.1", PORT, drill_id=C_ARGS["drill_id"], tiers=["App"]), "tiers"),
+    (lambda: tel.sender_argv(PY, "127.0.0.1; rm", PORT, **S_ARGS), "address"),
+    (lambda: tel.sender_argv(PY, "127.0.0.1", PORT, read_timeout=0, **S_ARGS), "timeouts"),
+    (lambda: tel.sender_argv(PY, "127.0.0.1", PORT, identity="../id.pem", **S_ARGS), "identity"),
 ])
 def test_argv_builders_refuse_bad_input(call, field):
     with pytest.raises(tel.TelemetryError) as err:
@@ -151,10 +160,20 @@ def test_argv_builders_refuse_bad_input(call, field):
 
 def test_collector_and_sender_argv_run_isolated_python_with_their_own_source():
     argv = tel.collector_argv("/usr/bin/python3", "10.0.0.7", 4317, max_total=1000, max_connections=3,
-                              idle_timeout=5)
-    assert argv == ["/usr/bin/python3", "-I", "-S", "-c", tel.COLLECTOR_SOURCE, "10.0.0.7", "4317", "1000", "3", "5"]
-    argv = tel.sender_argv("/usr/bin/python3", "10.0.0.7", 4317, connect_timeout=2, read_timeout=3)
-    assert argv == ["/usr/bin/python3", "-I", "-S", "-c", tel.SENDER_SOURCE, "10.0.0.7", "4317", "2", "3"]
+                              idle_timeout=5, **C_ARGS)
+    assert argv[:-1] == ["/usr/bin/python3", "-I", "-S", "-c", tel.COLLECTOR_SOURCE, "10.0.0.7", "4317", "1000", "3",
+                         "5"]
+    domain = "dr-20260101000000-abc123.drguard.internal"
+    # Paths only: the credentials reach the process as files of its private mount, never on argv.
+    assert json.loads(argv[-1]) == {
+        "domain": domain, "tiers": ["app", "validation"], "identity": "/run/drguard/in/identity.pem",
+        "trust": "/run/drguard/in/trust.pem", "services": [f"spiffe://{domain}/control-plane"],
+        "handshake_timeout": 5.0}
+    argv = tel.sender_argv("/usr/bin/python3", "10.0.0.7", 4317, connect_timeout=2, read_timeout=3, **S_ARGS)
+    assert argv[:-1] == ["/usr/bin/python3", "-I", "-S", "-c", tel.SENDER_SOURCE, "10.0.0.7", "4317", "2", "3"]
+    assert json.loads(argv[-1]) == {"domain": domain, "identity": "/run/drguard/in/identity.pem",
+                                     "trust": "/run/drguard/in/trust.pem",
+                                     "collector_id": f"spiffe://{domain}/telemetry"}
 
 
 # ---------------------------------------------------------------- summarise
@@ -177,7 +196,7 @@ def test_summarise_counts_events_by_type_and_rejections_by_reason(tmp_path):
     assert tel.summarise(str(path)) == {
         "events": 3, "by_type": {"drguard.probe.result": 2, "drguard.phase.finished": 1},
         "rejected": 5, "rejected_reasons": {"not_json": 1, "collector_full": 4},
-        "corrupt": 0, "corrupt_lines": []}
+        "refused": 0, "refused_reasons": {}, "corrupt": 0, "corrupt_lines": []}
 
 
 def test_summarise_counts_every_line_the_collector_cannot_have_written_as_corrupt(tmp_path):
@@ -208,7 +227,7 @@ def test_summarise_of_an_empty_file_is_zero(tmp_path):
     path = tmp_path / "telemetry.jsonl"
     path.write_bytes(b"")
     assert tel.summarise(str(path)) == {"events": 0, "by_type": {}, "rejected": 0, "rejected_reasons": {},
-                                        "corrupt": 0, "corrupt_lines": []}
+                                        "refused": 0, "refused_reasons": {}, "corrupt": 0, "corrupt_lines": []}
 
 
 def test_summarise_refuses_a_missing_file_a_symlink_and_a_directory(tmp_path):
@@ -227,6 +246,43 @@ def test_summarise_refuses_a_missing_file_a_symlink_and_a_directory(tmp_path):
 _ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
 netns_only = pytest.mark.skipif(not _ROOT, reason="the collector tests bind inside a network namespace of their "
                                 "own, which needs root and ip (iproute2); euid %d" % os.geteuid())
+
+
+CREDS = {}  # the telemetry channel of the module's drill (credentials of the collector and its senders)
+OTHER = {}  # another drill's channel
+TIERS = ["app"]
+
+
+def _channel(drill_id):
+    root = f"/dev/shm/drguard-test-{uuid.uuid4().hex[:8]}-mtls"
+    channel = tel.Channel(drill_id, root=root)
+    channel.ensure({"tiers": {"app": {"ns": "drg-t-app"}, "db": {"ns": "drg-t-db"},
+                              "validation": {"ns": "drg-t-val"}},
+                    "world": {"neighbours": {"control_plane": {"ns": "drg-t-cp"}}}}, 600)
+    path = channel._path
+    return root, {"drill_id": drill_id, "path": path,
+                  "collector": {"drill_id": drill_id, "tiers": TIERS, "identity": path("collector.pem"),
+                                "trust": path("trust.pem")}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def channels():
+    """Two drills' telemetry channels on /dev/shm (root: the socket tests only); always destroyed."""
+    if not _ROOT:
+        yield
+        return
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
+    roots = []
+    try:
+        for target, drill_id in ((CREDS, "dr-20260101000000-telemt"), (OTHER, "dr-20260101000000-othert")):
+            root, creds = _channel(drill_id)
+            roots.append(root)
+            target.update(creds)
+        yield
+    finally:
+        for root in roots:
+            _pki.destroy(root)
+        assert not any(os.path.lexists(root) for root in roots)
 
 
 @pytest.fixture
@@ -254,7 +310,8 @@ def collector(ns, tmp_path):
     def start(**limits):
         out = tmp_path / f"telemetry-{len(procs)}.jsonl"
         with open(out, "wb") as fh:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT, **limits)],
+            argv = tel.collector_argv(PY, "127.0.0.1", PORT, **CREDS["collector"], **limits)
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
                                     stdout=fh, stderr=subprocess.PIPE)
         procs.append(proc)
         ready = proc.stderr.readline().decode()
@@ -271,10 +328,12 @@ def collector(ns, tmp_path):
             proc.stderr.close()
 
 
-def send(ns, text, connect_timeout=5, read_timeout=5):
-    return subprocess.run(["ip", "netns", "exec", ns, *tel.sender_argv(PY, "127.0.0.1", PORT,
-                                                                      connect_timeout=connect_timeout,
-                                                                      read_timeout=read_timeout)],
+def send(ns, text, connect_timeout=5, read_timeout=5, sender="control-plane.pem", creds=None):
+    creds = creds or CREDS
+    argv = tel.sender_argv(PY, "127.0.0.1", PORT, drill_id=creds["drill_id"], identity=creds["path"](sender),
+                           trust=creds["path"]("trust.pem"), connect_timeout=connect_timeout,
+                           read_timeout=read_timeout)
+    return subprocess.run(["ip", "netns", "exec", ns, *argv],
                           input=text.encode() if isinstance(text, str) else text, capture_output=True, timeout=60)
 
 
@@ -295,7 +354,8 @@ def test_every_acknowledged_event_is_already_in_the_file_with_receivedat(ns, col
     assert all(tel.validate_event(e) is None and e["receivedat"].endswith("Z") for e in written)
     assert stop(proc) == 0
     assert tel.summarise(str(out)) == {"events": 50, "by_type": {"drguard.probe.result": 50}, "rejected": 0,
-                                       "rejected_reasons": {}, "corrupt": 0, "corrupt_lines": []}
+                                       "rejected_reasons": {}, "refused": 0, "refused_reasons": {}, "corrupt": 0,
+                                       "corrupt_lines": []}
 
 
 @netns_only
@@ -361,7 +421,9 @@ def test_a_line_over_the_cap_is_rejected_and_the_next_line_still_counts(ns, coll
 
 @netns_only
 def test_past_the_total_cap_events_are_rejected_and_counted_when_the_collector_stops(ns, collector):
-    one = len(tel.encode_events([ev(0)])) + 60  # receivedat adds 43 bytes: three fit, a fourth does not
+    sender = json.dumps(f"spiffe://{CREDS['drill_id']}.drguard.internal/control-plane")
+    # receivedat adds 43 bytes and receivedfrom the sender's identity: three fit, a fourth does not
+    one = len(tel.encode_events([ev(0)])) + 60 + len(',"receivedfrom":' + sender)
     proc, out = collector(max_total=3 * one)
     res = send(ns, tel.encode_events([ev(i) for i in range(6)]))
     assert res.returncode == 1
@@ -385,7 +447,10 @@ def test_a_sender_past_the_connection_cap_is_refused(ns, collector):
         time.sleep(0.3)
         res = send(ns, tel.encode_events([ev(0)]))
         assert res.returncode == 1
-        assert json.loads(res.stdout)["rejected"] == [{"event": 1, "reason": "collector_busy"}]
+        # Closed before any TLS session: the sender's handshake fails, the collector counts it.
+        assert json.loads(res.stdout) == {"sent": 1, "acknowledged": 0, "rejected": []}
+        assert "the TLS handshake with the collector at 127.0.0.1:4317 failed (closed_by_peer)" in \
+            res.stderr.decode()
     finally:
         holder.kill()
         holder.wait(10)
@@ -397,8 +462,8 @@ def test_a_sender_past_the_connection_cap_is_refused(ns, collector):
 def test_an_event_is_acknowledged_only_once_it_is_written(ns):
     # The collector's stdout is a pipe nobody reads: once it is full the collector's write blocks,
     # and no event may be acknowledged that is not already complete in the pipe.
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = tel.collector_argv(PY, "127.0.0.1", PORT, **CREDS["collector"])
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert b"listening" in proc.stderr.readline()
         events = [ev(i, data={"pad": "x" * 400}) for i in range(400)]  # about 200 KiB, the pipe holds 64 KiB
@@ -420,8 +485,8 @@ def test_an_event_is_acknowledged_only_once_it_is_written(ns):
 @netns_only
 def test_a_collector_that_cannot_write_rejects_every_event_as_write_failed(ns):
     with open("/dev/full", "wb") as full:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT)],
-                                stdout=full, stderr=subprocess.PIPE)
+        argv = tel.collector_argv(PY, "127.0.0.1", PORT, **CREDS["collector"])
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=full, stderr=subprocess.PIPE)
     try:
         assert b"listening" in proc.stderr.readline()
         res = send(ns, tel.encode_events([ev(0), ev(1)]))
@@ -467,7 +532,7 @@ def test_the_sender_gives_up_on_a_silent_collector_within_its_read_timeout(ns):
         res = send(ns, tel.encode_events([ev(0)]), read_timeout=1)
         assert time.monotonic() - started < 10
         assert res.returncode == 1
-        assert "1 unanswered (no acknowledgement within 1s)" in res.stderr.decode()
+        assert "the TLS handshake with the collector at 127.0.0.1:4317 failed (timeout)" in res.stderr.decode()
     finally:
         silent.kill()
         silent.wait(10)
@@ -481,6 +546,147 @@ def test_sigterm_stops_the_collector_with_exit_0_and_a_complete_file(ns, collect
     assert stop(proc) == 0
     assert time.monotonic() - started < 5
     assert out.read_bytes().endswith(b"\n") and tel.summarise(str(out))["events"] == 20
+
+
+# ---------------------------------------------------------------- mTLS: who may send
+
+def refused(out):
+    """The collector's refusal records (type drguard.telemetry.refused) in its file."""
+    return [json.loads(x)["data"] for x in out.read_text().splitlines()
+            if json.loads(x)["type"] == "drguard.telemetry.refused"]
+
+
+def raw_client(ns, *, identity=None, trust=None, tls=True, payload=b"", minimum=None):
+    """A client made by hand (no sender program): plain TCP or TLS with or without a certificate; returns
+    what it read, or the error it got reading (TLS 1.3 shows a refused certificate on the first read)."""
+    code = f"""
+import socket, ssl, sys
+s = socket.create_connection(("127.0.0.1", {PORT}), timeout=5)
+if {tls!r}:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations({trust!r})
+    if {minimum!r}:
+        ctx.maximum_version = getattr(ssl.TLSVersion, {minimum!r})
+    if {identity!r}:
+        ctx.load_cert_chain({identity!r})
+    try:
+        s = ctx.wrap_socket(s)
+    except (OSError, ValueError) as exc:
+        print("handshake:" + type(exc).__name__); sys.exit(0)
+if not {payload!r}:
+    s.close(); print("closed"); sys.exit(0)
+try:
+    s.sendall({payload!r})
+    print("read:" + repr(s.recv(100)))
+except (OSError, ValueError) as exc:
+    print("error:" + type(exc).__name__)
+"""
+    return subprocess.run(["ip", "netns", "exec", ns, PY, "-I", "-S", "-c", code], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+@netns_only
+def test_an_accepted_senders_events_land_with_its_identity(ns, collector):
+    proc, out = collector()
+    for sender in ("control-plane.pem", "tier-app.pem", "tier-validation.pem"):
+        res = send(ns, tel.encode_events([ev(0)]), sender=sender)
+        assert res.returncode == 0, res.stderr
+    assert stop(proc) == 0
+    domain = CREDS["drill_id"] + ".drguard.internal"
+    assert [json.loads(x)["receivedfrom"] for x in out.read_text().splitlines()] == [
+        f"spiffe://{domain}/control-plane", f"spiffe://{domain}/tier/app", f"spiffe://{domain}/tier/validation"]
+    assert tel.summarise(str(out))["refused"] == 0
+
+
+@netns_only
+def test_a_sender_of_another_drill_is_refused_unknown_ca_and_nothing_of_it_lands(ns, collector):
+    proc, out = collector()
+    # Its own leaf and key, with this drill's trust: it reaches the collector's verdict.
+    creds = dict(CREDS, path=lambda name: OTHER["path"](name) if name != "trust.pem" else CREDS["path"](name))
+    res = send(ns, tel.encode_events([ev(0, data="FROM-THE-OTHER-DRILL")]), creds=creds)
+    assert res.returncode == 1 and json.loads(res.stdout)["acknowledged"] == 0
+    assert "the collector refused this sender (unknown_ca)" in res.stderr.decode()
+    assert stop(proc) == 0
+    assert "FROM-THE-OTHER-DRILL" not in out.read_text()
+    assert refused(out) == [{"reason": "unknown_ca", "peer_address": "127.0.0.1", "peer_id": None, "serial": None}]
+    got = tel.summarise(str(out))
+    assert (got["events"], got["refused"], got["refused_reasons"]) == (0, 1, {"unknown_ca": 1})
+
+
+@netns_only
+def test_a_sender_without_a_certificate_is_refused_and_nothing_of_it_lands(ns, collector):
+    proc, out = collector()
+    got = raw_client(ns, trust=CREDS["path"]("trust.pem"), payload=tel.encode_events([ev(0)]).encode())
+    assert got.startswith("error:"), got  # the alert, on the first read
+    assert stop(proc) == 0
+    assert refused(out) == [{"reason": "no_client_certificate", "peer_address": "127.0.0.1", "peer_id": None,
+                             "serial": None}]
+    assert tel.summarise(str(out))["events"] == 0
+
+
+@netns_only
+def test_a_plain_tcp_sender_and_tls_1_2_are_refused_and_a_bare_connect_leaves_no_trace(ns, collector):
+    proc, out = collector()
+    plain = raw_client(ns, tls=False, payload=tel.encode_events([ev(0, data="PLAIN-TEXT-EVENT")]).encode())
+    assert plain in ("read:b''", "error:ConnectionResetError"), plain  # never an "ok"
+    old = raw_client(ns, identity=CREDS["path"]("control-plane.pem"), trust=CREDS["path"]("trust.pem"),
+                     minimum="TLSv1_2", payload=b"x\n")
+    assert old.startswith(("handshake:", "error:")), old
+    assert raw_client(ns, tls=False) == "closed"  # connect, send nothing, close: the probes' "connect" row
+    assert stop(proc) == 0
+    assert "PLAIN-TEXT-EVENT" not in out.read_text()
+    assert [r["reason"] for r in refused(out)] == ["protocol_version", "protocol_version"]
+    assert tel.summarise(str(out))["events"] == 0
+
+
+@netns_only
+def test_an_identity_of_this_drill_outside_the_plans_tiers_or_not_a_sender_is_refused(ns, collector):
+    proc, out = collector()  # tiers: app (and validation)
+    domain = CREDS["drill_id"] + ".drguard.internal"
+    for sender in ("tier-db.pem", "collector.pem"):
+        res = send(ns, tel.encode_events([ev(0)]), sender=sender)
+        assert res.returncode == 1 and json.loads(res.stdout)["acknowledged"] == 0
+    assert stop(proc) == 0
+    assert [(r["reason"], r["peer_id"]) for r in refused(out)] == [
+        ("identity_not_allowed", f"spiffe://{domain}/tier/db"), ("bad_identity_path", f"spiffe://{domain}/telemetry")]
+    assert all(r["serial"] for r in refused(out))
+    assert tel.summarise(str(out))["events"] == 0
+
+
+@netns_only
+def test_the_sender_sends_nothing_to_a_collector_that_is_not_the_drills_telemetry_identity(ns, tmp_path):
+    # A collector presenting a tier's leaf of the drill: the sender refuses it before sending a byte.
+    out = tmp_path / "impostor.jsonl"
+    creds = dict(CREDS["collector"], identity=CREDS["path"]("tier-app.pem"))
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *tel.collector_argv(PY, "127.0.0.1", PORT, **creds)],
+                                stdout=fh, stderr=subprocess.PIPE)
+    try:
+        assert b"listening" in proc.stderr.readline()
+        res = send(ns, tel.encode_events([ev(0)]))
+        assert res.returncode == 1
+        assert "presented spiffe://%s.drguard.internal/tier/app, not the drill's telemetry identity" % (
+            CREDS["drill_id"]) in res.stderr.decode()
+        assert stop(proc) == 0
+        assert tel.summarise(str(out))["events"] == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
+
+
+def test_summarise_counts_refusals_apart_and_a_forged_refusal_as_corrupt(tmp_path):
+    path = tmp_path / "telemetry.jsonl"
+    record = {"specversion": "1.0", "id": "1", "source": tel.COLLECTOR_EVENT_SOURCE, "type": tel.REFUSED_TYPE,
+              "time": "2026-01-01T00:00:00Z", "data": {"reason": "unknown_ca", "peer_address": "10.0.0.1",
+                                                       "peer_id": None, "serial": None}}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(dict(record, source="/drguard/drill/x")) + "\n"
+                    + collector_line(ev(0)))
+    got = tel.summarise(str(path))
+    assert (got["events"], got["refused"], got["refused_reasons"]) == (1, 1, {"unknown_ca": 1})
+    assert got["corrupt_lines"] == [{"line": 2, "reason": "bad_refused_record"}]
 
 
 # ---------------------------------------------------------------- drill_telemetry (no packet sent)
