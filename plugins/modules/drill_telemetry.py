@@ -19,8 +19,14 @@ description:
     acknowledged (rejected, unanswered, or no collector), with the collector's reason per event in
     C(rejected).
   - Every event is checked before anything is sent; an invalid one fails the task and nothing is sent.
+  - The connection is mutual TLS 1.3 - the sender presents the drill's telemetry leaf of O(namespace) (the control
+    plane's or the tier's, made by C(drguard.sandbox.sandbox_runtime) with the collector and handed to the sender
+    as read-only files of its private mount, never on its command line or in its environment) and sends nothing
+    unless the collector presents the drill's C(telemetry) identity. The collector refuses any other sender and
+    records the refusal in its file (C(docs/runtime.md), "Who may send").
   - The events, the collector's checks and its reasons are in C(docs/runtime.md) ("Telemetry").
-  - Needs root (it enters the drill's namespace), C(ip) and C(setpriv).
+  - Needs root (it enters the drill's namespace), C(ip) and C(setpriv), and the drill's runtime (its telemetry
+    credentials on the drill's tmpfs).
 attributes:
   check_mode:
     support: full

@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils import _workloads as wl
@@ -275,6 +276,7 @@ def drill(tmp_path):
     out = tmp_path / "out"
     yield drill_id, str(out)
     netns.destroy(runtime.prefix_of(drill_id))
+    _mtls_drill.destroy(drill_id)  # the drill's PKI, which the runtime made for its collector
 
 
 def test_the_db_service_answers_the_app_tier_over_the_tier_rule_and_refuses_the_rest(drill, tmp_path):

@@ -19,6 +19,7 @@ import uuid
 import pytest
 from conftest import COLLECTIONS, run_module
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
@@ -71,6 +72,7 @@ def drill(tmp_path):
     out = tmp_path / "out"
     yield drill_id, str(out)
     netns.destroy(runtime.prefix_of(drill_id))
+    _mtls_drill.destroy(drill_id)  # the drill's PKI, which the runtime made for its collector
 
 
 def read_text(path):

@@ -290,3 +290,53 @@ def test_a_sender_without_a_certificate_is_refused_and_the_collectors_keys_are_n
     assert refusals(out) == [{"reason": "no_client_certificate", "peer_address": plan["tiers"]["db"]["address"],
                               "peer_id": None, "serial": None}]
     assert tel.summarise(str(out))["events"] == 0
+
+
+def test_the_runtime_makes_the_ca_the_mtls_phase_reuses_and_the_collector_keeps_its_bundle_after_ca_rotation(
+        tmp_path):
+    """The runtime makes the drill's CA and the telemetry channel before the collector starts; the mtls
+    phase's store reuses that CA; after its CA rotation (the old CA retired, its key destroyed) the drill
+    still delivers to the collector, which keeps the bundle it started with: a leaf of the new CA is not a
+    telemetry credential and is refused. Removing the runtime destroys the PKI."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
+    from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
+
+    boundary = parse_boundary(BOUNDARY)
+    drill_id = f"dr-telemetry-{uuid.uuid4().hex[:12]}"
+    out = str(tmp_path / "out")
+    root = _mtls_drill.root_dir(drill_id)
+    try:
+        built = runtime.up(boundary, drill_id, out, python_executable(), pki_ttl=900)
+        plan = runtime.full_plan(boundary, drill_id)
+        store = _pki.Store(drill_id, os.path.join(root, "pki"))
+        (ca1,) = store.state()["cas"]
+        channel = tel.Channel(drill_id)
+        assert channel.read()["ca"] == ca1
+        assert sorted(channel.read()["senders"].values()) == ["control-plane.pem", "tier-app.pem", "tier-db.pem",
+                                                              "tier-validation.pem"]
+        not_after = store.ca_cert(ca1).not_valid_after_utc - store.ca_cert(ca1).not_valid_before_utc
+        assert 900 <= not_after.total_seconds() <= 900 + _pki.BACKDATE + 5  # valid for pki_ttl
+        # The mtls phase: the same CA, leaves issued; then its CA rotation with retirement.
+        assert store.present(["app", "db"], 900) == ["issue leaf app", "issue leaf db", "issue leaf validation"]
+        store.rotate(["app", "db"], 900, ca=True)
+        store.retire()
+        (ca2,) = store.state()["cas"]
+        assert ca2 != ca1 and not os.path.lexists(os.path.join(store.dir, f"ca-{ca1}.key"))
+        where, cp = built["collector"], plan["world"]["neighbours"]["control_plane"]["ns"]
+        assert tel.deliver(cp, events("drill", 3), where["address"], where["port"], drill_id=drill_id,
+                           python=SYSTEM_PYTHON) == {"sent": 3, "acknowledged": 3}
+        app = plan["tiers"]["app"]["ns"]
+        new_ca_leaf = dict(channel.sender_files(app), **{"identity.pem": {"source": store.tier_file("app"),
+                                                                          "mode": 0o400}})
+        argv = tel.sender_argv(SYSTEM_PYTHON, where["address"], where["port"], drill_id=drill_id)
+        res = netns.run_in(app, argv, input_text=tel.encode_events(events("app", 1)), files=new_ca_leaf)
+        assert res.returncode == 1 and "the collector refused this sender (unknown_ca)" in res.stderr
+        runtime.down(drill_id, out)
+        assert not os.path.lexists(root)
+        got = tel.summarise(where["path"])
+        assert (got["events"], got["by_type"], got["refused_reasons"]) == (
+            3, {"drguard.probe.result": 3}, {"unknown_ca": 1})
+    finally:
+        netns.destroy(runtime.prefix_of(drill_id))
+        _mtls_drill.destroy(drill_id)
+    assert leftovers(runtime.prefix_of(drill_id)) == [] and not os.path.lexists(root)
