@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from conftest import run_module
 
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_reap as reaper
@@ -71,6 +72,7 @@ def drills():
     yield made
     for drill_id in made:
         netns.destroy(runtime.prefix_of(drill_id))
+        _mtls_drill.destroy(drill_id)  # the drill's PKI, which the runtime made for its collector
 
 
 def build(drills, root, expires_at):
