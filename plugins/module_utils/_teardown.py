@@ -133,10 +133,12 @@ class Teardown:
             return None  # none: nothing ran; ec2: the instances are tagged resources, the sweep deletes them
         if self.check_mode:
             return {"changed": bool(_runtime.leftovers(_runtime.prefix_of(self.p["drill_id"]))["namespaces"])}
-        out = _runtime.down(self.p["drill_id"], self.p["output_dir"])
-        # The drill's PKI (CA keys included) and every tier's delivered identity: overwritten, removed, proven gone.
+        # The drill's PKI (CA keys included) and every tier's delivered identity: overwritten, removed, proven gone
+        # (by _runtime.down, which made its CA for the collector, and again here).
         pki = _mtls_drill.root_dir(self.p["drill_id"])
-        destroyed = _mtls_drill.destroy(self.p["drill_id"])
+        existed = os.path.lexists(pki)
+        out = _runtime.down(self.p["drill_id"], self.p["output_dir"])
+        destroyed = _mtls_drill.destroy(self.p["drill_id"]) or existed
         if os.path.lexists(pki):
             raise OSError("the drill's PKI directory %s is still there after teardown; remove it by hand" % pki)
         return {"changed": out["changed"] or destroyed, "prefix": out["prefix"], "removed": out["removed"],
