@@ -24,6 +24,8 @@ import json
 
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import Boundary
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import PortRange
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import Rule
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pick_sandbox_cidr
 
 VALIDATION_TIER = "validation"
@@ -36,7 +38,13 @@ CHAINS = ("forward", "input", "output")
 
 # One named counter per rule class, in the table the drill owns.
 COUNTERS = ("production_drop", "ipv6_drop", "established_allow", "dns_drop", "egress_allow",
-            "ingress_allow", "tier_allow", "fallback_allow", "default_drop")
+            "ingress_allow", "tier_allow", "fallback_allow", "s3_allow", "default_drop")
+
+# The S3 endpoint of the embedded world (drill_boundary.s3_read / s3_write): the netns stand-in for the
+# VPC's S3 gateway endpoint, one address of the benchmarking range (RFC 2544, never routed on the
+# internet) on TCP 443, the port the AWS security groups open towards the S3 prefix list.
+S3_ENDPOINT_RANGE = "198.18.0.0/15"
+S3_ENDPOINT_PORT = 443
 
 # Every code verify_ruleset() can emit. docs/runtime.md explains each one.
 FINDING_CODES = (
@@ -104,6 +112,7 @@ def address_plan(boundary: Boundary, drill_id: str) -> dict:
                            "veth_peer": "%s%dt" % (prefix, i), "subnet": str(blocks[i]),
                            "address": str(hosts[1]), "gateway": str(hosts[0])}
     up = list(blocks[-1].hosts())
+    s3 = s3_endpoint(boundary, sandbox)
     return {
         "drill_id": drill_id,
         "short": short,
@@ -115,7 +124,34 @@ def address_plan(boundary: Boundary, drill_id: str) -> dict:
         # The router's way out (control plane, telemetry): router end and host end.
         "uplink": {"veth_host": prefix + "ur", "veth_peer": prefix + "ut", "subnet": str(blocks[-1]),
                    "address": str(up[1]), "gateway": str(up[0])},
+        # The world's S3 endpoint, only when drill_boundary grants S3 (s3_read / s3_write).
+        "s3_endpoint": s3,
     }
+
+
+def s3_declared(boundary: Boundary) -> bool:
+    """Whether ``drill_boundary`` grants S3 (``s3_read`` or ``s3_write``): the tiers then reach the S3 endpoint."""
+    return bool(boundary.s3_read or boundary.s3_write)
+
+
+def s3_endpoint(boundary: Boundary, sandbox) -> dict | None:
+    """``{"address", "port"}`` of the world's S3 endpoint, or ``None`` when no S3 is granted.
+
+    The address is the first host of :data:`S3_ENDPOINT_RANGE` that lies in no production,
+    sandbox, egress, ingress or fallback CIDR (so no other rule ever covers it); the port is
+    :data:`S3_ENDPOINT_PORT`. Raises :class:`NftPolicyError` when the declared CIDRs cover the
+    whole range.
+    """
+    if not s3_declared(boundary):
+        return None
+    taken = [ipaddress.ip_network(sandbox)] + list(boundary.production_cidrs) + [
+        r.cidr for r in tuple(boundary.egress) + tuple(boundary.ingress) + tuple(boundary.fallback)]
+    for net in ipaddress.ip_network(S3_ENDPOINT_RANGE).subnets(new_prefix=24):
+        if any(net.overlaps(t) for t in taken):
+            continue
+        return {"address": str(next(net.hosts())), "port": S3_ENDPOINT_PORT}
+    raise NftPolicyError("drill_boundary: the declared CIDRs cover all of %s, where the embedded world's S3 "
+                         "endpoint lives; declare narrower CIDRs" % S3_ENDPOINT_RANGE)
 
 
 # --- the ruleset ----------------------------------------------------------------------
@@ -149,6 +185,19 @@ def _fallback_rules(boundary: Boundary) -> tuple:
     let through as ``runtime_fallback_blocked``.
     """
     return tuple(boundary.fallback)
+
+
+def _s3_rule(plan: dict):
+    """The S3 endpoint of ``plan`` (:func:`s3_endpoint`) as an egress-shaped ``boundary.Rule``, or ``None``.
+
+    Every tier reaches it, as every tier's security group reaches the S3 prefix list on AWS
+    (``_network_build.desired_sg_rules``).
+    """
+    s3 = plan.get("s3_endpoint")
+    if not s3:
+        return None
+    return Rule(ipaddress.ip_network(s3["address"] + "/32"), "tcp", (PortRange(s3["port"], s3["port"]),),
+                kind="s3", description="drguard S3 endpoint")
 
 
 def router_ruleset(boundary: Boundary, plan: dict, table_name: str) -> str:
@@ -187,6 +236,9 @@ def router_ruleset(boundary: Boundary, plan: dict, table_name: str) -> str:
         forward.append(allow([src["veth_host"]], src["subnet"], dst["subnet"], tr, "tier_allow"))
     forward += [allow(tier_devs, sandbox, _addrs([r.cidr]), r, "fallback_allow")
                 for r in _fallback_rules(boundary)]
+    s3 = _s3_rule(plan)
+    if s3 is not None:
+        forward.append(allow(tier_devs, sandbox, _addrs([s3.cidr]), s3, "s3_allow"))
     tail = ["counter name \"default_drop\" drop"]
 
     lines = ["table inet %s" % table_name, "delete table inet %s" % table_name,
@@ -444,6 +496,12 @@ def _flows(boundary: Boundary, plan: dict) -> list:
     for i, r in enumerate(_fallback_rules(boundary)):
         flows.append(("fallback_allow", "fallback to %s %s/%s (drill_boundary.fallback[%d])"
                       % (r.cidr, r.protocol, ",".join(map(str, r.ports)), i), sandbox, [r.cidr], r.protocol, r.ports))
+    # The S3 endpoint only when the boundary grants S3: the address comes from the same boundary, so a plan
+    # that carries an endpoint the boundary does not declare gets no flow (its accept is undeclared).
+    s3 = _s3_rule(plan) if s3_declared(boundary) else None
+    if s3 is not None and plan.get("s3_endpoint") == s3_endpoint(boundary, plan["sandbox_cidr"]):
+        flows.append(("s3_allow", "S3 endpoint %s tcp/%s (drill_boundary.s3_read / s3_write)"
+                      % (s3.cidr.network_address, s3.ports[0]), sandbox, [s3.cidr], "tcp", s3.ports))
     return flows
 
 
@@ -537,7 +595,10 @@ def _verify(boundary: Boundary, plan: dict, table: str, items) -> list:
         if k == "rule" and mine(b):
             rules.setdefault(b["chain"], []).append(_Rule(b["expr"]))
 
+    s3_flow = any(f[0] == "s3_allow" for f in _flows(boundary, plan))
     for name in COUNTERS:
+        if name == "s3_allow" and not s3_flow:
+            continue  # a runtime without S3 has no rule to count with it (and tables made before it lack it)
         if name not in counters:
             findings.append(_finding("runtime_counter_missing", "%s counter %s" % (res, name),
                                      "the named counter %s is missing; apply the ruleset again" % name))

@@ -4,7 +4,8 @@
 
 - :func:`probe_matrix` (pure) lists every probe the boundary implies (docs/runtime.md,
   "Live probes"): from every tier to every production bait (deny), to the control plane,
-  telemetry and fallback paths on their declared ports (allow), every declared tier rule
+  telemetry and fallback paths on their declared ports (allow), the S3 endpoint on 443 when
+  S3 is granted (allow; port 80 deny), every declared tier rule
   (allow), an undeclared port on a declared peer and every undeclared tier pair (deny), DNS
   to the outside (deny); and into the sandbox: from the control plane on each ingress port
   (allow) and from production on the same ports (deny).
@@ -28,6 +29,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import DN
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import SandboxRuntimeError
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import port_ends
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import undeclared_port as _undeclared_port
+
+S3_UNDECLARED_PORT = 80  # the S3 endpoint on a port the boundary does not open (plain HTTP to S3)
 
 # Codes of the violations run_probes reports (docs/runtime.md, "Live probes").
 VIOLATION_CODES = (
@@ -183,6 +186,12 @@ def probe_matrix(boundary, plan):
     for r in boundary.fallback:
         a = _address_in(plan, "fallback", r.cidr)
         outward += [("fallback", a, port, r.protocol, "allow") for port in port_ends(r.ports) if port != DNS_PORT]
+    # The S3 endpoint (drill_boundary.s3_read / s3_write): every tier reaches it on its one port, as
+    # every tier's security group reaches the S3 prefix list on tcp 443 on AWS, and no other port.
+    s3 = plan["world"].get("s3_endpoint")
+    if s3:
+        outward += [("s3_endpoint", s3["address"], s3["port"], "tcp", "allow"),
+                    ("s3_endpoint", s3["address"], S3_UNDECLARED_PORT, "tcp", "deny")]
     cp = (_neighbour(plan, "control_plane") or {}).get("addresses") or []
     dns_target = cp[0] if cp else plan["uplink"]["address"]
 

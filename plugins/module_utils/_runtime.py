@@ -18,9 +18,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import time
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _io
+from ansible_collections.drguard.sandbox.plugins.module_utils import _s3_relay
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import NftPolicyError
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import drill_prefix
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
@@ -36,6 +38,8 @@ UNDECLARED_FROM = 1025  # a tier's undeclared port: the lowest above 1024 not de
 NEIGHBOURS = (("production", "prod", "p"), ("control_plane", "cp", "c"), ("telemetry", "tel", "t"),
               ("fallback", "fb", "f"))
 WAN = "wan"
+# The S3 endpoint neighbour (drill_boundary.s3_read / s3_write only): namespace suffix, veth letter.
+S3_NEIGHBOUR = ("s3", "s3", "s")
 
 
 class SandboxRuntimeError(Exception):
@@ -106,13 +110,15 @@ def world_plan(boundary, plan):
 
     ``{"ns": "drg-<short>-wan", "neighbours": {kind: {"ns", "veth_host", "veth_peer", "addresses"}},
     "listeners": [{"kind", "name", "ns", "address", "protocol", "port"}], "telemetry": {"address",
-    "port"} or None}``. A neighbour holds one address in every CIDR of its kind (the first host
+    "port"} or None, "s3_endpoint": {"address", "port", "ns"} or None}``. A neighbour holds one address
+    in every CIDR of its kind (the first host
     not already another neighbour's; a ``/32`` is its own address); a kind with no CIDR declared
-    has no neighbour (``fallback`` only when ``drill_boundary.fallback`` is declared). Raises
+    has no neighbour (``fallback`` only when ``drill_boundary.fallback`` is declared); the ``s3``
+    neighbour holds the address plan's ``s3_endpoint`` (only when S3 is granted). Raises
     :class:`SandboxRuntimeError` when a CIDR has no free host or a tier's name is taken by the world.
     """
     prefix = plan["prefix"]
-    reserved = {prefix + WAN} | {prefix + suffix for _tier, suffix, _letter in NEIGHBOURS}
+    reserved = {prefix + WAN} | {prefix + suffix for _tier, suffix, _letter in NEIGHBOURS + (S3_NEIGHBOUR,)}
     for tier, spec in plan["tiers"].items():
         if spec["ns"] in reserved:
             raise SandboxRuntimeError(
@@ -132,6 +138,12 @@ def world_plan(boundary, plan):
         if mine:
             neighbours[kind] = {"ns": prefix + suffix, "veth_host": f"{prefix}{letter}w",
                                 "veth_peer": f"{prefix}{letter}n", "addresses": mine}
+    s3_endpoint = None
+    if plan.get("s3_endpoint"):  # the address plan's, chosen outside every declared CIDR
+        kind, suffix, letter = S3_NEIGHBOUR
+        s3_endpoint = dict(plan["s3_endpoint"], ns=prefix + suffix)
+        neighbours[kind] = {"ns": prefix + suffix, "veth_host": f"{prefix}{letter}w",
+                            "veth_peer": f"{prefix}{letter}n", "addresses": [s3_endpoint["address"]]}
 
     listeners, seen = [], set()
 
@@ -184,6 +196,10 @@ def world_plan(boundary, plan):
                 listen("fallback", "fallback", fb["ns"], at[("fallback", str(rule.cidr))],
                        protocol=rule.protocol, port=port)
 
+    if s3_endpoint is not None:
+        listen("s3", "s3-endpoint", s3_endpoint["ns"], s3_endpoint["address"], protocol="tcp",
+               port=s3_endpoint["port"])
+
     for tier, spec in plan["tiers"].items():
         ports = [(p, r.protocol) for r in boundary.ingress for p in port_ends(r.ports)]
         ports += [(p, t.protocol) for t in boundary.tier_rules if t.dest == tier for p in port_ends(t.ports)]
@@ -191,7 +207,8 @@ def world_plan(boundary, plan):
         for port, protocol in ports:
             listen("tier", tier, spec["ns"], spec["address"], protocol=protocol, port=port)
 
-    return {"ns": prefix + WAN, "neighbours": neighbours, "listeners": listeners, "telemetry": telemetry}
+    return {"ns": prefix + WAN, "neighbours": neighbours, "listeners": listeners, "telemetry": telemetry,
+            "s3_endpoint": s3_endpoint}
 
 
 def full_plan(boundary, drill_id):
@@ -210,6 +227,8 @@ STATE_FILE = "state.json"  # <output_dir>/runtime/state.json: the prefix, writte
 BAIT_HITS = "bait-hits.jsonl"  # <output_dir>/runtime/bait-hits.jsonl: one line per accepted bait connection
 TELEMETRY_FILE = "telemetry.jsonl"  # <output_dir>/telemetry.jsonl: the collector's events
 READY_TIMEOUT = 10.0  # seconds every listener has to come up
+RELAY_KEY = "s3_relay"  # state.json processes: the S3 endpoint's relay (_s3_relay)
+RELAY_LOG = "s3-relay.log"  # <output_dir>/runtime/s3-relay.log: the relay's stderr
 PKI_TTL = 7200  # seconds the drill's CA is valid when the runtime makes it and no TTL is given (drill_pki's default)
 
 # One unprivileged process per namespace serves all of its listeners (TCP accept-and-close, UDP echo).
@@ -319,10 +338,15 @@ def _sockets(netns, ns, python):
     return out
 
 
-def _alive(netns, ns, pid):
-    """True when ``pid`` runs inside namespace ``ns`` (rootless too: pids as the host sees them)."""
+def _alive(netns, ns, pid, *, relay_of=None):
+    """True when ``pid`` runs inside namespace ``ns`` (rootless too: pids as the host sees them).
+
+    ``relay_of`` (a prefix): ``pid`` is that drill's S3 endpoint relay, which runs on the controller's
+    side and only holds a socket of ``ns`` (``_s3_relay``): it is judged by name instead."""
     if not isinstance(pid, int) or pid <= 0:
         return False
+    if relay_of is not None:
+        return _s3_relay.is_relay(pid, relay_of)
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -330,11 +354,14 @@ def _alive(netns, ns, pid):
     return pid in netns.host_pids(ns)
 
 
-def _groups(plan):
-    """``{ns: [listener, ...]}`` served by one listener process each (the collector runs on its own)."""
+def _groups(plan, relay=False):
+    """``{ns: [listener, ...]}`` served by one listener process each (the collector runs on its own;
+    with ``relay`` the S3 endpoint's relay serves the ``s3`` listener)."""
     groups = {}
     for item in plan["world"]["listeners"]:
         if item["kind"] == "telemetry" and item["name"] == "collector":
+            continue
+        if relay and item["kind"] == "s3":
             continue
         groups.setdefault(item["ns"], []).append(item)
     return groups
@@ -354,7 +381,7 @@ def _keep_aside(path):
     return f"{path}.{n}"
 
 
-def _start_processes(netns, plan, output_dir, python, previous, *, drill_id=None, pki_ttl=None):
+def _start_processes(netns, plan, output_dir, python, previous, *, drill_id=None, pki_ttl=None, s3_target=None):
     """Start every listener process (and the collector) not already alive; returns (processes, started).
 
     The collector speaks mTLS: the drill's telemetry channel (``_telemetry.Channel``: the drill's CA,
@@ -364,7 +391,13 @@ def _start_processes(netns, plan, output_dir, python, previous, *, drill_id=None
     rdir = _runtime_dir(output_dir)
     processes, started = {}, []
     prod_ns = plan["world"]["neighbours"]["production"]["ns"]
-    for ns, items in sorted(_groups(plan).items()):
+    s3 = plan["world"].get("s3_endpoint")
+    relay = s3 is not None and s3_target is not None
+    old_relay = (previous or {}).get(RELAY_KEY, {})
+    if old_relay and not (relay and old_relay.get("target") == _target_text(s3_target)):
+        _s3_relay.stop(plan["prefix"], [old_relay.get("pid")])  # relaying elsewhere (or no longer): replaced
+        old_relay = {}
+    for ns, items in sorted(_groups(plan, relay).items()):
         key = f"listeners:{ns}"
         old = (previous or {}).get(key, {})
         if _alive(netns, ns, old.get("pid")):
@@ -400,7 +433,42 @@ def _start_processes(netns, plan, output_dir, python, previous, *, drill_id=None
             pid = netns.spawn(ns, argv, stdout_path=path, stderr_path=os.path.join(rdir, "collector.log"), files=files)
             processes[key] = {"ns": ns, "pid": pid, "role": "collector"}
             started.append(key)
+    if relay:
+        if _alive(netns, s3["ns"], old_relay.get("pid"), relay_of=plan["prefix"]):
+            processes[RELAY_KEY] = old_relay
+        else:
+            # A plain listener on the endpoint (the runtime was built without a target) gives way to the relay.
+            plain = (previous or {}).get(f"listeners:{s3['ns']}", {})
+            deadline = time.monotonic() + READY_TIMEOUT
+            while _alive(netns, s3["ns"], plain.get("pid")) and time.monotonic() < deadline:
+                os.kill(plain["pid"], signal.SIGKILL)
+                time.sleep(0.02)
+            uid = netns.workload_uid() if os.geteuid() == 0 else None
+            try:
+                pid = _s3_relay.start(netns, s3, s3_target, plan["prefix"], log_path=os.path.join(rdir, RELAY_LOG),
+                                      python=python, uid=uid)
+            except _s3_relay.RelayError as exc:
+                raise SandboxRuntimeError(exc.msg, **exc.detail) from None
+            processes[RELAY_KEY] = {"ns": s3["ns"], "pid": pid, "role": "s3_relay",
+                                    "target": _target_text(s3_target), "uid": uid}
+            started.append(RELAY_KEY)
     return processes, started
+
+
+def s3_target(boundary, params):
+    """Where the S3 endpoint relays (``_s3_relay.target``) from a module's AWS options (``endpoint_url``,
+    ``region``); ``None`` when S3 is not granted or neither option is set (a plain listener then holds the
+    endpoint for the probes, and nothing can be restored through it)."""
+    if not (boundary.s3_read or boundary.s3_write) or not (params.get("endpoint_url") or params.get("region")):
+        return None
+    try:
+        return _s3_relay.target(params.get("endpoint_url"), params.get("region"))
+    except _s3_relay.RelayError as exc:
+        raise SandboxRuntimeError(exc.msg, **exc.detail) from None
+
+
+def _target_text(target):
+    return None if target is None else f"{target['host']}:{target['port']}"
 
 
 def _wait_ready(netns, plan, python, output_dir, timeout=None):
@@ -439,6 +507,8 @@ def _rules(netns, router, table):
 
 def _result(plan, processes, rules, output_dir, changed):
     tel = plan["world"]["telemetry"]
+    s3 = plan["world"].get("s3_endpoint")
+    relay = (processes or {}).get(RELAY_KEY) or {}
     return {
         "changed": changed,
         "backend": "netns",
@@ -451,6 +521,9 @@ def _result(plan, processes, rules, output_dir, changed):
         "collector": None if tel is None else {"address": tel["address"], "port": tel["port"],
                                                "path": os.path.join(output_dir, TELEMETRY_FILE)},
         "processes": sorted(p["pid"] for p in processes.values()),
+        # Where the tiers reach S3 (drill_boundary.s3_read / s3_write) and where the relay forwards to.
+        "s3_endpoint": None if s3 is None else {"address": s3["address"], "port": s3["port"], "ns": s3["ns"],
+                                                "relay": relay.get("target")},
     }
 
 
@@ -467,8 +540,9 @@ def prepare(boundary, drill_id):
     return plan
 
 
-def status(boundary, plan, output_dir, python):
-    """Whether the runtime of ``plan`` is complete: namespaces, a compliant ruleset, live processes, bound listeners."""
+def status(boundary, plan, output_dir, python, s3_target=None):
+    """Whether the runtime of ``plan`` is complete: namespaces, a compliant ruleset, live processes, bound listeners
+    (and the S3 endpoint's relay towards ``s3_target`` when one is given and S3 is granted)."""
     netns = _netns_mod()
     state = read_state_file(output_dir) or {}
     try:
@@ -479,10 +553,14 @@ def status(boundary, plan, output_dir, python):
             return False
         if verify_ruleset(boundary, plan, netns.read_ruleset(plan["router"]["ns"])):
             return False
-        for proc in (state.get("processes") or {}).values():
-            if not _alive(netns, proc.get("ns"), proc.get("pid")):
+        for key, proc in (state.get("processes") or {}).items():
+            if not _alive(netns, proc.get("ns"), proc.get("pid"),
+                          relay_of=plan["prefix"] if key == RELAY_KEY else None):
                 return False
-        if set(state.get("processes") or {}) != set(_expected_processes(plan)):
+        relay = s3_target is not None and plan["world"].get("s3_endpoint") is not None
+        if set(state.get("processes") or {}) != set(_expected_processes(plan, relay)):
+            return False
+        if relay and (state["processes"][RELAY_KEY].get("target") != _target_text(s3_target)):
             return False
         _wait_ready(netns, plan, python, output_dir, timeout=0)
     except (netns.NetnsError, SandboxRuntimeError):
@@ -490,9 +568,9 @@ def status(boundary, plan, output_dir, python):
     return True
 
 
-def _expected_processes(plan):
-    keys = [f"listeners:{ns}" for ns in _groups(plan)]
-    return keys + (["collector"] if plan["world"]["telemetry"] is not None else [])
+def _expected_processes(plan, relay=False):
+    keys = [f"listeners:{ns}" for ns in _groups(plan, relay)]
+    return keys + (["collector"] if plan["world"]["telemetry"] is not None else []) + ([RELAY_KEY] if relay else [])
 
 
 def _namespaces(plan):
@@ -500,7 +578,7 @@ def _namespaces(plan):
                   | {n["ns"] for n in plan["world"]["neighbours"].values()})
 
 
-def up(boundary, drill_id, output_dir, python, *, check_mode=False, pki_ttl=None):
+def up(boundary, drill_id, output_dir, python, *, check_mode=False, pki_ttl=None, s3_target=None):
     """Build (or complete) the drill's ``netns`` runtime and return the runtime result (docs/runtime.md).
 
     Refused before anything is created when the plan, the names or the host do not allow it
@@ -511,7 +589,9 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False, pki_ttl=None
     :data:`READY_TIMEOUT` seconds. Idempotent: ``changed`` is false when nothing had to be done.
     A failure after creation began removes everything of the prefix again before it raises.
     The drill's PKI gets its CA here (valid ``pki_ttl`` seconds, :data:`PKI_TTL` by default) when it
-    has none yet: the collector speaks mTLS from the start.
+    has none yet: the collector speaks mTLS from the start. With S3 granted and ``s3_target``
+    (``_s3_relay.target``: the drill's S3 endpoint), the S3 endpoint neighbour relays to it
+    (``_s3_relay.start``); without a target a plain listener holds the endpoint (probes only).
     """
     netns = _netns_mod()
     plan = prepare(boundary, drill_id)
@@ -525,7 +605,7 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False, pki_ttl=None
                                   "does not record it; pass the output directory it was built with, or remove it "
                                   "first (state absent).", prefix=plan["prefix"])
     if check_mode:
-        complete = status(boundary, plan, output_dir, python)
+        complete = status(boundary, plan, output_dir, python, s3_target)
         return _result(plan, (previous or {}).get("processes") or {}, None, output_dir, not complete)
     state = {"backend": "netns", "drill_id": drill_id, "prefix": plan["prefix"], "table": plan["table"],
              "namespaces": _namespaces(plan), "state": "creating",
@@ -544,7 +624,7 @@ def up(boundary, drill_id, output_dir, python, *, check_mode=False, pki_ttl=None
                                           f"drill_boundary ({findings[0]['code']}: {findings[0]['detail']}); "
                                           "report this as a bug.", findings=findings)
         processes, started = _start_processes(netns, plan, output_dir, python, state["processes"], drill_id=drill_id,
-                                              pki_ttl=pki_ttl)
+                                              pki_ttl=pki_ttl, s3_target=s3_target)
         state["processes"] = processes
         _write_state(output_dir, state)
         _wait_ready(netns, plan, python, output_dir)
@@ -598,6 +678,8 @@ def leftovers(prefix, pids=()):
         # One of ours (listeners, collector, a workload run from its files), not a recycled pid.
         if b"selectors" in cmdline or b"telemetry" in cmdline or b"/run/drguard/in/" in cmdline:
             out["processes"].append(int(pid))
+    # The S3 endpoint's relay runs on the controller's side: found by its name and the prefix.
+    out["processes"] = sorted(set(out["processes"]) | set(_s3_relay.find(prefix)))
     return out
 
 
@@ -614,9 +696,13 @@ def down(drill_id, output_dir=None):
                                       f"to drill {drill_id} ({prefix}); pass the drill's own output directory.")
     pids = [p.get("pid") for p in ((state or {}).get("processes") or {}).values()]
     try:
+        relays = _s3_relay.stop(prefix, pids)  # on the controller's side: destroy does not see it
         removed = netns.destroy(prefix)
+    except _s3_relay.RelayError as exc:
+        raise SandboxRuntimeError(exc.msg, **exc.detail) from None
     except netns.NetnsError as exc:
         raise SandboxRuntimeError(exc.msg, **exc.detail) from None
+    removed["removed"]["pids"] = sorted(set(removed["removed"]["pids"]) | set(relays))
     remaining = leftovers(prefix, pids)
     if any(remaining.values()):
         names = [f"{k}: {', '.join(map(str, v))}" for k, v in remaining.items() if v]
@@ -628,4 +714,4 @@ def down(drill_id, output_dir=None):
     # The runtime made the drill's PKI (its CA, the telemetry channel): overwritten and removed with it.
     from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill  # noqa: PLC0415 - a cycle
     pki = _mtls_drill.destroy(drill_id)
-    return {"changed": removed["changed"] or pki, "prefix": prefix, "removed": removed["removed"]}
+    return {"changed": removed["changed"] or pki or bool(relays), "prefix": prefix, "removed": removed["removed"]}

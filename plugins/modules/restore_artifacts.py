@@ -18,6 +18,10 @@ description:
     from what was verified is discarded and the task fails. Nothing half-written survives
     (temporary file, then rename).
   - Run it with the drill's minted credentials, which can only read the backups.
+  - With O(namespace) (the netns runtime's validation tier) the S3 reads run inside that tier as an
+    unprivileged workload with the drill's session, through the runtime's S3 endpoint O(s3_endpoint); the
+    bytes come back to the controller, which checks them against what was verified while it writes
+    O(dest) exactly as without O(namespace). See docs/runtime.md, "Restore and validation inside".
 attributes:
   check_mode:
     support: full
@@ -43,9 +47,21 @@ options:
     type: path
     required: true
   workers:
-    description: Parallel downloads.
+    description: Parallel downloads (on the controller; inside O(namespace) the artifacts are read one after another).
     type: int
     default: 4
+  namespace:
+    description:
+      - The netns runtime's validation tier (C(drg-<short>-validation)) to read the S3 artifacts in.
+      - Needs O(s3_endpoint) and the drill's session as explicit O(access_key), O(secret_key) and
+        O(session_token); the controller's own credentials are never handed in. Local sources are restored on the
+        controller from the read-only mount.
+    type: str
+  s3_endpoint:
+    description:
+      - C(address:port) of the runtime's S3 endpoint (M(drguard.sandbox.sandbox_runtime)'s C(s3_endpoint)), which
+        relays to the drill's S3 endpoint (O(endpoint_url), else the region's S3). Required with O(namespace).
+    type: str
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
@@ -79,7 +95,14 @@ bytes_restored:
   description: Bytes written.
   returned: success
   type: int
+inside:
+  description: The namespace the S3 reads ran in (O(namespace)); absent when the restore ran on the controller.
+  returned: success with O(namespace)
+  type: str
+  sample: drg-1a2b3c-validation
 """
+
+import ipaddress
 
 try:
     import botocore
@@ -89,14 +112,51 @@ except ImportError:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import hide_session_credentials
+from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore
+from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore_inside
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_relay import RelayError
+from ansible_collections.drguard.sandbox.plugins.module_utils._s3_relay import target
+from ansible_collections.drguard.sandbox.plugins.module_utils._secret_exec import drill_session
 
 ARGUMENT_SPEC = dict(
     artifacts=dict(type="list", elements="dict", required=True),
     dest=dict(type="path", required=True),
     workers=dict(type="int", default=4),
+    namespace=dict(type="str"),
+    s3_endpoint=dict(type="str"),
 )
+
+
+def _endpoint(value):
+    """``(address, port)`` of ``s3_endpoint`` (``address:port``, an IPv4 address), or :class:`RestoreError`."""
+    address, _sep, port = (value or "").rpartition(":")
+    try:
+        ipaddress.IPv4Address(address)
+        port = int(port)
+        if not 1 <= port <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        raise RestoreError("s3_endpoint %r is not address:port (an IPv4 address and a port); pass the runtime's "
+                           "s3_endpoint" % (value,)) from None
+    return address, port
+
+
+def run_inside(module):
+    """The restore inside ``namespace``; bad input fails before anything runs."""
+    p = module.params
+    if not p["s3_endpoint"]:
+        raise RestoreError("s3_endpoint is required with namespace: the validation tier reaches S3 only through the "
+                           "runtime's S3 endpoint; pass sandbox_runtime's s3_endpoint (address:port)")
+    endpoint = _endpoint(p["s3_endpoint"])
+    try:
+        to = target(p.get("endpoint_url"), module.region)
+    except RelayError as exc:
+        raise RestoreError(exc.msg.rstrip(".")) from None
+    return restore_inside(p["artifacts"], p["dest"], ns=p["namespace"], endpoint=endpoint, to=to,
+                          region=module.region or "us-east-1", session=drill_session(p), python=python_executable(),
+                          check_mode=module.check_mode)
 
 
 def main():
@@ -104,8 +164,11 @@ def main():
     hide_session_credentials(module)
     p = module.params
     try:
-        result = restore(p["artifacts"], p["dest"], workers=p["workers"], check_mode=module.check_mode,
-                         client=lambda service: aws_client(module, service))
+        if p["namespace"]:
+            result = run_inside(module)
+        else:
+            result = restore(p["artifacts"], p["dest"], workers=p["workers"], check_mode=module.check_mode,
+                             client=lambda service: aws_client(module, service))
     except RestoreError as exc:
         module.fail_json(msg=str(exc))
     except botocore.exceptions.BotoCoreError as exc:

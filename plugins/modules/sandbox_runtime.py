@@ -316,7 +316,7 @@ def run(params, check_mode):
             raise ValueError(f"expires_at {params['expires_at']} is less than a minute away; pass the drill's "
                              "expiry (drill_ctx.expires_at) of a drill that has not expired")
     return _runtime.up(boundary, drill_id, params["output_dir"], python_executable(), check_mode=check_mode,
-                       pki_ttl=pki_ttl)
+                       pki_ttl=pki_ttl, s3_target=_runtime.s3_target(boundary, params))
 
 
 def main():

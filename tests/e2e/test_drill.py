@@ -50,7 +50,9 @@ def test_drill_passes_and_leaves_nothing(world, tmp_path):
     assert runtime["probes"] and runtime["violations"] == 0
     assert [r for r in runtime["probes"] if r["observed"] != r["expected"]] == []
     targets = {r["dst"] for r in runtime["probes"]}
-    assert {"production", "control_plane", "telemetry", "fallback", "dns", "db"} <= targets, targets
+    assert {"production", "control_plane", "telemetry", "fallback", "dns", "db", "s3_endpoint"} <= targets, targets
+    # The demo grants s3_read: the restore ran inside the validation tier, through the S3 endpoint.
+    assert report["validation"]["restore_inside"] == runtime["prefix"] + "validation"
     assert report["artifacts"]["verified"] is True
     assert {a["name"] for a in report["artifacts"]["artifacts"]} == {"orders.sqlite", "files.tar"}
     assert report["teardown"]["remaining"] == 0 and report["teardown"]["deleted"] > 0

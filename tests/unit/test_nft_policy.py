@@ -418,7 +418,7 @@ def test_ruleset_declares_every_counter_and_uses_them():
     for name in COUNTERS:
         assert "\tcounter %s {" % name in text
     used = {line.split('counter name "')[1].split('"')[0] for line in text.splitlines() if 'counter name "' in line}
-    assert used == set(COUNTERS) - {"fallback_allow"}  # no fallback declared
+    assert used == set(COUNTERS) - {"fallback_allow", "s3_allow"}  # no fallback, no S3 declared
 
 
 def test_ruleset_rules_per_declared_flow():
@@ -471,7 +471,7 @@ def test_verify_takes_the_bare_item_list():
     items = [i for i in copy.deepcopy(LIVE_1_0_6) if "metainfo" not in i]
     assert verify_ruleset(BOUNDARY, PLAN, items) == []
     assert codes(verify_ruleset(BOUNDARY, PLAN, items[:1])) == ["runtime_chain_missing"] * 3 + [
-        "runtime_counter_missing"] * len(COUNTERS)
+        "runtime_counter_missing"] * (len(COUNTERS) - 1)  # s3_allow: no S3 declared
 
 
 @pytest.mark.skipif(not shutil.which("nft") or not shutil.which("unshare"), reason="needs nft and unshare")
@@ -735,3 +735,66 @@ def test_verify_fallback_round_trip_through_a_real_kernel(tmp_path):
     doc = json.loads(done.stdout)
     doc["nftables"].remove(fallback_rule_of(doc))
     assert codes(verify_ruleset(FALLBACK_BOUNDARY, PLAN, doc)) == ["runtime_fallback_blocked"]
+
+
+# --- the S3 endpoint (drill_boundary.s3_read / s3_write) ------------------------------------
+
+S3_RAW = dict(RAW, s3_read=[{"bucket": "backups", "prefix": "orders/"}])
+S3_BOUNDARY = parse_boundary(S3_RAW)
+S3_PLAN = address_plan(S3_BOUNDARY, DRILL)
+
+
+def test_plan_has_an_s3_endpoint_only_when_s3_is_granted():
+    assert PLAN["s3_endpoint"] is None
+    assert S3_PLAN["s3_endpoint"] == {"address": "198.18.0.1", "port": 443}
+    write_only = parse_boundary(dict(RAW, s3_write=[{"bucket": "telemetry", "prefix": "dr/"}]))
+    assert address_plan(write_only, DRILL)["s3_endpoint"] == {"address": "198.18.0.1", "port": 443}
+
+
+def test_s3_endpoint_avoids_every_declared_cidr():
+    taken = parse_boundary(dict(S3_RAW, production_cidrs=["10.0.0.0/16", "198.18.0.0/24"],
+                                egress=[{"cidr": "198.18.1.0/24", "ports": [443]}]))
+    assert address_plan(taken, DRILL)["s3_endpoint"]["address"] == "198.18.2.1"
+    covered = parse_boundary(dict(S3_RAW, production_cidrs=["198.18.0.0/15"]))
+    with pytest.raises(NftPolicyError, match="S3 endpoint"):
+        address_plan(covered, DRILL)
+
+
+def test_ruleset_lets_every_tier_reach_the_s3_endpoint_on_443_only_when_granted():
+    devs = '{ %s }' % ", ".join('"%s"' % t["veth_host"] for t in S3_PLAN["tiers"].values())
+    line = ('iifname %s ip saddr 10.213.0.0/16 ip daddr 198.18.0.1 tcp dport 443 counter name "s3_allow" accept'
+            % devs)
+    assert line in chain_lines(router_ruleset(S3_BOUNDARY, S3_PLAN, TABLE), "forward")
+    assert "s3_allow\" accept" not in router_ruleset(BOUNDARY, PLAN, TABLE)
+    assert "198.18." not in router_ruleset(BOUNDARY, PLAN, TABLE)
+
+
+def _s3_rule(address="198.18.0.1", port=443):
+    return rule("forward", [match("ip", "saddr", prefix("10.213.0.0/16")), match("ip", "daddr", address),
+                            match("tcp", "dport", port), {"counter": "s3_allow"}, {"accept": None}])
+
+
+def _with_s3(doc, item):
+    doc["nftables"].append({"counter": {"family": "inet", "name": "s3_allow", "table": TABLE, "handle": 98,
+                                        "packets": 0, "bytes": 0}})
+    forward = rules_of(doc, "forward")
+    insert_after(doc, "forward", len(forward) - 2, item)  # before default_drop
+    return doc
+
+
+def test_verify_accepts_the_s3_endpoint_when_granted_and_requires_it():
+    assert verify_ruleset(S3_BOUNDARY, S3_PLAN, _with_s3(live(), _s3_rule())) == []
+    missing = codes(verify_ruleset(S3_BOUNDARY, S3_PLAN, live()))
+    assert missing == ["runtime_counter_missing", "runtime_rule_missing"]
+
+
+def test_verify_flags_an_s3_endpoint_accept_when_s3_is_not_granted():
+    found = verify_ruleset(BOUNDARY, PLAN, _with_s3(live(), _s3_rule()))
+    assert codes(found) == ["runtime_rule_undeclared"]
+    assert "to 198.18.0.1/32 proto tcp dport 443" in found[0]["detail"]
+
+
+def test_verify_flags_an_s3_accept_on_another_port_or_address():
+    assert "runtime_rule_undeclared" in codes(verify_ruleset(S3_BOUNDARY, S3_PLAN, _with_s3(live(), _s3_rule(port=80))))
+    assert "runtime_rule_undeclared" in codes(
+        verify_ruleset(S3_BOUNDARY, S3_PLAN, _with_s3(live(), _s3_rule(address="198.18.0.2"))))

@@ -203,3 +203,24 @@ def test_two_rules_naming_the_same_flow_give_one_row():
     keys = [key(r) for r in rows]
     assert len(keys) == len(set(keys))
     assert keys.count(("app", "db", plan["tiers"]["db"]["address"] + ":5432", "tcp", "allow")) == 1
+
+
+def test_s3_endpoint_rows_from_every_tier_only_when_s3_is_granted():
+    boundary, plan = make_plan()
+    assert [r for r in probe_matrix(boundary, plan) if r["dst"] == "s3_endpoint"] == []
+    boundary, plan = make_plan(dict(RAW, s3_read=[{"bucket": "backups", "prefix": "orders/"}]))
+    plan["world"]["s3_endpoint"] = {"address": "198.18.7.1", "port": 443, "ns": plan["prefix"] + "s3"}
+    rows = [key(r) for r in probe_matrix(boundary, plan) if r["dst"] == "s3_endpoint"]
+    # Every tier, as every tier's security group reaches the S3 prefix list on tcp 443 on AWS; no other port.
+    assert sorted(rows) == sorted(
+        [(src, "s3_endpoint", "198.18.7.1:443", "tcp", "allow") for src in ("app", "db", "validation")]
+        + [(src, "s3_endpoint", "198.18.7.1:80", "tcp", "deny") for src in ("app", "db", "validation")])
+
+
+def test_s3_endpoint_allow_row_meets_the_planned_endpoint_listener():
+    boundary = parse_boundary(dict(RAW, s3_read=[{"bucket": "backups", "prefix": "orders/"}]))
+    plan = full_plan(boundary, DRILL)
+    listening = {(i["address"], i["port"]) for i in plan["world"]["listeners"] if i["kind"] == "s3"}
+    allow = {tuple(r["address"].rsplit(":", 1)) for r in probe_matrix(boundary, plan)
+             if r["dst"] == "s3_endpoint" and r["expected"] == "allow"}
+    assert listening == {(a, int(p)) for a, p in allow} == {("198.18.0.1", 443)}

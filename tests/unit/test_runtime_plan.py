@@ -169,13 +169,13 @@ def test_addresses_never_in_the_sandbox_and_never_the_wan_address():
     assert not any(ipaddress.ip_address(a) in sandbox for a in every)
 
 
-@pytest.mark.parametrize("tier", ["wan", "prod", "cp", "tel", "fb"])
+@pytest.mark.parametrize("tier", ["wan", "prod", "cp", "tel", "fb", "s3"])
 def test_a_tier_named_like_a_world_namespace_is_refused(tier):
     raw = dict(RAW, tiers=["app", tier], tier_rules=[])
     with pytest.raises(SandboxRuntimeError) as err:
         plan_of(raw)
     assert err.value.msg == (f"drill_boundary.tiers: {tier!r} is reserved for a namespace of the embedded world "
-                             "(cp, fb, prod, tel, wan); rename that tier.")
+                             "(cp, fb, prod, s3, tel, wan); rename that tier.")
 
 
 def test_full_plan_is_deterministic_and_address_plan_errors_become_runtime_errors():
@@ -191,3 +191,21 @@ def test_a_udp_telemetry_destination_is_refused_the_collector_speaks_tcp():
         plan_of(raw)
     assert err.value.msg == ("drill_boundary.egress[1]: the telemetry collector listens on TCP, so a udp telemetry "
                              "destination would never be reached; declare it with protocol tcp.")
+
+
+S3_RAW = dict(RAW, s3_read=[{"bucket": "backups", "prefix": "orders/"}])
+
+
+def test_the_s3_endpoint_neighbour_exists_only_when_s3_is_granted():
+    assert "s3" not in plan_of()["world"]["neighbours"]
+    assert plan_of()["world"]["s3_endpoint"] is None
+    assert not listeners(plan_of(), "s3")
+    plan = plan_of(S3_RAW)
+    p = plan["prefix"]
+    spec = plan["world"]["neighbours"]["s3"]
+    assert (spec["ns"], spec["veth_host"], spec["veth_peer"], spec["addresses"]) == (
+        p + "s3", p + "sw", p + "sn", ["198.18.0.1"])
+    assert plan["world"]["s3_endpoint"] == {"address": "198.18.0.1", "port": 443, "ns": p + "s3"}
+    assert listeners(plan, "s3") == {("s3-endpoint", p + "s3", "198.18.0.1", "tcp", 443)}
+    prefix, _router, tiers = validate_plan(plan)
+    assert validate_world(plan, prefix, tiers)["neighbours"]["s3"]["addresses"] == ["198.18.0.1"]
