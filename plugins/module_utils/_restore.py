@@ -232,15 +232,15 @@ def restore_inside(artifacts: list, dest: str, *, ns: str, endpoint: tuple, to: 
     done = {}
     try:
         for entry in artifacts:
-            if entry not in remote:
+            if not is_s3(str(entry.get("source", ""))):
                 done[id(entry)] = restore_one(None, entry, dest)
         if remote:
             request = _inside_request(remote, endpoint, to, region)
             files = {INSIDE_PROGRAM: {"data": _s3_relay.program(), "mode": 0o444},
                      _s3_relay.REQUEST: {"data": json.dumps(request), "mode": 0o444},
                      _s3_relay.SESSION: {"data": json.dumps({k: v for k, v in session.items() if v}), "mode": 0o400}}
-            for entry, item in _run_inside(_netns, ns, python, files=files, remote=remote, dest=dest,
-                                              timeout=timeout):
+            inside = _run_inside(_netns, ns, python, files=files, remote=remote, dest=dest, timeout=timeout)
+            for entry, item in inside:
                 done[id(entry)] = item
     except (RestoreError, LocationError, OSError) as exc:
         raise RestoreError("Restore failed: %s" % exc) from None

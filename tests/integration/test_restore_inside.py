@@ -230,3 +230,15 @@ def test_the_endpoint_of_an_undeclared_boundary_is_a_finding(built):
     assert ("runtime_namespace_unexpected", built["result"]["prefix"] + "s3") in {(f["code"], f["resource"])
                                                                                   for f in found}
     assert "runtime_rule_undeclared" in [f["code"] for f in found]
+
+
+def test_a_local_source_is_restored_on_the_controller_next_to_the_s3_ones(built, objects, tmp_path, emulator):
+    local = tmp_path / "mount" / "notes.txt"
+    local.parent.mkdir()
+    local.write_bytes(b"from the read-only mount\n")
+    entry = {"name": "notes.txt", "verified": True, "sha256": _sha(local.read_bytes()), "size": local.stat().st_size,
+             "source": str(local), "version_id": None}
+    args = _args(built, [entry, *objects[1:]], tmp_path / "r", endpoint_url=emulator.url)
+    res = run_module("restore_artifacts", args)
+    assert not res.failed, res
+    assert [Path(r["path"]).read_bytes() for r in res["restored"]] == [local.read_bytes(), objects[1]["_body"]]
