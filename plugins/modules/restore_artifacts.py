@@ -80,6 +80,17 @@ EXAMPLES = r"""
     secret_key: "{{ drill_aws_session.secret_access_key }}"
     session_token: "{{ drill_aws_session.session_token }}"
   register: restored
+
+- name: Restore inside the netns runtime's validation tier, through its S3 endpoint
+  drguard.sandbox.restore_artifacts:
+    artifacts: "{{ verify.artifacts }}"
+    dest: "{{ drill_output_dir }}/restore"
+    namespace: "{{ sandbox_runtime__output.prefix }}validation"
+    s3_endpoint: "{{ sandbox_runtime__output.s3_endpoint.address }}:{{ sandbox_runtime__output.s3_endpoint.port }}"
+    access_key: "{{ drill_aws_session.access_key_id }}"
+    secret_key: "{{ drill_aws_session.secret_access_key }}"
+    session_token: "{{ drill_aws_session.session_token }}"
+  register: restored
 """
 
 RETURN = r"""
