@@ -242,3 +242,23 @@ def test_a_local_source_is_restored_on_the_controller_next_to_the_s3_ones(built,
     res = run_module("restore_artifacts", args)
     assert not res.failed, res
     assert [Path(r["path"]).read_bytes() for r in res["restored"]] == [local.read_bytes(), objects[1]["_body"]]
+
+
+def test_another_target_replaces_the_relay_and_no_target_gives_a_plain_listener(built, emulator):
+    prefix = built["result"]["prefix"]
+    first = runtime.read_state_file(built["out"])["processes"]["s3_relay"]["pid"]
+    moved = runtime.up(built["boundary"], built["drill_id"], built["out"], python_executable(),
+                       s3_target=_s3_relay.target("http://127.0.0.1:9"))
+    assert moved["changed"] is True and moved["s3_endpoint"]["relay"] == "127.0.0.1:9"
+    second = runtime.read_state_file(built["out"])["processes"]["s3_relay"]["pid"]
+    assert second != first and _s3_relay.find(prefix) == [second]
+    plain = runtime.up(built["boundary"], built["drill_id"], built["out"], python_executable())
+    assert plain["s3_endpoint"]["relay"] is None and _s3_relay.find(prefix) == []
+    assert "s3_relay" not in runtime.read_state_file(built["out"])["processes"]
+    # The endpoint is still there for the probes (a plain listener), and the relay comes back on request.
+    rows = [r for r in _probes.probe_matrix(built["boundary"], runtime.full_plan(built["boundary"], built["drill_id"]))
+            if r["dst"] == "s3_endpoint"]
+    assert _probes.run_probes(rows, runtime.full_plan(built["boundary"], built["drill_id"]))["violations"] == []
+    back = runtime.up(built["boundary"], built["drill_id"], built["out"], python_executable(),
+                      s3_target=_s3_relay.target(emulator.url, REGION))
+    assert back["s3_endpoint"]["relay"] == built["result"]["s3_endpoint"]["relay"]
