@@ -59,6 +59,10 @@ UNPRIVILEGED = ("setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-
                 "--bounding-set=-all --no-new-privs -- env -i")
 
 
+class _Planned(Exception):
+    """The role is planned in check mode, not there to read."""
+
+
 class Ec2RuntimeError(Exception):
     """The ec2 runtime cannot be built, reached or removed; ``msg`` says what to change."""
 
@@ -195,24 +199,141 @@ def _trusts_ec2(doc) -> bool:
     return False
 
 
-def ensure_profile(iam, drill_id: str, role_name: str, tags: dict, *, check_mode: bool, actions: list) -> dict:
+RUNTIME_POLICY_NAME = "drguard-runtime"
+# What the SSM agent needs to register and take Run Command messages (none of these actions takes a resource).
+SSM_AGENT_ACTIONS = (
+    "ssm:UpdateInstanceInformation",
+    "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+    "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage", "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint", "ec2messages:GetMessages", "ec2messages:SendReply",
+)
+EC2_TRUST = {"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow", "Principal": {"Service": EC2_PRINCIPAL}, "Action": "sts:AssumeRole"}]}
+
+
+def runtime_secret_prefix(drill_id: str) -> str:
+    """The Secrets Manager name prefix the tiers' instances may read (their certificates), ``drguard/<id>/runtime/``."""
+    return "drguard/%s/runtime/" % drill_id
+
+
+def runtime_policy(drill_id: str, partition: str, region: str, account: str) -> dict:
+    """The instance role's one inline policy: the SSM agent's actions and the drill's runtime secrets, nothing else."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "SsmAgent", "Effect": "Allow", "Action": sorted(SSM_AGENT_ACTIONS), "Resource": "*"},
+        {"Sid": "DrillSecrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+         "Resource": ["arn:%s:secretsmanager:%s:%s:secret:%s*" % (partition, region, account,
+                                                                  runtime_secret_prefix(drill_id))]},
+    ]}
+
+
+def _policy_doc(doc):
+    return json.loads(doc) if isinstance(doc, str) else doc
+
+
+def ensure_runtime_role(iam, drill_id: str, tags: dict, region: str, *, check_mode: bool, actions: list) -> dict:
+    """The runtime's own instance role ``drguard-<drill id>-runtime`` (path /drguard/, the drill's tags).
+
+    It trusts ``ec2.amazonaws.com`` only and holds one inline policy (:func:`runtime_policy`); a
+    widened policy is put back, a role of that name that is not the drill's is refused.
+    """
+    name = profile_name(drill_id)
+    try:
+        role = iam.get_role(RoleName=name)["Role"]
+    except ClientError as exc:
+        if not is_not_found(exc):
+            raise
+        role = None
+    if role is None:
+        actions.append("create role %s" % name)
+        if check_mode:
+            actions.append("put policy %s of role %s" % (RUNTIME_POLICY_NAME, name))
+            return {"name": name, "planned": True}
+        role = iam.create_role(RoleName=name, Path=IAM_PATH, AssumeRolePolicyDocument=json.dumps(EC2_TRUST),
+                               Description="drguard drill %s: the sandbox runtime's instances (SSM agent only)"
+                               % drill_id, MaxSessionDuration=3600,
+                               Tags=ansible_dict_to_boto3_tag_list(tags))["Role"]
+    else:
+        have = boto3_tag_list_to_ansible_dict(paginate(iam, "list_role_tags", "Tags", RoleName=name))
+        if have.get(TAG_DRILL_ID) != drill_id or role.get("Path") != IAM_PATH:
+            raise Ec2RuntimeError("role %s exists but is not drill %s's (tag %r, path %s); remove it or use another "
+                                  "drill id" % (name, drill_id, have.get(TAG_DRILL_ID), role.get("Path")))
+        if _policy_doc(role.get("AssumeRolePolicyDocument")) != EC2_TRUST:
+            actions.append("trust only %s in role %s" % (EC2_PRINCIPAL, name))
+            if not check_mode:
+                iam.update_assume_role_policy(RoleName=name, PolicyDocument=json.dumps(EC2_TRUST))
+    arn = role["Arn"].split(":")
+    want = runtime_policy(drill_id, arn[1], region, arn[4])
+    inline = paginate(iam, "list_role_policies", "PolicyNames", RoleName=name) if "Arn" in role else []
+    for other in inline:
+        if other != RUNTIME_POLICY_NAME:
+            actions.append("delete policy %s of role %s" % (other, name))
+            if not check_mode:
+                iam.delete_role_policy(RoleName=name, PolicyName=other)
+    for att in paginate(iam, "list_attached_role_policies", "AttachedPolicies", RoleName=name):
+        actions.append("detach policy %s from role %s" % (att["PolicyArn"], name))
+        if not check_mode:
+            iam.detach_role_policy(RoleName=name, PolicyArn=att["PolicyArn"])
+    have_doc = None
+    if RUNTIME_POLICY_NAME in inline:
+        have_doc = _policy_doc(iam.get_role_policy(RoleName=name, PolicyName=RUNTIME_POLICY_NAME)["PolicyDocument"])
+    if have_doc != want:
+        actions.append("put policy %s of role %s" % (RUNTIME_POLICY_NAME, name))
+        if not check_mode:
+            iam.put_role_policy(RoleName=name, PolicyName=RUNTIME_POLICY_NAME, PolicyDocument=json.dumps(want))
+    return {"name": name, "planned": False}
+
+
+def delete_runtime_role(iam, drill_id: str, *, check_mode: bool, actions: list) -> str | None:
+    """Delete the runtime's own role (its policies, profiles first); ``None`` when there is none."""
+    name = profile_name(drill_id)
+    try:
+        iam.get_role(RoleName=name)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
+    tags = boto3_tag_list_to_ansible_dict(paginate(iam, "list_role_tags", "Tags", RoleName=name))
+    if tags.get(TAG_DRILL_ID) != drill_id:
+        raise Ec2RuntimeError("role %s is not drill %s's (its drguard:drill-id tag differs); it was left as it is"
+                              % (name, drill_id))
+    actions.append("delete role %s" % name)
+    if not check_mode:
+        for pol in paginate(iam, "list_role_policies", "PolicyNames", RoleName=name):
+            iam.delete_role_policy(RoleName=name, PolicyName=pol)
+        for att in paginate(iam, "list_attached_role_policies", "AttachedPolicies", RoleName=name):
+            iam.detach_role_policy(RoleName=name, PolicyArn=att["PolicyArn"])
+        for prof in paginate(iam, "list_instance_profiles_for_role", "InstanceProfiles", RoleName=name):
+            iam.remove_role_from_instance_profile(InstanceProfileName=prof["InstanceProfileName"], RoleName=name)
+        iam.delete_role(RoleName=name)
+    return name
+
+
+def ensure_profile(iam, drill_id: str, role_name: str, tags: dict, *, check_mode: bool, actions: list,
+                   role_planned: bool = False) -> dict:
     """The drill's instance profile ``drguard-<drill id>-runtime`` (path /drguard/, tagged), holding ``role_name`` only.
 
     The role must be the drill's (its ``drguard:drill-id`` tag) and trust ``ec2.amazonaws.com``,
-    or instances could not use it: refused with one sentence (fail closed).
+    or instances could not use it: refused with one sentence (fail closed). ``role_planned``: the
+    role is only planned (check mode), so it is not read.
     """
     try:
+        if role_planned:
+            raise _Planned()
         role = iam.get_role(RoleName=role_name)["Role"]
+    except _Planned:
+        role = None
     except ClientError as exc:
         if is_not_found(exc):
             raise Ec2RuntimeError("the instance role %s does not exist; mint the drill's identity first or pass "
                                   "the drill's role as ec2.instance_role" % role_name) from None
         raise
-    role_tags = boto3_tag_list_to_ansible_dict(paginate(iam, "list_role_tags", "Tags", RoleName=role_name))
+    role_tags = ({TAG_DRILL_ID: drill_id} if role is None
+                 else boto3_tag_list_to_ansible_dict(paginate(iam, "list_role_tags", "Tags", RoleName=role_name)))
     if role_tags.get(TAG_DRILL_ID) != drill_id:
         raise Ec2RuntimeError("the instance role %s is not drill %s's (its drguard:drill-id tag is %r); pass the "
                               "drill's own role" % (role_name, drill_id, role_tags.get(TAG_DRILL_ID)))
-    if not _trusts_ec2(role.get("AssumeRolePolicyDocument")):
+    if role is not None and not _trusts_ec2(role.get("AssumeRolePolicyDocument")):
         raise Ec2RuntimeError("the instance role %s does not trust %s, so its instances would get no credentials; "
                               "let the drill's role trust %s (sts:AssumeRole)" % (role_name, EC2_PRINCIPAL,
                                                                                   EC2_PRINCIPAL))
@@ -290,18 +411,24 @@ def require_ssm_endpoints(boundary) -> None:
                               "not declare; set drill_boundary.ssm_endpoints true and build the network again")
 
 
-def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str, ami: str | None = None,
+def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | None = None, ami: str | None = None,
        ami_parameter: str = AMI_PARAMETER, instance_type: str = INSTANCE_TYPE, wait_timeout: int = 600,
        check_mode: bool = False) -> dict:
     """One instance per tier (plus ``validation``) of the drill, running; idempotent (found by tags and names).
 
     ``clients``: ``ec2``, ``iam``, ``ssm`` from ``_aws.aws_client``. ``tags``: the drill's tags.
+    ``role_name``: the instances' role; by default the runtime's own (:func:`ensure_runtime_role`).
     """
     require_ssm_endpoints(boundary)
     ec2, iam = clients["ec2"], clients["iam"]
     actions: list = []
     network = find_network(ec2, drill_id, boundary)
-    profile = ensure_profile(iam, drill_id, role_name, tags, check_mode=check_mode, actions=actions)
+    planned = False
+    if not role_name:
+        own = ensure_runtime_role(iam, drill_id, tags, ec2.meta.region_name, check_mode=check_mode, actions=actions)
+        role_name, planned = own["name"], own["planned"]
+    profile = ensure_profile(iam, drill_id, role_name, tags, check_mode=check_mode, actions=actions,
+                             role_planned=planned)
     image = resolve_ami(clients["ssm"], ami, ami_parameter)
     tiers = runtime_tiers(boundary)
     live = {}
@@ -352,7 +479,7 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str, am
     if started and not check_mode:
         _wait(ec2, "instance_running", started, wait_timeout)
     return {"changed": bool(actions), "backend": "ec2", "units": units, "vpc_id": network["vpc_id"],
-            "instance_profile": profile["name"], "ami": image, "actions": actions}
+            "instance_profile": profile["name"], "instance_role": role_name, "ami": image, "actions": actions}
 
 
 def _wait(ec2, waiter: str, ids: list, timeout: int) -> None:
@@ -392,13 +519,14 @@ def down(clients: dict, drill_id: str, *, wait_timeout: int = 600, check_mode: b
             for role in profile.get("Roles") or []:
                 iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=role["RoleName"])
             iam.delete_instance_profile(InstanceProfileName=name)
+    role = delete_runtime_role(iam, drill_id, check_mode=check_mode, actions=actions)
     if not check_mode:
         left = [i["InstanceId"] for i in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",))]
         if left:
             raise Ec2RuntimeError("instances %s of drill %s are still there after termination; run the sweep for "
                                   "the drill" % (", ".join(left), drill_id), remaining=left)
     return {"changed": bool(actions), "backend": "ec2", "units": [], "removed": {"instances": ids,
-            "instance_profile": name if profile is not None else None}, "actions": actions}
+            "instance_profile": name if profile is not None else None, "instance_role": role}, "actions": actions}
 
 
 # ---------------------------------------------------------------- SSM Run Command

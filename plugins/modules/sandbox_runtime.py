@@ -94,9 +94,10 @@ options:
     suboptions:
       instance_role:
         description:
-          - The IAM role the instance profile holds. Default the drill's minted role C(drguard-<drill_id>). It must
-            carry the drill's C(drguard:drill-id) tag and trust C(ec2.amazonaws.com), or the run fails before any
-            instance starts.
+          - The IAM role the instance profile holds. By default the runtime makes its own, C(drguard-<drill_id>-runtime)
+            (trusts C(ec2.amazonaws.com) only; the SSM agent's actions and the drill's runtime secrets, nothing else),
+            and removes it with O(state=absent). A role given here must carry the drill's C(drguard:drill-id) tag and
+            trust C(ec2.amazonaws.com), or the run fails before any instance starts.
         type: str
       ami:
         description:
@@ -211,6 +212,11 @@ removed:
     profile).
   returned: with state absent and backend netns or ec2
   type: dict
+instance_role:
+  description: The IAM role the instance profile holds (the runtime's own unless O(ec2.instance_role) names one).
+  returned: with backend ec2 and state present
+  type: str
+  sample: drguard-dr-20261130200000-a1b2c3-runtime
 instance_profile:
   description: The instance profile of the tiers' instances.
   returned: with backend ec2 and state present
@@ -236,7 +242,6 @@ from datetime import timezone
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
-from ansible_collections.drguard.sandbox.plugins.module_utils import _identity
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
@@ -285,7 +290,7 @@ def run_ec2(params, check_mode, client):
         expires = _runtime_ec2.find_network(clients["ec2"], drill_id, boundary)["expires_at"]
     tags = drill_tags(drill_id, expires)
     return _runtime_ec2.up(clients, drill_id, boundary, tags,
-                           role_name=opts.get("instance_role") or _identity.role_name(drill_id),
+                           role_name=opts.get("instance_role"),
                            ami=opts.get("ami"), ami_parameter=opts.get("ami_parameter") or _runtime_ec2.AMI_PARAMETER,
                            instance_type=opts.get("instance_type") or _runtime_ec2.INSTANCE_TYPE,
                            wait_timeout=opts.get("wait_timeout") or 600, check_mode=check_mode)

@@ -41,14 +41,19 @@ def _role(iam, drill_id: str, trust=None, owner=None) -> str:
     return name
 
 
-def _world(aws, tag: str, **boundary):
+def _world(aws, tag: str, role: bool = True, **boundary):
     drill_id = _drill_id(tag)
     raw = dict(BOUNDARY, **boundary)
     net = run_module("sandbox_network", {"drill_id": drill_id, "boundary": raw, "expires_at": EXPIRES,
                                          "flow_logs": False})
     assert not net.failed, net.get("msg")
-    _role(aws("iam"), drill_id)
+    if role:
+        _role(aws("iam"), drill_id)
     return drill_id, raw, net
+
+
+def _role_names(iam) -> list:
+    return [r["RoleName"] for r in iam.list_roles(PathPrefix="/drguard/")["Roles"]]
 
 
 def _instances(ec2, drill_id: str) -> list:
@@ -64,7 +69,8 @@ def test_one_instance_per_tier_private_imdsv2_profile_subnet_group_tags_and_idem
     assert (res["changed"], res["backend"]) == (True, "ec2")
     assert [u["tier"] for u in res["units"]] == ["app", "db", "validation"]
     profile = iam.get_instance_profile(InstanceProfileName="drguard-%s-runtime" % drill_id)["InstanceProfile"]
-    assert profile["Path"] == "/drguard/" and [r["RoleName"] for r in profile["Roles"]] == ["drguard-%s" % drill_id]
+    assert profile["Path"] == "/drguard/" and [r["RoleName"] for r in profile["Roles"]] == [
+        "drguard-%s-runtime" % drill_id]
     assert {t["Key"]: t["Value"] for t in profile["Tags"]} == dict(CONTRACT, **{"drguard:drill-id": drill_id})
     live = {i["InstanceId"]: i for i in _instances(ec2, drill_id)}
     assert sorted(live) == sorted(u["instance_id"] for u in res["units"])
@@ -98,6 +104,7 @@ def test_one_instance_per_tier_private_imdsv2_profile_subnet_group_tags_and_idem
     assert _instances(ec2, drill_id) == []
     assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
                                                    for p in iam.list_instance_profiles()["InstanceProfiles"]]
+    assert "drguard-%s-runtime" % drill_id not in _role_names(iam)
     assert run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})[
         "changed"] is False
 
@@ -138,7 +145,8 @@ def test_refused_before_any_instance_without_declared_endpoints_or_a_usable_role
     iam.update_assume_role_policy(RoleName="drguard-%s" % drill_id, PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": controller,
                                                 "Action": "sts:AssumeRole"}]}))
-    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw,
+                                         "ec2": {"instance_role": "drguard-%s" % drill_id}})
     assert res["msg"] == ("sandbox_runtime: the instance role drguard-%s does not trust ec2.amazonaws.com, so its "
                           "instances would get no credentials; let the drill's role trust ec2.amazonaws.com "
                           "(sts:AssumeRole)." % drill_id)
@@ -147,7 +155,7 @@ def test_refused_before_any_instance_without_declared_endpoints_or_a_usable_role
                                          "ec2": {"instance_role": other}})
     assert "is not drill %s's (its drguard:drill-id tag is 'someone-else')" % drill_id in res["msg"]
     for d in (drill_id, plain):
-        assert _instances(ec2, d) == []
+        assert _instances(ec2, d) == [] and "drguard-%s-runtime" % d not in _role_names(iam)
         assert "drguard-%s-runtime" % d not in [p["InstanceProfileName"]
                                                 for p in iam.list_instance_profiles()["InstanceProfiles"]]
 
@@ -220,9 +228,76 @@ def test_check_mode_plans_and_creates_nothing(aws_env, aws):
     plan = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw}, check_mode=True)
     assert not plan.failed, plan.get("msg")
     assert plan["changed"] is True
-    assert plan["actions"][0] == "create instance profile drguard-%s-runtime" % drill_id
-    assert [a.split(" in ")[0] for a in plan["actions"][2:]] == [
+    name = "drguard-%s-runtime" % drill_id
+    assert plan["actions"][:4] == ["create role %s" % name, "put policy drguard-runtime of role %s" % name,
+                                   "create instance profile %s" % name,
+                                   "add role %s to instance profile %s" % (name, name)]
+    assert [a.split(" in ")[0] for a in plan["actions"][4:]] == [
         "launch instance drguard-%s-%s" % (drill_id, t) for t in ("app", "db", "validation")]
     assert _instances(ec2, drill_id) == []
     assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
                                                    for p in iam.list_instance_profiles()["InstanceProfiles"]]
+    assert "drguard-%s-runtime" % drill_id not in _role_names(iam)
+
+
+SSM_AGENT_ACTIONS = sorted([
+    "ssm:UpdateInstanceInformation", "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel", "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage", "ec2messages:FailMessage", "ec2messages:GetEndpoint", "ec2messages:GetMessages",
+    "ec2messages:SendReply"])
+
+
+def test_the_runtime_makes_its_own_least_privilege_instance_role_and_removes_it(aws_env, aws):
+    ec2, iam = aws("ec2"), aws("iam")
+    # no minted role exists yet: the runtime phase runs before the identity phase
+    drill_id, raw, _ = _world(aws, "ec2role", role=False)
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert not res.failed, res.get("msg")
+    name = "drguard-%s-runtime" % drill_id
+    assert res["instance_role"] == name
+    role = iam.get_role(RoleName=name)["Role"]
+    assert role["Path"] == "/drguard/"
+    assert role["AssumeRolePolicyDocument"]["Statement"] == [{
+        "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+    tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName=name)["Tags"]}
+    assert tags == dict(CONTRACT, **{"drguard:drill-id": drill_id})
+    assert iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"] == []
+    assert iam.list_role_policies(RoleName=name)["PolicyNames"] == ["drguard-runtime"]
+    doc = iam.get_role_policy(RoleName=name, PolicyName="drguard-runtime")["PolicyDocument"]
+    stmts = doc["Statement"]
+    agent = [s for s in stmts if s["Sid"] == "SsmAgent"][0]
+    assert sorted(agent["Action"]) == SSM_AGENT_ACTIONS and agent["Resource"] == "*"
+    secrets = [s for s in stmts if s["Sid"] == "DrillSecrets"][0]
+    assert secrets["Action"] == ["secretsmanager:GetSecretValue"]
+    account = role["Arn"].split(":")[4]
+    assert secrets["Resource"] == ["arn:aws:secretsmanager:%s:%s:secret:drguard/%s/runtime/*" % (
+        ec2.meta.region_name, account, drill_id)]
+    assert len(stmts) == 2
+    profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    assert [r["RoleName"] for r in profile["Roles"]] == [name]
+    # idempotent: the second run changes nothing
+    again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert (again.failed, again["changed"], again["actions"]) == (False, False, [])
+    # a widened policy is put back
+    iam.put_role_policy(RoleName=name, PolicyName="drguard-runtime", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    fixed = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert fixed["actions"] == ["put policy drguard-runtime of role %s" % name]
+    doc = iam.get_role_policy(RoleName=name, PolicyName="drguard-runtime")["PolicyDocument"]
+    assert sorted(s["Sid"] for s in doc["Statement"]) == ["DrillSecrets", "SsmAgent"]
+    gone = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+    assert not gone.failed, gone.get("msg")
+    assert gone["removed"]["instance_role"] == name
+    assert name not in _role_names(iam) and _instances(ec2, drill_id) == []
+
+
+def test_sweep_finds_the_runtime_role_of_a_killed_drill(aws_env, aws):
+    iam = aws("iam")
+    drill_id, raw, _ = _world(aws, "ec2rolesweep", role=False)
+    assert not run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw}).failed
+    swept = run_module("sweep", {"drill_id": drill_id})
+    assert not swept.failed, swept.get("msg")
+    assert "drguard-%s-runtime" % drill_id not in _role_names(iam)
+    assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
+                                                   for p in iam.list_instance_profiles()["InstanceProfiles"]]
+    assert "drguard-%s-runtime" % drill_id not in _role_names(iam)
