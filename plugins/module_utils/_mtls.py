@@ -544,6 +544,13 @@ def client_argv(config: dict, python=None) -> list:
     return [_python(python), "-I", "-S", "-c", CLIENT_SOURCE, json.dumps(config, sort_keys=True)]
 
 
+def shared_source() -> str:
+    """The checks the programs share (DER reading, ``judge_peer``, ``rule_allows``, ``ssl_reason``, the
+    contexts), standard library only: another program inside a tier (the db service) runs them with
+    ``exec`` from a file of its workload, so it judges peers exactly as the mTLS servers do."""
+    return _SHARED_SOURCE
+
+
 def start_server(ns, config, *, events_path, stderr_path, python=None, wait=10.0) -> int:
     """Spawn the echo server unprivileged in ``ns``; returns its pid once it listens.
 

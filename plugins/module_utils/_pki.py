@@ -51,7 +51,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import drill
 
 TRUST_SUFFIX = ".drguard.internal"
 DEFAULT_LEAF_LIFETIME = 900  # seconds: 15 minutes
-MIN_LEAF_LIFETIME = 60
+MIN_LEAF_LIFETIME = 20  # seconds; short leaves make renewal testable (docs/mtls.md, "Renewal")
+MIN_CA_LEFT = 60  # seconds a CA must still be valid (and a CA's TTL at least)
 BACKDATE = 60  # seconds before now a certificate becomes valid (clock skew between namespaces: none, but cheap)
 TIER_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 VALIDATION_TIER = "validation"
@@ -109,9 +110,9 @@ class Leaf:
 def new_ca(drill_id: str, ttl: int, *, now=None) -> CA:
     """A new CA for ``drill_id`` valid for ``ttl`` seconds (the drill's TTL)."""
     domain = trust_domain(drill_id)
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < MIN_LEAF_LIFETIME:
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < MIN_CA_LEFT:
         raise PkiError("ttl %r must be the drill's TTL in seconds (at least %d); pass the drill's ttl"
-                       % (ttl, MIN_LEAF_LIFETIME), field="ttl")
+                       % (ttl, MIN_CA_LEFT), field="ttl")
     now = _now(now)
     key = ec.generate_private_key(ec.SECP256R1())
     # A subject of its own per CA: during a CA rotation two CAs are trusted at once, and OpenSSL finds
@@ -145,7 +146,7 @@ def issue_leaf(ca: CA, drill_id: str, tier: str, lifetime: int = DEFAULT_LEAF_LI
                        % (lifetime, MIN_LEAF_LIFETIME), field="leaf_lifetime")
     now = _now(now)
     not_after = min(now + datetime.timedelta(seconds=lifetime), ca.cert.not_valid_after_utc)
-    if not_after - now < datetime.timedelta(seconds=MIN_LEAF_LIFETIME):
+    if not_after - now < datetime.timedelta(seconds=min(lifetime, MIN_CA_LEFT)):
         raise PkiError("the drill's CA expires at %s, too soon for a new leaf; rotate the CA (state rotated, ca true)"
                        % ca.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"), field="ca")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -164,10 +165,17 @@ def issue_leaf(ca: CA, drill_id: str, tier: str, lifetime: int = DEFAULT_LEAF_LI
     return Leaf(tier, key, cert)
 
 
+def renewal_time(cert):
+    """When ``cert`` reaches half-life: half of its lifetime after its issue (``not_before`` is back-dated by
+    :data:`BACKDATE`, which is no part of the lifetime), so a leaf of ``leaf_lifetime`` L is renewed L/2
+    after it was issued."""
+    start, end = cert.not_valid_before_utc + datetime.timedelta(seconds=BACKDATE), cert.not_valid_after_utc
+    return start + max(end - start, datetime.timedelta(0)) / 2
+
+
 def needs_renewal(cert, now=None) -> bool:
-    """True from the half-life of ``cert`` on (``not_before + (not_after - not_before) / 2``)."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return _now(now) >= start + (end - start) / 2
+    """True from the half-life of ``cert`` on (:func:`renewal_time`)."""
+    return _now(now) >= renewal_time(cert)
 
 
 def serial_hex(cert) -> str:

@@ -12,8 +12,10 @@ as on the controller (``_restore`` imports them from here).
   gzip / bzip2 / xz) safely extracted member by member within :class:`Caps`; any other
   compressed stream decompressed to its end within the caps; anything else ``raw``.
 * :func:`serve_db` - the db tier's service: a restored SQLite database opened
-  ``mode=ro&immutable=1``, one SQL ``SELECT`` per line over TCP, JSON rows back; anything but a
-  single read-only ``SELECT`` is refused (docs/runtime.md, "Restore and validation inside").
+  ``mode=ro&immutable=1``, one SQL ``SELECT`` per line over mutual TLS 1.3 (the peer authorised by
+  its SPIFFE identity against ``tier_rules``, every handshake an event; the leaf renewed while it
+  runs), JSON rows back; anything but a single read-only ``SELECT`` is refused (docs/runtime.md,
+  "Restore and validation inside"; docs/mtls.md).
 """
 
 from __future__ import annotations
@@ -532,7 +534,104 @@ def answer(con, line: str) -> dict:
             "truncated": len(rows) > MAX_ROWS}
 
 
-def _client(conn, path, slots):
+HANDSHAKE_SECONDS = 5.0  # a TLS handshake longer than this is refused (timeout)
+RENEW_POLL = 0.5  # seconds between two looks at the renewed identity files
+HANDSHAKE_TYPE = "drguard.tls.handshake"
+RELOAD_TYPE = "drguard.tls.reload"
+TLS_SHARED = "mtls_shared.py"  # the mTLS checks (_mtls' shared source), run with exec: standard library only
+TLS_CONFIG = "tls.json"  # {domain, tier, source, rules, server_id}: paths and policy, never key material
+IDENTITY_FILE = "identity.pem"  # the leaf and its key in one file (0400)
+TRUST_FILE = "trust.pem"  # the drill's CA bundle and CRLs (0444)
+
+
+def _load_shared() -> dict:
+    """The mTLS checks shared with the mTLS servers (docs/mtls.md): contexts, ``judge_peer``, ``rule_allows``."""
+    shared = {}
+    with open(os.path.join(INSIDE_DIR, TLS_SHARED), encoding="utf-8") as handle:
+        exec(compile(handle.read(), "<drguard mtls shared>", "exec"), shared)  # noqa: S102 - our own source
+    return shared
+
+
+def _linger_close(sock) -> None:
+    """Close without a reset: a reset would discard the TLS alert still in the peer's receive buffer."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1.0)
+        while sock.recv(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    sock.close()
+
+
+class _Tls:
+    """The service's TLS state: the server context of its current leaf, reloaded when the controller
+    renews the leaf (new files in the scratch, or SIGHUP); connections already open keep theirs."""
+
+    def __init__(self, cfg, shared):
+        self.cfg, self.shared = cfg, shared
+        self.lock, self.out = threading.Lock(), threading.Lock()
+        self.ctx = self.serial = self.seen = None
+        self.load(initial=True)
+
+    @staticmethod
+    def paths():
+        """``(trust, identity)``: the renewed copies in the scratch when the controller wrote them."""
+        out = []
+        for name in (TRUST_FILE, IDENTITY_FILE):
+            renewed = os.path.join(SCRATCH_DIR, name)
+            out.append(renewed if os.path.isfile(renewed) else os.path.join(INSIDE_DIR, name))
+        return tuple(out)
+
+    def stamp(self):
+        return tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_ino) for p in self.paths())
+
+    def load(self, initial=False):
+        stamp = self.stamp()
+        trust, identity = self.paths()
+        try:
+            ctx, serial = self.shared["server_context"](identity, trust), self.shared["own_serial"](identity)
+        except (OSError, ValueError, IndexError) as exc:
+            if initial:
+                raise
+            self.seen = stamp  # judged once; the next change is looked at again
+            self.emit(RELOAD_TYPE, {"local_tier": self.cfg["tier"], "ok": False, "serial": self.serial,
+                                    "reason": type(exc).__name__})
+            return
+        with self.lock:
+            self.ctx, self.serial, self.seen = ctx, serial, stamp
+        self.emit(RELOAD_TYPE, {"local_tier": self.cfg["tier"], "ok": True, "serial": serial, "initial": initial})
+
+    def current(self):
+        with self.lock:
+            return self.ctx, self.serial
+
+    def watch(self, wake):
+        """Reload on SIGHUP (``wake``) or when the renewed files change; runs in a thread of its own."""
+        while True:
+            hup = wake.wait(RENEW_POLL)
+            wake.clear()
+            try:
+                changed = self.stamp() != self.seen
+            except OSError:
+                changed = False
+            if hup or changed:
+                self.load()
+
+    def emit(self, type_, data):
+        import datetime  # noqa: PLC0415
+        import uuid  # noqa: PLC0415
+        event = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": self.cfg["source"], "type": type_,
+                 "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                 "datacontenttype": "application/json", "subject": self.cfg["tier"], "data": data}
+        line = json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
+        with self.out:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+def _queries(conn, path) -> None:
+    """Answer one query per line on ``conn`` (plain or TLS) until the client closes or goes idle."""
     try:
         conn.settimeout(IDLE_SECONDS)
         con = open_readonly(path)
@@ -550,26 +649,128 @@ def _client(conn, path, slots):
         pass
     finally:
         conn.close()
+
+
+def _client(conn, peer, port, path, slots, tls):  # noqa: PLR0917 - a thread's target
+    """One connection: TCP_NODELAY, the TLS 1.3 handshake (client certificate required), the peer's
+    identity judged as the mTLS servers judge it, one handshake event; then the queries."""
+    import time  # noqa: PLC0415
+    try:
+        cfg, shared = tls.cfg, tls.shared
+        ctx, local_serial = tls.current()
+        start = time.perf_counter()
+        data = {"local_tier": cfg["tier"], "local_serial": local_serial, "port": port, "peer_address": peer[0],
+                "peer_id": None, "peer_tier": None, "serial": None, "accepted": False, "reason": None}
+        sock = conn
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(HANDSHAKE_SECONDS)
+            sock = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            data.update(reason=shared["ssl_reason"](exc), latency_ms=round((time.perf_counter() - start) * 1000, 3))
+            tls.emit(HANDSHAKE_TYPE, data)
+            _linger_close(sock)
+            return
+        latency = round((time.perf_counter() - start) * 1000, 3)
+        tier, serial, peer_id, reason = shared["judge_peer"](sock.getpeercert(binary_form=True) or b"",
+                                                             cfg["domain"], "client")
+        if reason is None and not shared["rule_allows"](cfg["rules"], tier, cfg["tier"], port):
+            reason = "identity_not_allowed"
+        data.update(peer_id=peer_id, peer_tier=tier, serial=serial, accepted=reason is None,
+                    reason=reason or "allowed", latency_ms=latency)
+        tls.emit(HANDSHAKE_TYPE, data)
+        if reason is not None:
+            _linger_close(sock)
+            return
+        _queries(sock, path)
+    finally:
         slots.release()
 
 
 def serve_db(path: str, address: str, port: int) -> None:
-    """Serve ``path`` read-only on ``address:port`` (TCP, one query per line) until killed."""
+    """Serve ``path`` read-only on ``address:port`` over mutual TLS (one query per line) until killed.
+
+    The TLS identity, trust and policy are the workload's files (:data:`TLS_CONFIG`,
+    :data:`IDENTITY_FILE`, :data:`TRUST_FILE`); without them the service does not start: it never
+    serves plain TCP. Every handshake is a ``drguard.tls.handshake`` event on stdout."""
+    import signal  # noqa: PLC0415
+    try:
+        with open(os.path.join(INSIDE_DIR, TLS_CONFIG), encoding="utf-8") as handle:
+            cfg = json.load(handle)
+        tls = _Tls(cfg, _load_shared())
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise SystemExit("db service: no usable TLS identity (%s); it serves over mTLS only" % exc) from None
     open_readonly(path).execute("SELECT count(*) FROM sqlite_master").fetchone()  # a database, or fail now
+    wake = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: wake.set())
+    threading.Thread(target=tls.watch, args=(wake,), daemon=True).start()
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((address, port))
     server.listen(64)
-    sys.stderr.write("db service on %s:%d\n" % (address, port))
+    sys.stderr.write("db service on %s:%d (mTLS, serial %s)\n" % (address, port, tls.current()[1]))
     sys.stderr.flush()
     slots = threading.BoundedSemaphore(MAX_CLIENTS)
     while True:
-        conn, _peer = server.accept()
+        conn, peer = server.accept()
         if not slots.acquire(blocking=False):
-            conn.sendall(b'{"ok": false, "error": "busy"}\n')
+            tls.emit(HANDSHAKE_TYPE, {"local_tier": cfg["tier"], "local_serial": tls.current()[1], "port": port,
+                                      "peer_address": peer[0], "peer_id": None, "peer_tier": None, "serial": None,
+                                      "accepted": False, "reason": "server_busy", "latency_ms": 0.0})
             conn.close()
             continue
-        threading.Thread(target=_client, args=(conn, path, slots), daemon=True).start()
+        threading.Thread(target=_client, args=(conn, peer, port, path, slots, tls), daemon=True).start()
+
+
+def _query(argv) -> int:
+    """``query <address> <port> <timeout>``: one SQL line from stdin to the db service, its JSON answer on
+    stdout. Over mTLS with this workload's identity when its files hold one (:data:`TLS_CONFIG`), the
+    server's identity checked; else plain TCP (which the service refuses)."""
+    host, port, timeout = argv[0], int(argv[1]), float(argv[2])
+    sql = sys.stdin.read().strip().encode() + b"\n"
+    shared = cfg = None
+    if os.path.exists(os.path.join(INSIDE_DIR, TLS_CONFIG)):
+        shared = _load_shared()
+        with open(os.path.join(INSIDE_DIR, TLS_CONFIG), encoding="utf-8") as handle:
+            cfg = json.load(handle)
+    try:
+        conn = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        sys.stdout.write(json.dumps({"ok": False, "error": "unreachable: %s" % (exc.strerror or exc)}) + "\n")
+        return 0
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if shared is not None:
+            ctx = shared["client_context"](os.path.join(INSIDE_DIR, IDENTITY_FILE),
+                                           os.path.join(INSIDE_DIR, TRUST_FILE))
+            conn = ctx.wrap_socket(conn)
+            tier, serial, peer_id, reason = shared["judge_peer"](conn.getpeercert(binary_form=True) or b"",
+                                                                 cfg["domain"], "server")
+            if reason is None and peer_id != cfg["server_id"]:
+                reason = "server_identity_mismatch"
+            if reason is not None:
+                sys.stdout.write(json.dumps({"ok": False, "error": "server refused: %s" % reason}) + "\n")
+                return 0
+        conn.sendall(sql)
+        line = conn.makefile("rb").readline()
+    except (OSError, ValueError) as exc:
+        why = shared["ssl_reason"](exc) if shared is not None else (getattr(exc, "strerror", None) or str(exc))
+        sys.stdout.write(json.dumps({"ok": False, "error": "refused: %s" % why}) + "\n")
+        return 0
+    finally:
+        conn.close()
+    if not line:
+        sys.stdout.write(json.dumps({"ok": False, "error": "closed_by_peer"}) + "\n")
+        return 0
+    try:
+        answer_ = json.loads(line)
+    except ValueError:
+        answer_ = {"ok": False, "error": "not a db service answer"}
+    if shared is not None and isinstance(answer_, dict):
+        answer_["server_serial"] = serial
+    sys.stdout.write(json.dumps(answer_) + "\n")
+    return 0
 
 
 # --------------------------------------------------------------------------- inside: entry point
@@ -602,7 +803,9 @@ def main(argv) -> int:
     if argv[:1] == ["serve-db"] and len(argv) == 4:
         serve_db(os.path.join(INSIDE_DIR, argv[1]), argv[2], int(argv[3]))
         return 0
-    sys.stderr.write("usage: validate | serve-db <file> <address> <port>\n")
+    if argv[:1] == ["query"] and len(argv) == 4:
+        return _query(argv[1:])
+    sys.stderr.write("usage: validate | serve-db <file> <address> <port> | query <address> <port> <timeout>\n")
     return 64
 
 
@@ -691,14 +894,29 @@ def service_argv(python: str, address: str, port: int, database: str = "db.sqlit
     return [python, "-I", "-S", os.path.join(INSIDE_DIR, PROGRAM), "serve-db", database, address, str(port)]
 
 
-def service_files(path: str, database: str = "db.sqlite") -> dict:
-    """The db service's files: this program and the restored database (read-only copies)."""
-    return {PROGRAM: {"data": program(), "mode": 0o444}, database: {"source": os.path.abspath(path), "mode": 0o400}}
+def service_files(path: str, database: str = "db.sqlite", tls: dict | None = None) -> dict:
+    """The db service's files: this program, the restored database (read-only copies) and its TLS material
+    (``tls``: ``{"config": dict, "identity": path, "trust": path}``; the key only ever as a 0400 file)."""
+    files = {PROGRAM: {"data": program(), "mode": 0o444}, database: {"source": os.path.abspath(path), "mode": 0o400}}
+    if tls is not None:
+        files.update(tls_files(tls))
+    return files
+
+
+def tls_files(tls: dict) -> dict:
+    """A workload's mTLS files: the shared checks, its configuration, its identity (0400) and trust (0444)."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls  # noqa: PLC0415
+    return {TLS_SHARED: {"data": _mtls.shared_source(), "mode": 0o444},
+            TLS_CONFIG: {"data": json.dumps(tls["config"], sort_keys=True), "mode": 0o444},
+            IDENTITY_FILE: {"source": tls["identity"], "mode": 0o400},
+            TRUST_FILE: {"source": tls["trust"], "mode": 0o444}}
 
 
 SERVICE_KEY = "service:db"  # the db service's entry in the runtime's state.json processes
 SERVICE_LOG = "db-service.log"  # <output_dir>/runtime/db-service.log: the service's stderr
+SERVICE_EVENTS = "db-service-events.jsonl"  # <output_dir>/runtime/: its handshake and reload events (stdout)
 SERVICE_READY = 10.0
+SERVICE_SCRATCH = 1024 * 1024  # the service's scratch: where the controller puts its renewed identity
 
 
 def _runtime():
@@ -743,18 +961,62 @@ def _kill(pid, wait=10.0) -> None:
     raise RestoreError("process %d did not exit after SIGKILL; check it and run teardown." % pid)
 
 
+def _pki_phase(boundary, drill_id, output_dir, python, ttl, lifetime):  # noqa: PLR0917
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill  # noqa: PLC0415
+    return _mtls_drill.Phase(boundary, drill_id, output_dir, python=python, ttl=ttl, leaf_lifetime=lifetime)
+
+
+def _issue(phase, *, fresh=True) -> list:
+    """The drill's PKI (the runtime's CA; one leaf per tier, renewed from half-life on) delivered to every
+    tier's directory; returns the store's actions. ``fresh`` False: never make a PKI that is not there."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    if not fresh and not phase.store.exists():
+        raise RestoreError("the drill's PKI is gone (%s); nothing to renew." % phase.store.dir)
+    try:
+        phase.make_root()
+        actions = phase.store.present([t for t in phase.tiers if t != _pki.VALIDATION_TIER], phase.ttl,
+                                      phase.lifetime)
+        phase.deliver()
+    except (_mtls_drill.MtlsDrillError, _pki.PkiError) as exc:
+        raise RestoreError("the db service's TLS identity could not be issued: %s" % exc.msg) from None
+    return actions
+
+
+def tls_config(boundary, drill_id: str, tier: str, server_tier: str) -> dict:
+    """What a workload of ``tier`` needs besides its files to speak mTLS to ``server_tier``: the trust domain,
+    its own tier and event source, the TCP ``tier_rules`` and the server identity it expects."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    return {"domain": _pki.trust_domain(drill_id), "tier": tier,
+            "source": "/drguard/drill/%s/tier/%s" % (drill_id, tier),
+            "rules": _mtls.normalise_rules(boundary.tier_rules), "server_id": _pki.spiffe_id(drill_id, server_tier)}
+
+
+def client_tls(boundary, drill_id: str, output_dir: str, tier: str, server_tier: str) -> dict:
+    """A client tier's delivered identity and trust (controller paths, never their content) and ids."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    phase = _pki_phase(boundary, drill_id, output_dir, None, 60, _pki.DEFAULT_LEAF_LIFETIME)
+    return {"identity": phase.identity(tier), "trust": os.path.join(phase.tier_dir(tier), _pki.TRUST_FILE),
+            "client_id": _pki.spiffe_id(drill_id, tier), "server_id": _pki.spiffe_id(drill_id, server_tier),
+            "config": tls_config(boundary, drill_id, tier, server_tier)}
+
+
 def start_db_service(boundary, drill_id: str, output_dir: str, database: str, *, python: str, tier=None,
-                     port=None) -> dict:
-    """Serve the restored ``database`` read-only in the db tier on the tier rule's port.
+                     port=None, ttl: int = 3600, leaf_lifetime: int | None = None) -> dict:
+    """Serve the restored ``database`` read-only in the db tier on the tier rule's port, over mutual TLS.
 
     The runtime's plain listener already holds that port, so the service replaces it: the tier's
     listener process is restarted without that one port, and the service (a uid of its own, no
     capabilities, the database a read-only copy on its tmpfs) takes the port; both must be bound
     within 10 s. ``state.json`` records the new pids, so teardown and the reaper find them.
-    Idempotent: a service already alive is kept. ``{"changed", "tier", "client_tier", "address",
-    "port", "pid", "address_port"}``.
+    The db tier's leaf (the drill's PKI, issued or renewed here) reaches the service as 0400 files
+    of its workload only; its handshake events go to ``<output_dir>/runtime/db-service-events.jsonl``.
+    Idempotent: a service already alive is kept (its leaf renewed when past half-life).
+    ``{"changed", "tier", "client_tier", "address", "port", "pid", "address_port", "tls"}``.
     """
     import time  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
     netns, runtime = _netns(), _runtime()
     plan = runtime.full_plan(boundary, drill_id)
     state = runtime.read_state_file(output_dir)
@@ -764,12 +1026,21 @@ def start_db_service(boundary, drill_id: str, output_dir: str, database: str, *,
     target = db_target(boundary, plan, tier, port)
     out = dict(target, address_port="%s:%d" % (target["address"], target["port"]))
     out.pop("ns")
+    lifetime = leaf_lifetime or _pki.DEFAULT_LEAF_LIFETIME
+    tls = client_tls(boundary, drill_id, output_dir, target["client_tier"], target["tier"])
+    out["tls"] = {k: tls[k] for k in ("identity", "trust", "client_id", "server_id")}
     processes = state.get("processes") or {}
     old = processes.get(SERVICE_KEY) or {}
     if runtime._alive(netns, target["ns"], old.get("pid")):  # noqa: SLF001
-        return dict(out, changed=False, pid=old["pid"])
+        renewed = renew_db_service(boundary, drill_id, output_dir, python=python, ttl=ttl, leaf_lifetime=lifetime)
+        return dict(out, changed=renewed["renewed"], pid=old["pid"], renewal=renewed)
     if not _openable(database):
         raise RestoreError("the database %s is not a regular file; pass the restored SQLite file." % database)
+    phase = _pki_phase(boundary, drill_id, output_dir, python, ttl, lifetime)
+    _issue(phase)
+    server = {"config": tls_config(boundary, drill_id, target["tier"], target["tier"]),
+              "identity": phase.identity(target["tier"]),
+              "trust": os.path.join(phase.tier_dir(target["tier"]), _pki.TRUST_FILE)}
     rdir = os.path.join(output_dir, "runtime")
     key = "listeners:%s" % target["ns"]
     taken = ("tcp", target["address"], target["port"])
@@ -786,8 +1057,10 @@ def start_db_service(boundary, drill_id: str, output_dir: str, database: str, *,
             processes[key] = {"ns": target["ns"], "pid": pid, "role": "listeners"}
         uid = netns.workload_uid() if os.geteuid() == 0 else None
         pid = netns.spawn(target["ns"], service_argv(python, target["address"], target["port"]),
-                          files=service_files(database), uid=uid, stderr_path=os.path.join(rdir, SERVICE_LOG))
-        processes[SERVICE_KEY] = {"ns": target["ns"], "pid": pid, "role": "db", "port": target["port"]}
+                          files=service_files(database, tls=server), scratch=SERVICE_SCRATCH, uid=uid,
+                          stdout_path=os.path.join(rdir, SERVICE_EVENTS), stderr_path=os.path.join(rdir, SERVICE_LOG))
+        processes[SERVICE_KEY] = {"ns": target["ns"], "pid": pid, "role": "db", "port": target["port"],
+                                  "events_sent": 0}
     except netns.NetnsError as exc:
         raise RestoreError("the db service could not be started in %s: %s" % (target["ns"], exc.msg)) from None
     finally:
@@ -805,22 +1078,171 @@ def start_db_service(boundary, drill_id: str, output_dir: str, database: str, *,
                                   ", ".join("%s:%d/%s" % (a, p, proto) for proto, a, p in sorted(missing)),
                                   os.path.join(rdir, SERVICE_LOG)))
         time.sleep(0.05)
-    return dict(out, changed=True, pid=pid)
+    return dict(out, changed=True, pid=pid, serial=phase.store.state()["leaves"][target["tier"]]["serial"])
 
 
-def query_db(ns: str, address_port: str, sql: str, *, python: str, timeout: float = 5.0) -> dict:
-    """One query to the db service from namespace ``ns`` (unprivileged): the service's JSON answer, or
-    ``{"ok": false, "error": "unreachable: ..."}`` when no connection was made."""
+def service_events(output_dir: str, type_: str = HANDSHAKE_TYPE) -> list:
+    """The db service's events of ``type_`` (``None``: all) from its JSON lines file, in order."""
+    out = []
+    try:
+        with open(os.path.join(output_dir, "runtime", SERVICE_EVENTS), encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    event = json.loads(line)
+                    if type_ is None or event.get("type") == type_:
+                        out.append(event)
+    except FileNotFoundError:
+        return []
+    return out
+
+
+def _service_serial(output_dir):
+    """The serial the live service presents: that of its last successful (re)load."""
+    loads = [e["data"] for e in service_events(output_dir, RELOAD_TYPE) if e["data"].get("ok")]
+    return loads[-1]["serial"] if loads else None
+
+
+def _push(pid: int, phase, tier: str) -> None:
+    """Put the tier's delivered trust, then identity, into the live service's scratch (its own mount
+    namespace, reached through ``/proc/<pid>/root``), each written under a fresh name and renamed,
+    never through a link; then SIGHUP. Root only: rootless, the pid is nsenter's, not the service's."""
+    import secrets  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    if os.geteuid() != 0:
+        raise RestoreError("renewing the db service's leaf needs root (rootless, its pid is nsenter's); run the "
+                           "drill as root or with a leaf_lifetime longer than the drill.")
+    scratch = "/proc/%d/root%s" % (pid, SCRATCH_DIR)
+    dfd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(dfd)
+        for name, source in ((TRUST_FILE, os.path.join(phase.tier_dir(tier), _pki.TRUST_FILE)),
+                             (IDENTITY_FILE, phase.identity(tier))):
+            with open(source, "rb") as handle:
+                data = handle.read()
+            tmp = ".%s.%s" % (name, secrets.token_hex(8))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400,
+                         dir_fd=dfd)
+            try:
+                os.write(fd, data)
+                os.fchown(fd, info.st_uid, info.st_gid)
+                os.fchmod(fd, 0o400 if name == IDENTITY_FILE else 0o444)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    os.kill(pid, signal.SIGHUP)
+
+
+def renew_db_service(boundary, drill_id: str, output_dir: str, *, python: str, ttl: int = 3600,
+                     leaf_lifetime: int | None = None, wait: float = 10.0) -> dict:
+    """Renew the drill's leaves past half-life and hand the db tier's current leaf to the live service.
+
+    The service reloads (a ``drguard.tls.reload`` event with the new serial): new handshakes present
+    it, connections opened before keep theirs. ``{"renewed", "serial", "previous", "actions"}``."""
+    import time  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    netns, runtime = _netns(), _runtime()
+    plan = runtime.full_plan(boundary, drill_id)
+    state = runtime.read_state_file(output_dir) or {}
+    entry = (state.get("processes") or {}).get(SERVICE_KEY) or {}
+    if not runtime._alive(netns, entry.get("ns"), entry.get("pid")):  # noqa: SLF001
+        raise RestoreError("the db service of drill %s is not running; start it (runtime_service)." % drill_id)
+    target = db_target(boundary, plan)
+    phase = _pki_phase(boundary, drill_id, output_dir, python, ttl, leaf_lifetime or _pki.DEFAULT_LEAF_LIFETIME)
+    actions = _issue(phase, fresh=False)
+    current = phase.store.state()["leaves"][target["tier"]]["serial"]
+    previous = _service_serial(output_dir)
+    if previous == current:
+        return {"renewed": False, "serial": current, "previous": previous, "actions": actions}
+    _push(entry["pid"], phase, target["tier"])
+    deadline = time.monotonic() + wait
+    while _service_serial(output_dir) != current:
+        if time.monotonic() > deadline:
+            raise RestoreError("the db service did not load its renewed leaf %s within %gs; see %s."
+                               % (current, wait, os.path.join(output_dir, "runtime", SERVICE_EVENTS)))
+        time.sleep(0.05)
+    return {"renewed": True, "serial": current, "previous": previous, "actions": actions}
+
+
+def next_renewal(drill_id: str, tier: str) -> float:
+    """Seconds until ``tier``'s current leaf of the drill reaches half-life (0 when past it)."""
+    import datetime  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    store = _pki.Store(drill_id, os.path.join(_mtls_drill.root_dir(drill_id), "pki"))
+    due = _pki.renewal_time(store.leaf_cert(tier))
+    return max(0.0, (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def keep_renewed(boundary, drill_id: str, output_dir: str, *, python: str, seconds: float, ttl: int = 3600,
+                 leaf_lifetime: int | None = None, step: float = 1.0) -> dict:
+    """The background renewer: renew the db service's leaf at each half-life for ``seconds``, or until the
+    service or the drill's PKI is gone (teardown). ``{"renewals": [serial, ...], "stopped": why}``."""
+    import time  # noqa: PLC0415
+    netns, runtime = _netns(), _runtime()
+    target = db_target(boundary, runtime.full_plan(boundary, drill_id))
+    end, renewals = time.monotonic() + seconds, []
+    while True:
+        state = runtime.read_state_file(output_dir) or {}
+        entry = (state.get("processes") or {}).get(SERVICE_KEY) or {}
+        if not runtime._alive(netns, entry.get("ns"), entry.get("pid")):  # noqa: SLF001
+            return {"renewals": renewals, "stopped": "service_gone"}
+        if time.monotonic() >= end:
+            return {"renewals": renewals, "stopped": "time"}
+        try:
+            due = next_renewal(drill_id, target["tier"])
+        except (OSError, ValueError, KeyError):
+            return {"renewals": renewals, "stopped": "pki_gone"}
+        if due <= 0:
+            got = renew_db_service(boundary, drill_id, output_dir, python=python, ttl=ttl, leaf_lifetime=leaf_lifetime)
+            if got["renewed"]:
+                renewals.append(got["serial"])
+            continue
+        time.sleep(min(step, due, max(0.0, end - time.monotonic())))
+
+
+def flush_events(output_dir: str, telemetry: dict, *, drill_id: str, python: str, plan) -> dict:
+    """Send the db service's events not sent yet to the drill's collector (from the control plane's
+    namespace, as the mTLS phase sends its servers'); ``{"sent", "acknowledged"}`` or ``{"error", ...}``."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _pki  # noqa: PLC0415
+    from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry  # noqa: PLC0415
+    runtime = _runtime()
+    state = runtime.read_state_file(output_dir) or {}
+    entry = (state.get("processes") or {}).get(SERVICE_KEY)
+    events = service_events(output_dir, None)
+    done = (entry or {}).get("events_sent", 0)
+    fresh = events[done:]
+    if not fresh:
+        return {"sent": 0, "acknowledged": 0}
+    cp = plan["world"]["neighbours"].get("control_plane")
+    ns = cp["ns"] if cp else plan["tiers"][_pki.VALIDATION_TIER]["ns"]
+    try:
+        got = _telemetry.deliver(ns, fresh, telemetry["address"], int(telemetry["port"]), drill_id=drill_id,
+                                 python=python)
+    except _telemetry.TelemetryError as exc:
+        return {"error": exc.msg, "sent": exc.detail.get("sent"), "acknowledged": exc.detail.get("acknowledged")}
+    if entry is not None:
+        entry["events_sent"] = done + len(fresh)
+        runtime._write_state(output_dir, state)  # noqa: SLF001
+    return got
+
+
+def query_db(ns: str, address_port: str, sql: str, *, python: str, timeout: float = 5.0,
+             tls: dict | None = None) -> dict:
+    """One query to the db service from namespace ``ns`` (unprivileged, a uid of its own): the service's JSON
+    answer (with the ``server_serial`` it presented), or ``{"ok": false, "error": "unreachable: ..." |
+    "refused: <reason>" | "server refused: <reason>"}``. ``tls`` (:func:`client_tls`): the tier's identity;
+    without it the client speaks plain TCP, which the service refuses."""
     host, port = address_port.rsplit(":", 1)
-    code = ("import json, socket, sys\n"
-            "try:\n"
-            "    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))\n"
-            "    c.sendall(sys.stdin.read().encode() + b'\\n')\n"
-            "    print(c.makefile('rb').readline().decode().strip())\n"
-            "except OSError as exc:\n"
-            "    print(json.dumps({'ok': False, 'error': 'unreachable: %s' % (exc.strerror or exc)}))\n")
-    proc = _netns().run_in(ns, [python, "-I", "-S", "-c", code, host, port, str(timeout)], input_text=sql,
-                           timeout=timeout + 15)
+    netns = _netns()
+    files = {PROGRAM: {"data": program(), "mode": 0o444}}
+    if tls is not None:
+        files.update(tls_files(tls))
+    proc = netns.run_in(ns, [python, "-I", "-S", os.path.join(INSIDE_DIR, PROGRAM), "query", host, port,
+                             str(timeout)], input_text=sql, timeout=timeout + 15, files=files,
+                        uid=netns.workload_uid() if os.geteuid() == 0 else None)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -62,7 +62,7 @@ options:
     default: 120
   leaf_lifetime:
     description:
-      - Seconds a leaf is valid; at least 60. Leaves are renewed from their half-life on.
+      - Seconds a leaf is valid; at least 20. Leaves are renewed from their half-life on (half of it after the issue).
     type: int
     default: 900
   ca:

@@ -54,7 +54,7 @@ options:
     type: int
     required: true
   leaf_lifetime:
-    description: Seconds a leaf is valid (at least 60).
+    description: Seconds a leaf is valid (at least 20).
     type: int
     default: 900
   timeout:

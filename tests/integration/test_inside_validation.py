@@ -289,23 +289,25 @@ def test_the_db_service_answers_the_app_tier_over_the_tier_rule_and_refuses_the_
     started = wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON)
     assert (started["changed"], started["tier"], started["client_tier"], started["address_port"]) == (
         True, "db", "app", f"{units['db']['address']}:5432")
-    # The declared topology: app reaches db over the tier rule.
+    tls = wl.client_tls(boundary, drill_id, out, "app", "db")
+    # The declared topology: app reaches db over the tier rule (over mTLS, with the app tier's leaf).
     answer = wl.query_db(units["app"]["ns"], started["address_port"], "SELECT count(*), sum(amount_cents) FROM orders",
-                         python=PYTHON)
+                         python=PYTHON, tls=tls)
     assert answer == {"ok": True, "columns": ["count(*)", "sum(amount_cents)"], "rows": [[7, 2800]],
-                      "truncated": False}
+                      "truncated": False, "server_serial": started["serial"]}
     # The validation tier has no tier rule towards db: the same query never arrives.
-    refused = wl.query_db(units["validation"]["ns"], started["address_port"], "SELECT 1", python=PYTHON, timeout=1)
+    refused = wl.query_db(units["validation"]["ns"], started["address_port"], "SELECT 1", python=PYTHON, timeout=1,
+                          tls=wl.client_tls(boundary, drill_id, out, "validation", "db"))
     assert refused == {"ok": False, "error": "unreachable: timed out"}
     # Only a single read-only SELECT is answered.
     for sql, reason in [("DELETE FROM orders", "only a single SELECT is answered"),
                         ("SELECT 1; DELETE FROM orders", "refused: You can only execute one statement at a time."),
                         ("SELECT * FROM pragma_table_info('orders')", "refused: not authorized"),
                         ("SELECT load_extension('x')", "refused: not authorized")]:
-        got = wl.query_db(units["app"]["ns"], started["address_port"], sql, python=PYTHON)
+        got = wl.query_db(units["app"]["ns"], started["address_port"], sql, python=PYTHON, tls=tls)
         assert (got["ok"], got["error"]) == (False, reason), sql
     assert wl.query_db(units["app"]["ns"], started["address_port"], "SELECT count(*) FROM orders",
-                       python=PYTHON)["rows"] == [[7]]
+                       python=PYTHON, tls=tls)["rows"] == [[7]]
     # The tier's other listeners still serve (the undeclared port still answers inside the tier).
     state = runtime.read_state_file(out)
     assert state["processes"][wl.SERVICE_KEY]["pid"] == started["pid"]
@@ -407,15 +409,30 @@ def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not
     make_orders(str(database), rows=3)
     service = wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "controller-secret-key")
+    # As phase validate hands them in: the app tier's leaf and the drill's CA bundle as files, named by variables.
+    tls_env = {"DRGUARD_TLS_CERT": "/run/drguard/in/tls-identity.pem",
+               "DRGUARD_TLS_KEY": "/run/drguard/in/tls-identity.pem",
+               "DRGUARD_TLS_CA": "/run/drguard/in/tls-ca.pem", "DRGUARD_TLS_SERVER_ID": service["tls"]["server_id"]}
     args = {"drill_id": store_id, "store": "tmpfs", "argv": [PYTHON, "check_orders.py"],
-            "files": {"check_orders.py": os.path.abspath(CHECK_ORDERS)},
-            "env": {"DRGUARD_DB_ADDRESS": service["address_port"]},
+            "files": {"check_orders.py": os.path.abspath(CHECK_ORDERS), "tls-identity.pem": service["tls"]["identity"],
+                      "tls-ca.pem": service["tls"]["trust"]},
+            "env": dict(tls_env, DRGUARD_DB_ADDRESS=service["address_port"]),
             "env_secrets": {"ORDERS_DB_CREDENTIALS": "orders-db"}, "file_secrets": {"api-token": "api-token"}}
     ok = module_runner("secret_exec", dict(args, namespace=units["app"]["ns"]))
     assert not ok.failed, (ok.get("msg"), ok.get("stdout"), ok.get("stderr"))
     assert ok["inside"] == units["app"]["ns"]
-    assert ok["stdout"].strip() == (f"orders: 3 rows, 600 cents (db tier {service['address_port']}); "
+    assert ok["stdout"].strip() == (f"orders: 3 rows, 600 cents (db tier {service['address_port']} over mTLS); "
                                     "login as synthetic user ok; token shape ok")
+    # Without its leaf (the variables still set, the files not given) the command cannot reach the db.
+    bare = module_runner("secret_exec", dict(args, namespace=units["app"]["ns"],
+                                             files={"check_orders.py": os.path.abspath(CHECK_ORDERS)}))
+    assert bare.failed and bare["stdout"].strip() == (
+        f"cannot query the db service at {service['address_port']}: [Errno 2] No such file or directory")
+    # The command as it was written before (plain TCP, no TLS variables): the service never answers it.
+    plain = module_runner("secret_exec", dict(args, namespace=units["app"]["ns"],
+                                              env={"DRGUARD_DB_ADDRESS": service["address_port"]}))
+    assert plain.failed and plain["stdout"].strip() == (
+        f"cannot query the db service at {service['address_port']}: 'DRGUARD_TLS_CA'")
     # The same command from the validation tier: no tier rule towards db, the query never arrives.
     refused = module_runner("secret_exec", dict(args, namespace=units["validation"]["ns"]))
     assert refused.failed and refused["rc"] == 1
@@ -435,7 +452,7 @@ def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not
     assert seen["token_in_cmdline"] is False
     assert seen["env_names"] == sorted(["AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE",
                                         "DRGUARD_DB_ADDRESS", "DRGUARD_SECRETS_DIR", "HOME", "LANG",
-                                        "ORDERS_DB_CREDENTIALS", "PATH"])
+                                        "ORDERS_DB_CREDENTIALS", "PATH", *tls_env])
     # The controller's process and its home: refused; another drill's output under /tmp: not even there
     # (the workload has a /tmp of its own).
     assert seen["tries"] == {f"/proc/{os.getpid()}/environ": "Permission denied",

@@ -118,12 +118,22 @@ def test_leaf_never_outlives_its_ca():
     assert leaf.cert.not_valid_after_utc == short.cert.not_valid_after_utc
 
 
-def test_needs_renewal_from_half_life_on(ca):
-    cert = _pki.issue_leaf(ca, DRILL, "db", 900, now=NOW).cert
-    start = cert.not_valid_before_utc
-    half = start + (cert.not_valid_after_utc - start) / 2
+@pytest.mark.parametrize("lifetime", [900, 20])
+def test_needs_renewal_from_half_life_on(ca, lifetime):
+    # Half of leaf_lifetime after the issue: the 60 s back-dating is no part of the lifetime.
+    cert = _pki.issue_leaf(ca, DRILL, "db", lifetime, now=NOW).cert
+    half = NOW + datetime.timedelta(seconds=lifetime / 2)
+    assert _pki.renewal_time(cert) == half
     assert _pki.needs_renewal(cert, half - datetime.timedelta(seconds=1)) is False
     assert _pki.needs_renewal(cert, half) is True
+
+
+def test_a_leaf_may_be_as_short_as_20_seconds_not_shorter(ca):
+    leaf = _pki.issue_leaf(ca, DRILL, "db", 20, now=NOW)
+    assert leaf.cert.not_valid_after_utc == NOW + datetime.timedelta(seconds=20)
+    with pytest.raises(_pki.PkiError) as err:
+        _pki.issue_leaf(ca, DRILL, "db", 19, now=NOW)
+    assert err.value.detail == {"field": "leaf_lifetime"}
 
 
 @pytest.mark.parametrize(("value", "field"), [("Bad_Tier", "tier"), ("a/b", "tier"), ("", "tier")])
