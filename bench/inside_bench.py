@@ -122,7 +122,8 @@ def one_run(policy, drill_id, out, entries, *, queries, python, workdir):
     db = [r["path"] for r in restored if r["name"] == "orders.sqlite"][0]
     service = _workloads.start_db_service(policy, drill_id, out, db, python=python)
     for _ in range(queries):
-        answer = _workloads.query_db(app, service["address_port"], QUERY, python=python)
+        answer = _workloads.query_db(app, service["address_port"], QUERY, python=python,
+                                     tls=_workloads.client_tls(policy, drill_id, out, "app", "db"))
         if not answer.get("ok"):
             raise SystemExit("inside_bench: the app tier's query failed: %s" % answer)
     t3 = time.perf_counter()
