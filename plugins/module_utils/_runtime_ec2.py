@@ -670,3 +670,154 @@ def run_probes(ssm, rows: list, units: list, *, timeout: float = 1.0, command_ti
                "deny": sum(1 for r in rows if r["observed"] == "deny"),
                "unknown": sum(1 for r in rows if r["observed"] == "unknown"), "violations": len(violations)}
     return {"rows": rows, "violations": violations, "summary": summary}
+
+
+# ---------------------------------------------------------------- the live runtime read back
+
+VERIFY_CODES = ("runtime_unreadable", "runtime_instance_missing", "runtime_instance_unexpected",
+                "runtime_instance_not_running", "runtime_instance_public_address", "runtime_instance_imds",
+                "runtime_instance_subnet", "runtime_instance_security_group", "runtime_instance_profile",
+                "runtime_instance_tags", "runtime_instance_role")
+
+
+def _finding(code, resource, detail):
+    return {"code": code, "resource": resource, "detail": detail}
+
+
+def _instance_findings(inst: dict, tier: str, drill_id: str, network: dict, profile_arn: str | None,
+                       expires_at: str | None) -> list:
+    name = instance_name(drill_id, tier)
+    res = "%s (%s)" % (inst["InstanceId"], name)
+    out = []
+    if (inst.get("State") or {}).get("Name") != "running":
+        out.append(_finding("runtime_instance_not_running", res, "the instance is %s, not running; tear the "
+                            "runtime down and start it again" % (inst.get("State") or {}).get("Name")))
+    public = [inst["PublicIpAddress"]] if inst.get("PublicIpAddress") else []
+    public += [(e.get("Association") or {}).get("PublicIp") for e in inst.get("NetworkInterfaces") or []
+               if (e.get("Association") or {}).get("PublicIp")]
+    if public or len(inst.get("NetworkInterfaces") or []) != 1:
+        out.append(_finding("runtime_instance_public_address", res, "the instance has %s; a tier has one "
+                            "interface and no public address: tear the runtime down"
+                            % ("the public address %s" % ", ".join(sorted(set(public))) if public
+                               else "%d interfaces" % len(inst.get("NetworkInterfaces") or []))))
+    meta = inst.get("MetadataOptions") or {}
+    if meta.get("HttpTokens") != "required" or int(meta.get("HttpPutResponseHopLimit") or 0) != 1:
+        out.append(_finding("runtime_instance_imds", res, "the metadata service takes HttpTokens %s with hop limit "
+                            "%s where IMDSv2 only with hop limit 1 is required; tear the runtime down"
+                            % (meta.get("HttpTokens"), meta.get("HttpPutResponseHopLimit"))))
+    if inst.get("VpcId") != network["vpc_id"] or inst.get("SubnetId") not in network["subnet_ids"]:
+        out.append(_finding("runtime_instance_subnet", res, "the instance is in subnet %s of %s, not in a sandbox "
+                            "subnet of the drill's VPC %s; tear the runtime down"
+                            % (inst.get("SubnetId"), inst.get("VpcId"), network["vpc_id"])))
+    groups = sorted({g.get("GroupId") for g in inst.get("SecurityGroups") or []}
+                    | {g.get("GroupId") for e in inst.get("NetworkInterfaces") or [] for g in e.get("Groups") or []})
+    if groups != [network["groups"][tier]]:
+        out.append(_finding("runtime_instance_security_group", res, "the instance is in the groups %s where only the "
+                            "%s tier's group %s is allowed; remove the others or tear the runtime down"
+                            % (", ".join(groups) or "none", tier, network["groups"][tier])))
+    have_profile = (inst.get("IamInstanceProfile") or {}).get("Arn")
+    if not profile_arn or have_profile != profile_arn:
+        out.append(_finding("runtime_instance_profile", res, "the instance's profile is %s, not the drill's %s; tear "
+                            "the runtime down" % (have_profile, profile_arn or profile_name(drill_id))))
+    tags = boto3_tag_list_to_ansible_dict(inst.get("Tags"))
+    want = {TAG_DRILL_ID: drill_id, "drguard:managed": "true", "Name": name}
+    if expires_at:
+        want[TAG_EXPIRES_AT] = expires_at
+    wrong = sorted(k for k, v in want.items() if tags.get(k) != v)
+    if wrong or TAG_EXPIRES_AT not in tags:
+        out.append(_finding("runtime_instance_tags", res, "the instance's tags %s are not the drill's; the reaper "
+                            "finds a tier by them: tear the runtime down" % ", ".join(wrong or [TAG_EXPIRES_AT])))
+    return out
+
+
+def _role_findings(iam, drill_id: str, role_name: str, region: str) -> list:
+    try:
+        role = iam.get_role(RoleName=role_name)["Role"]
+    except ClientError as exc:
+        if not is_not_found(exc):
+            raise
+        return [_finding("runtime_instance_role", role_name, "the instances' role does not exist; start the runtime "
+                         "again")]
+    problems = []
+    tags = boto3_tag_list_to_ansible_dict(paginate(iam, "list_role_tags", "Tags", RoleName=role_name))
+    if tags.get(TAG_DRILL_ID) != drill_id:
+        problems.append("it is not the drill's (tag %r)" % tags.get(TAG_DRILL_ID))
+    if role_name == profile_name(drill_id):
+        if _policy_doc(role.get("AssumeRolePolicyDocument")) != EC2_TRUST:
+            problems.append("it trusts more than %s" % EC2_PRINCIPAL)
+        arn = role["Arn"].split(":")
+        inline = paginate(iam, "list_role_policies", "PolicyNames", RoleName=role_name)
+        attached = paginate(iam, "list_attached_role_policies", "AttachedPolicies", RoleName=role_name)
+        if inline != [RUNTIME_POLICY_NAME] or attached:
+            problems.append("its policies are %s, not %s only" % (", ".join(
+                list(inline) + [a["PolicyArn"] for a in attached]) or "none", RUNTIME_POLICY_NAME))
+        elif _policy_doc(iam.get_role_policy(RoleName=role_name, PolicyName=RUNTIME_POLICY_NAME)[
+                "PolicyDocument"]) != runtime_policy(drill_id, arn[1], region, arn[4]):
+            problems.append("its policy %s grants other than the SSM agent's actions and the drill's runtime "
+                            "secrets" % RUNTIME_POLICY_NAME)
+    elif not _trusts_ec2(role.get("AssumeRolePolicyDocument")):
+        problems.append("it does not trust %s" % EC2_PRINCIPAL)
+    return [_finding("runtime_instance_role", role_name, "the instances' role is not least privilege: %s; start "
+                     "the runtime again (it puts its policy back) or tear it down" % "; ".join(problems))] \
+        if problems else []
+
+
+def verify(clients: dict, drill_id: str, boundary, *, role_name: str | None = None) -> dict:
+    """Read the drill's live instances, their profile and role back and compare them with what the runtime launches.
+
+    Returns ``{isolated, findings, checked}`` like the netns verifier; fails closed: what cannot
+    be read is a ``runtime_unreadable`` finding, a tier without its instance ``runtime_instance_missing``.
+    """
+    ec2, iam = clients["ec2"], clients["iam"]
+    checked = {"instances": 0, "instance_profiles": 0, "roles": 0}
+    try:
+        network = find_network(ec2, drill_id, boundary)
+    except Ec2RuntimeError as exc:
+        return {"isolated": False, "checked": checked,
+                "findings": [_finding("runtime_unreadable", "drguard-%s" % drill_id, exc.msg)]}
+    findings = []
+    role_name = role_name or profile_name(drill_id)
+    name = profile_name(drill_id)
+    profile_arn = None
+    try:
+        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except ClientError as exc:
+        if not is_not_found(exc):
+            raise
+        findings.append(_finding("runtime_instance_profile", name, "the drill's instance profile does not exist; "
+                                 "start the runtime again"))
+    else:
+        checked["instance_profiles"] = 1
+        roles = [r["RoleName"] for r in profile.get("Roles") or []]
+        tags = boto3_tag_list_to_ansible_dict(profile.get("Tags"))
+        if roles != [role_name] or tags.get(TAG_DRILL_ID) != drill_id or profile.get("Path") != IAM_PATH:
+            findings.append(_finding("runtime_instance_profile", name, "the instance profile holds %s (tag %r, path "
+                                     "%s) where it must hold %s only and be the drill's; tear the runtime down"
+                                     % (", ".join(roles) or "no role", tags.get(TAG_DRILL_ID), profile.get("Path"),
+                                        role_name)))
+        else:
+            profile_arn = profile["Arn"]
+    findings += _role_findings(iam, drill_id, role_name, ec2.meta.region_name)
+    checked["roles"] = 0 if any(f["code"] == "runtime_instance_role" and "does not exist" in f["detail"]
+                                for f in findings) else 1
+    live = {}
+    for inst in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",)):
+        live.setdefault(boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name"), []).append(inst)
+    for tier in runtime_tiers(boundary):
+        have = live.pop(instance_name(drill_id, tier), [])
+        if not have:
+            findings.append(_finding("runtime_instance_missing", instance_name(drill_id, tier), "tier %s has no "
+                                     "instance; start the runtime again" % tier))
+        for extra in have[1:]:
+            findings.append(_finding("runtime_instance_unexpected", "%s (%s)" % (extra["InstanceId"],
+                                                                                  instance_name(drill_id, tier)),
+                                     "tier %s has more than one instance; tear the runtime down" % tier))
+        for inst in have[:1]:
+            checked["instances"] += 1
+            findings += _instance_findings(inst, tier, drill_id, network, profile_arn, network.get("expires_at"))
+    for stray_name, group in live.items():
+        for inst in group:
+            findings.append(_finding("runtime_instance_unexpected", "%s (%s)" % (inst["InstanceId"], stray_name),
+                                     "the instance carries the drill's tags but is no tier's; terminate it"))
+    findings.sort(key=lambda f: (f["code"], f["resource"]))
+    return {"isolated": not findings, "findings": findings, "checked": checked}

@@ -31,6 +31,15 @@ description:
     C(runtime_link_unexpected), C(runtime_address_mismatch), C(runtime_route_missing),
     C(runtime_route_unexpected), C(runtime_tier_forwarding), C(runtime_tier_ruleset), C(runtime_ipv6_enabled),
     C(runtime_host_link), C(runtime_tier_process_privileged)."
+  - "With O(backend=ec2) it reads the drill's live instances, their instance profile and role back through the
+    EC2 and IAM APIs (amazon.aws' connection options, every call retried) instead: one running instance per tier
+    in a sandbox subnet of the drill's VPC, one interface, no public address, IMDSv2 required with hop limit 1, the
+    tier's security group only, the drill's instance profile holding the runtime's role (trusts
+    C(ec2.amazonaws.com) only, its one least-privilege policy), the drill's tags. Codes C(runtime_unreadable),
+    C(runtime_instance_missing), C(runtime_instance_unexpected), C(runtime_instance_not_running),
+    C(runtime_instance_public_address), C(runtime_instance_imds), C(runtime_instance_subnet),
+    C(runtime_instance_security_group), C(runtime_instance_profile), C(runtime_instance_tags),
+    C(runtime_instance_role) (C(docs/runtime.md), \"The ec2 backend\")."
 attributes:
   check_mode:
     support: full
@@ -50,6 +59,13 @@ options:
         fails the task before anything is read.
     type: dict
     required: true
+  backend:
+    description:
+      - The runtime's backend. V(netns) reads namespaces and nft rulesets on this host; V(ec2) reads the drill's
+        instances through the AWS API.
+    type: str
+    default: netns
+    choices: [netns, ec2]
   world:
     description:
       - Whether the embedded world (the C(wan) namespace and the production, control-plane, telemetry and
@@ -69,6 +85,9 @@ author:
   - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 seealso:
   - module: drguard.sandbox.runtime_probe
   - module: drguard.sandbox.boundary_verify
@@ -126,25 +145,62 @@ prefix:
   sample: drg-ab12cd-
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import NftPolicyError
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import address_plan
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_verify import verify
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DrillError
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id
 
 ARGUMENT_SPEC = dict(
     drill_id=dict(type="str", required=True),
     boundary=dict(type="dict", required=True),
+    backend=dict(type="str", default="netns", choices=["netns", "ec2"]),
     world=dict(type="bool", default=True),
     fail_on_findings=dict(type="bool", default=True),
 )
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    _aws.hide_session_credentials(module)
+    p = module.params
+    if p["backend"] == "ec2":
+        result = verify_ec2(module)
+    else:
+        result = verify_netns(module)
+    if not result["isolated"] and p["fail_on_findings"]:
+        codes = sorted({f["code"] for f in result["findings"]})
+        module.fail_json(msg="the runtime of drill %s is not isolated: %d finding(s) (%s); fix each one (see findings "
+                             "and docs/runtime.md) or set fail_on_findings=false to only report"
+                             % (p["drill_id"], len(result["findings"]), ", ".join(codes)), **result)
+    module.exit_json(**result)
+
+
+def verify_ec2(module):
+    """The ec2 runtime read back through the AWS API (read-only)."""
+    p = module.params
+    try:
+        drill_id = validate_drill_id(p["drill_id"])
+        boundary = parse_boundary(p["boundary"])
+    except (BoundaryError, DrillError, ValueError) as exc:
+        module.fail_json(msg="runtime_verify: %s." % str(exc).rstrip("."))
+    try:
+        result = _runtime_ec2.verify({"ec2": _aws.aws_client(module, "ec2"), "iam": _aws.aws_client(module, "iam")},
+                                     drill_id, boundary)
+    except _aws.ClientError as exc:
+        module.fail_json_aws(exc, msg="runtime_verify: reading the ec2 runtime of drill %s failed" % drill_id)
+    result.update(changed=False, prefix=_runtime_ec2.instance_name(drill_id, ""))
+    return result
+
+
+def verify_netns(module):
+    """The netns runtime read back from the kernel."""
     p = module.params
     try:
         boundary = parse_boundary(p["boundary"])
@@ -154,12 +210,7 @@ def main():
 
     result = verify(boundary, plan, world=p["world"])
     result.update(changed=False, prefix=plan["prefix"])
-    if not result["isolated"] and p["fail_on_findings"]:
-        codes = sorted({f["code"] for f in result["findings"]})
-        module.fail_json(msg="the runtime of drill %s is not isolated: %d finding(s) (%s); fix each one (see findings "
-                             "and docs/runtime.md) or set fail_on_findings=false to only report"
-                             % (p["drill_id"], len(result["findings"]), ", ".join(codes)), **result)
-    module.exit_json(**result)
+    return result
 
 
 if __name__ == "__main__":

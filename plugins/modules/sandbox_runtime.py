@@ -21,11 +21,11 @@ description:
   - V(none) runs nothing inside the sandbox and returns no units; the drill's report then says so.
   - "V(ec2) (real AWS): one instance per tier (plus C(validation)) in the drill's sandbox subnets, in the tier's
     security group, without a public address, IMDSv2 required (hop limit 1), with the instance profile
-    C(drguard-<drill_id>-runtime) (path C(/drguard/), tagged) holding the drill's role. The network must have been
+    C(drguard-<drill_id>-runtime) (path C(/drguard/), tagged) holding the runtime's own role of that name. The network must have been
     built with C(drill_boundary.ssm_endpoints=true) (the ssm, ssmmessages and ec2messages interface endpoints and
     the C(validation) tier's group); the instances are reached only through SSM Run Command. Found again by tags and
     names, so a second run changes nothing. O(state=absent) terminates the instances, waits until they are gone and
-    deletes the instance profile. The emulator runs no SSM command (see C(docs/runtime.md))."
+    deletes the instance profile and the runtime's role. The emulator runs no SSM command (see C(docs/runtime.md))."
   - With O(state=present), C(<output_dir>/runtime/state.json) records the drill's prefix before anything is
     created, so teardown and the reaper find the runtime after a kill. Production bait connections are written to
     C(<output_dir>/runtime/bait-hits.jsonl) (it must stay empty) and the collector's events to

@@ -301,3 +301,56 @@ def test_sweep_finds_the_runtime_role_of_a_killed_drill(aws_env, aws):
     assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
                                                    for p in iam.list_instance_profiles()["InstanceProfiles"]]
     assert "drguard-%s-runtime" % drill_id not in _role_names(iam)
+
+
+def _verify(drill_id, raw):
+    return run_module("runtime_verify", {"drill_id": drill_id, "boundary": raw, "backend": "ec2",
+                                         "fail_on_findings": False})
+
+
+def test_runtime_verify_reads_the_instances_back_and_reports_each_drift(aws_env, aws):
+    ec2, iam = aws("ec2"), aws("iam")
+    drill_id, raw, net = _world(aws, "ec2verify", role=False)
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert not res.failed, res.get("msg")
+    clean = _verify(drill_id, raw)
+    assert not clean.failed, clean.get("msg")
+    assert (clean["isolated"], clean["findings"], clean["changed"]) == (True, [], False)
+    assert clean["checked"] == {"instances": 3, "instance_profiles": 1, "roles": 1}
+    assert clean["prefix"] == "drguard-%s-" % drill_id
+    app, db, validation = (u["instance_id"] for u in res["units"])
+    # drift, each kind once: IMDSv1 allowed, a second group, a missing tier, a widened role, a stray instance
+    ec2.modify_instance_metadata_options(InstanceId=app, HttpTokens="optional")
+    extra = ec2.create_security_group(GroupName="drguard-%s-extra" % drill_id, Description="x",
+                                      VpcId=net["vpc_id"])["GroupId"]
+    eni = [i for i in _instances(ec2, drill_id) if i["InstanceId"] == db][0]["NetworkInterfaces"][0]
+    ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                           Groups=[net["security_groups"]["db"], extra])
+    ec2.terminate_instances(InstanceIds=[validation])
+    iam.put_role_policy(RoleName="drguard-%s-runtime" % drill_id, PolicyName="drguard-runtime",
+                        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    drifted = _verify(drill_id, raw)
+    assert drifted["isolated"] is False
+    assert sorted((f["code"], f["resource"]) for f in drifted["findings"]) == sorted([
+        ("runtime_instance_imds", "%s (drguard-%s-app)" % (app, drill_id)),
+        ("runtime_instance_security_group", "%s (drguard-%s-db)" % (db, drill_id)),
+        ("runtime_instance_missing", "drguard-%s-validation" % drill_id),
+        ("runtime_instance_role", "drguard-%s-runtime" % drill_id),
+    ])
+    failing = run_module("runtime_verify", {"drill_id": drill_id, "boundary": raw, "backend": "ec2"})
+    assert failing.failed and failing["msg"].startswith("the runtime of drill %s is not isolated: 4 finding(s)"
+                                                        % drill_id)
+    run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+    ec2.delete_security_group(GroupId=extra)
+
+
+def test_runtime_verify_without_the_runtime_is_a_finding_never_a_pass(aws_env, aws):
+    drill_id, raw, _ = _world(aws, "ec2noruntime", role=False)
+    res = _verify(drill_id, raw)
+    assert res["isolated"] is False
+    assert sorted(f["code"] for f in res["findings"]) == ["runtime_instance_missing"] * 3 + [
+        "runtime_instance_profile", "runtime_instance_role"]
+    # no network at all: unreadable
+    res = _verify(_drill_id("ec2nonet"), raw)
+    assert [f["code"] for f in res["findings"]] == ["runtime_unreadable"]
