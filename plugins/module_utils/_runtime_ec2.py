@@ -684,8 +684,7 @@ def _finding(code, resource, detail):
     return {"code": code, "resource": resource, "detail": detail}
 
 
-def _instance_findings(inst: dict, tier: str, drill_id: str, network: dict, profile_arn: str | None,
-                       expires_at: str | None) -> list:
+def _instance_findings(inst: dict, tier: str, drill_id: str, network: dict, profile_arn: str | None) -> list:
     name = instance_name(drill_id, tier)
     res = "%s (%s)" % (inst["InstanceId"], name)
     out = []
@@ -721,8 +720,8 @@ def _instance_findings(inst: dict, tier: str, drill_id: str, network: dict, prof
                             "the runtime down" % (have_profile, profile_arn or profile_name(drill_id))))
     tags = boto3_tag_list_to_ansible_dict(inst.get("Tags"))
     want = {TAG_DRILL_ID: drill_id, "drguard:managed": "true", "Name": name}
-    if expires_at:
-        want[TAG_EXPIRES_AT] = expires_at
+    if network.get("expires_at"):
+        want[TAG_EXPIRES_AT] = network["expires_at"]
     wrong = sorted(k for k, v in want.items() if tags.get(k) != v)
     if wrong or TAG_EXPIRES_AT not in tags:
         out.append(_finding("runtime_instance_tags", res, "the instance's tags %s are not the drill's; the reaper "
@@ -814,7 +813,7 @@ def verify(clients: dict, drill_id: str, boundary, *, role_name: str | None = No
                                      "tier %s has more than one instance; tear the runtime down" % tier))
         for inst in have[:1]:
             checked["instances"] += 1
-            findings += _instance_findings(inst, tier, drill_id, network, profile_arn, network.get("expires_at"))
+            findings += _instance_findings(inst, tier, drill_id, network, profile_arn)
     for stray_name, group in live.items():
         for inst in group:
             findings.append(_finding("runtime_instance_unexpected", "%s (%s)" % (inst["InstanceId"], stray_name),

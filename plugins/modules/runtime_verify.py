@@ -170,10 +170,7 @@ def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     _aws.hide_session_credentials(module)
     p = module.params
-    if p["backend"] == "ec2":
-        result = verify_ec2(module)
-    else:
-        result = verify_netns(module)
+    result = verify_ec2(module) if p["backend"] == "ec2" else verify_netns(module)
     if not result["isolated"] and p["fail_on_findings"]:
         codes = sorted({f["code"] for f in result["findings"]})
         module.fail_json(msg="the runtime of drill %s is not isolated: %d finding(s) (%s); fix each one (see findings "
