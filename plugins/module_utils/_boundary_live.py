@@ -9,8 +9,9 @@ Private helpers of ``boundary_verify``. Two halves that never meet halfway:
   returned or an :class:`Unreadable` naming the failed call and its error code.
 * :func:`evaluate` is pure: snapshot + :class:`Boundary` -> findings and counts.
 
-Nothing here knows how the sandbox was built; it only sees what exists. Anything
-it cannot read, recognise or prove safe is a finding (fail closed).
+Nothing here knows how the sandbox was built; it only sees what exists (a drill's
+tier groups are found by the names and tags they carry). Anything it cannot read,
+recognise or prove safe is a finding (fail closed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ except ImportError:  # pragma: no cover - AnsibleAWSModule reports the missing S
     BotoCoreError = ClientError = Exception
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import names as network_names
+from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import sg_name
+from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import workload_tiers
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import ssm_endpoints_declared
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import DRILL_ID_RE
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 
 # Every code evaluate() can emit. docs/boundary-policy.md explains each one.
 FINDING_CODES = (
@@ -48,6 +54,7 @@ FINDING_CODES = (
     "resolver_rule_associated", "resolver_endpoint_present", "resolver_query_logging",
     "private_hosted_zone_associated", "lattice_service_network_associated",
     "fallback_blocked",
+    "tier_group_missing", "tier_rule_missing", "tier_rule_extra",
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
@@ -512,16 +519,55 @@ class _SgContext:
     group_ids: frozenset
     s3_pl: str | None
     owner: str | None
+    tiers: object = None  # _TierGroups of a drill's VPC, else None
+    tier: str | None = None  # the tier whose group is judged, if it is one
+
+
+@dataclass(frozen=True)
+class _TierGroups:
+    """The live groups of a drill's VPC, told apart by name: ``by_tier`` {tier: group}, the SSM endpoints' one."""
+    drill_id: str
+    by_tier: dict
+    ssm_group: str | None
+
+    def tier_of(self, gid) -> str | None:
+        return next((t for t, g in self.by_tier.items() if g.get("GroupId") == gid), None)
+
+
+def _drill_id_tag(item: dict | None) -> str | None:
+    value = next((t.get("Value") for t in (item or {}).get("Tags") or [] if t.get("Key") == TAG_DRILL_ID), None)
+    return value if isinstance(value, str) and DRILL_ID_RE.fullmatch(value) else None
+
+
+def _tier_groups(boundary, vpc: dict | None, groups: list) -> _TierGroups | None:
+    """Which live group is which tier's: the drill is the VPC's ``drguard:drill-id`` tag, else the one drill id
+    that groups named for a tier (``drguard-<drill id>-<tier>``) carry. None for a VPC of no (or no single) drill:
+    its groups cannot be told apart by tier."""
+    tiers = workload_tiers(boundary)
+    drill_id = _drill_id_tag(vpc)
+    if drill_id is None:
+        ids = {_drill_id_tag(g) for g in groups} - {None}
+        ids = {i for i in ids if any(g.get("GroupName") in {sg_name(i, t) for t in tiers} for g in groups)}
+        if len(ids) != 1:
+            return None
+        drill_id = ids.pop()
+    by_name = {g.get("GroupName"): g for g in groups}
+    by_tier = {t: by_name[sg_name(drill_id, t)] for t in tiers if sg_name(drill_id, t) in by_name}
+    # The SSM endpoints' group is known by name, declared or not: its endpoints are judged on their own
+    # (endpoint_unsupported when ssm_endpoints is not declared).
+    ssm = by_name.get(network_names(drill_id)["ssm_sg"])
+    return _TierGroups(drill_id, by_tier, ssm.get("GroupId") if ssm else None)
 
 
 def _check_security_groups(boundary, groups: list, vpc_cidrs: list, s3_pl: str | None,
-                           f: _Findings) -> int:
+                           f: _Findings, *, tiers: _TierGroups | None = None) -> int:
     vpc_nets = tuple(n for n in (_net(c) for c in vpc_cidrs) if n is not None)
     group_ids = frozenset(g.get("GroupId") for g in groups)
     rules_seen = 0
     for sg in groups:
         gid = sg.get("GroupId", "?")
-        ctx = _SgContext(boundary, vpc_nets, group_ids, s3_pl, sg.get("OwnerId"))
+        ctx = _SgContext(boundary, vpc_nets, group_ids, s3_pl, sg.get("OwnerId"), tiers,
+                         tiers.tier_of(gid) if tiers else None)
         perms = {"ingress": sg.get("IpPermissions") or [], "egress": sg.get("IpPermissionsEgress") or []}
         if sg.get("GroupName") == "default":
             n = sum(len(p.get("IpRanges") or []) + len(p.get("Ipv6Ranges") or []) + len(p.get("PrefixListIds") or [])
@@ -549,6 +595,10 @@ def _check_security_groups(boundary, groups: list, vpc_cidrs: list, s3_pl: str |
                             hits = boundary.overlaps_production(peer) if peer_kind == "cidr" and _net(peer) else []
                             if hits:
                                 detail += " (overlaps production CIDR(s) %s)" % ", ".join(str(h) for h in hits)
+                            if code == "tier_rule_extra":
+                                detail = ("tier %s's group %s allows %s: every tier may use it, while "
+                                          "drill_boundary.tier_rules declares tier traffic group to group"
+                                          % (ctx.tier, gid, detail))
                             f.add(code, gid, detail)
     return rules_seen
 
@@ -563,7 +613,8 @@ def _judge_sg_peer(ctx: _SgContext, rule: tuple, kind: str, item: dict) -> str |
         if net is None:
             return undeclared_code
         if _within_any(net, ctx.vpc_nets) and not boundary.overlaps_production(net):
-            return None  # intra-sandbox
+            # intra-sandbox; on a tier's group it would let every tier past tier_rules
+            return "tier_rule_extra" if ctx.tier is not None else None
         if net.prefixlen == 0 or proto == "all":
             return open_code
         declared = boundary.egress + boundary.fallback if direction == "egress" else boundary.ingress
@@ -578,7 +629,104 @@ def _judge_sg_peer(ctx: _SgContext, rule: tuple, kind: str, item: dict) -> str |
     # SG reference: allowed only to groups of this VPC, same account, not across a peering.
     ok = (item.get("GroupId") in ctx.group_ids and not item.get("VpcPeeringConnectionId")
           and (not item.get("UserId") or not ctx.owner or item.get("UserId") == ctx.owner))
+    if ok and ctx.tier is not None:
+        # A tier's group reaches other tiers' groups (judged by _check_tier_rules) and, on tcp 443 out,
+        # the SSM endpoints' group; any other group of the VPC is undeclared.
+        peer = item.get("GroupId")
+        ssm = (peer == ctx.tiers.ssm_group and direction == "egress" and proto == "tcp" and start == end == 443)
+        ok = ctx.tiers.tier_of(peer) is not None or ssm
     return None if ok else undeclared_code
+
+
+def _merge_ports(ranges) -> list:
+    """``[(start, end)]`` as the fewest sorted ranges of the same port set (overlapping and adjacent ones merged)."""
+    out = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _ports_minus(ranges, cut) -> list:
+    """The ports of ``ranges`` that are not in ``cut`` (both lists of inclusive ``(start, end)``), merged."""
+    left = _merge_ports(ranges)
+    for c_start, c_end in _merge_ports(cut):
+        nxt = []
+        for start, end in left:
+            if c_end < start or end < c_start:
+                nxt.append((start, end))
+                continue
+            if start < c_start:
+                nxt.append((start, c_start - 1))
+            if c_end < end:
+                nxt.append((c_end + 1, end))
+        left = nxt
+    return left
+
+
+def _check_tier_rules(boundary, vpc_id: str, tiers: _TierGroups, f: _Findings) -> int:
+    """Every tier rule both ways (ingress on the destination's group from the source's, egress on the source's
+    to the destination's), as port sets per protocol; a reference between tier groups that no tier rule
+    declares is extra. Returns how many declared (group, direction, protocol, peer) sets were compared."""
+    for tier in workload_tiers(boundary):
+        if tier not in tiers.by_tier:
+            f.add("tier_group_missing", vpc_id, "tier %s has no security group %s in the VPC (drill %s)"
+                  % (tier, sg_name(tiers.drill_id, tier), tiers.drill_id))
+    gid = {t: g.get("GroupId") for t, g in tiers.by_tier.items()}
+    declared, pairs = {}, {}
+    for tr in boundary.tier_rules:
+        if tr.source not in gid or tr.dest not in gid:
+            continue
+        ports = [(p.start, p.end) for p in tr.ports]
+        for key in ((gid[tr.dest], "ingress", tr.protocol, gid[tr.source]),
+                    (gid[tr.source], "egress", tr.protocol, gid[tr.dest])):
+            declared.setdefault(key, []).extend(ports)
+            pairs.setdefault(key, set()).add("%s to %s" % (tr.source, tr.dest))
+    live = {}
+    for tier, sg in tiers.by_tier.items():
+        for direction, field in (("ingress", "IpPermissions"), ("egress", "IpPermissionsEgress")):
+            for perm in sg.get(field) or []:
+                proto = _proto(perm.get("IpProtocol", "-1"))
+                start, end = 0, 65535
+                if proto in ("tcp", "udp") and int(perm.get("FromPort", -1)) != -1:
+                    start, end = int(perm["FromPort"]), int(perm.get("ToPort", perm["FromPort"]))
+                for pair in perm.get("UserIdGroupPairs") or []:
+                    peer = pair.get("GroupId")
+                    if tiers.tier_of(peer) is None:
+                        continue  # judged by _judge_sg_peer
+                    if proto not in ("tcp", "udp"):
+                        ports = "all ports" if proto == "all" else "type/code %s/%s" % (
+                            perm.get("FromPort"), perm.get("ToPort"))
+                        f.add("tier_rule_extra", gid[tier], "tier %s's group %s allows %s %s %s %s %s (%s), which no "
+                              "tier rule declares (tier rules are tcp or udp)"
+                              % (tier, gid[tier], direction, proto, ports,
+                                 "to" if direction == "egress" else "from", peer, tiers.tier_of(peer)))
+                        continue
+                    live.setdefault((gid[tier], direction, proto, peer), []).append((start, end))
+
+    def text(key, ranges):
+        _group, direction, proto, peer = key
+        return ", ".join(_sg_rule_text(direction, proto, s, e, "%s (%s)" % (peer, tiers.tier_of(peer)))
+                         for s, e in ranges)
+
+    for key in sorted(set(declared) | set(live)):
+        group, direction, proto, peer = key
+        tier = tiers.tier_of(group)
+        missing = _ports_minus(declared.get(key, []), live.get(key, []))
+        extra = _ports_minus(live.get(key, []), declared.get(key, []))
+        if missing:
+            f.add("tier_rule_missing", group, "tier %s's group %s lacks %s, declared by drill_boundary.tier_rules (%s)"
+                  % (tier, group, text(key, missing), ", ".join(sorted(pairs[key]))))
+        if extra:
+            src, dst = (tiers.tier_of(peer), tier) if direction == "ingress" else (tier, tiers.tier_of(peer))
+            allowed = ", ".join(("%d" % s if s == e else "%d-%d" % (s, e))
+                                for s, e in _merge_ports(declared.get(key, [])))
+            f.add("tier_rule_extra", group, "tier %s's group %s allows %s, which drill_boundary.tier_rules does "
+                  "not declare (%s to %s on %s: %s)" % (tier, group, text(key, extra), src, dst, proto,
+                                                        "ports " + allowed if allowed else "nothing"))
+    return len(declared)
 
 
 def _nacl_entry_text(e: dict) -> str:
@@ -1135,8 +1283,12 @@ def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = Tr
     groups = _readable(snapshot, "security_groups", f, vpc_id)
     if groups is not None:
         checked["security_groups"] = len(groups)
+        vpc = next((v for v in vpcs or [] if v.get("VpcId") == vpc_id), None)
+        tiers = _tier_groups(boundary, vpc, groups)
         checked["security_group_rules"] = _check_security_groups(
-            boundary, groups, vpc_cidrs, s3_pl.get("PrefixListId") if s3_pl else None, f)
+            boundary, groups, vpc_cidrs, s3_pl.get("PrefixListId") if s3_pl else None, f, tiers=tiers)
+        if tiers is not None:
+            checked["tier_rules"] = _check_tier_rules(boundary, vpc_id, tiers, f)
         _check_fallback_groups(boundary, groups, f)
 
     nacls = _readable(snapshot, "network_acls", f, vpc_id)

@@ -44,10 +44,20 @@ description:
     C(traffic_mirror_session), C(traffic_mirror_target), C(endpoint_service_offered),
     C(load_balancer_internet_facing),
     C(resolver_rule_associated), C(resolver_endpoint_present), C(resolver_query_logging),
-    C(private_hosted_zone_associated), C(lattice_service_network_associated), C(fallback_blocked)."
+    C(private_hosted_zone_associated), C(lattice_service_network_associated), C(fallback_blocked),
+    C(tier_group_missing), C(tier_rule_missing), C(tier_rule_extra)."
   - A declared fallback path (C(drill_boundary.fallback), a DR site or secondary region) counts as declared
     egress, and must be allowed. Every workload security group must allow it out on its ports and every
     network ACL in use must let it out and its replies back in, else C(fallback_blocked).
+  - "In a drill's VPC (its C(drguard:drill-id) tag, or the one drill id its security groups carry) each tier of
+    C(drill_boundary.tiers), plus C(validation) when C(ssm_endpoints) is declared, must have its group
+    C(drguard-<drill id>-<tier>) (else C(tier_group_missing)), and the references between tier groups must be
+    exactly what C(tier_rules) declares, both ways (ingress on the destination's group from the source's, egress
+    on the source's to the destination's), compared as port sets per protocol: C(tier_rule_missing) for declared
+    ports a group does not allow, C(tier_rule_extra) for a reference, port or protocol no tier rule declares (a
+    reverse or self reference included) and for a CIDR rule inside the VPC on a tier's group. A tier's group may
+    reference no other group but the SSM endpoints' one on tcp 443 out (else C(sg_ingress_undeclared) /
+    C(sg_egress_undeclared)); any other group is judged as before."
 attributes:
   check_mode:
     support: full
