@@ -820,3 +820,17 @@ def verify(clients: dict, drill_id: str, boundary, *, role_name: str | None = No
                                      "the instance carries the drill's tags but is no tier's; terminate it"))
     findings.sort(key=lambda f: (f["code"], f["resource"]))
     return {"isolated": not findings, "findings": findings, "checked": checked}
+
+
+def live_units(ec2, drill_id: str, boundary) -> list:
+    """The tiers' units as they run now, read from EC2 by tags and names (``instance_id`` None: no running instance)."""
+    running = {}
+    for inst in _instances(ec2, drill_id, ("running",)):
+        running.setdefault(boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name"), []).append(inst)
+    units = []
+    for tier in runtime_tiers(boundary):
+        have = running.get(instance_name(drill_id, tier)) or []
+        # Two instances of one tier: neither is probed (which one would answer for the tier is unknown).
+        inst = have[0] if len(have) == 1 else {}
+        units.append({"tier": tier, "instance_id": inst.get("InstanceId"), "address": inst.get("PrivateIpAddress")})
+    return units

@@ -30,6 +30,12 @@ description:
   - Sends packets only between namespaces of the drill; changes nothing, so C(changed) is always false. In
     check mode no packet is sent and the planned rows are returned with C(observed) null.
   - Needs root (it enters the drill's namespaces and reads the router's counters), C(ip), C(nft) and C(setpriv).
+  - "With O(backend=ec2) the rows of the ec2 runtime (C(docs/runtime.md), \"The ec2 backend\") are probed from each
+    tier's running instance through SSM Run Command (one C(AWS-RunShellScript) per instance, the probe program run
+    unprivileged), with amazon.aws' connection options. A row whose command did not end C(Success) within
+    O(command_timeout) with a result for every probe in its output, or whose tier has no running instance, is
+    C(observed=unknown) and a C(probe_failed) violation (fail closed). The emulator runs no command: there every
+    row is unknown."
 attributes:
   check_mode:
     support: full
@@ -49,6 +55,18 @@ options:
         fails the task before any probe is sent.
     type: dict
     required: true
+  backend:
+    description:
+      - The runtime's backend. V(netns) probes from the namespaces on this host; V(ec2) from the drill's instances
+        through SSM.
+    type: str
+    default: netns
+    choices: [netns, ec2]
+  command_timeout:
+    description:
+      - With O(backend=ec2), seconds to wait for each instance's SSM command to reach a final status (5 to 600).
+    type: float
+    default: 60.0
   timeout:
     description:
       - Seconds each probe waits for a connection or a reply before it counts as denied (0.05 to 30).
@@ -76,6 +94,9 @@ author:
   - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 seealso:
   - module: drguard.sandbox.runtime_verify
 """
@@ -166,9 +187,10 @@ summary:
   sample: {"rows": 60, "allow": 18, "deny": 42, "violations": 0}
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._nft_policy import NftPolicyError
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import ProbeError
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import probe_matrix
@@ -180,6 +202,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pa
 ARGUMENT_SPEC = dict(
     drill_id=dict(type="str", required=True),
     boundary=dict(type="dict", required=True),
+    backend=dict(type="str", default="netns", choices=["netns", "ec2"]),
+    command_timeout=dict(type="float", default=60.0),
     timeout=dict(type="float", default=1.0),
     telemetry=dict(type="dict", options=dict(address=dict(type="str", required=True),
                                              port=dict(type="int", required=True))),
@@ -187,11 +211,14 @@ ARGUMENT_SPEC = dict(
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    _aws.hide_session_credentials(module)
     p = module.params
     if not 0.05 <= p["timeout"] <= 30:
         module.fail_json(msg="timeout %s is outside 0.05-30 seconds; pass a probe timeout in that range"
                              % p["timeout"])
+    if p["backend"] == "ec2":
+        finish(module, probe_ec2(module))
     try:
         boundary = parse_boundary(p["boundary"])
         plan = _runtime.full_plan(boundary, p["drill_id"])
@@ -215,6 +242,36 @@ def main():
         if "error" in result["telemetry"]:
             module.warn("probe events were not all delivered to the telemetry collector: %s"
                         % result["telemetry"]["error"])
+    finish(module, result)
+
+
+def probe_ec2(module):
+    """The ec2 runtime's rows, probed from its instances through SSM (check mode: the planned rows only)."""
+    p = module.params
+    if not 5 <= p["command_timeout"] <= 600:
+        module.fail_json(msg="command_timeout %s is outside 5-600 seconds; pass a command timeout in that range"
+                             % p["command_timeout"])
+    try:
+        boundary = parse_boundary(p["boundary"])
+    except (BoundaryError, ValueError) as exc:
+        module.fail_json(msg="runtime_probe: %s." % str(exc).rstrip("."))
+    try:
+        units = _runtime_ec2.live_units(_aws.aws_client(module, "ec2"), p["drill_id"], boundary)
+        rows = _runtime_ec2.probe_matrix(boundary, units)
+        if module.check_mode:
+            return {"changed": False, "rows": rows, "violations": [],
+                    "summary": {"rows": len(rows), "allow": 0, "deny": 0, "unknown": 0, "violations": 0}}
+        result = _runtime_ec2.run_probes(_aws.aws_client(module, "ssm"), rows, units, timeout=p["timeout"],
+                                         command_timeout=p["command_timeout"])
+    except _aws.ClientError as exc:
+        module.fail_json_aws(exc, msg="runtime_probe: probing the ec2 runtime of drill %s failed" % p["drill_id"])
+    result.update(changed=False, counters={"before": None, "after": None, "delta": None})
+    return result
+
+
+def finish(module, result):
+    """Exit with the probe result; a violation fails the task after returning everything."""
+    p = module.params
     if result["violations"]:
         first = "; ".join(v["detail"] for v in result["violations"][:3])
         module.fail_json(msg="the runtime of drill %s violates the boundary: %d violation(s) (%s), first: %s; halt "

@@ -354,3 +354,34 @@ def test_runtime_verify_without_the_runtime_is_a_finding_never_a_pass(aws_env, a
     # no network at all: unreadable
     res = _verify(_drill_id("ec2nonet"), raw)
     assert [f["code"] for f in res["findings"]] == ["runtime_unreadable"]
+
+
+def test_runtime_probe_ec2_sends_the_matrix_through_ssm_and_fails_closed_on_unknown(aws_env, aws):
+    ec2, ssm = aws("ec2"), aws("ssm")
+    drill_id, raw, _ = _world(aws, "ec2rprobe", role=False)
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert not res.failed, res.get("msg")
+    plan = run_module("runtime_probe", {"drill_id": drill_id, "boundary": raw, "backend": "ec2"}, check_mode=True)
+    assert not plan.failed, plan.get("msg")
+    expected = _runtime_ec2.probe_matrix(parse_boundary(raw), res["units"])
+    assert plan["rows"] == expected and plan["summary"]["rows"] == len(expected)
+    before = {c["CommandId"] for c in ssm.list_commands()["Commands"]}
+    out = run_module("runtime_probe", {"drill_id": drill_id, "boundary": raw, "backend": "ec2",
+                                       "command_timeout": 5})
+    assert out.failed
+    assert out["msg"].startswith("the runtime of drill %s violates the boundary: %d violation(s) (probe_failed)"
+                                 % (drill_id, len(expected)))
+    assert {r["observed"] for r in out["rows"]} == {"unknown"}
+    assert out["summary"] == {"rows": len(expected), "allow": 0, "deny": 0, "unknown": len(expected),
+                              "violations": len(expected)}
+    sent = [c for c in ssm.list_commands()["Commands"] if c["CommandId"] not in before
+            and c.get("Comment") == "drguard probes"]
+    assert len(sent) == 3  # one command per tier instance
+    # a tier whose instance is gone: its rows are unknown without any command
+    validation = res["units"][2]["instance_id"]
+    ec2.terminate_instances(InstanceIds=[validation])
+    out = run_module("runtime_probe", {"drill_id": drill_id, "boundary": raw, "backend": "ec2",
+                                       "command_timeout": 5})
+    gone = [r for r in out["rows"] if r["src"] == "validation"]
+    assert gone and {r["reason"] for r in gone} == {"no result (no instance for this tier)"}
+    run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
