@@ -478,7 +478,9 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | N
                               "and start it again" % (drill_id, ", ".join(strays)), instances=strays)
     if started and not check_mode:
         _wait(ec2, "instance_running", started, wait_timeout)
+    # prefix: what every name of the runtime starts with; no collector: the telemetry collector is netns-only.
     return {"changed": bool(actions), "backend": "ec2", "units": units, "vpc_id": network["vpc_id"],
+            "prefix": instance_name(drill_id, ""), "collector": None,
             "instance_profile": profile["name"], "instance_role": role_name, "ami": image, "actions": actions}
 
 
