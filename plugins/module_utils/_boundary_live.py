@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - AnsibleAWSModule reports the missing S
     BotoCoreError = ClientError = Exception
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
+from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import merge_port_ranges
 from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import names as network_names
 from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import sg_name
 from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import workload_tiers
@@ -638,21 +639,10 @@ def _judge_sg_peer(ctx: _SgContext, rule: tuple, kind: str, item: dict) -> str |
     return None if ok else undeclared_code
 
 
-def _merge_ports(ranges) -> list:
-    """``[(start, end)]`` as the fewest sorted ranges of the same port set (overlapping and adjacent ones merged)."""
-    out = []
-    for start, end in sorted(ranges):
-        if out and start <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
 def _ports_minus(ranges, cut) -> list:
     """The ports of ``ranges`` that are not in ``cut`` (both lists of inclusive ``(start, end)``), merged."""
-    left = _merge_ports(ranges)
-    for c_start, c_end in _merge_ports(cut):
+    left = merge_port_ranges(ranges)
+    for c_start, c_end in merge_port_ranges(cut):
         nxt = []
         for start, end in left:
             if c_end < start or end < c_start:
@@ -722,7 +712,7 @@ def _check_tier_rules(boundary, vpc_id: str, tiers: _TierGroups, f: _Findings) -
         if extra:
             src, dst = (tiers.tier_of(peer), tier) if direction == "ingress" else (tier, tiers.tier_of(peer))
             allowed = ", ".join(("%d" % s if s == e else "%d-%d" % (s, e))
-                                for s, e in _merge_ports(declared.get(key, [])))
+                                for s, e in merge_port_ranges(declared.get(key, [])))
             f.add("tier_rule_extra", group, "tier %s's group %s allows %s, which drill_boundary.tier_rules does "
                   "not declare (%s to %s on %s: %s)" % (tier, group, text(key, extra), src, dst, proto,
                                                         "ports " + allowed if allowed else "nothing"))

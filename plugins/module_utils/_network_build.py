@@ -159,7 +159,7 @@ def desired_sg_rules(boundary, tier: str, group_ids: dict, s3_prefix_list: str |
     return _fit_sg_rules(rules)
 
 
-def _merge_ranges(ranges) -> list:
+def merge_port_ranges(ranges) -> list:
     """Port ranges ``[(start, end)]`` with overlapping and adjacent ones merged, sorted."""
     out = []
     for start, end in sorted(ranges):
@@ -189,7 +189,7 @@ def _fit_sg_rules(rules: dict) -> dict:
         first = {}
         for rng, desc in items:
             first.setdefault(rng, desc)
-        for start, end in _merge_ranges(first):
+        for start, end in merge_port_ranges(first):
             desc = next(d for (s, e), d in sorted(first.items()) if start <= s and e <= end)
             merged[(direction, proto, start, end, kind, target)] = desc
 
@@ -347,7 +347,7 @@ def _fit_nacl_allows(items: list) -> list:
         if proto == "-1":
             merged.append((proto, cidr, None, None))
         else:
-            merged += [(proto, cidr, start, end) for start, end in _merge_ranges(ports[(proto, cidr)])]
+            merged += [(proto, cidr, start, end) for start, end in merge_port_ranges(ports[(proto, cidr)])]
 
     def covered(item):
         proto, cidr, start, end = item

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.drguard.sandbox.plugins.module_utils._boundary_live import _merge_ports
+from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import merge_port_ranges as _merge_ports
 from ansible_collections.drguard.sandbox.plugins.module_utils._boundary_live import _ports_minus
 
 
