@@ -172,7 +172,7 @@ def test_the_db_leaf_is_renewed_at_half_life_and_open_connections_keep_working(d
     assert [(r["ok"], r["serial"]) for r in reloads] == [(True, first), (True, second)]
     # The connection opened before still round-trips, with the serial it started with.
     assert (held["serial"], held["failures"]) == (first, [])
-    assert held["round_trips"] >= 40
+    assert held["round_trips"] >= 20  # one every 0.25 s for 14 s, fewer on a loaded machine
     # A new handshake presents the new serial (the client with its renewed leaf).
     tls = wl.client_tls(boundary, drill_id, out, "app", "db")
     answer = wl.query_db(app_ns, started["address_port"], COUNT, python=PYTHON, tls=tls)
