@@ -745,8 +745,8 @@ def _query(argv) -> int:
             ctx = shared["client_context"](os.path.join(INSIDE_DIR, IDENTITY_FILE),
                                            os.path.join(INSIDE_DIR, TRUST_FILE))
             conn = ctx.wrap_socket(conn)
-            tier, serial, peer_id, reason = shared["judge_peer"](conn.getpeercert(binary_form=True) or b"",
-                                                                 cfg["domain"], "server")
+            _tier, serial, peer_id, reason = shared["judge_peer"](conn.getpeercert(binary_form=True) or b"",
+                                                                  cfg["domain"], "server")
             if reason is None and peer_id != cfg["server_id"]:
                 reason = "server_identity_mismatch"
             if reason is not None:
