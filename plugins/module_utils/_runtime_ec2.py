@@ -20,17 +20,25 @@ import base64
 import hashlib
 import ipaddress
 import json
+import shlex
 import time
+from datetime import datetime
+from datetime import timezone
 from concurrent.futures import ThreadPoolExecutor
 
 try:
     from botocore.exceptions import ClientError
 except ImportError:  # handled by AnsibleAWSModule
     ClientError = Exception
+try:
+    from cryptography import x509
+except ImportError:  # _pki.HAS_CRYPTOGRAPHY; the certificates need it
+    x509 = None
 
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
 from ansible_collections.drguard.sandbox.plugins.module_utils import _network_build
+from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 from ansible_collections.drguard.sandbox.plugins.module_utils import _probes
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
@@ -42,6 +50,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import ss
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
+from ansible_collections.drguard.sandbox.plugins.module_utils.drill import parse_time
 
 AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 INSTANCE_TYPE = "t3.micro"
@@ -478,9 +487,15 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | N
                               "and start it again" % (drill_id, ", ".join(strays)), instances=strays)
     if started and not check_mode:
         _wait(ec2, "instance_running", started, wait_timeout)
+    certificates = []
+    if "secretsmanager" in clients:
+        certificates = ensure_certificates(clients["secretsmanager"], drill_id, tiers, tags, check_mode=check_mode,
+                                           actions=actions)
+        if certificates:
+            certificates = deliver_certificates(clients["ssm"], certificates, units, ec2.meta.region_name)
     # prefix: what every name of the runtime starts with; no collector: the telemetry collector is netns-only.
     return {"changed": bool(actions), "backend": "ec2", "units": units, "vpc_id": network["vpc_id"],
-            "prefix": instance_name(drill_id, ""), "collector": None,
+            "prefix": instance_name(drill_id, ""), "collector": None, "certificates": certificates,
             "instance_profile": profile["name"], "instance_role": role_name, "ami": image, "actions": actions}
 
 
@@ -522,13 +537,16 @@ def down(clients: dict, drill_id: str, *, wait_timeout: int = 600, check_mode: b
                 iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=role["RoleName"])
             iam.delete_instance_profile(InstanceProfileName=name)
     role = delete_runtime_role(iam, drill_id, check_mode=check_mode, actions=actions)
+    secrets = (delete_certificates(clients["secretsmanager"], drill_id, check_mode=check_mode, actions=actions)
+               if "secretsmanager" in clients else [])
     if not check_mode:
         left = [i["InstanceId"] for i in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",))]
         if left:
             raise Ec2RuntimeError("instances %s of drill %s are still there after termination; run the sweep for "
                                   "the drill" % (", ".join(left), drill_id), remaining=left)
     return {"changed": bool(actions), "backend": "ec2", "units": [], "removed": {"instances": ids,
-            "instance_profile": name if profile is not None else None, "instance_role": role}, "actions": actions}
+            "instance_profile": name if profile is not None else None, "instance_role": role, "secrets": secrets},
+            "actions": actions}
 
 
 # ---------------------------------------------------------------- SSM Run Command
@@ -836,3 +854,154 @@ def live_units(ec2, drill_id: str, boundary) -> list:
         inst = have[0] if len(have) == 1 else {}
         units.append({"tier": tier, "instance_id": inst.get("InstanceId"), "address": inst.get("PrivateIpAddress")})
     return units
+
+
+
+# ---------------------------------------------------------------- the tiers' certificates, through the secret store
+
+CERT_DIR = "/run/drguard/tls"  # tmpfs on the instance; 0700, owned by the unprivileged workload uid
+# Run on the instance (as the SSM agent's root, to hand the files to uid 65534): splits the bundle read from
+# the secret store into ca.pem / cert.pem / key.pem (0600) and prints only the certificate's SHA-256.
+_SPLIT_SOURCE = r"""
+import hashlib, json, os, sys
+d = sys.argv[1]
+b = json.load(open(os.path.join(d, "bundle.json")))
+for name, key in (("ca.pem", "ca_bundle"), ("cert.pem", "cert"), ("key.pem", "key")):
+    p = os.path.join(d, name)
+    fd = os.open(p + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.write(fd, b[key].encode()); os.fchown(fd, 65534, 65534); os.close(fd); os.replace(p + ".tmp", p)
+os.unlink(os.path.join(d, "bundle.json"))
+print("delivered " + hashlib.sha256(b["cert"].encode()).hexdigest())
+"""
+
+
+def certificate_secret_name(drill_id: str, tier: str) -> str:
+    """The Secrets Manager secret holding ``tier``'s bundle: ``drguard/<drill id>/runtime/<tier>``."""
+    return runtime_secret_prefix(drill_id) + tier
+
+
+def fetch_commands(secret: str, region: str) -> list:
+    """The shell lines an instance runs to fetch its bundle with its own role: only the secret's name travels."""
+    bundle = "%s/bundle.json" % CERT_DIR
+    return ["set -eu", "umask 077",
+            "install -d -m 0700 -o 65534 -g 65534 %s" % CERT_DIR,
+            "aws secretsmanager get-secret-value --region %s --secret-id %s --query SecretString --output text > %s"
+            % (shlex.quote(region), shlex.quote(secret), bundle),
+            "/usr/bin/python3 -I -S -c %s %s" % (shlex.quote(_SPLIT_SOURCE), CERT_DIR)]
+
+
+def _read_bundle(sm, drill_id: str, name: str):
+    try:
+        meta = sm.describe_secret(SecretId=name)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None, None
+        raise
+    if boto3_tag_list_to_ansible_dict(meta.get("Tags")).get(TAG_DRILL_ID) != drill_id:
+        raise Ec2RuntimeError("secret %s exists but is not drill %s's (its drguard:drill-id tag differs); remove it "
+                              "or use another drill id" % (name, drill_id))
+    try:
+        bundle = json.loads(sm.get_secret_value(SecretId=name)["SecretString"])
+        return meta, bundle
+    except (ClientError, ValueError, KeyError):
+        return meta, None
+
+
+def _bundle_usable(bundle, drill_id: str, tier: str, ca_pem) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(bundle["cert"].encode())
+        ca = x509.load_pem_x509_certificate(bundle["ca_bundle"].encode())
+        got, reason = _pki.check_leaf(cert, [ca], drill_id, purpose="server")
+        return (bundle["ca_bundle"] == ca_pem and reason is None and got == tier and not _pki.needs_renewal(cert)
+                and bundle.get("key", "").startswith("-----BEGIN"))
+    except Exception:  # anything unreadable is issued again
+        return False
+
+
+def ensure_certificates(sm, drill_id: str, tiers: list, tags: dict, *, check_mode: bool, actions: list,
+                        leaf_lifetime: int = _pki.DEFAULT_LEAF_LIFETIME, now=None) -> list:
+    """One bundle per tier (CA certificate, the tier's leaf and key) in the secret store, tagged as the drill's.
+
+    Kept while every tier's bundle verifies under one CA and is not due for renewal; otherwise a
+    new CA (valid until the drill expires, never its key stored) signs every tier's leaf again.
+    Returns per tier ``{tier, secret, serial, sha256, not_after}``: never key material.
+    """
+    names = {t: certificate_secret_name(drill_id, t) for t in tiers}
+    found = {t: _read_bundle(sm, drill_id, names[t]) for t in tiers}
+    ca_pems = {b["ca_bundle"] for _m, b in found.values() if isinstance(b, dict) and "ca_bundle" in b}
+    ca_pem = next(iter(ca_pems)) if len(ca_pems) == 1 else None
+    keep = ca_pem is not None and all(b is not None and _bundle_usable(b, drill_id, t, ca_pem)
+                                      for t, (_m, b) in found.items())
+    bundles = {t: found[t][1] for t in tiers}
+    if not keep:
+        for tier in tiers:
+            actions.append("put the %s tier's certificate in secret %s" % (tier, names[tier]))
+        if check_mode:
+            return []
+        expires = tags.get(TAG_EXPIRES_AT)
+        ttl = int((parse_time(expires) - datetime.now(timezone.utc)).total_seconds()) if expires else 0
+        if ttl < _pki.MIN_CA_LEFT:
+            raise Ec2RuntimeError("the drill expires at %s, too soon for its CA; start a new drill" % expires)
+        ca = _pki.new_ca(drill_id, ttl, now=now)
+        ca_text = _pki.cert_pem(ca.cert).decode()
+        for tier in tiers:
+            leaf = _pki.issue_leaf(ca, drill_id, tier, min(leaf_lifetime, ttl), now=now)
+            bundle = {"ca_bundle": ca_text, "cert": _pki.cert_pem(leaf.cert).decode(),
+                      "key": _pki.key_pem(leaf.key).decode()}
+            text = json.dumps(bundle)
+            if found[tier][0] is None:
+                sm.create_secret(Name=names[tier], SecretString=text, Tags=ansible_dict_to_boto3_tag_list(tags),
+                                 Description="drguard drill %s: the %s tier's certificate bundle" % (drill_id, tier))
+            else:
+                sm.put_secret_value(SecretId=names[tier], SecretString=text)
+            bundles[tier] = bundle
+    out = []
+    for tier in tiers:
+        cert = x509.load_pem_x509_certificate(bundles[tier]["cert"].encode())
+        out.append({"tier": tier, "secret": names[tier], "serial": _pki.serial_hex(cert),
+                    "sha256": hashlib.sha256(bundles[tier]["cert"].encode()).hexdigest(),
+                    "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    return out
+
+
+def deliver_certificates(ssm, certificates: list, units: list, region: str, *, command_timeout: float = 60,
+                         **kw) -> list:
+    """Have each tier's instance fetch its bundle from the secret store with its own role (one SSM command each).
+
+    ``delivered`` is true only when the instance printed the SHA-256 of the certificate that was
+    stored; anything else (no final status, a failed command, no or another confirmation) is
+    false with the reason (fail closed: the emulator runs no command, so there it is always false).
+    """
+    by_tier = {u["tier"]: u.get("instance_id") for u in units}
+
+    def one(cert):
+        iid = by_tier.get(cert["tier"])
+        if not iid:
+            return dict(cert, delivered=False, reason="no instance for this tier")
+        res = run_command(ssm, [iid], fetch_commands(cert["secret"], region), timeout=command_timeout,
+                          comment="drguard certificates", **kw)[0]
+        if res["status"] == "Success" and "delivered %s" % cert["sha256"] in res["stdout"].split("\n"):
+            return dict(cert, delivered=True, reason="confirmed by the instance")
+        return dict(cert, delivered=False, reason="SSM command %s on %s ended %s without confirming the certificate"
+                    % (res["command_id"], iid, res["status"]))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(certificates)))) as pool:
+        return list(pool.map(one, certificates))
+
+
+def delete_certificates(sm, drill_id: str, *, check_mode: bool, actions: list) -> list:
+    """Delete the drill's runtime secrets (found by name prefix, proven by tag), without a recovery window."""
+    prefix = runtime_secret_prefix(drill_id)
+    found = paginate(sm, "list_secrets", "SecretList", Filters=[{"Key": "name", "Values": [prefix]}])
+    gone = []
+    for sec in found:
+        if not sec["Name"].startswith(prefix):
+            continue
+        if boto3_tag_list_to_ansible_dict(sec.get("Tags")).get(TAG_DRILL_ID) != drill_id:
+            raise Ec2RuntimeError("secret %s is not drill %s's (its drguard:drill-id tag differs); it was left as it "
+                                  "is" % (sec["Name"], drill_id))
+        actions.append("delete secret %s" % sec["Name"])
+        if not check_mode:
+            sm.delete_secret(SecretId=sec["Name"], ForceDeleteWithoutRecovery=True)
+        gone.append(sec["Name"])
+    return gone

@@ -21,11 +21,13 @@ description:
   - V(none) runs nothing inside the sandbox and returns no units; the drill's report then says so.
   - "V(ec2) (real AWS): one instance per tier (plus C(validation)) in the drill's sandbox subnets, in the tier's
     security group, without a public address, IMDSv2 required (hop limit 1), with the instance profile
-    C(drguard-<drill_id>-runtime) (path C(/drguard/), tagged) holding the runtime's own role of that name. The network must have been
-    built with C(drill_boundary.ssm_endpoints=true) (the ssm, ssmmessages and ec2messages interface endpoints and
+    C(drguard-<drill_id>-runtime) (path C(/drguard/), tagged) holding the runtime's own role of that name. Each
+    tier's certificate bundle goes to its instance through Secrets Manager (C(docs/mtls.md)). The network must have
+    been built with C(drill_boundary.ssm_endpoints=true) (the ssm, ssmmessages and ec2messages interface endpoints and
     the C(validation) tier's group); the instances are reached only through SSM Run Command. Found again by tags and
     names, so a second run changes nothing. O(state=absent) terminates the instances, waits until they are gone and
-    deletes the instance profile and the runtime's role. The emulator runs no SSM command (see C(docs/runtime.md))."
+    deletes the instance profile, the runtime's role and the tiers' certificate secrets. The emulator runs no SSM
+    command (see C(docs/runtime.md))."
   - With O(state=present), C(<output_dir>/runtime/state.json) records the drill's prefix before anything is
     created, so teardown and the reaper find the runtime after a kill. Production bait connections are written to
     C(<output_dir>/runtime/bait-hits.jsonl) (it must stay empty) and the collector's events to
@@ -212,6 +214,13 @@ removed:
     profile).
   returned: with state absent and backend netns or ec2
   type: dict
+certificates:
+  description: One entry per tier - C(tier), C(secret) (the Secrets Manager secret its instance fetched its bundle
+    from), C(serial), C(sha256) and C(not_after) of its leaf, C(delivered) (true only when the instance confirmed the
+    certificate's SHA-256) and C(reason). Never key material.
+  returned: with backend ec2 and state present
+  type: list
+  elements: dict
 instance_role:
   description: The IAM role the instance profile holds (the runtime's own unless O(ec2.instance_role) names one).
   returned: with backend ec2 and state present
@@ -276,7 +285,7 @@ def run_ec2(params, check_mode, client):
     if not 1 <= int(opts.get("wait_timeout") or 600) <= 3600:
         raise ValueError("ec2.wait_timeout %r must be between 1 and 3600 seconds" % opts.get("wait_timeout"))
     if params["state"] == "absent":
-        clients = {"ec2": client("ec2"), "iam": client("iam")}
+        clients = {"ec2": client("ec2"), "iam": client("iam"), "secretsmanager": client("secretsmanager")}
         return _runtime_ec2.down(clients, drill_id, wait_timeout=opts.get("wait_timeout") or 600,
                                  check_mode=check_mode)
     if not params["boundary"]:
@@ -284,7 +293,8 @@ def run_ec2(params, check_mode, client):
     # Bad input fails before any client exists.
     boundary = parse_boundary(params["boundary"])
     _runtime_ec2.require_ssm_endpoints(boundary)
-    clients = {"ec2": client("ec2"), "iam": client("iam"), "ssm": client("ssm")}
+    clients = {"ec2": client("ec2"), "iam": client("iam"), "ssm": client("ssm"),
+               "secretsmanager": client("secretsmanager")}
     expires = params.get("expires_at")
     if not expires:
         expires = _runtime_ec2.find_network(clients["ec2"], drill_id, boundary)["expires_at"]

@@ -42,6 +42,9 @@ def test_ec2_drill_builds_the_instances_halts_at_unknown_probes_and_tears_down(w
     assert [a["type"] for a in alerts] == ["drguard.boundary.violated"]
     assert {v["code"] for v in alerts[0]["data"]["violations"]} == {"probe_failed"}
     assert len(alerts[0]["data"]["violations"]) == len(rows)
+    # no instance confirmed its certificate bundle (no command ran): a reason to halt of its own
+    assert alerts[0]["data"]["undelivered_certificates"] == tiers
+    assert "%d tier(s) without a confirmed certificate" % len(tiers) in report["error"]
 
     # teardown: nothing of the drill remains
     assert report["teardown"]["remaining"] == 0
@@ -61,6 +64,8 @@ def test_ec2_drill_builds_the_instances_halts_at_unknown_probes_and_tears_down(w
                  if {"Key": "drguard:drill-id", "Value": run.drill_id} in (e.get("Tags") or [])
                  and e.get("State", "").lower() not in ("deleted",)]
     assert endpoints == []
+    sm = session.client("secretsmanager", endpoint_url=world.emu.url)
+    assert not [s for s in sm.list_secrets()["SecretList"] if s["Name"].startswith("drguard/%s/" % run.drill_id)]
     vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:drguard:drill-id", "Values": [run.drill_id]}])["Vpcs"]
     assert vpcs == []
 

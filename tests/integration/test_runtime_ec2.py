@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
 
 from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 
-EXPIRES = "2026-11-29T09:00:00Z"
+# In the future: the runtime's CA is valid until the drill expires.
+EXPIRES = (datetime.now(timezone.utc) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
 CONTRACT = {"drguard:managed": "true", "drguard:expires-at": EXPIRES}
 EC2_TRUST = {"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -232,8 +236,11 @@ def test_check_mode_plans_and_creates_nothing(aws_env, aws):
     assert plan["actions"][:4] == ["create role %s" % name, "put policy drguard-runtime of role %s" % name,
                                    "create instance profile %s" % name,
                                    "add role %s to instance profile %s" % (name, name)]
-    assert [a.split(" in ")[0] for a in plan["actions"][4:]] == [
+    assert [a.split(" in ")[0] for a in plan["actions"][4:7]] == [
         "launch instance drguard-%s-%s" % (drill_id, t) for t in ("app", "db", "validation")]
+    assert plan["actions"][7:] == ["put the %s tier's certificate in secret drguard/%s/runtime/%s" % (t, drill_id, t)
+                                   for t in ("app", "db", "validation")]
+    assert plan["certificates"] == []
     assert _instances(ec2, drill_id) == []
     assert "drguard-%s-runtime" % drill_id not in [p["InstanceProfileName"]
                                                    for p in iam.list_instance_profiles()["InstanceProfiles"]]
@@ -385,3 +392,47 @@ def test_runtime_probe_ec2_sends_the_matrix_through_ssm_and_fails_closed_on_unkn
     gone = [r for r in out["rows"] if r["src"] == "validation"]
     assert gone and {r["reason"] for r in gone} == {"no result (no instance for this tier)"}
     run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+
+
+def test_tier_certificates_go_through_the_secret_store_never_in_commands_or_results(aws_env, aws):
+    from cryptography import x509
+
+    sm, ssm = aws("secretsmanager"), aws("ssm")
+    drill_id, raw, _ = _world(aws, "ec2certs", role=False)
+    before = {c["CommandId"] for c in ssm.list_commands()["Commands"]}
+    res = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert not res.failed, res.get("msg")
+    assert "PRIVATE KEY" not in json.dumps(res)
+    certs = res["certificates"]
+    assert [c["tier"] for c in certs] == ["app", "db", "validation"]
+    cas = set()
+    for cert, unit in zip(certs, res["units"], strict=True):
+        assert cert["secret"] == "drguard/%s/runtime/%s" % (drill_id, unit["tier"])
+        stored = json.loads(sm.get_secret_value(SecretId=cert["secret"])["SecretString"])
+        assert sorted(stored) == ["ca_bundle", "cert", "key"] and "PRIVATE KEY" in stored["key"]
+        leaf = x509.load_pem_x509_certificate(stored["cert"].encode())
+        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+        assert uris == ["spiffe://%s.drguard.internal/tier/%s" % (drill_id, unit["tier"])]
+        assert cert["serial"] == "%X" % leaf.serial_number
+        cas.add(stored["ca_bundle"])
+        tags = {t["Key"]: t["Value"] for t in sm.describe_secret(SecretId=cert["secret"])["Tags"]}
+        assert tags == dict(CONTRACT, **{"drguard:drill-id": drill_id})
+        # the emulator runs no command: the delivery is not confirmed, never assumed
+        assert cert["delivered"] is False and cert["reason"].startswith("SSM command ")
+    assert len(cas) == 1
+    sent = [c for c in ssm.list_commands()["Commands"] if c["CommandId"] not in before
+            and c.get("Comment") == "drguard certificates"]
+    assert len(sent) == 3
+    for c in sent:
+        text = json.dumps(c["Parameters"])
+        assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
+        assert "drguard/%s/runtime/" % drill_id in text
+    # a second run re-issues nothing
+    again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert (again["changed"], again["actions"]) == (False, [])
+    assert [c["serial"] for c in again["certificates"]] == [c["serial"] for c in certs]
+    gone = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
+    assert sorted(gone["removed"]["secrets"]) == sorted(c["secret"] for c in certs)
+    names = [s["Name"] for s in sm.list_secrets()["SecretList"]]
+    assert not [n for n in names if n.startswith("drguard/%s/" % drill_id)]
