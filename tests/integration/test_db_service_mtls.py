@@ -7,6 +7,7 @@ test created.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -149,7 +150,10 @@ def test_the_db_leaf_is_renewed_at_half_life_and_open_connections_keep_working(d
     started = wl.start_db_service(boundary, drill_id, out, str(database), python=PYTHON, leaf_lifetime=20)
     first = started["serial"]
     app_ns, (host, port) = units["app"]["ns"], started["address_port"].rsplit(":", 1)
-    assert 9 < wl.next_renewal(drill_id, "db") <= 10.5  # half of a 20 s leaf
+    leaf = _pki.Store(drill_id, os.path.join(_mtls_drill.root_dir(drill_id), "pki")).leaf_cert("db")
+    issued = leaf.not_valid_before_utc + datetime.timedelta(seconds=_pki.BACKDATE)
+    assert _pki.renewal_time(leaf) == issued + datetime.timedelta(seconds=10)  # half of a 20 s leaf
+    assert 0 < wl.next_renewal(drill_id, "db") <= 10.5
     # Before half-life nothing is renewed.
     assert wl.renew_db_service(boundary, drill_id, out, python=PYTHON, leaf_lifetime=20)["renewed"] is False
     tls = wl.client_tls(boundary, drill_id, out, "app", "db")
