@@ -828,8 +828,8 @@ def verify(clients: dict, drill_id: str, boundary, *, role_name: str | None = No
             findings.append(_finding("runtime_instance_missing", instance_name(drill_id, tier), "tier %s has no "
                                      "instance; start the runtime again" % tier))
         for extra in have[1:]:
-            findings.append(_finding("runtime_instance_unexpected", "%s (%s)" % (extra["InstanceId"],
-                                                                                  instance_name(drill_id, tier)),
+            resource = "%s (%s)" % (extra["InstanceId"], instance_name(drill_id, tier))
+            findings.append(_finding("runtime_instance_unexpected", resource,
                                      "tier %s has more than one instance; tear the runtime down" % tier))
         for inst in have[:1]:
             checked["instances"] += 1
@@ -854,7 +854,6 @@ def live_units(ec2, drill_id: str, boundary) -> list:
         inst = have[0] if len(have) == 1 else {}
         units.append({"tier": tier, "instance_id": inst.get("InstanceId"), "address": inst.get("PrivateIpAddress")})
     return units
-
 
 
 # ---------------------------------------------------------------- the tiers' certificates, through the secret store
