@@ -491,7 +491,9 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | N
     if "secretsmanager" in clients:
         certificates = ensure_certificates(clients["secretsmanager"], drill_id, tiers, tags, check_mode=check_mode,
                                            actions=actions)
-        if certificates:
+        if check_mode:  # nothing is sent in check mode
+            certificates = [dict(c, delivered=None, reason="check mode") for c in certificates]
+        elif certificates:
             certificates = deliver_certificates(clients["ssm"], certificates, units, ec2.meta.region_name)
     # prefix: what every name of the runtime starts with; no collector: the telemetry collector is netns-only.
     return {"changed": bool(actions), "backend": "ec2", "units": units, "vpc_id": network["vpc_id"],

@@ -428,6 +428,11 @@ def test_tier_certificates_go_through_the_secret_store_never_in_commands_or_resu
         text = json.dumps(c["Parameters"])
         assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
         assert "drguard/%s/runtime/" % drill_id in text
+    # check mode sends no command
+    count = len(ssm.list_commands()["Commands"])
+    plan = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw}, check_mode=True)
+    assert (plan["changed"], len(ssm.list_commands()["Commands"])) == (False, count)
+    assert {c["delivered"] for c in plan["certificates"]} == {None}
     # a second run re-issues nothing
     again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
     assert (again["changed"], again["actions"]) == (False, [])
