@@ -143,6 +143,18 @@ def runtime_section(runtime: dict | None, probes: dict | None, verify: dict | No
     return out
 
 
+def _handshakes(events) -> tuple:
+    """Handshake records (peer id, serial, accepted, reason, latency) and their counts."""
+    keys = ("local_tier", "port", "peer_id", "peer_tier", "serial", "accepted", "reason", "latency_ms")
+    handshakes = [{k: h.get(k) for k in keys} for h in events or []]
+    by_reason = {}
+    for h in handshakes:
+        by_reason[h["reason"]] = by_reason.get(h["reason"], 0) + 1
+    accepted = sum(1 for h in handshakes if h["accepted"])
+    return handshakes, {"handshakes": len(handshakes), "accepted": accepted, "refused": len(handshakes) - accepted,
+                        "by_reason": by_reason}
+
+
 def mtls_section(mtls: dict | None) -> dict | None:
     """The report's ``mtls`` (docs/mtls.md): the CA, every handshake the tiers' servers saw (peer id, serial,
     accepted, reason), the handshake probes, the leaf and CA rotations. None when the phase did not run."""
@@ -150,19 +162,17 @@ def mtls_section(mtls: dict | None) -> dict | None:
         return None
     if mtls.get("skipped"):
         return {"skipped": True, "note": mtls.get("note")}
-    keys = ("local_tier", "port", "peer_id", "peer_tier", "serial", "accepted", "reason", "latency_ms")
-    handshakes = [{k: h.get(k) for k in keys} for h in mtls.get("handshakes") or []]
-    by_reason = {}
-    for h in handshakes:
-        by_reason[h["reason"]] = by_reason.get(h["reason"], 0) + 1
-    accepted = sum(1 for h in handshakes if h["accepted"])
+    handshakes, counts = _handshakes(mtls.get("handshakes"))
+    services, service_counts = _handshakes(mtls.get("service_handshakes"))
     ca = mtls.get("ca") or {}
     return {"trust_domain": mtls.get("trust_domain"),
             "ca": {k: ca.get(k) for k in ("serial", "sha256", "not_after")},
             "servers": mtls.get("servers") or [],
             "handshakes": handshakes,
-            "counts": {"handshakes": len(handshakes), "accepted": accepted, "refused": len(handshakes) - accepted,
-                       "by_reason": by_reason},
+            "counts": counts,
+            # The tier services' own handshakes (the db service of phase validate), apart from the phase's servers.
+            "service_handshakes": services,
+            "service_counts": service_counts,
             "probes": mtls.get("rows") or [],
             "violations": len(mtls.get("violations") or []),
             "unexpected": len(mtls.get("unexpected") or []),
@@ -276,13 +286,16 @@ def render_markdown(report: dict) -> str:
     if m and m.get("skipped"):
         lines += ["", "## mTLS between the tiers", "", "Not run: %s." % m.get("note")]
     elif m:
-        c, ca = m.get("counts") or {}, m.get("ca") or {}
+        c, ca, sc = m.get("counts") or {}, m.get("ca") or {}, m.get("service_counts") or {}
         lines += ["", "## mTLS between the tiers", "",
                   "Trust domain %s; CA %s, sha256 %s, valid until %s." % (
                       m.get("trust_domain"), ca.get("serial"), ca.get("sha256"), ca.get("not_after")),
                   "%s handshake(s): %s accepted, %s refused (%s)." % (
                       c.get("handshakes"), c.get("accepted"), c.get("refused"),
                       ", ".join("%s %s" % kv for kv in sorted((c.get("by_reason") or {}).items())) or "none"),
+                  "Tier services (the db service): %s handshake(s): %s accepted, %s refused (%s)." % (
+                      sc.get("handshakes", 0), sc.get("accepted", 0), sc.get("refused", 0),
+                      ", ".join("%s %s" % kv for kv in sorted((sc.get("by_reason") or {}).items())) or "none"),
                   "", "Handshake probes: %d row(s), %d violation(s), %d refused for another reason." % (
                       len(m.get("probes") or []), m.get("violations", 0), m.get("unexpected", 0)),
                   "", "| case | from | to | expected | observed | reason | ms |", "|---|---|---|---|---|---|---|"]

@@ -118,6 +118,8 @@ options:
     description:
       - The result of M(drguard.sandbox.runtime_mtls) (CA, handshakes, probe rows, rotations); the report's
         C(mtls) section. Absent when the phase did not run.
+      - Its key C(service_handshakes), when given, holds the tier services' own handshakes (the C(handshakes) of
+        M(drguard.sandbox.runtime_service)), counted apart in C(service_counts).
     type: dict
   telemetry_path:
     description:

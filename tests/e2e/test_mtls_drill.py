@@ -135,6 +135,12 @@ def test_report_shows_every_handshake_as_expected_and_both_rotations(mtls_drill)
     assert m["counts"]["refused"] == len(REFUSALS)
     assert m["counts"]["handshakes"] == len(m["handshakes"]) == m["counts"]["accepted"] + m["counts"]["refused"]
     assert "## mTLS between the tiers" in (run.output_dir / "drill-report.md").read_text()
+    # The db service of phase validate, over mTLS too: the app tier's command was accepted by identity.
+    services = m["service_handshakes"]
+    assert services and m["service_counts"]["accepted"] >= 1
+    assert {(h["local_tier"], h["peer_tier"]) for h in services if h["accepted"]} == {("db", "app")}
+    assert "Tier services (the db service): %d handshake(s)" % len(services) in \
+        (run.output_dir / "drill-report.md").read_text()
 
 
 def test_refused_identity_is_in_the_telemetry_and_the_pki_is_gone(mtls_drill):

@@ -53,3 +53,22 @@ def test_rendered_in_markdown():
     assert "## mTLS between the tiers" in text
     assert "| no_client_certificate | app | db | deny | deny | no_client_certificate |" in text
     assert "dropped connections 0" in text and "old CA key destroyed True" in text
+
+
+def test_the_db_services_handshakes_are_counted_apart_from_the_phases():
+    db = [{"local_tier": "db", "port": 5432, "peer_id": ROW["peer_id"], "peer_tier": "app", "serial": "AB",
+           "accepted": True, "reason": "allowed", "latency_ms": 2.5, "time": "t"},
+          {"local_tier": "db", "port": 5432, "peer_id": None, "peer_tier": None, "serial": None,
+           "accepted": False, "reason": "no_client_certificate", "latency_ms": 0.7, "time": "t"},
+          {"local_tier": "db", "port": 5432, "peer_id": None, "peer_tier": None, "serial": None,
+           "accepted": False, "reason": "no_client_certificate", "latency_ms": 0.6, "time": "t"}]
+    section = report.mtls_section(dict(result(), service_handshakes=db))
+    assert section["counts"]["handshakes"] == 2  # the phase's own, unchanged
+    assert section["service_counts"] == {"handshakes": 3, "accepted": 1, "refused": 2,
+                                         "by_reason": {"allowed": 1, "no_client_certificate": 2}}
+    assert [h["serial"] for h in section["service_handshakes"]] == ["AB", None, None]
+    text = report.render_markdown({"drill_id": "d", "outcome": "passed", "started_at": "s", "finished_at": "f",
+                                   "seconds": 1, "phases": [], "mtls": section})
+    assert "Tier services (the db service): 3 handshake(s): 1 accepted, 2 refused (allowed 1, " \
+           "no_client_certificate 2)." in text
+    assert report.mtls_section(result())["service_counts"]["handshakes"] == 0
