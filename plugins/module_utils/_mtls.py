@@ -202,6 +202,23 @@ def client_context(identity, trust):
     return _context(False, identity, trust)
 
 
+def linger_close(sock):
+    """Close without a reset: a reset would discard the TLS alert still in the peer's receive buffer (TLS 1.3
+    shows a refused client certificate on the peer's first read)."""
+    import socket as _socket
+    try:
+        sock.shutdown(_socket.SHUT_WR)
+        sock.settimeout(1.0)
+        while sock.recv(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def own_serial(identity):
     import base64
     with open(identity, "rb") as handle:
@@ -233,18 +250,6 @@ def emit(cfg, type_, data):
     with _LOCK:
         sys.stdout.write(line)
         sys.stdout.flush()
-
-
-def linger_close(sock):
-    """Close without a reset: a reset would discard the TLS alert still in the peer's receive buffer."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(1.0)
-        while sock.recv(4096):
-            pass
-    except (OSError, ValueError):
-        pass
-    sock.close()
 
 
 def handle(cfg, ctx, local_serial, conn, peer, port):

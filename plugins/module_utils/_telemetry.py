@@ -293,20 +293,6 @@ def main(argv):
             return None
         return tls, peer_id
 
-    def linger_close(sock):
-        # No reset: the sender still reads the TLS alert (TLS 1.3 shows a refused certificate on the first read).
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(1.0)
-            while sock.recv(4096):
-                pass
-        except (OSError, ValueError):
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
-
     def serve(conn, peer):
         try:
             session = handshake(conn, peer)

@@ -552,18 +552,6 @@ def _load_shared() -> dict:
     return shared
 
 
-def _linger_close(sock) -> None:
-    """Close without a reset: a reset would discard the TLS alert still in the peer's receive buffer."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(1.0)
-        while sock.recv(4096):
-            pass
-    except (OSError, ValueError):
-        pass
-    sock.close()
-
-
 class _Tls:
     """The service's TLS state: the server context of its current leaf, reloaded when the controller
     renews the leaf (new files in the scratch, or SIGHUP); connections already open keep theirs."""
@@ -670,7 +658,7 @@ def _client(conn, peer, port, path, slots, tls):  # noqa: PLR0917 - a thread's t
         except (OSError, ValueError) as exc:
             data.update(reason=shared["ssl_reason"](exc), latency_ms=round((time.perf_counter() - start) * 1000, 3))
             tls.emit(HANDSHAKE_TYPE, data)
-            _linger_close(sock)
+            shared["linger_close"](sock)
             return
         latency = round((time.perf_counter() - start) * 1000, 3)
         tier, serial, peer_id, reason = shared["judge_peer"](sock.getpeercert(binary_form=True) or b"",
@@ -681,7 +669,7 @@ def _client(conn, peer, port, path, slots, tls):  # noqa: PLR0917 - a thread's t
                     reason=reason or "allowed", latency_ms=latency)
         tls.emit(HANDSHAKE_TYPE, data)
         if reason is not None:
-            _linger_close(sock)
+            shared["linger_close"](sock)
             return
         _queries(sock, path)
     finally:
