@@ -59,7 +59,10 @@ FINDING_CODES = (
 )
 
 S3_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.s3$")
-SSM_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.(ssm|ssmmessages|ec2messages)$")
+SSM_SERVICE_RE = re.compile(r"^com\.amazonaws\.[a-z0-9-]+\.(ssm|ssmmessages|ec2messages|secretsmanager)$")
+# What the secretsmanager endpoint may allow: reading a drill's runtime secrets (its tiers' certificates).
+RUNTIME_SECRET_ARN_RE = re.compile(r"^arn:[a-z*-]+:secretsmanager:[a-z0-9*-]*:[0-9*]*:secret:drguard/"
+                                   r"[a-z0-9][a-z0-9-]{2,38}[a-z0-9]/runtime/\*$")
 S3_ARN_RE = re.compile(r"^arn:aws[a-z-]*:s3:::(.+)$")
 
 # Actions an S3 endpoint policy may allow on s3_read grants / s3_write grants
@@ -1009,6 +1012,35 @@ def _check_endpoint_policy(boundary, ep: dict, f: _Findings) -> None:
                   "s3_read/s3_write grants" % (sid, action, ", ".join(resources) or "no resource"))
 
 
+def _check_secrets_endpoint_policy(ep: dict, f: _Findings) -> None:
+    """The secretsmanager endpoint may allow reading drill runtime secrets only: GetSecretValue on
+    ``drguard/<drill id>/runtime/*``; anything else (no policy: AWS allows all) is a way out of the sandbox."""
+    eid = ep.get("VpcEndpointId", "?")
+    try:
+        text = ep.get("PolicyDocument")
+        statements = _as_list((json.loads(text) if isinstance(text, str) else text or {}).get("Statement"))
+    except (ValueError, AttributeError):
+        statements = []
+    if not statements:
+        f.add("endpoint_policy_open", eid, "secretsmanager endpoint has no readable policy, so AWS allows full "
+              "access to Secrets Manager from the sandbox")
+        return
+    for i, st in enumerate(statements):
+        if not isinstance(st, dict) or st.get("Effect") == "Deny":
+            if not isinstance(st, dict):
+                f.add("endpoint_policy_open", eid, "statement %d is not an object; treated as open" % i)
+            continue
+        sid = "statement %s" % (st.get("Sid") or i)
+        actions = [str(a).lower() for a in _as_list(st.get("Action"))]
+        resources = [str(r) for r in _as_list(st.get("Resource"))]
+        if st.get("Effect") != "Allow" or any(k in st for k in ("NotAction", "NotResource", "NotPrincipal")) \
+                or not actions or actions != ["secretsmanager:getsecretvalue"] * len(actions) or not resources \
+                or not all(RUNTIME_SECRET_ARN_RE.match(r) for r in resources):
+            f.add("endpoint_policy_undeclared", eid, "secretsmanager endpoint %s allows %s on %s; only "
+                  "secretsmanager:GetSecretValue on drguard/<drill id>/runtime/* is expected"
+                  % (sid, ", ".join(actions) or "nothing", ", ".join(resources) or "no resource"))
+
+
 def _check_endpoints(boundary, endpoints: list, f: _Findings) -> set:
     s3_gateways = set()
     for ep in endpoints:
@@ -1027,6 +1059,8 @@ def _check_endpoints(boundary, endpoints: list, f: _Findings) -> set:
             elif not ep.get("PrivateDnsEnabled"):
                 f.add("endpoint_unsupported", eid, "Interface endpoint for %s has private DNS off: the declared "
                       "SSM endpoints must have private DNS" % service)
+            elif service.endswith(".secretsmanager"):
+                _check_secrets_endpoint_policy(ep, f)
         else:
             f.add("endpoint_unsupported", eid, "%s endpoint for %s: only S3 gateway endpoints are verifiable"
                   % (etype or "unknown", service or "unknown service"))

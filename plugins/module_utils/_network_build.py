@@ -435,6 +435,15 @@ def nacl_entry_args(acl_id: str, entry: tuple) -> dict:
     return args
 
 
+def secrets_endpoint_policy(drill_id: str, region: str) -> dict:
+    """The secretsmanager interface endpoint's policy: reading the drill's runtime secrets (each tier's
+    certificates, docs/mtls.md "On AWS") and nothing else, whoever asks."""
+    return {"Version": "2012-10-17", "Statement": [{
+        "Sid": "DrillRuntimeSecretsOnly", "Effect": "Allow", "Principal": "*",
+        "Action": ["secretsmanager:GetSecretValue"],
+        "Resource": ["arn:*:secretsmanager:%s:*:secret:drguard/%s/runtime/*" % (region, drill_id)]}]}
+
+
 def endpoint_policy(boundary) -> dict:
     """The S3 gateway endpoint policy: read only ``s3_read``, write only ``s3_write``.
 
@@ -986,9 +995,10 @@ class NetworkBuilder:
         self._sync_rules(group, gname, want)
 
     def _interface_endpoints(self) -> None:
-        """ssm, ssmmessages and ec2messages interface endpoints with private DNS, only when declared.
+        """ssm, ssmmessages, ec2messages and secretsmanager interface endpoints with private DNS, only when declared.
 
-        In both sandbox subnets, in the endpoints' own group. Undeclared, the drill's own ones are deleted.
+        In both sandbox subnets, in the endpoints' own group; secretsmanager's with a policy that allows reading
+        the drill's runtime secrets only. Undeclared, the drill's own ones are deleted.
         """
         self.step = "SSM interface endpoints"
         vpc_id = self.result["vpc_id"]
@@ -1016,6 +1026,7 @@ class NetworkBuilder:
                                      "it is gone" % (existing[0]["VpcEndpointId"], name, why))
             if not declared:
                 continue
+            policy = secrets_endpoint_policy(self.drill_id, self.region) if service == "secretsmanager" else None
             if ep is None:
                 self._record("create %s interface endpoint %s" % (service, name))
                 ep_id = None
@@ -1023,6 +1034,7 @@ class NetworkBuilder:
                     ep_id = self.ec2.create_vpc_endpoint(
                         VpcEndpointType="Interface", VpcId=vpc_id, ServiceName=service_name, SubnetIds=subnets,
                         SecurityGroupIds=[group], PrivateDnsEnabled=True,
+                        **({"PolicyDocument": json.dumps(policy)} if policy else {}),
                         TagSpecifications=ec2_tag_specs("vpc-endpoint", self.tags, name))["VpcEndpoint"][
                         "VpcEndpointId"]
                     self.created.append({"type": "vpc_endpoint", "id": ep_id})
@@ -1040,6 +1052,8 @@ class NetworkBuilder:
             if have_subnets != set(subnets):
                 changes.update(AddSubnetIds=sorted(set(subnets) - have_subnets),
                                RemoveSubnetIds=sorted(have_subnets - set(subnets)))
+            if policy and _policy_differs(ep.get("PolicyDocument") or "{}", policy):
+                changes["PolicyDocument"] = json.dumps(policy)
             changes = {k: v for k, v in changes.items() if v}
             if changes:
                 self._record("update endpoint %s (%s)" % (ep_id, ", ".join(sorted(changes))))

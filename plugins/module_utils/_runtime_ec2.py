@@ -46,6 +46,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime import port_ends
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import SSM_ENDPOINT_SERVICES
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import ssm_endpoints_declared
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import ec2_tag_specs
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
@@ -181,10 +182,11 @@ def find_network(ec2, drill_id: str, boundary) -> dict:
                  if e.get("VpcEndpointType") == "Interface"
                  and e.get("State", "").lower() not in ("deleted", "deleting")]
     have = {e["ServiceName"].rsplit(".", 1)[-1] for e in endpoints if e.get("PrivateDnsEnabled")}
-    lacking = [s for s in ("ssm", "ssmmessages", "ec2messages") if s not in have]
+    lacking = [s for s in SSM_ENDPOINT_SERVICES if s not in have]
     if lacking:
         raise Ec2RuntimeError("drill %s's VPC %s has no %s interface endpoint(s) with private DNS, so SSM cannot "
-                              "reach the instances; build the network with drill_boundary.ssm_endpoints true"
+                              "reach the instances or they cannot fetch their certificates; build the network "
+                              "with drill_boundary.ssm_endpoints true"
                               % (drill_id, vpc["VpcId"], ", ".join(lacking)))
     tags = boto3_tag_list_to_ansible_dict(vpc.get("Tags"))
     return {"vpc_id": vpc["VpcId"], "subnet_ids": subnet_ids, "expires_at": tags.get(TAG_EXPIRES_AT),

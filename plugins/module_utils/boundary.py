@@ -420,13 +420,16 @@ def parse_boundary(raw) -> Boundary:
     return boundary
 
 
-# The interface endpoints the ec2 runtime reaches its instances through (SSM Run Command).
-SSM_ENDPOINT_SERVICES = ("ssm", "ssmmessages", "ec2messages")
+# The interface endpoints of the ec2 runtime: SSM Run Command reaches its instances through the first three;
+# each instance fetches its tier's certificates from the drill's secret store through secretsmanager, whose
+# endpoint policy allows only reading drill runtime secrets (docs/runtime.md, docs/mtls.md "On AWS").
+SSM_ENDPOINT_SERVICES = ("ssm", "ssmmessages", "ec2messages", "secretsmanager")
 
 
 def ssm_endpoints_declared(boundary: Boundary) -> bool:
-    """Whether ``drill_boundary.ssm_endpoints`` is true: the network gets (and the verifier accepts) the three
-    SSM interface endpoints, a group for them and the ``validation`` tier's group (docs/runtime.md)."""
+    """Whether ``drill_boundary.ssm_endpoints`` is true: the network gets (and the verifier accepts) the ec2
+    runtime's interface endpoints (:data:`SSM_ENDPOINT_SERVICES`), a group for them and the ``validation`` tier's
+    group (docs/runtime.md)."""
     return (boundary.raw or {}).get("ssm_endpoints") is True
 
 

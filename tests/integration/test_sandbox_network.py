@@ -712,7 +712,7 @@ def test_fallback_rules_count_toward_the_network_acl_quota(aws_env, aws):
     assert _managed_count(aws) == before
 
 
-SSM_SERVICES = ("ssm", "ssmmessages", "ec2messages")
+SSM_SERVICES = ("ssm", "ssmmessages", "ec2messages", "secretsmanager")
 
 
 def _interface_endpoints(ec2, vpc_id: str) -> dict:
@@ -741,6 +741,11 @@ def test_ssm_endpoints_only_when_declared_with_private_dns_and_443_from_the_sand
         assert [g["GroupId"] for g in ep["Groups"]] == [group_id]
         tags = {t["Key"]: t["Value"] for t in ep["Tags"]}
         assert tags["Name"] == "drguard-%s-%s" % (ssm_id, service) and all(k in tags for k in CONTRACT)
+    # The certificates' way in reads the drill's runtime secrets only, whoever asks.
+    assert json.loads(eps["secretsmanager"]["PolicyDocument"])["Statement"] == [{
+        "Sid": "DrillRuntimeSecretsOnly", "Effect": "Allow", "Principal": "*",
+        "Action": ["secretsmanager:GetSecretValue"],
+        "Resource": ["arn:*:secretsmanager:us-east-1:*:secret:drguard/%s/runtime/*" % ssm_id]}]
     group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
     assert group["GroupName"] == "drguard-%s-ssm-endpoints" % ssm_id
     ingress = [(p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]],
@@ -779,7 +784,25 @@ def test_built_ssm_endpoints_verify_isolated_when_declared_and_unsupported_when_
     proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary,
                                            "require_flow_logs": False, "fail_on_findings": False})
     assert proof["findings"] == [] and proof["isolated"] is True, proof["findings"]
-    assert proof["checked"]["vpc_endpoints"] == 4
+    assert proof["checked"]["vpc_endpoints"] == 5  # S3 gateway + ssm, ssmmessages, ec2messages, secretsmanager
+    # The secretsmanager endpoint's policy widened (or removed: AWS then allows everything) is a way out.
+    ep = res["ssm_endpoint_ids"]["secretsmanager"]
+    ec2 = aws("ec2")
+    for policy, code in (({"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "secretsmanager:*",
+                                          "Resource": "*"}]}, "endpoint_policy_undeclared"),
+                         ({"Statement": [{"Effect": "Allow", "Principal": "*",
+                                          "Action": "secretsmanager:GetSecretValue",
+                                          "Resource": "arn:aws:secretsmanager:us-east-1:*:secret:prod/*"}]},
+                          "endpoint_policy_undeclared")):
+        ec2.modify_vpc_endpoint(VpcEndpointId=ep, PolicyDocument=json.dumps(policy))
+        widened = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary,
+                                                 "require_flow_logs": False, "fail_on_findings": False})
+        assert [(f["code"], f["resource"]) for f in widened["findings"]] == [(code, ep)], widened["findings"]
+    # The build puts the policy back.
+    assert _build(drill_id, boundary, flow_logs=False)["changed"] is True
+    proof = run_module("boundary_verify", {"vpc_id": res["vpc_id"], "boundary": boundary,
+                                           "require_flow_logs": False, "fail_on_findings": False})
+    assert proof["findings"] == [], proof["findings"]
     undeclared = run_module("boundary_verify", {"vpc_id": res["vpc_id"],
                                                 "boundary": dict(boundary, ssm_endpoints=False),
                                                 "require_flow_logs": False, "fail_on_findings": False})
