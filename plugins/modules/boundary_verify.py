@@ -22,8 +22,9 @@ description:
   - A network interface of another service in the VPC (requester-managed, such as a Client VPN target network
     association's, a Lambda function's or a load balancer's) is C(eni_foreign_service), because it can carry
     traffic into or out of the sandbox.
-  - Interface endpoints are C(endpoint_unsupported), except the ssm, ssmmessages and ec2messages ones (private DNS
-    on) when the boundary declares C(ssm_endpoints) for the ec2 runtime (C(docs/runtime.md)).
+  - Interface endpoints are C(endpoint_unsupported), except the ssm, ssmmessages, ec2messages and secretsmanager ones
+    (private DNS on) when the boundary declares C(ssm_endpoints) for the ec2 runtime (C(docs/runtime.md)); the
+    secretsmanager one only with a policy that grants reading drill runtime secrets and nothing else.
   - Fails closed. An unknown route target, an unsupported endpoint, a configuration it cannot prove safe,
     or any describe call that fails (for example C(AccessDenied)) is a finding, never a pass.
   - Read-only. C(changed) is always false and check mode behaves exactly like a normal run.

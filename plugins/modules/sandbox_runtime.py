@@ -23,11 +23,11 @@ description:
     security group, without a public address, IMDSv2 required (hop limit 1), with the instance profile
     C(drguard-<drill_id>-runtime) (path C(/drguard/), tagged) holding the runtime's own role of that name. Each
     tier's certificate bundle goes to its instance through Secrets Manager (C(docs/mtls.md)). The network must have
-    been built with C(drill_boundary.ssm_endpoints=true) (the ssm, ssmmessages and ec2messages interface endpoints and
-    the C(validation) tier's group); the instances are reached only through SSM Run Command. Found again by tags and
-    names, so a second run changes nothing. O(state=absent) terminates the instances, waits until they are gone and
-    deletes the instance profile, the runtime's role and the tiers' certificate secrets. The emulator runs no SSM
-    command (see C(docs/runtime.md))."
+    been built with C(drill_boundary.ssm_endpoints=true) (the ssm, ssmmessages, ec2messages and secretsmanager
+    interface endpoints and the C(validation) tier's group); the instances are reached only through SSM Run Command.
+    Found again by tags and names, so a second run changes nothing. O(state=absent) terminates the instances, waits
+    until they are gone and deletes the instance profile, the runtime's role and the tiers' certificate secrets. The
+    emulator runs no SSM command (see C(docs/runtime.md))."
   - With O(state=present), C(<output_dir>/runtime/state.json) records the drill's prefix before anything is
     created, so teardown and the reaper find the runtime after a kill. Production bait connections are written to
     C(<output_dir>/runtime/bait-hits.jsonl) (it must stay empty) and the collector's events to
