@@ -83,11 +83,18 @@ def run_module(name: str, args: dict, check_mode: bool = False) -> ModuleResult:
     if check_mode:
         args["_ansible_check_mode"] = True
     out = io.StringIO()
+    # A module runs in a process of its own, never the controller's: once any test imported controller code
+    # (ansible.errors, ansible.utils.display, ...), ansible-core would send the module's warnings to the
+    # controller's display instead of into its result.
+    from ansible.module_utils import _internal as module_internal
+    was_controller, module_internal.is_controller = module_internal.is_controller, False
     with patch_module_args(args), contextlib.redirect_stdout(out):
         try:
             mod.main()
         except SystemExit:
             pass
+        finally:
+            module_internal.is_controller = was_controller
     text = out.getvalue().strip()
     try:
         return ModuleResult(json.loads(text.splitlines()[-1] if text else "{}"))

@@ -396,6 +396,16 @@ def test_untrusted_key(module_runner, case, quarantine):
     assert not os.path.exists(case.manifest)  # the manifest itself is the evidence
 
 
+def test_a_modules_warnings_reach_its_result_after_controller_code_was_imported(module_runner, case, quarantine):
+    """The harness runs modules as their own process would: once controller code is imported (some tests do),
+    ansible-core would otherwise print a module's warnings on the controller's display and leave them out of its
+    result (the full suite lost this test's neighbour's warning that way)."""
+    import ansible.errors  # noqa: F401, PLC0415 - the import flips the process into controller mode
+    write_trust_policy(case.policy, [case.key, case.key], threshold=2)
+    result = module_runner("verify_artifacts", case.args())
+    assert "can never be met" in json.dumps(result.get("warnings", []))
+
+
 def test_threshold_two_not_met_by_one_key_listed_twice(module_runner, case, quarantine):
     before = case.state_bytes()
     write_trust_policy(case.policy, [case.key, case.key], threshold=2)
