@@ -128,7 +128,9 @@ def runtime_section(runtime: dict | None, probes: dict | None, verify: dict | No
         return None
     backend = runtime.get("backend")
     out = {"backend": backend, "prefix": runtime.get("prefix"),
-           "units": [{k: u.get(k) for k in ("tier", "ns", "address")} for u in runtime.get("units") or []],
+           # A namespace (netns) or an instance (ec2): each unit says where its tier ran.
+           "units": [{k: u.get(k) for k in ("tier", "ns", "instance_id", "address") if k in u}
+                     for u in runtime.get("units") or []],
            "rules": runtime.get("rules")}
     if backend == "none":
         out["note"] = "runtime backend none: nothing ran inside the boundary; no live probes"

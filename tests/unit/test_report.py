@@ -18,6 +18,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.report import (
     measure,
     overhead,
     render_markdown,
+    runtime_section,
 )
 
 BOUNDARY = {"production_cidrs": ["10.0.0.0/16"]}
@@ -289,6 +290,10 @@ def test_report_carries_runtime_probes_telemetry_and_overhead(tmp_path):
     rt = res["report"]["runtime"]
     assert rt["backend"] == "netns" and rt["isolated"] is True and rt["violations"] == 0
     assert rt["units"] == [{"tier": "app", "ns": "drg-abc123-app", "address": "10.9.0.2"}]
+    ec2 = runtime_section({"backend": "ec2", "units": [{"tier": "app", "instance_id": "i-0abc",
+                                                               "address": "10.9.0.2", "subnet_id": "subnet-1"}]},
+                                 None, None)
+    assert ec2["units"] == [{"tier": "app", "instance_id": "i-0abc", "address": "10.9.0.2"}]
     assert rt["probes"] == ROWS and rt["counters"]["delta"] == {"production_drop": 3}
     assert res["report"]["telemetry"]["by_type"] == {"drguard.probe.result": 2, "drguard.phase.finished": 1}
     assert res["report"]["telemetry"]["events"] == 3 and res["report"]["telemetry"]["corrupt"] == 1
