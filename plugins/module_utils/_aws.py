@@ -59,6 +59,17 @@ def is_not_found(exc: BaseException) -> bool:
     return bool(code) and (code in NOT_FOUND_CODES or code.endswith(("NotFound", "NotFoundException")))
 
 
+def get_or_none(call, key: str, **kwargs):
+    """``call(**kwargs)[key]``, or None when AWS says that the thing asked for does not exist; any other
+    error propagates (``iam.get_role``, ``iam.get_instance_profile``, ...)."""
+    try:
+        return call(**kwargs)[key]
+    except ClientError as exc:
+        if not is_not_found(exc):
+            raise
+        return None
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for a boto or our own error: ``Code: message`` for a ClientError."""
     if ClientError is not None and isinstance(exc, ClientError):

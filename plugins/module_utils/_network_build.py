@@ -40,7 +40,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_D
 from ansible_collections.drguard.sandbox.plugins.module_utils import _quotas
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import get_or_none
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate as _paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 
@@ -1253,12 +1253,7 @@ class NetworkBuilder:
         role_name = self.names["role"]
         policy_name = "deliver-flow-logs"
         trust = flow_logs_trust_policy()
-        try:
-            role = self.iam.get_role(RoleName=role_name)["Role"]
-        except ClientError as exc:
-            if not is_not_found(exc):
-                raise
-            role = None
+        role = get_or_none(self.iam.get_role, "Role", RoleName=role_name)
         if role is None:
             self._record("create IAM role %s" % role_name)
             if self.check:

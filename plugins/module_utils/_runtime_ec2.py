@@ -42,6 +42,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 from ansible_collections.drguard.sandbox.plugins.module_utils import _probes
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import describe_error
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import get_or_none
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import paginate
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
@@ -249,12 +250,7 @@ def ensure_runtime_role(iam, drill_id: str, tags: dict, region: str, *, check_mo
     widened policy is put back, a role of that name that is not the drill's is refused.
     """
     name = profile_name(drill_id)
-    try:
-        role = iam.get_role(RoleName=name)["Role"]
-    except ClientError as exc:
-        if not is_not_found(exc):
-            raise
-        role = None
+    role = get_or_none(iam.get_role, "Role", RoleName=name)
     if role is None:
         actions.append("create role %s" % name)
         if check_mode:
@@ -349,12 +345,7 @@ def ensure_profile(iam, drill_id: str, role_name: str, tags: dict, *, check_mode
                               "let the drill's role trust %s (sts:AssumeRole)" % (role_name, EC2_PRINCIPAL,
                                                                                   EC2_PRINCIPAL))
     name = profile_name(drill_id)
-    try:
-        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-    except ClientError as exc:
-        if not is_not_found(exc):
-            raise
-        profile = None
+    profile = get_or_none(iam.get_instance_profile, "InstanceProfile", InstanceProfileName=name)
     if profile is None:
         actions.append("create instance profile %s" % name)
         if check_mode:
@@ -525,12 +516,7 @@ def down(clients: dict, drill_id: str, *, wait_timeout: int = 600, check_mode: b
             ec2.terminate_instances(InstanceIds=ids)
             _wait(ec2, "instance_terminated", ids, wait_timeout)
     name = profile_name(drill_id)
-    try:
-        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-    except ClientError as exc:
-        if not is_not_found(exc):
-            raise
-        profile = None
+    profile = get_or_none(iam.get_instance_profile, "InstanceProfile", InstanceProfileName=name)
     if profile is not None:
         if boto3_tag_list_to_ansible_dict(profile.get("Tags")).get(TAG_DRILL_ID) != drill_id:
             raise Ec2RuntimeError("instance profile %s is not drill %s's (its drguard:drill-id tag differs); it was "

@@ -9,6 +9,7 @@ from botocore.exceptions import ClientError
 from conftest import run_module
 
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import error_code
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import get_or_none
 from ansible_collections.drguard.sandbox.plugins.module_utils._aws import retry_while
 from ansible_collections.drguard.sandbox.plugins.module_utils._network_build import _role_not_assumable
 
@@ -222,3 +223,14 @@ def test_explicit_credentials_reach_the_client(aws_env):
                           "access_key": "AKIAEXPLICIT00000001", "secret_key": "explicit-secret"})
     creds = aws_client(module, "sts").unwrapped._request_signer._credentials
     assert (creds.access_key, creds.secret_key) == ("AKIAEXPLICIT00000001", "explicit-secret")
+
+
+def test_get_or_none_is_none_only_when_aws_says_not_found():
+    def raising(code):
+        def call(**_kwargs):
+            raise ClientError({"Error": {"Code": code, "Message": "x"}}, "GetRole")
+        return call
+    assert get_or_none(lambda **kw: {"Role": dict(kw)}, "Role", RoleName="r") == {"RoleName": "r"}
+    assert get_or_none(raising("NoSuchEntity"), "Role", RoleName="r") is None
+    with pytest.raises(ClientError):
+        get_or_none(raising("AccessDenied"), "Role", RoleName="r")
