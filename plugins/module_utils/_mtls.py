@@ -219,6 +219,38 @@ def linger_close(sock):
         pass
 
 
+def accept_peer(conn, ctx, cfg, local_serial, peer, port, timeout):
+    """The server side of one connection: TCP_NODELAY, the TLS 1.3 handshake (client certificate required),
+    the peer's identity judged (``judge_peer``) and authorised by ``cfg["rules"]`` for ``cfg["tier"]`` and
+    ``port``. Returns ``(tls, event)``: the session (None when refused: then closed without a reset) and the
+    handshake event's data (peer id, serial, accepted, reason, latency)."""
+    import socket as _socket
+    import time as _time
+    start = _time.perf_counter()
+    data = {"local_tier": cfg["tier"], "local_serial": local_serial, "port": port, "peer_address": peer[0],
+            "peer_id": None, "peer_tier": None, "serial": None, "accepted": False, "reason": None}
+    tls = conn
+    try:
+        conn.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        conn.settimeout(timeout)
+        tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        tls.do_handshake()
+    except (OSError, ValueError) as exc:
+        data.update(reason=ssl_reason(exc), latency_ms=round((_time.perf_counter() - start) * 1000, 3))
+        linger_close(tls)
+        return None, data
+    latency = round((_time.perf_counter() - start) * 1000, 3)
+    tier, serial, peer_id, reason = judge_peer(tls.getpeercert(binary_form=True) or b"", cfg["domain"], "client")
+    if reason is None and not rule_allows(cfg["rules"], tier, cfg["tier"], port):
+        reason = "identity_not_allowed"
+    data.update(peer_id=peer_id, peer_tier=tier, serial=serial, accepted=reason is None,
+                reason=reason or "allowed", latency_ms=latency)
+    if reason is not None:
+        linger_close(tls)
+        return None, data
+    return tls, data
+
+
 def own_serial(identity):
     import base64
     with open(identity, "rb") as handle:
@@ -260,29 +292,9 @@ def handle(cfg, ctx, local_serial, conn, peer, port):
 
 
 def serve(cfg, ctx, local_serial, conn, peer, port):
-    start = time.perf_counter()
-    data = {"local_tier": cfg["tier"], "local_serial": local_serial, "port": port, "peer_address": peer[0],
-            "peer_id": None, "peer_tier": None, "serial": None, "accepted": False, "reason": None}
-    tls = conn
-    try:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(cfg["handshake_timeout"])
-        tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        tls.do_handshake()
-    except (OSError, ValueError) as exc:
-        data.update(reason=ssl_reason(exc), latency_ms=round((time.perf_counter() - start) * 1000, 3))
-        emit(cfg, "drguard.tls.handshake", data)
-        linger_close(tls)
-        return
-    latency = round((time.perf_counter() - start) * 1000, 3)
-    tier, serial, peer_id, reason = judge_peer(tls.getpeercert(binary_form=True) or b"", cfg["domain"], "client")
-    if reason is None and not rule_allows(cfg["rules"], tier, cfg["tier"], port):
-        reason = "identity_not_allowed"
-    data.update(peer_id=peer_id, peer_tier=tier, serial=serial, accepted=reason is None,
-                reason=reason or "allowed", latency_ms=latency)
+    tls, data = accept_peer(conn, ctx, cfg, local_serial, peer, port, cfg["handshake_timeout"])
     emit(cfg, "drguard.tls.handshake", data)
-    if reason is not None:
-        linger_close(tls)
+    if tls is None:
         return
     try:
         tls.settimeout(cfg["idle_timeout"])

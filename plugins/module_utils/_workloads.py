@@ -641,35 +641,12 @@ def _queries(conn, path) -> None:
 
 def _client(conn, peer, port, path, slots, tls):  # noqa: PLR0917 - a thread's target
     """One connection: TCP_NODELAY, the TLS 1.3 handshake (client certificate required), the peer's
-    identity judged as the mTLS servers judge it, one handshake event; then the queries."""
-    import time  # noqa: PLC0415
+    identity judged by the mTLS servers' own ``accept_peer``, one handshake event; then the queries."""
     try:
-        cfg, shared = tls.cfg, tls.shared
         ctx, local_serial = tls.current()
-        start = time.perf_counter()
-        data = {"local_tier": cfg["tier"], "local_serial": local_serial, "port": port, "peer_address": peer[0],
-                "peer_id": None, "peer_tier": None, "serial": None, "accepted": False, "reason": None}
-        sock = conn
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(HANDSHAKE_SECONDS)
-            sock = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-            sock.do_handshake()
-        except (OSError, ValueError) as exc:
-            data.update(reason=shared["ssl_reason"](exc), latency_ms=round((time.perf_counter() - start) * 1000, 3))
-            tls.emit(HANDSHAKE_TYPE, data)
-            shared["linger_close"](sock)
-            return
-        latency = round((time.perf_counter() - start) * 1000, 3)
-        tier, serial, peer_id, reason = shared["judge_peer"](sock.getpeercert(binary_form=True) or b"",
-                                                             cfg["domain"], "client")
-        if reason is None and not shared["rule_allows"](cfg["rules"], tier, cfg["tier"], port):
-            reason = "identity_not_allowed"
-        data.update(peer_id=peer_id, peer_tier=tier, serial=serial, accepted=reason is None,
-                    reason=reason or "allowed", latency_ms=latency)
+        sock, data = tls.shared["accept_peer"](conn, ctx, tls.cfg, local_serial, peer, port, HANDSHAKE_SECONDS)
         tls.emit(HANDSHAKE_TYPE, data)
-        if reason is not None:
-            shared["linger_close"](sock)
+        if sock is None:
             return
         _queries(sock, path)
     finally:
