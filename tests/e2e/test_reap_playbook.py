@@ -223,6 +223,17 @@ def test_reap_fails_and_names_what_remains(fresh_emulator):
     assert "The reaper did not prove that nothing expired remains" in res.stdout
 
 
+def reap_from_stats(emu, name: str, stats: dict):
+    """reap.yml as the AWX workflow's reaper node runs it: the drill job's set_stats figures as extra vars."""
+    path = ROOT / ".ansible" / ("stats-%s.json" % name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(stats, reap_drill_from_stats=True)))
+    try:
+        return reap(emu, "reap_region=us-east-1", "@%s" % path)
+    finally:
+        path.unlink()
+
+
 def test_reap_one_drill_whatever_its_expiry(fresh_emulator):
     """reap_drill_id tears down that drill's resources although they have not expired; another drill's stay.
     The AWX workflow's reaper node gets the id from the drill's set_stats (reap_drill_from_stats)."""
@@ -240,13 +251,7 @@ def test_reap_one_drill_whatever_its_expiry(fresh_emulator):
     assert existing(aws, mine) == mine
 
     # As the workflow passes it: the drill's set_stats figures as extra vars.
-    stats = ROOT / ".ansible" / ("stats-%s.json" % target)
-    stats.parent.mkdir(parents=True, exist_ok=True)
-    stats.write_text(json.dumps({"drill": {"drill_id": target, "outcome": "failed"}, "reap_drill_from_stats": True}))
-    try:
-        real = reap(fresh_emulator, "reap_region=us-east-1", "@%s" % stats)
-    finally:
-        stats.unlink()
+    real = reap_from_stats(fresh_emulator, target, {"drill": {"drill_id": target, "outcome": "failed"}})
     assert real.returncode == 0, real.stdout[-4000:] + real.stderr[-2000:]
     text = summary(real.stdout)
     assert "target=drill %s (whatever its expiry)" % target in text
@@ -269,15 +274,8 @@ def test_reap_the_drills_of_a_many_drill_run_from_its_stats(fresh_emulator):
     later = rfc3339(datetime.now(UTC) + timedelta(hours=2))
     one, two, other = ("dr-%s-%s" % (n, secrets.token_hex(3)) for n in ("many", "more", "else"))
     worlds = {d: small_world(aws, d, later, octet) for d, octet in ((one, 44), (two, 46), (other, 48))}
-    stats = ROOT / ".ansible" / ("stats-%s.json" % one)
-    stats.parent.mkdir(parents=True, exist_ok=True)
-    stats.write_text(json.dumps({"drills": {"orders-db": {"drill_id": one, "outcome": "passed"},
-                                            "billing-db": {"drill_id": two, "outcome": "failed"}},
-                                 "reap_drill_from_stats": True}))
-    try:
-        real = reap(fresh_emulator, "reap_region=us-east-1", "@%s" % stats)
-    finally:
-        stats.unlink()
+    real = reap_from_stats(fresh_emulator, one, {"drills": {"orders-db": {"drill_id": one, "outcome": "passed"},
+                                                            "billing-db": {"drill_id": two, "outcome": "failed"}}})
     assert real.returncode == 0, real.stdout[-4000:] + real.stderr[-2000:]
     text = summary(real.stdout)
     assert "target=drill %s (whatever its expiry)" % ", ".join([one, two]) in text or \
