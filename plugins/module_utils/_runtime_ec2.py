@@ -229,21 +229,42 @@ def runtime_secret_prefix(drill_id: str) -> str:
     return "drguard/%s/runtime/" % drill_id
 
 
-def runtime_policy(drill_id: str, partition: str, region: str, account: str) -> dict:
-    """The instance role's one inline policy: the SSM agent's actions and the drill's runtime secrets, nothing else."""
-    return {"Version": "2012-10-17", "Statement": [
-        {"Sid": "SsmAgent", "Effect": "Allow", "Action": sorted(SSM_AGENT_ACTIONS), "Resource": "*"},
-        {"Sid": "DrillSecrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
-         "Resource": ["arn:%s:secretsmanager:%s:%s:secret:%s*" % (partition, region, account,
-                                                                  runtime_secret_prefix(drill_id))]},
-    ]}
+# drguard/<drill id>/runtime/session: the name (not a value) of the drill's session, for the validation tier only
+SESSION_SECRET = "session"  # noqa: S105
+
+
+def secret_arn_pattern(drill_id: str, name: str, partition: str, region: str, account: str) -> str:
+    """The ARN of secret ``drguard/<drill id>/runtime/<name>`` with any six-character suffix (AWS adds one)."""
+    return "arn:%s:secretsmanager:%s:%s:secret:%s%s-??????" % (partition, region, account,
+                                                              runtime_secret_prefix(drill_id), name)
+
+
+def runtime_policy(drill_id: str, partition: str, region: str, account: str, instances: dict | None = None) -> dict:
+    """The instance role's one inline policy: the SSM agent's actions and, per tier, its own runtime secret.
+
+    ``instances``: ``{tier: instance id}`` of the running tiers, in the runtime's tier order. Each
+    tier gets one statement allowing ``GetSecretValue`` on its own certificate bundle (the
+    validation tier also on the drill's session, :data:`SESSION_SECRET`), only for credentials
+    of that tier's instance (``ec2:SourceInstanceARN``, which AWS sets for an instance role's
+    credentials): one tier's instance cannot read another tier's key or the session.
+    """
+    statements = [{"Sid": "SsmAgent", "Effect": "Allow", "Action": sorted(SSM_AGENT_ACTIONS), "Resource": "*"}]
+    for n, (tier, instance_id) in enumerate((instances or {}).items()):
+        names = [tier] + ([SESSION_SECRET] if tier == VALIDATION_TIER else [])
+        statements.append({
+            "Sid": "TierSecrets%d" % n, "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+            "Resource": [secret_arn_pattern(drill_id, name, partition, region, account) for name in names],
+            "Condition": {"ArnEquals": {"ec2:SourceInstanceARN": "arn:%s:ec2:%s:%s:instance/%s" % (
+                partition, region, account, instance_id)}}})
+    return {"Version": "2012-10-17", "Statement": statements}
 
 
 def _policy_doc(doc):
     return json.loads(doc) if isinstance(doc, str) else doc
 
 
-def ensure_runtime_role(iam, drill_id: str, tags: dict, region: str, *, check_mode: bool, actions: list) -> dict:
+def ensure_runtime_role(iam, drill_id: str, tags: dict, region: str, *, check_mode: bool, actions: list,
+                        instances: dict | None = None) -> dict:
     """The runtime's own instance role ``drguard-<drill id>-runtime`` (path /drguard/, the drill's tags).
 
     It trusts ``ec2.amazonaws.com`` only and holds one inline policy (:func:`runtime_policy`); a
@@ -270,7 +291,7 @@ def ensure_runtime_role(iam, drill_id: str, tags: dict, region: str, *, check_mo
             if not check_mode:
                 iam.update_assume_role_policy(RoleName=name, PolicyDocument=json.dumps(EC2_TRUST))
     arn = role["Arn"].split(":")
-    want = runtime_policy(drill_id, arn[1], region, arn[4])
+    want = runtime_policy(drill_id, arn[1], region, arn[4], instances)
     inline = paginate(iam, "list_role_policies", "PolicyNames", RoleName=name) if "Arn" in role else []
     for other in inline:
         if other != RUNTIME_POLICY_NAME:
@@ -288,7 +309,20 @@ def ensure_runtime_role(iam, drill_id: str, tags: dict, region: str, *, check_mo
         actions.append("put policy %s of role %s" % (RUNTIME_POLICY_NAME, name))
         if not check_mode:
             iam.put_role_policy(RoleName=name, PolicyName=RUNTIME_POLICY_NAME, PolicyDocument=json.dumps(want))
-    return {"name": name, "planned": False}
+    return {"name": name, "planned": False, "arn": role["Arn"]}
+
+
+def put_tier_statements(iam, drill_id: str, role: dict, region: str, instances: dict, *, check_mode: bool,
+                        actions: list) -> None:
+    """Once the tiers' instances exist: the runtime role's policy with a statement per tier (:func:`runtime_policy`)."""
+    if role.get("planned") or check_mode:
+        return
+    arn = role["arn"].split(":")
+    want = runtime_policy(drill_id, arn[1], region, arn[4], instances)
+    have = _policy_doc(iam.get_role_policy(RoleName=role["name"], PolicyName=RUNTIME_POLICY_NAME)["PolicyDocument"])
+    if have != want:
+        actions.append("put policy %s of role %s" % (RUNTIME_POLICY_NAME, role["name"]))
+        iam.put_role_policy(RoleName=role["name"], PolicyName=RUNTIME_POLICY_NAME, PolicyDocument=json.dumps(want))
 
 
 def delete_runtime_role(iam, drill_id: str, *, check_mode: bool, actions: list) -> str | None:
@@ -425,18 +459,24 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | N
     ec2, iam = clients["ec2"], clients["iam"]
     actions: list = []
     network = find_network(ec2, drill_id, boundary)
-    planned = False
-    if not role_name:
-        own = ensure_runtime_role(iam, drill_id, tags, ec2.meta.region_name, check_mode=check_mode, actions=actions)
-        role_name, planned = own["name"], own["planned"]
-    profile = ensure_profile(iam, drill_id, role_name, tags, check_mode=check_mode, actions=actions,
-                             role_planned=planned)
-    image = resolve_ami(clients["ssm"], ami, ami_parameter)
     tiers = runtime_tiers(boundary)
+    if SESSION_SECRET in tiers:
+        raise Ec2RuntimeError("a tier may not be named %r on the ec2 runtime (that secret name holds the drill's "
+                              "session); rename the tier" % SESSION_SECRET)
     live = {}
     for inst in _instances(ec2, drill_id):
         name = boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name")
         live.setdefault(name, []).append(inst)
+    known = {t: live[instance_name(drill_id, t)][0]["InstanceId"] for t in tiers
+             if len(live.get(instance_name(drill_id, t)) or []) == 1}
+    planned, own = False, None
+    if not role_name:
+        own = ensure_runtime_role(iam, drill_id, tags, ec2.meta.region_name, check_mode=check_mode, actions=actions,
+                                  instances=known)
+        role_name, planned = own["name"], own["planned"]
+    profile = ensure_profile(iam, drill_id, role_name, tags, check_mode=check_mode, actions=actions,
+                             role_planned=planned)
+    image = resolve_ami(clients["ssm"], ami, ami_parameter)
     units, started = [], []
     for i, tier in enumerate(tiers):
         name = instance_name(drill_id, tier)
@@ -480,6 +520,10 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | N
                               "and start it again" % (drill_id, ", ".join(strays)), instances=strays)
     if started and not check_mode:
         _wait(ec2, "instance_running", started, wait_timeout)
+    if own is not None:  # before any secret is fetched: each tier's instance may read its own secret only
+        put_tier_statements(iam, drill_id, own, ec2.meta.region_name,
+                            {u["tier"]: u["instance_id"] for u in units if u["instance_id"]},
+                            check_mode=check_mode, actions=actions)
     certificates = []
     if "secretsmanager" in clients:
         certificates = ensure_certificates(clients["secretsmanager"], drill_id, tiers, tags, check_mode=check_mode,
@@ -543,12 +587,14 @@ def down(clients: dict, drill_id: str, *, wait_timeout: int = 600, check_mode: b
 
 
 def run_command(ssm, instance_ids: list, commands: list, *, timeout: float = 60, poll: float = 2.0,
-                comment: str = "drguard", sleep=time.sleep, clock=time.monotonic) -> list:
+                comment: str = "drguard", sleep=time.sleep, clock=time.monotonic,
+                output_limit: int = OUTPUT_LIMIT) -> list:
     """Run ``commands`` (shell lines) on every instance through SSM and wait at most ``timeout`` seconds.
 
     Returns one ``{"instance_id", "command_id", "status", "response_code", "stdout", "stderr"}`` per
     instance. ``status`` is SSM's final status, or ``unknown`` when none came back in time (the
-    caller must treat ``unknown`` as a failure: fail closed). Output is cut to 2000 characters.
+    caller must treat ``unknown`` as a failure: fail closed). Output is cut to ``output_limit`` characters
+    (2000 by default; SSM itself returns at most 24 000 of stdout).
     """
     cmd = ssm.send_command(InstanceIds=list(instance_ids), DocumentName="AWS-RunShellScript",
                            Parameters={"commands": list(commands)}, TimeoutSeconds=max(30, int(timeout)),
@@ -568,7 +614,7 @@ def run_command(ssm, instance_ids: list, commands: list, *, timeout: float = 60,
             if inv.get("Status") in FINAL_STATUSES:
                 results[iid] = {"instance_id": iid, "command_id": command_id, "status": inv["Status"],
                                 "response_code": inv.get("ResponseCode"),
-                                "stdout": (inv.get("StandardOutputContent") or "")[:OUTPUT_LIMIT],
+                                "stdout": (inv.get("StandardOutputContent") or "")[:output_limit],
                                 "stderr": (inv.get("StandardErrorContent") or "")[:OUTPUT_LIMIT]}
                 pending.remove(iid)
         if not pending or clock() + poll > deadline:
@@ -739,7 +785,7 @@ def _instance_findings(inst: dict, tier: str, drill_id: str, network: dict, prof
     return out
 
 
-def _role_findings(iam, drill_id: str, role_name: str, region: str) -> list:
+def _role_findings(iam, drill_id: str, role_name: str, region: str, instances: dict | None = None) -> list:
     try:
         role = iam.get_role(RoleName=role_name)["Role"]
     except ClientError as exc:
@@ -761,9 +807,9 @@ def _role_findings(iam, drill_id: str, role_name: str, region: str) -> list:
             problems.append("its policies are %s, not %s only" % (", ".join(
                 list(inline) + [a["PolicyArn"] for a in attached]) or "none", RUNTIME_POLICY_NAME))
         elif _policy_doc(iam.get_role_policy(RoleName=role_name, PolicyName=RUNTIME_POLICY_NAME)[
-                "PolicyDocument"]) != runtime_policy(drill_id, arn[1], region, arn[4]):
-            problems.append("its policy %s grants other than the SSM agent's actions and the drill's runtime "
-                            "secrets" % RUNTIME_POLICY_NAME)
+                "PolicyDocument"]) != runtime_policy(drill_id, arn[1], region, arn[4], instances):
+            problems.append("its policy %s grants other than the SSM agent's actions and each tier's instance its "
+                            "own runtime secret" % RUNTIME_POLICY_NAME)
     elif not _trusts_ec2(role.get("AssumeRolePolicyDocument")):
         problems.append("it does not trust %s" % EC2_PRINCIPAL)
     return [_finding("runtime_instance_role", role_name, "the instances' role is not least privilege: %s; start "
@@ -806,12 +852,15 @@ def verify(clients: dict, drill_id: str, boundary, *, role_name: str | None = No
                                         role_name)))
         else:
             profile_arn = profile["Arn"]
-    findings += _role_findings(iam, drill_id, role_name, ec2.meta.region_name)
-    checked["roles"] = 0 if any(f["code"] == "runtime_instance_role" and "does not exist" in f["detail"]
-                                for f in findings) else 1
     live = {}
     for inst in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",)):
         live.setdefault(boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name"), []).append(inst)
+    # The policy the runtime puts once its instances run: one statement per tier with exactly one instance.
+    instances = {t: live[instance_name(drill_id, t)][0]["InstanceId"] for t in runtime_tiers(boundary)
+                 if len(live.get(instance_name(drill_id, t)) or []) == 1}
+    findings += _role_findings(iam, drill_id, role_name, ec2.meta.region_name, instances)
+    checked["roles"] = 0 if any(f["code"] == "runtime_instance_role" and "does not exist" in f["detail"]
+                                for f in findings) else 1
     for tier in runtime_tiers(boundary):
         have = live.pop(instance_name(drill_id, tier), [])
         if not have:

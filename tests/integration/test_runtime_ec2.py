@@ -274,12 +274,17 @@ def test_the_runtime_makes_its_own_least_privilege_instance_role_and_removes_it(
     stmts = doc["Statement"]
     agent = [s for s in stmts if s["Sid"] == "SsmAgent"][0]
     assert sorted(agent["Action"]) == SSM_AGENT_ACTIONS and agent["Resource"] == "*"
-    secrets = [s for s in stmts if s["Sid"] == "DrillSecrets"][0]
-    assert secrets["Action"] == ["secretsmanager:GetSecretValue"]
+    # one statement per tier: its own secret only, only for credentials of that tier's instance
     account = role["Arn"].split(":")[4]
-    assert secrets["Resource"] == ["arn:aws:secretsmanager:%s:%s:secret:drguard/%s/runtime/*" % (
-        ec2.meta.region_name, account, drill_id)]
-    assert len(stmts) == 2
+    region = ec2.meta.region_name
+    assert stmts[1:] == [{
+        "Sid": "TierSecrets%d" % n, "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+        "Resource": ["arn:aws:secretsmanager:%s:%s:secret:drguard/%s/runtime/%s-??????" % (region, account, drill_id,
+                                                                                           name_)
+                     for name_ in ([unit["tier"]] + (["session"] if unit["tier"] == "validation" else []))],
+        "Condition": {"ArnEquals": {"ec2:SourceInstanceARN": "arn:aws:ec2:%s:%s:instance/%s" % (
+            region, account, unit["instance_id"])}}} for n, unit in enumerate(res["units"])]
+    assert len(stmts) == 4
     profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [name]
     # idempotent: the second run changes nothing
@@ -291,7 +296,7 @@ def test_the_runtime_makes_its_own_least_privilege_instance_role_and_removes_it(
     fixed = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
     assert fixed["actions"] == ["put policy drguard-runtime of role %s" % name]
     doc = iam.get_role_policy(RoleName=name, PolicyName="drguard-runtime")["PolicyDocument"]
-    assert sorted(s["Sid"] for s in doc["Statement"]) == ["DrillSecrets", "SsmAgent"]
+    assert sorted(s["Sid"] for s in doc["Statement"]) == ["SsmAgent", "TierSecrets0", "TierSecrets1", "TierSecrets2"]
     gone = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
     assert not gone.failed, gone.get("msg")
     assert gone["removed"]["instance_role"] == name
