@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -25,28 +24,13 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as
 from ansible_collections.drguard.sandbox.plugins.module_utils import _workloads as wl
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
+from netns_kit import app_db_boundary
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv", "unshare", "mount") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(
-        "network namespaces need root and ip/nft/setpriv/unshare/mount on PATH "
-        f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"
-    ),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", "unshare", "mount")
 
 PYTHON = python_executable()
-RAW = {
-    "sandbox_cidr": "10.216.0.0/16",
-    "production_cidrs": ["10.0.0.0/16"],
-    "ingress": [{"cidr": "192.0.2.0/28", "protocol": "tcp", "ports": [22]}],
-    "egress": [
-        {"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
-        {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"},
-    ],
-    "tiers": ["app", "db"],
-    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
-}
+RAW = app_db_boundary("10.216.0.0/16")
 COUNT = "SELECT count(*) FROM orders"
 
 # A client that opens one mTLS connection and keeps asking over it for argv[3] seconds: the connection

@@ -26,29 +26,14 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._probes import pyt
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import Caps
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import validate
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
+from netns_kit import SYSTEM_PYTHON
+from netns_kit import app_db_boundary
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv", "unshare", "mount") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(
-        "network namespaces need root and ip/nft/setpriv/unshare/mount on PATH "
-        f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"
-    ),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", "unshare", "mount")
 
-SYSTEM_PYTHON = "/usr/bin/python3"  # readable by any uid
 PYTHON = python_executable()
-RAW = {
-    "sandbox_cidr": "10.214.0.0/16",
-    "production_cidrs": ["10.0.0.0/16"],
-    "ingress": [{"cidr": "192.0.2.0/28", "protocol": "tcp", "ports": [22]}],
-    "egress": [
-        {"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
-        {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"},
-    ],
-    "tiers": ["app", "db"],
-    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
-}
+RAW = app_db_boundary("10.214.0.0/16")
 
 # What a workload sees of its private files: each name, owner, mode, content; whether it can write.
 LOOK = r"""

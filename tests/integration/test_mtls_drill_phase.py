@@ -8,7 +8,6 @@ Root only. Each test builds a runtime under a drill id of its own and removes it
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 
 import pytest
@@ -18,26 +17,13 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as n
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
+from netns_kit import app_db_boundary
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=("network namespaces need root and ip/nft/setpriv on PATH "
-            f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv")
 
 PYTHON = python_executable()
-RAW = {
-    "sandbox_cidr": "10.216.0.0/16",
-    "production_cidrs": ["10.0.0.0/16"],
-    "ingress": [{"cidr": "192.0.2.0/28", "protocol": "tcp", "ports": [22]}],
-    "egress": [
-        {"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
-        {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"},
-    ],
-    "tiers": ["app", "db"],
-    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
-}
+RAW = app_db_boundary("10.216.0.0/16")
 
 
 @pytest.fixture

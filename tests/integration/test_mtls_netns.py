@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import signal
 import stat
 import time
@@ -28,13 +27,9 @@ from cryptography.x509.oid import NameOID
 from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
+from netns_kit import needs_root_and
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=("network namespaces need root and ip/nft/setpriv on PATH "
-            f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv")
 
 TIERS = ("app", "db", "validation")
 PORT = 5432

@@ -21,15 +21,10 @@ import uuid
 import pytest
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
+from netns_kit import needs_root_and
+from netns_kit import SYSTEM_PYTHON
 
-_MISSING = [tool for tool in ("ip", "nft", "unshare") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(
-        "network namespaces need root and ip/nft/unshare on PATH "
-        f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"
-    ),
-)
+pytestmark = needs_root_and("ip", "nft", "unshare")
 
 TIERS = ("app", "db", "validation")
 ALLOWED_PORT = 15432
@@ -531,7 +526,6 @@ def test_rootless_as_nobody_builds_rules_probes_confines_and_destroys_to_nothing
 
 # ---------------------------------------------------------------- run_in / spawn
 
-SYSTEM_PYTHON = "/usr/bin/python3"  # readable by uid 65534 (the venv's interpreter may live under /root)
 
 # What a workload sees of itself: ids, groups, capability sets, no_new_privs, environment, cwd.
 WHOAMI = r"""

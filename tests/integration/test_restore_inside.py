@@ -23,15 +23,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as
 from ansible_collections.drguard.sandbox.plugins.module_utils import _s3_relay
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv", "unshare", "mount") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(
-        "network namespaces need root and ip/nft/setpriv/unshare/mount on PATH "
-        f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'}); make venv as root installs them"
-    ),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", "unshare", "mount")
 
 REGION = "us-east-1"
 RAW = {

@@ -28,16 +28,10 @@ import pytest
 from ansible_collections.drguard.sandbox.plugins.module_utils import _netns as netns
 from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy as nft_policy
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
+from netns_kit import SYSTEM_PYTHON
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv", "nsenter", "unshare") if shutil.which(tool) is None]
-SYSTEM_PYTHON = "/usr/bin/python3"  # readable by uid 65534 (the venv's interpreter may live under /root)
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING) or not os.path.exists(SYSTEM_PYTHON),
-    reason=(
-        "escape tests build network namespaces: they need root, ip/nft/setpriv/nsenter/unshare and "
-        f"{SYSTEM_PYTHON} (euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'})"
-    ),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", "nsenter", "unshare", files=(SYSTEM_PYTHON,))
 
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DB_PORT = 5432

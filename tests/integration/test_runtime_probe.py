@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import uuid
 
@@ -23,13 +22,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._probes import pro
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import run_probes
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(f"live probes need root and ip/nft/setpriv on PATH (euid {os.geteuid()}, missing: "
-            f"{', '.join(_MISSING) or 'nothing'}); make venv as root installs them"),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", what="live probes need")
 
 RAW = {
     "sandbox_cidr": "10.213.0.0/16",

@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -26,22 +25,12 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_reap as reaper
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
+from netns_kit import app_db_boundary
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
-root_only = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(f"network namespaces need root and ip/nft/setpriv on PATH (euid {os.geteuid()}, missing: "
-            f"{', '.join(_MISSING) or 'nothing'}); make venv as root installs them"))
+root_only = needs_root_and("ip", "nft", "setpriv")
 
-RAW = {
-    "sandbox_cidr": "10.214.0.0/16",
-    "production_cidrs": ["10.0.0.0/16"],
-    "ingress": [{"cidr": "192.0.2.0/28", "protocol": "tcp", "ports": [22]}],
-    "egress": [{"cidr": "198.51.100.0/28", "protocol": "tcp", "ports": [443]},
-               {"cidr": "198.51.100.16/28", "protocol": "tcp", "ports": [4317], "kind": "telemetry"}],
-    "tiers": ["app", "db"],
-    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]}],
-}
+RAW = app_db_boundary("10.214.0.0/16")
 PYTHON = python_executable()
 NOW = datetime.now(timezone.utc)
 

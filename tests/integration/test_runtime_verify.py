@@ -8,7 +8,6 @@ destroyed even when the test fails.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -21,13 +20,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_verify import verify
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING),
-    reason=(f"the live verifier needs root and ip/nft/setpriv on PATH (euid {os.geteuid()}, missing: "
-            f"{', '.join(_MISSING) or 'nothing'}); make venv as root installs them"),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", what="the live verifier needs")
 
 RAW = {
     "sandbox_cidr": "10.214.0.0/16",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -28,15 +27,11 @@ from ansible_collections.drguard.sandbox.plugins.module_utils import _nft_policy
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime as runtime
 from ansible_collections.drguard.sandbox.plugins.module_utils import _telemetry as tel
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+from netns_kit import needs_root_and
+from netns_kit import SYSTEM_PYTHON
 
-_MISSING = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or bool(_MISSING) or not os.path.exists("/usr/bin/python3"),
-    reason=("the telemetry pipeline runs in network namespaces: needs root, ip/nft/setpriv and /usr/bin/python3 "
-            f"(euid {os.geteuid()}, missing: {', '.join(_MISSING) or 'nothing'})"),
-)
+pytestmark = needs_root_and("ip", "nft", "setpriv", files=(SYSTEM_PYTHON,))
 
-SYSTEM_PYTHON = "/usr/bin/python3"  # runnable by uid 65534 (the venv's interpreter may live under /root)
 BOUNDARY = {
     "sandbox_cidr": "10.214.0.0/16",
     "production_cidrs": ["10.0.0.0/16"],
