@@ -302,11 +302,11 @@ def inside_environment(params: dict, injected: dict, region=None) -> tuple:
 
 def execute_inside(params: dict, values: dict, injected: dict, *, region=None, hide=None):
     """Run the command inside ``namespace`` (``_netns``): unprivileged under a uid of its own, its files
-    and file secrets read-only on a tmpfs of its own mount namespace (:data:`INSIDE_DIR`, 0444 / 0600),
+    and file secrets on a tmpfs of its own mount namespace (:data:`INSIDE_DIR`, 0400 / 0600, its own uid's),
     never on a disk or argv. Returns :func:`run`'s tuple and the credential values to hide."""
     from ansible_collections.drguard.sandbox.plugins.module_utils import _netns  # noqa: PLC0415
     p = params
-    files = {name: {"source": os.path.abspath(path), "mode": 0o444} for name, path in (p.get("files") or {}).items()}
+    files = {name: {"source": os.path.abspath(path), "mode": 0o400} for name, path in (p.get("files") or {}).items()}
     for filename, name in p["file_secrets"].items():
         files[filename] = {"data": values[name], "mode": 0o600}
     if p["file_secrets"]:

@@ -408,6 +408,13 @@ def test_the_users_command_in_the_app_tier_reaches_the_db_over_the_tier_rule_not
     assert ok["inside"] == units["app"]["ns"]
     assert ok["stdout"].strip() == (f"orders: 3 rows, 600 cents (db tier {service['address_port']} over mTLS); "
                                     "login as synthetic user ok; token shape ok")
+    # Its files, the tier's private key among them, are the workload's own and readable by it alone.
+    look = ("import json, os; d = '/run/drguard/in'; print(json.dumps({n: [oct(os.stat(os.path.join(d, n)).st_mode "
+            "& 0o7777), os.stat(os.path.join(d, n)).st_uid == os.getuid()] for n in sorted(os.listdir(d))}))")
+    modes = module_runner("secret_exec", dict(args, namespace=units["app"]["ns"], argv=[PYTHON, "-I", "-c", look]))
+    assert not modes.failed, modes.get("stderr")
+    assert json.loads(modes["stdout"]) == {"check_orders.py": ["0o400", True], "tls-ca.pem": ["0o400", True],
+                                           "tls-identity.pem": ["0o400", True], "api-token": ["0o600", True]}
     # Without its leaf (the variables still set, the files not given) the command cannot reach the db.
     bare = module_runner("secret_exec", dict(args, namespace=units["app"]["ns"],
                                              files={"check_orders.py": os.path.abspath(CHECK_ORDERS)}))
