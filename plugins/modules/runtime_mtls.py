@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: runtime_mtls
-short_description: Prove mutual TLS by identity between the tiers of the drill's netns runtime, with rotation
+short_description: Prove mutual TLS by identity between the tiers of the drill's runtime, with rotation
 version_added: 0.1.0
 description:
   - The drill's C(mtls) phase in one call (C(docs/mtls.md), "In the drill"), on a runtime
@@ -29,6 +29,12 @@ description:
   - A row whose observed differs from its expectation is returned in RV(violations) (the playbook alerts and
     halts); the module itself fails only when the proof could not run.
   - Private keys never appear in a result.
+  - With O(backend=ec2) (C(docs/mtls.md), "On AWS") the servers and the handshake probes run on the drill's
+    instances through SSM Run Command, with the bundle each instance fetched from the secret store in the
+    runtime phase; no key travels in a command. A row whose result did not come back is C(unknown) and a
+    violation (fail closed; on the emulator, which runs no command, every row is). Cases that need a certificate
+    signed by the drill's CA, and both rotations, do not run on C(ec2) (RV(omitted)); RV(rotation) and
+    RV(ca_rotation) then say C(rotated=false) with the reason, so the phase fails. No telemetry on C(ec2).
 attributes:
   check_mode:
     support: none
@@ -45,14 +51,27 @@ options:
     description: C(drill_boundary), the same the runtime was built from.
     type: dict
     required: true
+  backend:
+    description:
+      - The runtime's backend. V(netns) runs in the namespaces on this host; V(ec2) on the drill's instances
+        through SSM (connection options as every AWS module of the collection).
+    type: str
+    choices: [netns, ec2]
+    default: netns
   output_dir:
-    description: The run's output directory, the one the runtime was built with (absolute).
+    description:
+      - The run's output directory, the one the runtime was built with (absolute).
+      - Required with O(backend=netns).
     type: path
-    required: true
   ttl_minutes:
-    description: The drill's TTL; the CA is valid that long.
+    description:
+      - The drill's TTL; the CA is valid that long.
+      - Required with O(backend=netns) (on V(ec2) the runtime phase made the CA).
     type: int
-    required: true
+  command_timeout:
+    description: With O(backend=ec2), seconds to wait for each SSM command to reach a final status (5 to 600).
+    type: float
+    default: 60.0
   leaf_lifetime:
     description: Seconds a leaf is valid (at least 20).
     type: int
@@ -86,6 +105,9 @@ author:
   - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 seealso:
   - module: drguard.sandbox.drill_pki
   - module: drguard.sandbox.runtime_probe
@@ -156,18 +178,29 @@ ca_rotation:
   type: dict
 telemetry:
   description: What the collector acknowledged (sent, acknowledged) or the delivery error.
-  returned: when telemetry is given
+  returned: when telemetry is given and O(backend=netns)
   type: dict
+backend:
+  description: C(ec2) when the phase ran on the instances.
+  returned: with O(backend=ec2)
+  type: str
+omitted:
+  description: With O(backend=ec2), the netns phase's cases that did not run, each with why (case, reason).
+  returned: with O(backend=ec2), unless skipped
+  type: list
+  elements: dict
 """
 
 import os
 
-from ansible.module_utils.basic import AnsibleModule
-
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils import _aws
 from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls
 from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import BoundaryError
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
@@ -177,8 +210,10 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.drill import valid
 ARGUMENT_SPEC = dict(
     drill_id=dict(type="str", required=True),
     boundary=dict(type="dict", required=True),
-    output_dir=dict(type="path", required=True),
-    ttl_minutes=dict(type="int", required=True),
+    backend=dict(type="str", default="netns", choices=["netns", "ec2"]),
+    output_dir=dict(type="path"),
+    ttl_minutes=dict(type="int"),
+    command_timeout=dict(type="float", default=60.0),
     leaf_lifetime=dict(type="int", default=900),
     timeout=dict(type="float", default=5.0),
     telemetry=dict(type="dict", options=dict(address=dict(type="str", required=True),
@@ -188,8 +223,12 @@ ARGUMENT_SPEC = dict(
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=False)
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=False,
+                              required_if=[("backend", "netns", ("output_dir", "ttl_minutes"))])
+    _aws.hide_session_credentials(module)
     p = module.params
+    if p["backend"] == "ec2":
+        module.exit_json(**run_ec2(module))
     try:
         validate_drill_id(p["drill_id"])
         if not os.path.isabs(p["output_dir"]):
@@ -206,6 +245,32 @@ def main():
     except (BoundaryError, DrillError, ValueError) as exc:
         module.fail_json(msg="runtime_mtls: %s." % str(exc).rstrip("."))
     module.exit_json(**result)
+
+
+def run_ec2(module):
+    """The phase on the ec2 runtime's instances through SSM (``_mtls_ec2``)."""
+    p = module.params
+    try:
+        validate_drill_id(p["drill_id"])
+        if not 0.1 <= p["timeout"] <= 30:
+            raise ValueError("timeout %s is outside 0.1-30 seconds; pass a timeout in that range" % p["timeout"])
+        if not 5 <= p["command_timeout"] <= 600:
+            raise ValueError("command_timeout %s is outside 5-600 seconds; pass a command timeout in that range"
+                             % p["command_timeout"])
+        if p["inject_allow"]:
+            raise ValueError("inject_allow is not supported with backend ec2 (the servers on the instances judge by "
+                             "drill_boundary.tier_rules only); leave it empty")
+        boundary = parse_boundary(p["boundary"])
+    except (BoundaryError, DrillError, ValueError) as exc:
+        module.fail_json(msg="runtime_mtls: %s." % str(exc).rstrip("."))
+    try:
+        units = _runtime_ec2.live_units(_aws.aws_client(module, "ec2"), p["drill_id"], boundary)
+        return _mtls_ec2.run(_aws.aws_client(module, "ssm"), _aws.aws_client(module, "secretsmanager"),
+                             p["drill_id"], boundary, units, timeout=p["timeout"],
+                             command_timeout=p["command_timeout"])
+    except _aws.ClientError as exc:
+        module.fail_json_aws(exc, msg="runtime_mtls: the mTLS phase on the ec2 runtime of drill %s failed; check "
+                                      "the runtime (runtime_verify) and run the phase again" % p["drill_id"])
 
 
 if __name__ == "__main__":

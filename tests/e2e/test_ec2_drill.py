@@ -70,7 +70,7 @@ def test_ec2_drill_builds_the_instances_halts_at_unknown_probes_and_tears_down(w
     assert vpcs == []
 
 
-@pytest.mark.parametrize("phase", ["mtls", "restore", "validate"])
+@pytest.mark.parametrize("phase", ["restore", "validate"])
 def test_phases_not_driven_on_ec2_fail_closed_before_doing_anything(world, tmp_path, phase):
     # On the emulator the probes halt every ec2 drill first; this runs the phase file on its own.
     play = [{"hosts": "localhost", "gather_facts": False,

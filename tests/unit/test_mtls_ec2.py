@@ -1,0 +1,187 @@
+"""The mtls phase on the ec2 runtime, without AWS: the case plan, the commands, reading the outputs, the rows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_ec2
+from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
+from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
+
+DRILL = "t-unit-0123456789"
+BOUNDARY = parse_boundary({
+    "production_cidrs": ["10.0.0.0/16"],
+    "tiers": ["app", "db", "cache"],
+    "egress": [],
+    "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [5432]},
+                   {"from": "app", "to": "cache", "protocol": "tcp", "ports": ["6379-6380"]},
+                   {"from": "db", "to": "db", "protocol": "tcp", "ports": [7000]}],
+})
+UNITS = [{"tier": "app", "instance_id": "i-app", "address": "10.20.0.10"},
+         {"tier": "db", "instance_id": "i-db", "address": "10.20.0.20"},
+         {"tier": "cache", "instance_id": "i-cache", "address": "10.20.1.30"},
+         {"tier": "validation", "instance_id": "i-val", "address": "10.20.1.40"}]
+# The keys of a netns mtls row (_mtls_drill.Phase.probe): the report and the phase read these.
+# A PEM block with a body (the programs name the markers, but carry no certificate or key).
+PEM_BODY = re.compile(r"-----BEGIN [A-Z ]+-----\s*[A-Za-z0-9+/]{16}")
+ROW_KEYS = {"src", "dst", "address", "layer", "case", "expected", "observed", "reason", "expected_reason",
+            "latency_ms", "peer_id", "serial", "server_serial"}
+
+
+def _decoded(line: str) -> str:
+    """Every base64 word of a shell line decoded, so a test can read what travels inside."""
+    out = [line]
+    for word in re.findall(r"[A-Za-z0-9+/=]{40,}", line):
+        try:
+            out.append(base64.b64decode(word).decode())
+        except ValueError:
+            continue
+    return "\n".join(out)
+
+
+def test_plan_every_allowed_pair_then_the_refusals_against_the_first():
+    cases = _mtls_ec2.plan_cases(DRILL, BOUNDARY, UNITS)
+    got = [(c["case"], c["src"], c["dst"], c["port"], c["runs_on"], c["address"], c["identity"], c["expected"],
+            c["expected_reason"]) for c in cases]
+    assert got == [
+        ("allowed", "app", "db", 5432, "app", "10.20.0.20", "own", "allow", "round_trip"),
+        ("allowed", "app", "cache", 6379, "app", "10.20.1.30", "own", "allow", "round_trip"),
+        ("allowed", "app", "cache", 6380, "app", "10.20.1.30", "own", "allow", "round_trip"),
+        ("allowed", "db", "db", 7000, "db", "10.20.0.20", "own", "allow", "round_trip"),
+        ("no_client_certificate", "app", "db", 5432, "app", "10.20.0.20", "none", "deny", "no_client_certificate"),
+        ("another_drill_ca", "app", "db", 5432, "app", "10.20.0.20", "foreign", "deny", "unknown_ca"),
+        # db may not reach itself on 5432: its own identity, from its own instance over loopback
+        ("identity_not_allowed:db", "db", "db", 5432, "db", "127.0.0.1", "own", "deny", "identity_not_allowed"),
+    ]
+    foreign = cases[5]["foreign_uri"]
+    assert foreign.startswith("spiffe://dr-other-") and foreign.endswith(".drguard.internal/tier/app")
+    assert DRILL not in foreign
+
+
+def test_plan_has_no_identity_case_when_the_destination_may_reach_itself():
+    boundary = parse_boundary({"production_cidrs": ["10.0.0.0/16"], "tiers": ["db"], "egress": [],
+                               "tier_rules": [{"from": "db", "to": "db", "protocol": "tcp", "ports": [5432]}]})
+    assert [c["case"] for c in _mtls_ec2.plan_cases(DRILL, boundary, UNITS)] == [
+        "allowed", "no_client_certificate", "another_drill_ca"]
+
+
+def test_servers_on_every_tcp_rule_destination_with_both_ends_of_a_range():
+    assert _mtls_ec2.server_ports(BOUNDARY) == {"db": [5432, 7000], "cache": [6379, 6380]}
+
+
+def test_omitted_cases_say_why_and_are_exactly_the_netns_cases_that_need_the_ca_key_or_rotation():
+    omitted = {o["case"]: o["reason"] for o in _mtls_ec2.omitted_cases()}
+    assert set(omitted) == {"expired", "outside_trust_domain", "wrong_eku", "ca_true", "rotated_out_leaf",
+                            "old_ca_leaf_during_overlap", "after_ca_rotation", "old_ca_leaf_after_retirement"}
+    assert "whose key never leaves the controller's memory" in omitted["expired"]
+    assert "not driven on ec2" in omitted["after_ca_rotation"]
+
+
+def test_server_command_runs_unprivileged_in_the_background_with_a_lifetime_and_no_key_material():
+    lines = _mtls_ec2.server_commands(DRILL, "db", [5432, 7000], BOUNDARY.tier_rules, lifetime=240)
+    start = next(line for line in lines if line.startswith("setsid "))
+    assert start.startswith("setsid timeout -s TERM -k 5 240 " + _runtime_ec2.UNPRIVILEGED + " /usr/bin/python3 -I -S")
+    assert start.endswith("< /dev/null &")
+    text = "\n".join(_decoded(line) for line in lines)
+    config = json.loads(next(w for w in text.splitlines() if w.startswith("{")))
+    assert config["identity"] == ["/run/drguard/tls/cert.pem", "/run/drguard/tls/key.pem"]
+    assert config["trust"] == "/run/drguard/tls/ca.pem" and config["ports"] == [5432, 7000]
+    assert config["rules"][0] == {"from": "app", "to": "db", "ports": [[5432, 5432]]}
+    assert not PEM_BODY.search(text)
+    assert "echo \"drguard-mtls-ready db $(grep" in lines[-1]
+
+
+def test_client_and_stop_commands_carry_no_key_material():
+    cases = _mtls_ec2.plan_cases(DRILL, BOUNDARY, UNITS)
+    text = "\n".join(_decoded(line) for line in _mtls_ec2.client_commands(DRILL, cases, timeout=5)
+                     + _mtls_ec2.stop_commands())
+    assert not PEM_BODY.search(text) and "PRIVATE KEY" not in text
+    assert _runtime_ec2.UNPRIVILEGED in text and "/run/drguard/tls" in text
+    assert _mtls_ec2.stop_commands()[-1] == "rm -rf /run/drguard/mtls"
+
+
+def test_parse_ready_needs_the_tier_and_a_serial():
+    assert _mtls_ec2.parse_ready("x\ndrguard-mtls-ready db serial 0A1B\n", "db") == "0A1B"
+    assert _mtls_ec2.parse_ready("drguard-mtls-ready app serial 0A1B\n", "db") is None
+    assert _mtls_ec2.parse_ready("drguard-mtls-ready db \n", "db") is None
+    assert _mtls_ec2.parse_ready("", "db") is None
+
+
+def test_parse_client_wants_exactly_one_dict_per_case():
+    assert _mtls_ec2.parse_client('noise\n[{"ok": true}, {"ok": false}]\n', 2) == [{"ok": True}, {"ok": False}]
+    assert _mtls_ec2.parse_client('[{"ok": true}]', 2) is None
+    assert _mtls_ec2.parse_client('[{"ok": true}, {"ok": fal', 2) is None  # cut output
+    assert _mtls_ec2.parse_client('[1, 2]', 2) is None
+    assert _mtls_ec2.parse_client("", 0) is None
+
+
+def test_parse_events_needs_the_marked_line_whole():
+    assert _mtls_ec2.parse_events('drguard-mtls-events [{"port": 1}]\n') == [{"port": 1}]
+    assert _mtls_ec2.parse_events("drguard-mtls-events []") == []
+    assert _mtls_ec2.parse_events('drguard-mtls-events [{"port": 1}') is None
+    assert _mtls_ec2.parse_events("drguard-mtls-events null") is None  # no events file on the instance
+    assert _mtls_ec2.parse_events("") is None
+
+
+def _cases():
+    return [c for c in _mtls_ec2.plan_cases(DRILL, BOUNDARY, UNITS) if c["dst"] == "db" and c["port"] == 5432]
+
+
+def _answers():
+    clients = {"app": {"rows": [
+        {"ok": True, "reason": "round_trip", "handshake_ms": 3.0, "server_serial": "D1",
+         "local": ["10.20.0.10", 40001]},
+        {"ok": False, "reason": "closed_by_peer", "server_serial": "D1", "local": ["10.20.0.10", 40002]},
+        {"ok": False, "reason": "unknown_ca", "server_serial": "D1", "local": ["10.20.0.10", 40003]}]},
+        "db": {"rows": [{"ok": False, "reason": "closed_by_peer", "server_serial": "D1",
+                         "local": ["127.0.0.1", 40004]}]}}
+    events = [
+        {"port": 5432, "peer_address": "10.20.0.10", "peer_port": 40003, "reason": "unknown_ca", "peer_id": None,
+         "serial": None},
+        {"port": 5432, "peer_address": "10.20.0.10", "peer_port": 40002, "reason": "no_client_certificate",
+         "peer_id": None, "serial": None},
+        {"port": 5432, "peer_address": "10.20.0.10", "peer_port": 40001, "reason": "allowed",
+         "peer_id": "spiffe://x/tier/app", "serial": "A1"},
+        {"port": 5432, "peer_address": "127.0.0.1", "peer_port": 40004, "reason": "identity_not_allowed",
+         "peer_id": "spiffe://x/tier/db", "serial": "D1"}]
+    return clients, {"db": {"ready": "D1", "events": events}}
+
+
+def test_rows_take_the_servers_reason_matched_by_address_and_port_not_by_order():
+    clients, servers = _answers()
+    rows = _mtls_ec2.build_rows(_cases(), servers, clients)
+    assert all(set(r) == ROW_KEYS for r in rows)
+    assert [(r["case"], r["observed"], r["reason"], r["peer_id"], r["serial"]) for r in rows] == [
+        ("allowed", "allow", "round_trip", "spiffe://x/tier/app", "A1"),
+        ("no_client_certificate", "deny", "no_client_certificate", None, None),
+        ("another_drill_ca", "deny", "unknown_ca", None, None),
+        ("identity_not_allowed:db", "deny", "identity_not_allowed", "spiffe://x/tier/db", "D1")]
+    assert rows[0]["address"] == "10.20.0.20:5432" and rows[3]["address"] == "127.0.0.1:5432"
+    assert all(r["layer"] == "mtls" for r in rows) and rows[0]["latency_ms"] == 3.0
+
+
+def test_a_refusal_without_its_server_event_keeps_the_clients_reason_and_is_unexpected():
+    clients, servers = _answers()
+    servers["db"]["events"] = servers["db"]["events"][:1] + servers["db"]["events"][2:]  # the 40002 event lost
+    row = _mtls_ec2.build_rows(_cases(), servers, clients)[1]
+    assert (row["observed"], row["reason"], row["expected_reason"]) == ("deny", "closed_by_peer",
+                                                                       "no_client_certificate")
+
+
+def test_every_row_is_unknown_without_a_server_a_client_result_or_the_servers_events():
+    clients, servers = _answers()
+    for broken_servers, broken_clients, why in (
+            ({"db": {"ready": None, "error": "SSM command c-1 on i-db ended Success without the server's readiness "
+                                             "line"}}, clients, "without the server's readiness line"),
+            (servers, {"app": {"rows": None, "error": "SSM command c-2 on i-app ended TimedOut"}, "db": clients["db"]},
+             "ended TimedOut"),
+            ({"db": {"ready": "D1", "events": None, "events_error": "no handshake events"}}, clients,
+             "no handshake events"),
+            ({}, clients, "no mTLS server for this tier")):
+        rows = _mtls_ec2.build_rows(_cases(), broken_servers, broken_clients)
+        touched = rows if why != "ended TimedOut" else rows[:3]
+        assert {r["observed"] for r in touched} == {"unknown"}, why
+        assert all(why in r["reason"] and r["reason"].startswith("no result (") for r in touched), why
+        assert all(r["peer_id"] is None and r["serial"] is None for r in touched)
