@@ -26,6 +26,7 @@ from test_runtime_ec2 import _world
 from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
+from ansible_collections.drguard.sandbox.plugins.module_utils import report
 from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import parse_boundary
 
 PEM_BODY = re.compile(r"-----BEGIN [A-Z ]+-----\s*[A-Za-z0-9+/]{16}")
@@ -89,6 +90,14 @@ def test_on_the_emulator_commands_go_to_the_right_instances_without_keys_and_eve
         assert res["ca"]["serial"] == _pki.serial_hex(_pki.x509.load_pem_x509_certificate(
             stored["db"]["ca_bundle"].encode()))
         assert not PEM_BODY.search(json.dumps(res)) and "PRIVATE KEY" not in json.dumps(res)
+        # the report reads it unchanged: the section, its rows and the rotation that did not happen
+        section = report.mtls_section(res)
+        assert section["probes"] == res["rows"] and section["violations"] == 4 and section["unexpected"] == 0
+        assert section["ca"]["serial"] == res["ca"]["serial"]
+        text = report.render_markdown({"drill_id": drill_id, "outcome": "halted", "started_at": "", "finished_at": "",
+                                       "seconds": 0, "phases": [], "mtls": section})
+        assert "| another_drill_ca | app | db | deny | unknown | no result (SSM command " in text
+        assert "rotated False, dropped connections None" in text
 
         sent = [c for c in ssm.list_commands()["Commands"] if c["CommandId"] not in before
                 and c.get("Comment") in COMMENTS]
