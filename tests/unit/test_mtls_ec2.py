@@ -185,3 +185,10 @@ def test_every_row_is_unknown_without_a_server_a_client_result_or_the_servers_ev
         assert {r["observed"] for r in touched} == {"unknown"}, why
         assert all(why in r["reason"] and r["reason"].startswith("no result (") for r in touched), why
         assert all(r["peer_id"] is None and r["serial"] is None for r in touched)
+
+
+def test_the_instance_programs_parse_as_the_amis_python_3_9():
+    import ast
+
+    for source in (_mtls_ec2.SERVER_SOURCE, _mtls_ec2.CLIENT_SOURCE, _mtls_ec2._COLLECT_SOURCE):  # noqa: SLF001
+        ast.parse(source, feature_version=(3, 9))
