@@ -22,6 +22,15 @@ description:
     unprivileged workload with the drill's session, through the runtime's S3 endpoint O(s3_endpoint); the
     bytes come back to the controller, which checks them against what was verified while it writes
     O(dest) exactly as without O(namespace). See docs/runtime.md, "Restore and validation inside".
+  - With O(backend=ec2) the artifacts are restored on the ec2 runtime's validation instance
+    (C(drguard-<drill_id>-validation)), through SSM Run Command; the bytes never reach the controller. The
+    drill's session (O(access_key), O(secret_key),
+    O(session_token)) is stored as the secret C(drguard/<drill_id>/runtime/session), tagged as the drill's, which
+    only that instance's role may read; the command carries its name only. On the instance, an unprivileged
+    workload reads each artifact by its pinned version from the regional S3 endpoint into a size-capped tmpfs
+    (C(/run/drguard/restore)) and prints its size and SHA-256, which must be the verified ones. Local sources
+    are refused (naming the artifact). The secret store, SSM and EC2 are called with the controller's
+    credentials (the environment or O(profile)), never with the drill's session. See docs/runtime.md, "The ec2 backend".
 attributes:
   check_mode:
     support: full
@@ -62,6 +71,21 @@ options:
       - C(address:port) of the runtime's S3 endpoint (M(drguard.sandbox.sandbox_runtime)'s C(s3_endpoint)), which
         relays to the drill's S3 endpoint (O(endpoint_url), else the region's S3). Required with O(namespace).
     type: str
+  backend:
+    description:
+      - Where the restore runs. V(controller) - on the controller, or inside O(namespace) when given.
+        V(ec2) - on the ec2 runtime's validation instance, through SSM (O(drill_id) required; O(dest),
+        O(workers), O(namespace) and O(s3_endpoint) do not apply).
+    type: str
+    default: controller
+    choices: [controller, ec2]
+  drill_id:
+    description: The drill whose ec2 runtime restores (O(backend=ec2)).
+    type: str
+  command_timeout:
+    description: Seconds one SSM command of the restore may take (O(backend=ec2)); no result by then fails.
+    type: int
+    default: 900
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
@@ -91,6 +115,17 @@ EXAMPLES = r"""
     secret_key: "{{ drill_aws_session.secret_access_key }}"
     session_token: "{{ drill_aws_session.session_token }}"
   register: restored
+
+- name: Restore on the ec2 runtime's validation instance, through SSM
+  drguard.sandbox.restore_artifacts:
+    artifacts: "{{ verify.artifacts }}"
+    dest: /run/drguard/restore
+    backend: ec2
+    drill_id: "{{ drill.drill_id }}"
+    access_key: "{{ drill_aws_session.access_key_id }}"
+    secret_key: "{{ drill_aws_session.secret_access_key }}"
+    session_token: "{{ drill_aws_session.session_token }}"
+  register: restored
 """
 
 RETURN = r"""
@@ -98,6 +133,7 @@ restored:
   description:
     - One entry per artifact written - C(name), C(path), C(sha256), C(size), and the manifest's C(kind) and
       C(expect) when the input entry carries them (for M(drguard.sandbox.validate_restore)).
+    - With O(backend=ec2), C(path) is on the validation instance and C(on_instance) is true.
   returned: success
   type: list
   elements: dict
@@ -107,10 +143,17 @@ bytes_restored:
   returned: success
   type: int
 inside:
-  description: The namespace the S3 reads ran in (O(namespace)); absent when the restore ran on the controller.
-  returned: success with O(namespace)
+  description:
+    - The namespace the S3 reads ran in (O(namespace)), or the validation instance (C(<instance id> (validation)))
+      with O(backend=ec2); absent when the restore ran on the controller.
+  returned: success with O(namespace) or O(backend=ec2)
   type: str
   sample: drg-1a2b3c-validation
+session_secret:
+  description: The name of the secret holding the drill's session for the validation instance (never its value).
+  returned: success with O(backend=ec2)
+  type: str
+  sample: drguard/dr-20261130200000-a1b2c3/runtime/session
 """
 
 import ipaddress
@@ -127,6 +170,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._probes import pyt
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore_inside
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2 import Ec2RuntimeError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import restore_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_relay import RelayError
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_relay import target
 from ansible_collections.drguard.sandbox.plugins.module_utils._secret_exec import drill_session
@@ -137,6 +182,9 @@ ARGUMENT_SPEC = dict(
     workers=dict(type="int", default=4),
     namespace=dict(type="str"),
     s3_endpoint=dict(type="str"),
+    backend=dict(type="str", default="controller", choices=["controller", "ec2"]),
+    drill_id=dict(type="str"),
+    command_timeout=dict(type="int", default=900),
 )
 
 
@@ -170,19 +218,52 @@ def run_inside(module):
                           check_mode=module.check_mode)
 
 
+def controller_client(module, service):
+    """A client with the controller's credentials (environment, profile), never the drill's explicit session."""
+    return aws_client(module, service, aws_access_key_id=None, aws_secret_access_key=None, aws_session_token=None)
+
+
+def run_ec2(module):
+    """The restore on the ec2 runtime's validation instance; bad input fails before any AWS call."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id  # noqa: PLC0415
+    p = module.params
+    if not p["drill_id"]:
+        raise RestoreError("drill_id is required with backend ec2: it names the runtime's validation instance")
+    if p["namespace"] or p["s3_endpoint"]:
+        raise RestoreError("namespace and s3_endpoint belong to the netns runtime; drop them with backend ec2")
+    if not 30 <= p["command_timeout"] <= 3600:
+        raise RestoreError("command_timeout %d must be between 30 and 3600 seconds" % p["command_timeout"])
+    try:
+        drill_id = validate_drill_id(p["drill_id"])
+    except ValueError as exc:
+        raise RestoreError(str(exc)) from None
+    session = drill_session(p)
+    try:
+        to = target(p.get("endpoint_url"), module.region)
+    except RelayError as exc:
+        raise RestoreError(exc.msg.rstrip(".")) from None
+    clients = {s: controller_client(module, s) for s in ("ec2", "ssm", "secretsmanager")}
+    return restore_ec2(clients, drill_id, p["artifacts"], session=session, region=module.region or "us-east-1",
+                       to=to, timeout=p["command_timeout"], check_mode=module.check_mode)
+
+
 def main():
     module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     hide_session_credentials(module)
     p = module.params
     try:
-        if p["namespace"]:
+        if p["backend"] == "ec2":
+            result = run_ec2(module)
+        elif p["namespace"]:
             result = run_inside(module)
         else:
             result = restore(p["artifacts"], p["dest"], workers=p["workers"], check_mode=module.check_mode,
                              client=lambda service: aws_client(module, service))
     except RestoreError as exc:
         module.fail_json(msg=str(exc))
-    except botocore.exceptions.BotoCoreError as exc:
+    except Ec2RuntimeError as exc:
+        module.fail_json(msg=exc.msg)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         module.fail_json_aws(exc, msg="Restore failed")
     module.exit_json(**result)
 

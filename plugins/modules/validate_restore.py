@@ -31,6 +31,13 @@ description:
     its content is, so a declaration never switches a check off.
   - Each path is opened without following a symlink (a symlink or anything but a regular file fails), and SQLite
     gets a percent-encoded C(file:) URI, so an artifact name such as C(%2E%2E/x.db) opens exactly that file.
+  - With O(backend=ec2) the validators run on the ec2 runtime's validation instance over the files
+    M(drguard.sandbox.restore_artifacts) restored there (O(backend=ec2)), through SSM Run Command, unprivileged
+    (uid 65534, no capability, an empty environment), extractions on a size-capped tmpfs; their JSON results
+    are read from the command's output, and anything else (no result, another status) fails. With O(command) the
+    module runs that command there instead, unprivileged, in the restore directory, and returns its exit code and
+    the tail of its output. SSM and EC2 are called with the controller's credentials. See docs/runtime.md,
+    "The ec2 backend".
 attributes:
   check_mode:
     support: full
@@ -79,10 +86,34 @@ options:
         the same tmpfs, and the workload runs unprivileged (a uid of its own, no capabilities, an empty
         environment). The results are the same as on the controller. See C(docs/runtime.md).
     type: str
+  backend:
+    description:
+      - Where the validators run. V(controller) - on the controller, or inside O(namespace) when given.
+        V(ec2) - on the ec2 runtime's validation instance, through SSM (O(drill_id) required).
+    type: str
+    default: controller
+    choices: [controller, ec2]
+  drill_id:
+    description: The drill whose ec2 runtime validates (O(backend=ec2)).
+    type: str
+  command:
+    description:
+      - With O(backend=ec2) only - run this argv (the user's validation command) on the validation instance instead
+        of the validators, unprivileged, in the restore directory, with only C(PATH), C(LANG) and C(HOME) in its
+        environment (no secret, no AWS session). Fails when it exits non-zero. Its output tail is returned.
+    type: list
+    elements: str
+  command_timeout:
+    description: Seconds one SSM command may take (O(backend=ec2)); no result by then fails.
+    type: int
+    default: 900
 author:
   - drguard maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 """
 
 EXAMPLES = r"""
@@ -109,14 +140,27 @@ results:
            {name: files.tar.gz, kind: tar, compression: gzip, valid: true, detail: ok, members: 12, bytes: 40960,
             read_bytes: 51200}]
 inside:
-  description: The namespace the validators ran in.
-  returned: with O(namespace)
+  description: The namespace the validators ran in, or the validation instance (C(<instance id> (validation))).
+  returned: with O(namespace) or O(backend=ec2)
   type: str
   sample: drg-1a2b3c-validation
+rc:
+  description: The exit code of O(command).
+  returned: with O(command)
+  type: int
+stdout:
+  description: The last 4000 bytes of O(command)'s output (stdout and stderr).
+  returned: with O(command)
+  type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
+try:
+    import botocore
+except ImportError:
+    pass  # handled by AnsibleAWSModule
 
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.drguard.sandbox.plugins.module_utils._aws import aws_client
 from ansible_collections.drguard.sandbox.plugins.module_utils._probes import python_executable
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import Caps
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_MEMBERS
@@ -124,6 +168,9 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DE
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DEFAULT_MAX_TOTAL_BYTES
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import validate
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2 import Ec2RuntimeError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import run_user_command
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import validate_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import validate_inside
 
 ARGUMENT_SPEC = dict(
@@ -134,15 +181,62 @@ ARGUMENT_SPEC = dict(
     max_ratio=dict(type="int", default=DEFAULT_MAX_RATIO),
     keep_extracted=dict(type="bool", default=False),
     namespace=dict(type="str"),
+    backend=dict(type="str", default="controller", choices=["controller", "ec2"]),
+    drill_id=dict(type="str"),
+    command=dict(type="list", elements="str"),
+    command_timeout=dict(type="int", default=900),
 )
 
 
+def run_ec2(module, caps):
+    """Validators (or O(command)) on the validation instance: ``(result dict, failed message or None)``."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id  # noqa: PLC0415
+    p = module.params
+    if not p["drill_id"]:
+        raise RestoreError("drill_id is required with backend ec2: it names the runtime's validation instance")
+    if p["namespace"] or p["keep_extracted"]:
+        raise RestoreError("namespace and keep_extracted do not apply with backend ec2; drop them")
+    if not 30 <= p["command_timeout"] <= 3600:
+        raise RestoreError("command_timeout %d must be between 30 and 3600 seconds" % p["command_timeout"])
+    try:
+        drill_id = validate_drill_id(p["drill_id"])
+    except ValueError as exc:
+        raise RestoreError(str(exc)) from None
+    clients = {s: aws_client(module, s) for s in ("ec2", "ssm")}
+    if p["command"] is not None:
+        if module.check_mode:
+            return {"changed": False, "rc": None, "stdout": ""}, None
+        out = run_user_command(clients, drill_id, p["command"], timeout=p["command_timeout"])
+        failed = ("the validation command exited %d on %s" % (out["rc"], out["inside"])) if out["rc"] else None
+        return {"changed": True, "rc": out["rc"], "stdout": out["stdout"], "inside": out["inside"]}, failed
+    outcome, inside = validate_ec2(clients, drill_id, p["restored"], p["min_rows"], caps,
+                                   extract=not module.check_mode, timeout=p["command_timeout"])
+    where = {"inside": inside} if inside else {}
+    return (dict(changed=False, valid=outcome.valid, results=outcome.results, **where),
+            None if outcome.valid else outcome.message)
+
+
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    module = AnsibleAWSModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     caps = Caps(max_members=p["max_members"], max_total_bytes=p["max_total_bytes"], max_ratio=p["max_ratio"])
     inside = p["namespace"]
+    if p["backend"] == "ec2":
+        try:
+            result, failed = run_ec2(module, caps)
+        except RestoreError as exc:
+            module.fail_json(msg=str(exc))
+        except Ec2RuntimeError as exc:
+            module.fail_json(msg=exc.msg)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            module.fail_json_aws(exc, msg="Validation on the ec2 runtime failed")
+        if failed:
+            module.fail_json(msg=failed, **result)
+        module.exit_json(**result)
     try:
+        if p["command"] is not None:
+            raise RestoreError("command runs only with backend ec2; on the controller or in a namespace the drill "
+                               "runs the validation command with secret_exec")
         if inside and p["keep_extracted"]:
             raise RestoreError("keep_extracted cannot be used with namespace: an extraction inside the sandbox "
                                "vanishes with its workload; drop one of them")
