@@ -70,16 +70,23 @@ def test_ec2_drill_builds_the_instances_halts_at_unknown_probes_and_tears_down(w
     assert vpcs == []
 
 
-@pytest.mark.parametrize("phase", ["restore", "validate"])
-def test_phases_not_driven_on_ec2_fail_closed_before_doing_anything(world, tmp_path, phase):
+@pytest.mark.parametrize("validation, reason", [
+    ({"argv": ["/bin/true"], "env_secrets": {"DB_PASSWORD": "db-password"}, "file_secrets": {}},
+     "drill_validation.env_secrets and file_secrets cannot be delivered to the ec2 runtime's validation instance"),
+    (None, "artifact 'a.txt' comes from the local source /mnt/backup/a.txt, which the ec2 runtime's validation "
+           "instance cannot read"),
+])
+def test_the_restore_phase_on_ec2_refuses_what_it_cannot_do_before_anything(world, tmp_path, validation, reason):
     # On the emulator the probes halt every ec2 drill first; this runs the phase file on its own.
     play = [{"hosts": "localhost", "gather_facts": False,
-             "vars": {"_drill_args": {"runtime": {"backend": "ec2"}}},
-             "tasks": [{"ansible.builtin.include_tasks": str(ROOT / "playbooks" / "phases" / ("%s.yml" % phase))}]}]
+             "vars": {"_drill_args": {"runtime": {"backend": "ec2"}, "validation": validation},
+                      "drill_ctx": {"drill_id": "dr-ec2-phase-1", "output_dir": str(tmp_path)},
+                      "drill_verify_result": {"artifacts": [{"name": "a.txt", "verified": True, "sha256": "0" * 64,
+                                                             "size": 1, "source": "/mnt/backup/a.txt"}]}},
+             "tasks": [{"ansible.builtin.include_tasks": str(ROOT / "playbooks" / "phases" / "restore.yml")}]}]
     path = tmp_path / "play.yml"
     path.write_text(yaml.safe_dump(play))
     proc = subprocess.run([ANSIBLE_PLAYBOOK, str(path)], env=ansible_env(world.emu), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "Phase %s does not run on drill_runtime.backend ec2 yet" % phase in proc.stdout, proc.stdout[-2000:]
-    assert "choose another drill_runtime.backend (docs/runtime.md)" in proc.stdout
+    assert reason in proc.stdout, proc.stdout[-2000:]
