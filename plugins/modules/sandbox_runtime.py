@@ -97,7 +97,8 @@ options:
       instance_role:
         description:
           - The IAM role the instance profile holds. By default the runtime makes its own, C(drguard-<drill_id>-runtime)
-            (trusts C(ec2.amazonaws.com) only; the SSM agent's actions and the drill's runtime secrets, nothing else),
+            (trusts C(ec2.amazonaws.com) only; the SSM agent's actions and, per tier, its own runtime secret for
+            that tier's instance only (C(ec2:SourceInstanceARN)), the validation tier's also the drill's session),
             and removes it with O(state=absent). A role given here must carry the drill's C(drguard:drill-id) tag and
             trust C(ec2.amazonaws.com), or the run fails before any instance starts.
         type: str

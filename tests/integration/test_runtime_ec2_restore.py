@@ -276,3 +276,27 @@ def test_the_sent_lines_really_restore_and_validate_when_an_agent_runs_them(aws_
         assert agent.run(["ls -A /run/drguard/restore"])["stdout"] == ""
     finally:
         agent.close()
+
+
+def test_runtime_verify_reports_the_old_all_tiers_secret_statement_as_not_least_privilege(aws_env, aws):
+    iam, ec2 = aws("iam"), aws("ec2")
+    drill_id, raw, _instances = _runtime(aws, "ec2pol")
+    clean = run_module("runtime_verify", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert (clean.failed, clean["isolated"], clean["findings"]) == (False, True, []), clean.get("msg")
+    # the policy every tier's instance could read every runtime secret with (other tiers' keys, the session)
+    role = "drguard-%s-runtime" % drill_id
+    doc = iam.get_role_policy(RoleName=role, PolicyName="drguard-runtime")["PolicyDocument"]
+    account = iam.get_role(RoleName=role)["Role"]["Arn"].split(":")[4]
+    wide = {"Version": "2012-10-17", "Statement": doc["Statement"][:1] + [{
+        "Sid": "DrillSecrets", "Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+        "Resource": ["arn:aws:secretsmanager:%s:%s:secret:drguard/%s/runtime/*" % (ec2.meta.region_name, account,
+                                                                                   drill_id)]}]}
+    iam.put_role_policy(RoleName=role, PolicyName="drguard-runtime", PolicyDocument=json.dumps(wide))
+    found = run_module("runtime_verify", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert [(f["code"], f["resource"]) for f in found["findings"]] == [("runtime_instance_role", role)]
+    assert "grants other than the SSM agent's actions and each tier's instance its own runtime secret" in \
+        found["findings"][0]["detail"]
+    # a second run of the runtime puts the per-tier statements back
+    again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
+    assert again["actions"] == ["put policy drguard-runtime of role %s" % role]
+    assert run_module("runtime_verify", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})["findings"] == []
