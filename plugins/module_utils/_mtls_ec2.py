@@ -401,13 +401,10 @@ def build_rows(cases: list, servers: dict, clients: dict) -> list:
 # ---------------------------------------------------------------- through SSM
 
 def _command(ssm, iid: str, commands: list, *, timeout: float, comment: str, **kw) -> dict:
-    """``_runtime_ec2.run_command`` on one instance; a final status's output read again whole (its cut is
-    2000 characters; GetCommandInvocation returns up to 24000)."""
-    res = _runtime_ec2.run_command(ssm, [iid], commands, timeout=timeout, comment=comment, **kw)[0]
-    if res["status"] != "unknown" and len(res["stdout"]) >= _runtime_ec2.OUTPUT_LIMIT:
-        inv = ssm.get_command_invocation(CommandId=res["command_id"], InstanceId=iid)
-        res["stdout"] = (inv.get("StandardOutputContent") or "")[:SSM_OUTPUT_LIMIT]
-    return res
+    """``_runtime_ec2.run_command`` on one instance, its output kept whole (up to the 24000 characters
+    GetCommandInvocation returns; the default cut is 2000): the servers' events need more."""
+    return _runtime_ec2.run_command(ssm, [iid], commands, timeout=timeout, comment=comment,
+                                    output_limit=SSM_OUTPUT_LIMIT, **kw)[0]
 
 
 def _what(res, iid) -> str:

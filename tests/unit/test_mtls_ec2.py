@@ -194,24 +194,18 @@ def test_the_instance_programs_parse_as_the_amis_python_3_9():
         ast.parse(source, feature_version=(3, 9))
 
 
-def test_an_output_cut_at_2000_characters_is_read_again_whole():
+def test_the_servers_events_are_read_beyond_the_default_2000_character_cut():
     events = "drguard-mtls-events " + json.dumps([{"port": 5432, "peer_port": n} for n in range(200)])
-    assert len(events) > _runtime_ec2.OUTPUT_LIMIT
+    assert _runtime_ec2.OUTPUT_LIMIT < len(events) < _mtls_ec2.SSM_OUTPUT_LIMIT
 
-    class Finished:  # SSM's answers for a command that ended with a long output
-        def __init__(self):
-            self.reads = 0
-
+    class Finished:  # SSM's answer for a command that ended with a long output
         def send_command(self, **kw):
             return {"Command": {"CommandId": "c-1"}}
 
         def get_command_invocation(self, **kw):
-            self.reads += 1
             return {"Status": "Success", "ResponseCode": 0, "StandardOutputContent": events}
 
-    ssm = Finished()
-    res = _mtls_ec2._command(ssm, "i-1", ["true"], timeout=5, comment="t", sleep=lambda s: None)  # noqa: SLF001
-    assert ssm.reads == 2 and _mtls_ec2.parse_events(res["stdout"]) == [{"port": 5432, "peer_port": n}
-                                                                         for n in range(200)]
+    res = _mtls_ec2._command(Finished(), "i-1", ["true"], timeout=5, comment="t", sleep=lambda s: None)  # noqa: SLF001
+    assert _mtls_ec2.parse_events(res["stdout"]) == [{"port": 5432, "peer_port": n} for n in range(200)]
     short = _runtime_ec2.run_command(Finished(), ["i-1"], ["true"], timeout=5, sleep=lambda s: None)[0]
     assert _mtls_ec2.parse_events(short["stdout"]) is None  # cut: never read as a partial list
