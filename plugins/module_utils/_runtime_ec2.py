@@ -918,13 +918,23 @@ def certificate_secret_name(drill_id: str, tier: str) -> str:
     return runtime_secret_prefix(drill_id) + tier
 
 
+def fetch_secret_line(secret: str, region: str, path: str, attempts: int = 6, pause: int = 5) -> str:
+    """One shell line fetching ``secret``'s value into ``path`` with the instance's role, retried a few times.
+
+    The runtime puts the per-tier statements (:func:`runtime_policy`) only once the instances run, and IAM
+    takes a few seconds to apply a changed policy; the line fails (non-zero) when every attempt failed.
+    """
+    return ("for n in $(seq %d); do aws secretsmanager get-secret-value --region %s --secret-id %s --query "
+            "SecretString --output text > %s && break; rm -f %s; sleep %d; done; test -s %s"
+            % (attempts, shlex.quote(region), shlex.quote(secret), path, path, pause, path))
+
+
 def fetch_commands(secret: str, region: str) -> list:
     """The shell lines an instance runs to fetch its bundle with its own role: only the secret's name travels."""
     bundle = "%s/bundle.json" % CERT_DIR
     return ["set -eu", "umask 077",
             "install -d -m 0700 -o 65534 -g 65534 %s" % CERT_DIR,
-            "aws secretsmanager get-secret-value --region %s --secret-id %s --query SecretString --output text > %s"
-            % (shlex.quote(region), shlex.quote(secret), bundle),
+            fetch_secret_line(secret, region, bundle),
             "/usr/bin/python3 -I -S -c %s %s" % (shlex.quote(_SPLIT_SOURCE), CERT_DIR)]
 
 

@@ -253,8 +253,7 @@ def restore_commands(secret: str, region: str, request: dict, *, fresh: bool, si
               "rm -rf %s" % SESSION_DIR,
               "install -d -m 0700 -o 65534 -g 65534 %s" % SESSION_DIR,
               "trap 'rm -f %s' EXIT" % SESSION_FILE,
-              "aws secretsmanager get-secret-value --region %s --secret-id %s --query SecretString --output text > %s"
-              % (shlex.quote(region), shlex.quote(secret), SESSION_FILE),
+              _runtime_ec2.fetch_secret_line(secret, region, SESSION_FILE),
               "chown 65534:65534 %s" % SESSION_FILE, "chmod 0400 %s" % SESSION_FILE,
               "cd %s" % RESTORE_DIR,
               _request_line(request, ["%s/%s" % (BIN, DRIVER), "restore", SESSION_FILE, RESTORE_DIR])]
