@@ -235,8 +235,8 @@ SESSION_SECRET = "session"  # noqa: S105
 
 def secret_arn_pattern(drill_id: str, name: str, partition: str, region: str, account: str) -> str:
     """The ARN of secret ``drguard/<drill id>/runtime/<name>`` with any six-character suffix (AWS adds one)."""
-    return "arn:%s:secretsmanager:%s:%s:secret:%s%s-??????" % (partition, region, account,
-                                                              runtime_secret_prefix(drill_id), name)
+    return "arn:%s:secretsmanager:%s:%s:secret:%s%s-??????" % (
+        partition, region, account, runtime_secret_prefix(drill_id), name)
 
 
 def runtime_policy(drill_id: str, partition: str, region: str, account: str, instances: dict | None = None) -> dict:

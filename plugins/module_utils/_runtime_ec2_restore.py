@@ -28,7 +28,10 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
+import re
 import shlex
+import stat
 
 from ansible.module_utils.six import string_types
 
@@ -208,12 +211,13 @@ def put_session(sm, drill_id: str, session: dict, tags: dict, *, check_mode: boo
 # ---------------------------------------------------------------- the shell lines (pure)
 
 
-def _packed(text: str) -> str:
-    return base64.b64encode(gzip.compress(text.encode("utf-8"), 9, mtime=0)).decode("ascii")
+def _packed(text) -> str:
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return base64.b64encode(gzip.compress(data, 9, mtime=0)).decode("ascii")
 
 
-def _install(name: str, source: str) -> str:
-    path = "%s/%s" % (BIN, name)
+def _install(name: str, source, directory: str = BIN) -> str:
+    path = "%s/%s" % (directory, name)
     return "echo %s | base64 -d | gzip -dc > %s.tmp && chmod 0444 %s.tmp && mv -f %s.tmp %s" % (
         _packed(source), path, path, path, path)
 
@@ -262,34 +266,62 @@ def restore_commands(secret: str, region: str, request: dict, *, fresh: bool, si
 
 def validate_commands(request: dict, scratch: int) -> list:
     """The shell lines of one validation command over the restored files (``request``: :func:`validate_request`)."""
-    return ["set -eu", "umask 077",
-            "install -d -m 0711 %s" % ROOT,
-            "install -d -m 0755 %s" % BIN,
-            "test -d %s" % RESTORE_DIR,
-            _install("workloads.py", _workloads.program()),
-            _install(DRIVER, DRIVER_SOURCE)] + _tmpfs(WORK_DIR, scratch) + [
-            "cd %s" % RESTORE_DIR,
-            _request_line(request, ["%s/%s" % (BIN, DRIVER), "validate", RESTORE_DIR, WORK_DIR])]
+    lines = ["set -eu", "umask 077",
+             "install -d -m 0711 %s" % ROOT,
+             "install -d -m 0755 %s" % BIN,
+             "test -d %s" % RESTORE_DIR,
+             _install("workloads.py", _workloads.program()),
+             _install(DRIVER, DRIVER_SOURCE)]
+    return lines + _tmpfs(WORK_DIR, scratch) + [
+        "cd %s" % RESTORE_DIR,
+        _request_line(request, ["%s/%s" % (BIN, DRIVER), "validate", RESTORE_DIR, WORK_DIR])]
 
 
 COMMAND_OUT = ROOT + "/command.out"  # root's: the user's command's output, of which the tail is printed
 COMMAND_MARK = "drguard-command-exit "
 COMMAND_TAIL = 4000
+SCRIPT_DIR = ROOT + "/command"  # root's, 0755: the user's script handed in (0444)
+MAX_SCRIPT = 16 * 1024
 
 
-def user_commands(argv: list) -> list:
+def script_of(path: str) -> tuple:
+    """``(name, bytes)`` of the user's script on the controller: a regular file (no symlink) of at most 16 KiB."""
+    name = os.path.basename(path or "")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise Ec2RestoreError("script %r needs a plain file name (letters, digits, '.', '_', '-') to be handed to the "
+                              "validation instance; rename it" % (path,))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Ec2RestoreError("script %s cannot be read (%s); pass a readable file" % (path, exc.strerror)) from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise Ec2RestoreError("script %s is not a regular file; pass the script itself" % path)
+        data = handle.read(MAX_SCRIPT + 1)
+    if len(data) > MAX_SCRIPT:
+        raise Ec2RestoreError("script %s is larger than %d bytes, too large to travel in an SSM command; install it "
+                              "on the instance's image instead" % (path, MAX_SCRIPT))
+    return name, data
+
+
+def user_commands(argv: list, script: tuple | None = None) -> list:
     """The user's validation command, unprivileged, in the restore directory, with an environment of its own only.
 
-    Its output goes to a file and only its tail is printed, then the exit mark
+    ``script`` (:func:`script_of`) is handed in first as ``/run/drguard/command/<name>`` (0444,
+    root's). Its output goes to a file and only its tail is printed, then the exit mark
     (:data:`COMMAND_MARK`) as the last line: no mark, no result (an agent that ran nothing prints none).
     """
-    return ["set -u", "umask 077",
-            "test -d %s || { echo 'nothing was restored on this instance' >&2; exit 3; }" % RESTORE_DIR,
-            "cd %s" % RESTORE_DIR,
-            "rm -f %s" % COMMAND_OUT,
-            "%s > %s 2>&1 < /dev/null; rc=$?" % (_unprivileged(list(argv), WORKLOAD_ENV), COMMAND_OUT),
-            "tail -c %d %s; rm -f %s" % (COMMAND_TAIL, COMMAND_OUT, COMMAND_OUT),
-            "echo; echo %s$rc" % COMMAND_MARK]
+    lines = ["set -u", "umask 077",
+             "test -d %s || { echo 'nothing was restored on this instance' >&2; exit 3; }" % RESTORE_DIR]
+    if script is not None:
+        lines += ["rm -rf %s" % SCRIPT_DIR, "install -d -m 0755 %s" % SCRIPT_DIR,
+                  _install(script[0], script[1], SCRIPT_DIR) + " || exit 3"]
+    return lines + [
+        "cd %s" % RESTORE_DIR,
+        "rm -f %s" % COMMAND_OUT,
+        "%s > %s 2>&1 < /dev/null; rc=$?" % (_unprivileged(list(argv), WORKLOAD_ENV), COMMAND_OUT),
+        "tail -c %d %s; rm -f %s" % (COMMAND_TAIL, COMMAND_OUT, COMMAND_OUT),
+        "echo; echo %s$rc" % COMMAND_MARK]
 
 
 def parse_user_output(res: dict) -> tuple:
@@ -409,9 +441,8 @@ def parse_restore_output(res: dict, items: list) -> list:
                                   % (item["name"], str(line["error"])[:300], _where(res)))
         if line.get("size") != item["size"] or line.get("sha256") != item["sha256"]:
             raise Ec2RestoreError("%s: the bytes restored on the validation instance differ from what was verified "
-                                  "(size %s, sha256 %s; verified %d, %s)" % (item["name"], line.get("size"),
-                                                                            line.get("sha256"), item["size"],
-                                                                            item["sha256"]))
+                                  "(size %s, sha256 %s; verified %d, %s)"
+                                  % (item["name"], line.get("size"), line.get("sha256"), item["size"], item["sha256"]))
         entry = {"name": item["name"], "path": "%s/%s" % (RESTORE_DIR, item["rel"]), "sha256": item["sha256"],
                  "size": item["size"], "on_instance": True}
         for key in ("kind", "expect"):
@@ -446,8 +477,8 @@ def parse_validate_output(res: dict, entries: list) -> list:
     """The validators' results of one command, one per entry in order; anything else is :class:`Ec2RestoreError`."""
     lines = _lines(res.get("stdout"))
     answer = lines[-1] if lines else None
-    if res.get("status") != "Success" or not isinstance(answer, dict) or not isinstance(answer.get("results"),
-                                                                                          list):
+    answered = isinstance(answer, dict) and isinstance(answer.get("results"), list)
+    if res.get("status") != "Success" or not answered:
         why = answer.get("error") if isinstance(answer, dict) and answer.get("error") else "no result"
         raise Ec2RestoreError("validation on the validation instance failed: %s (%s)" % (str(why)[:300],
                                                                                          _where(res)))
@@ -524,17 +555,23 @@ def validate_ec2(clients: dict, drill_id: str, restored: list, min_rows: int, ca
     return _workloads.Validation(bool(results) and all(r["valid"] for r in results), results), inside
 
 
-def run_user_command(clients: dict, drill_id: str, argv: list, *, timeout: float = 600, **kw) -> dict:
+def run_user_command(clients: dict, drill_id: str, argv: list, *, script_path: str | None = None,
+                     timeout: float = 600, **kw) -> dict:
     """The user's validation command on the validation instance (:func:`user_commands`): ``{rc, stdout, inside}``.
 
-    Fail closed: no final status in time or no exit mark is :class:`Ec2RestoreError`; a non-zero
-    exit is returned (the caller fails on it).
+    ``script_path``: a script on the controller handed in (:func:`script_of`); every argument equal
+    to it names the copy on the instance. Fail closed: no final status in time or no exit mark is
+    :class:`Ec2RestoreError`; a non-zero exit is returned (the caller fails on it).
     """
     if not argv or not all(isinstance(a, string_types) and a for a in argv):
         raise Ec2RestoreError("command must be a non-empty list of non-empty strings (argv)")
+    script = script_of(script_path) if script_path else None
+    if script is not None:
+        argv = ["%s/%s" % (SCRIPT_DIR, script[0]) if a == script_path else a for a in argv]
     inst = validation_instance(clients["ec2"], drill_id)
     inside = "%s (%s)" % (inst["instance_id"], _runtime_ec2.VALIDATION_TIER)
-    res = _runtime_ec2.run_command(clients["ssm"], [inst["instance_id"]], user_commands(argv), timeout=timeout,
-                                   comment="drguard validation command", output_limit=OUTPUT_LIMIT, **kw)[0]
+    res = _runtime_ec2.run_command(clients["ssm"], [inst["instance_id"]], user_commands(argv, script),
+                                   timeout=timeout, comment="drguard validation command", output_limit=OUTPUT_LIMIT,
+                                   **kw)[0]
     rc, output = parse_user_output(res)
     return {"rc": rc, "stdout": output, "inside": inside, "command_id": res["command_id"]}

@@ -103,6 +103,12 @@ options:
         environment (no secret, no AWS session). Fails when it exits non-zero. Its output tail is returned.
     type: list
     elements: str
+  script:
+    description:
+      - With O(command) - a script on the controller (a regular file of at most 16 KiB) handed to the validation
+        instance as C(/run/drguard/command/<name>) (0444); every argument of O(command) equal to this path names
+        that copy.
+    type: path
   command_timeout:
     description: Seconds one SSM command may take (O(backend=ec2)); no result by then fails.
     type: int
@@ -184,6 +190,7 @@ ARGUMENT_SPEC = dict(
     backend=dict(type="str", default="controller", choices=["controller", "ec2"]),
     drill_id=dict(type="str"),
     command=dict(type="list", elements="str"),
+    script=dict(type="path"),
     command_timeout=dict(type="int", default=900),
 )
 
@@ -196,6 +203,8 @@ def run_ec2(module, caps):
         raise RestoreError("drill_id is required with backend ec2: it names the runtime's validation instance")
     if p["namespace"] or p["keep_extracted"]:
         raise RestoreError("namespace and keep_extracted do not apply with backend ec2; drop them")
+    if p["script"] and p["command"] is None:
+        raise RestoreError("script is handed in for command only; pass the command that runs it")
     if not 30 <= p["command_timeout"] <= 3600:
         raise RestoreError("command_timeout %d must be between 30 and 3600 seconds" % p["command_timeout"])
     try:
@@ -206,7 +215,8 @@ def run_ec2(module, caps):
     if p["command"] is not None:
         if module.check_mode:
             return {"changed": False, "rc": None, "stdout": ""}, None
-        out = run_user_command(clients, drill_id, p["command"], timeout=p["command_timeout"])
+        out = run_user_command(clients, drill_id, p["command"], script_path=p["script"],
+                               timeout=p["command_timeout"])
         failed = ("the validation command exited %d on %s" % (out["rc"], out["inside"])) if out["rc"] else None
         return {"changed": True, "rc": out["rc"], "stdout": out["stdout"], "inside": out["inside"]}, failed
     outcome, inside = validate_ec2(clients, drill_id, p["restored"], p["min_rows"], caps,
@@ -234,9 +244,9 @@ def main():
             module.fail_json(msg=failed, **result)
         module.exit_json(**result)
     try:
-        if p["command"] is not None:
-            raise RestoreError("command runs only with backend ec2; on the controller or in a namespace the drill "
-                               "runs the validation command with secret_exec")
+        if p["command"] is not None or p["script"]:
+            raise RestoreError("command and script run only with backend ec2; on the controller or in a namespace "
+                               "the drill runs the validation command with secret_exec")
         if inside and p["keep_extracted"]:
             raise RestoreError("keep_extracted cannot be used with namespace: an extraction inside the sandbox "
                                "vanishes with its workload; drop one of them")

@@ -262,6 +262,18 @@ def test_the_sent_lines_really_restore_and_validate_when_an_agent_runs_them(aws_
         assert lines[:5] == ["65534", "/run/drguard/restore", "files.tar", "logs", "orders.sqlite"]
         # what the shell adds (PWD, SHLVL, _) besides the three it is given; no AWS variable, no secret
         assert {"HOME", "LANG", "PATH"} <= set(lines[5:]) <= {"HOME", "LANG", "PATH", "PWD", "SHLVL", "_"}
+        # a script on the controller is handed in (root's, read-only) and named on the instance
+        script = tmp_path / "check-restore.sh"
+        script.write_text("id -u\nwc -c < orders.sqlite\nls -l %s/check-restore.sh | cut -c1-10\n"
+                          % er.SCRIPT_DIR)
+        before = {c["CommandId"] for c in ssm.list_commands()["Commands"]}
+        assert run_module("validate_restore", {"restored": restored, "backend": "ec2", "drill_id": drill_id,
+                                               "command": ["/bin/sh", str(script)], "script": str(script),
+                                               "command_timeout": 30}).failed
+        sent = _sent(ssm, before, "drguard validation command")[0]["Parameters"]["commands"]
+        assert str(script) not in json.dumps(sent)
+        rc, output = er.parse_user_output(agent.run(sent))
+        assert (rc, output.splitlines()) == (0, ["65534", str(artifacts[0]["size"]), "-r--r--r--"])
         # a digest other than the verified one: the instance's figures do not match, the file is not kept
         bad = [dict(artifacts[0], sha256="0" * 64)]
         before = {c["CommandId"] for c in ssm.list_commands()["Commands"]}

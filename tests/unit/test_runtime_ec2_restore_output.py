@@ -172,3 +172,19 @@ def test_a_restored_entry_not_on_the_instance_is_refused_for_validation():
     with pytest.raises(er.Ec2RestoreError) as exc:
         er.validate_request([{"name": "x", "path": "/tmp/x"}], 1, Caps(), extract=True)
     assert str(exc.value).startswith("restored entry 'x' is not a file restored on the validation instance")
+
+
+def test_a_script_is_handed_in_only_as_a_small_regular_file(tmp_path):
+    good = tmp_path / "check.py"
+    good.write_text("print('ok')\n")
+    assert er.script_of(str(good)) == ("check.py", b"print('ok')\n")
+    link = tmp_path / "link.py"
+    link.symlink_to(good)
+    big = tmp_path / "big.py"
+    big.write_bytes(b"#" * (16 * 1024 + 1))
+    for path, start in ((link, "script %s cannot be read" % link),
+                        (big, "script %s is larger than 16384 bytes" % big),
+                        (tmp_path / "a b.sh", "script %r needs a plain file name" % str(tmp_path / "a b.sh"))):
+        with pytest.raises(er.Ec2RestoreError) as exc:
+            er.script_of(str(path))
+        assert str(exc.value).startswith(start)
