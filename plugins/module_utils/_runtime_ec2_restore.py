@@ -33,7 +33,6 @@ import re
 import shlex
 import stat
 
-from ansible.module_utils.six import string_types
 
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import ansible_dict_to_boto3_tag_list
 from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_tag_list_to_ansible_dict
@@ -563,7 +562,7 @@ def run_user_command(clients: dict, drill_id: str, argv: list, *, script_path: s
     to it names the copy on the instance. Fail closed: no final status in time or no exit mark is
     :class:`Ec2RestoreError`; a non-zero exit is returned (the caller fails on it).
     """
-    if not argv or not all(isinstance(a, string_types) and a for a in argv):
+    if not argv or not all(isinstance(a, str) and a for a in argv):
         raise Ec2RestoreError("command must be a non-empty list of non-empty strings (argv)")
     script = script_of(script_path) if script_path else None
     if script is not None:
