@@ -15,9 +15,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 
 import pytest
+import yaml
+from conftest import ROOT
+from conftest import ansible_env
 from conftest import run_module
 from helpers_artifacts import create_versioned_bucket
 from helpers_artifacts import sample_files
@@ -312,3 +316,39 @@ def test_runtime_verify_reports_the_old_all_tiers_secret_statement_as_not_least_
     again = run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})
     assert again["actions"] == ["put policy drguard-runtime of role %s" % role]
     assert run_module("runtime_verify", {"drill_id": drill_id, "backend": "ec2", "boundary": raw})["findings"] == []
+
+
+def _phase(emu, tmp_path, phase, variables, session=None):
+    defaults = {"group/drguard.sandbox.aws": {"region": "us-east-1", "endpoint_url": emu.url}}
+    if session:  # as drill.yml's module_defaults hand the drill's session to restore_artifacts
+        defaults["drguard.sandbox.restore_artifacts"] = session
+    play = [{"hosts": "localhost", "gather_facts": False, "vars": variables, "module_defaults": defaults,
+             "tasks": [{"ansible.builtin.include_tasks": str(ROOT / "playbooks" / "phases" / ("%s.yml" % phase))}]}]
+    path = tmp_path / ("%s.yml" % phase)
+    path.write_text(yaml.safe_dump(play))
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), str(path)],
+                          env=ansible_env(emu), cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_phases_run_on_the_validation_instance_and_fail_closed_on_the_emulator(aws_env, aws, tmp_path):
+    s3, ssm = aws("s3"), aws("ssm")
+    drill_id, raw, instances = _runtime(aws, "ec2phase")
+    artifacts = _artifacts(s3, {"orders.sqlite": b"SQLite format 3\x00" + b"x" * 100})
+    session = _session()
+    base = {"_drill_args": {"runtime": {"backend": "ec2"}, "validation": None},
+            "drill_ctx": {"drill_id": drill_id, "output_dir": str(tmp_path)},
+            "_drill_live_boundary": raw}
+    before = {c["CommandId"] for c in ssm.list_commands()["Commands"]}
+    restore = _phase(aws_env, tmp_path, "restore", dict(base, drill_verify_result={"artifacts": artifacts}), session)
+    assert restore.returncode != 0
+    assert "no result for artifact orders.sqlite from the validation instance" in restore.stdout, \
+        restore.stdout[-2000:]
+    for value in session.values():
+        assert value not in restore.stdout + restore.stderr
+    restored = [{"name": "orders.sqlite", "path": "/run/drguard/restore/orders.sqlite", "sha256": artifacts[0][
+        "sha256"], "size": artifacts[0]["size"], "on_instance": True}]
+    validate = _phase(aws_env, tmp_path, "validate", dict(base, drill_restore_result={"restored": restored}))
+    assert validate.returncode != 0
+    assert "validation on the validation instance failed: no result" in validate.stdout, validate.stdout[-2000:]
+    assert "on %s ended Success" % instances["validation"] in validate.stdout
+    assert len(_sent(ssm, before, "drguard restore")) == len(_sent(ssm, before, "drguard validate")) == 1
