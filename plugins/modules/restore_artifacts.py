@@ -86,6 +86,11 @@ options:
     description: Seconds one SSM command of the restore may take (O(backend=ec2)); no result by then fails.
     type: int
     default: 900
+  session_expiration:
+    description:
+      - With O(backend=ec2), when the drill's session expires (RFC 3339), stored with it as
+        C(AWS_CREDENTIAL_EXPIRATION) in the session secret.
+    type: str
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
@@ -185,6 +190,7 @@ ARGUMENT_SPEC = dict(
     backend=dict(type="str", default="controller", choices=["controller", "ec2"]),
     drill_id=dict(type="str"),
     command_timeout=dict(type="int", default=900),
+    session_expiration=dict(type="str"),
 )
 
 
@@ -238,6 +244,8 @@ def run_ec2(module):
     except ValueError as exc:
         raise RestoreError(str(exc)) from None
     session = drill_session(p)
+    if session and p["session_expiration"]:
+        session = dict(session, AWS_CREDENTIAL_EXPIRATION=p["session_expiration"])
     try:
         to = target(p.get("endpoint_url"), module.region)
     except RelayError as exc:

@@ -101,7 +101,7 @@ def test_restore_and_validation_on_the_emulator_fail_closed_and_the_session_trav
     artifacts = _artifacts(s3)
     session = _session()
     before = {c["CommandId"] for c in ssm.list_commands()["Commands"]}
-    res = _restore(drill_id, artifacts, session, aws_env.url)
+    res = _restore(drill_id, artifacts, session, aws_env.url, session_expiration="2026-12-01T06:00:00Z")
     # the emulator answers Success with empty output: no result, never a pass
     assert res.failed
     assert res["msg"].startswith("no result for artifact orders.sqlite from the validation instance (SSM command ")
@@ -110,7 +110,8 @@ def test_restore_and_validation_on_the_emulator_fail_closed_and_the_session_trav
     name = "drguard/%s/runtime/session" % drill_id
     stored = json.loads(sm.get_secret_value(SecretId=name)["SecretString"])
     assert stored == {"AWS_ACCESS_KEY_ID": session["access_key"], "AWS_SECRET_ACCESS_KEY": session["secret_key"],
-                      "AWS_SESSION_TOKEN": session["session_token"]}
+                      "AWS_SESSION_TOKEN": session["session_token"],
+                      "AWS_CREDENTIAL_EXPIRATION": "2026-12-01T06:00:00Z"}
     tags = {t["Key"]: t["Value"] for t in sm.describe_secret(SecretId=name)["Tags"]}
     assert tags == dict(CONTRACT, **{"drguard:drill-id": drill_id})
     # one command, to the validation instance only, carrying the secret's name and no secret value
