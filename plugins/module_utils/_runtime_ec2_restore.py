@@ -199,7 +199,9 @@ def put_session(sm, drill_id: str, session: dict, tags: dict, *, check_mode: boo
                               "or use another drill id" % (name, drill_id))
     if check_mode:
         return name
-    if meta is None or meta.get("DeletedDate"):
+    if meta is not None and meta.get("DeletedDate"):  # scheduled for deletion: its name is taken until restored
+        sm.restore_secret(SecretId=name)
+    if meta is None:
         sm.create_secret(Name=name, SecretString=text, Tags=ansible_dict_to_boto3_tag_list(tags),
                          Description="drguard drill %s: the drill's session for the validation instance" % drill_id)
     else:

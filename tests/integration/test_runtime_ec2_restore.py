@@ -186,6 +186,17 @@ def test_bad_input_is_refused_before_any_secret_or_command(aws_env, aws):
     assert noid["msg"] == "drill_id is required with backend ec2: it names the runtime's validation instance"
     assert len(ssm.list_commands()["Commands"]) == count
     assert not [s for s in sm.list_secrets()["SecretList"] if s["Name"] == "drguard/%s/runtime/session" % drill_id]
+    # a secret of that name that is not the drill's is never overwritten
+    name = "drguard/%s/runtime/session" % drill_id
+    sm.create_secret(Name=name, SecretString="{}", Tags=[{"Key": "drguard:drill-id", "Value": "someone-else"}])
+    try:
+        taken = _restore(drill_id, artifacts, _session(), aws_env.url)
+        assert taken["msg"] == ("secret %s exists but is not drill %s's (its drguard:drill-id tag differs); remove it "
+                                "or use another drill id" % (name, drill_id))
+        assert sm.get_secret_value(SecretId=name)["SecretString"] == "{}"
+        assert len(ssm.list_commands()["Commands"]) == count
+    finally:
+        sm.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
     other = _restore("t-none-%s" % uuid.uuid4().hex[:8], artifacts, _session(), aws_env.url)
     assert other["msg"].startswith("drill t-none-") and "has 0 running instances named" in other["msg"]
 
