@@ -164,6 +164,20 @@ class Ec2RestoreError(RestoreError):
 # ---------------------------------------------------------------- names, the session secret
 
 
+def checked_target(drill_id, command_timeout: int) -> str:
+    """The drill id a module's ec2 backend works on, checked with its ``command_timeout`` (30 to 3600 s),
+    before any AWS call; :class:`RestoreError` names what is wrong."""
+    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id  # noqa: PLC0415
+    if not drill_id:
+        raise RestoreError("drill_id is required with backend ec2: it names the runtime's validation instance")
+    if not 30 <= command_timeout <= 3600:
+        raise RestoreError("command_timeout %d must be between 30 and 3600 seconds" % command_timeout)
+    try:
+        return validate_drill_id(drill_id)
+    except ValueError as exc:
+        raise RestoreError(str(exc)) from None
+
+
 def session_secret_name(drill_id: str) -> str:
     """``drguard/<drill id>/runtime/session``: the drill's session for the validation instance (deleted at teardown)."""
     return _runtime_ec2.runtime_secret_prefix(drill_id) + _runtime_ec2.SESSION_SECRET

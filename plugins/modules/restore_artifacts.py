@@ -176,6 +176,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._restore import re
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import restore_inside
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2 import Ec2RuntimeError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import checked_target
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import restore_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_relay import RelayError
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_relay import target
@@ -231,18 +232,10 @@ def controller_client(module, service):
 
 def run_ec2(module):
     """The restore on the ec2 runtime's validation instance; bad input fails before any AWS call."""
-    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id  # noqa: PLC0415
     p = module.params
-    if not p["drill_id"]:
-        raise RestoreError("drill_id is required with backend ec2: it names the runtime's validation instance")
+    drill_id = checked_target(p["drill_id"], p["command_timeout"])
     if p["namespace"] or p["s3_endpoint"]:
         raise RestoreError("namespace and s3_endpoint belong to the netns runtime; drop them with backend ec2")
-    if not 30 <= p["command_timeout"] <= 3600:
-        raise RestoreError("command_timeout %d must be between 30 and 3600 seconds" % p["command_timeout"])
-    try:
-        drill_id = validate_drill_id(p["drill_id"])
-    except ValueError as exc:
-        raise RestoreError(str(exc)) from None
     session = drill_session(p)
     if session and p["session_expiration"]:
         session = dict(session, AWS_CREDENTIAL_EXPIRATION=p["session_expiration"])

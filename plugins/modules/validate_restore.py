@@ -175,6 +175,7 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._restore import DE
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import RestoreError
 from ansible_collections.drguard.sandbox.plugins.module_utils._restore import validate
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2 import Ec2RuntimeError
+from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import checked_target
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import run_user_command
 from ansible_collections.drguard.sandbox.plugins.module_utils._runtime_ec2_restore import validate_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import validate_inside
@@ -197,20 +198,12 @@ ARGUMENT_SPEC = dict(
 
 def run_ec2(module, caps):
     """Validators (or O(command)) on the validation instance: ``(result dict, failed message or None)``."""
-    from ansible_collections.drguard.sandbox.plugins.module_utils.drill import validate_drill_id  # noqa: PLC0415
     p = module.params
-    if not p["drill_id"]:
-        raise RestoreError("drill_id is required with backend ec2: it names the runtime's validation instance")
+    drill_id = checked_target(p["drill_id"], p["command_timeout"])
     if p["namespace"] or p["keep_extracted"]:
         raise RestoreError("namespace and keep_extracted do not apply with backend ec2; drop them")
     if p["script"] and p["command"] is None:
         raise RestoreError("script is handed in for command only; pass the command that runs it")
-    if not 30 <= p["command_timeout"] <= 3600:
-        raise RestoreError("command_timeout %d must be between 30 and 3600 seconds" % p["command_timeout"])
-    try:
-        drill_id = validate_drill_id(p["drill_id"])
-    except ValueError as exc:
-        raise RestoreError(str(exc)) from None
     clients = {s: aws_client(module, s) for s in ("ec2", "ssm")}
     if p["command"] is not None:
         if module.check_mode:
