@@ -8,25 +8,36 @@ runtime phase (``_runtime_ec2.deliver_certificates``). This module sends only pr
 public facts; no private key travels in an SSM parameter, an output or a result.
 
 1. One SSM command per destination tier starts the mTLS echo server (``_mtls``'s server and its
-   shared checks; only the TLS context differs: the instance's bundle has no CRL) unprivileged, in
-   the background, with a bounded lifetime (``timeout``), and prints a readiness line.
+   shared checks; only the TLS context differs: leaf and key in two files, CRLs checked when the bundle
+   carries them) unprivileged, in the background, with a bounded lifetime (``timeout``), and prints a
+   readiness line.
 2. One SSM command per instance that runs cases: the handshake cases (every allowed pair with a
    round trip; no client certificate; a certificate of a CA minted on the instance for the probe;
    the destination's own identity, which ``tier_rules`` does not let reach itself, over loopback).
-3. One SSM command per server stops it and returns its handshake events (sent also when a step
-   before failed: nothing stays running, and the lifetime ends it anyway).
+3. The CA rotation, then the leaf rotation (:class:`Rotation`): the phase mints its own CA in the controller's
+   PKI store, and every new bundle goes into the tier's secret and is fetched again by the instance itself
+   (only the secret's name travels), the server reloading on SIGHUP; an earlier leaf a case presents again is
+   a copy kept on the instance that held it. The leaf rotation runs while a connection is held open.
+4. One SSM command per instance used stops the server and the held connection and returns the server's
+   handshake events (sent also when a step before failed: nothing stays running, and the lifetime ends it
+   anyway); the controller's PKI store is destroyed.
 
 A row is known only when its server confirmed it listened, the source's command ended ``Success``
 with a readable result and the server's events came back; anything else is ``unknown`` (fail closed).
-On the emulator no command runs, so every row is ``unknown``. Rotation is not driven on ``ec2``:
-``rotation`` and ``ca_rotation`` say ``rotated: false`` with the reason, so the phase fails.
+A rotation is proven only when each of its steps was confirmed by the instances (the certificate's and the
+CA bundle's SHA-256, the server's reload with the issued serial, the held connection's result); otherwise
+``rotated`` is false with the reason, and the phase fails. On the emulator no command runs, so every row is
+``unknown`` and neither rotation is proven.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
+import os
+import re
 import shlex
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +47,7 @@ except ImportError:  # _pki.HAS_CRYPTOGRAPHY
     x509 = None
 
 from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls
+from ansible_collections.drguard.sandbox.plugins.module_utils import _mtls_drill
 from ansible_collections.drguard.sandbox.plugins.module_utils import _pki
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 
@@ -43,26 +55,26 @@ SERVER_DIR = "/run/drguard/mtls"  # on the instance: root's, 0700; the server's 
 READY_MARK = "drguard-mtls-ready"
 EVENTS_MARK = "drguard-mtls-events"
 READY_LINE = "mtls server listening"
+SOAK_DIR = "/run/drguard/mtls-soak"  # on the source instance: root's, 0700; the held connection's pid, log, result
+KEEP_PREFIX = "keep-"  # <CERT_DIR>/keep-<label>: an earlier leaf of the instance, for a rotation case
+TRUST_MARK = "drguard-mtls-trust"
+RELOAD_MARK = "drguard-mtls-reloaded"
+SOAK_MARK = "drguard-mtls-soak"
+SOAK_INTERVAL = 1.0  # seconds between the held connection's ticks: the server's events must fit in one SSM output
 SSM_OUTPUT_LIMIT = 24000  # what GetCommandInvocation returns at most of a command's output
 OPENSSL = "/usr/bin/openssl"
+KEEP_LABEL = re.compile(r"[a-z0-9]{1,16}")
+_NO_PROBE_LEAF = ("needs a certificate the drill's CA signs for the probe alone, with its key on the source instance; "
+                  "only a tier's own bundle travels to an instance (through its secret)")
 NOT_ON_EC2 = (
-    ("expired", "needs a leaf signed by the drill's CA, whose key never leaves the controller's memory on ec2"),
-    ("outside_trust_domain", "needs a foreign identity signed by the drill's CA, whose key never leaves the "
-                             "controller's memory on ec2"),
-    ("wrong_eku", "needs a leaf signed by the drill's CA, whose key never leaves the controller's memory on ec2"),
-    ("ca_true", "needs a certificate signed by the drill's CA, whose key never leaves the controller's memory on "
-                "ec2"),
-    ("rotated_out_leaf", "leaf rotation is not driven on ec2"),
-    ("old_ca_leaf_during_overlap", "CA rotation is not driven on ec2"),
-    ("after_ca_rotation", "CA rotation is not driven on ec2"),
-    ("old_ca_leaf_after_retirement", "CA rotation is not driven on ec2"),
+    ("expired", _NO_PROBE_LEAF),
+    ("outside_trust_domain", _NO_PROBE_LEAF),
+    ("wrong_eku", _NO_PROBE_LEAF),
+    ("ca_true", _NO_PROBE_LEAF),
 )
-ROTATION_REASON = ("leaf rotation is not driven on the ec2 backend (no renewal into the instances' servers yet): "
-                   "not proven, so the phase fails rather than pass on what it did not observe")
-CA_ROTATION_REASON = ("CA rotation is not driven on the ec2 backend: not proven, so the phase fails rather than pass "
-                      "on what it did not observe")
 
-# The instance's bundle: leaf and key in two files, the CA without a CRL (nothing is revoked on ec2).
+# The instance's bundle: leaf and key in two files; its CA bundle carries CRLs only once the phase's own CA
+# issued them (the runtime phase's CA has none: its key was never kept).
 # Replaces the shared _context (looked up when called) and wraps accept_peer with the peer's source port, so
 # that a client's row and the server's event are matched by address and port, not by order.
 _EC2_CONTEXT = r'''
@@ -74,6 +86,11 @@ def _context(server, identity, trust):
     ctx.check_hostname = False
     ctx.verify_mode = _ssl.CERT_REQUIRED
     ctx.verify_flags |= _ssl.VERIFY_X509_STRICT
+    with open(trust, "rb") as handle:
+        if b"-----BEGIN X509 CRL-----" in handle.read():
+            # a bundle with CRLs (the phase's own CA after the CA rotation) is checked against them: a leaf
+            # whose CA has no CRL in it is then refused (crl_missing), never accepted unchecked
+            ctx.verify_flags |= _ssl.VERIFY_CRL_CHECK_LEAF
     ctx.load_verify_locations(cafile=trust)
     if identity is not None:
         ctx.load_cert_chain(identity[0], identity[1])
@@ -139,8 +156,11 @@ def mint_foreign(spec, uri, work):
 
 def run_case(spec, case, foreign):
     d = spec["tls_dir"]
-    identity = {"own": [_os.path.join(d, "cert.pem"), _os.path.join(d, "key.pem")], "none": None,
-                "foreign": foreign}[case["identity"]]
+    if case["identity"].startswith("keep-"):  # a copy of an earlier leaf of this instance (rotation cases)
+        identity = [_os.path.join(d, case["identity"], "cert.pem"), _os.path.join(d, case["identity"], "key.pem")]
+    else:
+        identity = {"own": [_os.path.join(d, "cert.pem"), _os.path.join(d, "key.pem")], "none": None,
+                    "foreign": foreign}[case["identity"]]
     cfg = {"domain": spec["domain"], "address": case["address"], "port": case["port"],
            "expect_tier": case["expect_tier"], "identity": identity, "trust": _os.path.join(d, "ca.pem"),
            "payload": "ping %s" % case["case"], "timeout": spec["timeout"]}
@@ -172,6 +192,115 @@ def main_ec2():
 sys.exit(main_ec2())
 '''
 
+# The held connection of the leaf rotation (run unprivileged in the background on the source instance): one
+# connection held open with a round trip per tick and one new handshake per tick, until SIGTERM or its
+# lifetime (after SIGTERM one more tick); "soak holding" on stderr after the first tick, the result as one JSON line
+# on stdout at the end.
+_SOAK_EC2_MAIN = r"""
+import os as _os
+import signal as _signal
+
+_STOP = {"stop": False}
+_create_connection = socket.create_connection
+_LAST = {}
+
+
+def _recording_connection(*args, **kwargs):
+    sock = _create_connection(*args, **kwargs)
+    _LAST["local"] = sock.getsockname()[:2]
+    return sock
+
+
+socket.create_connection = _recording_connection
+
+
+def main_soak():
+    spec = json.loads(sys.stdin.read())
+    _signal.signal(_signal.SIGTERM, lambda *_: _STOP.__setitem__("stop", True))
+    d = spec["tls_dir"]
+    cfg = {"domain": spec["domain"], "address": spec["address"], "port": spec["port"],
+           "expect_tier": spec["expect_tier"], "identity": [_os.path.join(d, "cert.pem"), _os.path.join(d, "key.pem")],
+           "trust": _os.path.join(d, "ca.pem"), "payload": "soak", "timeout": spec["timeout"]}
+    started = time.time()
+    held, first = connect(cfg)
+    out = {"held": {"serial": first["server_serial"], "round_trips": 0, "failures": [],
+                    "local": list(_LAST.get("local") or [None, None])},
+           "new": {"handshakes": 0, "failures": [], "serials": []}, "started": started}
+    if held is None:
+        out["held"]["failures"].append(first["reason"])
+    payload = b"soak\n"
+    end = time.monotonic() + spec["max_seconds"]
+    while held is not None and time.monotonic() < end:
+        last = _STOP["stop"]  # after SIGTERM, one more tick: a handshake after the rotation's last step
+        reason, _ = round_trip(held, payload)
+        if reason:
+            out["held"]["failures"].append(reason)
+            break
+        out["held"]["round_trips"] += 1
+        row = once(cfg)
+        out["new"]["handshakes"] += 1
+        if not row["ok"]:
+            out["new"]["failures"].append(row["reason"])
+        elif not out["new"]["serials"] or out["new"]["serials"][-1] != row["server_serial"]:
+            out["new"]["serials"].append(row["server_serial"])
+        if out["held"]["round_trips"] == 1:
+            sys.stderr.write("soak holding serial %s\n" % first["server_serial"])
+            sys.stderr.flush()
+        if last:
+            break
+        time.sleep(spec["interval"])
+    if held is not None:
+        held.close()
+    out["ended"] = time.time()
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+sys.exit(main_soak())
+"""
+
+# Run as root on a server's instance after its bundle was fetched again: SIGHUP to the server (the child of its
+# ``timeout``), then its next drguard.tls.reload event, as "drguard-mtls-reloaded <tier> ok <bool> serial <serial>".
+_RELOAD_SOURCE = r"""
+import json, os, signal, sys, time
+d, tier = sys.argv[1], sys.argv[2]
+
+
+def reloads():
+    out = []
+    try:
+        with open(os.path.join(d, "events.jsonl"), encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("type") == "drguard.tls.reload":
+                    out.append(event.get("data") or {})
+    except FileNotFoundError:
+        pass
+    return out
+
+
+before = len(reloads())
+with open(os.path.join(d, "server.pid"), encoding="ascii") as handle:
+    pid = int(handle.read())
+with open("/proc/%d/task/%d/children" % (pid, pid), encoding="ascii") as handle:
+    child = int(handle.read().split()[0])
+os.kill(child, signal.SIGHUP)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    got = reloads()[before:]
+    if got:
+        print("%s %s ok %s serial %s" % ("drguard-mtls-reloaded", tier, "true" if got[-1].get("ok") is True else
+                                         "false", got[-1].get("serial")))
+        sys.exit(0)
+    time.sleep(0.1)
+sys.stderr.write("no drguard.tls.reload event within 10 s\n")
+sys.exit(1)
+"""
+
+
 # Run as root on the instance: the server's events as one compact line (data and time only).
 _COLLECT_SOURCE = r'''
 import json, sys
@@ -199,6 +328,8 @@ def _strip_exit(source: str) -> str:
 SERVER_SOURCE = _mtls.shared_source() + _EC2_CONTEXT + _mtls._SERVER_MAIN  # noqa: SLF001 - one server, one source
 CLIENT_SOURCE = (_mtls.shared_source() + _EC2_CONTEXT + _strip_exit(_mtls._CLIENT_MAIN)  # noqa: SLF001
                  + _CLIENT_EC2_MAIN)
+SOAK_SOURCE = (_mtls.shared_source() + _EC2_CONTEXT + _strip_exit(_mtls._CLIENT_MAIN)  # noqa: SLF001
+               + _SOAK_EC2_MAIN)
 
 
 def _b64(text: str) -> str:
@@ -305,16 +436,92 @@ def client_commands(drill_id: str, cases: list, *, timeout: float) -> list:
     return [_runtime_ec2.unprivileged_command(CLIENT_SOURCE, client_spec(drill_id, cases, timeout=timeout))]
 
 
-def stop_commands(*, server_dir: str = SERVER_DIR, python: str = "/usr/bin/python3") -> list:
-    """Shell lines that stop the server (TERM, then KILL), print its handshake events and remove its directory."""
+def _stop_pid_line(pid_file: str) -> str:
+    return ("if [ -s %s ]; then pid=\"$(cat %s)\"; kill -TERM \"$pid\" 2>/dev/null || true;"
+            " for i in $(seq 1 25); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.2; done;"
+            " kill -KILL \"$pid\" 2>/dev/null || true; fi" % (pid_file, pid_file))
+
+
+def stop_commands(*, server_dir: str = SERVER_DIR, python: str = "/usr/bin/python3", soak_dir: str = SOAK_DIR,
+                  tls_dir: str = _runtime_ec2.CERT_DIR) -> list:
+    """Shell lines that stop the server and a held connection left running (TERM, then KILL), remove the copies
+    of earlier leaves kept for the rotation cases, print the server's handshake events and remove its
+    directory (sent to every instance the phase used; one without a server prints ``null`` events)."""
     d = shlex.quote(server_dir)
     return [
-        "if [ -s %s/server.pid ]; then pid=\"$(cat %s/server.pid)\"; kill -TERM \"$pid\" 2>/dev/null || true;"
-        " for i in $(seq 1 25); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.2; done;"
-        " kill -KILL \"$pid\" 2>/dev/null || true; fi" % (d, d),
+        _stop_pid_line("%s/soak.pid" % shlex.quote(soak_dir)), "rm -rf %s" % shlex.quote(soak_dir),
+        "rm -rf %s/%s*" % (shlex.quote(tls_dir), KEEP_PREFIX),
+        _stop_pid_line("%s/server.pid" % d),
         "%s -I -S -c \"$(echo %s | base64 -d)\" %s/events.jsonl" % (python, _b64(_COLLECT_SOURCE), d),
         "rm -rf %s" % d,
     ]
+
+
+# ---------------------------------------------------------------- rotation on the instances (shell lines, no key)
+
+def keep_lines(label: str, *, tls_dir: str = _runtime_ec2.CERT_DIR) -> list:
+    """Copy the instance's current leaf and key into ``<tls_dir>/keep-<label>`` (0700, the workload's), before its
+    bundle is fetched again: a rotation case presents that earlier leaf from this instance, so no key travels."""
+    if not KEEP_LABEL.fullmatch(label):
+        raise ValueError("keep label %r is not [a-z0-9]{1,16}" % label)
+    t, keep = shlex.quote(tls_dir), shlex.quote("%s/%s%s" % (tls_dir, KEEP_PREFIX, label))
+    return ["rm -rf %s" % keep, "install -d -m 0700 -o 65534 -g 65534 %s" % keep,
+            "cp -p %s/cert.pem %s/key.pem %s/" % (t, t, keep)]
+
+
+def trust_line(*, tls_dir: str = _runtime_ec2.CERT_DIR) -> str:
+    """Print the SHA-256 of the CA bundle the instance now holds (``drguard-mtls-trust <hex>``)."""
+    return "echo \"%s $(sha256sum %s/ca.pem | cut -d ' ' -f 1)\"" % (TRUST_MARK, shlex.quote(tls_dir))
+
+
+def reload_lines(tier: str, *, server_dir: str = SERVER_DIR, python: str = "/usr/bin/python3") -> list:
+    """SIGHUP the tier's server and print its reload event (``drguard-mtls-reloaded <tier> ok <bool> serial <s>``)."""
+    return ["%s -I -S -c \"$(echo %s | base64 -d)\" %s %s" % (python, _b64(_RELOAD_SOURCE), shlex.quote(server_dir),
+                                                             shlex.quote(tier))]
+
+
+def refetch_commands(secret: str, region: str, tier: str, *, keep: str | None = None,  # noqa: PLR0913
+                     reload: bool = False, tls_dir: str = _runtime_ec2.CERT_DIR, server_dir: str = SERVER_DIR) -> list:
+    """What an instance runs in a rotation step: keep a copy of its current leaf (``keep``), fetch its bundle again
+    by name with its own role (``_runtime_ec2.fetch_commands``), print the CA bundle's SHA-256 and, on a server's
+    instance (``reload``), SIGHUP the server and print its reload event. Only the secret's name travels."""
+    lines = ["set -eu"] + (keep_lines(keep, tls_dir=tls_dir) if keep else []) + _runtime_ec2.fetch_commands(secret,
+                                                                                                             region)
+    return lines + [trust_line(tls_dir=tls_dir)] + (reload_lines(tier, server_dir=server_dir) if reload else [])
+
+
+def soak_spec(drill_id: str, address: str, port: int, expect_tier: str, *, timeout: float, max_seconds: int,
+              tls_dir: str = _runtime_ec2.CERT_DIR, interval: float = SOAK_INTERVAL) -> dict:
+    return {"domain": _pki.trust_domain(drill_id), "tls_dir": tls_dir, "address": address, "port": int(port),
+            "expect_tier": expect_tier, "timeout": float(timeout), "max_seconds": int(max_seconds),
+            "interval": float(interval)}
+
+
+def soak_start_commands(spec: dict, *, lifetime: int, soak_dir: str = SOAK_DIR,
+                        unprivileged: str = _runtime_ec2.UNPRIVILEGED, python: str = "/usr/bin/python3") -> list:
+    """Start the held connection unprivileged in the background for at most ``lifetime`` seconds; print
+    ``drguard-mtls-soak holding serial <serial>`` once it held its connection for a first tick (exit 1 otherwise)."""
+    d = shlex.quote(soak_dir)
+    return [
+        "set -eu", "umask 077", "install -d -m 0700 %s" % d, _stop_pid_line("%s/soak.pid" % d),
+        "rm -f %s/soak.json %s/soak.log %s/soak.pid" % (d, d, d),
+        "echo %s | base64 -d | setsid timeout -s TERM -k 5 %d %s %s -I -S -c \"$(echo %s | base64 -d)\" "
+        "> %s/soak.json 2> %s/soak.log &"
+        % (_b64(json.dumps(spec, sort_keys=True)), int(lifetime), unprivileged, python, _b64(SOAK_SOURCE), d, d),
+        "echo $! > %s/soak.pid" % d,
+        "for i in $(seq 1 50); do grep -qs 'soak holding' %s/soak.log && break; sleep 0.2; done" % d,
+        "grep -qs 'soak holding' %s/soak.log || { tail -c 400 %s/soak.log >&2; exit 1; }" % (d, d),
+        "echo \"%s holding $(grep -o 'serial [0-9A-F]*' %s/soak.log | head -n 1)\"" % (SOAK_MARK, d),
+    ]
+
+
+def soak_stop_commands(*, soak_dir: str = SOAK_DIR) -> list:
+    """End the held connection (TERM: it stops at its next tick and prints its result) and print that result
+    (``drguard-mtls-soak-result <json>``)."""
+    d = shlex.quote(soak_dir)
+    return [_stop_pid_line("%s/soak.pid" % d),
+            "echo \"%s-result $(tail -n 1 %s/soak.json 2>/dev/null)\"" % (SOAK_MARK, d),
+            "rm -rf %s" % d]
 
 
 # ---------------------------------------------------------------- reading the outputs (pure)
@@ -354,6 +561,95 @@ def parse_events(stdout: str):
     return None
 
 
+def parse_reloaded(stdout: str, tier: str):
+    """``(ok, serial)`` of the server's reload event as printed by :func:`reload_lines`, or None."""
+    for line in (stdout or "").splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[:3] == [RELOAD_MARK, tier, "ok"] and parts[4] == "serial":
+            return parts[3] == "true", parts[5]
+    return None
+
+
+def parse_trust(stdout: str):
+    """The SHA-256 (hex) of the CA bundle the instance holds, as printed by :func:`trust_line`, or None."""
+    for line in (stdout or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == TRUST_MARK and re.fullmatch(r"[0-9a-f]{64}", parts[1]):
+            return parts[1]
+    return None
+
+
+def parse_soak_holding(stdout: str):
+    """The serial the held connection saw first, or None when the soak did not say it held its connection."""
+    for line in (stdout or "").splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[:3] == [SOAK_MARK, "holding", "serial"] and parts[3]:
+            return parts[3]
+    return None
+
+
+def parse_soak(stdout: str):
+    """The held connection's result (``held``, ``new``, ``started``, ``ended``), or None when it is not whole."""
+    for line in (stdout or "").splitlines():
+        if line.startswith(SOAK_MARK + "-result "):
+            try:
+                out = json.loads(line[len(SOAK_MARK) + 8:])
+            except ValueError:
+                return None
+            try:
+                ok = (isinstance(out["held"]["failures"], list) and isinstance(out["held"]["round_trips"], int)
+                      and isinstance(out["new"]["failures"], list) and isinstance(out["new"]["serials"], list)
+                      and isinstance(out["new"]["handshakes"], int) and isinstance(out["started"], (int, float))
+                      and isinstance(out["ended"], (int, float)))
+            except (KeyError, TypeError):
+                return None
+            return out if ok else None
+    return None
+
+
+def _epoch(stamp) -> float | None:
+    try:
+        return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def judge_leaf_rotation(soak, events, *, old_serial: str, new_serial: str, steps: list) -> dict:
+    """The leaf rotation's verdict from what came back (pure): the held connection's result, the server's
+    handshake events (None: they did not come back) and the rotation's steps (each ``confirmed`` or not).
+
+    ``rotated`` only when every step was confirmed, the held connection's result and the server's events came
+    back, and a new handshake showed the new serial; ``dropped_connections`` / ``failed_handshakes`` are None
+    when what they count did not come back (never 0 by default)."""
+    out = {"rotated": False, "dropped_connections": None, "failed_handshakes": None, "new_serials": [],
+           "held_round_trips": 0, "held_serial": None, "new_handshakes": 0, "old_serial": old_serial,
+           "new_serial": new_serial, "steps": steps}
+    reasons = ["step %s on %s: %s" % (st["step"], st["tier"], st["reason"]) for st in steps if not st["confirmed"]]
+    if soak is None:
+        reasons.append("the held connection's result did not come back")
+    else:
+        out.update(dropped_connections=1 if soak["held"]["failures"] else 0,
+                   held_round_trips=soak["held"]["round_trips"], held_serial=soak["held"].get("serial"),
+                   new_handshakes=soak["new"]["handshakes"], new_serials=list(soak["new"]["serials"]))
+        if events is None:
+            reasons.append("the server's handshake events did not come back")
+        else:
+            # as on netns: every handshake the server refused while the connection was held (an event without a
+            # readable time counts as refused meanwhile: fail closed)
+            refused = sum(1 for e in events if not e.get("accepted")
+                          and (_epoch(e.get("time")) is None
+                               or soak["started"] <= _epoch(e.get("time")) <= soak["ended"]))
+            out["failed_handshakes"] = len(soak["new"]["failures"]) + refused
+        if new_serial not in soak["new"]["serials"]:
+            reasons.append("no new handshake during the rotation presented the new serial %s" % new_serial)
+    if not reasons:
+        out["rotated"] = True
+    else:
+        out["reason"] = "not proven: %s" % "; ".join(reasons)
+    return out
+
+
 def _unknown(row, why):
     row.update(observed="unknown", reason="no result (%s)" % why, latency_ms=None, peer_id=None, serial=None,
                server_serial=None)
@@ -369,15 +665,16 @@ def build_rows(cases: list, servers: dict, clients: dict) -> list:
     came back; its ``reason`` is the server's own (matched by the client's address and port)."""
     offsets, rows = {}, []
     for case in cases:
-        k = offsets.get(case["runs_on"], 0)
-        offsets[case["runs_on"]] = k + 1
+        batch = case.get("batch", case["runs_on"])  # one client command per batch (a rotation case: its own)
+        k = offsets.get(batch, 0)
+        offsets[batch] = k + 1
         row = {"src": case["src"], "dst": case["dst"], "address": "%s:%d" % (case["address"], case["port"]),
                "layer": "mtls", "case": case["case"], "expected": case["expected"], "observed": None,
                "reason": None, "expected_reason": case["expected_reason"], "latency_ms": None, "peer_id": None,
                "serial": None, "server_serial": None}
         rows.append(row)
         server = servers.get(case["dst"]) or {"error": "no mTLS server for this tier"}
-        client = clients.get(case["runs_on"]) or {"error": "no instance for this tier"}
+        client = clients.get(case.get("batch", case["runs_on"])) or {"error": "no instance for this tier"}
         if not server.get("ready"):
             _unknown(row, server.get("error") or "the server did not confirm it listened")
             continue
@@ -441,8 +738,279 @@ def _describe(pem: str, drill_id: str = None) -> dict:
     return out
 
 
+ROUNDS = 14  # sequential command rounds of the phase at most (start, cases, 3 CA steps, 3 probes, soak, 2 leaf
+# steps, soak stop, rotated-out probe, stop): a server or held connection lives at most ROUNDS x command_timeout + 60
+
+
+def _split_identity(data: bytes):
+    """A store's ``tier-<tier>.pem`` (certificate, then key) as ``(cert_pem, key_pem)`` text."""
+    text = data.decode("ascii")
+    cut = text.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----\n")
+    return text[:cut], text[cut:]
+
+
+def _pem_certs(text: str) -> list:
+    return [x509.load_pem_x509_certificate(m.group(0).encode())
+            for m in re.finditer(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text or "", re.S)]
+
+
+class Rotation:
+    """The CA rotation then the leaf rotation on the instances (docs/mtls.md, "On AWS"), driven from the controller.
+
+    The phase mints its own CA in the controller's PKI store (``/dev/shm/drguard-<drill id>-mtls/pki``, destroyed
+    when the phase ends); every bundle reaches its instance through its secret (``put_secret_value``) and the
+    instance's own fetch (``_runtime_ec2.fetch_commands``); a server reloads on SIGHUP. Each step is confirmed by
+    what the instances print (the certificate's and the CA bundle's SHA-256, the server's reload with the issued
+    serial) or it is not, and an unconfirmed step makes its rotation not proven. The steps always run to the end,
+    so that every tier's secret ends with the phase's CA, its CRL and a leaf of it."""
+
+    def __init__(self, ssm, sm, drill_id, boundary, units, *, ready, timeout, command_timeout, lifetime,  # noqa: PLR0913
+                 leaf_lifetime=_pki.DEFAULT_LEAF_LIFETIME, kw=None):
+        self.ssm, self.sm, self.drill_id, self.units = ssm, sm, drill_id, units
+        self.ready = ready  # {server tier: serial or None}
+        self.timeout, self.command_timeout, self.lifetime = timeout, command_timeout, lifetime
+        self.leaf_lifetime, self.kw = leaf_lifetime, kw or {}
+        self.tiers = _runtime_ec2.runtime_tiers(boundary)
+        self.servers = list(server_ports(boundary))
+        self.by_tier = {u["tier"]: u.get("instance_id") for u in units}
+        self.address = {u["tier"]: u.get("address") or "" for u in units}
+        self.region = sm.meta.region_name
+        self.root = _mtls_drill.root_dir(drill_id)
+        self.store = _pki.Store(drill_id, os.path.join(self.root, "pki"))
+        self.cases, self.clients, self.steps = [], {}, []
+        self.held = {"result": None}
+
+    # ------------------------------------------------------------ through the secret store and SSM
+    def _secret(self, tier):
+        return _runtime_ec2.certificate_secret_name(self.drill_id, tier)
+
+    def read_bundles(self):
+        out = {}
+        for tier in self.tiers:
+            try:
+                out[tier] = json.loads(self.sm.get_secret_value(SecretId=self._secret(tier))["SecretString"])
+                if not all(isinstance(out[tier].get(k), str) for k in ("ca_bundle", "cert", "key")):
+                    return None, "the %s tier's bundle in secret %s is not readable" % (tier, self._secret(tier))
+            except (_runtime_ec2.ClientError, ValueError, KeyError, TypeError, AttributeError):
+                return None, "the %s tier's bundle in secret %s is not readable" % (tier, self._secret(tier))
+        return out, None
+
+    def deliver(self, name, bundles, *, keep=None, expect=None):
+        """Put every tier's bundle in its secret, then have each instance fetch it again (and its server reload);
+        records one step per tier. ``expect``: {server tier: the serial its reload must show}."""
+        keep, expect = keep or {}, expect or {}
+        for tier, bundle in bundles.items():
+            self.sm.put_secret_value(SecretId=self._secret(tier), SecretString=json.dumps(bundle))
+
+        def one(tier):
+            iid = self.by_tier.get(tier)
+            step = {"step": name, "tier": tier, "instance_id": iid, "confirmed": False}
+            if not iid:
+                return dict(step, reason="no instance for this tier")
+            reload = tier in expect
+            res = _command(self.ssm, iid, refetch_commands(self._secret(tier), self.region, tier,
+                                                           keep=keep.get(tier), reload=reload),
+                           timeout=self.command_timeout, comment="drguard mtls rotation", **self.kw)
+            bundle = bundles[tier]
+            sha = hashlib.sha256(bundle["cert"].encode()).hexdigest()
+            if res["status"] != "Success":
+                return dict(step, reason="%s" % _what(res, iid))
+            if "delivered %s" % sha not in res["stdout"].split("\n"):
+                return dict(step, reason="%s without confirming the certificate" % _what(res, iid))
+            if parse_trust(res["stdout"]) != hashlib.sha256(bundle["ca_bundle"].encode()).hexdigest():
+                return dict(step, reason="%s without confirming the CA bundle" % _what(res, iid))
+            if reload:
+                got = parse_reloaded(res["stdout"], tier)
+                if got is None or got[0] is not True:
+                    return dict(step, reason="%s without the server's reload" % _what(res, iid))
+                if got[1] != expect[tier]:
+                    return dict(step, reason="the server reloaded with serial %s, not the issued %s"
+                                % (got[1], expect[tier]))
+            return dict(step, confirmed=True, reason="confirmed by the instance")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(bundles)))) as pool:
+            got = list(pool.map(one, list(bundles)))
+        self.steps.extend(got)
+        return got
+
+    def probe(self, name, src, dst, port, identity, expected, reason, *, loopback=False):  # noqa: PLR0917
+        """One rotation case, a client command of its own on the instance that holds ``identity``."""
+        runs_on = dst if loopback else src
+        case = {"case": name, "src": runs_on, "dst": dst, "port": port, "runs_on": runs_on, "batch": name,
+                "address": "127.0.0.1" if loopback else self.address.get(dst, ""), "identity": identity,
+                "expected": expected, "expected_reason": reason, "expect_tier": dst}
+        self.cases.append(case)
+        iid = self.by_tier.get(runs_on)
+        if not iid:
+            self.clients[name] = {"rows": None, "error": "no instance for this tier"}
+            return
+        res = _command(self.ssm, iid, client_commands(self.drill_id, [case], timeout=self.timeout),
+                       timeout=self.command_timeout, comment="drguard mtls probes", **self.kw)
+        rows = parse_client(res["stdout"], 1) if res["status"] == "Success" else None
+        self.clients[name] = {"rows": rows, "error": None if rows is not None else
+                              "%s with no handshake result in its output" % _what(res, iid)}
+
+    # ------------------------------------------------------------ the rotations
+    def _own(self, tier):
+        with open(self.store.tier_file(tier), "rb") as handle:
+            return _split_identity(handle.read())
+
+    def _trust(self):
+        with open(self.store.trust_file(), "rb") as handle:
+            return handle.read().decode("ascii")
+
+    def run(self, pair) -> tuple:
+        """``(rotation, ca_rotation)`` before the rows are judged (see :meth:`finish`)."""
+        src, dst, port = pair
+        current, why = self.read_bundles()
+        old_cas = {b["ca_bundle"] for b in (current or {}).values()}
+        if current is not None and len(old_cas) != 1:
+            why = "the tiers' bundles in the secret store do not share one CA bundle"
+        certs = _pem_certs(next(iter(old_cas))) if current is not None and len(old_cas) == 1 else []
+        if why is None and len(certs) != 1:
+            why = "the runtime phase's CA bundle does not hold exactly one CA certificate"
+        ttl = int((certs[0].not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) \
+            if certs else 0
+        if why is None and ttl < _pki.MIN_CA_LEFT:
+            why = "the runtime phase's CA expires too soon for a new CA"
+        if why is not None:
+            reason = "not proven: %s; nothing was rotated" % why
+            return ({"rotated": False, "reason": reason, "dropped_connections": None, "failed_handshakes": None,
+                     "new_serials": [], "held_round_trips": 0, "steps": []},
+                    {"rotated": False, "reason": reason, "old_ca": None, "new_ca": None,
+                     "old_ca_key_destroyed": None, "steps": []})
+        old_ca = certs[0]
+        self.old_ca = _pki.serial_hex(old_ca)
+        self.old_ca_key_stored = self._ca_key_stored(current, old_ca)
+        lifetime = min(self.leaf_lifetime, ttl)
+        _pki.destroy(self.root)  # a PKI left by an interrupted run of this phase: never reused
+        self.store.present([t for t in self.tiers if t != _pki.VALIDATION_TIER], ttl, lifetime)
+        state = self.store.state()
+        self.new_ca = state["cas"][-1]
+        leaf1 = {t: self._own(t) for t in self.tiers}
+        serial1 = {t: state["leaves"][t]["serial"] for t in self.tiers}
+        overlap = next(iter(old_cas)).rstrip("\n") + "\n" + _pki.cert_pem(self.store.ca_cert(self.new_ca)).decode()
+        old_serial = {t: _pki.serial_hex(x509.load_pem_x509_certificate(current[t]["cert"].encode()))
+                      for t in self.tiers}
+        servers = [t for t in self.servers if self.ready.get(t)]  # a server that never listened is not reloaded
+        # CA rotation: 1. the overlap bundle (old + new CA) with the leaves of the old CA, everywhere first
+        self.ca_steps = self.deliver("ca_overlap_trust", {t: dict(current[t], ca_bundle=overlap) for t in self.tiers},
+                                     keep={src: "ca0"}, expect={t: old_serial[t] for t in servers})
+        # 2. the leaves of the new CA
+        self.ca_steps += self.deliver("ca_new_leaves", {t: {"ca_bundle": overlap, "cert": leaf1[t][0],
+                                                           "key": leaf1[t][1]} for t in self.tiers},
+                                      expect={t: serial1[t] for t in servers})
+        self.probe("old_ca_leaf_during_overlap", src, dst, port, KEEP_PREFIX + "ca0", "allow", "round_trip")
+        # 3. the new CA only, with its CRL: the old CA is no longer trusted anywhere
+        trust = self._trust()
+        self.ca_steps += self.deliver("ca_retire_old", {t: {"ca_bundle": trust, "cert": leaf1[t][0],
+                                                           "key": leaf1[t][1]} for t in self.tiers},
+                                      expect={t: serial1[t] for t in servers})
+        self.probe("after_ca_rotation", src, dst, port, "own", "allow", "round_trip")
+        self.probe("old_ca_leaf_after_retirement", src, dst, port, KEEP_PREFIX + "ca0", "deny", "unknown_ca")
+        self.expected_server_serial = serial1[dst]
+        # Leaf rotation under the new CA, with a connection held open from src to dst meanwhile
+        leaf_steps = [self._start_soak(src, dst, port)]
+        state = self.store.state()
+        self.store.write_leaf(state, self.store.issuing_ca(state), dst, lifetime)
+        self.store.write_trust(state)
+        self.store.save(state)
+        new_cert, new_key = self._own(dst)
+        self.new_serial = self.store.state()["leaves"][dst]["serial"]
+        leaf_steps += self.deliver("leaf_new", {dst: {"ca_bundle": trust, "cert": new_cert, "key": new_key}},
+                                   keep={dst: "rotated"}, expect={dst: self.new_serial} if dst in servers else {})
+        self.store.retire()  # the superseded leaf revoked in the CA's CRL
+        trust = self._trust()
+        leaf_steps += self.deliver("leaf_revoke_old", {t: {"ca_bundle": trust, "cert": self._own(t)[0],
+                                                           "key": self._own(t)[1]} for t in self.tiers},
+                                   expect={t: self.store.state()["leaves"][t]["serial"] for t in servers})
+        leaf_steps.append(self._stop_soak(src))
+        self.leaf_steps, self.old_serial, self.pair = leaf_steps, serial1[dst], "%s->%s:%d" % (src, dst, port)
+        self.probe("rotated_out_leaf", dst, dst, port, KEEP_PREFIX + "rotated", "deny", "revoked", loopback=True)
+        return None, None
+
+    def _start_soak(self, src, dst, port):
+        iid = self.by_tier.get(src)
+        step = {"step": "held_connection", "tier": src, "instance_id": iid, "confirmed": False}
+        if not iid:
+            return dict(step, reason="no instance for this tier")
+        spec = soak_spec(self.drill_id, self.address.get(dst, ""), port, dst, timeout=self.timeout,
+                         max_seconds=self.lifetime)
+        res = _command(self.ssm, iid, soak_start_commands(spec, lifetime=self.lifetime + 10),
+                       timeout=self.command_timeout, comment="drguard mtls held connection", **self.kw)
+        serial = parse_soak_holding(res["stdout"]) if res["status"] == "Success" else None
+        self.steps.append(dict(step, confirmed=serial is not None,
+                               reason="holding, server serial %s" % serial if serial else
+                               "%s without the held connection's first round trip" % _what(res, iid)))
+        return self.steps[-1]
+
+    def _stop_soak(self, src):
+        iid = self.by_tier.get(src)
+        step = {"step": "held_connection_result", "tier": src, "instance_id": iid, "confirmed": False}
+        if not iid:
+            return dict(step, reason="no instance for this tier")
+        res = _command(self.ssm, iid, soak_stop_commands(), timeout=self.command_timeout,
+                       comment="drguard mtls held connection", **self.kw)
+        self.held["result"] = parse_soak(res["stdout"]) if res["status"] == "Success" else None
+        self.steps.append(dict(step, confirmed=self.held["result"] is not None,
+                               reason="result read" if self.held["result"] is not None else
+                               "%s without the held connection's result" % _what(res, iid)))
+        return self.steps[-1]
+
+    def _ca_key_stored(self, bundles, ca) -> bool:
+        """True when a private key in the drill's secrets or in the controller's PKI directory is the CA's."""
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        mine = ca.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        keys = [b["key"].encode() for b in bundles.values()]
+        if os.path.isdir(self.store.dir):
+            for name in os.listdir(self.store.dir):
+                if name.endswith(".key"):
+                    with open(os.path.join(self.store.dir, name), "rb") as handle:
+                        keys.append(handle.read())
+        for pem in keys:
+            try:
+                key = serialization.load_pem_private_key(pem, None)
+            except (ValueError, TypeError):
+                continue
+            if key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo) == mine:
+                return True
+        return False
+
+    def finish(self, rows, events) -> tuple:
+        """The verdicts, once the rows are judged and the server's events (of the rotated tier) came back."""
+        by_case = {r["case"]: r for r in rows}
+        ca_reasons = ["step %s on %s: %s" % (st["step"], st["tier"], st["reason"])
+                      for st in self.ca_steps if not st["confirmed"]]
+        dst = self.pair.split("->")[1].split(":")[0]
+        if not self.ready.get(dst):
+            ca_reasons.insert(0, "the mTLS server of tier %s did not confirm it listened" % dst)
+        ca_reasons += ["case %s has %s" % (c, by_case[c]["reason"]) for c in
+                       ("old_ca_leaf_during_overlap", "after_ca_rotation", "old_ca_leaf_after_retirement")
+                       if c in by_case and by_case[c]["observed"] == "unknown"]
+        after = by_case.get("after_ca_rotation") or {}
+        if after.get("observed") == "allow" and after.get("server_serial") != self.expected_server_serial:
+            ca_reasons.append("after the CA rotation the server presented serial %s, not the issued %s"
+                              % (after.get("server_serial"), self.expected_server_serial))
+        ca = {"rotated": not ca_reasons, "old_ca": self.old_ca, "new_ca": self.new_ca,
+              # the runtime phase's CA key lived only in that module's memory (_runtime_ec2.ensure_certificates):
+              # true when no private key of the drill's secrets or of the PKI directory is that CA's
+              "old_ca_key_destroyed": not self.old_ca_key_stored,
+              "old_ca_key_check": "never stored: no private key in the drill's secrets or in the controller's PKI "
+                                  "directory is the runtime phase's CA key (it was made in memory only)"
+              if not self.old_ca_key_stored else "a stored private key is the runtime phase's CA key",
+              "new_server_serial": after.get("server_serial"), "steps": self.ca_steps}
+        if ca_reasons:
+            ca["reason"] = "not proven: %s" % "; ".join(ca_reasons)
+        leaf = judge_leaf_rotation(self.held["result"], events, old_serial=self.old_serial,
+                                   new_serial=self.new_serial, steps=self.leaf_steps)
+        leaf["pair"] = self.pair
+        return leaf, ca
+
+
 def run(ssm, sm, drill_id: str, boundary, units: list, *, timeout: float = 5.0, command_timeout: float = 60,
-        **kw) -> dict:
+        leaf_lifetime: int = _pki.DEFAULT_LEAF_LIFETIME, **kw) -> dict:
     """The mtls phase on the ec2 runtime (see the module docstring); the netns phase's result shape."""
     dests = server_ports(boundary)
     if not dests:
@@ -451,7 +1019,7 @@ def run(ssm, sm, drill_id: str, boundary, units: list, *, timeout: float = 5.0, 
                                           "secure, no mTLS server started"}
     cases = plan_cases(drill_id, boundary, units)
     by_tier = {u["tier"]: u.get("instance_id") for u in units}
-    lifetime = int(3 * command_timeout + 60)
+    lifetime = int(ROUNDS * command_timeout + 60)
     servers = {t: {"ready": None, "events": None} for t in dests}
     clients = {}
     by_runner = {}
@@ -486,18 +1054,34 @@ def run(ssm, sm, drill_id: str, boundary, units: list, *, timeout: float = 5.0, 
         return {"events": events, "events_error": None if events is not None else
                 "%s with no handshake events in its output" % _what(res, iid)}
 
+    pair = next(((c["src"], c["dst"], c["port"]) for c in cases if c["case"] == "allowed"), None)
+    rotation = Rotation(ssm, sm, drill_id, boundary, units, ready={}, timeout=timeout, command_timeout=command_timeout,
+                        lifetime=lifetime, leaf_lifetime=leaf_lifetime, kw=kw)
+    early = (None, None)
     try:
         for tier, got in zip(dests, pool.map(start, dests), strict=True):
             servers[tier].update(got)
         for tier, got in zip(by_runner, pool.map(client, by_runner), strict=True):
             clients[tier] = got
+        rotation.ready = {t: servers[t].get("ready") for t in dests}
+        early = rotation.run(pair)
     finally:
-        # every server that may run is stopped, also after a failure above; its lifetime ends it regardless
+        # every server that may run is stopped, and the held connection and the kept leaves on the rotation's
+        # instances removed, also after a failure above; their lifetime ends them regardless
         started = [t for t in dests if by_tier.get(t) and servers[t].get("sent", True)]
         for tier, got in zip(started, pool.map(stop, started), strict=True):
             servers[tier].update(got)
+        others = [t for t in dict.fromkeys(pair[:2]) if t not in started and by_tier.get(t)]
+        list(pool.map(stop, others))
         pool.shutdown()
-    rows = build_rows(cases, servers, clients)
+        # the phase's CA key and leaves on the controller: overwritten and removed now (nothing renews on ec2)
+        pki_destroyed = _mtls_drill.destroy(drill_id)
+    rows = build_rows(cases + rotation.cases, servers, dict(clients, **rotation.clients))
+    if early[0] is not None:
+        leaf_rotation, ca_rotation = early
+    else:
+        leaf_rotation, ca_rotation = rotation.finish(rows, servers.get(pair[1], {}).get("events"))
+        ca_rotation["new_ca_key_destroyed"] = bool(pki_destroyed) and not os.path.lexists(rotation.root)
     bundles = public_bundles(sm, drill_id, _runtime_ec2.runtime_tiers(boundary))
     cas = {b["ca"] for b in bundles.values()}
     handshakes = [dict(e) for t in sorted(servers) for e in servers[t].get("events") or []]
@@ -512,9 +1096,7 @@ def run(ssm, sm, drill_id: str, boundary, units: list, *, timeout: float = 5.0, 
         "rows": rows, "violations": [r for r in rows if r["observed"] != r["expected"]],
         "unexpected": [r for r in rows if r["observed"] == r["expected"] and r["reason"] != r["expected_reason"]],
         "handshakes": handshakes, "omitted": omitted_cases(),
-        "rotation": {"rotated": False, "reason": ROTATION_REASON, "dropped_connections": None,
-                     "failed_handshakes": None, "new_serials": [], "held_round_trips": 0},
-        "ca_rotation": {"rotated": False, "reason": CA_ROTATION_REASON, "old_ca": None, "new_ca": None,
-                        "old_ca_key_destroyed": None},
+        "rotation": leaf_rotation, "ca_rotation": ca_rotation,
+        "pki_destroyed": _mtls_drill.root_dir(drill_id) if pki_destroyed else None,
         "note": "no telemetry collector on AWS: the handshakes are in this result and the report only",
     }

@@ -257,6 +257,9 @@ def run_ec2(module):
         if not 5 <= p["command_timeout"] <= 600:
             raise ValueError("command_timeout %s is outside 5-600 seconds; pass a command timeout in that range"
                              % p["command_timeout"])
+        if p["leaf_lifetime"] < _pki.MIN_LEAF_LIFETIME:
+            raise ValueError("leaf_lifetime %d is below %d seconds; pass a longer leaf_lifetime"
+                             % (p["leaf_lifetime"], _pki.MIN_LEAF_LIFETIME))
         if p["inject_allow"]:
             raise ValueError("inject_allow is not supported with backend ec2 (the servers on the instances judge by "
                              "drill_boundary.tier_rules only); leave it empty")
@@ -267,7 +270,9 @@ def run_ec2(module):
         units = _runtime_ec2.live_units(_aws.aws_client(module, "ec2"), p["drill_id"], boundary)
         return _mtls_ec2.run(_aws.aws_client(module, "ssm"), _aws.aws_client(module, "secretsmanager"),
                              p["drill_id"], boundary, units, timeout=p["timeout"],
-                             command_timeout=p["command_timeout"])
+                             command_timeout=p["command_timeout"], leaf_lifetime=p["leaf_lifetime"])
+    except (_pki.PkiError, _mtls_drill.MtlsDrillError) as exc:
+        module.fail_json(msg="runtime_mtls: %s" % exc.msg)
     except _aws.ClientError as exc:
         module.fail_json_aws(exc, msg="runtime_mtls: the mTLS phase on the ec2 runtime of drill %s failed; check "
                                       "the runtime (runtime_verify) and run the phase again" % p["drill_id"])

@@ -31,6 +31,8 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pa
 
 PEM_BODY = re.compile(r"-----BEGIN [A-Z ]+-----\s*[A-Za-z0-9+/]{16}")
 COMMENTS = ("drguard mtls server", "drguard mtls probes", "drguard mtls stop")
+ROTATION_CASES = ("old_ca_leaf_during_overlap", "after_ca_rotation", "old_ca_leaf_after_retirement",
+                  "rotated_out_leaf")
 
 
 def _text(command: dict) -> str:
@@ -71,7 +73,13 @@ def test_on_the_emulator_commands_go_to_the_right_instances_without_keys_and_eve
             ("allowed", "app", "db", "%s:5432" % runtime["units"][1]["address"], "allow"),
             ("no_client_certificate", "app", "db", "%s:5432" % runtime["units"][1]["address"], "deny"),
             ("another_drill_ca", "app", "db", "%s:5432" % runtime["units"][1]["address"], "deny"),
-            ("identity_not_allowed:db", "db", "db", "127.0.0.1:5432", "deny")]
+            ("identity_not_allowed:db", "db", "db", "127.0.0.1:5432", "deny"),
+            # the rotation cases: the old CA's leaf (kept on app) during the overlap and after retirement, then
+            # the db tier's rotated-out leaf (kept on db) over loopback
+            ("old_ca_leaf_during_overlap", "app", "db", "%s:5432" % runtime["units"][1]["address"], "allow"),
+            ("after_ca_rotation", "app", "db", "%s:5432" % runtime["units"][1]["address"], "allow"),
+            ("old_ca_leaf_after_retirement", "app", "db", "%s:5432" % runtime["units"][1]["address"], "deny"),
+            ("rotated_out_leaf", "db", "db", "127.0.0.1:5432", "deny")]
         # nothing ran: every row unknown, each a violation, none judged
         assert {r["observed"] for r in res["rows"]} == {"unknown"}
         assert res["violations"] == res["rows"] and res["unexpected"] == [] and res["handshakes"] == []
@@ -79,20 +87,47 @@ def test_on_the_emulator_commands_go_to_the_right_instances_without_keys_and_eve
                    for r in res["rows"])
         assert res["servers"][0]["tier"] == "db" and res["servers"][0]["instance_id"] == ids["db"]
         assert res["servers"][0]["serial"] is None
-        # rotation not driven on ec2: reported not proven, never a pass
-        assert res["rotation"]["rotated"] is False and "not proven" in res["rotation"]["reason"]
-        assert res["ca_rotation"]["rotated"] is False and res["ca_rotation"]["old_ca_key_destroyed"] is None
-        assert {o["case"] for o in res["omitted"]} >= {"expired", "wrong_eku", "ca_true", "outside_trust_domain"}
-        # the report's CA and leaves are the stored bundles' public parts; no key in the result
+        # both rotations were driven and neither is proven: no instance confirmed a step (fail closed)
+        car, rot = res["ca_rotation"], res["rotation"]
+        assert car["rotated"] is False and rot["rotated"] is False
+        assert car["reason"].startswith("not proven: the mTLS server of tier db did not confirm it listened; step "
+                                        "ca_overlap_trust on app: SSM command "), car["reason"]
+        assert "without confirming the certificate" in car["reason"]
+        assert {(s["step"], s["confirmed"]) for s in car["steps"]} == {
+            ("ca_overlap_trust", False), ("ca_new_leaves", False), ("ca_retire_old", False)}
+        assert {s["tier"] for s in car["steps"]} == set(ids)
+        assert rot["reason"].startswith("not proven: step held_connection on app: SSM command ") and \
+            "the held connection's result did not come back" in rot["reason"], rot["reason"]
+        assert (rot["dropped_connections"], rot["failed_handshakes"]) == (None, None)
+        assert [s["step"] for s in rot["steps"]] == ["held_connection", "leaf_new", "leaf_revoke_old",
+                                                     "leaf_revoke_old", "leaf_revoke_old", "held_connection_result"]
+        # the runtime's CA key is in no secret (it was never stored): provable, so reported destroyed; the
+        # phase's own CA (in the controller's tmpfs PKI) is destroyed when the phase ends
+        assert car["old_ca_key_destroyed"] is True and car["new_ca_key_destroyed"] is True
+        assert res["pki_destroyed"] == "/dev/shm/drguard-%s-mtls" % drill_id
+        assert not os.path.lexists(res["pki_destroyed"])
+        assert {o["case"] for o in res["omitted"]} == {"expired", "wrong_eku", "ca_true", "outside_trust_domain"}
+        # every tier's secret holds the phase's CA (with its CRL) and a leaf of it, its drill's tags kept
         stored = {t: json.loads(sm.get_secret_value(SecretId="drguard/%s/runtime/%s" % (drill_id, t))["SecretString"])
                   for t in ids}
+        for tier, bundle in stored.items():
+            name = "drguard/%s/runtime/%s" % (drill_id, tier)
+            ca_pem = bundle["ca_bundle"]
+            assert ca_pem.count("BEGIN CERTIFICATE") == 1 and "BEGIN X509 CRL" in ca_pem
+            new_ca = _pki.x509.load_pem_x509_certificate(ca_pem.encode())
+            leaf = _pki.x509.load_pem_x509_certificate(bundle["cert"].encode())
+            assert _pki.serial_hex(new_ca) == car["new_ca"] != car["old_ca"]
+            assert _pki.check_leaf(leaf, [new_ca], drill_id, purpose="server") == (tier, None)
+            tags = {t["Key"]: t["Value"] for t in sm.describe_secret(SecretId=name)["Tags"]}
+            assert tags["drguard:drill-id"] == drill_id
+        assert res["leaves"]["db"]["serial"] == rot["new_serial"] != rot["old_serial"]
         assert res["leaves"]["db"]["spiffe_id"] == _pki.spiffe_id(drill_id, "db")
         assert res["ca"]["serial"] == _pki.serial_hex(_pki.x509.load_pem_x509_certificate(
             stored["db"]["ca_bundle"].encode()))
         assert not PEM_BODY.search(json.dumps(res)) and "PRIVATE KEY" not in json.dumps(res)
         # the report reads it unchanged: the section, its rows and the rotation that did not happen
         section = report.mtls_section(res)
-        assert section["probes"] == res["rows"] and section["violations"] == 4 and section["unexpected"] == 0
+        assert section["probes"] == res["rows"] and section["violations"] == 8 and section["unexpected"] == 0
         assert section["ca"]["serial"] == res["ca"]["serial"]
         text = report.render_markdown({"drill_id": drill_id, "outcome": "halted", "started_at": "", "finished_at": "",
                                        "seconds": 0, "phases": [], "mtls": section})
@@ -100,15 +135,25 @@ def test_on_the_emulator_commands_go_to_the_right_instances_without_keys_and_eve
         assert "rotated False, dropped connections None" in text
 
         sent = [c for c in ssm.list_commands()["Commands"] if c["CommandId"] not in before
-                and c.get("Comment") in COMMENTS]
-        assert sorted(c["Comment"] for c in sent) == sorted(COMMENTS + ("drguard mtls probes",))
+                and c.get("Comment", "").startswith("drguard mtls")]
         where = {}
         for comment, instance_ids in calls:
             where.setdefault(comment, []).extend(instance_ids)
-        # the server on db only; the cases from app (the pair) and db (its own identity over loopback); db stopped
+        assert sorted(c["Comment"] for c in sent) == sorted(c for c, i in calls for _ in i
+                                                            if c.startswith("drguard mtls"))
+        # the server on db only; the cases from app (the pair and three rotation cases) and db (its own identity
+        # and its rotated-out leaf over loopback); every tier fetches its bundle in each of the 3 CA steps and the
+        # revocation, db also its new leaf; the held connection started and read on app; db and app stopped
         assert sorted(where["drguard mtls server"]) == [ids["db"]]
-        assert sorted(where["drguard mtls probes"]) == sorted([ids["app"], ids["db"]])
-        assert sorted(where["drguard mtls stop"]) == [ids["db"]]
+        assert sorted(where["drguard mtls probes"]) == sorted([ids["app"]] * 4 + [ids["db"]] * 2)
+        assert sorted(where["drguard mtls rotation"]) == sorted(list(ids.values()) * 4 + [ids["db"]])
+        assert sorted(where["drguard mtls held connection"]) == [ids["app"]] * 2
+        assert sorted(where["drguard mtls stop"]) == sorted([ids["db"], ids["app"]])
+        # a rotation step names the tier's own secret only; the instance fetches it with its own role
+        for c in sent:
+            if c["Comment"] == "drguard mtls rotation":
+                text = _text(c)
+                assert len(set(re.findall(r"--secret-id (\S+)", text))) == 1, text[:300]
         for c in sent:
             text = _text(c)
             assert not PEM_BODY.search(text), c["Comment"]
@@ -117,7 +162,7 @@ def test_on_the_emulator_commands_go_to_the_right_instances_without_keys_and_eve
                 assert body[:40] not in text.replace("\\n", "") and body[-40:] not in text, c["Comment"]
         # the server lives for a bounded time and the stop ends it and removes its directory
         server = _text(next(c for c in sent if c["Comment"] == "drguard mtls server"))
-        assert "setsid timeout -s TERM -k 5 75 setpriv --reuid=65534" in server
+        assert "setsid timeout -s TERM -k 5 %d setpriv --reuid=65534" % (_mtls_ec2.ROUNDS * 5 + 60) in server
         stop = _text(next(c for c in sent if c["Comment"] == "drguard mtls stop"))
         assert "kill -TERM" in stop and "kill -KILL" in stop and "rm -rf /run/drguard/mtls" in stop
     finally:
@@ -135,9 +180,12 @@ def test_a_tier_without_an_instance_gets_unknown_rows_without_any_command(aws_en
                                           "command_timeout": 5})
         assert not res.failed, res.get("msg")
         assert {r["reason"] for r in res["rows"]} == {"no result (no instance for this tier)"}
-        assert len(res["violations"]) == len(res["rows"]) == 4
+        assert len(res["violations"]) == len(res["rows"]) == 8
         sent = [c["Comment"] for c in ssm.list_commands()["Commands"] if c["CommandId"] not in before]
-        assert sent == ["drguard mtls probes"]  # only app, which has an instance, ran its cases
+        # no command to db, which has no instance: its steps are unconfirmed without one
+        assert "drguard mtls server" not in sent and sent.count("drguard mtls probes") == 4
+        assert {s["reason"] for s in res["ca_rotation"]["steps"] if s["tier"] == "db"} == {"no instance for this tier"}
+        assert res["ca_rotation"]["rotated"] is False and res["rotation"]["rotated"] is False
     finally:
         run_module("sandbox_runtime", {"drill_id": drill_id, "backend": "ec2", "state": "absent"})
 
@@ -182,8 +230,8 @@ def test_the_phase_on_ec2_alerts_and_halts_on_unknown_rows(aws_env, aws, tmp_pat
         proc = subprocess.run(["ansible-playbook", str(path)], env=ansible_env(aws_env), cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0
-        assert "4 mTLS probe(s) observed otherwise than expected (allowed, no_client_certificate, another_drill_ca, " \
-               "identity_not_allowed:db)" in proc.stdout, proc.stdout[-3000:]
+        assert "8 mTLS probe(s) observed otherwise than expected (allowed, no_client_certificate, another_drill_ca, " \
+               "identity_not_allowed:db, %s)" % ", ".join(ROTATION_CASES) in proc.stdout, proc.stdout[-3000:]
         sent = [json.loads(line) for line in alerts.read_text().splitlines()]
         assert [a["type"] for a in sent] == ["drguard.boundary.violated"]
         assert sent[0]["data"]["layer"] == "mtls"
@@ -291,3 +339,213 @@ def test_the_generated_server_and_client_really_handshake_refuse_and_log_here():
                 except (ProcessLookupError, ValueError):
                     pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the rotations, every instance program run here
+
+_RUN = "/run/drguard/"
+_B64_WORD = re.compile(r"[A-Za-z0-9+/=]{40,}")
+_FAKE_AWS = r'''#!/usr/bin/python3 -I
+import json, sys
+args = sys.argv[1:]
+name = args[args.index("--secret-id") + 1]
+with open(%r, encoding="utf-8") as handle:
+    print(json.load(handle)[name])
+'''
+
+
+class _LocalInstances:
+    """SSM Run Command as the agent would run it, on this host: each instance is a directory standing in for its
+    root (``/run/drguard/...`` of the commands lives under it, also inside their base64 payloads), the server
+    listens on 127.0.0.1 instead of every address, and ``aws secretsmanager get-secret-value`` reads the
+    controller's secrets (what the instance's own role would fetch). ``sent`` keeps every command as sent."""
+
+    def __init__(self, roots: dict, env: dict):
+        self.roots, self.env, self.results, self.sent = roots, env, {}, []
+
+    def _local(self, text: str, root: str) -> str:
+        def word(match):
+            try:
+                plain = base64.b64decode(match.group(0), validate=True).decode()
+            except ValueError:
+                return match.group(0)
+            if _RUN not in plain and '"address": "0.0.0.0"' not in plain:
+                return match.group(0)
+            plain = plain.replace(_RUN, root + _RUN).replace('"address": "0.0.0.0"', '"address": "127.0.0.1"')
+            return base64.b64encode(plain.encode()).decode()
+        return _B64_WORD.sub(word, text).replace(" " + _RUN, " " + root + _RUN)
+
+    def send_command(self, InstanceIds, Parameters, Comment, **kw):  # noqa: N803 - boto3's names
+        cid = "c-%d" % len(self.sent)
+        self.sent.append({"CommandId": cid, "InstanceIds": InstanceIds, "Comment": Comment, "Parameters": Parameters})
+        for iid in InstanceIds:
+            script = self._local("\n".join(Parameters["commands"]), self.roots[iid])
+            proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=self.env)
+            self.results[(cid, iid)] = {"Status": "Success" if proc.returncode == 0 else "Failed",
+                                        "ResponseCode": proc.returncode, "StandardOutputContent": proc.stdout,
+                                        "StandardErrorContent": proc.stderr}
+        return {"Command": {"CommandId": cid}}
+
+    def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803
+        return self.results[(CommandId, InstanceId)]
+
+
+class _LocalSecrets:
+    """The drill's secret store for the test: values by name, mirrored into a root-only file the fake ``aws``
+    command reads."""
+
+    class meta:  # noqa: N801 - boto3's client.meta
+        region_name = "eu-west-1"
+
+    def __init__(self, path: str, values: dict):
+        self.path, self.values, self.puts = path, dict(values), []
+        self._write()
+
+    def _write(self):
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.values, handle)
+
+    def get_secret_value(self, SecretId):  # noqa: N803
+        return {"SecretString": self.values[SecretId]}
+
+    def put_secret_value(self, SecretId, SecretString):  # noqa: N803
+        assert SecretId in self.values, "the phase puts only into the runtime's secrets"
+        self.values[SecretId] = SecretString
+        self.puts.append(SecretId)
+        self._write()
+
+
+def _instance_bundle(root: str, ca, drill_id: str, tier: str) -> dict:
+    leaf = _pki.issue_leaf(ca, drill_id, tier)
+    bundle = {"ca_bundle": _pki.cert_pem(ca.cert).decode(), "cert": _pki.cert_pem(leaf.cert).decode(),
+              "key": _pki.key_pem(leaf.key).decode()}
+    tls = root + _runtime_ec2.CERT_DIR
+    os.makedirs(os.path.dirname(tls), mode=0o755)
+    os.mkdir(tls, 0o700)
+    os.chown(tls, 65534, 65534)
+    for name, key in (("ca.pem", "ca_bundle"), ("cert.pem", "cert"), ("key.pem", "key")):
+        fd = os.open(os.path.join(tls, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, bundle[key].encode())
+        os.fchown(fd, 65534, 65534)
+        os.close(fd)
+    return bundle
+
+
+def _serial(pem: str) -> str:
+    return _pki.serial_hex(_pki.x509.load_pem_x509_certificate(pem.encode()))
+
+
+def _processes_of(root: str) -> list:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                if root.encode() in handle.read():
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+def _rotation_world(tmp: str, drill_id: str, break_serial: bool = False):
+    port = _free_port()
+    boundary = parse_boundary({"production_cidrs": ["10.0.0.0/16"], "tiers": ["app", "db"], "egress": [],
+                               "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [port]}]})
+    tiers = _runtime_ec2.runtime_tiers(boundary)
+    units = [{"tier": t, "instance_id": "i-" + t, "address": "127.0.0.1"} for t in tiers]
+    roots = {}
+    for t in tiers:
+        roots["i-" + t] = os.path.join(tmp, "i-" + t)
+        os.mkdir(roots["i-" + t], 0o755)
+    ca = _pki.new_ca(drill_id, 3600)
+    bundles = {t: _instance_bundle(roots["i-" + t], ca, drill_id, t) for t in tiers}
+    control = os.path.join(tmp, "control")
+    os.mkdir(control, 0o700)
+    bindir = os.path.join(tmp, "bin")
+    os.mkdir(bindir, 0o755)
+    secrets_file = os.path.join(control, "secrets.json")
+    with open(os.path.join(bindir, "aws"), "w", encoding="utf-8") as handle:
+        handle.write(_FAKE_AWS % secrets_file)
+    os.chmod(os.path.join(bindir, "aws"), 0o700)
+    sm = _LocalSecrets(secrets_file, {_runtime_ec2.certificate_secret_name(drill_id, t): json.dumps(b)
+                                      for t, b in bundles.items()})
+    ssm = _LocalInstances(roots, {"PATH": bindir + ":/usr/bin:/bin"})
+    return boundary, units, roots, ca, bundles, sm, ssm
+
+
+ROOT_TOOLS = pytest.mark.skipif(os.geteuid() != 0 or not all(os.path.exists(p) for p in (
+    "/usr/bin/setpriv", "/usr/bin/python3", "/usr/bin/openssl", "/usr/bin/timeout", "/usr/bin/setsid",
+    "/usr/bin/sha256sum", "/dev/shm")), reason="runs the instances' programs as the SSM agent would: root, setpriv, "
+                                              "/usr/bin/python3, openssl and a /dev/shm for the controller's PKI")
+
+
+@ROOT_TOOLS
+def test_the_rotations_run_on_the_instances_programs_here_and_prove_what_the_netns_phase_proves():
+    drill_id = "t-mtlsrot-%s" % os.urandom(5).hex()
+    tmp = tempfile.mkdtemp(prefix="drguard-mtls-rot-test-")
+    os.chmod(tmp, 0o711)  # noqa: S103 - the workload uid reaches its instance's bundle directory, nothing else
+    try:
+        boundary, units, roots, ca, bundles, sm, ssm = _rotation_world(tmp, drill_id)
+        res = _mtls_ec2.run(ssm, sm, drill_id, boundary, units, timeout=5, command_timeout=60, leaf_lifetime=600,
+                            poll=0.05)
+        rows = {r["case"]: r for r in res["rows"]}
+        assert [(r["case"], r["observed"], r["reason"]) for r in res["rows"]] == [
+            ("allowed", "allow", "round_trip"),
+            ("no_client_certificate", "deny", "no_client_certificate"),
+            ("another_drill_ca", "deny", "unknown_ca"),
+            ("identity_not_allowed:db", "deny", "identity_not_allowed"),
+            ("old_ca_leaf_during_overlap", "allow", "round_trip"),
+            ("after_ca_rotation", "allow", "round_trip"),
+            ("old_ca_leaf_after_retirement", "deny", "unknown_ca"),
+            ("rotated_out_leaf", "deny", "revoked")], [(r["case"], r["reason"]) for r in res["rows"]]
+        assert res["violations"] == [] and res["unexpected"] == []
+        car, rot = res["ca_rotation"], res["rotation"]
+        assert car["rotated"] is True and "reason" not in car, car.get("reason")
+        assert car["old_ca"] == _pki.serial_hex(ca.cert) and car["new_ca"] not in (None, car["old_ca"])
+        assert car["old_ca_key_destroyed"] is True and car["new_ca_key_destroyed"] is True
+        assert all(s["confirmed"] for s in car["steps"])
+        assert [s["step"] for s in car["steps"]] == ["ca_overlap_trust"] * 3 + ["ca_new_leaves"] * 3 + [
+            "ca_retire_old"] * 3
+        # the old CA's leaf presented during the overlap is the app tier's runtime leaf, kept on its instance
+        assert rows["old_ca_leaf_during_overlap"]["serial"] == _serial(bundles["app"]["cert"])
+        assert rows["old_ca_leaf_after_retirement"]["serial"] is None  # refused by OpenSSL before our code
+        final = {t: json.loads(sm.values[_runtime_ec2.certificate_secret_name(drill_id, t)]) for t in bundles}
+        assert rows["after_ca_rotation"]["server_serial"] == car["new_server_serial"] != _serial(bundles["db"]["cert"])
+        # the leaf rotation with the held connection: never dropped, no failed handshake, old then new serial
+        assert rot["rotated"] is True and "reason" not in rot, rot.get("reason")
+        assert (rot["dropped_connections"], rot["failed_handshakes"]) == (0, 0)
+        assert rot["held_round_trips"] >= 2 and rot["held_serial"] == rot["old_serial"] == car["new_server_serial"]
+        assert rot["new_serials"] == [rot["old_serial"], rot["new_serial"]]
+        assert rot["new_serial"] == _serial(final["db"]["cert"]) and rot["pair"].startswith("app->db:")
+        # the rotated-out leaf: the db tier's leaf before the rotation, kept on its instance, refused as revoked
+        assert (rows["rotated_out_leaf"]["src"], rows["rotated_out_leaf"]["address"].split(":")[0]) == (
+            "db", "127.0.0.1")
+        # every tier's secret ends with the phase's CA and its CRL, and a leaf of that CA
+        for tier, bundle in final.items():
+            assert bundle["ca_bundle"].count("BEGIN CERTIFICATE") == 1 and "BEGIN X509 CRL" in bundle["ca_bundle"]
+            assert _serial(bundle["ca_bundle"]) == car["new_ca"] == res["ca"]["serial"]
+            assert res["leaves"][tier]["serial"] == _serial(bundle["cert"])
+        # no key in any command, the controller's PKI destroyed, nothing left running or kept on an instance
+        for command in ssm.sent:
+            text = _text(command)
+            assert "PRIVATE KEY" not in text and not PEM_BODY.search(text), command["Comment"]
+        assert not PEM_BODY.search(json.dumps(res)) and "PRIVATE KEY" not in json.dumps(res)
+        assert res["pki_destroyed"] and not os.path.lexists(res["pki_destroyed"])
+        assert _processes_of(tmp) == []
+        for root in roots.values():
+            assert not os.path.lexists(root + _mtls_ec2.SERVER_DIR) and not os.path.lexists(root + _mtls_ec2.SOAK_DIR)
+            assert [n for n in os.listdir(root + _runtime_ec2.CERT_DIR)] == ["ca.pem", "cert.pem", "key.pem"] or \
+                sorted(os.listdir(root + _runtime_ec2.CERT_DIR)) == ["ca.pem", "cert.pem", "key.pem"]
+        # the reloads and the handshakes in the result: every refusal is one of the cases', none during the soak
+        refused = [h["reason"] for h in res["handshakes"] if not h["accepted"]]
+        assert sorted(refused) == sorted(["no_client_certificate", "unknown_ca", "identity_not_allowed",
+                                          "unknown_ca", "revoked"])
+    finally:
+        for pid in _processes_of(tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _mtls_ec2._mtls_drill.destroy(drill_id)  # noqa: SLF001
+        shutil.rmtree(tmp, ignore_errors=True)
