@@ -129,6 +129,9 @@ class Teardown:
         return {"changed": out["changed"], "role_name": out["role_name"], "revoked_at": out.get("revoked_at")}
 
     def runtime(self):
+        if self.p["runtime_backend"] == "ec2" and not self.check_mode and _mtls_drill.destroy(self.p["drill_id"]):
+            # the mtls phase's PKI (its CA key), left only by a kill: the phase destroys it when it ends
+            return {"changed": True, "pki_destroyed": _mtls_drill.root_dir(self.p["drill_id"])}
         if self.p["runtime_backend"] != "netns":
             return None  # none: nothing ran; ec2: the instances are tagged resources, the sweep deletes them
         if self.check_mode:

@@ -21,7 +21,8 @@ description:
     (docs/runtime.md); with O(output_dir), its C(runtime/state.json) is marked absent. Then the drill's PKI
     directory (C(/dev/shm/drguard-<drill_id>-mtls) - CA keys, leaves, every tier's delivered identity) is overwritten,
     removed and proven gone (docs/mtls.md); the step returns its path as C(pki_destroyed). The C(ec2) backend's
-    instances are tagged resources, which the sweep deletes.
+    instances are tagged resources, which the sweep deletes; with O(runtime_backend=ec2) the step destroys that PKI
+    directory only when a killed mtls phase left it (and returns C(pki_destroyed)), else it does nothing.
   - C(secrets) - with O(secret_store), removes the drill's secrets from it (as M(drguard.sandbox.drill_secrets) with
     C(state=absent)).
   - C(local_data) - removes O(remove_paths) (files, directory trees; a symlink is removed, never followed).

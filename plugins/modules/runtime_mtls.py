@@ -33,8 +33,14 @@ description:
     instances through SSM Run Command, with the bundle each instance fetched from the secret store in the
     runtime phase; no key travels in a command. A row whose result did not come back is C(unknown) and a
     violation (fail closed; on the emulator, which runs no command, every row is). Cases that need a certificate
-    signed by the drill's CA, and both rotations, do not run on C(ec2) (RV(omitted)); RV(rotation) and
-    RV(ca_rotation) then say C(rotated=false) with the reason, so the phase fails. No telemetry on C(ec2).
+    made for the probe alone do not run on C(ec2) (RV(omitted)). No telemetry on C(ec2).
+  - With O(backend=ec2) the CA rotation (the phase mints its own CA under C(/dev/shm/drguard-<drill_id>-mtls/pki);
+    overlap bundle, new leaves, the runtime's CA retired) and then the leaf rotation of the first allowed pair's
+    destination (a connection held open meanwhile; the old leaf revoked in the CRL) reach the instances through
+    each tier's secret, fetched again by the instance itself, and SIGHUP to the servers. A rotation is proven
+    only when every step was confirmed by the instances (the certificate's and the CA bundle's SHA-256, the
+    reload with the issued serial, the held connection's result); otherwise RV(rotation) or RV(ca_rotation)
+    says C(rotated=false) with the reason and the phase fails. The phase's PKI is destroyed when it ends.
 attributes:
   check_mode:
     support: none
@@ -73,7 +79,9 @@ options:
     type: float
     default: 60.0
   leaf_lifetime:
-    description: Seconds a leaf is valid (at least 20).
+    description:
+      - Seconds a leaf is valid (at least 20); on V(ec2), the leaves of the phase's own CA (never past that CA,
+        which ends with the runtime's CA).
     type: int
     default: 900
   timeout:
@@ -169,13 +177,25 @@ handshakes:
   type: list
   elements: dict
 rotation:
-  description: The forced leaf rotation - rotated, dropped_connections, failed_handshakes, new_serials.
+  description:
+    - The forced leaf rotation - rotated, dropped_connections, failed_handshakes, new_serials.
+    - With O(backend=ec2) also C(steps) (each step per tier - step, tier, instance_id, confirmed, reason), C(pair),
+      C(old_serial), C(new_serial), and C(reason) when not proven (C(dropped_connections) and C(failed_handshakes)
+      are null when what they count did not come back).
   returned: unless skipped
   type: dict
 ca_rotation:
-  description: The CA rotation - rotated, old_ca, new_ca, old_ca_key_destroyed.
+  description:
+    - The CA rotation - rotated, old_ca, new_ca, old_ca_key_destroyed.
+    - With O(backend=ec2) also C(steps), C(reason) when not proven, C(old_ca_key_check) (the runtime's CA key was
+      never stored - true when no private key of the drill's secrets or of the PKI directory is that CA's) and
+      C(new_ca_key_destroyed) (the phase's own CA key, with its PKI directory).
   returned: unless skipped
   type: dict
+pki_destroyed:
+  description: With O(backend=ec2), the phase's PKI directory, destroyed when the phase ended (null if none was made).
+  returned: with O(backend=ec2), unless skipped
+  type: str
 telemetry:
   description: What the collector acknowledged (sent, acknowledged) or the delivery error.
   returned: when telemetry is given and O(backend=netns)

@@ -549,3 +549,22 @@ def test_the_rotations_run_on_the_instances_programs_here_and_prove_what_the_net
                 pass
         _mtls_ec2._mtls_drill.destroy(drill_id)  # noqa: SLF001
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="the phase's PKI lives on /dev/shm")
+def test_teardown_on_ec2_destroys_the_phases_pki_a_killed_phase_left(aws_env):
+    drill_id = "t-mtlskill-%s" % os.urandom(5).hex()
+    root = _mtls_ec2._mtls_drill.root_dir(drill_id)  # noqa: SLF001
+    store = _pki.Store(drill_id, os.path.join(root, "pki"))
+    try:
+        store.present(["app"], 3600)  # what the phase holds while it runs: the CA key among it
+        key = next(n for n in os.listdir(store.dir) if n.startswith("ca-") and n.endswith(".key"))
+        assert os.path.exists(os.path.join(store.dir, key))
+        out = run_module("drill_teardown", {"drill_id": drill_id, "runtime_backend": "ec2"})
+        assert not out.failed, out.get("msg")
+        assert out["steps"]["runtime"]["pki_destroyed"] == root and not os.path.lexists(root)
+        # nothing left: the step has nothing to do for ec2 the second time
+        again = run_module("drill_teardown", {"drill_id": drill_id, "runtime_backend": "ec2"})
+        assert not again.failed and not (again["steps"].get("runtime") or {}).get("pki_destroyed")
+    finally:
+        _mtls_ec2._mtls_drill.destroy(drill_id)  # noqa: SLF001
