@@ -397,14 +397,17 @@ class _LocalSecrets:
     class meta:  # noqa: N801 - boto3's client.meta
         region_name = "eu-west-1"
 
-    def __init__(self, path: str, values: dict):
-        self.path, self.values, self.puts = path, dict(values), []
+    def __init__(self, path: str, values: dict, stale=()):
+        self.path, self.values, self.puts, self.stale = path, dict(values), [], set(stale)
+        self.first = dict(values)
         self._write()
 
     def _write(self):
+        # a stale secret: its instance keeps reading the first value, whatever was put (a lost update)
+        seen = {k: (self.first[k] if k in self.stale else v) for k, v in self.values.items()}
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(self.values, handle)
+            json.dump(seen, handle)
 
     def get_secret_value(self, SecretId):  # noqa: N803
         return {"SecretString": self.values[SecretId]}
@@ -448,7 +451,7 @@ def _processes_of(root: str) -> list:
     return out
 
 
-def _rotation_world(tmp: str, drill_id: str, break_serial: bool = False):
+def _rotation_world(tmp: str, drill_id: str, stale=()):
     port = _free_port()
     boundary = parse_boundary({"production_cidrs": ["10.0.0.0/16"], "tiers": ["app", "db"], "egress": [],
                                "tier_rules": [{"from": "app", "to": "db", "protocol": "tcp", "ports": [port]}]})
@@ -469,7 +472,8 @@ def _rotation_world(tmp: str, drill_id: str, break_serial: bool = False):
         handle.write(_FAKE_AWS % secrets_file)
     os.chmod(os.path.join(bindir, "aws"), 0o700)
     sm = _LocalSecrets(secrets_file, {_runtime_ec2.certificate_secret_name(drill_id, t): json.dumps(b)
-                                      for t, b in bundles.items()})
+                                      for t, b in bundles.items()},
+                       stale=[_runtime_ec2.certificate_secret_name(drill_id, t) for t in stale])
     ssm = _LocalInstances(roots, {"PATH": bindir + ":/usr/bin:/bin"})
     return boundary, units, roots, ca, bundles, sm, ssm
 
@@ -568,3 +572,41 @@ def test_teardown_on_ec2_destroys_the_phases_pki_a_killed_phase_left(aws_env):
         assert not again.failed and not (again["steps"].get("runtime") or {}).get("pki_destroyed")
     finally:
         _mtls_ec2._mtls_drill.destroy(drill_id)  # noqa: SLF001
+
+
+@ROOT_TOOLS
+def test_a_tier_that_keeps_fetching_its_old_bundle_leaves_both_rotations_unproven_here():
+    drill_id = "t-mtlsstale-%s" % os.urandom(5).hex()
+    tmp = tempfile.mkdtemp(prefix="drguard-mtls-rot-test-")
+    os.chmod(tmp, 0o711)  # noqa: S103 - the workload uid reaches its instance's bundle directory, nothing else
+    try:
+        boundary, units, _roots, _ca, _bundles, sm, ssm = _rotation_world(tmp, drill_id, stale=["db"])
+        res = _mtls_ec2.run(ssm, sm, drill_id, boundary, units, timeout=5, command_timeout=60, leaf_lifetime=600,
+                            poll=0.05)
+        car, rot = res["ca_rotation"], res["rotation"]
+        # the db instance fetched, the server reloaded, but what it holds is not what was put: never confirmed;
+        # app, with a leaf of the new CA, cannot hold a connection to a db that still trusts only the old one
+        assert {(s["step"], s["tier"]) for s in car["steps"] + rot["steps"] if not s["confirmed"]} == {
+            ("ca_overlap_trust", "db"), ("ca_new_leaves", "db"), ("ca_retire_old", "db"), ("held_connection", "app"),
+            ("leaf_new", "db"), ("leaf_revoke_old", "db")}
+        assert rot["dropped_connections"] == 1
+        assert car["rotated"] is False and car["reason"].startswith(
+            "not proven: step ca_overlap_trust on db: SSM command c-"), car["reason"]
+        assert "without confirming the CA bundle" in car["reason"]
+        assert "step ca_new_leaves on db: SSM command " in car["reason"] and \
+            "without confirming the certificate" in car["reason"]
+        assert rot["rotated"] is False and "step leaf_new on db: SSM command " in rot["reason"]
+        assert "no new handshake during the rotation presented the new serial %s" % rot["new_serial"] in rot["reason"]
+        # what really happened shows in the rows too: db kept its old CA and leaf, so app, which trusts only the
+        # new CA, gets no round trip with its new leaf after the CA rotation
+        rows = {r["case"]: r for r in res["rows"]}
+        assert rows["after_ca_rotation"]["observed"] == "deny" and rows["after_ca_rotation"] in res["violations"]
+        assert _processes_of(tmp) == [] and not os.path.lexists(_mtls_ec2._mtls_drill.root_dir(drill_id))  # noqa: SLF001
+    finally:
+        for pid in _processes_of(tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _mtls_ec2._mtls_drill.destroy(drill_id)  # noqa: SLF001
+        shutil.rmtree(tmp, ignore_errors=True)
