@@ -476,8 +476,8 @@ def trust_line(*, tls_dir: str = _runtime_ec2.CERT_DIR) -> str:
 
 def reload_lines(tier: str, *, server_dir: str = SERVER_DIR, python: str = "/usr/bin/python3") -> list:
     """SIGHUP the tier's server and print its reload event (``drguard-mtls-reloaded <tier> ok <bool> serial <s>``)."""
-    return ["%s -I -S -c \"$(echo %s | base64 -d)\" %s %s" % (python, _b64(_RELOAD_SOURCE), shlex.quote(server_dir),
-                                                             shlex.quote(tier))]
+    program, where = _b64(_RELOAD_SOURCE), shlex.quote(server_dir)
+    return ["%s -I -S -c \"$(echo %s | base64 -d)\" %s %s" % (python, program, where, shlex.quote(tier))]
 
 
 def refetch_commands(secret: str, region: str, tier: str, *, keep: str | None = None,  # noqa: PLR0913
@@ -485,8 +485,8 @@ def refetch_commands(secret: str, region: str, tier: str, *, keep: str | None = 
     """What an instance runs in a rotation step: keep a copy of its current leaf (``keep``), fetch its bundle again
     by name with its own role (``_runtime_ec2.fetch_commands``), print the CA bundle's SHA-256 and, on a server's
     instance (``reload``), SIGHUP the server and print its reload event. Only the secret's name travels."""
-    lines = ["set -eu"] + (keep_lines(keep, tls_dir=tls_dir) if keep else []) + _runtime_ec2.fetch_commands(secret,
-                                                                                                             region)
+    kept = keep_lines(keep, tls_dir=tls_dir) if keep else []
+    lines = ["set -eu"] + kept + _runtime_ec2.fetch_commands(secret, region)
     return lines + [trust_line(tls_dir=tls_dir)] + (reload_lines(tier, server_dir=server_dir) if reload else [])
 
 
@@ -897,15 +897,13 @@ class Rotation:
         self.ca_steps = self.deliver("ca_overlap_trust", {t: dict(current[t], ca_bundle=overlap) for t in self.tiers},
                                      keep={src: "ca0"}, expect={t: old_serial[t] for t in servers})
         # 2. the leaves of the new CA
-        self.ca_steps += self.deliver("ca_new_leaves", {t: {"ca_bundle": overlap, "cert": leaf1[t][0],
-                                                           "key": leaf1[t][1]} for t in self.tiers},
-                                      expect={t: serial1[t] for t in servers})
+        new_leaves = {t: {"ca_bundle": overlap, "cert": leaf1[t][0], "key": leaf1[t][1]} for t in self.tiers}
+        self.ca_steps += self.deliver("ca_new_leaves", new_leaves, expect={t: serial1[t] for t in servers})
         self.probe("old_ca_leaf_during_overlap", src, dst, port, KEEP_PREFIX + "ca0", "allow", "round_trip")
         # 3. the new CA only, with its CRL: the old CA is no longer trusted anywhere
         trust = self._trust()
-        self.ca_steps += self.deliver("ca_retire_old", {t: {"ca_bundle": trust, "cert": leaf1[t][0],
-                                                           "key": leaf1[t][1]} for t in self.tiers},
-                                      expect={t: serial1[t] for t in servers})
+        retired = {t: {"ca_bundle": trust, "cert": leaf1[t][0], "key": leaf1[t][1]} for t in self.tiers}
+        self.ca_steps += self.deliver("ca_retire_old", retired, expect={t: serial1[t] for t in servers})
         self.probe("after_ca_rotation", src, dst, port, "own", "allow", "round_trip")
         self.probe("old_ca_leaf_after_retirement", src, dst, port, KEEP_PREFIX + "ca0", "deny", "unknown_ca")
         self.expected_server_serial = serial1[dst]
