@@ -502,6 +502,19 @@ def normalise_rules(tier_rules) -> list:
     return out
 
 
+def rule_destinations(rules) -> dict:
+    """``{tier: [port, ...]}`` of :func:`normalise_rules`' ``rules``: every destination of a TCP tier rule
+    and the ports it declares (both ends of each range), in declaration order."""
+    out = {}
+    for rule in rules:
+        ports = out.setdefault(rule["to"], [])
+        for start, end in rule["ports"]:
+            for port in (start, end):
+                if port not in ports:
+                    ports.append(port)
+    return out
+
+
 def _der(peer_cert) -> bytes:
     if isinstance(peer_cert, (bytes, bytearray)):
         return bytes(peer_cert)

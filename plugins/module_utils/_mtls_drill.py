@@ -117,14 +117,7 @@ class Phase:
     # ------------------------------------------------------------ layout
     def dests(self) -> dict:
         """``{tier: [port, ...]}``: every destination of a TCP tier rule and the ports it declares (range ends)."""
-        out = {}
-        for rule in self.rules:
-            ports = out.setdefault(rule["to"], [])
-            for start, end in rule["ports"]:
-                for port in (start, end):
-                    if port not in ports:
-                        ports.append(port)
-        return out
+        return _mtls.rule_destinations(self.rules)
 
     def make_root(self):
         """The drill's mTLS directory on the tmpfs: ours (never a symlink or another user's), 0711 so the

@@ -340,14 +340,7 @@ def _b64(text: str) -> str:
 
 def server_ports(boundary) -> dict:
     """``{tier: [port, ...]}``: every destination of a TCP tier rule and its ports (both ends of a range)."""
-    out = {}
-    for rule in _mtls.normalise_rules(boundary.tier_rules):
-        ports = out.setdefault(rule["to"], [])
-        for start, end in rule["ports"]:
-            for port in (start, end):
-                if port not in ports:
-                    ports.append(port)
-    return out
+    return _mtls.rule_destinations(_mtls.normalise_rules(boundary.tier_rules))
 
 
 def plan_cases(drill_id: str, boundary, units: list) -> list:
