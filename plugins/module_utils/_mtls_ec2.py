@@ -115,12 +115,9 @@ def accept_peer(conn, ctx, cfg, local_serial, peer, port, timeout):
     return tls, data
 '''
 
-_CLIENT_EC2_MAIN = r'''
-import os as _os
-import shutil as _shutil
-import subprocess as _subprocess
-import tempfile as _tempfile
-
+# Both client programs record the local address of the last connection they opened (rows are matched to the
+# server's events by address and source port).
+_RECORDING = r"""
 _create_connection = socket.create_connection
 _LAST = {}
 
@@ -132,6 +129,14 @@ def _recording_connection(*args, **kwargs):
 
 
 socket.create_connection = _recording_connection
+"""
+
+_CLIENT_EC2_MAIN = r'''
+import os as _os
+import shutil as _shutil
+import subprocess as _subprocess
+import tempfile as _tempfile
+
 
 
 def mint_foreign(spec, uri, work):
@@ -201,17 +206,6 @@ import os as _os
 import signal as _signal
 
 _STOP = {"stop": False}
-_create_connection = socket.create_connection
-_LAST = {}
-
-
-def _recording_connection(*args, **kwargs):
-    sock = _create_connection(*args, **kwargs)
-    _LAST["local"] = sock.getsockname()[:2]
-    return sock
-
-
-socket.create_connection = _recording_connection
 
 
 def main_soak():
@@ -327,9 +321,9 @@ def _strip_exit(source: str) -> str:
 
 SERVER_SOURCE = _mtls.shared_source() + _EC2_CONTEXT + _mtls._SERVER_MAIN  # noqa: SLF001 - one server, one source
 CLIENT_SOURCE = (_mtls.shared_source() + _EC2_CONTEXT + _strip_exit(_mtls._CLIENT_MAIN)  # noqa: SLF001
-                 + _CLIENT_EC2_MAIN)
+                 + _RECORDING + _CLIENT_EC2_MAIN)
 SOAK_SOURCE = (_mtls.shared_source() + _EC2_CONTEXT + _strip_exit(_mtls._CLIENT_MAIN)  # noqa: SLF001
-               + _SOAK_EC2_MAIN)
+               + _RECORDING + _SOAK_EC2_MAIN)
 
 
 def _b64(text: str) -> str:
