@@ -1313,6 +1313,12 @@ def evaluate(boundary, vpc_id: str, snapshot: dict, require_flow_logs: bool = Tr
             boundary, groups, vpc_cidrs, s3_pl.get("PrefixListId") if s3_pl else None, f, tiers=tiers)
         if tiers is not None:
             checked["tier_rules"] = _check_tier_rules(boundary, vpc_id, tiers, f)
+        elif workload_tiers(boundary):
+            # Fail closed: declared tiers whose groups cannot be told apart are tiers nobody checked.
+            for tier in workload_tiers(boundary):
+                f.add("tier_group_missing", vpc_id, "tier %s: no security group of the VPC can be told to be its "
+                      "(the VPC carries no valid drguard:drill-id tag and no single drill's tier groups "
+                      "drguard-<drill id>-<tier> are there); its tier rules cannot be checked" % tier)
         _check_fallback_groups(boundary, groups, f)
 
     nacls = _readable(snapshot, "network_acls", f, vpc_id)

@@ -166,8 +166,11 @@ def test_drill_found_from_its_groups_when_the_vpc_tag_is_gone(module_runner, net
     ec2.authorize_security_group_ingress(GroupId=sg["db"], IpPermissions=_tcp(5433, 5433, sg["app"]))
     res = _verify(module_runner, net)
     assert _found(res) == {("tier_rule_extra", sg["db"])}, res["findings"]
-    # No drill identity anywhere (a VPC that is no drill's): the groups cannot be told apart by tier.
+    # No drill identity anywhere (a VPC that is no drill's): the groups cannot be told apart by tier, so no
+    # declared tier is checked; fail closed, each is a finding and the VPC is not isolated.
     groups = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [net["vpc_id"]]}])["SecurityGroups"]
     ec2.delete_tags(Resources=[g["GroupId"] for g in groups], Tags=[{"Key": "drguard:drill-id"}])
     res = _verify(module_runner, net)
-    assert res["findings"] == [] and "tier_rules" not in res["checked"]
+    assert "tier_rules" not in res["checked"] and res["isolated"] is False
+    assert sorted((f["code"], f["resource"], f["detail"].split(":")[0]) for f in res["findings"]) == [
+        ("tier_group_missing", net["vpc_id"], "tier %s" % t) for t in sorted(net["boundary"]["tiers"])], res["findings"]

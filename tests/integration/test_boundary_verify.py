@@ -50,10 +50,15 @@ def _s3_policy(read_resources=None) -> str:
     ]})
 
 
+COMPLIANT_DRILL = "dr-compliant"
+
+
 def build_compliant(ec2, logs) -> dict:
     """A VPC that satisfies sample_boundary(), built resource by resource."""
     f = lambda name, value: [{"Name": name, "Values": [value]}]  # noqa: E731
-    vpc = ec2.create_vpc(CidrBlock=SANDBOX)["Vpc"]["VpcId"]
+    # Tagged as a drill's, its tier groups named as sandbox_network names them: the verifier tells them apart.
+    vpc = ec2.create_vpc(CidrBlock=SANDBOX, TagSpecifications=[{"ResourceType": "vpc", "Tags": [
+        {"Key": "drguard:drill-id", "Value": COMPLIANT_DRILL}]}])["Vpc"]["VpcId"]
     app_sn = ec2.create_subnet(VpcId=vpc, CidrBlock="10.213.1.0/24")["Subnet"]["SubnetId"]
     db_sn = ec2.create_subnet(VpcId=vpc, CidrBlock="10.213.2.0/24")["Subnet"]["SubnetId"]
 
@@ -71,7 +76,7 @@ def build_compliant(ec2, logs) -> dict:
 
     sgs = {}
     for tier in ("app", "db"):
-        gid = ec2.create_security_group(VpcId=vpc, GroupName="%s-%s" % (tier, vpc),
+        gid = ec2.create_security_group(VpcId=vpc, GroupName="drguard-%s-%s" % (COMPLIANT_DRILL, tier),
                                         Description="tier %s" % tier)["GroupId"]
         ec2.revoke_security_group_egress(GroupId=gid, IpPermissions=[
             {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
@@ -418,7 +423,8 @@ def test_production_overlap_and_ipv6(aws_env, ec2):
     ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")
     res = verify(vpc, require_flow_logs=False)
     assert_leak(res, "vpc_overlaps_production", "vpc_cidr_undeclared", "ipv6_present", "default_sg_has_rules",
-                "sg_egress_open", "nacl_missing_production_deny", "nacl_allow_any", "subnet_default_nacl")
+                "sg_egress_open", "nacl_missing_production_deny", "nacl_allow_any", "subnet_default_nacl",
+                "tier_group_missing")
 
 
 # ------------------------------------------------------------------ fail closed
@@ -545,14 +551,28 @@ from ansible_collections.drguard.sandbox.plugins.module_utils.boundary import pa
 VPC = "vpc-0123456789abcdef0"
 
 
+def tier_groups(*egress) -> list:
+    """sample_boundary()'s tier groups as sandbox_network makes them: app reaches db on 5432, nothing else but
+    ``egress`` (permissions both groups also get)."""
+    def group(tier, gid, ingress=(), out=()):
+        return {"GroupId": gid, "GroupName": "drguard-%s-%s" % (COMPLIANT_DRILL, tier), "VpcId": VPC,
+                "OwnerId": "111111111111", "IpPermissions": list(ingress), "IpPermissionsEgress": [*out, *egress],
+                "Tags": [{"Key": "drguard:drill-id", "Value": COMPLIANT_DRILL}]}
+    ref = lambda gid: [{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,  # noqa: E731
+                        "UserIdGroupPairs": [{"GroupId": gid}]}]
+    return [group("app", "sg-app", out=ref("sg-db")), group("db", "sg-db", ingress=ref("sg-app"))]
+
+
 def snapshot(**overrides) -> dict:
     snap = {
         "vpcs": [{"VpcId": VPC, "CidrBlockAssociationSet": [
-            {"CidrBlock": SANDBOX, "CidrBlockState": {"State": "associated"}}]}],
+            {"CidrBlock": SANDBOX, "CidrBlockState": {"State": "associated"}}],
+            "Tags": [{"Key": "drguard:drill-id", "Value": COMPLIANT_DRILL}]}],
         "route_tables": [{"RouteTableId": "rtb-1", "VpcId": VPC, "Associations": [{"Main": True}],
                           "Routes": [{"DestinationCidrBlock": SANDBOX, "GatewayId": "local", "State": "active"}]}],
         "internet_gateways": [], "nat_gateways": [], "vpn_gateways": [], "peering_requester": [],
-        "peering_accepter": [], "tgw_attachments": [], "subnets": [], "security_groups": [], "network_acls": [],
+        "peering_accepter": [], "tgw_attachments": [], "subnets": [], "security_groups": tier_groups(),
+        "network_acls": [],
         "vpc_endpoints": [], "prefix_lists": [{"PrefixListId": "pl-s3", "PrefixListName": "com.amazonaws.eu-west-1.s3",
                                                "Cidrs": ["52.218.0.0/17"]}],
         "flow_logs": [{"FlowLogId": "fl-1", "ResourceId": VPC, "FlowLogStatus": "ACTIVE", "TrafficType": "ALL",
@@ -735,17 +755,17 @@ def _sg(*egress, ingress=()) -> dict:
      "sg_egress_undeclared"),
 ])
 def test_pure_security_group_peers(perm, code):
-    res = judge(snapshot(security_groups=[_sg(perm)]))
+    res = judge(snapshot(security_groups=tier_groups() + [_sg(perm)]))
     assert [f["code"] for f in res["findings"]] == [code], res["findings"]
 
 
 def test_pure_port_ranges_are_covered_by_the_union_of_declared_rules():
     perm = {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 600, "IpRanges": [{"CidrIp": "198.51.100.0/29"}]}
     egress = [{"cidr": TELEMETRY, "ports": [443, "444-500"]}, {"cidr": "198.51.100.0/29", "ports": ["501-600"]}]
-    assert judge(snapshot(security_groups=[_sg(perm)]), egress=egress)["findings"] == []
+    assert judge(snapshot(security_groups=tier_groups() + [_sg(perm)]), egress=egress)["findings"] == []
     egress[1]["ports"] = ["502-600"]
-    assert [f["code"] for f in judge(snapshot(security_groups=[_sg(perm)]), egress=egress)["findings"]] == [
-        "sg_egress_undeclared"]
+    snap = snapshot(security_groups=tier_groups() + [_sg(perm)])
+    assert [f["code"] for f in judge(snap, egress=egress)["findings"]] == ["sg_egress_undeclared"]
 
 
 @pytest.mark.parametrize("policy, code", [
@@ -943,9 +963,11 @@ DR_SITE = "203.0.113.0/28"
 FALLBACK = [{"cidr": DR_SITE, "protocol": "tcp", "ports": [443], "description": "DR site"}]
 
 
+_FALLBACK_PERM = {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": DR_SITE}]}
+
+
 def _fallback_sg(gid="sg-1", name="app", *extra):
-    perm = {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": DR_SITE}]}
-    return dict(_sg(perm, *extra), GroupId=gid, GroupName=name)
+    return dict(_sg(_FALLBACK_PERM, *extra), GroupId=gid, GroupName=name)
 
 
 def _fallback_entries(out=(443, 443), back=(1024, 65535), number=150):
@@ -955,9 +977,9 @@ def _fallback_entries(out=(443, 443), back=(1024, 65535), number=150):
              "PortRange": {"From": back[0], "To": back[1]}}]
 
 
-def _fallback_snap(groups=None, entries=None):
+def _fallback_snap(groups=None, entries=None, tier_egress=_FALLBACK_PERM):
     return snapshot(subnets=[{"SubnetId": "subnet-1", "VpcId": VPC}],
-                    security_groups=[_fallback_sg()] if groups is None else groups,
+                    security_groups=tier_groups(tier_egress) + ([_fallback_sg()] if groups is None else groups),
                     network_acls=[_nacl(*(_fallback_entries() if entries is None else entries))])
 
 
@@ -985,7 +1007,8 @@ def test_pure_fallback_covered_by_the_union_of_rules_is_not_blocked():
     halves = {"IpProtocol": "tcp", "FromPort": 440, "ToPort": 450,
               "IpRanges": [{"CidrIp": "203.0.113.0/29"}, {"CidrIp": "203.0.113.8/29"}]}
     fallback = [dict(FALLBACK[0], ports=["440-450"])]
-    snap = _fallback_snap(groups=[_sg(halves)], entries=_fallback_entries(out=(440, 450)))
+    whole = {"IpProtocol": "tcp", "FromPort": 440, "ToPort": 450, "IpRanges": [{"CidrIp": DR_SITE}]}
+    snap = _fallback_snap(groups=[_sg(halves)], entries=_fallback_entries(out=(440, 450)), tier_egress=whole)
     assert _fallback_findings(snap, fallback=fallback) == []
     halves["IpRanges"].pop()
     assert [c for c, _r, _d in _fallback_findings(snap, fallback=fallback)] == ["fallback_blocked"]
@@ -1016,6 +1039,11 @@ def test_pure_fallback_the_network_acl_does_not_allow_is_blocked(entries, direct
 
 
 def _ssm_endpoints(ec2, sandbox, private_dns=True) -> dict:
+    # Declared SSM endpoints give the validation instance a tier group of its own (sandbox_network does).
+    validation = ec2.create_security_group(VpcId=sandbox["vpc"], GroupName="drguard-%s-validation" % COMPLIANT_DRILL,
+                                           Description="tier validation")["GroupId"]
+    ec2.revoke_security_group_egress(GroupId=validation, IpPermissions=[
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
     group = ec2.create_security_group(VpcId=sandbox["vpc"], GroupName="ssm-%s" % uuid.uuid4().hex[:8],
                                       Description="ssm endpoints")["GroupId"]
     ec2.revoke_security_group_egress(GroupId=group, IpPermissions=[
