@@ -430,21 +430,27 @@ def soak(cfg):
         return out
     payload = cfg["payload"].encode() + b"\n"
     end = time.monotonic() + cfg["duration"]
-    while time.monotonic() < end:
-        reason, _ = round_trip(held, payload)
-        if reason:
-            out["held"]["failures"].append(reason)
-            break
-        out["held"]["round_trips"] += 1
-        row = once(cfg)
-        out["new"]["handshakes"] += 1
-        if not row["ok"]:
-            out["new"]["failures"].append(row["reason"])
-        elif not out["new"]["serials"] or out["new"]["serials"][-1] != row["server_serial"]:
-            out["new"]["serials"].append(row["server_serial"])
+    while time.monotonic() < end and soak_tick(held, cfg, payload, out):
         time.sleep(cfg["interval"])
     held.close()
     return out
+
+
+def soak_tick(held, cfg, payload, out):
+    """One tick of a soak into ``out``: a round trip on the held connection, then one new handshake (the
+    server serials it sees, each change once). False once the held connection failed."""
+    reason, _ = round_trip(held, payload)
+    if reason:
+        out["held"]["failures"].append(reason)
+        return False
+    out["held"]["round_trips"] += 1
+    row = once(cfg)
+    out["new"]["handshakes"] += 1
+    if not row["ok"]:
+        out["new"]["failures"].append(row["reason"])
+    elif not out["new"]["serials"] or out["new"]["serials"][-1] != row["server_serial"]:
+        out["new"]["serials"].append(row["server_serial"])
+    return True
 
 
 def main(argv):

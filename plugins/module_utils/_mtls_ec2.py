@@ -226,17 +226,8 @@ def main_soak():
     end = time.monotonic() + spec["max_seconds"]
     while held is not None and time.monotonic() < end:
         last = _STOP["stop"]  # after SIGTERM, one more tick: a handshake after the rotation's last step
-        reason, _ = round_trip(held, payload)
-        if reason:
-            out["held"]["failures"].append(reason)
+        if not soak_tick(held, cfg, payload, out):
             break
-        out["held"]["round_trips"] += 1
-        row = once(cfg)
-        out["new"]["handshakes"] += 1
-        if not row["ok"]:
-            out["new"]["failures"].append(row["reason"])
-        elif not out["new"]["serials"] or out["new"]["serials"][-1] != row["server_serial"]:
-            out["new"]["serials"].append(row["server_serial"])
         if out["held"]["round_trips"] == 1:
             sys.stderr.write("soak holding serial %s\n" % first["server_serial"])
             sys.stderr.flush()
@@ -534,17 +525,23 @@ def parse_client(stdout: str, count: int):
     return out
 
 
+def _marked_json(stdout: str, mark: str):
+    """``(True, value)`` of the JSON after the first line starting ``<mark> ``; ``(False, None)`` when there is
+    no such line or its JSON does not parse."""
+    for line in (stdout or "").splitlines():
+        if line.startswith(mark + " "):
+            try:
+                return True, json.loads(line[len(mark) + 1:])
+            except ValueError:
+                return False, None
+    return False, None
+
+
 def parse_events(stdout: str):
     """The server's handshake events (a list of dicts), or None when they did not come back whole."""
-    for line in (stdout or "").splitlines():
-        if line.startswith(EVENTS_MARK + " "):
-            try:
-                out = json.loads(line[len(EVENTS_MARK) + 1:])
-            except ValueError:
-                return None
-            if isinstance(out, list) and all(isinstance(e, dict) for e in out):
-                return out
-            return None
+    found, out = _marked_json(stdout, EVENTS_MARK)
+    if found and isinstance(out, list) and all(isinstance(e, dict) for e in out):
+        return out
     return None
 
 
@@ -577,21 +574,17 @@ def parse_soak_holding(stdout: str):
 
 def parse_soak(stdout: str):
     """The held connection's result (``held``, ``new``, ``started``, ``ended``), or None when it is not whole."""
-    for line in (stdout or "").splitlines():
-        if line.startswith(SOAK_MARK + "-result "):
-            try:
-                out = json.loads(line[len(SOAK_MARK) + 8:])
-            except ValueError:
-                return None
-            try:
-                ok = (isinstance(out["held"]["failures"], list) and isinstance(out["held"]["round_trips"], int)
-                      and isinstance(out["new"]["failures"], list) and isinstance(out["new"]["serials"], list)
-                      and isinstance(out["new"]["handshakes"], int) and isinstance(out["started"], (int, float))
-                      and isinstance(out["ended"], (int, float)))
-            except (KeyError, TypeError):
-                return None
-            return out if ok else None
-    return None
+    found, out = _marked_json(stdout, SOAK_MARK + "-result")
+    if not found:
+        return None
+    try:
+        ok = (isinstance(out["held"]["failures"], list) and isinstance(out["held"]["round_trips"], int)
+              and isinstance(out["new"]["failures"], list) and isinstance(out["new"]["serials"], list)
+              and isinstance(out["new"]["handshakes"], int) and isinstance(out["started"], (int, float))
+              and isinstance(out["ended"], (int, float)))
+    except (KeyError, TypeError):
+        return None
+    return out if ok else None
 
 
 def _epoch(stamp) -> float | None:
