@@ -938,16 +938,25 @@ def fetch_commands(secret: str, region: str) -> list:
             "/usr/bin/python3 -I -S -c %s %s" % (shlex.quote(_SPLIT_SOURCE), CERT_DIR)]
 
 
-def _read_bundle(sm, drill_id: str, name: str):
+def drill_secret(sm, drill_id: str, name: str) -> dict | None:
+    """``DescribeSecret`` of secret ``name``, or None when there is none; one that is not drill ``drill_id``'s
+    (its ``drguard:drill-id`` tag) is refused, never to be read or overwritten."""
     try:
         meta = sm.describe_secret(SecretId=name)
     except ClientError as exc:
         if is_not_found(exc):
-            return None, None
+            return None
         raise
     if boto3_tag_list_to_ansible_dict(meta.get("Tags")).get(TAG_DRILL_ID) != drill_id:
         raise Ec2RuntimeError("secret %s exists but is not drill %s's (its drguard:drill-id tag differs); remove it "
                               "or use another drill id" % (name, drill_id))
+    return meta
+
+
+def _read_bundle(sm, drill_id: str, name: str):
+    meta = drill_secret(sm, drill_id, name)
+    if meta is None:
+        return None, None
     try:
         bundle = json.loads(sm.get_secret_value(SecretId=name)["SecretString"])
         return meta, bundle

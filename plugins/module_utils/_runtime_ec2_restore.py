@@ -39,11 +39,9 @@ from ansible_collections.amazon.aws.plugins.module_utils.tagging import boto3_ta
 from ansible_collections.drguard.sandbox.plugins.module_utils import _runtime_ec2
 from ansible_collections.drguard.sandbox.plugins.module_utils import _s3_relay
 from ansible_collections.drguard.sandbox.plugins.module_utils import _workloads
-from ansible_collections.drguard.sandbox.plugins.module_utils._aws import is_not_found
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import is_s3
 from ansible_collections.drguard.sandbox.plugins.module_utils._s3_location import parse_s3
 from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import RestoreError
-from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_DRILL_ID
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
 
@@ -202,15 +200,7 @@ def put_session(sm, drill_id: str, session: dict, tags: dict, *, check_mode: boo
     """
     name = session_secret_name(drill_id)
     text = json.dumps({k: v for k, v in session.items() if v})
-    try:
-        meta = sm.describe_secret(SecretId=name)
-    except ClientError as exc:
-        if not is_not_found(exc):
-            raise
-        meta = None
-    if meta is not None and boto3_tag_list_to_ansible_dict(meta.get("Tags")).get(TAG_DRILL_ID) != drill_id:
-        raise Ec2RestoreError("secret %s exists but is not drill %s's (its drguard:drill-id tag differs); remove it "
-                              "or use another drill id" % (name, drill_id))
+    meta = _runtime_ec2.drill_secret(sm, drill_id, name)
     if check_mode:
         return name
     if meta is not None and meta.get("DeletedDate"):  # scheduled for deletion: its name is taken until restored
