@@ -424,6 +424,12 @@ def _instances(ec2, drill_id: str, states=LIVE_STATES) -> list:
             and (i.get("State") or {}).get("Name") in states]
 
 
+def tier_instance_ids(live: dict, drill_id: str, tiers: list) -> dict:
+    """``{tier: instance id}`` for each of ``tiers`` with exactly one instance in ``live`` (instances by Name)."""
+    return {t: live[instance_name(drill_id, t)][0]["InstanceId"] for t in tiers
+            if len(live.get(instance_name(drill_id, t)) or []) == 1}
+
+
 def resolve_ami(ssm, ami: str | None, parameter: str) -> str:
     if ami:
         return ami
@@ -467,8 +473,7 @@ def up(clients: dict, drill_id: str, boundary, tags: dict, *, role_name: str | N
     for inst in _instances(ec2, drill_id):
         name = boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name")
         live.setdefault(name, []).append(inst)
-    known = {t: live[instance_name(drill_id, t)][0]["InstanceId"] for t in tiers
-             if len(live.get(instance_name(drill_id, t)) or []) == 1}
+    known = tier_instance_ids(live, drill_id, tiers)
     planned, own = False, None
     if not role_name:
         own = ensure_runtime_role(iam, drill_id, tags, ec2.meta.region_name, check_mode=check_mode, actions=actions,
@@ -856,8 +861,7 @@ def verify(clients: dict, drill_id: str, boundary, *, role_name: str | None = No
     for inst in _instances(ec2, drill_id, LIVE_STATES + ("shutting-down",)):
         live.setdefault(boto3_tag_list_to_ansible_dict(inst.get("Tags")).get("Name"), []).append(inst)
     # The policy the runtime puts once its instances run: one statement per tier with exactly one instance.
-    instances = {t: live[instance_name(drill_id, t)][0]["InstanceId"] for t in runtime_tiers(boundary)
-                 if len(live.get(instance_name(drill_id, t)) or []) == 1}
+    instances = tier_instance_ids(live, drill_id, runtime_tiers(boundary))
     findings += _role_findings(iam, drill_id, role_name, ec2.meta.region_name, instances)
     checked["roles"] = 0 if any(f["code"] == "runtime_instance_role" and "does not exist" in f["detail"]
                                 for f in findings) else 1
