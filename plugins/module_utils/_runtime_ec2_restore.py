@@ -45,11 +45,6 @@ from ansible_collections.drguard.sandbox.plugins.module_utils._workloads import 
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import TAG_EXPIRES_AT
 from ansible_collections.drguard.sandbox.plugins.module_utils.drill import drill_tags
 
-try:
-    from botocore.exceptions import ClientError
-except ImportError:  # handled by AnsibleAWSModule
-    ClientError = Exception
-
 ROOT = "/run/drguard"  # a tmpfs on the instance (systemd's /run)
 BIN = ROOT + "/bin"  # the programs: root's, 0444
 SESSION_DIR = ROOT + "/session"  # 0700, uid 65534: the session file for the length of one command
